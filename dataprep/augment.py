@@ -1,0 +1,469 @@
+"""Augmentation: small, composable, seedable transforms on ``(image, record, landmarks)``.
+
+Every transform is called as ``t(image, record, landmarks, rng)`` and returns a new
+``(image, record, landmarks)`` triple:
+
+* ``image``: ``H x W x 3`` ``uint8`` RGB, the stored face crop (never modified in place);
+* ``record``: the shard's JSON label record (a new dict is returned; the input is not touched);
+* ``landmarks``: ``(68, 2)`` points in **source-image** pixels, or ``None``;
+* ``rng``: a ``numpy.random.Generator``. Random parameters are drawn from it and nothing else, so
+  the same generator state gives the same output. ``None`` means a fresh, unseeded generator.
+
+Each transform appends ``{"op": name, **params}`` to ``record["augment"]`` with the parameters it
+actually drew, so a sample says exactly what was done to it.
+
+All geometry in a record is in source-image pixels (``image_size = [W, H]``). A horizontal flip of
+the stored crop is the crop of the mirrored source image at the mirrored window, so it maps
+``x -> W - x`` on boxes, crop window and landmarks (and re-indexes the landmarks so point ``i`` is
+still the same facial point). Label math comes from :mod:`dataprep.labels` only.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+from typing import Callable, Iterable, Sequence
+
+import cv2
+import numpy as np
+
+from . import boxes as box_rules
+from . import labels
+
+__all__ = [
+    "MIRROR_68",
+    "DOWNSAMPLE_FACTORS",
+    "Transform",
+    "HorizontalFlip",
+    "GaussianBlur",
+    "BoxBlur",
+    "DownUpSample",
+    "Brightness",
+    "Contrast",
+    "RandomCropScale",
+    "Compose",
+    "RandomApply",
+    "SPEC_NAMES",
+    "parse_augment_spec",
+    "offline_variants",
+    "key_rng",
+    "mirror_landmarks",
+]
+
+# --------------------------------------------------------------------------------------------
+# 68-point mirror permutation (iBUG 300-W / Multi-PIE markup, 0-based)
+# --------------------------------------------------------------------------------------------
+_MIRROR_PAIRS: tuple[tuple[int, int], ...] = (
+    # jaw line 0-16: reversed (8, the chin, stays)
+    *((i, 16 - i) for i in range(8)),
+    # eyebrows: right 17-21 <-> left 26-22
+    (17, 26), (18, 25), (19, 24), (20, 23), (21, 22),
+    # nose bridge 27-30 stays; lower nose 31-35: 31<->35, 32<->34 (33 stays)
+    (31, 35), (32, 34),
+    # eyes: 36-41 <-> 45-42, 47, 46 (outer corner <-> outer corner, upper lid <-> upper lid, ...)
+    (36, 45), (37, 44), (38, 43), (39, 42), (40, 47), (41, 46),
+    # outer lips 48-59: corners 48<->54; 51 (top) and 57 (bottom) stay
+    (48, 54), (49, 53), (50, 52), (55, 59), (56, 58),
+    # inner lips 60-67: corners 60<->64; 62 and 66 stay
+    (60, 64), (61, 63), (65, 67),
+)
+
+
+def _mirror_permutation() -> np.ndarray:
+    perm = np.arange(68)
+    for a, b in _MIRROR_PAIRS:
+        perm[a], perm[b] = b, a
+    return perm
+
+
+#: ``mirrored[i] = mirror_x(points[MIRROR_68[i]])``: the point that plays role ``i`` after a flip.
+#: It is an involution (``MIRROR_68[MIRROR_68] == arange(68)``).
+MIRROR_68: np.ndarray = _mirror_permutation()
+MIRROR_68.setflags(write=False)
+
+
+def mirror_landmarks(landmarks, image_width: float) -> np.ndarray:
+    """Landmarks (68 x 2, source px) after a horizontal flip of an image ``image_width`` wide."""
+    p = np.asarray(landmarks)
+    if p.shape != (68, 2):
+        raise ValueError(f"horizontal flip needs 68 x 2 landmarks (iBUG markup), got shape {p.shape}")
+    out = p[MIRROR_68].copy()
+    out[:, 0] = image_width - out[:, 0]
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------
+def _new_record(record: dict, entry: dict) -> dict:
+    """Deep copy of ``record`` with ``entry`` appended to its ``augment`` list."""
+    out = copy.deepcopy(record)
+    out["augment"] = list(out.get("augment") or []) + [entry]
+    return out
+
+
+def _rng(rng) -> np.random.Generator:
+    return rng if rng is not None else np.random.default_rng()
+
+
+def _range(value, name: str) -> tuple[float, float]:
+    """A scalar ``v`` -> ``(v, v)``; a pair -> itself (checked ``lo <= hi``)."""
+    if np.isscalar(value):
+        return float(value), float(value)
+    lo, hi = (float(v) for v in value)
+    if lo > hi:
+        raise ValueError(f"{name}: range ({lo}, {hi}) has low > high")
+    return lo, hi
+
+
+def _uniform(rng: np.random.Generator, lo: float, hi: float) -> float:
+    return lo if lo == hi else float(rng.uniform(lo, hi))
+
+
+def _check_image(image: np.ndarray) -> None:
+    if not isinstance(image, np.ndarray) or image.ndim not in (2, 3) or image.dtype != np.uint8:
+        got = getattr(image, "shape", type(image)), getattr(image, "dtype", None)
+        raise ValueError(f"expected an H x W x 3 uint8 image, got {got}")
+
+
+def _mirror_box(box, width: float):
+    if box is None:
+        return None
+    x1, y1, x2, y2 = box
+    return [width - x2, y1, width - x1, y2]
+
+
+class Transform:
+    """Base class: ``t(image, record, landmarks=None, rng=None) -> (image, record, landmarks)``."""
+
+    name = "transform"
+
+    def __call__(self, image, record, landmarks=None, rng=None):  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        params = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
+        return f"{type(self).__name__}({params})"
+
+
+# --------------------------------------------------------------------------------------------
+# Geometry
+# --------------------------------------------------------------------------------------------
+class HorizontalFlip(Transform):
+    """Mirror the crop left-right and every label with it (deterministic; ``rng`` is unused).
+
+    Yaw and roll are negated and pitch kept (:func:`labels.flip_euler`), ``rotation`` becomes
+    :func:`labels.flip_rotation`, boxes / ``box`` / ``crop`` map ``[x1, y1, x2, y2] ->
+    [W - x2, y1, W - x1, y2]`` with ``W = image_size[0]`` and landmarks are mirrored and
+    re-indexed with :data:`MIRROR_68`. Other record fields (e.g. ``pose_para``) are left as they are.
+    """
+
+    name = "flip"
+
+    def __call__(self, image, record, landmarks=None, rng=None):
+        _check_image(image)
+        width = float(record["image_size"][0])
+        out = _new_record(record, {"op": self.name})
+        out["yaw"], out["pitch"], out["roll"] = labels.flip_euler(record["yaw"], record["pitch"], record["roll"])
+        if record.get("rotation") is not None:
+            out["rotation"] = labels.flip_rotation(record["rotation"]).tolist()
+        if isinstance(record.get("boxes"), dict):
+            out["boxes"] = {k: _mirror_box(v, width) for k, v in record["boxes"].items()}
+        if record.get("box") is not None:
+            out["box"] = _mirror_box(record["box"], width)
+        if record.get("crop") is not None:
+            crop = record["crop"]
+            mirrored = _mirror_box(crop, width)
+            if all(isinstance(v, (int, np.integer)) for v in crop):
+                mirrored = [int(round(v)) for v in mirrored]
+            out["crop"] = mirrored
+        lm = None if landmarks is None else mirror_landmarks(landmarks, width).astype(np.asarray(landmarks).dtype)
+        return np.ascontiguousarray(image[:, ::-1]), out, lm
+
+
+def _resample_window(image: np.ndarray, current, window, size) -> np.ndarray:
+    """Resample the part of ``image`` (which covers source window ``current``) that covers source
+    window ``window``, to ``size = (w, h)``; what ``image`` does not cover is black."""
+    h, w = image.shape[:2]
+    out_w, out_h = size
+    sx, sy = w / (current[2] - current[0]), h / (current[3] - current[1])
+    step_x = (window[2] - window[0]) / out_w
+    step_y = (window[3] - window[1]) / out_h
+    # output pixel centre u + 0.5 -> source x -> input pixel coordinate (centres at integers)
+    matrix = np.array(
+        [
+            [step_x * sx, 0.0, (window[0] - current[0] + 0.5 * step_x) * sx - 0.5],
+            [0.0, step_y * sy, (window[1] - current[1] + 0.5 * step_y) * sy - 0.5],
+        ]
+    )
+    return cv2.warpAffine(
+        image, matrix, (out_w, out_h), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+        borderMode=cv2.BORDER_CONSTANT, borderValue=0,
+    )
+
+
+class RandomCropScale(Transform):
+    """FSA-Net-style random re-crop: a window of the crop's size times ``s ~ U(scale)``, its centre
+    moved by ``U(-shift, shift)`` times the crop's width/height, cut from the stored crop.
+
+    The new window is rounded to whole source pixels and recorded as ``crop``; the output keeps the
+    input's size. Parts of the window the stored crop does not cover come out black. Landmarks and
+    boxes are in source pixels and do not change.
+    """
+
+    name = "cropscale"
+
+    def __init__(self, scale=(0.8, 1.2), shift=0.1):
+        self.scale = _range(scale, "scale")
+        if self.scale[0] <= 0:
+            raise ValueError(f"scale must be > 0, got {scale}")
+        self.shift = _range((-shift, shift) if np.isscalar(shift) else shift, "shift")
+
+    def __call__(self, image, record, landmarks=None, rng=None):
+        _check_image(image)
+        rng = _rng(rng)
+        s = _uniform(rng, *self.scale)
+        dx, dy = _uniform(rng, *self.shift), _uniform(rng, *self.shift)
+        cur = [float(v) for v in record["crop"]]
+        cw, ch = cur[2] - cur[0], cur[3] - cur[1]
+        cx, cy = (cur[0] + cur[2]) / 2.0 + dx * cw, (cur[1] + cur[3]) / 2.0 + dy * ch
+        window = box_rules.integer_window([cx - s * cw / 2, cy - s * ch / 2, cx + s * cw / 2, cy + s * ch / 2])
+        h, w = image.shape[:2]
+        out_img = _resample_window(image, cur, window, (w, h))
+        out = _new_record(record, {"op": self.name, "scale": s, "shift": [dx, dy], "window": window})
+        out["crop"] = window
+        return out_img, out, None if landmarks is None else np.array(landmarks, copy=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Blur and resolution
+# --------------------------------------------------------------------------------------------
+class GaussianBlur(Transform):
+    """Gaussian blur with ``sigma ~ U(sigma)`` pixels (of the stored crop)."""
+
+    name = "blur"
+
+    def __init__(self, sigma=(0.5, 2.0)):
+        self.sigma = _range(sigma, "sigma")
+
+    def __call__(self, image, record, landmarks=None, rng=None):
+        _check_image(image)
+        s = _uniform(_rng(rng), *self.sigma)
+        out_img = cv2.GaussianBlur(image, (0, 0), sigmaX=s, sigmaY=s) if s > 0 else image.copy()
+        return out_img, _new_record(record, {"op": self.name, "sigma": s}), _copy(landmarks)
+
+
+class BoxBlur(Transform):
+    """Mean filter with a square kernel of ``k`` pixels, ``k`` a random integer in ``kernel``
+    (inclusive); ``k = 1`` is the identity."""
+
+    name = "boxblur"
+
+    def __init__(self, kernel=(3, 7)):
+        lo, hi = _range(kernel, "kernel")
+        if lo < 1 or lo != int(lo) or hi != int(hi):
+            raise ValueError(f"kernel sizes must be integers >= 1, got {kernel}")
+        self.kernel = (int(lo), int(hi))
+
+    def __call__(self, image, record, landmarks=None, rng=None):
+        _check_image(image)
+        lo, hi = self.kernel
+        k = lo if lo == hi else int(_rng(rng).integers(lo, hi + 1))
+        out_img = cv2.blur(image, (k, k)) if k > 1 else image.copy()
+        return out_img, _new_record(record, {"op": self.name, "kernel": k}), _copy(landmarks)
+
+
+#: Factor sets for :class:`DownUpSample`. ``hopenet``: the factors of the Hopenet paper;
+#: ``hopenet_code``: what Hopenet's ``datasets.py`` actually draws (``1 + randint(0, 4) * 5``);
+#: ``randint``: a random integer 1..10.
+DOWNSAMPLE_FACTORS: dict[str, tuple[int, ...]] = {
+    "hopenet": (1, 6, 11, 16, 21),
+    "hopenet_code": (1, 6, 11, 16),
+    "randint": tuple(range(1, 11)),
+}
+
+
+class DownUpSample(Transform):
+    """Nearest-neighbour down-sampling by an integer factor then back up to the same size.
+
+    ``factors``: an int (fixed factor), a name in :data:`DOWNSAMPLE_FACTORS` (``"hopenet"``,
+    ``"hopenet_code"``, ``"randint"``) or a sequence of ints to choose from uniformly.
+    Down-sampled size is ``max(1, size // factor)`` (Hopenet's integer division); factor 1 is
+    the identity.
+    """
+
+    name = "downsample"
+
+    def __init__(self, factors="hopenet"):
+        if isinstance(factors, str):
+            if factors not in DOWNSAMPLE_FACTORS:
+                raise ValueError(f"unknown factor set {factors!r}; choose one of {sorted(DOWNSAMPLE_FACTORS)} or give ints")
+            choices = DOWNSAMPLE_FACTORS[factors]
+        elif np.isscalar(factors):
+            choices = (factors,)
+        else:
+            choices = tuple(factors)
+        if not choices or any(int(f) != f or f < 1 for f in choices):
+            raise ValueError(f"down-sampling factors must be integers >= 1, got {factors!r}")
+        self.factors = factors
+        self.choices = tuple(int(f) for f in choices)
+
+    def __call__(self, image, record, landmarks=None, rng=None):
+        _check_image(image)
+        f = self.choices[0] if len(self.choices) == 1 else int(_rng(rng).choice(self.choices))
+        h, w = image.shape[:2]
+        if f == 1:
+            out_img = image.copy()
+        else:
+            small = cv2.resize(image, (max(1, w // f), max(1, h // f)), interpolation=cv2.INTER_NEAREST_EXACT)
+            out_img = cv2.resize(small, (w, h), interpolation=cv2.INTER_NEAREST_EXACT)
+            out_img = out_img.reshape(image.shape)  # cv2 drops a trailing channel axis of size 1
+        return out_img, _new_record(record, {"op": self.name, "factor": f}), _copy(landmarks)
+
+
+# --------------------------------------------------------------------------------------------
+# Photometric jitter
+# --------------------------------------------------------------------------------------------
+class Brightness(Transform):
+    """Add ``delta ~ U(delta)`` (pixel levels, 0-255 scale) to every channel, clipped to 0-255."""
+
+    name = "brightness"
+
+    def __init__(self, delta=(-32.0, 32.0)):
+        self.delta = _range(delta, "delta")
+
+    def __call__(self, image, record, landmarks=None, rng=None):
+        _check_image(image)
+        d = _uniform(_rng(rng), *self.delta)
+        out_img = np.clip(image.astype(np.float32) + d, 0, 255).round().astype(np.uint8)
+        return out_img, _new_record(record, {"op": self.name, "delta": d}), _copy(landmarks)
+
+
+class Contrast(Transform):
+    """Scale each channel's deviation from its mean by ``factor ~ U(factor)``, clipped to 0-255."""
+
+    name = "contrast"
+
+    def __init__(self, factor=(0.7, 1.3)):
+        self.factor = _range(factor, "factor")
+        if self.factor[0] < 0:
+            raise ValueError(f"contrast factor must be >= 0, got {factor}")
+
+    def __call__(self, image, record, landmarks=None, rng=None):
+        _check_image(image)
+        a = _uniform(_rng(rng), *self.factor)
+        x = image.astype(np.float32)
+        mean = x.mean(axis=(0, 1), keepdims=True)
+        out_img = np.clip((x - mean) * a + mean, 0, 255).round().astype(np.uint8)
+        return out_img, _new_record(record, {"op": self.name, "factor": a}), _copy(landmarks)
+
+
+def _copy(landmarks):
+    return None if landmarks is None else np.array(landmarks, copy=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Composition
+# --------------------------------------------------------------------------------------------
+class Compose(Transform):
+    """Apply transforms in order, all drawing from the same generator."""
+
+    name = "compose"
+
+    def __init__(self, transforms: Iterable):
+        self.transforms = list(transforms)
+
+    def __call__(self, image, record, landmarks=None, rng=None):
+        rng = _rng(rng)
+        if not self.transforms:
+            return image.copy(), copy.deepcopy(record), _copy(landmarks)
+        for t in self.transforms:
+            image, record, landmarks = t(image, record, landmarks, rng)
+        return image, record, landmarks
+
+
+class RandomApply(Transform):
+    """Apply ``transform`` with probability ``p`` (nothing is recorded when it is skipped)."""
+
+    name = "random_apply"
+
+    def __init__(self, transform, p: float = 0.5):
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"p must be in [0, 1], got {p}")
+        self.transform = transform
+        self.p = float(p)
+
+    def __call__(self, image, record, landmarks=None, rng=None):
+        rng = _rng(rng)
+        if rng.random() < self.p:
+            return self.transform(image, record, landmarks, rng)
+        return image.copy(), copy.deepcopy(record), _copy(landmarks)
+
+
+# --------------------------------------------------------------------------------------------
+# Build-time spec (``--augment flip,blur,downsample``)
+# --------------------------------------------------------------------------------------------
+#: ``--augment`` names -> transform factories.
+SPEC_NAMES: dict[str, Callable[[], Transform]] = {
+    "flip": HorizontalFlip,
+    "blur": GaussianBlur,
+    "boxblur": BoxBlur,
+    "downsample": lambda: DownUpSample("hopenet"),
+    "brightness": Brightness,
+    "contrast": Contrast,
+    "cropscale": RandomCropScale,
+}
+
+#: Offline variants are extra copies of a sample, so one that may come out unchanged (Hopenet's
+#: factor 1) would only duplicate the original: the ``downsample`` variant draws from 6/11/16/21.
+_OFFLINE_FACTORIES = dict(SPEC_NAMES, downsample=lambda: DownUpSample((6, 11, 16, 21)))
+
+
+def _split_names(spec) -> list[str]:
+    if spec is None:
+        return []
+    items = spec.split(",") if isinstance(spec, str) else list(spec)
+    names = [n.strip().lower() for n in items if n and n.strip()]
+    unknown = [n for n in names if n not in SPEC_NAMES]
+    if unknown:
+        raise ValueError(f"unknown augmentation {', '.join(map(repr, unknown))}; choose from {', '.join(SPEC_NAMES)}")
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ValueError(f"augmentation named twice: {', '.join(dupes)}")
+    return names
+
+
+def parse_augment_spec(spec: str | Sequence[str] | None) -> list[Transform]:
+    """``"flip,blur,downsample"`` (or a list of names) -> transforms, in order.
+
+    Names: ``flip`` (HorizontalFlip), ``blur`` (GaussianBlur), ``boxblur``, ``downsample``
+    (DownUpSample with Hopenet's factor set), ``brightness``, ``contrast``, ``cropscale``
+    (RandomCropScale). Empty / None -> ``[]``.
+    """
+    return [SPEC_NAMES[n]() for n in _split_names(spec)]
+
+
+def offline_variants(image, record, landmarks, spec_names, rng) -> list[tuple[str, np.ndarray, dict, np.ndarray | None]]:
+    """The extra samples ``--augment`` writes for one sample: one per op name, in order.
+
+    Returns ``[(suffix, image, record, landmarks), ...]`` with ``suffix = "_" + name`` (e.g.
+    ``"_flip"``); the variant's ``record["key"]`` is already ``record["key"] + suffix``, its
+    ``source`` is the original's and its ``augment`` ends with the op. Pure: inputs are not touched
+    and all randomness comes from ``rng`` (see :func:`key_rng` for a per-sample generator that
+    does not depend on the order samples are processed in). The ``downsample`` variant never uses
+    factor 1 (it would duplicate the sample). Depth maps are not transformed: do not copy a
+    sample's depth to a geometric variant (``flip``, ``cropscale``).
+    """
+    out = []
+    for name in _split_names(spec_names):
+        t = _OFFLINE_FACTORIES[name]()
+        img, rec, lm = t(image, record, landmarks, rng)
+        suffix = "_" + name
+        rec["key"] = f"{record['key']}{suffix}"
+        out.append((suffix, img, rec, lm))
+    return out
+
+
+def key_rng(key: str, seed: int = 0) -> np.random.Generator:
+    """A generator that depends only on ``(seed, key)`` (stable across processes and runs)."""
+    digest = hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest()
+    return np.random.default_rng([int(seed) & 0xFFFFFFFFFFFFFFFF, int.from_bytes(digest, "little")])

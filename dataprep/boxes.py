@@ -1,0 +1,184 @@
+"""Box rules, in one place: face boxes from points, and the crop windows users compare.
+
+All boxes are ``[x1, y1, x2, y2]`` floats in source-image pixels.
+
+Crop rules (``CROP_RULES``), each documented against the code it reproduces:
+
+* ``square`` (default, EHPNet's fix): pad the shorter side of the face box by half the difference
+  on each side, so the face is not squashed when the crop is resized to a square. ``margin``
+  enlarges the square by that fraction of its side on each side (0 = tight).
+* ``hopenet``: Hopenet's loose crop (``code/datasets.py``). The corners are updated one after the
+  other, so ``x_max`` grows with the already-moved ``x_min`` (kept bug for bug)::
+
+      x1 -= 0.6 * k * |x2 - x1|;  y1 -= 2 * k * |y2 - y1|          (BIWI: y1 -= k * |y2 - y1|)
+      x2 += 0.6 * k * |x2 - x1|;  y2 += 0.6 * k * |y2 - y1|
+
+  with ``k`` uniform in [0.2, 0.4] per sample for 300W-LP, 0.2 for AFLW2000 and 0.35 for BIWI.
+  Hopenet's box is the min/max of *all* ``pt2d`` points, AFLW2000's placeholders included.
+* ``fsanet``: FSA-Net's margin crop (``data/type1/TYY_create_db_type1.py``): ``ad = 0.6`` of the box
+  width/height on each side, truncated to integers and clipped to the image; points with
+  non-positive coordinates are dropped first. The window is not square (squashed on resize).
+* ``box``: the face box as it is.
+"""
+from __future__ import annotations
+
+import math
+import numpy as np
+
+Box = list  # [x1, y1, x2, y2]
+
+#: Which ground-truth box each rule reads when ``--detector gt`` (the one the paper's code used).
+RULE_GT_BOX = {"square": "gt", "box": "gt", "hopenet": "pt2d", "fsanet": "pt2d_valid"}
+
+HOPENET_K = {"300w_lp": (0.2, 0.4), "aflw2000": (0.2, 0.2), "biwi": (0.35, 0.35)}
+FSANET_MARGIN = 0.6
+
+
+def valid_points_mask(points, image_size=None) -> np.ndarray:
+    """True for points that are real: finite, and inside the image when its size is given.
+
+    AFLW2000 stores missing ``pt2d`` points as ``x = -1, y = 452`` (outside the 450x450 image).
+    """
+    p = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+    ok = np.all(np.isfinite(p), axis=1)
+    if image_size is not None:
+        w, h = image_size
+        ok &= (p[:, 0] >= 0) & (p[:, 0] <= w) & (p[:, 1] >= 0) & (p[:, 1] <= h)
+    return ok
+
+
+def bbox_of_points(points, mask=None) -> Box:
+    """Min/max box of ``(N, 2)`` points (optionally only where ``mask`` is True)."""
+    p = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+    if mask is not None:
+        p = p[np.asarray(mask, dtype=bool)]
+    if len(p) == 0:
+        raise ValueError("no valid points to build a box from")
+    return [float(p[:, 0].min()), float(p[:, 1].min()), float(p[:, 0].max()), float(p[:, 1].max())]
+
+
+def width_height(box) -> tuple[float, float]:
+    return float(box[2] - box[0]), float(box[3] - box[1])
+
+
+def center(box) -> tuple[float, float]:
+    return (box[0] + box[2]) / 2.0, (box[1] + box[3]) / 2.0
+
+
+def aspect_ratio(box) -> float:
+    """Width / height (1.0 for a square)."""
+    w, h = width_height(box)
+    return w / h if h > 0 else math.inf
+
+
+def square_distortion(box) -> float:
+    """How much resizing ``box`` to a square squashes it: ``max(w, h) / min(w, h) - 1``."""
+    w, h = width_height(box)
+    lo = min(w, h)
+    return max(w, h) / lo - 1.0 if lo > 0 else math.inf
+
+
+def iou(a, b) -> float:
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    area = lambda r: max(0.0, r[2] - r[0]) * max(0.0, r[3] - r[1])  # noqa: E731
+    union = area(a) + area(b) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def clip_to_image(box, image_size) -> Box:
+    w, h = image_size
+    return [min(max(box[0], 0.0), w), min(max(box[1], 0.0), h), min(max(box[2], 0.0), w), min(max(box[3], 0.0), h)]
+
+
+def is_inside_image(box, image_size, tolerance: float = 0.0) -> bool:
+    w, h = image_size
+    t = tolerance
+    return box[0] >= -t and box[1] >= -t and box[2] <= w + t and box[3] <= h + t
+
+
+def square_pad(box, margin: float = 0.0) -> Box:
+    """Square window around ``box``: the shorter side padded by half the difference on each side,
+    then ``margin`` x side added on every side."""
+    w, h = width_height(box)
+    cx, cy = center(box)
+    half = max(w, h) / 2.0 * (1.0 + 2.0 * margin)
+    return [cx - half, cy - half, cx + half, cy + half]
+
+
+def hopenet_loose(box, k: float, dataset: str) -> Box:
+    """Hopenet's loose crop window (sequential corner updates, see module docstring)."""
+    x1, y1, x2, y2 = (float(v) for v in box)
+    top = 1.0 if dataset == "biwi" else 2.0
+    x1 -= 0.6 * k * abs(x2 - x1)
+    y1 -= top * k * abs(y2 - y1)
+    x2 += 0.6 * k * abs(x2 - x1)
+    y2 += 0.6 * k * abs(y2 - y1)
+    return [x1, y1, x2, y2]
+
+
+def hopenet_k(dataset: str, rng: np.random.Generator | None) -> float:
+    lo, hi = HOPENET_K.get(dataset, (0.2, 0.2))
+    if lo == hi:
+        return lo
+    if rng is None:
+        return (lo + hi) / 2.0
+    return float(rng.uniform(lo, hi))
+
+
+def fsanet_margin(box, image_size, margin: float = FSANET_MARGIN) -> Box:
+    """FSA-Net's window: integer box, ``margin`` x w/h on each side, clipped to the image."""
+    w_img, h_img = image_size
+    x1, y1, x2, y2 = (int(v) for v in box)
+    w, h = x2 - x1, y2 - y1
+    return [
+        float(max(int(x1 - margin * w), 0)),
+        float(max(int(y1 - margin * h), 0)),
+        float(min(int(x2 + margin * w), w_img - 1)),
+        float(min(int(y2 + margin * h), h_img - 1)),
+    ]
+
+
+def crop_window(rule: str, box, *, dataset: str, image_size, rng=None, margin: float = 0.0) -> Box:
+    """The crop window of ``rule`` around face ``box`` (source pixels, may extend past the image)."""
+    if rule == "square":
+        return square_pad(box, margin)
+    if rule == "hopenet":
+        return hopenet_loose(box, hopenet_k(dataset, rng), dataset)
+    if rule == "fsanet":
+        return fsanet_margin(box, image_size)
+    if rule == "box":
+        return [float(v) for v in box]
+    raise ValueError(f"unknown crop rule {rule!r}; choose one of {sorted(CROP_RULES)}")
+
+
+CROP_RULES: dict[str, str] = {
+    "square": "square-padded face box (EHPNet); default",
+    "hopenet": "Hopenet's loose crop (k in [0.2,0.4] 300W-LP, 0.2 AFLW2000, 0.35 BIWI)",
+    "fsanet": "FSA-Net's 0.6 margin crop, clipped to the image",
+    "box": "the face box itself",
+}
+
+
+def integer_window(window) -> list[int]:
+    """Round a window to whole pixels (the crop actually taken; recorded as ``crop``)."""
+    x1, y1 = int(math.floor(window[0] + 0.5)), int(math.floor(window[1] + 0.5))
+    x2, y2 = int(math.floor(window[2] + 0.5)), int(math.floor(window[3] + 0.5))
+    return [x1, y1, max(x2, x1 + 1), max(y2, y1 + 1)]
+
+
+def to_crop_coords(points, crop, size) -> np.ndarray:
+    """Map source-pixel points ``(N, 2)`` (or a box as 2 points) into the stored crop's pixels.
+
+    ``crop`` is the record's window ``[x1, y1, x2, y2]``; ``size`` the stored image ``(w, h)``.
+    """
+    p = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+    sx = size[0] / (crop[2] - crop[0])
+    sy = size[1] / (crop[3] - crop[1])
+    return np.stack([(p[:, 0] - crop[0]) * sx, (p[:, 1] - crop[1]) * sy], axis=1)
+
+
+def box_to_crop_coords(box, crop, size) -> Box:
+    return [float(v) for v in to_crop_coords([[box[0], box[1]], [box[2], box[3]]], crop, size).reshape(-1)]
+

@@ -1,0 +1,283 @@
+"""``dataprep build``: plan the shards of a dataset under a protocol, run the stages on joblib
+workers, resume where an earlier run stopped, and write ``manifest.json`` and ``_info.json``."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import posixpath
+import sys
+from collections import Counter
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import fsspec
+from joblib import Parallel, delayed
+from tqdm.auto import tqdm
+
+from . import __version__, protocols
+from .datasets import get_reader
+from .pipeline import PROGRESS_DIR, Settings, ShardTask, run_shard
+from .records import SampleRef
+from .shards import dumps_json, shard_name, write_info
+
+MANIFEST = "manifest.json"
+
+
+class BuildError(RuntimeError):
+    """A build that cannot start or finish; the message says what to do."""
+
+
+@dataclass
+class BuildOptions:
+    dataset: str
+    root: str
+    out: str
+    protocol: str = "1"
+    detector: str | None = None  # None: the protocol's choice
+    biwi_tracking: str | None = None  # None: the protocol's choice
+    crop_rule: str = "square"
+    margin: float = 0.0
+    crop_size: int = 224
+    jpeg_quality: int = 95
+    shard_size: int = 1000
+    seed: int = 0
+    split_seed: int | None = None
+    split_file: str | None = None
+    augment: tuple[str, ...] = ()
+    jobs: int = 1
+    backend: str = "loky"
+    device: str = "auto"
+    batch_size: int = 16
+    retinaface_weights: str | None = None
+    cache_dir: str | None = None
+    overwrite: bool = False
+    strict: bool = False
+    progress: bool = True
+    command: str = field(default_factory=lambda: " ".join(["dataprep"] + sys.argv[1:]))
+
+
+def input_fingerprint(root: Path, refs: list[SampleRef]) -> str:
+    """sha256 over every listed image's relative path and size (cheap: one stat per file)."""
+    digest = hashlib.sha256()
+    for ref in refs:
+        try:
+            size = (root / ref.source).stat().st_size
+        except OSError:
+            size = -1
+        digest.update(f"{ref.source}\0{size}\n".encode())
+    return digest.hexdigest()
+
+
+def plan_shards(assignment: dict[str, list[SampleRef]], shard_size: int) -> list[ShardTask]:
+    """Contiguous chunks of each split's refs, in listing order: shard i holds refs [i*n, (i+1)*n)."""
+    tasks = []
+    for split in sorted(assignment):
+        refs = assignment[split]
+        for i in range(0, len(refs), shard_size):
+            tasks.append(ShardTask(shard_name(split, i // shard_size), split, refs[i:i + shard_size]))
+    return tasks
+
+
+def _load_progress(fs, base: str, tasks: list[ShardTask], fingerprint: str) -> dict[str, dict]:
+    """Results of shards a previous run of the same build completed (file present, same settings)."""
+    done = {}
+    for task in tasks:
+        path = posixpath.join(base, PROGRESS_DIR, task.name + ".json")
+        if not fs.exists(path):
+            continue
+        try:
+            entry = json.loads(fs.cat_file(path))
+        except (ValueError, OSError):
+            continue
+        result = entry.get("result", {})
+        if entry.get("settings") != fingerprint:
+            continue
+        if result.get("samples") and not fs.exists(posixpath.join(base, task.name)):
+            continue
+        done[task.name] = result
+    return done
+
+
+def _check_out_dir(fs, base: str, fingerprint: str, overwrite: bool) -> None:
+    manifest_path = posixpath.join(base, MANIFEST)
+    if fs.exists(manifest_path):
+        old = json.loads(fs.cat_file(manifest_path))
+        if old.get("settings_fingerprint") != fingerprint and not overwrite:
+            raise BuildError(
+                f"{base} already holds a build made with other options or inputs; pass --overwrite to "
+                "replace it, or choose another --out"
+            )
+    if overwrite and fs.exists(base):
+        for path in fs.ls(base, detail=False):
+            name = posixpath.basename(path.rstrip("/"))
+            if name.endswith(".tar") or name.endswith(".tmp") or name in (MANIFEST, "_info.json", PROGRESS_DIR):
+                fs.rm(path, recursive=True)
+
+
+def _parallel(opts: BuildOptions):
+    if opts.backend == "dask":
+        try:
+            from dask.distributed import Client  # noqa: F401
+        except ImportError as err:
+            raise BuildError("--backend dask needs the dask extra: pip install 'headpose-dataprep[dask]'") from err
+    if opts.backend == "ray":
+        try:
+            from ray.util.joblib import register_ray
+
+            register_ray()
+        except ImportError as err:
+            raise BuildError("--backend ray needs the ray extra: pip install 'headpose-dataprep[ray]'") from err
+    return Parallel(n_jobs=opts.jobs, backend=opts.backend, return_as="generator")
+
+
+def resolve_settings(opts: BuildOptions, proto: protocols.DatasetProtocol, assignment: dict) -> Settings:
+    detector = opts.detector or proto.detector
+    tracking = None
+    if opts.dataset == "biwi" and detector != "gt":
+        tracking = opts.biwi_tracking or proto.biwi_tracking or "previous"
+    split_lists = {s: [r.key for r in refs] for s, refs in sorted(assignment.items())}
+    return Settings(
+        dataset=opts.dataset,
+        protocol=proto.protocol,
+        angle_limit=proto.angle_limit,
+        detector=detector,
+        biwi_tracking=tracking,
+        crop_rule=opts.crop_rule,
+        margin=opts.margin,
+        crop_size=opts.crop_size,
+        jpeg_quality=opts.jpeg_quality,
+        seed=opts.seed,
+        augment=tuple(opts.augment),
+        shard_size=opts.shard_size,
+        split_assignment=hashlib.sha256(dumps_json(split_lists)).hexdigest(),
+    )
+
+
+def build(opts: BuildOptions) -> dict:
+    """Run a build; returns the manifest dict (also written to ``OUT/manifest.json``)."""
+    root = Path(opts.root)
+    if not root.is_dir():
+        raise BuildError(f"--root {root} is not a folder; point it at the unpacked dataset folder")
+    reader = get_reader(opts.dataset)
+    proto = protocols.load(opts.protocol, opts.dataset)
+    refs = reader.list_samples(root)
+    if not refs:
+        raise BuildError(
+            f"no {opts.dataset} samples found under {root}; --root should be the dataset's own folder "
+            f"as unpacked ({reader.DEFAULT_ROOT_NAME}/)"
+        )
+    assignment = protocols.assign_splits(proto, refs, split_seed=opts.split_seed, split_file=opts.split_file)
+    settings = resolve_settings(opts, proto, assignment)
+    tasks = plan_shards(assignment, opts.shard_size)
+
+    if settings.detector != "gt":
+        from .box_stage import detect_boxes
+
+        decisions, detector_fingerprint = detect_boxes(
+            [r for t in tasks for r in t.refs], root, settings, opts
+        )
+        settings = replace(settings, detector_fingerprint=detector_fingerprint)
+        for task in tasks:
+            task.decisions = {r.key: decisions[r.key] for r in task.refs if r.key in decisions}
+
+    fingerprint = settings.fingerprint()
+    fs, base = fsspec.core.url_to_fs(opts.out)
+    _check_out_dir(fs, base, fingerprint, opts.overwrite)
+    fs.makedirs(posixpath.join(base, PROGRESS_DIR), exist_ok=True)
+
+    done = _load_progress(fs, base, tasks, fingerprint)
+    pending = [t for t in tasks if t.name not in done]
+    results = dict(done)
+    total = sum(len(t.refs) for t in tasks)
+    bar = tqdm(total=total, unit="sample", desc=f"build {opts.dataset}", disable=not opts.progress,
+               initial=sum(len(t.refs) for t in tasks if t.name in done))
+    try:
+        if opts.jobs == 1 and opts.backend == "loky":
+            outputs = (run_shard(t, settings, str(root), opts.out) for t in pending)
+        else:
+            outputs = _parallel(opts)(delayed(run_shard)(t, settings, str(root), opts.out) for t in pending)
+        for result in outputs:
+            results[result["name"]] = result
+            bar.update(result["read"])
+    finally:
+        bar.close()
+
+    ordered = [results[t.name] for t in tasks]
+    manifest = make_manifest(opts, settings, proto, root, refs, ordered, fingerprint)
+    with fs.open(posixpath.join(base, MANIFEST), "wb") as f:
+        f.write(json.dumps(manifest, indent=1, sort_keys=True).encode() + b"\n")
+    write_info(fs, base, f"{opts.dataset}-protocol{proto.protocol}", manifest["shards"])
+    return manifest
+
+
+def make_manifest(opts, settings: Settings, proto, root: Path, refs, results: list[dict], fingerprint: str) -> dict:
+    shards = [
+        {"name": r["name"], "split": r["split"], "samples": r["samples"], "written": r["written"], "sha256": r["sha256"], "bytes": r["bytes"]}
+        for r in results if r["samples"]
+    ]
+    rejected = [entry for r in results for entry in r["rejected"]]
+    per_split: dict[str, Counter] = {}
+    for r in results:
+        c = per_split.setdefault(r["split"], Counter())
+        c["read"] += r["read"]
+        c["written"] += r["written"]
+        c["rejected"] += len(r["rejected"])
+        c["samples"] += r["samples"]
+    counts = {
+        "read": sum(c["read"] for c in per_split.values()),
+        "written": sum(c["written"] for c in per_split.values()),
+        "rejected": len(rejected),
+        "samples_in_shards": sum(c["samples"] for c in per_split.values()),
+        "per_split": {s: dict(c) for s, c in sorted(per_split.items())},
+        "rejected_by_reason": dict(sorted(Counter(e["reason"] for e in rejected).items())),
+    }
+    options = {k: v for k, v in asdict(opts).items() if k not in ("command", "progress")}
+    options["augment"] = list(opts.augment)
+    return {
+        "format": "headpose-dataprep/manifest-1",
+        "tool": "headpose-dataprep",
+        "tool_version": __version__,
+        "command": opts.command,
+        "options": options,
+        "settings": {**asdict(settings), "augment": list(settings.augment)},
+        "settings_fingerprint": fingerprint,
+        "seed": opts.seed,
+        "dataset": opts.dataset,
+        "protocol": proto.protocol,
+        "input": {"root": str(root), "files": len(refs), "fingerprint": input_fingerprint(root, refs)},
+        "expected": proto.expected,
+        "shards": shards,
+        "counts": counts,
+        "rejected": rejected,
+    }
+
+
+def summary_table(manifest: dict) -> str:
+    """Plain-text summary: per split read / written / rejected, then rejections by reason."""
+    counts = manifest["counts"]
+    rows = [("split", "read", "written", "rejected", "in shards")]
+    for split, c in counts["per_split"].items():
+        rows.append((split, c.get("read", 0), c.get("written", 0), c.get("rejected", 0), c.get("samples", 0)))
+    rows.append(("total", counts["read"], counts["written"], counts["rejected"], counts["samples_in_shards"]))
+    widths = [max(len(str(r[i])) for r in rows) for i in range(5)]
+    line = lambda r: "  ".join(str(v).ljust(widths[0]) if i == 0 else str(v).rjust(widths[i]) for i, v in enumerate(r))  # noqa: E731
+    out = [line(rows[0]), "  ".join("-" * w for w in widths)] + [line(r) for r in rows[1:]]
+    if counts["rejected_by_reason"]:
+        out.append("")
+        out.append("rejected by reason:")
+        for reason, n in counts["rejected_by_reason"].items():
+            example = next(e for e in manifest["rejected"] if e["reason"] == reason)
+            out.append(f"  {reason:<22} {n:>7}   e.g. {example['message']}")
+    expected = manifest.get("expected", {})
+    if expected.get("read") and expected["read"] != counts["read"]:
+        out.append("")
+        out.append(f"note: the full {manifest['dataset']} download has {expected['read']} samples; this root has {counts['read']}.")
+    shards = manifest["shards"]
+    out.append("")
+    out.append(f"{len(shards)} shard(s), {sum(s['bytes'] for s in shards) / 1e6:.1f} MB -> manifest.json, _info.json")
+    return "\n".join(out)
+
+
+def cpu_count() -> int:
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)

@@ -1,0 +1,136 @@
+"""The ``dataprep`` command: ``build``, ``verify``, ``sample``, ``audit``, ``protocols``."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from . import __version__
+from .boxes import CROP_RULES
+from .records import DATASETS
+
+
+def _add_build(sub) -> None:
+    p = sub.add_parser("build", help="raw dataset -> WebDataset shards", description=(
+        "Read a raw dataset, box, crop and augment every sample, and write tar shards plus "
+        "manifest.json and _info.json. Example: dataprep build --dataset biwi --protocol 2 --root hpdb --out shards/biwi-p2"))
+    p.add_argument("--dataset", required=True, choices=DATASETS)
+    p.add_argument("--root", required=True, help="the dataset's folder as unpacked: 300W_LP/, AFLW2000/ or hpdb/")
+    p.add_argument("--out", required=True, help="output folder or fsspec URL")
+    p.add_argument("--protocol", default="1", help="benchmark protocol from manifests/: 1, 2 or none (default 1)")
+    p.add_argument("--detector", choices=("gt", "mtcnn", "retinaface"), default=None,
+                   help="face boxes: gt (from the labels) or a detector; default: the protocol's (BIWI: mtcnn)")
+    p.add_argument("--biwi-tracking", choices=("none", "previous"), default=None,
+                   help="BIWI detector box rules of FSA-Net; default: protocol 1 none, protocol 2 previous")
+    p.add_argument("--crop-rule", choices=sorted(CROP_RULES), default="square", help="crop window rule (default square)")
+    p.add_argument("--margin", type=float, default=0.0, help="extra context around a square crop, fraction of its side per side")
+    p.add_argument("--crop-size", type=int, default=224)
+    p.add_argument("--jpeg-quality", type=int, default=95)
+    p.add_argument("--shard-size", type=int, default=1000, help="raw samples per shard")
+    p.add_argument("--seed", type=int, default=0, help="seed of every random choice (crop jitter, augmentation)")
+    p.add_argument("--split-seed", type=int, default=None, help="seeded random split by person instead of the fixed one")
+    p.add_argument("--split-file", default=None, help='JSON {"by": "group"|"source"|"key", "train": [...], "test": [...]}')
+    p.add_argument("--augment", default="", help="offline variants to add, e.g. flip,blur,downsample")
+    p.add_argument("--jobs", "-j", type=int, default=1, help="parallel workers (-1: all cores)")
+    p.add_argument("--backend", default="loky", choices=("loky", "threading", "multiprocessing", "dask", "ray"),
+                   help="joblib backend; dask and ray spread a build over a cluster")
+    p.add_argument("--device", default="auto", help="detector device: auto, cpu, cuda, cuda:1 ...")
+    p.add_argument("--batch-size", type=int, default=16, help="detector batch size")
+    p.add_argument("--retinaface-weights", default=None, help="retinaface_resnet50_2020-07-20 file (.zip or .pth)")
+    p.add_argument("--cache-dir", default=None, help="detection cache folder (default ~/.cache/headpose-dataprep/detections)")
+    p.add_argument("--overwrite", action="store_true", help="replace a build made with other options in --out")
+    p.add_argument("--strict", action="store_true", help="exit with status 3 when any sample is rejected")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def cmd_build(args) -> int:
+    from .build import BuildError, BuildOptions, build, summary_table
+
+    opts = BuildOptions(
+        dataset=args.dataset, root=args.root, out=args.out, protocol=str(args.protocol), detector=args.detector,
+        biwi_tracking=args.biwi_tracking, crop_rule=args.crop_rule, margin=args.margin, crop_size=args.crop_size,
+        jpeg_quality=args.jpeg_quality, shard_size=args.shard_size, seed=args.seed, split_seed=args.split_seed,
+        split_file=args.split_file, augment=tuple(a for a in args.augment.split(",") if a), jobs=args.jobs,
+        backend=args.backend, device=args.device, batch_size=args.batch_size,
+        retinaface_weights=args.retinaface_weights, cache_dir=args.cache_dir, overwrite=args.overwrite,
+        strict=args.strict, progress=not args.no_progress,
+    )
+    start = time.perf_counter()
+    try:
+        manifest = build(opts)
+    except (BuildError, ValueError, FileNotFoundError) as err:
+        print(f"dataprep build: error: {err}", file=sys.stderr)
+        return 2
+    elapsed = time.perf_counter() - start
+    print(f"\n{args.dataset}, protocol {manifest['protocol']}, boxes: {manifest['settings']['detector']}, "
+          f"crop: {args.crop_rule} {args.crop_size}px -> {args.out}  ({elapsed:.1f} s)")
+    print(summary_table(manifest))
+    if args.strict and manifest["counts"]["rejected"]:
+        print(f"--strict: {manifest['counts']['rejected']} sample(s) rejected", file=sys.stderr)
+        return 3
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from .verify import verify
+
+    report = verify(args.out, decode=not args.hash_only)
+    if report.ok:
+        print(f"OK: {report.shards_checked} shard(s), {report.samples_checked} sample(s) decoded, hashes match {args.out}/manifest.json")
+        return 0
+    for problem in report.problems:
+        print(f"FAIL: {problem}", file=sys.stderr)
+    return 1
+
+
+def cmd_sample(args) -> int:
+    from .sample_data import write_sample_tree
+
+    expected = write_sample_tree(Path(args.out), seed=args.seed)
+    counts = {k: len(v) for k, v in expected.items() if isinstance(v, list)}
+    print(f"sample raw data written to {args.out}: " + ", ".join(f"{k} {n}" for k, n in counts.items()))
+    return 0
+
+
+def cmd_protocols(args) -> int:
+    from .protocols import MANIFESTS_DIR
+
+    for path in sorted(MANIFESTS_DIR.glob("*.json")):
+        data = json.loads(path.read_text())
+        print(f"{data['name']:>5}  {data['title']}")
+        for dataset, entry in data["datasets"].items():
+            splits = {k: (v if isinstance(v, str) else len(v)) for k, v in entry["splits"].items() if k != "by"}
+            print(f"         {dataset:<9} splits {splits}  boxes: {entry.get('detector', 'gt')}"
+                  + (f", tracking {entry['biwi_tracking']}" if entry.get("biwi_tracking") else ""))
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="dataprep", description="Head-pose datasets to verified WebDataset shards.")
+    parser.add_argument("--version", action="version", version=f"headpose-dataprep {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_build(sub)
+    p = sub.add_parser("verify", help="re-hash shards against the manifest and decode every record")
+    p.add_argument("out")
+    p.add_argument("--hash-only", action="store_true", help="skip decoding, only compare sha256")
+    p = sub.add_parser("sample", help="write a small raw tree of all three datasets in their real formats")
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    sub.add_parser("protocols", help="list the benchmark protocols in manifests/")
+    try:
+        from .audit import add_parser as add_audit  # noqa: F401
+    except ImportError:
+        add_audit = None
+    if add_audit is not None:
+        add_audit(sub)
+    args = parser.parse_args(argv)
+    handlers = {"build": cmd_build, "verify": cmd_verify, "sample": cmd_sample, "protocols": cmd_protocols}
+    if args.command == "audit":
+        return args.handler(args)
+    return handlers[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

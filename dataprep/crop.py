@@ -1,0 +1,57 @@
+"""Crop stage: cut a window out of an image (padding past the edges) and resize it.
+
+Cropping happens before resizing so the resize only touches the face's pixels.
+"""
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+from . import boxes as box_rules
+
+
+def crop_and_resize(image: np.ndarray, window, size: int | tuple[int, int], *, interpolation=None) -> tuple[np.ndarray, list[int]]:
+    """Crop ``window`` (source pixels, may extend past the image) and resize to ``size``.
+
+    Pixels outside the image are black (zeros). Returns the crop and the integer window used.
+    Works for H x W x C and H x W (e.g. 16-bit depth) arrays.
+    """
+    out_w, out_h = (size, size) if isinstance(size, int) else size
+    x1, y1, x2, y2 = box_rules.integer_window(window)
+    h, w = image.shape[:2]
+    sx1, sy1, sx2, sy2 = max(x1, 0), max(y1, 0), min(x2, w), min(y2, h)
+    region = image[sy1:max(sy2, sy1), sx1:max(sx2, sx1)]
+    pad = (sy1 - y1, y2 - max(sy2, sy1), sx1 - x1, x2 - max(sx2, sx1))
+    if any(pad) or region.size == 0:
+        canvas = np.zeros((y2 - y1, x2 - x1) + image.shape[2:], dtype=image.dtype)
+        if region.size:
+            canvas[pad[0]:pad[0] + region.shape[0], pad[2]:pad[2] + region.shape[1]] = region
+        region = canvas
+    if interpolation is None:
+        shrinking = region.shape[1] > out_w or region.shape[0] > out_h
+        interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
+    if image.dtype == np.uint16:
+        interpolation = cv2.INTER_NEAREST  # depth: never invent readings between surfaces
+    resized = cv2.resize(np.ascontiguousarray(region), (out_w, out_h), interpolation=interpolation)
+    return resized, [x1, y1, x2, y2]
+
+
+def recrop(image: np.ndarray, record: dict, rule: str, size: int, *, rng=None, margin: float = 0.0, box_name: str | None = None) -> np.ndarray:
+    """Apply crop ``rule`` at load time to a stored crop, from the boxes in its label record.
+
+    This is how one set of shards serves every model: the record carries every face box in source
+    pixels and the window the stored crop covers (``crop``), so any rule's window can be mapped into
+    the stored crop. Pixels the stored crop does not cover come out black.
+    """
+    if box_name is None:
+        box_name = record.get("box_source", "gt")
+        if box_name == "gt":
+            box_name = box_rules.RULE_GT_BOX.get(rule, "gt")
+    face = record["boxes"].get(box_name) or record["box"]
+    window = box_rules.crop_window(
+        rule, face, dataset=record["dataset"], image_size=record["image_size"], rng=rng, margin=margin
+    )
+    h, w = image.shape[:2]
+    mapped = box_rules.box_to_crop_coords(window, record["crop"], (w, h))
+    out, _ = crop_and_resize(image, mapped, size)
+    return out

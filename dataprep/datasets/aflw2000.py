@@ -1,0 +1,54 @@
+"""AFLW2000-3D reader (``--root`` = the ``AFLW2000`` folder of ``imageNNNNN.jpg`` + ``.mat`` pairs).
+
+``gt`` box: min/max of the 68 fitted ``pt3d_68`` points (x, y rows). ``pt2d`` box: min/max over all
+21 AFLW ``pt2d`` points *including* the ``(-1, 452)`` placeholders of unannotated points: the
+polluted box Hopenet's loader uses, kept only for the audit; never use it as ``gt``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .. import labels
+from ..records import RawSample, SampleRef, make_key
+from . import matfile
+
+NAME = "aflw2000"
+DEFAULT_ROOT_NAME = "AFLW2000"
+GROUP = "AFLW2000"
+
+
+def list_samples(root: Path) -> list[SampleRef]:
+    """Every ``*.jpg`` directly in the root (sorted); the ``.mat`` is not checked here."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"AFLW2000 root {root} is not a folder (pass the {DEFAULT_ROOT_NAME} folder)")
+    refs = [
+        SampleRef(NAME, make_key(NAME, image.stem), image.name, GROUP)
+        for image in root.iterdir()
+        if image.suffix.lower() == ".jpg" and image.is_file()
+    ]
+    return sorted(refs, key=lambda r: r.source)
+
+
+@matfile.reader_errors
+def read_sample(root: Path, ref: SampleRef) -> RawSample:
+    image, mat, display = matfile.image_and_mat(root, ref.source)
+    yaw, pitch, roll, pose_para = matfile.pose_labels(mat, display)
+    pt3d = matfile.require_array(mat, "pt3d_68", (3, 68), display)
+    landmarks = matfile.require_finite(pt3d[:2].T.copy(), "pt3d_68", display)
+    pt2d = matfile.require_finite(matfile.require_array(mat, "pt2d", (2, 21), display), "pt2d", display)
+    missing_x, missing_y = matfile.PT2D_MISSING_XY
+    missing = int(np.count_nonzero((pt2d[0] == missing_x) & (pt2d[1] == missing_y)))
+    return RawSample(
+        ref=ref,
+        image=image,
+        yaw=yaw,
+        pitch=pitch,
+        roll=roll,
+        rotation=labels.rotation_from_euler(yaw, pitch, roll),
+        boxes={"gt": matfile.points_box(landmarks), "pt2d": matfile.points_box(pt2d.T)},
+        landmarks=landmarks,
+        extra={"pose_para": pose_para, "pt2d_missing": missing},
+    )

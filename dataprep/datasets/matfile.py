@@ -1,0 +1,196 @@
+"""Shared reader helpers: the 300W-LP / AFLW2000-3D ``.mat`` logic, image loading and the error guard.
+
+Both MAT datasets come from the same 3DDFA fitting code, so their files share one layout (MAT v5,
+zlib-compressed, written by MATLAB on PCWIN64)::
+
+    Pose_Para   (1, 7)    float32   [pitch, yaw, roll (radians), tx, ty, tz, scale]
+    pt2d        (2, N)    float64   x row, y row (300W-LP: N=68; AFLW2000: N=21, missing = (-1, 452))
+    roi         (1, 4)    int16
+    Illum_Para  (1, 10)   float64
+    Color_Para  (1, 7)    float32
+    Tex_Para    (199, 1)  float64
+    Shape_Para  (199, 1)  float64 (float32 in 300W-LP ``*_Flip``)
+    Exp_Para    (29, 1)   float64 (float32 in 300W-LP ``*_Flip``)
+    pt3d_68     (3, 68)   float32   AFLW2000 only: x, y, z rows
+
+The readers only *require* the keys they use (``Pose_Para``, ``pt2d`` and, for AFLW2000,
+``pt3d_68``). ``read_image`` and ``reader_errors`` are also used by the BIWI reader.
+"""
+from __future__ import annotations
+
+import functools
+import io
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import cv2
+import numpy as np
+import scipy.io
+
+from .. import labels
+from ..records import SampleError
+
+#: Size of every 300W-LP and AFLW2000 image (width, height); ``pt2d`` is in these pixels.
+MAT_IMAGE_SIZE = (450, 450)
+
+#: AFLW2000's ``pt2d`` placeholder for a point that was not annotated.
+PT2D_MISSING_XY = (-1.0, 452.0)
+
+#: Fixed 116-byte MAT header text for files we write (savemat would stamp the current time).
+SAMPLE_MAT_HEADER = b"MATLAB 5.0 MAT-file, Platform: PCWIN64, Created on: Thu Jan  1 00:00:00 1970"
+
+
+def display_path(root: Path, relative: str) -> str:
+    """How a file is named in messages: the root folder's name plus the path below it."""
+    name = Path(root).name or Path(root).resolve().name
+    return f"{name}/{relative}" if name else relative
+
+
+# --------------------------------------------------------------------------------------------
+# Error guard and images (shared by all readers)
+# --------------------------------------------------------------------------------------------
+def reader_errors(read_sample: Callable) -> Callable:
+    """Decorator for ``read_sample(root, ref)``: anything but ``SampleError`` becomes
+    ``SampleError("read_error", ...)`` naming the sample, so bad input never crashes a run."""
+
+    @functools.wraps(read_sample)
+    def wrapper(root, ref):
+        try:
+            return read_sample(Path(root), ref)
+        except SampleError:
+            raise
+        except MemoryError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the point of the guard
+            raise SampleError(
+                "read_error",
+                f"{display_path(Path(root), ref.source)}: unexpected {type(exc).__name__} while "
+                f"reading the sample: {exc}",
+            ) from exc
+
+    return wrapper
+
+
+def read_image(path: Path, display: str, expected_size: tuple[int, int] | None = None) -> np.ndarray:
+    """Read an image file as H x W x 3 uint8 RGB.
+
+    Raises ``SampleError`` ``missing_image`` / ``unreadable_image`` / ``wrong_image_size``
+    (``expected_size`` is ``(width, height)``; the labels are in those pixels).
+    """
+    try:
+        buf = np.fromfile(path, dtype=np.uint8)
+    except FileNotFoundError:
+        raise SampleError("missing_image", f"{display}: image file not found") from None
+    except OSError as exc:
+        raise SampleError("unreadable_image", f"{display}: cannot read the file ({exc})") from exc
+    image = cv2.imdecode(buf, cv2.IMREAD_COLOR) if buf.size else None
+    if image is None:
+        raise SampleError(
+            "unreadable_image",
+            f"{display}: not a decodable image ({buf.size} bytes); re-download or re-extract the file",
+        )
+    if expected_size is not None:
+        h, w = image.shape[:2]
+        if (w, h) != tuple(expected_size):
+            raise SampleError(
+                "wrong_image_size",
+                f"{display}: image is {w}x{h}, expected {expected_size[0]}x{expected_size[1]} "
+                "(the labels are in the original pixels; do not resize the raw files)",
+            )
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+# --------------------------------------------------------------------------------------------
+# Reading .mat files
+# --------------------------------------------------------------------------------------------
+def load_mat(path: Path, display: str) -> dict[str, Any]:
+    """``scipy.io.loadmat`` with our errors: ``missing_mat`` / ``corrupt_mat``."""
+    if not path.is_file():
+        raise SampleError("missing_mat", f"{display}: label file not found (the image has no .mat next to it)")
+    try:
+        return scipy.io.loadmat(str(path))
+    except MemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - scipy raises many types for a bad file
+        detail = f"{type(exc).__name__}: {exc}".strip()
+        raise SampleError(
+            "corrupt_mat", f"{display}: not a MAT file (scipy: {detail}); re-download the file"
+        ) from exc
+
+
+def require_array(mat: Mapping[str, Any], key: str, shape: tuple[int, ...], display: str,
+                  *, size_only: bool = False) -> np.ndarray:
+    """``mat[key]`` as a float64 array of ``shape``.
+
+    ``size_only``: accept any shape holding ``prod(shape)`` values (returned flattened).
+    Raises ``missing_key`` / ``bad_shape`` (also for non-numeric data).
+    """
+    if key not in mat:
+        present = sorted(k for k in mat if not k.startswith("__"))
+        raise SampleError("missing_key", f"{display}: no '{key}' in the MAT file (keys: {present})")
+    arr = np.asarray(mat[key])
+    if arr.dtype.kind not in "fiu":
+        raise SampleError("bad_shape", f"{display}: '{key}' is {arr.dtype} data, expected numbers")
+    if size_only:
+        if arr.size != int(np.prod(shape)):
+            raise SampleError("bad_shape", f"{display}: '{key}' has {arr.size} values {arr.shape}, "
+                                           f"expected {int(np.prod(shape))}")
+        return arr.astype(np.float64).reshape(-1)
+    if arr.shape != tuple(shape):
+        raise SampleError("bad_shape", f"{display}: '{key}' has shape {arr.shape}, expected {tuple(shape)}")
+    return arr.astype(np.float64)
+
+
+def require_finite(arr: np.ndarray, what: str, display: str) -> np.ndarray:
+    if not np.all(np.isfinite(arr)):
+        raise SampleError("nan_label", f"{display}: {what} contains NaN or infinite values")
+    return arr
+
+
+def pose_labels(mat: Mapping[str, Any], display: str) -> tuple[float, float, float, list[float]]:
+    """``Pose_Para`` -> ``(yaw, pitch, roll, pose_para)``: degrees (labels.pose_para_to_euler) and
+    the 7 raw values as Python floats (kept in the record's extras)."""
+    pose = require_array(mat, "Pose_Para", (1, 7), display, size_only=True)
+    require_finite(pose[:3], "Pose_Para angles", display)
+    yaw, pitch, roll = labels.pose_para_to_euler(pose)
+    return yaw, pitch, roll, [float(v) for v in pose]
+
+
+def points_box(points: np.ndarray) -> list[float]:
+    """Min/max box ``[x1, y1, x2, y2]`` of points given as (N, 2)."""
+    p = np.asarray(points, dtype=np.float64)
+    return [float(p[:, 0].min()), float(p[:, 1].min()), float(p[:, 0].max()), float(p[:, 1].max())]
+
+
+def image_and_mat(root: Path, source: str) -> tuple[np.ndarray, dict[str, Any], str]:
+    """The common first step of both MAT readers: image (450x450 RGB) and its parsed ``.mat``.
+    Returns ``(image, mat, mat_display_name)``. The .mat is checked first: a missing label is the
+    more useful message."""
+    image_path = root / source
+    mat_rel = str(Path(source).with_suffix(".mat").as_posix())
+    mat_display = display_path(root, mat_rel)
+    mat = load_mat(root / mat_rel, mat_display)
+    image = read_image(image_path, display_path(root, source), MAT_IMAGE_SIZE)
+    return image, mat, mat_display
+
+
+# --------------------------------------------------------------------------------------------
+# Writing .mat files (sample data generator)
+# --------------------------------------------------------------------------------------------
+def mat_bytes(arrays: Mapping[str, np.ndarray], header: bytes = SAMPLE_MAT_HEADER) -> bytes:
+    """MAT v5 compressed file bytes for ``arrays`` (in order, dtypes and shapes kept as given).
+
+    Deterministic: scipy stamps the current time into the 116-byte text header; we overwrite it.
+    """
+    buf = io.BytesIO()
+    scipy.io.savemat(buf, dict(arrays), do_compression=True, format="5", oned_as="column")
+    data = bytearray(buf.getvalue())
+    if len(header) > 116:
+        raise ValueError("MAT header text is limited to 116 bytes")
+    data[:116] = header.ljust(116, b" ")
+    return bytes(data)
+
+
+def write_mat(path: Path, arrays: Mapping[str, np.ndarray], header: bytes = SAMPLE_MAT_HEADER) -> None:
+    """Write ``arrays`` as a MAT v5 compressed file, byte-identical for identical input."""
+    Path(path).write_bytes(mat_bytes(arrays, header))

@@ -1,0 +1,56 @@
+"""300W-LP reader (``--root`` = the ``300W_LP`` folder).
+
+Samples are ``<SUBSET>/<NAME>.jpg`` + ``<NAME>.mat`` in the eight subset folders below; anything else
+under the root (``landmarks/``, ``Code/``, ...) is ignored. The ``*_Flip`` subsets are independent
+3DDFA re-fits of the mirrored images: their labels are read from their own ``.mat`` like any other.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .. import labels
+from ..records import RawSample, SampleRef, make_key
+from . import matfile
+
+NAME = "300w_lp"
+DEFAULT_ROOT_NAME = "300W_LP"
+SUBSETS = ("AFW", "HELEN", "IBUG", "LFPW", "AFW_Flip", "HELEN_Flip", "IBUG_Flip", "LFPW_Flip")
+
+
+def list_samples(root: Path) -> list[SampleRef]:
+    """Every ``<SUBSET>/*.jpg`` (sorted by path); the ``.mat`` is not checked here."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"300W-LP root {root} is not a folder (pass the {DEFAULT_ROOT_NAME} folder)")
+    found = [s for s in SUBSETS if (root / s).is_dir()]
+    if not found:
+        raise FileNotFoundError(
+            f"no 300W-LP subset folders ({', '.join(SUBSETS)}) in {root}; pass the {DEFAULT_ROOT_NAME} folder"
+        )
+    refs = []
+    for subset in found:
+        for image in (root / subset).iterdir():
+            if image.suffix.lower() == ".jpg" and image.is_file():
+                source = f"{subset}/{image.name}"
+                refs.append(SampleRef(NAME, make_key(NAME, f"{subset}/{image.stem}"), source, subset))
+    return sorted(refs, key=lambda r: r.source)
+
+
+@matfile.reader_errors
+def read_sample(root: Path, ref: SampleRef) -> RawSample:
+    image, mat, display = matfile.image_and_mat(root, ref.source)
+    yaw, pitch, roll, pose_para = matfile.pose_labels(mat, display)
+    pt2d = matfile.require_finite(matfile.require_array(mat, "pt2d", (2, 68), display), "pt2d", display)
+    landmarks = pt2d.T.copy()
+    box = matfile.points_box(landmarks)
+    return RawSample(
+        ref=ref,
+        image=image,
+        yaw=yaw,
+        pitch=pitch,
+        roll=roll,
+        rotation=labels.rotation_from_euler(yaw, pitch, roll),
+        boxes={"gt": box, "pt2d": list(box)},
+        landmarks=landmarks,
+        extra={"pose_para": pose_para},
+    )

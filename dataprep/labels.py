@@ -1,0 +1,157 @@
+"""Label math, written once: Euler conventions, rotation matrices, flips and classification bins.
+
+Convention (Hopenet's, used by every record this tool writes)
+-------------------------------------------------------------
+Angles are in **degrees**, named ``yaw, pitch, roll``.
+
+* 300W-LP / AFLW2000-3D ``Pose_Para`` is ``[pitch, yaw, roll, tx, ty, tz, scale]`` with the
+  angles in **radians**: ``pitch = p[0], yaw = p[1], roll = p[2]`` (times 180/pi).
+* BIWI ``pose.txt`` holds a rotation matrix ``M`` (rows as written). With ``R = M.T``::
+
+      roll  = -atan2(R[1,0], R[0,0])
+      yaw   = -atan2(-R[2,0], sqrt(R[2,1]**2 + R[2,2]**2))
+      pitch =  atan2(R[2,1], R[2,2])
+
+  This is the Z-Y-X decomposition ``R = Rz(-roll) @ Ry(-yaw) @ Rx(pitch)``.
+
+The ``rotation`` stored in every record is ``rotation_from_euler(yaw, pitch, roll)``, the matrix in
+that same convention, so ``rotation_to_euler(record["rotation"])`` gives back the record's angles for
+every dataset (for BIWI it is ``M.T`` itself).
+
+A horizontal image flip negates yaw and roll and keeps pitch; on the matrix it is the conjugation
+``S @ R @ S`` with ``S = diag(-1, 1, 1)``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+RAD2DEG = 180.0 / math.pi
+DEG2RAD = math.pi / 180.0
+
+#: Mirror across the image's vertical axis (x -> -x).
+MIRROR_X = np.diag([-1.0, 1.0, 1.0])
+
+
+def pose_para_to_euler(pose_para) -> tuple[float, float, float]:
+    """``Pose_Para`` (any shape holding >= 3 values, radians) -> ``(yaw, pitch, roll)`` degrees."""
+    p = np.asarray(pose_para, dtype=np.float64).reshape(-1)
+    if p.size < 3:
+        raise ValueError(f"Pose_Para needs at least 3 values, got {p.size}")
+    pitch, yaw, roll = p[0] * RAD2DEG, p[1] * RAD2DEG, p[2] * RAD2DEG
+    return float(yaw), float(pitch), float(roll)
+
+
+def rotation_to_euler(rotation) -> tuple[float, float, float]:
+    """Rotation matrix ``R`` in our convention -> ``(yaw, pitch, roll)`` degrees."""
+    r = np.asarray(rotation, dtype=np.float64)
+    roll = -math.atan2(r[1, 0], r[0, 0])
+    yaw = -math.atan2(-r[2, 0], math.hypot(r[2, 1], r[2, 2]))
+    pitch = math.atan2(r[2, 1], r[2, 2])
+    return yaw * RAD2DEG, pitch * RAD2DEG, roll * RAD2DEG
+
+
+def biwi_matrix_to_euler(m) -> tuple[float, float, float]:
+    """BIWI ``pose.txt`` matrix ``M`` (as written, row by row) -> ``(yaw, pitch, roll)`` degrees."""
+    return rotation_to_euler(np.asarray(m, dtype=np.float64).T)
+
+
+def _rx(a: float) -> np.ndarray:
+    c, s = math.cos(a), math.sin(a)
+    return np.array([[1, 0, 0], [0, c, -s], [0, s, c]], dtype=np.float64)
+
+
+def _ry(a: float) -> np.ndarray:
+    c, s = math.cos(a), math.sin(a)
+    return np.array([[c, 0, s], [0, 1, 0], [-s, 0, c]], dtype=np.float64)
+
+
+def _rz(a: float) -> np.ndarray:
+    c, s = math.cos(a), math.sin(a)
+    return np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]], dtype=np.float64)
+
+
+def rotation_from_euler(yaw: float, pitch: float, roll: float) -> np.ndarray:
+    """``(yaw, pitch, roll)`` degrees -> rotation matrix ``Rz(-roll) @ Ry(-yaw) @ Rx(pitch)``."""
+    return _rz(-roll * DEG2RAD) @ _ry(-yaw * DEG2RAD) @ _rx(pitch * DEG2RAD)
+
+
+def flip_euler(yaw: float, pitch: float, roll: float) -> tuple[float, float, float]:
+    """Angles after a horizontal image flip: yaw and roll negated, pitch kept."""
+    return -yaw, pitch, -roll
+
+
+def flip_rotation(rotation) -> np.ndarray:
+    """Rotation matrix after a horizontal image flip (``S R S``, ``S = diag(-1, 1, 1)``)."""
+    r = np.asarray(rotation, dtype=np.float64)
+    return MIRROR_X @ r @ MIRROR_X
+
+
+def is_rotation(rotation, tol: float = 1e-3) -> bool:
+    """True when ``rotation`` is a proper 3x3 rotation (orthonormal, det +1) within ``tol``."""
+    r = np.asarray(rotation, dtype=np.float64)
+    if r.shape != (3, 3) or not np.all(np.isfinite(r)):
+        return False
+    return bool(np.allclose(r @ r.T, np.eye(3), atol=tol) and abs(np.linalg.det(r) - 1.0) < tol)
+
+
+def angles_in_range(yaw: float, pitch: float, roll: float, limit: float = 99.0) -> bool:
+    """Protocol 1's filter: every angle finite and inside ``[-limit, limit]``."""
+    return all(math.isfinite(a) and -limit <= a <= limit for a in (yaw, pitch, roll))
+
+
+# --------------------------------------------------------------------------------------------
+# Classification bins
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class BinSpec:
+    """Equal-width angle bins over ``[low, high]`` for classification heads.
+
+    ``decode`` follows the papers' code: ``width * E[index] + low`` (Hopenet: ``3 * E - 99``).
+    """
+
+    name: str
+    low: float
+    high: float
+    width: float
+
+    @property
+    def count(self) -> int:
+        return int(round((self.high - self.low) / self.width))
+
+    def to_bin(self, angle):
+        """Angle(s) in degrees -> bin index(es) in ``[0, count - 1]``.
+
+        Hopenet's ``np.digitize`` puts an angle of exactly ``high`` into bin ``count`` (one past the
+        last class) and crashes the cross-entropy; we clip both ends instead.
+        """
+        a = np.asarray(angle, dtype=np.float64)
+        idx = np.floor((a - self.low) / self.width).astype(np.int64)
+        idx = np.clip(idx, 0, self.count - 1)
+        return int(idx) if idx.ndim == 0 else idx
+
+    def centers(self) -> np.ndarray:
+        return self.low + self.width * (np.arange(self.count) + 0.5)
+
+    def decode(self, probabilities):
+        """Softmax probabilities ``(..., count)`` -> angle(s) in degrees, as the papers decode."""
+        p = np.asarray(probabilities, dtype=np.float64)
+        return self.width * (p * np.arange(self.count)).sum(axis=-1) + self.low
+
+
+#: Hopenet: 66 bins of 3 degrees over [-99, 99].
+HOPENET_BINS = BinSpec("hopenet", -99.0, 99.0, 3.0)
+#: EHPNet (and its maskpose follow-up): 62 bins of 3 degrees over [-93, 93].
+EHPNET_BINS = BinSpec("ehpnet", -93.0, 93.0, 3.0)
+#: WHENet full-range yaw: 120 bins of 3 degrees over [-180, 180].
+WHENET_YAW_BINS = BinSpec("whenet_yaw", -180.0, 180.0, 3.0)
+
+BINS = {b.name: b for b in (HOPENET_BINS, EHPNET_BINS, WHENET_YAW_BINS)}
+
+
+def wrapped_angle_difference(a, b):
+    """Smallest absolute difference between angles in degrees on the circle (WHENet's yaw loss)."""
+    d = np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)) % 360.0
+    return np.minimum(d, 360.0 - d)

@@ -1,0 +1,228 @@
+"""The per-sample stages, in order: read raw -> box -> crop -> augment -> encode, and the per-shard
+worker that runs them and writes one shard. Everything here runs inside joblib workers, so it takes
+plain picklable arguments (``Settings``, ``ShardTask``) and returns plain dicts.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import posixpath
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import cv2
+import fsspec
+import numpy as np
+
+from . import __version__
+from . import boxes as box_rules
+from . import labels
+from .crop import crop_and_resize
+from .datasets import get_reader
+from .records import RawSample, SampleError, SampleRef
+from .shards import dumps_json, write_shard
+
+PROGRESS_DIR = ".dataprep-progress"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every option that changes the bytes of a build (paths excluded: inputs are fingerprinted)."""
+
+    dataset: str
+    protocol: str
+    angle_limit: float | None = None
+    detector: str = "gt"
+    detector_fingerprint: str | None = None
+    biwi_tracking: str | None = None
+    crop_rule: str = "square"
+    margin: float = 0.0
+    crop_size: int = 224
+    jpeg_quality: int = 95
+    seed: int = 0
+    augment: tuple[str, ...] = ()
+    shard_size: int = 1000
+    split_assignment: str = ""  # sha256 of the split lists, so a new split never resumes an old build
+    tool_version: str = __version__
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(dumps_json(asdict(self))).hexdigest()
+
+
+@dataclass
+class ShardTask:
+    name: str
+    split: str
+    refs: list[SampleRef]
+    #: key -> detector decision (box, score, reused, rejected) from the box stage; empty for gt.
+    decisions: dict[str, dict] = field(default_factory=dict)
+
+
+def sample_rng(seed: int, key: str) -> np.random.Generator:
+    """Per-sample generator: depends on the seed and the key only, not on order or worker."""
+    digest = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little")
+    return np.random.default_rng(np.random.SeedSequence([seed, digest]))
+
+
+# ------------------------------------------------------------------------------------------ box
+def choose_box(sample: RawSample, settings: Settings, decision: dict | None) -> tuple[dict, dict, str]:
+    """Box stage: all box variants, their scores, and the name of the one the crop uses."""
+    variants = {name: [float(v) for v in b] for name, b in sample.boxes.items()}
+    scores: dict[str, float] = {}
+    if settings.detector == "gt":
+        wanted = box_rules.RULE_GT_BOX.get(settings.crop_rule, "gt")
+        source = wanted if wanted in variants else "gt"
+    else:
+        if decision is not None and "detections" in decision:
+            decision = _select_detection(decision["detections"], variants.get("gt"))
+        if decision is None or decision.get("box") is None:
+            raise SampleError("no_face", f"{sample.ref.source}: {settings.detector} found no face"
+                              + (" overlapping the ground-truth box" if "gt" in variants else ""))
+        variants[settings.detector] = [float(v) for v in decision["box"]]
+        scores[settings.detector] = float(decision["score"])
+        source = settings.detector
+    if source not in variants:
+        raise SampleError("no_box", f"{sample.ref.source}: no '{source}' box for this sample")
+    return variants, scores, source
+
+
+def _select_detection(detections: list[dict], reference_box) -> dict | None:
+    """The most confident detected face overlapping the ground-truth box (any face without one)."""
+    from .detectors import Detection, select_face
+
+    face = select_face([Detection.from_json(d) for d in detections], reference_box=reference_box)
+    return None if face is None else {"box": list(face.box), "score": face.score}
+
+
+# ----------------------------------------------------------------------------------------- crop
+def label_record(sample: RawSample, split: str, variants: dict, scores: dict, source: str, crop: list[int], settings: Settings) -> dict:
+    h, w = sample.image.shape[:2]
+    record = {
+        "key": sample.ref.key,
+        "dataset": sample.ref.dataset,
+        "split": split,
+        "source": sample.ref.source,
+        "group": sample.ref.group,
+        "yaw": float(sample.yaw),
+        "pitch": float(sample.pitch),
+        "roll": float(sample.roll),
+        "rotation": np.asarray(sample.rotation, dtype=np.float64).tolist(),
+        "image_size": [int(w), int(h)],
+        "boxes": variants,
+        "box_scores": scores,
+        "box_source": source,
+        "box": variants[source],
+        "crop_rule": settings.crop_rule,
+        "crop_margin": settings.margin,
+        "crop": [int(v) for v in crop],
+        "crop_size": [settings.crop_size, settings.crop_size],
+        "augment": [],
+        "extra": sample.extra,
+    }
+    return record
+
+
+def crop_sample(sample: RawSample, split: str, settings: Settings, decision: dict | None, rng) -> tuple[np.ndarray, dict, np.ndarray | None, np.ndarray | None]:
+    variants, scores, source = choose_box(sample, settings, decision)
+    h, w = sample.image.shape[:2]
+    window = box_rules.crop_window(
+        settings.crop_rule, variants[source], dataset=sample.ref.dataset, image_size=(w, h), rng=rng, margin=settings.margin
+    )
+    image, crop = crop_and_resize(sample.image, window, settings.crop_size)
+    record = label_record(sample, split, variants, scores, source, crop, settings)
+    if decision and decision.get("tracking"):
+        record["tracking"] = decision["tracking"]
+    depth = None
+    if sample.depth is not None and "depth_box" in sample.extra:
+        # The depth camera sees the head elsewhere than the RGB camera: its own box, same rule.
+        depth_window = box_rules.square_pad(sample.extra["depth_box"], settings.margin)
+        depth, depth_crop = crop_and_resize(sample.depth, depth_window, settings.crop_size)
+        record["depth_crop"] = depth_crop
+    landmarks = None if sample.landmarks is None else np.asarray(sample.landmarks, dtype=np.float32)
+    return image, record, landmarks, depth
+
+
+# -------------------------------------------------------------------------------------- augment
+def augment_variants(image, record, landmarks, settings: Settings, rng) -> list[tuple[np.ndarray, dict, np.ndarray | None]]:
+    """The original plus one offline variant per ``--augment`` op (own key, same source)."""
+    out = [(image, record, landmarks)]
+    if settings.augment:
+        from .augment import offline_variants
+
+        for _suffix, img, rec, pts in offline_variants(image, record, landmarks, list(settings.augment), rng):
+            out.append((img, rec, pts))
+    return out
+
+
+# --------------------------------------------------------------------------------------- encode
+def encode_sample(image: np.ndarray, record: dict, landmarks, depth, settings: Settings) -> dict[str, bytes]:
+    ok, jpg = cv2.imencode(".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, settings.jpeg_quality])
+    if not ok:
+        raise SampleError("encode_failed", f"{record['source']}: JPEG encoding failed")
+    members = {"__key__": record["key"], "jpg": jpg.tobytes(), "json": dumps_json(record)}
+    if landmarks is not None:
+        buf = io.BytesIO()
+        np.save(buf, np.asarray(landmarks, dtype=np.float32), allow_pickle=False)
+        members["pts.npy"] = buf.getvalue()
+    if depth is not None:
+        ok, png = cv2.imencode(".png", np.asarray(depth, dtype=np.uint16))
+        members["depth.png"] = png.tobytes()
+    return members
+
+
+# ---------------------------------------------------------------------------------- shard worker
+def process_ref(reader, root: Path, ref: SampleRef, split: str, settings: Settings, decision: dict | None) -> list[dict[str, bytes]]:
+    """All stages for one raw sample. Raises SampleError when it cannot be written."""
+    if decision and decision.get("rejected"):
+        raise SampleError(decision["rejected"], f"{ref.source}: {decision.get('message') or decision['rejected']}")
+    sample = reader.read_sample(root, ref)
+    limit = settings.angle_limit
+    if limit is not None and not labels.angles_in_range(sample.yaw, sample.pitch, sample.roll, limit):
+        raise SampleError(
+            "angle_out_of_range",
+            f"{ref.source}: yaw {sample.yaw:.2f}, pitch {sample.pitch:.2f}, roll {sample.roll:.2f} outside "
+            f"[-{limit:g}, {limit:g}] (protocol {settings.protocol} filter)",
+        )
+    rng = sample_rng(settings.seed, ref.key)
+    image, record, landmarks, depth = crop_sample(sample, split, settings, decision, rng)
+    return [encode_sample(img, rec, pts, depth, settings) for img, rec, pts in augment_variants(image, record, landmarks, settings, rng)]
+
+
+def run_shard(task: ShardTask, settings: Settings, root: str, out: str) -> dict:
+    """Read, crop and encode every sample of one shard, write it, and record the result.
+
+    Bad input never raises out of here: each failure becomes a ``rejected`` entry.
+    """
+    reader = get_reader(settings.dataset)
+    root_path = Path(root)
+    samples: list[dict[str, bytes]] = []
+    rejected: list[dict] = []
+    written = 0
+    for ref in task.refs:
+        try:
+            members = process_ref(reader, root_path, ref, task.split, settings, task.decisions.get(ref.key))
+        except SampleError as err:
+            rejected.append({"key": ref.key, "source": ref.source, "split": task.split, "reason": err.reason, "message": err.message})
+            continue
+        except Exception as err:  # a bug or an input we did not foresee: keep going, say what happened
+            last = traceback.extract_tb(err.__traceback__)[-1]
+            rejected.append({
+                "key": ref.key, "source": ref.source, "split": task.split, "reason": "unexpected_error",
+                "message": f"{ref.source}: {type(err).__name__}: {err} (at {Path(last.filename).name}:{last.lineno}; please report)",
+            })
+            continue
+        samples.extend(members)
+        written += 1
+    fs, base = fsspec.core.url_to_fs(out)
+    result = {"name": task.name, "split": task.split, "read": len(task.refs), "written": written, "rejected": rejected}
+    if samples:
+        result.update(write_shard(fs, posixpath.join(base, task.name), samples))
+    else:
+        result.update({"sha256": None, "bytes": 0, "samples": 0})
+    progress = posixpath.join(base, PROGRESS_DIR, task.name + ".json")
+    with fs.open(progress + ".tmp", "wb") as f:
+        f.write(json.dumps({"settings": settings.fingerprint(), "result": result}).encode())
+    fs.mv(progress + ".tmp", progress)
+    return result

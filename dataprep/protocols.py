@@ -1,0 +1,121 @@
+"""Benchmark protocols as data: ``manifests/protocol*.json`` read here, splits assigned here."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .records import SampleRef
+
+MANIFESTS_DIR = Path(os.environ.get("DATAPREP_MANIFESTS", Path(__file__).resolve().parent.parent / "manifests"))
+
+
+@dataclass(frozen=True)
+class DatasetProtocol:
+    protocol: str
+    dataset: str
+    splits: dict  # {"train": "all"} or {"by": "group", "train": [...], "test": [...]}
+    angle_limit: float | None
+    detector: str
+    biwi_tracking: str | None
+    expected: dict
+    same_person: tuple = ()
+
+
+def available() -> list[str]:
+    return sorted(p.stem.removeprefix("protocol") for p in MANIFESTS_DIR.glob("*.json"))
+
+
+def load(protocol: str, dataset: str) -> DatasetProtocol:
+    name = protocol if protocol == "none" else f"protocol{protocol}"
+    path = MANIFESTS_DIR / f"{name}.json"
+    if not path.exists():
+        raise ValueError(f"unknown protocol {protocol!r}: no {path}; choose one of {', '.join(available())}")
+    data = json.loads(path.read_text())
+    entry = data["datasets"].get(dataset)
+    if entry is None:
+        raise ValueError(
+            f"protocol {protocol} has no {dataset} split (it covers {', '.join(data['datasets'])}); "
+            "use --protocol none to shard every sample into one split"
+        )
+    return DatasetProtocol(
+        protocol=data["name"],
+        dataset=dataset,
+        splits=entry["splits"],
+        angle_limit=data.get("angle_limit"),
+        detector=entry.get("detector", "gt"),
+        biwi_tracking=entry.get("biwi_tracking"),
+        expected=entry.get("expected", {}),
+        same_person=tuple(tuple(p) for p in entry.get("same_person", ())),
+    )
+
+
+def person_groups(groups: list[str], same_person) -> list[list[str]]:
+    """Group names clustered by person (BIWI: sequences showing the same person go together)."""
+    clusters, seen = [], set()
+    pairs = {g: pair for pair in same_person for g in pair}
+    for g in sorted(groups):
+        if g in seen:
+            continue
+        cluster = sorted(x for x in pairs.get(g, (g,)) if x in groups) or [g]
+        seen.update(cluster)
+        clusters.append(cluster)
+    return clusters
+
+
+def random_group_split(groups: list[str], same_person, seed: int, test_count: int) -> dict[str, list[str]]:
+    """FSA-Net-style random split by sequence, but seeded and keeping each person on one side."""
+    rng = np.random.default_rng(seed)
+    clusters = person_groups(groups, same_person)
+    order = rng.permutation(len(clusters))
+    test: list[str] = []
+    for i in order:
+        if len(test) + len(clusters[i]) <= test_count:
+            test.extend(clusters[i])
+    train = [g for g in groups if g not in test]
+    return {"train": sorted(train), "test": sorted(test)}
+
+
+def assign_splits(
+    proto: DatasetProtocol,
+    refs: list[SampleRef],
+    *,
+    split_seed: int | None = None,
+    split_file: str | Path | None = None,
+) -> dict[str, list[SampleRef]]:
+    """Split name -> refs in listing order. Refs in no split are left out (not read)."""
+    spec = dict(proto.splits)
+    if split_file is not None:
+        spec = json.loads(Path(split_file).read_text())
+        spec.setdefault("by", "group")
+        if spec["by"] not in ("group", "source", "key"):
+            raise ValueError(f"{split_file}: 'by' must be group, source or key, not {spec['by']!r}")
+    elif split_seed is not None:
+        if spec.get("by") != "group":
+            raise ValueError(f"--split-seed needs a protocol split by group; protocol {proto.protocol} splits {proto.dataset} as {spec}")
+        groups = sorted({r.group for r in refs})
+        test_count = len(spec["test"])
+        spec = {"by": "group", **random_group_split(groups, proto.same_person, split_seed, test_count)}
+
+    by = spec.pop("by", None)
+    out: dict[str, list[SampleRef]] = {}
+    if by is None:  # {"split": "all"}
+        (split, _), = spec.items()
+        out[split] = list(refs)
+        return out
+    field = {"group": "group", "source": "source", "key": "key"}[by]
+    lookup = {}
+    for split, members in spec.items():
+        for m in members:
+            if m in lookup:
+                raise ValueError(f"{m!r} is in both {lookup[m]!r} and {split!r}")
+            lookup[m] = split
+        out[split] = []
+    for r in refs:
+        split = lookup.get(getattr(r, field))
+        if split is not None:
+            out[split].append(r)
+    return out

@@ -1,0 +1,62 @@
+"""The data types that pass between pipeline stages: read raw -> box -> crop -> augment -> write shard."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+DATASETS = ("300w_lp", "aflw2000", "biwi")
+
+
+class SampleError(Exception):
+    """A sample that cannot be written. ``reason`` is a short stable code for the summary table;
+    the message names the file and says what is wrong (and, where it helps, what to do)."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+_KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
+
+
+def make_key(dataset: str, relative_stem: str) -> str:
+    """Stable sample key from the dataset name and the image path without extension.
+
+    webdataset cuts keys at the first dot and treats ``/`` as a folder, so both become ``_``.
+    Example: ``300w_lp`` + ``AFW_Flip/AFW_134212_1_0`` -> ``300w_lp_AFW_Flip_AFW_134212_1_0``.
+    """
+    return _KEY_UNSAFE.sub("_", f"{dataset}_{relative_stem}")
+
+
+@dataclass(frozen=True)
+class SampleRef:
+    """A raw sample found on disk, before anything is read (cheap to list, picklable)."""
+
+    dataset: str  # one of DATASETS
+    key: str  # stable id, no dots (see make_key)
+    source: str  # image path relative to --root, POSIX
+    group: str  # 300W-LP subset ("AFW_Flip"), BIWI sequence ("01"), AFLW2000: "AFLW2000"
+
+
+@dataclass
+class RawSample:
+    """One sample read from the raw files, labels converted to our convention (see labels.py)."""
+
+    ref: SampleRef
+    image: np.ndarray  # H x W x 3 uint8, RGB
+    yaw: float  # degrees
+    pitch: float
+    roll: float
+    rotation: np.ndarray  # 3x3, labels.rotation_from_euler(yaw, pitch, roll)
+    #: Ground-truth-derived face boxes in source pixels, name -> [x1, y1, x2, y2].
+    boxes: dict[str, list[float]] = field(default_factory=dict)
+    #: 68 facial landmarks (x, y) in source pixels where the dataset has them.
+    landmarks: np.ndarray | None = None
+    #: BIWI depth map aligned to the depth camera, H x W uint16 millimetres (0 = no reading).
+    depth: np.ndarray | None = None
+    #: JSON-able extras carried into the label record (e.g. ``pose_para``, ``head_center_mm``).
+    extra: dict[str, Any] = field(default_factory=dict)

@@ -1,0 +1,269 @@
+"""End-to-end builds on the generated sample tree: shard contents, counts, determinism, resume,
+protocols, verify."""
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import tarfile
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from dataprep import build as build_mod
+from dataprep import labels
+from dataprep.build import BuildError, BuildOptions, build
+from dataprep.cli import main as cli_main
+from dataprep.verify import verify
+
+
+def read_tar(path: Path) -> dict[str, dict[str, bytes]]:
+    """Plain tarfile, no dataprep code: key -> {extension: bytes}."""
+    samples: dict[str, dict[str, bytes]] = {}
+    with tarfile.open(path) as tar:
+        for m in tar.getmembers():
+            key, ext = m.name.split(".", 1)
+            samples.setdefault(key, {})[ext] = tar.extractfile(m).read()
+    return samples
+
+
+def all_records(out: Path) -> dict[str, dict]:
+    records = {}
+    for shard in sorted(out.glob("*.tar")):
+        for key, members in read_tar(shard).items():
+            records[key] = json.loads(members["json"])
+    return records
+
+
+def opts(root: Path, out: Path, dataset: str, **kw) -> BuildOptions:
+    kw.setdefault("progress", False)
+    kw.setdefault("shard_size", 4)
+    return BuildOptions(dataset=dataset, root=str(root), out=str(out), **kw)
+
+
+@pytest.fixture(scope="module")
+def aflw_build(sample_tree, tmp_path_factory):
+    out = tmp_path_factory.mktemp("aflw")
+    manifest = build(opts(sample_tree / "AFLW2000", out, "aflw2000"))
+    return out, manifest
+
+
+def test_aflw2000_protocol1_counts_and_filter(aflw_build, sample_tree):
+    out, manifest = aflw_build
+    expected = json.loads((sample_tree / "expected_labels.json").read_text())["aflw2000"]
+    counts = manifest["counts"]
+    assert counts["read"] == len(expected)
+    assert counts["read"] == counts["written"] + counts["rejected"]
+    out_of_range = [e["key"] for e in expected if not labels.angles_in_range(e["yaw"], e["pitch"], e["roll"], 99)]
+    assert out_of_range, "the sample tree must hold AFLW2000 samples outside [-99, 99]"
+    rejected = {r["key"]: r for r in manifest["rejected"]}
+    assert set(rejected) == set(out_of_range)
+    assert all(r["reason"] == "angle_out_of_range" and r["source"].endswith(".jpg") for r in rejected.values())
+    assert counts["per_split"]["test"]["written"] == len(expected) - len(out_of_range)
+
+
+def test_shard_records_hold_labels_boxes_and_crop(aflw_build, sample_tree):
+    out, _ = aflw_build
+    expected = {e["key"]: e for e in json.loads((sample_tree / "expected_labels.json").read_text())["aflw2000"]}
+    records = all_records(out)
+    assert records
+    for key, rec in records.items():
+        assert "." not in key
+        exp = expected[key]
+        for angle in ("yaw", "pitch", "roll"):
+            assert rec[angle] == pytest.approx(exp[angle], abs=1e-4)
+        assert np.allclose(labels.rotation_to_euler(rec["rotation"]), (rec["yaw"], rec["pitch"], rec["roll"]), atol=1e-6)
+        assert rec["dataset"] == "aflw2000" and rec["split"] == "test"
+        assert (sample_tree / "AFLW2000" / rec["source"]).exists()
+        assert {"gt", "pt2d"} <= set(rec["boxes"])
+        assert rec["box_source"] == "gt" and rec["box"] == rec["boxes"]["gt"]
+        # square padding: the crop window is square and contains the face box
+        x1, y1, x2, y2 = rec["crop"]
+        assert abs((x2 - x1) - (y2 - y1)) <= 1
+        b = rec["box"]
+        assert x1 <= b[0] + 1 and y1 <= b[1] + 1 and x2 >= b[2] - 1 and y2 >= b[3] - 1
+        # placeholder points (x=-1, y=452) never reach the ground-truth box
+        assert b[0] >= 0 and b[3] <= 450
+
+
+def test_members_decode_with_plain_tools(aflw_build):
+    out, manifest = aflw_build
+    for shard in manifest["shards"]:
+        for key, members in read_tar(out / shard["name"]).items():
+            assert set(members) >= {"jpg", "json", "pts.npy"}
+            img = cv2.imdecode(np.frombuffer(members["jpg"], np.uint8), cv2.IMREAD_COLOR)
+            assert img.shape == (224, 224, 3)
+            pts = np.load(io.BytesIO(members["pts.npy"]), allow_pickle=False)
+            assert pts.shape == (68, 2)
+    info = json.loads((out / "_info.json").read_text())
+    test = info["splits"]["test"]
+    assert test["filenames"] == [s["name"] for s in manifest["shards"]]
+    assert test["num_samples"] == sum(test["shard_lengths"]) == manifest["counts"]["written"]
+
+
+def test_webdataset_reads_shards_without_dataprep(aflw_build):
+    import webdataset as wds
+
+    out, manifest = aflw_build
+    urls = [str(out / s["name"]) for s in manifest["shards"]]
+    n = 0
+    for sample in wds.WebDataset(urls, shardshuffle=False).decode("rgb"):
+        assert sample["jpg"].shape == (224, 224, 3)
+        assert "yaw" in sample["json"]
+        n += 1
+    assert n == manifest["counts"]["samples_in_shards"]
+
+
+def test_build_is_deterministic(sample_tree, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    build(opts(sample_tree / "300W_LP", a, "300w_lp", jobs=2))
+    build(opts(sample_tree / "300W_LP", b, "300w_lp", jobs=1, crop_size=224))
+    names = sorted(p.name for p in a.glob("*.tar"))
+    assert names and names == sorted(p.name for p in b.glob("*.tar"))
+    for name in names:
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    ma = json.loads((a / "manifest.json").read_text())
+    mb = json.loads((b / "manifest.json").read_text())
+    assert [s["sha256"] for s in ma["shards"]] == [s["sha256"] for s in mb["shards"]]
+
+
+def test_300w_lp_subsets_and_hopenet_rule(sample_tree, tmp_path):
+    manifest = build(opts(sample_tree / "300W_LP", tmp_path, "300w_lp", crop_rule="hopenet"))
+    records = all_records(tmp_path)
+    groups = {r["group"] for r in records.values()}
+    assert groups == {"AFW", "HELEN", "IBUG", "LFPW", "AFW_Flip", "HELEN_Flip", "IBUG_Flip", "LFPW_Flip"}
+    assert not any("landmarks" in r["source"] or "Code" in r["source"] for r in records.values())
+    assert manifest["counts"]["rejected"] == 0
+    for rec in records.values():
+        assert rec["box_source"] == "pt2d" and rec["crop_rule"] == "hopenet"
+        x1, y1, x2, y2 = rec["crop"]
+        b = rec["box"]
+        # Hopenet's loose crop reaches 2k (k >= 0.2) of the box height above it
+        assert y1 <= b[1] - 0.4 * (b[3] - b[1]) + 1
+
+
+def test_resume_after_interrupt_is_byte_identical(sample_tree, tmp_path, monkeypatch):
+    root = sample_tree / "300W_LP"
+    reference = tmp_path / "reference"
+    build(opts(root, reference, "300w_lp", shard_size=3))
+
+    out = tmp_path / "interrupted"
+    real_run_shard = build_mod.run_shard
+    calls = []
+
+    def dying_run_shard(task, *args):
+        calls.append(task.name)
+        if len(calls) == 3:
+            raise KeyboardInterrupt("simulated kill")
+        return real_run_shard(task, *args)
+
+    monkeypatch.setattr(build_mod, "run_shard", dying_run_shard)
+    with pytest.raises(KeyboardInterrupt):
+        build(opts(root, out, "300w_lp", shard_size=3))
+    assert not (out / "manifest.json").exists()
+    assert not list(out.glob("*.tmp"))
+    finished = sorted(p.name for p in out.glob("*.tar"))
+    assert len(finished) == 2
+
+    calls.clear()
+    monkeypatch.setattr(build_mod, "run_shard", lambda task, *a: calls.append(task.name) or real_run_shard(task, *a))
+    build(opts(root, out, "300w_lp", shard_size=3))
+    assert not set(calls) & set(finished), "finished shards must not be redone"
+    names = sorted(p.name for p in reference.glob("*.tar"))
+    assert names == sorted(p.name for p in out.glob("*.tar"))
+    for name in names:
+        assert (reference / name).read_bytes() == (out / name).read_bytes()
+    assert verify(str(out)).ok
+
+
+def test_other_options_refuse_to_mix_into_a_build(aflw_build, tmp_path, sample_tree):
+    out = tmp_path / "o"
+    build(opts(sample_tree / "AFLW2000", out, "aflw2000"))
+    with pytest.raises(BuildError, match="--overwrite"):
+        build(opts(sample_tree / "AFLW2000", out, "aflw2000", crop_size=112))
+    manifest = build(opts(sample_tree / "AFLW2000", out, "aflw2000", crop_size=112, overwrite=True))
+    assert manifest["settings"]["crop_size"] == 112
+
+
+def test_biwi_protocol2_split_by_sequence_with_depth(sample_tree, tmp_path):
+    manifest = build(opts(sample_tree / "hpdb", tmp_path, "biwi", protocol="2", detector="gt"))
+    records = all_records(tmp_path)
+    train = {r["group"] for r in records.values() if r["split"] == "train"}
+    test = {r["group"] for r in records.values() if r["split"] == "test"}
+    assert len(train) == 16 and len(test) == 8 and not train & test
+    for a, b in (("02", "21"), ("03", "15"), ("05", "18"), ("07", "22")):
+        assert ({a, b} <= train) or ({a, b} <= test)
+    shard = next(tmp_path.glob("train-*.tar"))
+    members = next(iter(read_tar(shard).values()))
+    depth = cv2.imdecode(np.frombuffer(members["depth.png"], np.uint8), cv2.IMREAD_UNCHANGED)
+    assert depth.dtype == np.uint16 and depth.shape == (224, 224) and depth.max() > 0
+    assert manifest["counts"]["read"] == manifest["counts"]["written"] + manifest["counts"]["rejected"]
+
+
+def test_split_seed_keeps_people_together(sample_tree, tmp_path):
+    build(opts(sample_tree / "hpdb", tmp_path, "biwi", protocol="2", detector="gt", split_seed=7))
+    records = all_records(tmp_path)
+    test = {r["group"] for r in records.values() if r["split"] == "test"}
+    assert len(test) == 8
+    for a, b in (("02", "21"), ("03", "15"), ("05", "18"), ("07", "22")):
+        assert (a in test) == (b in test)
+
+
+def test_split_file(sample_tree, tmp_path):
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps({"by": "group", "train": ["01", "02"], "test": ["03"]}))
+    build(opts(sample_tree / "hpdb", tmp_path / "o", "biwi", protocol="2", detector="gt", split_file=str(split)))
+    groups = {(r["split"], r["group"]) for r in all_records(tmp_path / "o").values()}
+    assert groups == {("train", "01"), ("train", "02"), ("test", "03")}
+
+
+def test_bad_inputs_are_rejected_and_the_build_goes_on(sample_tree, tmp_path):
+    root = tmp_path / "AFLW2000"
+    shutil.copytree(sample_tree / "AFLW2000", root)
+    mats = sorted(root.glob("*.mat"))
+    mats[0].write_bytes(b"this is not a MAT file")
+    mats[1].unlink()
+    jpgs = sorted(root.glob("*.jpg"))
+    jpgs[2].write_bytes(jpgs[2].read_bytes()[:100])
+    manifest = build(opts(root, tmp_path / "out", "aflw2000"))
+    rejected = {r["source"]: r for r in manifest["rejected"]}
+    assert rejected[mats[0].with_suffix(".jpg").name]["reason"] == "corrupt_mat"
+    assert rejected[mats[1].with_suffix(".jpg").name]["reason"] == "missing_mat"
+    assert rejected[jpgs[2].name]["reason"] == "unreadable_image"
+    for src in (mats[0].name, mats[1].name, jpgs[2].name):
+        assert any(src in r["message"] for r in manifest["rejected"]), src
+    c = manifest["counts"]
+    assert c["read"] == c["written"] + c["rejected"]
+
+
+def test_verify_detects_tampering(aflw_build, tmp_path, capsys):
+    out, manifest = aflw_build
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    assert cli_main(["verify", str(copy)]) == 0
+    shard = copy / manifest["shards"][0]["name"]
+    data = bytearray(shard.read_bytes())
+    data[700] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    assert cli_main(["verify", str(copy)]) == 1
+    assert manifest["shards"][0]["name"] in capsys.readouterr().err
+
+
+def test_cli_build_prints_summary(sample_tree, tmp_path, capsys):
+    rc = cli_main(["build", "--dataset", "aflw2000", "--root", str(sample_tree / "AFLW2000"), "--out", str(tmp_path),
+                   "--no-progress", "--strict"])
+    text = capsys.readouterr().out
+    assert rc == 3  # --strict: the protocol filter rejected samples
+    assert "angle_out_of_range" in text and "read" in text and "written" in text
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["command"].startswith("dataprep")
+    assert manifest["input"]["fingerprint"]
+
+
+def test_cli_errors_say_what_to_do(tmp_path, capsys):
+    assert cli_main(["build", "--dataset", "aflw2000", "--root", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
+    assert "--root" in capsys.readouterr().err
+    assert cli_main(["build", "--dataset", "aflw2000", "--protocol", "2", "--root", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert "protocol 2 has no aflw2000" in capsys.readouterr().err

@@ -1,0 +1,351 @@
+"""Face-detection layer: real MTCNN on real face pixels, RetinaFace loading/batching with random
+weights (no downloads), the JSON detection cache and the BIWI tracking rules."""
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+
+from dataprep.detectors import (
+    Detection,
+    DetectionCache,
+    Detector,
+    DetectorWeightsError,
+    create_detector,
+    detect_with_cache,
+    image_key_from_pixels,
+    select_face,
+    track_sequence,
+)
+
+torch.set_num_threads(1)
+
+
+# --------------------------------------------------------------------------------------------- helpers
+def det(cx: float, cy: float, score: float = 0.99, size: float = 100.0) -> Detection:
+    h = size / 2
+    return Detection(box=(cx - h, cy - h, cx + h, cy + h), score=score)
+
+
+class FakeDetector(Detector):
+    """One face per image whose x position is the image's mean pixel value; records each batch."""
+
+    name = "fake"
+
+    def __init__(self, fingerprint: str = "f" * 64, batch_size: int = 16):
+        self.fingerprint = fingerprint
+        self.batch_size = batch_size
+        self.batches: list[tuple[int, ...]] = []
+
+    def _detect_batch(self, batch):
+        self.batches.append(batch.shape)
+        return [[det(float(img.mean()), 50.0, 0.5), det(float(img.mean()), 10.0, 0.9)] for img in batch]
+
+
+def test_detection_json_roundtrip():
+    d = Detection(box=np.array([1.5, 2, 3, 4], dtype=np.float32), score=np.float32(0.75), landmarks=np.ones((5, 2)))
+    assert isinstance(d.box[0], float) and isinstance(d.score, float)
+    again = Detection.from_json(json.loads(json.dumps(d.to_json())))
+    assert again == d and hash(again) == hash(d)
+    assert Detection.from_json(Detection((0, 0, 1, 1), 0.5).to_json()).landmarks is None
+
+
+def test_detect_groups_by_size_and_batches():
+    fake = FakeDetector(batch_size=2)
+    images = [np.full((10, 20, 3), i, np.uint8) for i in range(3)] + [np.full((8, 8, 3), 7, np.uint8)]
+    images.insert(1, np.full((8, 8, 3), 9, np.uint8))
+    out = fake.detect(images)
+    assert [faces[0].center[0] for faces in out] == [0, 9, 1, 2, 7]  # order kept
+    assert all(faces[0].score == 0.9 for faces in out)  # most confident first
+    assert sorted(fake.batches) == sorted([(2, 10, 20, 3), (1, 10, 20, 3), (2, 8, 8, 3)])
+    with pytest.raises(ValueError, match="uint8"):
+        fake.detect([np.zeros((4, 4, 3), np.float32)])
+    assert fake.detect([]) == []
+
+
+# --------------------------------------------------------------------------------------------- MTCNN
+@pytest.fixture(scope="module")
+def mtcnn():
+    return create_detector("mtcnn", device="cpu", batch_size=8)
+
+
+def test_mtcnn_finds_astronaut_face(mtcnn):
+    from skimage.data import astronaut
+
+    image = astronaut()
+    (faces,) = mtcnn.detect([image])
+    confident = [f for f in faces if f.score > 0.95]
+    assert len(confident) == 1
+    x1, y1, x2, y2 = confident[0].box
+    assert 165 < x1 < 200 and 250 < x2 < 285 and 45 < y1 < 80 and 160 < y2 < 190
+    assert confident[0].landmarks is not None and len(confident[0].landmarks) == 5
+    assert mtcnn.name == "mtcnn" and len(mtcnn.fingerprint) == 64
+
+
+def test_mtcnn_batch_of_shifted_copies(mtcnn):
+    from skimage.data import astronaut
+
+    image = astronaut()
+    shifts = [0, 30, 60, 90, 120]
+    images = [np.roll(image, s, axis=1) for s in shifts]
+    calls = []
+    original = mtcnn._mtcnn.detect
+
+    def spy(img, landmarks=False):
+        calls.append(np.shape(img))
+        return original(img, landmarks=landmarks)
+
+    mtcnn._mtcnn.detect = spy
+    try:
+        out = mtcnn.detect(images)
+    finally:
+        del mtcnn._mtcnn.detect
+    assert calls == [(5, 512, 512, 3)]  # the whole batch in one MTCNN call
+    for s, faces in zip(shifts, out):
+        confident = [f for f in faces if f.score > 0.95]
+        assert len(confident) == 1, (s, faces)
+        cx, cy = confident[0].center
+        assert abs(cx - (225 + s)) < 15 and abs(cy - 117) < 15
+
+
+def test_mtcnn_fingerprint_tracks_options(mtcnn):
+    other = create_detector("mtcnn", device="cpu", min_score=0.9)
+    same = create_detector("mtcnn", device="cpu", batch_size=1)
+    assert other.fingerprint != mtcnn.fingerprint
+    assert same.fingerprint == mtcnn.fingerprint  # batch size does not change outputs
+
+
+# --------------------------------------------------------------------------------------------- RetinaFace
+@pytest.fixture(scope="module")
+def retina_files(tmp_path_factory):
+    from dataprep.detectors.retinaface import RetinaFaceNet
+
+    root = tmp_path_factory.mktemp("retina")
+    torch.manual_seed(0)
+    net = RetinaFaceNet()
+    state = net.state_dict()  # the released file's layout: the bare network's keys
+    assert "body.conv1.weight" in state and "LandmarkHead.2.conv1x1.bias" in state
+    pth = root / "retinaface_resnet50_2020-07-20.pth"
+    torch.save(state, pth)
+    zpath = root / "retinaface_resnet50_2020-07-20-f168fae3c.zip"
+    with zipfile.ZipFile(zpath, "w", compression=zipfile.ZIP_STORED) as zf:
+        zf.write(pth, arcname="retinaface_resnet50_2020-07-20.pth")
+    state["ClassHead.0.conv1x1.bias"] = state["ClassHead.0.conv1x1.bias"] + 1.0
+    other = root / "other.pth"
+    # Wrapped, prefixed and without BatchNorm's num_batches_tracked (older torch): still loads.
+    wrapped = {f"model.{k}": v for k, v in state.items() if not k.endswith("num_batches_tracked")}
+    torch.save({"state_dict": wrapped}, other)
+    return {"pth": pth, "zip": zpath, "other": other}
+
+
+@pytest.fixture
+def empty_hub(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "_hub_dir", getattr(torch.hub, "_hub_dir", None))  # restored afterwards
+    torch.hub.set_dir(str(tmp_path / "hub"))
+    return tmp_path / "hub"
+
+
+def test_retinaface_loads_pth_and_zip_and_detects(retina_files):
+    a = create_detector("retinaface", retinaface_weights=retina_files["pth"], device="cpu", min_score=0.0, max_size=128)
+    b = create_detector("retinaface", retinaface_weights=retina_files["zip"], device="cpu", min_score=0.0, max_size=128)
+    assert a.name == b.name == "retinaface"
+    assert a.fingerprint == b.fingerprint  # same weights bytes (the zip's .pth) -> same cache key
+    for pa, pb in zip(a.net.state_dict().values(), b.net.state_dict().values()):
+        assert torch.equal(pa, pb)
+
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (96, 80, 3), dtype=np.uint8) for _ in range(3)]
+    images.append(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    calls = []
+    forward = a.net.forward
+    a.net.forward = lambda x: (calls.append(tuple(x.shape)), forward(x))[1]
+    out = a.detect(images)
+    assert sorted(calls) == [(1, 3, 128, 128), (3, 3, 128, 107)]  # one forward per size group
+    assert len(out) == 4
+    for faces in out:
+        assert isinstance(faces, list)
+        for f in faces:
+            assert isinstance(f, Detection) and len(f.box) == 4 and 0.0 <= f.score <= 1.0
+            assert f.landmarks is not None and len(f.landmarks) == 5
+        assert [f.score for f in faces] == sorted((f.score for f in faces), reverse=True)
+    # Batching does not mix images: the same image alone gives the same faces.
+    alone = a.detect([images[1]])[0]
+    assert len(alone) == len(out[1])
+    for x, y in zip(alone, out[1]):
+        assert np.allclose(x.box, y.box, atol=1e-2) and abs(x.score - y.score) < 1e-4
+
+
+def test_retinaface_fingerprint_changes_with_file_and_unwraps_prefixes(retina_files):
+    a = create_detector("retinaface", retinaface_weights=retina_files["pth"], device="cpu")
+    c = create_detector("retinaface", retinaface_weights=retina_files["other"], device="cpu")
+    assert a.fingerprint != c.fingerprint
+    assert torch.equal(c.net.state_dict()["ClassHead.0.conv1x1.bias"], a.net.state_dict()["ClassHead.0.conv1x1.bias"] + 1)
+    d = create_detector("retinaface", retinaface_weights=retina_files["pth"], device="cpu", min_score=0.5)
+    assert d.fingerprint != a.fingerprint  # thresholds are part of the key
+
+
+def test_retinaface_decoding_maps_priors_to_source_pixels(retina_files):
+    """Scripted network output: zero offsets at one prior -> that prior box in source pixels."""
+    from dataprep.detectors.retinaface import MIN_SIZES, STEPS
+
+    rf = create_detector("retinaface", retinaface_weights=retina_files["pth"], device="cpu", max_size=64)
+    h, w = 100, 50  # resized to 64 x 32 (non-square: checks x and y scale separately)
+    n_priors = sum((-(-64 // s)) * (-(-32 // s)) * len(m) for s, m in zip(STEPS, MIN_SIZES))
+    # prior index of stride 8, row 3, col 2, the 32 px anchor: ((3 * 4) + 2) * 2 + 1
+    k = (3 * 4 + 2) * 2 + 1
+
+    class Scripted(torch.nn.Module):
+        def forward(self, x):
+            b = x.shape[0]
+            conf = torch.zeros(b, n_priors, 2)
+            conf[:, :, 0] = 10.0
+            conf[:, k] = torch.tensor([-10.0, 10.0])
+            return torch.zeros(b, n_priors, 4), conf, torch.zeros(b, n_priors, 10)
+
+    rf.net = Scripted()
+    (faces,) = rf.detect([np.zeros((h, w, 3), np.uint8)])
+    assert len(faces) == 1
+    cx, cy = (2 + 0.5) * 8 / 32 * w, (3 + 0.5) * 8 / 64 * h  # prior centre, normalised -> source
+    bw, bh = 32 / 32 * w, 32 / 64 * h
+    assert np.allclose(faces[0].box, (cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2), atol=1e-3)
+    assert np.allclose(faces[0].landmarks, [(cx, cy)] * 5, atol=1e-3)
+
+
+def test_retinaface_weights_from_hub_cache(retina_files, empty_hub):
+    checkpoints = empty_hub / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    target = checkpoints / "retinaface_resnet50_2020-07-20-f168fae3c.zip"
+    try:
+        os.link(retina_files["zip"], target)
+    except OSError:
+        target.write_bytes(retina_files["zip"].read_bytes())
+    rf = create_detector("retinaface", device="cpu")
+    assert rf.weights_path == target
+
+
+def test_retinaface_missing_weights_error(empty_hub, tmp_path):
+    with pytest.raises(DetectorWeightsError, match="--retinaface-weights") as info:
+        create_detector("retinaface", device="cpu")
+    assert "retinaface_resnet50_2020-07-20" in str(info.value) and "https://" in str(info.value)
+    assert isinstance(info.value, RuntimeError)
+    with pytest.raises(DetectorWeightsError, match="--retinaface-weights"):
+        create_detector("retinaface", device="cpu", retinaface_weights=tmp_path / "nope.pth")
+    bad = tmp_path / "bad.pth"
+    torch.save({"foo": torch.zeros(1)}, bad)
+    with pytest.raises(DetectorWeightsError, match="does not fit"):
+        create_detector("retinaface", device="cpu", retinaface_weights=bad)
+    with pytest.raises(ValueError, match="unknown detector"):
+        create_detector("dlib")
+
+
+# --------------------------------------------------------------------------------------------- cache
+def test_cache_skips_detector_on_hits(tmp_path):
+    cache = DetectionCache(tmp_path / "cache")
+    fake = FakeDetector()
+    calls = []
+    detect = fake.detect
+    fake.detect = lambda images: (calls.append(len(images)), detect(images))[1]
+    images = [np.full((4, 4, 3), v, np.uint8) for v in (1, 2, 3)]
+    keys = [image_key_from_pixels(im) for im in images]
+
+    first = detect_with_cache(fake, images, keys, cache)
+    assert calls == [3] and len(fake.batches) == 1  # misses batched into one call
+    second = detect_with_cache(fake, images, keys, cache)
+    assert calls == [3] and second == first  # no detector run
+
+    extra = np.full((4, 4, 3), 9, np.uint8)
+    third = detect_with_cache(fake, [images[0], extra, extra], [keys[0], "k-extra", "k-extra"], cache)
+    assert calls == [3, 1] and third[1] == third[2] and third[0] == first[0]
+
+    other = FakeDetector(fingerprint="0" * 64)
+    assert cache.get(keys[0], other.fingerprint) is None  # keys separate by fingerprint
+    detect_with_cache(other, images[:1], keys[:1], cache)
+    assert len(other.batches) == 1
+
+    files = sorted(p for p in (tmp_path / "cache").rglob("*") if p.is_file())
+    assert len(files) == 5 and all(p.suffix == ".json" for p in files)
+    for p in files:
+        data = json.loads(p.read_text())
+        assert set(data) == {"version", "fingerprint", "image_key", "detections"}
+        assert p.parent.name == p.stem[:2]
+    assert not list((tmp_path / "cache").rglob("*.tmp"))
+
+
+def test_cache_empty_result_and_corrupt_file(tmp_path):
+    cache = DetectionCache(tmp_path)
+    path = cache.put("ab" * 32, "fp", [])
+    assert cache.get("ab" * 32, "fp") == []  # "no face" is a hit, not a miss
+    assert path.name == "ab" * 32 + ".json" and path.parent.name == "ab"
+    path.write_text("{trunc")
+    assert cache.get("ab" * 32, "fp") is None
+    faces = [det(1, 2, 0.3), Detection((0, 0, 1, 1), 0.9, landmarks=[(0, 0)] * 5)]
+    cache.put("ab" * 32, "fp", faces)
+    assert cache.get("ab" * 32, "fp") == faces
+
+
+# --------------------------------------------------------------------------------------------- tracking
+W, H = 640, 480
+AX, AY = 427, 320  # integer point next to (2W/3, 2H/3) = (426.7, 320): exact distances below
+
+
+def test_select_face_prefers_overlapping_confident_face():
+    far = det(500, 400, 0.99)
+    near_low = det(100, 100, 0.6)
+    near_high = det(120, 110, 0.8)
+    assert select_face([far, near_low, near_high], reference_box=(50, 50, 150, 150)) == near_high
+    assert select_face([far, near_low, near_high]) == far
+    assert select_face([far], reference_box=(0, 0, 100, 100)) is None
+    assert select_face([near_low, near_high], min_score=0.9) is None
+    assert select_face([]) is None
+
+
+def test_track_none_mode_rules():
+    frames = [
+        [det(AX, AY, 0.99)],  # accepted
+        [],  # no face
+        [det(AX + 50, AY, 0.89), det(AX + 1, AY, 0.95)],  # low score ignored
+        [det(AX + 80, AY, 0.99)],  # 79 px from the last accepted (AX + 1): kept
+        [det(AX + 80 + 80, AY, 0.99)],  # exactly 80 px: jump
+        [det(AX + 80 + 48, AY + 64, 0.99)],  # 80 px diagonally (48, 64): jump
+        [det(AX + 80 + 47, AY + 64, 0.99)],  # 79.4 px: kept
+        [det(AX + 500, AY, 0.99)],  # the only face, far away: jump
+        [det(AX + 100, AY, 0.999), det(100, 100, 0.999)],  # several: nearest to (2W/3, 2H/3) wins
+        [det(AX, AY, 0.90)],  # score must be > 0.90
+    ]
+    res = track_sequence(frames, image_size=(W, H), mode="none")
+    assert [r.rejected for r in res] == [None, "no_face", None, None, "box_jump", "box_jump", None, "box_jump", None, "no_face"]
+    assert not any(r.reused for r in res)
+    assert res[2].box == det(AX + 1, AY).box and res[2].score == 0.95
+    assert res[3].box == det(AX + 80, AY).box
+    assert res[8].box == det(AX + 100, AY).box
+    assert res[1].box is None and res[1].score is None and not res[1].accepted
+
+
+def test_track_previous_mode_reuses_last_accepted_box():
+    frames = [
+        [det(AX, AY, 0.99)],  # first frame missing below -> this one is the first accepted
+        [],  # no face -> reuse
+        [det(AX + 80, AY, 0.99)],  # jump -> reuse
+        [det(AX + 10, AY, 0.94)],  # below 0.95 -> reuse
+        [det(AX + 79, AY, 0.97)],  # 79 px: accepted
+    ]
+    res = track_sequence([[]] + frames, image_size=(W, H), mode="previous")
+    assert res[0].rejected == "no_face" and res[0].box is None  # nothing to reuse yet
+    first = res[1]
+    assert first.accepted and not first.reused and first.score == 0.99
+    for r in res[2:5]:
+        assert r.accepted and r.reused and r.box == first.box and r.score == 0.99
+    assert res[5].accepted and not res[5].reused and res[5].box == det(AX + 79, AY).box
+
+    # A jump before anything was accepted cannot happen (no previous); a first-frame miss is rejected.
+    res = track_sequence([[det(AX, AY, 0.9)], [det(AX, AY, 0.96)]], mode="previous")
+    assert [r.rejected for r in res] == ["no_face", None]
+    # Thresholds are parameters.
+    res = track_sequence([[det(AX, AY, 0.9)], [det(AX + 30, AY)]], mode="none", min_score=0.5, max_jump=20)
+    assert [r.rejected for r in res] == [None, "box_jump"]
+    with pytest.raises(ValueError):
+        track_sequence([], mode="kalman")
