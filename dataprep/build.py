@@ -8,11 +8,12 @@ import os
 import posixpath
 import sys
 from collections import Counter
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import fsspec
-from joblib import Parallel, delayed
+from joblib import Parallel, delayed, parallel_config
 from tqdm.auto import tqdm
 
 from . import __version__, protocols
@@ -47,6 +48,7 @@ class BuildOptions:
     augment: tuple[str, ...] = ()
     jobs: int = 1
     backend: str = "loky"
+    scheduler: str | None = None  # dask scheduler / ray cluster address
     device: str = "auto"
     batch_size: int = 16
     retinaface_weights: str | None = None
@@ -115,20 +117,39 @@ def _check_out_dir(fs, base: str, fingerprint: str, overwrite: bool) -> None:
                 fs.rm(path, recursive=True)
 
 
+@contextmanager
 def _parallel(opts: BuildOptions):
+    """A joblib ``Parallel`` on the chosen backend. ``dask`` and ``ray`` run the same per-shard
+    function on a cluster (``--scheduler ADDRESS``) or, without one, on a local cluster of
+    ``--jobs`` single-threaded workers."""
+    jobs = cpu_count() if opts.jobs in (0, -1) else opts.jobs
     if opts.backend == "dask":
         try:
-            from dask.distributed import Client  # noqa: F401
+            from dask.distributed import Client, LocalCluster
         except ImportError as err:
             raise BuildError("--backend dask needs the dask extra: pip install 'headpose-dataprep[dask]'") from err
+        if opts.scheduler:
+            client = Client(opts.scheduler)
+        else:
+            client = Client(LocalCluster(n_workers=jobs, threads_per_worker=1, processes=True, dashboard_address=None))
+        try:
+            with parallel_config(backend="dask"):
+                yield Parallel(n_jobs=jobs, return_as="generator")
+        finally:
+            client.close()
+        return
     if opts.backend == "ray":
         try:
+            import ray
             from ray.util.joblib import register_ray
-
-            register_ray()
         except ImportError as err:
             raise BuildError("--backend ray needs the ray extra: pip install 'headpose-dataprep[ray]'") from err
-    return Parallel(n_jobs=opts.jobs, backend=opts.backend, return_as="generator")
+        ray.init(address=opts.scheduler, ignore_reinit_error=True)
+        register_ray()
+        with parallel_config(backend="ray"):
+            yield Parallel(n_jobs=jobs, return_as="generator")
+        return
+    yield Parallel(n_jobs=jobs, backend=opts.backend, return_as="generator")
 
 
 def resolve_settings(opts: BuildOptions, proto: protocols.DatasetProtocol, assignment: dict) -> Settings:
@@ -193,16 +214,20 @@ def build(opts: BuildOptions) -> dict:
     bar = tqdm(total=total, unit="sample", desc=f"build {opts.dataset}", disable=not opts.progress,
                initial=sum(len(t.refs) for t in tasks if t.name in done))
     try:
-        if opts.jobs == 1 and opts.backend == "loky":
-            outputs = (run_shard(t, settings, str(root), opts.out) for t in pending)
-        else:
-            outputs = _parallel(opts)(delayed(run_shard)(t, settings, str(root), opts.out) for t in pending)
-        for result in outputs:
-            results[result["name"]] = result
-            bar.update(result["read"])
+        with ExitStack() as stack:
+            if opts.jobs == 1 and opts.backend == "loky":
+                outputs = (run_shard(t, settings, str(root), opts.out) for t in pending)
+            else:
+                parallel = stack.enter_context(_parallel(opts))
+                outputs = parallel(delayed(run_shard)(t, settings, str(root), opts.out) for t in pending)
+            for result in outputs:
+                results[result["name"]] = result
+                bar.update(result["read"])
     finally:
         bar.close()
 
+    for leftover in fs.glob(posixpath.join(base, "*.tmp")):  # from a run killed mid-shard
+        fs.rm(leftover)
     ordered = [results[t.name] for t in tasks]
     manifest = make_manifest(opts, settings, proto, root, refs, ordered, fingerprint)
     with fs.open(posixpath.join(base, MANIFEST), "wb") as f:

@@ -36,6 +36,7 @@ def _add_build(sub) -> None:
     p.add_argument("--jobs", "-j", type=int, default=1, help="parallel workers (-1: all cores)")
     p.add_argument("--backend", default="loky", choices=("loky", "threading", "multiprocessing", "dask", "ray"),
                    help="joblib backend; dask and ray spread a build over a cluster")
+    p.add_argument("--scheduler", default=None, help="dask scheduler or ray cluster address (default: a local cluster of --jobs workers)")
     p.add_argument("--device", default="auto", help="detector device: auto, cpu, cuda, cuda:1 ...")
     p.add_argument("--batch-size", type=int, default=16, help="detector batch size")
     p.add_argument("--retinaface-weights", default=None, help="retinaface_resnet50_2020-07-20 file (.zip or .pth)")
@@ -53,7 +54,7 @@ def cmd_build(args) -> int:
         biwi_tracking=args.biwi_tracking, crop_rule=args.crop_rule, margin=args.margin, crop_size=args.crop_size,
         jpeg_quality=args.jpeg_quality, shard_size=args.shard_size, seed=args.seed, split_seed=args.split_seed,
         split_file=args.split_file, augment=tuple(a for a in args.augment.split(",") if a), jobs=args.jobs,
-        backend=args.backend, device=args.device, batch_size=args.batch_size,
+        backend=args.backend, scheduler=args.scheduler, device=args.device, batch_size=args.batch_size,
         retinaface_weights=args.retinaface_weights, cache_dir=args.cache_dir, overwrite=args.overwrite,
         strict=args.strict, progress=not args.no_progress,
     )

@@ -178,7 +178,8 @@ class _TarSamples(PipelineStage):
 
 
 class _Shuffle(PipelineStage):
-    """Buffer shuffle seeded from ``(seed, epoch, rank, worker)``."""
+    """Buffer shuffle seeded from ``(seed, epoch, rank, worker)``: the buffer grows to ``shuffle``
+    samples; yielding starts once it holds ``min(100, shuffle)`` (quick start, as webdataset)."""
 
     def __init__(self, state: _State):
         self.state = state
@@ -190,16 +191,15 @@ class _Shuffle(PipelineStage):
             return
         rank, _, worker, _ = _worker()
         rng = np.random.default_rng([st.seed, st.epoch, rank, worker, 2])
+        initial = min(100, st.shuffle)
         buf: list = []
         for sample in src:
-            if len(buf) < st.shuffle:
-                buf.append(sample)
-                continue
-            i = int(rng.integers(len(buf)))
-            buf[i], sample = sample, buf[i]
-            yield sample
-        order = rng.permutation(len(buf))
-        for i in order:
+            buf.append(sample)
+            if len(buf) > st.shuffle or (len(buf) > initial and rng.random() < 0.5):
+                i = int(rng.integers(len(buf)))
+                buf[i], buf[-1] = buf[-1], buf[i]
+                yield buf.pop()
+        for i in rng.permutation(len(buf)):
             yield buf[i]
 
 

@@ -326,10 +326,14 @@ def _depth_map(rng: np.random.Generator, t: np.ndarray, cal: biwi.Calibration) -
     return np.rint(depth).astype(np.uint16)
 
 
-def _write_biwi(root: Path, rng: np.random.Generator, frames: int) -> list[dict[str, Any]]:
+def _write_biwi(root: Path, seed_seq: np.random.SeedSequence, frames: int) -> list[dict[str, Any]]:
+    """Each sequence and each frame draws from its own child seed, so a tree with fewer frames per
+    sequence holds byte-identical copies of the first frames of a bigger one."""
     root.mkdir(parents=True, exist_ok=True)
     expected = []
-    for seq in BIWI_SEQUENCES:
+    for seq, seq_seed in zip(BIWI_SEQUENCES, seed_seq.spawn(len(BIWI_SEQUENCES))):
+        children = seq_seed.spawn(1 + frames)
+        rng = np.random.default_rng(children[0])
         d = root / seq
         d.mkdir(exist_ok=True)
         (root / f"{seq}.obj").write_text(_OBJ)
@@ -342,6 +346,7 @@ def _write_biwi(root: Path, rng: np.random.Generator, frames: int) -> list[dict[
         rgb_cal = biwi.parse_cal_text(rgb_text)
         depth_cal = biwi.parse_cal_text(depth_text)
         for k in range(frames):
+            rng = np.random.default_rng(children[1 + k])
             frame = f"frame_{BIWI_FIRST_FRAME + k:05d}"
             yaw, pitch, roll = rng.uniform(-60, 60), rng.uniform(-40, 40), rng.uniform(-30, 30)
             u, v, z = rng.uniform(270, 390), rng.uniform(215, 290), rng.uniform(820, 1050)
@@ -392,7 +397,7 @@ def write_sample_tree(out: Path, seed: int = 0, biwi_frames_per_sequence: int = 
     expected = {
         w300lp_reader.NAME: _write_300wlp(out / w300lp_reader.DEFAULT_ROOT_NAME, np.random.default_rng(seeds[0])),
         aflw_reader.NAME: _write_aflw2000(out / aflw_reader.DEFAULT_ROOT_NAME, np.random.default_rng(seeds[1])),
-        biwi.NAME: _write_biwi(out / biwi.DEFAULT_ROOT_NAME, np.random.default_rng(seeds[2]),
+        biwi.NAME: _write_biwi(out / biwi.DEFAULT_ROOT_NAME, seeds[2],
                                int(biwi_frames_per_sequence)),
     }
     (out / "expected_labels.json").write_text(json.dumps(expected, indent=1, sort_keys=True) + "\n")

@@ -84,8 +84,23 @@ def test_shard_records_hold_labels_boxes_and_crop(aflw_build, sample_tree):
         assert abs((x2 - x1) - (y2 - y1)) <= 1
         b = rec["box"]
         assert x1 <= b[0] + 1 and y1 <= b[1] + 1 and x2 >= b[2] - 1 and y2 >= b[3] - 1
-        # placeholder points (x=-1, y=452) never reach the ground-truth box
-        assert b[0] >= 0 and b[3] <= 450
+
+    polluted = [r for r in records.values() if r["extra"].get("pt2d_missing", 0) > 0]
+    assert polluted, "the sample tree must hold AFLW2000 samples with placeholder points"
+    for rec in polluted:
+        # Hopenet's pt2d box takes in the placeholders (x = -1 or y = 452); the gt box never does.
+        assert rec["boxes"]["pt2d"][0] == -1 or rec["boxes"]["pt2d"][3] == 452
+        assert rec["boxes"]["gt"][0] != -1 and rec["boxes"]["gt"][3] != 452
+
+
+def test_gt_box_is_the_landmark_box(aflw_build):
+    out, manifest = aflw_build
+    for shard in manifest["shards"]:
+        for key, members in read_tar(out / shard["name"]).items():
+            rec = json.loads(members["json"])
+            pts = np.load(io.BytesIO(members["pts.npy"]), allow_pickle=False)
+            expected = [pts[:, 0].min(), pts[:, 1].min(), pts[:, 0].max(), pts[:, 1].max()]
+            assert np.allclose(rec["boxes"]["gt"], expected, atol=1e-3)
 
 
 def test_members_decode_with_plain_tools(aflw_build):

@@ -20,7 +20,8 @@ GROUP = "AFLW2000"
 
 
 def list_samples(root: Path) -> list[SampleRef]:
-    """Every ``*.jpg`` directly in the root (sorted); the ``.mat`` is not checked here."""
+    """Every ``*.jpg`` directly in the root (sorted); the ``.mat`` is not checked here. A root with
+    no images raises ``FileNotFoundError`` (usually the wrong folder was passed)."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"AFLW2000 root {root} is not a folder (pass the {DEFAULT_ROOT_NAME} folder)")
@@ -29,6 +30,8 @@ def list_samples(root: Path) -> list[SampleRef]:
         for image in root.iterdir()
         if image.suffix.lower() == ".jpg" and image.is_file()
     ]
+    if not refs:
+        raise FileNotFoundError(f"no .jpg images in {root}; pass the {DEFAULT_ROOT_NAME} folder")
     return sorted(refs, key=lambda r: r.source)
 
 

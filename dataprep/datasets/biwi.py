@@ -352,6 +352,8 @@ def read_sample(root: Path, ref: SampleRef) -> RawSample:
         extra={
             "head_center_mm": [float(v) for v in t],
             "head_center_depth_px": [float(v) for v in depth_cal.project(t)],
+            # The same physical head box in the depth image (the pipeline crops depth with it).
+            "depth_box": head_box(t, depth_cal)[0],
             "head_center_rgb_px": [float(v) for v in centre],
             "sequence": ref.group,
         },

@@ -254,7 +254,7 @@ class FineGrainedMapping(nn.Module):
     def score(self, f):  # (B, c, 8, 8) -> (B, 64)
         if self.scoring == "1x1":
             return torch.sigmoid(self.conv(f)).flatten(1)
-        return f.var(dim=1, unbiased=False).flatten(1)  # tf.nn.moments over channels
+        return f.var(dim=1, correction=0).flatten(1)  # tf.nn.moments over channels
 
     def forward(self, feats, pixels):
         """``feats``: three (B, c, 8, 8) maps; ``pixels``: (B, 192, c). Returns (B, 3 n', c)."""

@@ -1,0 +1,315 @@
+"""Shared helpers for the benchmark scripts (``python benchmarks/NAME.py [--quick|--smoke]``).
+
+* ``scaled_dataset``: a raw 300W-LP or AFLW2000 tree with the sample tree's files replicated N
+  times under new names (450x450 JPEG + ``.mat``). Every copy's JPEG gets a JPEG comment segment
+  naming it, so the copies decode to the same pixels but have different bytes (the detection cache
+  is keyed by the file's sha256 and would otherwise answer every copy after the first).
+* ``run_isolated``: run one measurement in a fresh Python subprocess and return its result plus
+  its memory peaks, so every case starts cold and has its own peak (``VmHWM`` of the process, the
+  largest child's ``ru_maxrss``, and the peak of the whole process tree's PSS, sampled).
+* ``interleaved``: run the cases round-robin, ``repeats`` times, so background load on the machine
+  hits every case alike; report the median.
+* ``table`` / ``final_json``: the printed table and the one final JSON line the scripts end with.
+
+Nothing here asserts timings: the figures are for reading, the ratios for comparing.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+#: Raw 300W-LP / AFLW2000 files in the sample tree: 20 and 12 samples.
+SAMPLE_COUNTS = {"300w_lp": 20, "aflw2000": 12}
+ROOT_NAMES = {"300w_lp": "300W_LP", "aflw2000": "AFLW2000"}
+
+
+# --------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------
+def cpu_count() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def work_dir(name: str, keep: str | None = None) -> Path:
+    """A scratch folder for one script's run (``keep``: use this folder and leave it in place)."""
+    if keep:
+        path = Path(keep)
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+    return Path(tempfile.mkdtemp(prefix=f"dataprep-bench-{name}-"))
+
+
+def sample_tree(base: Path) -> Path:
+    """The generated sample tree (seed 0) under ``base/tree``, written once."""
+    tree = Path(base) / "tree"
+    if not (tree / "expected_labels.json").exists():
+        from dataprep.sample_data import write_sample_tree
+
+        write_sample_tree(tree, seed=0)
+    return tree
+
+
+def jpeg_with_comment(data: bytes, text: str) -> bytes:
+    """The same JPEG with a COM segment after SOI: new bytes (and sha256), same pixels."""
+    if data[:2] != b"\xff\xd8":
+        raise ValueError("not a JPEG")
+    payload = text.encode("ascii")
+    return data[:2] + b"\xff\xfe" + (len(payload) + 2).to_bytes(2, "big") + payload + data[2:]
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+def scaled_dataset(base: Path, dataset: str, copies: int) -> tuple[Path, int]:
+    """``copies`` x the sample tree's ``dataset`` files under ``base/<dataset>-x<copies>/<ROOT>``.
+
+    Returns ``(root, samples)``. Copy ``i`` of ``NAME.jpg`` is ``NAME_cIIII.jpg`` (unique bytes,
+    see ``jpeg_with_comment``) with ``NAME_cIIII.mat`` (a hard link to the original ``.mat``).
+    """
+    tree = sample_tree(base)
+    src_root = tree / ROOT_NAMES[dataset]
+    root = Path(base) / f"{dataset}-x{copies}" / ROOT_NAMES[dataset]
+    done = root.parent / ".complete"
+    pairs = sorted(p for p in src_root.rglob("*.jpg") if p.with_suffix(".mat").exists())
+    samples = len(pairs) * copies
+    if done.exists():
+        return root, samples
+    if root.exists():
+        shutil.rmtree(root)
+    for jpg in pairs:
+        rel = jpg.parent.relative_to(src_root)
+        (root / rel).mkdir(parents=True, exist_ok=True)
+        data = jpg.read_bytes()
+        for i in range(copies):
+            name = f"{jpg.stem}_c{i:04d}"
+            (root / rel / f"{name}.jpg").write_bytes(jpeg_with_comment(data, f"bench copy {i} of {rel / jpg.name}"))
+            _link_or_copy(jpg.with_suffix(".mat"), root / rel / f"{name}.mat")
+    done.write_text(str(samples))
+    return root, samples
+
+
+def raw_pairs(root: Path) -> list[tuple[Path, Path]]:
+    """(jpg, mat) pairs under a raw 300W-LP / AFLW2000 root, sorted."""
+    return [(j, j.with_suffix(".mat")) for j in sorted(Path(root).rglob("*.jpg")) if j.with_suffix(".mat").exists()]
+
+
+# --------------------------------------------------------------------------------------------
+# Memory
+# --------------------------------------------------------------------------------------------
+def _status_kb(pid: int | str, field: str) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def _pss_kb(pid: int) -> int:
+    """Proportional set size (shared pages split among their users): sums sensibly over processes."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return _status_kb(pid, "VmRSS")
+
+
+def _descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+            ppid = int(stat[stat.rfind(")") + 2:].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        for c in children.get(p, []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+class TreeMemorySampler:
+    """Samples the PSS of this process and all its descendants every ``interval`` s; ``peak_mb``."""
+
+    def __init__(self, interval: float = 0.05):
+        self.interval = interval
+        self.peak_kb = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        me = os.getpid()
+        while not self._stop.is_set():
+            total = sum(_pss_kb(p) for p in [me] + _descendants(me))
+            self.peak_kb = max(self.peak_kb, total)
+            self._stop.wait(self.interval)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def peak_mb(self) -> float:
+        return self.peak_kb / 1024
+
+
+def memory_peaks() -> dict[str, float]:
+    """This process's peak RSS (VmHWM) and the largest waited-for child's, in MB."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # kB on Linux
+    return {"peak_rss_mb": _status_kb("self", "VmHWM") / 1024, "peak_child_rss_mb": children / 1024}
+
+
+# --------------------------------------------------------------------------------------------
+# Isolated measurements
+# --------------------------------------------------------------------------------------------
+def run_isolated(target: str, timeout: float = 900, **kwargs) -> dict[str, Any]:
+    """Run ``module:function(**kwargs)`` in a fresh interpreter; the function returns a JSON-able
+    dict (usually with ``seconds`` and ``samples``). Adds ``peak_rss_mb`` (the subprocess),
+    ``peak_child_rss_mb`` (its largest worker) and ``peak_tree_pss_mb`` (all of them together)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.common", "--child", target, json.dumps(kwargs)],
+        cwd=str(REPO), env=env, capture_output=True, text=True, timeout=timeout,
+    )
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("@@RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"{target}({kwargs}) failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return json.loads(lines[-1][len("@@RESULT "):])
+
+
+def _child_main(target: str, kwargs_json: str) -> None:
+    module, func = target.split(":")
+    fn = getattr(importlib.import_module(module), func)
+    with TreeMemorySampler() as sampler:
+        result = fn(**json.loads(kwargs_json))
+    result.update(memory_peaks())
+    result["peak_tree_pss_mb"] = sampler.peak_mb
+    print("@@RESULT " + json.dumps(result), flush=True)
+
+
+def interleaved(cases: dict[str, Callable[[], dict]], repeats: int, log=print) -> dict[str, list[dict]]:
+    """Run every case once per round, ``repeats`` rounds, rotating the order each round."""
+    names = list(cases)
+    out: dict[str, list[dict]] = {n: [] for n in names}
+    for r in range(repeats):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for name in order:
+            res = cases[name]()
+            out[name].append(res)
+            if log:
+                rate = res.get("samples", 0) / res["seconds"] if res.get("seconds") else float("nan")
+                log(f"  [{r + 1}/{repeats}] {name:<34} {res['seconds']:8.3f} s  {rate:9.1f} samples/s")
+    return out
+
+
+def median_of(results: list[dict], key: str = "seconds") -> float:
+    return statistics.median(r[key] for r in results)
+
+
+def summarize(results: list[dict]) -> dict[str, float]:
+    """Median seconds, samples/s from it, spread, max memory peaks over the repeats."""
+    seconds = [r["seconds"] for r in results]
+    samples = results[0].get("samples", 0)
+    med = statistics.median(seconds)
+    out = {
+        "samples": samples,
+        "seconds": med,
+        "rate": samples / med if med > 0 else float("nan"),
+        "min_s": min(seconds),
+        "max_s": max(seconds),
+    }
+    for key in ("peak_rss_mb", "peak_child_rss_mb", "peak_tree_pss_mb"):
+        if key in results[0]:
+            out[key] = max(r[key] for r in results)
+    return out
+
+
+def time_call(fn: Callable[[], Any]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+# --------------------------------------------------------------------------------------------
+# Output
+# --------------------------------------------------------------------------------------------
+def table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
+    """``columns``: (key, header, format) e.g. ("rate", "samples/s", "{:.1f}")."""
+    cells = [[h for _, h, _ in columns]]
+    for row in rows:
+        cells.append([("" if row.get(k) is None else (fmt.format(row[k]) if fmt else str(row[k]))) for k, _, fmt in columns])
+    widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
+    lines = []
+    for n, r in enumerate(cells):
+        lines.append("  ".join(c.ljust(widths[i]) if i == 0 else c.rjust(widths[i]) for i, c in enumerate(r)))
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def final_json(payload: dict) -> None:
+    """The last line every script prints: one JSON object (ratios, targets, settings)."""
+    print(json.dumps(payload, sort_keys=True, allow_nan=False), flush=True)
+
+
+def base_parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="smaller data and fewer repeats (under ~40 s)")
+    mode.add_argument("--smoke", action="store_true", help="tiny run that only checks the script works")
+    p.add_argument("--repeats", type=int, default=None, help="rounds of interleaved measurements")
+    p.add_argument("--work", default=None, help="scratch folder to use and keep (default: a temporary one, removed)")
+    return p
+
+
+def mode_of(args) -> str:
+    return "smoke" if args.smoke else "quick" if args.quick else "full"
+
+
+def cleanup(path: Path, args) -> None:
+    if not args.work:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 4 and sys.argv[1] == "--child":
+        _child_main(sys.argv[2], sys.argv[3])
+    else:
+        sys.exit("usage: python -m benchmarks.common --child module:function JSON")

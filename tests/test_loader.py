@@ -1,0 +1,259 @@
+"""dataprep.loader on tiny synthetic shards written with webdataset.TarWriter.
+
+``write_synthetic_shards`` is also used by ``benchmarks/loader_augment.py``.
+"""
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+
+from dataprep import augment as A
+from dataprep import boxes as box_rules
+from dataprep import labels
+from dataprep.crop import crop_and_resize
+from dataprep.loader import IMAGENET_MEAN, IMAGENET_STD, collate, make_dataset, make_loader
+
+N_SHARDS, PER_SHARD, CROP = 3, 4, 64
+
+
+# --------------------------------------------------------------------------------------------
+# Synthetic shards (schema of the build's records)
+# --------------------------------------------------------------------------------------------
+def synthetic_sample(index: int, crop_size: int, rng: np.random.Generator) -> dict:
+    """One source image with a face box, 68 landmarks and labels, and its stored square crop."""
+    w, h = int(rng.integers(crop_size * 2, crop_size * 3)), int(rng.integers(crop_size * 2, crop_size * 3))
+    small = rng.integers(0, 256, size=(max(2, h // 12), max(2, w // 12), 3), dtype=np.uint8)
+    source = cv2.resize(small, (w, h), interpolation=cv2.INTER_CUBIC)
+    bw, bh = rng.uniform(0.3, 0.5) * w, rng.uniform(0.3, 0.5) * h
+    x1, y1 = rng.uniform(0.1 * w, w - bw - 0.1 * w), rng.uniform(0.1 * h, h - bh - 0.1 * h)
+    box = [float(x1), float(y1), float(x1 + bw), float(y1 + bh)]
+    landmarks = np.stack([rng.uniform(box[0], box[2], 68), rng.uniform(box[1], box[3], 68)], 1).astype(np.float32)
+    yaw, pitch, roll = (float(v) for v in rng.uniform(-90, 90, 3))
+    crop, window = crop_and_resize(source, box_rules.square_pad(box, 0.25), crop_size)
+    key = f"300w_lp_SYN_{index:05d}"
+    record = {
+        "key": key,
+        "dataset": "300w_lp",
+        "split": "train",
+        "source": f"SYN/{index:05d}.jpg",
+        "group": "SYN",
+        "yaw": yaw,
+        "pitch": pitch,
+        "roll": roll,
+        "rotation": labels.rotation_from_euler(yaw, pitch, roll).tolist(),
+        "image_size": [w, h],
+        "boxes": {"gt": box, "pt2d": box, "pt2d_valid": box},
+        "box_source": "gt",
+        "box": box,
+        "crop_rule": "square",
+        "crop": window,
+        "crop_size": [crop_size, crop_size],
+        "augment": [],
+    }
+    return {"key": key, "source": source, "crop": crop, "record": record, "landmarks": landmarks}
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
+def sample_members(s: dict, extra: dict | None = None) -> dict:
+    ok, jpg = cv2.imencode(".jpg", cv2.cvtColor(s["crop"], cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 95])
+    assert ok
+    members = {"__key__": s["key"], "jpg": jpg.tobytes(), "json": json.dumps(s["record"]).encode(),
+               "pts.npy": _npy_bytes(s["landmarks"])}
+    members.update(extra or {})
+    return members
+
+
+def write_synthetic_shards(directory, n_shards: int = N_SHARDS, per_shard: int = PER_SHARD,
+                           crop_size: int = CROP, seed: int = 0, prefix: str = "train"):
+    """Write ``n_shards`` tars of ``per_shard`` samples; returns (brace pattern, samples by key)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    samples = {}
+    for shard in range(n_shards):
+        with wds.TarWriter(str(directory / f"{prefix}-{shard:06d}.tar")) as sink:
+            for i in range(per_shard):
+                s = synthetic_sample(shard * per_shard + i, crop_size, rng)
+                samples[s["key"]] = s
+                # a pickle-looking member the loader must skip without reading
+                extra = {"pyd": b"\x80\x04not really a pickle"} if i == 0 else None
+                sink.write(sample_members(s, extra))
+    pattern = str(directory / f"{prefix}-{{000000..{n_shards - 1:06d}}}.tar")
+    return pattern, samples
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return write_synthetic_shards(tmp_path_factory.mktemp("shards"))
+
+
+def keys_of(loader_or_ds) -> list[str]:
+    out = []
+    for item in loader_or_ds:
+        out.extend(item["key"] if isinstance(item["key"], list) else [item["key"]])
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Tests
+# --------------------------------------------------------------------------------------------
+def test_batches_shapes_and_labels(shards):
+    pattern, samples = shards
+    loader = make_loader(pattern, batch_size=5, shuffle=0)
+    batches = list(loader)
+    assert [len(b["key"]) for b in batches] == [5, 5, 2]
+    b = batches[0]
+    assert b["image"].shape == (5, 3, CROP, CROP) and b["image"].dtype == torch.float32
+    assert 0.0 <= float(b["image"].min()) and float(b["image"].max()) <= 1.0
+    assert b["angles"].shape == (5, 3) and b["angles"].dtype == torch.float32
+    assert b["landmarks"].shape == (5, 68, 2)
+    keys = [k for b in batches for k in b["key"]]
+    assert keys == sorted(samples)  # shuffle=0 keeps file order
+    for b in batches:
+        for key, angles, rec, img, lm_src, lm in zip(b["key"], b["angles"], b["record"], b["image"], b["landmarks_source"], b["landmarks"]):
+            want = samples[key]["record"]
+            assert rec == want
+            np.testing.assert_allclose(angles.numpy(), [want["yaw"], want["pitch"], want["roll"]], rtol=1e-6)
+            # the image is the stored jpg, decoded to RGB
+            got = np.rint(img.permute(1, 2, 0).numpy() * 255.0).astype(np.uint8)
+            bgr = cv2.imdecode(np.frombuffer(sample_members(samples[key])["jpg"], np.uint8), cv2.IMREAD_COLOR)
+            np.testing.assert_array_equal(got, bgr[:, :, ::-1])
+            np.testing.assert_array_equal(lm_src, samples[key]["landmarks"])
+            np.testing.assert_allclose(lm.numpy(), box_rules.to_crop_coords(lm_src, rec["crop"], (CROP, CROP)), rtol=1e-5)
+
+
+def test_brace_list_file_url_and_fsspec_urls(shards, tmp_path):
+    pattern, samples = shards
+    first = pattern.replace("{000000..000002}", "000000")
+    assert sorted(keys_of(make_dataset(pattern, shuffle=0))) == sorted(samples)
+    assert len(keys_of(make_dataset(first, shuffle=0))) == PER_SHARD
+    assert sorted(keys_of(make_dataset("file://" + pattern, shuffle=0))) == sorted(samples)
+    assert len(keys_of(make_dataset([first, Path(pattern.replace("{000000..000002}", "000001"))], shuffle=0))) == 2 * PER_SHARD
+    # any fsspec filesystem (here the in-memory one)
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    with open(first, "rb") as src, fs.open("/dataprep-test/train-000000.tar", "wb") as dst:
+        dst.write(src.read())
+    assert keys_of(make_dataset("memory://dataprep-test/train-000000.tar", shuffle=0)) == keys_of(make_dataset(first, shuffle=0))
+    with pytest.raises(FileNotFoundError):
+        list(make_dataset(str(tmp_path / "missing-000000.tar")))
+
+
+def test_shuffle_is_reproducible_per_seed_and_epoch(shards):
+    pattern, samples = shards
+    a = keys_of(make_dataset(pattern, shuffle=8, seed=1))
+    b = keys_of(make_dataset(pattern, shuffle=8, seed=1))
+    c = keys_of(make_dataset(pattern, shuffle=8, seed=2))
+    assert a == b and sorted(a) == sorted(samples)
+    assert a != c and a != sorted(samples)
+    loader = make_loader(pattern, batch_size=4, shuffle=8, seed=1)
+    epoch0, epoch1 = keys_of(loader), keys_of(loader)
+    assert epoch0 == a and epoch1 != epoch0 and sorted(epoch1) == sorted(a)
+    fresh = make_loader(pattern, batch_size=4, shuffle=8, seed=1)
+    fresh.set_epoch(1)
+    assert keys_of(fresh) == epoch1
+
+
+def test_transforms_run_per_sample_and_record_ops(shards):
+    pattern, samples = shards
+    aug = [A.RandomApply(A.HorizontalFlip(), 0.5), A.GaussianBlur((0.5, 1.5)), A.DownUpSample("randint")]
+    runs = []
+    for _ in range(2):
+        loader = make_loader(pattern, batch_size=6, shuffle=8, seed=3, transforms=aug)
+        runs.append([(k, r, img) for b in loader for k, r, img in zip(b["key"], b["record"], b["image"])])
+    for (k1, r1, i1), (k2, r2, i2) in zip(*runs):
+        assert k1 == k2 and r1 == r2 and torch.equal(i1, i2)  # same seed -> same outputs
+    flipped = 0
+    sigmas = set()
+    for key, rec, _ in runs[0]:
+        ops = [a["op"] for a in rec["augment"]]
+        assert ops[-2:] == ["blur", "downsample"] and ops[:-2] in ([], ["flip"])
+        sigmas.add(rec["augment"][-2]["sigma"])
+        want = samples[key]["record"]
+        if ops[0] == "flip":
+            flipped += 1
+            assert rec["yaw"] == -want["yaw"] and rec["roll"] == -want["roll"] and rec["pitch"] == want["pitch"]
+            w = want["image_size"][0]
+            assert rec["crop"] == [w - want["crop"][2], want["crop"][1], w - want["crop"][0], want["crop"][3]]
+        else:
+            assert rec["yaw"] == want["yaw"]
+    assert 0 < flipped < len(samples)
+    assert len(sigmas) == len(samples)  # drawn per sample
+
+
+def test_augmentation_does_not_depend_on_order_or_workers(shards):
+    pattern, _ = shards
+    aug = [A.GaussianBlur(), A.Brightness()]
+    by_key = lambda ds: {s["key"]: s["record"]["augment"] for s in ds}  # noqa: E731
+    plain = by_key(make_dataset(pattern, shuffle=0, seed=5, transforms=aug))
+    shuffled = by_key(make_dataset(pattern, shuffle=8, seed=5, transforms=aug))
+    assert plain == shuffled
+    loader = make_loader(pattern, batch_size=3, workers=2, shuffle=8, seed=5, transforms=aug)
+    got = {k: r["augment"] for b in loader for k, r in zip(b["key"], b["record"])}
+    assert got == plain  # every sample exactly once, same draws in worker processes
+
+
+def test_recrop_and_normalize(shards):
+    pattern, samples = shards
+    loader = make_loader(pattern, batch_size=4, shuffle=0, crop_rule="box", size=32)
+    plain = make_loader(pattern, batch_size=4, shuffle=0, crop_rule="box", size=32, normalize="imagenet")
+    for b, n in zip(loader, plain):
+        assert b["image"].shape == (4, 3, 32, 32) and b["landmarks"].shape == (4, 68, 2)
+        mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+        torch.testing.assert_close(n["image"], (b["image"] - mean) / std)
+        for key, rec, img in zip(b["key"], b["record"], b["image"]):
+            s = samples[key]
+            assert rec["crop_rule"] == "box" and rec["crop_size"] == [32, 32]
+            # the recorded window is what the image shows: compare with a crop of the source
+            np.testing.assert_allclose(rec["crop"], s["record"]["box"], atol=s["record"]["crop"][2] / CROP)
+            direct, _ = crop_and_resize(s["source"], rec["crop"], 32)
+            assert np.abs(img.permute(1, 2, 0).numpy() * 255.0 - direct).mean() < 6.0
+    raw_bgr = next(iter(make_loader(pattern, batch_size=2, shuffle=0, normalize="raw_bgr")))["image"]
+    rgb = next(iter(make_loader(pattern, batch_size=2, shuffle=0)))["image"]
+    torch.testing.assert_close(raw_bgr, rgb.flip(1) * 255.0)
+
+
+def test_resampled_epoch_length_and_errors(shards):
+    pattern, samples = shards
+    ds = make_dataset(pattern, resampled=True, samples_per_epoch=7, seed=0)
+    a, b = keys_of(ds), keys_of(ds)
+    assert len(a) == 7 and a == b and set(a) <= set(samples)
+    ds.set_epoch(1)
+    assert keys_of(ds) != a
+    with pytest.raises(ValueError, match="crop rule"):
+        make_dataset(pattern, crop_rule="nope")
+    with pytest.raises(ValueError, match="normalize"):
+        make_dataset(pattern, normalize="bgr")
+
+
+def test_bad_sample_handler(tmp_path):
+    s = synthetic_sample(0, 32, np.random.default_rng(0))
+    good = synthetic_sample(1, 32, np.random.default_rng(1))
+    with wds.TarWriter(str(tmp_path / "bad-000000.tar")) as sink:
+        sink.write(sample_members(s, {"jpg": b"not a jpeg"}))
+        sink.write(sample_members(good))
+    with pytest.raises(ValueError, match="300w_lp_SYN_00000"):
+        list(make_dataset(str(tmp_path / "bad-000000.tar"), shuffle=0))
+    kept = keys_of(make_dataset(str(tmp_path / "bad-000000.tar"), shuffle=0, handler=wds.ignore_and_continue))
+    assert kept == [good["key"]]
+
+
+def test_collate_rejects_mixed_sizes():
+    s = {"image": torch.zeros(3, 4, 4), "angles": torch.zeros(3), "key": "a", "record": {}, "landmarks": None, "landmarks_source": None}
+    t = dict(s, image=torch.zeros(3, 5, 5))
+    assert "landmarks" not in collate([s, s])
+    with pytest.raises(ValueError, match="size"):
+        collate([s, t])

@@ -1,0 +1,126 @@
+"""Reliability: killed builds, fsspec destinations, a Dask cluster, unsafe names."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import fsspec
+import pytest
+
+from dataprep.build import BuildOptions, build
+from dataprep.shards import check_member, write_shard
+from dataprep.verify import verify
+
+
+def _opts(root, out, **kw):
+    kw.setdefault("progress", False)
+    kw.setdefault("shard_size", 2)
+    return BuildOptions(dataset="300w_lp", root=str(root), out=str(out), **kw)
+
+
+def _tars(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(Path(out).glob("*.tar"))}
+
+
+@pytest.fixture(scope="module")
+def reference(sample_tree, tmp_path_factory):
+    out = tmp_path_factory.mktemp("reference")
+    build(_opts(sample_tree / "300W_LP", out))
+    return _tars(out)
+
+
+def test_sigkill_mid_build_then_rerun_is_byte_identical(sample_tree, tmp_path, reference):
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "dataprep.cli", "build", "--dataset", "300w_lp", "--root", str(sample_tree / "300W_LP"),
+           "--out", str(out), "--shard-size", "1", "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if len(list(out.glob("*.tar"))) >= 3:
+            break
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "manifest.json").exists(), "the build finished before it could be killed"
+    # No final name ever holds a partial shard: every .tar present is complete and right.
+    for name, data in _tars(out).items():
+        assert data == reference_by_shard_size_one(sample_tree, tmp_path)[name]
+    rc = subprocess.run(cmd, capture_output=True, text=True)
+    assert rc.returncode == 0, rc.stderr
+    assert _tars(out) == reference_by_shard_size_one(sample_tree, tmp_path)
+    assert verify(str(out)).ok
+
+
+_REF1: dict[str, bytes] = {}
+
+
+def reference_by_shard_size_one(sample_tree, tmp_path) -> dict[str, bytes]:
+    if not _REF1:
+        out = tmp_path / "ref1"
+        build(_opts(sample_tree / "300W_LP", out, shard_size=1))
+        _REF1.update(_tars(out))
+    return _REF1
+
+
+def test_fsspec_file_url_destination(sample_tree, tmp_path, reference):
+    out = tmp_path / "viaurl"
+    build(_opts(sample_tree / "300W_LP", f"file://{out}"))
+    assert _tars(out) == reference
+    assert verify(f"file://{out}").ok
+
+
+def test_fsspec_memory_destination(sample_tree, reference):
+    url = "memory://dataprep-test/build"
+    manifest = build(_opts(sample_tree / "300W_LP", url))
+    fs = fsspec.filesystem("memory")
+    names = sorted(s["name"] for s in manifest["shards"])
+    assert names == sorted(reference)
+    for name in names:
+        assert fs.cat_file(f"/dataprep-test/build/{name}") == reference[name]
+    assert verify(url).ok
+    fs.rm("/dataprep-test", recursive=True)
+
+
+def test_dask_cluster_of_two_workers_is_byte_identical(sample_tree, tmp_path, reference):
+    pytest.importorskip("dask.distributed")
+    out = tmp_path / "dask"
+    manifest = build(_opts(sample_tree / "300W_LP", out, jobs=2, backend="dask"))
+    assert _tars(out) == reference
+    assert manifest["counts"]["read"] == manifest["counts"]["written"] + manifest["counts"]["rejected"]
+
+
+def test_loky_two_processes_is_byte_identical(sample_tree, tmp_path, reference):
+    out = tmp_path / "loky"
+    build(_opts(sample_tree / "300W_LP", out, jobs=2))
+    assert _tars(out) == reference
+
+
+@pytest.mark.parametrize("key", ["../evil", "/abs", "a.b", "a/b", ""])
+def test_unsafe_member_names_are_refused(key):
+    with pytest.raises(ValueError, match="unsafe"):
+        check_member(key, "jpg")
+
+
+def test_unsafe_sample_never_reaches_a_final_name(tmp_path):
+    fs = fsspec.filesystem("file")
+    with pytest.raises(ValueError):
+        write_shard(fs, str(tmp_path / "x.tar"), [{"__key__": "../x", "jpg": b"1"}])
+    assert not (tmp_path / "x.tar").exists()
+
+
+def test_manifest_lists_no_pickles(sample_tree, tmp_path):
+    build(_opts(sample_tree / "300W_LP", tmp_path))
+    import tarfile
+
+    for shard in tmp_path.glob("*.tar"):
+        with tarfile.open(shard) as tar:
+            exts = {m.name.split(".", 1)[1] for m in tar.getmembers()}
+        assert exts <= {"jpg", "json", "pts.npy", "depth.png"}
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["counts"]["rejected"] == 0
+    assert os.path.basename(manifest["shards"][0]["name"]) == manifest["shards"][0]["name"]

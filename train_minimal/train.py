@@ -1,0 +1,521 @@
+"""``python -m train_minimal {train,eval,params,convert-fsanet}``: a minimal trainer proving the
+shards train the papers' models.
+
+train  --model NAME --train URL [--val NAME=URL ...] (--epochs N | --steps N) --batch-size B
+       --device auto|cpu|cuda --out DIR [--lr] [--alpha] [--teachers c1,c2] [--pretrained none|auto|PATH]
+       [--workers N] [--seed S] [--gpu-decode] [--epoch-length N] [--input-size N]
+eval   --ckpt C --data URL [--model NAME] [--batch-size B] [--device D]
+params --model NAME
+convert-fsanet FILE.h5 OUT.pt
+
+Training
+--------
+* Data: ``train_minimal.data.make_loader`` (WebDataset shards, the model's crop rule applied at
+  load time). ``--epoch-length`` (samples per epoch, all ranks together) switches to resampled
+  shards; under DDP that is always the case (default: the number of samples in the shards).
+* Optimiser, schedule, loss, decode: the model's ``ModelSpec`` (``registry.py``); ``--lr`` and
+  ``--alpha`` override the spec's defaults. ``defaults["clip_grad_value"]`` /
+  ``defaults["clip_grad_norm"]`` clip gradients.
+* CUDA only: autocast (bfloat16 where supported, else float16 with a GradScaler) and channels_last.
+  Losses are computed in float32.
+* DDP when launched by ``torchrun`` (``WORLD_SIZE`` > 1): NCCL on CUDA (gloo on CPU),
+  ``DistributedDataParallel``; rank 0 alone evaluates, writes checkpoints and metrics.
+* ``--teachers c1,c2``: frozen teachers (our checkpoints) run on the same batch; the spec's
+  ``distill`` term is added to the loss (EHPNet).
+* Outputs in ``--out``: ``checkpoint.pt`` after every epoch (plain dicts/tensors/numbers, loadable
+  with ``torch.load(weights_only=True)``), ``metrics.json`` (per epoch: train loss, per validation
+  set MAE yaw/pitch/roll/mean; per step: the loss), ``curves.png``.
+* ``--input-size`` overrides the model's input size (smoke tests on small CPUs; the papers' sizes
+  are the defaults). It is stored in the checkpoint and ``eval`` uses it.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import re
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import registry
+from .data import make_loader, prepare_batch
+
+CHECKPOINT_FORMAT = "train_minimal/1"
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------
+def _accepts(fn, name: str) -> bool:
+    from .models.hopenet import accepts_kwarg
+
+    return accepts_kwarg(fn, name)
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    name = (name or "auto").lower()
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise SystemExit("error: --device cuda asked for but CUDA is not available (use --device cpu or auto)")
+        if name == "cuda":
+            name = f"cuda:{local_rank}"
+        dev = torch.device(name)
+        torch.cuda.set_device(dev)
+        return dev
+    return torch.device(name)
+
+
+def build_model(spec, pretrained, input_size: int | None) -> nn.Module:
+    from .models.hopenet import PretrainedUnavailable
+
+    kwargs = {}
+    if input_size and input_size != spec.input_size and _accepts(spec.build, "input_size"):
+        kwargs["input_size"] = input_size
+    try:
+        return spec.build(pretrained, **kwargs)
+    except PretrainedUnavailable as exc:
+        raise SystemExit(f"error: {exc}") from None
+
+
+def to_float(obj):
+    """Model outputs (tensor / tuple / list / dict of tensors) -> float32 (losses in fp32)."""
+    if torch.is_tensor(obj):
+        return obj.float() if obj.is_floating_point() else obj
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_float(o) for o in obj)
+    if isinstance(obj, dict):
+        return {k: to_float(v) for k, v in obj.items()}
+    return obj
+
+
+def autocast_ctx(device: torch.device, dtype):
+    if device.type == "cuda" and dtype is not None:
+        return torch.autocast("cuda", dtype=dtype)
+    return nullcontext()
+
+
+def parse_val(items: list[str] | None) -> dict[str, str]:
+    """``NAME=URL`` (or a bare URL: ``val``, ``val2`` ...) -> {name: url}."""
+    out: dict[str, str] = {}
+    for i, item in enumerate(items or []):
+        m = re.match(r"^([A-Za-z0-9_.\-]+)=(.+)$", item)
+        if m and "/" not in m.group(1):
+            name, url = m.group(1), m.group(2)
+        else:
+            name, url = ("val" if i == 0 else f"val{i + 1}"), item
+        if name in out:
+            raise SystemExit(f"error: validation set name {name!r} given twice")
+        out[name] = url
+    return out
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, spec, device: torch.device, *, amp_dtype=None, channels_last=False,
+             input_size: int | None = None) -> dict:
+    """MAE in degrees per angle and their mean over every sample of ``loader``."""
+    was_training = model.training
+    model.eval()
+    wrap_yaw = bool(spec.defaults.get("wrap_yaw", False))
+    total = torch.zeros(3, dtype=torch.float64, device=device)
+    n = 0
+    for batch in loader:
+        x, targets = prepare_batch(batch, spec.normalize, device, size=input_size or spec.input_size,
+                                   channels_last=channels_last)
+        with autocast_ctx(device, amp_dtype):
+            out = model(x)
+        pred = spec.decode(to_float(out)).double()
+        err = (pred - targets["angles"].double()).abs()
+        if wrap_yaw:
+            err[:, 0] = torch.remainder(err[:, 0], 360.0)
+            err[:, 0] = torch.minimum(err[:, 0], 360.0 - err[:, 0])
+        total += err.sum(0)
+        n += x.shape[0]
+    model.train(was_training)
+    if n == 0:
+        raise RuntimeError("evaluation data gave no samples")
+    yaw, pitch, roll = (total / n).tolist()
+    return {"samples": n, "yaw": yaw, "pitch": pitch, "roll": roll, "mean": (yaw + pitch + roll) / 3.0}
+
+
+def load_checkpoint(path: str) -> dict:
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise SystemExit(f"error: checkpoint {path} not found") from None
+    if isinstance(ckpt, dict) and "state_dict" in ckpt:
+        return ckpt
+    if isinstance(ckpt, dict) and all(torch.is_tensor(v) for v in ckpt.values()):
+        return {"state_dict": ckpt, "model": None, "args": {}}  # a bare state dict
+    raise SystemExit(f"error: {path} is not a train_minimal checkpoint nor a state dict")
+
+
+def model_from_checkpoint(ckpt: dict, name: str | None = None, device=torch.device("cpu")):
+    ck_name = ckpt.get("model")
+    if name and ck_name and name != ck_name:
+        raise SystemExit(f"error: checkpoint holds model {ck_name!r}, not {name!r}")
+    name = name or ck_name
+    if not name:
+        raise SystemExit("error: the checkpoint does not name its model; pass --model")
+    spec = registry.get(name)
+    input_size = int((ckpt.get("args") or {}).get("input_size") or spec.input_size)
+    model = build_model(spec, None, input_size)
+    model.load_state_dict(ckpt["state_dict"])
+    return spec, model.to(device), input_size
+
+
+def plot_curves(history: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    steps = [s["step"] for s in history["steps"]]
+    a1.plot(steps, [s["loss"] for s in history["steps"]], lw=0.8, alpha=0.6, label="step")
+    ep = history["epochs"]
+    if ep:
+        a1.plot([e["step"] for e in ep], [e["train_loss"] for e in ep], "o-", label="epoch mean")
+    a1.set_xlabel("step")
+    a1.set_ylabel("train loss")
+    a1.set_title(history.get("model", ""))
+    a1.legend()
+    names = sorted({n for e in ep for n in e.get("val", {})})
+    for name in names:
+        xs = [e["epoch"] for e in ep if name in e.get("val", {})]
+        for key, style in (("mean", "o-"), ("yaw", ":"), ("pitch", ":"), ("roll", ":")):
+            a2.plot(xs, [e["val"][name][key] for e in ep if name in e.get("val", {})], style,
+                    label=f"{name} {key}", lw=1.5 if key == "mean" else 0.8)
+    a2.set_xlabel("epoch")
+    a2.set_ylabel("MAE (deg)")
+    if names:
+        a2.legend(fontsize=7)
+    else:
+        a2.text(0.5, 0.5, "no validation set (--val)", ha="center", va="center", transform=a2.transAxes)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _atomic_json(obj, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------------------
+# train
+# --------------------------------------------------------------------------------------------
+def cmd_train(args) -> int:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    distributed = world > 1
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(args.device, local_rank)
+    if distributed:
+        import torch.distributed as dist
+
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(minutes=60))
+    is_main = rank == 0
+    out_dir = Path(args.out)
+    if is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    if (args.epochs is None) == (args.steps is None):
+        raise SystemExit("error: give exactly one of --epochs N or --steps N")
+
+    spec = registry.get(args.model)
+    input_size = int(args.input_size or spec.input_size)
+    batch_size = int(args.batch_size or spec.defaults.get("batch_size", 16))
+    torch.manual_seed(args.seed)
+    cuda = device.type == "cuda"
+    channels_last = cuda
+    amp_dtype = None
+    if cuda and not args.no_amp:
+        amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    gpu_decode = bool(args.gpu_decode and cuda)
+    if args.gpu_decode and not cuda:
+        print("[train] --gpu-decode needs a CUDA device; decoding on the CPU", file=sys.stderr)
+
+    model = build_model(spec, args.pretrained, input_size).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+
+    # Teachers (knowledge distillation)
+    teachers = []
+    teacher_paths = [t for t in (args.teachers or "").split(",") if t.strip()]
+    if teacher_paths:
+        if spec.distill is None:
+            raise SystemExit(f"error: model {spec.name!r} has no distillation loss; --teachers is for ehpnet")
+        for path in teacher_paths:
+            ckpt = load_checkpoint(path.strip())
+            tspec, teacher, t_size = model_from_checkpoint(ckpt, device=device)
+            if tspec.normalize != spec.normalize or t_size != input_size:
+                raise SystemExit(f"error: teacher {path} ({tspec.name}, {t_size}px, {tspec.normalize}) does not take "
+                                 f"the student's input ({input_size}px, {spec.normalize})")
+            if tspec.crop_rule != spec.crop_rule:
+                print(f"[train] note: teacher {tspec.name} was trained on {tspec.crop_rule!r} crops; it sees the "
+                      f"student's {spec.crop_rule!r} crops", file=sys.stderr)
+            teacher.eval().requires_grad_(False)
+            if channels_last:
+                teacher = teacher.to(memory_format=torch.channels_last)
+            teachers.append(teacher)
+    kd_kwargs = {}
+    if teachers and "kd_weight" in spec.defaults and _accepts(spec.distill, "weight"):
+        kd_kwargs["weight"] = float(args.kd_weight if args.kd_weight is not None else spec.defaults["kd_weight"])
+
+    # Data
+    train_loader = make_loader(args.train, spec, batch_size, train=True, workers=args.workers, seed=args.seed,
+                               epoch_length=args.epoch_length, distributed=distributed, input_size=input_size,
+                               gpu_decode=gpu_decode)
+    val_sets = parse_val(args.val)
+    val_loaders = {}
+    if is_main:
+        for name, url in val_sets.items():
+            val_loaders[name] = make_loader(url, spec, batch_size, train=False, workers=args.workers,
+                                            seed=args.seed, input_size=input_size, gpu_decode=gpu_decode)
+    per_epoch = train_loader.batches_per_epoch
+    if args.steps is not None:
+        total_steps = int(args.steps)
+    else:
+        if not per_epoch:
+            raise SystemExit("error: cannot tell how many batches an epoch has (remote shards, or fewer samples "
+                             "than one batch): give --epoch-length or --steps")
+        total_steps = int(args.epochs) * per_epoch
+
+    opt, sched = spec.make_optimizer(model, total_steps, args.lr)
+    loss_kwargs = {}
+    alpha = args.alpha if args.alpha is not None else spec.defaults.get("alpha")
+    if alpha is not None and _accepts(spec.loss, "alpha"):
+        loss_kwargs["alpha"] = float(alpha)
+    clip_value = spec.defaults.get("clip_grad_value")
+    clip_norm = spec.defaults.get("clip_grad_norm")
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+
+    net = model
+    if distributed:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        net = DDP(model, device_ids=[device.index] if cuda else None,
+                  find_unused_parameters=bool(spec.defaults.get("find_unused_parameters", False)))
+
+    run_args = {
+        "model": spec.name, "input_size": input_size, "crop_rule": spec.crop_rule, "normalize": spec.normalize,
+        "batch_size": batch_size, "lr": args.lr if args.lr is not None else spec.defaults.get("lr"),
+        "alpha": loss_kwargs.get("alpha"), "pretrained": str(args.pretrained), "seed": args.seed,
+        "epochs": args.epochs, "steps": args.steps, "epoch_length": args.epoch_length, "world_size": world,
+        "teachers": teacher_paths, "kd_weight": kd_kwargs.get("weight"), "train": str(args.train),
+        "val": val_sets, "device": str(device), "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else None,
+        "total_steps": total_steps,
+    }
+    history = {"model": spec.name, "args": run_args, "epochs": [], "steps": [], "final": {}}
+    if is_main:
+        n_params = registry.count_parameters(model)
+        print(f"[train] {spec.name}: {n_params:,} trainable parameters, input {input_size}px, batch {batch_size}"
+              f"{f' x {world} ranks' if distributed else ''}, {total_steps} steps on {device}"
+              + (f" ({run_args['amp']} autocast)" if amp_dtype else ""), flush=True)
+
+    step = 0
+    epoch = 0
+    done = False
+    t_start = time.time()
+    while not done:
+        epoch += 1
+        net.train()
+        losses = []
+        t_epoch = time.time()
+        for batch in train_loader:
+            x, targets = prepare_batch(batch, spec.normalize, device, size=input_size, channels_last=channels_last)
+            with autocast_ctx(device, amp_dtype):
+                out = net(x)
+                t_out = None
+                if teachers:
+                    with torch.no_grad():
+                        t_out = [t(x) for t in teachers]
+            out = to_float(out)
+            loss = spec.loss(out, targets, **loss_kwargs)
+            if teachers:
+                loss = loss + spec.distill(out, to_float(t_out), **kd_kwargs)
+            opt.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.unscale_(opt)
+            else:
+                loss.backward()
+            if clip_value:
+                nn.utils.clip_grad_value_(model.parameters(), float(clip_value))
+            if clip_norm:
+                nn.utils.clip_grad_norm_(model.parameters(), float(clip_norm))
+            if scaler is not None:
+                scaler.step(opt)
+                scaler.update()
+            else:
+                opt.step()
+            if sched is not None:
+                sched.step()
+            losses.append(loss.detach())
+            step += 1
+            if args.steps is not None and step >= args.steps:
+                done = True
+                break
+        if not losses:
+            raise SystemExit(f"error: epoch {epoch} gave no training batch (fewer samples than --batch-size "
+                             f"{batch_size} per loader worker?)")
+        step_losses = torch.stack(losses).float()
+        epoch_loss = step_losses.mean()
+        if distributed:
+            import torch.distributed as dist
+
+            dist.all_reduce(epoch_loss)
+            epoch_loss /= world
+        if args.epochs is not None and epoch >= args.epochs:
+            done = True
+        if is_main:
+            first = step - len(losses) + 1
+            history["steps"].extend({"step": first + i, "loss": v} for i, v in enumerate(step_losses.cpu().tolist()))
+            entry = {"epoch": epoch, "step": step, "train_loss": float(epoch_loss),
+                     "lr": float(opt.param_groups[-1]["lr"]), "time_s": round(time.time() - t_epoch, 3), "val": {}}
+            for name, loader in val_loaders.items():
+                entry["val"][name] = evaluate(model, loader, spec, device, amp_dtype=amp_dtype,
+                                              channels_last=channels_last, input_size=input_size)
+            history["epochs"].append(entry)
+            history["final"] = entry["val"]
+            ckpt = {"format": CHECKPOINT_FORMAT, "model": spec.name,
+                    "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                    "args": run_args, "epoch": epoch, "step": step, "metrics": entry["val"]}
+            tmp = out_dir / "checkpoint.pt.tmp"
+            torch.save(ckpt, tmp)
+            os.replace(tmp, out_dir / "checkpoint.pt")
+            _atomic_json(history, out_dir / "metrics.json")
+            plot_curves(history, out_dir / "curves.png")
+            vals = "  ".join(f"{n}: MAE {m['mean']:.3f} (y {m['yaw']:.2f} p {m['pitch']:.2f} r {m['roll']:.2f})"
+                             for n, m in entry["val"].items())
+            print(f"[train] epoch {epoch} step {step}/{total_steps} loss {entry['train_loss']:.4f} "
+                  f"({entry['time_s']:.1f}s) {vals}", flush=True)
+        if distributed:
+            import torch.distributed as dist
+
+            dist.barrier()
+    if is_main:
+        print(f"[train] done in {time.time() - t_start:.1f}s -> {out_dir / 'checkpoint.pt'}", flush=True)
+    if distributed:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# eval / params / convert-fsanet
+# --------------------------------------------------------------------------------------------
+def cmd_eval(args) -> int:
+    device = resolve_device(args.device)
+    ckpt = load_checkpoint(args.ckpt)
+    spec, model, input_size = model_from_checkpoint(ckpt, args.model, device)
+    cuda = device.type == "cuda"
+    if cuda:
+        model = model.to(memory_format=torch.channels_last)
+    amp_dtype = None
+    if cuda and not args.no_amp:
+        amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    batch_size = int(args.batch_size or (ckpt.get("args") or {}).get("batch_size") or 64)
+    loader = make_loader(args.data, spec, batch_size, train=False, workers=args.workers, seed=0,
+                         input_size=input_size, gpu_decode=bool(args.gpu_decode and cuda))
+    res = evaluate(model, loader, spec, device, amp_dtype=amp_dtype, channels_last=cuda, input_size=input_size)
+    print(f"{spec.name} on {args.data}: {res['samples']} samples")
+    for k in ("yaw", "pitch", "roll", "mean"):
+        print(f"  MAE {k:<5} {res[k]:.4f}")
+    print(json.dumps({"model": spec.name, "samples": res["samples"], "yaw": res["yaw"], "pitch": res["pitch"],
+                      "roll": res["roll"], "mean": res["mean"]}), flush=True)
+    return 0
+
+
+def cmd_params(args) -> int:
+    names = registry.names() if args.model == "all" else [args.model]
+    for name in names:
+        spec = registry.get(name)
+        model = build_model(spec, None, None)
+        trainable = registry.count_parameters(model, trainable_only=True)
+        total = registry.count_parameters(model, trainable_only=False)
+        print(f"{name}: trainable {trainable:,}  total {total:,}")
+        report = getattr(model, "parameter_report", None)
+        if callable(report):
+            for label, n in report().items():
+                print(f"  {label}: {n:,}")
+    return 0
+
+
+def cmd_convert_fsanet(args) -> int:
+    from .convert_fsanet import convert  # written alongside the FSA-Net port; imported lazily (h5py)
+
+    convert(args.h5, args.out)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m train_minimal", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a registered model on WebDataset shards")
+    t.add_argument("--model", required=True, help="registered model name (see: params --model all)")
+    t.add_argument("--train", required=True, help="training shards: path, brace pattern or URL")
+    t.add_argument("--val", action="append", metavar="NAME=URL", help="validation shards (repeatable)")
+    g = t.add_mutually_exclusive_group(required=True)
+    g.add_argument("--epochs", type=int)
+    g.add_argument("--steps", type=int, help="optimiser steps in all (evaluates at each epoch end and at the end)")
+    t.add_argument("--batch-size", type=int, help="per process (default: the model's)")
+    t.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    t.add_argument("--out", required=True, help="output folder")
+    t.add_argument("--lr", type=float, help="learning rate (default: the paper's)")
+    t.add_argument("--alpha", type=float, help="regression weight of bin-classification losses (Hopenet: 1 or 2)")
+    t.add_argument("--teachers", help="comma-separated teacher checkpoints (knowledge distillation)")
+    t.add_argument("--kd-weight", type=float, help="distillation weight (default: the model's)")
+    t.add_argument("--pretrained", default="auto", help="none | auto (ImageNet via torchvision/timm) | PATH")
+    t.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="DataLoader workers")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--gpu-decode", action="store_true", help="decode JPEGs on the GPU (torchvision.io.decode_jpeg)")
+    t.add_argument("--epoch-length", type=int, help="samples per epoch (all ranks): resampled shards")
+    t.add_argument("--input-size", type=int, help="override the model's input size (smoke tests)")
+    t.add_argument("--no-amp", action="store_true", help="float32 on CUDA too")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="MAE of a checkpoint on shards; the last line is JSON")
+    e.add_argument("--model", help="model name (default: the checkpoint's)")
+    e.add_argument("--ckpt", required=True)
+    e.add_argument("--data", required=True, help="shards: path, brace pattern or URL")
+    e.add_argument("--batch-size", type=int, help="default: the training batch size")
+    e.add_argument("--device", default="auto")
+    e.add_argument("--workers", type=int, default=0)
+    e.add_argument("--gpu-decode", action="store_true")
+    e.add_argument("--no-amp", action="store_true")
+    e.set_defaults(func=cmd_eval)
+
+    pa = sub.add_parser("params", help="parameter counts of a model (or 'all')")
+    pa.add_argument("--model", required=True)
+    pa.set_defaults(func=cmd_params)
+
+    c = sub.add_parser("convert-fsanet", help="official FSA-Net Keras .h5 weights -> our checkpoint")
+    c.add_argument("h5")
+    c.add_argument("out")
+    c.set_defaults(func=cmd_convert_fsanet)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
