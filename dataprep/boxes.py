@@ -57,6 +57,20 @@ def bbox_of_points(points, mask=None) -> Box:
     return [float(p[:, 0].min()), float(p[:, 1].min()), float(p[:, 0].max()), float(p[:, 1].max())]
 
 
+def fsanet_points_mask(points) -> np.ndarray:
+    """FSA-Net's filter of ``pt2d`` points: keep ``x > 0``, or ``y > 0`` when that keeps fewer
+    (its comment: "I found negative value in AFLW2000"); drops AFLW2000's x = -1 placeholders."""
+    p = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+    keep_x, keep_y = p[:, 0] > 0, p[:, 1] > 0
+    return keep_y if keep_x.sum() > keep_y.sum() else keep_x
+
+
+def pt2d_boxes(points) -> dict[str, Box]:
+    """The boxes the papers' code derives from a ``.mat``'s ``pt2d`` points, kept for comparison:
+    ``pt2d`` (Hopenet: min/max of all points, placeholders included) and ``pt2d_valid`` (FSA-Net)."""
+    return {"pt2d": bbox_of_points(points), "pt2d_valid": bbox_of_points(points, fsanet_points_mask(points))}
+
+
 def width_height(box) -> tuple[float, float]:
     return float(box[2] - box[0]), float(box[3] - box[1])
 

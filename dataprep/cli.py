@@ -48,6 +48,7 @@ def _add_build(sub) -> None:
 
 def cmd_build(args) -> int:
     from .build import BuildError, BuildOptions, build, summary_table
+    from .detectors import DetectorWeightsError
 
     opts = BuildOptions(
         dataset=args.dataset, root=args.root, out=args.out, protocol=str(args.protocol), detector=args.detector,
@@ -61,7 +62,7 @@ def cmd_build(args) -> int:
     start = time.perf_counter()
     try:
         manifest = build(opts)
-    except (BuildError, ValueError, FileNotFoundError) as err:
+    except (BuildError, DetectorWeightsError, ValueError, FileNotFoundError) as err:
         print(f"dataprep build: error: {err}", file=sys.stderr)
         return 2
     elapsed = time.perf_counter() - start
@@ -120,12 +121,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
     sub.add_parser("protocols", help="list the benchmark protocols in manifests/")
-    try:
-        from .audit import add_parser as add_audit  # noqa: F401
-    except ImportError:
-        add_audit = None
-    if add_audit is not None:
-        add_audit(sub)
+    from .audit import add_parser as add_audit
+
+    add_audit(sub)
     args = parser.parse_args(argv)
     handlers = {"build": cmd_build, "verify": cmd_verify, "sample": cmd_sample, "protocols": cmd_protocols}
     if args.command == "audit":

@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from dataprep.boxes import bbox_of_points
+
 from dataprep import labels
 from dataprep.datasets import DATASET_READERS, aflw2000, biwi, get_reader, matfile, w300lp
 from dataprep.records import RawSample, SampleError, SampleRef
@@ -104,7 +106,7 @@ def test_round_trip(sample_tree, expected, name):
             assert s.image.shape == (450, 450, 3)
             assert s.landmarks.shape == (68, 2)
             assert len(s.extra["pose_para"]) == 7
-            assert s.boxes["gt"] == pytest.approx(matfile.points_box(s.landmarks))
+            assert s.boxes["gt"] == pytest.approx(bbox_of_points(s.landmarks))
         if name == "300w_lp":
             assert s.boxes["pt2d"] == s.boxes["gt"]
         if name == "aflw2000":

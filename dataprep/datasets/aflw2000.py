@@ -12,6 +12,7 @@ import numpy as np
 
 from .. import labels
 from ..records import RawSample, SampleRef, make_key
+from ..boxes import bbox_of_points, pt2d_boxes
 from . import matfile
 
 NAME = "aflw2000"
@@ -51,7 +52,7 @@ def read_sample(root: Path, ref: SampleRef) -> RawSample:
         pitch=pitch,
         roll=roll,
         rotation=labels.rotation_from_euler(yaw, pitch, roll),
-        boxes={"gt": matfile.points_box(landmarks), "pt2d": matfile.points_box(pt2d.T)},
+        boxes={"gt": bbox_of_points(landmarks), **pt2d_boxes(pt2d.T)},
         landmarks=landmarks,
         extra={"pose_para": pose_para, "pt2d_missing": missing},
     )

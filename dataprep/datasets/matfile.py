@@ -156,12 +156,6 @@ def pose_labels(mat: Mapping[str, Any], display: str) -> tuple[float, float, flo
     return yaw, pitch, roll, [float(v) for v in pose]
 
 
-def points_box(points: np.ndarray) -> list[float]:
-    """Min/max box ``[x1, y1, x2, y2]`` of points given as (N, 2)."""
-    p = np.asarray(points, dtype=np.float64)
-    return [float(p[:, 0].min()), float(p[:, 1].min()), float(p[:, 0].max()), float(p[:, 1].max())]
-
-
 def image_and_mat(root: Path, source: str) -> tuple[np.ndarray, dict[str, Any], str]:
     """The common first step of both MAT readers: image (450x450 RGB) and its parsed ``.mat``.
     Returns ``(image, mat, mat_display_name)``. The .mat is checked first: a missing label is the

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from .. import labels
 from ..records import RawSample, SampleRef, make_key
+from ..boxes import bbox_of_points, pt2d_boxes
 from . import matfile
 
 NAME = "300w_lp"
@@ -42,7 +43,6 @@ def read_sample(root: Path, ref: SampleRef) -> RawSample:
     yaw, pitch, roll, pose_para = matfile.pose_labels(mat, display)
     pt2d = matfile.require_finite(matfile.require_array(mat, "pt2d", (2, 68), display), "pt2d", display)
     landmarks = pt2d.T.copy()
-    box = matfile.points_box(landmarks)
     return RawSample(
         ref=ref,
         image=image,
@@ -50,7 +50,7 @@ def read_sample(root: Path, ref: SampleRef) -> RawSample:
         pitch=pitch,
         roll=roll,
         rotation=labels.rotation_from_euler(yaw, pitch, roll),
-        boxes={"gt": box, "pt2d": list(box)},
+        boxes={"gt": bbox_of_points(landmarks), **pt2d_boxes(landmarks)},
         landmarks=landmarks,
         extra={"pose_para": pose_para},
     )

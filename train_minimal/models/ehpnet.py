@@ -223,7 +223,10 @@ def ehpnet_distill(student_outputs, teacher_outputs: list, weight: float = KD_WE
     loss = 0.0
     for i, s in enumerate(student_outputs):
         teacher = torch.stack([F.softmax(t[i].float(), dim=1) for t in teacher_outputs]).mean(0)
-        loss = loss + F.kl_div(F.log_softmax(s.float(), dim=1), teacher, reduction="mean")
+        # == F.kl_div(log_softmax(s), teacher, reduction="mean") (nn.KLDivLoss() in the code),
+        # written out to avoid PyTorch's warning about 'mean' (it averages over bins too).
+        log_p = F.log_softmax(s.float(), dim=1)
+        loss = loss + (torch.xlogy(teacher, teacher) - teacher * log_p).mean()
     return weight * loss
 
 

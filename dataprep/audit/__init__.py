@@ -1,0 +1,236 @@
+"""``dataprep audit OUT --report DIR [--compare OTHER] [--raw-root PATH]``: what each box rule does,
+per dataset and per sample.
+
+Reads a build (its shards with plain ``tarfile`` and ``manifest.json``; every box variant is in the
+label records) and writes into ``DIR``:
+
+* ``boxes.csv``: one row per sample (rejected ones included): every box variant, aspect ratios, each
+  crop rule's window (``boxes.crop_window``) and the distortion a resize to square causes
+  (``boxes.square_distortion``), IoU and centre shift between variants, and flags.
+* ``sheets/<flag>.png``: contact sheets of the worst cases per flag (source image, boxes, pose axes,
+  each rule's crop, the stored crop); ``hist_*.png``: histograms.
+* ``compare.csv`` and ``sheets/compare_changed.png`` with ``--compare``.
+* ``report.html``: one self-contained page with all of the above.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from .. import boxes as box_rules
+from .compare import COMPARE_COLUMNS, CompareTolerances, compare_builds, compare_summary
+from .table import (FLAG_HELP, FLAGS, AuditError, Build, Row, Thresholds, audit_rows, columns, flag_counts, load_build,
+                    rule_summary, variant_summary, write_csv)
+
+__all__ = ["AuditError", "CompareTolerances", "Thresholds", "add_parser", "load_build", "run_audit"]
+
+
+def _worst(rows: list[Row], flag: str, n: int) -> list[Row]:
+    """Originals before augmented variants, then the largest severity, then by key."""
+    flagged = [r for r in rows if flag in r.flags]
+    return sorted(flagged, key=lambda r: (bool(r.values.get("augment")), -r.severity.get(flag, 0.0), r.key))[:n]
+
+
+def _metric(row: Row, flag: str) -> str:
+    v = row.values
+    if flag == "placeholder_box":
+        return f"IoU(gt,pt2d) {v.get('iou_gt_pt2d', 0):.2f}, {v.get('pt2d_missing', 0)} placeholder pt(s)"
+    if flag == "squashed":
+        return f"crop {v['crop_x2'] - v['crop_x1']}x{v['crop_y2'] - v['crop_y1']}, distortion {v['crop_distortion']:.2f}"
+    if flag == "detector_disagrees":
+        ious = [f"IoU(gt,{d}) {v[f'iou_gt_{d}']:.2f}" for d in ("mtcnn", "retinaface") if v.get(f"iou_gt_{d}") is not None]
+        return ", ".join(ious)
+    if flag == "outside_image":
+        return f"outside: {v.get('outside_boxes')} ({row.severity.get(flag, 0):.0%} of area)"
+    if flag == "reused_box":
+        return f"reused box, IoU(gt, box) {1 - row.severity.get(flag, 0):.2f}"
+    return v.get("reason", "")
+
+
+def _caption(row: Row, flag: str) -> str:
+    v = row.values
+    return (f"{v['key']} [{v['split']}]  yaw {v['yaw']:.0f} pitch {v['pitch']:.0f} roll {v['roll']:.0f}  |  "
+            f"{_metric(row, flag)}")
+
+
+def _resolve_raw_root(manifest: dict, raw_root) -> Path | None:
+    root = Path(raw_root) if raw_root else Path(manifest.get("input", {}).get("root", "") or "/nonexistent")
+    return root if root.is_dir() else None
+
+
+def run_audit(out, report, *, compare=None, raw_root=None, thresholds: Thresholds = Thresholds(),
+              per_flag: int = 6, tolerances: CompareTolerances = CompareTolerances(), pictures: bool = True) -> dict:
+    """Audit the build in ``out`` into the folder ``report``; returns a summary dict."""
+    from . import pictures as pics
+    from .report import render
+
+    report = Path(report)
+    report.mkdir(parents=True, exist_ok=True)
+    build = load_build(out)
+    variants = build.variants()
+    rows = audit_rows(build, thresholds)
+    write_csv(report / "boxes.csv", columns(variants), [r.values for r in rows])
+    root = _resolve_raw_root(build.manifest, raw_root)
+    splits, counts = flag_counts(rows)
+
+    sheets: dict[str, dict] = {}
+    for flag in FLAGS:
+        worst = _worst(rows, flag, per_flag)
+        if not worst:
+            continue
+        entry = {"count": sum(counts[flag].values()), "image": None}
+        if flag == "rejected":
+            entry["header"] = ["key", "split", "source", "reason", "message"]
+            entry["rows"] = [[r.key, r.values["split"], r.values["source"], r.values["reason"], r.values["message"]] for r in worst]
+            sheet_rows = [sr for sr in (pics.rejected_sheet_row(r, root) for r in worst) if sr is not None] if pictures else []
+            if sheet_rows:
+                path = pics.rejected_sheet(sheet_rows, report / "sheets" / f"{flag}.png", f"{flag}: raw images of rejected samples")
+                entry["image"] = path.relative_to(report).as_posix()
+        else:
+            entry["header"] = ["key", "split", "source", "severity", "details", "flags"]
+            entry["rows"] = [[r.key, r.values["split"], r.values["source"], float(r.severity.get(flag, 0.0)),
+                              _metric(r, flag), r.values["flags"]] for r in worst]
+            if pictures:
+                sheet_rows = [pics.flag_sheet_row(build, r, root, _caption(r, flag)) for r in worst]
+                legend = pics.legend_for(variants, [("stored crop", pics.CROP_COLOUR, "dashed")])
+                path = pics.contact_sheet(sheet_rows, report / "sheets" / f"{flag}.png",
+                                          f"{flag}: {entry['count']} sample(s), worst {len(worst)} shown", legend)
+                entry["image"] = path.relative_to(report).as_posix()
+        sheets[flag] = entry
+
+    hists = {}
+    if pictures:
+        hists = {k: p.relative_to(report).as_posix() for k, p in pics.histograms(rows, variants, report).items()}
+
+    rejected_by_reason: dict[str, tuple[int, str]] = {}
+    for e in build.rejected:
+        n, ex = rejected_by_reason.get(e["reason"], (0, e.get("message", "")))
+        rejected_by_reason[e["reason"]] = (n + 1, ex)
+
+    ctx = {
+        "out": str(out), "manifest": build.manifest, "thresholds": thresholds, "splits": splits,
+        "raw_root": str(root) if root else None, "csv": "boxes.csv",
+        "flag_counts": {f: dict(c) for f, c in counts.items()}, "sheets": sheets, "hists": hists,
+        "variants": variant_summary(rows, variants, thresholds), "rules": rule_summary(rows, thresholds),
+        "rejected_by_reason": rejected_by_reason,
+    }
+    summary = {"report": str(report / "report.html"), "samples": len(build.samples), "rejected": len(build.rejected),
+               "flags": {f: sum(c.values()) for f, c in counts.items()}}
+
+    if compare is not None:
+        other = load_build(compare)
+        crows = compare_builds(build, other, tolerances)
+        write_csv(report / "compare.csv", COMPARE_COLUMNS, [r.values for r in crows])
+        csum = compare_summary(crows)
+        changed = sorted((r for r in crows if r.status == "changed"), key=lambda r: (-r.severity, r.values["match"]))
+        shown = changed[:per_flag]
+        cmp_ctx = {"other": str(compare), "other_settings": other.manifest.get("settings", {}), "summary": csum,
+                   "csv": "compare.csv", "image": None,
+                   "header": ["source", "status", "changes", "key", "max angle diff", "box A", "box B", "crop A", "crop B", "crop IoU"],
+                   "rows": []}
+        listed = changed[:50] + [r for r in crows if r.status in ("added", "dropped")][:50]
+        for r in listed:
+            v = r.values
+            cmp_ctx["rows"].append([
+                v["source"], r.status, v["changes"].replace(";", ", "), v.get("key_a") or v.get("key_b"),
+                float(v["max_angle_diff"]) if v.get("max_angle_diff") is not None else "-",
+                f"{v.get('box_source_a', '-')}", f"{v.get('box_source_b', '-')}",
+                _fmt_box(v, "crop_a"), _fmt_box(v, "crop_b"),
+                float(v["crop_iou"]) if v.get("crop_iou") is not None else "-"])
+        if pictures and shown:
+            sheet_rows = [_compare_sheet_row(pics, build, other, r, root) for r in shown]
+            legend = [("A box", pics.BOX_COLOURS["gt"], "box"), ("B box", pics.BOX_COLOURS["pt2d"], "box"),
+                      ("A stored crop", pics.CROP_COLOUR, "dashed"), ("B stored crop", pics.OTHER_CROP_COLOUR, "dashed"),
+                      ("pose x", pics.AXIS_COLOURS[0], "axis"), ("pose y", pics.AXIS_COLOURS[1], "axis"),
+                      ("nose", pics.AXIS_COLOURS[2], "axis")]
+            path = pics.contact_sheet(sheet_rows, report / "sheets" / "compare_changed.png",
+                                      f"changed samples: {len(changed)}, {len(shown)} most different crops shown", legend)
+            cmp_ctx["image"] = path.relative_to(report).as_posix()
+        ctx["compare"] = cmp_ctx
+        summary["compare"] = csum
+
+    (report / "report.html").write_text(render(ctx, report), encoding="utf-8")
+    return summary
+
+
+def _fmt_box(v: dict, prefix: str) -> str:
+    if v.get(f"{prefix}_x1") is None:
+        return "-"
+    return "[" + ", ".join(f"{v[f'{prefix}_{c}']:.0f}" for c in ("x1", "y1", "x2", "y2")) + "]"
+
+
+def _compare_sheet_row(pics, a: Build, b: Build, row, raw_root):
+    """Source image with A's and B's boxes and stored crop windows, then both stored crops."""
+    ra, rb = row.a.record, row.b.record
+    sample_row = Row(values={}, flags=[], severity={}, sample=row.a)
+    view = pics.sample_view(a, sample_row, raw_root)
+    overlays = [pics.Overlay("A box", ra["box"], pics.BOX_COLOURS["gt"]),
+                pics.Overlay("B box", rb["box"], pics.BOX_COLOURS["pt2d"]),
+                pics.Overlay("A crop", [float(x) for x in ra["crop"]], pics.CROP_COLOUR, dashed=True),
+                pics.Overlay("B crop", [float(x) for x in rb["crop"]], pics.OTHER_CROP_COLOUR, dashed=True)]
+    thumbs = []
+    for side, build, sample in (("A", a, row.a), ("B", b, row.b)):
+        img = pics.decode_rgb(build.read_member(sample, "jpg"))
+        if img is not None:
+            img = pics.thumbnail(img)
+        rec = sample.record
+        d = box_rules.square_distortion(rec["crop"])
+        thumbs.append((f"{side}: {rec.get('crop_rule')} ({rec.get('box_source')}) d={d:.2f}", img))
+    v = row.values
+    caption = (f"{ra['key']}  yaw {ra['yaw']:.0f} pitch {ra['pitch']:.0f} roll {ra['roll']:.0f}  |  "
+               f"{v['changes'].replace(';', ', ')}; crop IoU {v['crop_iou']:.2f}")
+    if view is not None and view.kind != "source":
+        caption += "  [stored crop of A]"
+    gt = ra.get("boxes", {}).get("gt") or ra["box"]
+    return pics.SheetRow(view, caption, overlays, (ra["yaw"], ra["pitch"], ra["roll"]), gt, thumbs)
+
+
+# ------------------------------------------------------------------------------------------- CLI
+def add_parser(subparsers) -> None:
+    d = Thresholds()
+    p = subparsers.add_parser(
+        "audit", help="per-sample and per-dataset report of what each box rule does (HTML, CSV, pictures)",
+        description=("Audit the face boxes of a build: writes report.html, boxes.csv, contact sheets of the worst "
+                     "cases per flag and histograms into --report. Flags: " + "; ".join(f"{f}: {h}" for f, h in FLAG_HELP.items())
+                     + ". Example: dataprep audit shards/aflw2000-p1 --report audit/aflw2000"))
+    p.add_argument("out", help="the --out folder of a dataprep build")
+    p.add_argument("--report", required=True, help="folder to write report.html, boxes.csv and the pictures into")
+    p.add_argument("--compare", default=None, metavar="OTHER_OUT",
+                   help="another build of the same raw data: diff samples, labels and boxes (compare.csv)")
+    p.add_argument("--raw-root", default=None,
+                   help="the raw dataset folder for the pictures (default: the build's input root; without it the "
+                        "pictures are drawn on the stored crops)")
+    p.add_argument("--squash-threshold", type=float, default=d.squash,
+                   help=f"flag 'squashed' when the stored crop's square distortion exceeds this ({d.squash})")
+    p.add_argument("--detector-iou", type=float, default=d.detector_iou,
+                   help=f"flag 'detector_disagrees' when IoU(gt, detector box) is below this ({d.detector_iou})")
+    p.add_argument("--placeholder-iou", type=float, default=d.placeholder_iou,
+                   help=f"flag 'placeholder_box' when IoU(gt, pt2d) is below this ({d.placeholder_iou})")
+    p.add_argument("--outside-tolerance", type=float, default=d.outside_tolerance,
+                   help=f"pixels a box may extend past the image before 'outside_image' ({d.outside_tolerance:g})")
+    p.add_argument("--per-flag", type=int, default=6, help="worst cases shown per flag (6)")
+    p.add_argument("--label-tolerance", type=float, default=CompareTolerances().label,
+                   help="--compare: angle difference in degrees that counts as a label change (1e-6)")
+    p.set_defaults(handler=cmd_audit)
+
+
+def cmd_audit(args) -> int:
+    th = Thresholds(squash=args.squash_threshold, detector_iou=args.detector_iou,
+                    placeholder_iou=args.placeholder_iou, outside_tolerance=args.outside_tolerance)
+    try:
+        summary = run_audit(args.out, args.report, compare=args.compare, raw_root=args.raw_root, thresholds=th,
+                            per_flag=max(1, args.per_flag), tolerances=CompareTolerances(label=args.label_tolerance))
+    except AuditError as err:
+        print(f"dataprep audit: error: {err}", file=sys.stderr)
+        return 2
+    print(f"{summary['samples']} sample(s), {summary['rejected']} rejected -> {summary['report']}")
+    width = max(len(f) for f in FLAGS)
+    for f in FLAGS:
+        print(f"  {f:<{width}}  {summary['flags'].get(f, 0):>7}")
+    if "compare" in summary:
+        c = summary["compare"]
+        print("compare: " + ", ".join(f"{k} {v}" for k, v in c["status"].items())
+              + "; changes: " + ", ".join(f"{k} {v}" for k, v in c["changes"].items() if v)
+              + f"; max angle difference {c['max_angle_diff']:.3g} deg")
+    return 0
+

@@ -1,0 +1,161 @@
+"""The box stage with detectors inside real builds: protocol defaults, BIWI tracking, the cache,
+RetinaFace weights through the user's path."""
+from __future__ import annotations
+
+import json
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from dataprep import box_stage
+from dataprep.boxes import iou
+from dataprep.build import BuildOptions, build
+from dataprep.detectors import Detection
+
+
+def records(out: Path) -> dict[str, dict]:
+    recs = {}
+    for shard in sorted(out.glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            for m in tar.getmembers():
+                if m.name.endswith(".json"):
+                    rec = json.loads(tar.extractfile(m).read())
+                    recs[rec["key"]] = rec
+    return recs
+
+
+def _opts(root, out, dataset, cache, **kw):
+    kw.setdefault("progress", False)
+    return BuildOptions(dataset=dataset, root=str(root), out=str(out), cache_dir=str(cache), device="cpu", **kw)
+
+
+class CountingDetector:
+    """Wraps a real detector and counts the images it is asked to detect."""
+
+    def __init__(self, inner):
+        self.inner, self.images = inner, 0
+        self.name, self.fingerprint = inner.name, inner.fingerprint
+
+    def detect(self, images):
+        self.images += len(images)
+        return self.inner.detect(images)
+
+
+@pytest.fixture
+def counting(monkeypatch):
+    made = []
+    real = box_stage.create_detector
+
+    def create(*a, **kw):
+        made.append(CountingDetector(real(*a, **kw)))
+        return made[-1]
+
+    monkeypatch.setattr(box_stage, "create_detector", create)
+    return made
+
+
+def test_biwi_protocol2_defaults_to_mtcnn_with_tracking_and_caches(sample_tree, tmp_path, counting):
+    cache = tmp_path / "cache"
+    manifest = build(_opts(sample_tree / "hpdb", tmp_path / "a", "biwi", cache, protocol="2"))
+    assert manifest["settings"]["detector"] == "mtcnn"
+    assert manifest["settings"]["biwi_tracking"] == "previous"
+    recs = records(tmp_path / "a")
+    assert len(recs) == manifest["counts"]["written"] > 0
+    for rec in recs.values():
+        assert rec["box_source"] == "mtcnn"
+        assert rec["box_scores"]["mtcnn"] > 0.95
+        assert rec["tracking"]["mode"] == "previous"
+        # the real detector finds the real face pixels where the labels put the head
+        assert iou(rec["boxes"]["mtcnn"], rec["boxes"]["gt"]) > 0.3
+    c = manifest["counts"]
+    assert c["read"] == c["written"] + c["rejected"] == 72
+    assert counting[0].images == 72
+
+    # A rebuild (another output, same images and detector) answers from the cache.
+    build(_opts(sample_tree / "hpdb", tmp_path / "b", "biwi", cache, protocol="2"))
+    assert counting[1].images == 0
+    for name in (p.name for p in (tmp_path / "a").glob("*.tar")):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+
+
+class ScriptedDetector:
+    """Returns scripted detections per BIWI frame (by image content order within a sequence)."""
+
+    name = "mtcnn"
+    fingerprint = "scripted"
+
+    def __init__(self, script):
+        self.script = script  # list of detection lists, consumed in order
+
+    def detect(self, images):
+        return [self.script.pop(0) for _ in images]
+
+
+def test_biwi_tracking_rejections_and_reuse_land_in_manifest(sample_tree, tmp_path, monkeypatch):
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps({"by": "group", "test": ["01"]}))
+    a = Detection((400, 300, 480, 400), 0.99)
+    far = Detection((100, 100, 180, 200), 0.99)  # centre 300 px away: a jump
+    weak = Detection((400, 300, 480, 400), 0.5)
+
+    def run(mode, script):
+        monkeypatch.setattr(box_stage, "create_detector", lambda *a, **k: ScriptedDetector(list(script)))
+        out = tmp_path / f"o-{mode}"
+        m = build(_opts(sample_tree / "hpdb", out, "biwi", tmp_path / f"c-{mode}", protocol="1",
+                        split_file=str(split), biwi_tracking=mode))
+        return m, records(out)
+
+    # frames of sequence 01 in order: a face, a jump, a weak face
+    m, recs = run("none", [[a], [far], [weak]])
+    assert m["counts"]["written"] == 1
+    assert sorted(r["reason"] for r in m["rejected"]) == ["box_jump", "no_face"]
+    m, recs = run("previous", [[a], [far], [weak]])
+    assert m["counts"]["written"] == 3 and not m["rejected"]
+    reused = sorted(r["tracking"]["reused"] for r in recs.values())
+    assert reused == [False, True, True]
+    assert all(r["box"] == [400, 300, 480, 400] for r in recs.values())
+
+
+def test_aflw2000_mtcnn_picks_the_face_on_the_ground_truth(sample_tree, tmp_path):
+    split = tmp_path / "split.json"
+    names = sorted(p.name for p in (sample_tree / "AFLW2000").glob("*.jpg"))[:4]
+    split.write_text(json.dumps({"by": "source", "test": names}))
+    m = build(_opts(sample_tree / "AFLW2000", tmp_path / "o", "aflw2000", tmp_path / "c", protocol="none",
+                    detector="mtcnn", split_file=str(split)))
+    recs = records(tmp_path / "o")
+    assert m["counts"]["read"] == 4
+    for rec in recs.values():
+        assert set(rec["boxes"]) >= {"gt", "pt2d", "mtcnn"}
+        assert iou(rec["boxes"]["mtcnn"], rec["boxes"]["gt"]) > 0
+        assert 0 < rec["box_scores"]["mtcnn"] <= 1
+
+
+def test_retinaface_build_takes_user_weights_file(sample_tree, tmp_path):
+    from dataprep.detectors.retinaface import RetinaFaceNet
+
+    torch.manual_seed(0)
+    weights = tmp_path / "retinaface_resnet50_2020-07-20.pth"
+    torch.save(RetinaFaceNet().state_dict(), weights)
+    split = tmp_path / "split.json"
+    names = sorted(p.name for p in (sample_tree / "AFLW2000").glob("*.jpg"))[:2]
+    split.write_text(json.dumps({"by": "source", "test": names}))
+    m = build(_opts(sample_tree / "AFLW2000", tmp_path / "o", "aflw2000", tmp_path / "c", protocol="none",
+                    detector="retinaface", retinaface_weights=str(weights), split_file=str(split)))
+    # random weights find no face on the ground truth: each sample is rejected with a reason, none lost
+    c = m["counts"]
+    assert c["read"] == 2 == c["written"] + c["rejected"]
+    assert all(r["reason"] == "no_face" for r in m["rejected"])
+    assert m["settings"]["detector_fingerprint"]
+
+
+def test_missing_retinaface_weights_says_which_option(sample_tree, tmp_path, monkeypatch, capsys):
+    from dataprep.cli import main
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    rc = main(["build", "--dataset", "aflw2000", "--root", str(sample_tree / "AFLW2000"), "--out", str(tmp_path / "o"),
+               "--detector", "retinaface", "--no-progress", "--cache-dir", str(tmp_path / "c")])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "--retinaface-weights" in err

@@ -1,0 +1,78 @@
+"""Box rules and the crop stage against hand-computed values."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dataprep import boxes
+from dataprep.crop import crop_and_resize, recrop
+
+
+def test_square_pad_pads_the_shorter_side_evenly():
+    # 40 wide, 100 tall: the 60 px difference split, 30 px added on each side of x
+    assert boxes.square_pad([100, 50, 140, 150]) == [70, 50, 170, 150]
+    # margin 0.25 of the 100 px side on every side
+    assert boxes.square_pad([100, 50, 140, 150], margin=0.25) == [45, 25, 195, 175]
+
+
+def test_hopenet_loose_updates_corners_in_sequence():
+    # box 100x100 at (100, 100); k = 0.2 (AFLW2000)
+    # x1 = 100 - 0.6*0.2*100 = 88;  y1 = 100 - 2*0.2*100 = 60
+    # x2 = 200 + 0.6*0.2*|200 - 88| = 213.44 (uses the moved x1, as Hopenet's code does)
+    # y2 = 200 + 0.6*0.2*|200 - 60| = 216.8
+    got = boxes.crop_window("hopenet", [100, 100, 200, 200], dataset="aflw2000", image_size=(450, 450))
+    assert got == pytest.approx([88, 60, 213.44, 216.8])
+    # BIWI: k = 0.35, top grows by k (not 2k)
+    got = boxes.crop_window("hopenet", [100, 100, 200, 200], dataset="biwi", image_size=(640, 480))
+    assert got == pytest.approx([79, 65, 200 + 0.21 * 121, 200 + 0.21 * 135])
+
+
+def test_hopenet_k_is_random_in_range_for_300w_lp_and_seeded():
+    ks = [boxes.hopenet_k("300w_lp", np.random.default_rng(i)) for i in range(50)]
+    assert min(ks) >= 0.2 and max(ks) <= 0.4 and len(set(ks)) > 40
+    assert boxes.hopenet_k("300w_lp", np.random.default_rng(3)) == boxes.hopenet_k("300w_lp", np.random.default_rng(3))
+
+
+def test_fsanet_margin_truncates_and_clips():
+    # int box (10, 20, 110, 70): w 100, h 50; 0.6 margins: x 60, y 30 -> clipped at 0 and W-1
+    assert boxes.fsanet_margin([10.7, 20.2, 110.9, 70.5], (150, 100)) == [0, 0, 149, 99]
+    assert boxes.fsanet_margin([100, 100, 200, 150], (450, 450)) == [40, 70, 260, 180]
+
+
+def test_fsanet_points_drop_placeholders_but_hopenet_keeps_them():
+    pts = np.array([[100, 120], [200, 220], [-1, 452], [150, 180]], dtype=float)
+    b = boxes.pt2d_boxes(pts)
+    assert b["pt2d"] == [-1, 120, 200, 452]
+    assert b["pt2d_valid"] == [100, 120, 200, 220]
+
+
+def test_iou_aspect_distortion():
+    assert boxes.iou([0, 0, 10, 10], [5, 0, 15, 10]) == pytest.approx(50 / 150)
+    assert boxes.iou([0, 0, 1, 1], [2, 2, 3, 3]) == 0
+    assert boxes.aspect_ratio([0, 0, 60, 100]) == pytest.approx(0.6)
+    assert boxes.square_distortion([0, 0, 60, 100]) == pytest.approx(100 / 60 - 1)
+
+
+def test_crop_pads_black_outside_and_maps_coordinates():
+    image = np.full((100, 100, 3), 200, np.uint8)
+    out, window = crop_and_resize(image, [-50, -50, 50, 50], 50)
+    assert window == [-50, -50, 50, 50]
+    assert out[:20, :20].max() == 0 and out[30:, 30:].min() == 200
+    pts = boxes.to_crop_coords([[0, 0], [50, 50]], window, (50, 50))
+    assert pts.tolist() == [[25, 25], [50, 50]]
+
+
+def test_depth_crops_keep_exact_millimetres():
+    depth = np.arange(100 * 100, dtype=np.uint16).reshape(100, 100)
+    out, _ = crop_and_resize(depth, [0, 0, 100, 100], 50)
+    assert out.dtype == np.uint16 and set(np.unique(out)) <= set(np.unique(depth))
+
+
+def test_recrop_applies_another_rule_from_the_record():
+    # A stored 200 px crop of window [0, 0, 400, 400]; the record's gt box is (100, 100, 300, 300).
+    stored = np.zeros((200, 200, 3), np.uint8)
+    stored[50:150, 50:150] = 255  # the face box area, in stored-crop pixels
+    record = {"boxes": {"gt": [100, 100, 300, 300]}, "box": [100, 100, 300, 300], "box_source": "gt",
+              "dataset": "aflw2000", "image_size": [400, 400], "crop": [0, 0, 400, 400]}
+    out = recrop(stored, record, "box", 64)
+    assert out.shape == (64, 64, 3) and out.min() == 255
