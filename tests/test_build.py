@@ -282,3 +282,49 @@ def test_cli_errors_say_what_to_do(tmp_path, capsys):
     assert "--root" in capsys.readouterr().err
     assert cli_main(["build", "--dataset", "aflw2000", "--protocol", "2", "--root", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
     assert "protocol 2 has no aflw2000" in capsys.readouterr().err
+
+
+def test_offline_augment_writes_variants_next_to_each_sample(sample_tree, tmp_path):
+    manifest = build(opts(sample_tree / "300W_LP", tmp_path, "300w_lp", augment=("flip", "blur", "downsample"), shard_size=100))
+    records = all_records(tmp_path)
+    c = manifest["counts"]
+    assert c["samples_in_shards"] == 4 * c["written"] and c["read"] == c["written"] + c["rejected"]
+    originals = {k: r for k, r in records.items() if not r["augment"]}
+    for key, rec in originals.items():
+        flip = records[key + "_flip"]
+        assert flip["source"] == rec["source"] and flip["augment"] == [{"op": "flip"}]
+        assert flip["yaw"] == pytest.approx(-rec["yaw"]) and flip["roll"] == pytest.approx(-rec["roll"])
+        assert flip["pitch"] == pytest.approx(rec["pitch"])
+        assert np.allclose(labels.rotation_to_euler(flip["rotation"]), (flip["yaw"], flip["pitch"], flip["roll"]), atol=1e-6)
+        assert [op["op"] for op in records[key + "_blur"]["augment"]] == ["blur"]
+        assert records[key + "_downsample"]["augment"][0]["factor"] in (1, 6, 11, 16, 21)
+    again = tmp_path / "again"
+    build(opts(sample_tree / "300W_LP", again, "300w_lp", augment=("flip", "blur", "downsample"), shard_size=100))
+    for shard in tmp_path.glob("*.tar"):
+        assert shard.read_bytes() == (again / shard.name).read_bytes()
+
+
+def test_real_samples_build_end_to_end(real_samples, tmp_path):
+    """The few real files in ../shared/real_samples, through the whole pipeline (read only)."""
+    m = build(opts(real_samples / "hpdb", tmp_path / "biwi", "biwi", protocol="none", detector="gt"))
+    assert m["counts"]["written"] == 1
+    (rec,) = all_records(tmp_path / "biwi").values()
+    assert (rec["pitch"], rec["yaw"], rec["roll"]) == pytest.approx((7.607223, 3.290995, -1.566632), abs=1e-5)
+    assert rec["source"] == "01/frame_00003_rgb.png"
+
+    m = build(opts(real_samples / "AFLW2000", tmp_path / "aflw", "aflw2000", crop_rule="fsanet"))
+    c = m["counts"]
+    assert c["read"] == 8 == c["written"] + c["rejected"]
+    for rec in all_records(tmp_path / "aflw").values():
+        assert rec["box_source"] == "pt2d_valid"
+        if rec["extra"]["pt2d_missing"]:
+            # real placeholders stretch Hopenet's box to x = -1 / y = 452; FSA-Net's filter drops them
+            assert rec["boxes"]["pt2d"][0] == -1 and rec["boxes"]["pt2d_valid"][0] > 0
+
+    m = build(opts(real_samples / "300W_LP", tmp_path / "300wlp", "300w_lp"))
+    recs = all_records(tmp_path / "300wlp")
+    assert m["counts"]["written"] == 4
+    orig, flip = recs["300w_lp_AFW_AFW_134212_1_0"], recs["300w_lp_AFW_Flip_AFW_134212_1_0"]
+    # _Flip files are independent re-fits: yaw and roll roughly (not exactly) negated
+    assert flip["yaw"] == pytest.approx(-orig["yaw"], abs=2) and flip["yaw"] != -orig["yaw"]
+    assert flip["roll"] == pytest.approx(-orig["roll"], abs=2)

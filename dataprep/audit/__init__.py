@@ -126,7 +126,7 @@ def run_audit(out, report, *, compare=None, raw_root=None, thresholds: Threshold
         shown = changed[:per_flag]
         cmp_ctx = {"other": str(compare), "other_settings": other.manifest.get("settings", {}), "summary": csum,
                    "csv": "compare.csv", "image": None,
-                   "header": ["source", "status", "changes", "key", "max angle diff", "box A", "box B", "crop A", "crop B", "crop IoU"],
+                   "header": ["source", "status", "changes", "key", "max angle diff", "box source A", "box source B", "crop A", "crop B", "crop IoU"],
                    "rows": []}
         listed = changed[:50] + [r for r in crows if r.status in ("added", "dropped")][:50]
         for r in listed:
@@ -139,8 +139,8 @@ def run_audit(out, report, *, compare=None, raw_root=None, thresholds: Threshold
                 float(v["crop_iou"]) if v.get("crop_iou") is not None else "-"])
         if pictures and shown:
             sheet_rows = [_compare_sheet_row(pics, build, other, r, root) for r in shown]
-            legend = [("A box", pics.BOX_COLOURS["gt"], "box"), ("B box", pics.BOX_COLOURS["pt2d"], "box"),
-                      ("A stored crop", pics.CROP_COLOUR, "dashed"), ("B stored crop", pics.OTHER_CROP_COLOUR, "dashed"),
+            legend = [("A box", pics.A_COLOUR, "box"), ("A stored crop", pics.A_COLOUR, "dashed"),
+                      ("B box", pics.B_COLOUR, "box"), ("B stored crop", pics.B_COLOUR, "dashed"),
                       ("pose x", pics.AXIS_COLOURS[0], "axis"), ("pose y", pics.AXIS_COLOURS[1], "axis"),
                       ("nose", pics.AXIS_COLOURS[2], "axis")]
             path = pics.contact_sheet(sheet_rows, report / "sheets" / "compare_changed.png",
@@ -164,10 +164,10 @@ def _compare_sheet_row(pics, a: Build, b: Build, row, raw_root):
     ra, rb = row.a.record, row.b.record
     sample_row = Row(values={}, flags=[], severity={}, sample=row.a)
     view = pics.sample_view(a, sample_row, raw_root)
-    overlays = [pics.Overlay("A box", ra["box"], pics.BOX_COLOURS["gt"]),
-                pics.Overlay("B box", rb["box"], pics.BOX_COLOURS["pt2d"]),
-                pics.Overlay("A crop", [float(x) for x in ra["crop"]], pics.CROP_COLOUR, dashed=True),
-                pics.Overlay("B crop", [float(x) for x in rb["crop"]], pics.OTHER_CROP_COLOUR, dashed=True)]
+    overlays = [pics.Overlay("A box", ra["box"], pics.A_COLOUR),
+                pics.Overlay("A crop", [float(x) for x in ra["crop"]], pics.A_COLOUR, dashed=True),
+                pics.Overlay("B box", rb["box"], pics.B_COLOUR),
+                pics.Overlay("B crop", [float(x) for x in rb["crop"]], pics.B_COLOUR, dashed=True)]
     thumbs = []
     for side, build, sample in (("A", a, row.a), ("B", b, row.b)):
         img = pics.decode_rgb(build.read_member(sample, "jpg"))

@@ -40,7 +40,8 @@ BOX_COLOURS = {"gt": "#00e5ff", "pt2d": "#ff2bd6", "pt2d_valid": "#ff9f1c", "mtc
                "retinaface": "#b6ff3b"}
 OTHER_COLOURS = ["#ffffff", "#c77dff", "#ff6b6b"]
 CROP_COLOUR = "#ffffff"
-OTHER_CROP_COLOUR = "#ff9f1c"
+#: --compare pictures: build A's box and stored crop window, build B's.
+A_COLOUR, B_COLOUR = "#ffe600", "#ff2bd6"
 AXIS_COLOURS = ("#ff3030", "#30e030", "#3080ff")
 THUMB = 152
 DPI = 72

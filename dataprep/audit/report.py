@@ -31,6 +31,10 @@ nav{font-size:13px;margin:6px 0 12px}nav a{margin-right:12px}
 """
 
 
+class Markup(str):
+    """HTML built by this module (never data): written into table cells unescaped."""
+
+
 def esc(value) -> str:
     return html.escape("" if value is None else str(value))
 
@@ -46,19 +50,29 @@ def num(value, digits: int = 3) -> str:
 
 
 def table(header: list[str], rows: list[list], left: int = 1, hot=None) -> str:
-    """HTML table; the first ``left`` columns are left-aligned; ``hot(i, j, value)`` marks cells."""
+    """HTML table; text columns (and the first ``left``) are left-aligned, numbers right-aligned;
+    ``hot(i, j, value)`` marks cells."""
+    def numeric(cell) -> bool:
+        return isinstance(cell, (int, float)) or cell in ("-", "")
+
+    text_cols = {j for j in range(len(header)) if j < left or any(not numeric(r[j]) for r in rows if j < len(r))}
     out = ["<table><tr>"]
-    out += [f'<th class="{"l" if j < left else ""}">{esc(h)}</th>' for j, h in enumerate(header)]
+    out += [f'<th class="{"l" if j in text_cols else ""}">{esc(h)}</th>' for j, h in enumerate(header)]
     out.append("</tr>")
     for i, row in enumerate(rows):
         out.append("<tr>")
         for j, cell in enumerate(row):
-            cls = ["l"] if j < left else []
+            cls = ["l"] if j in text_cols else []
             if cell == 0 or cell == "0":
                 cls.append("zero")
             if hot and hot(i, j, cell):
                 cls.append("hot")
-            text = cell if isinstance(cell, str) and cell.startswith("<") else (num(cell) if isinstance(cell, float) else esc(cell))
+            if cell is None:
+                text = "-"
+            elif isinstance(cell, Markup):
+                text = str(cell)
+            else:
+                text = num(cell) if isinstance(cell, float) else esc(cell)
             out.append(f'<td class="{" ".join(cls)}">{text}</td>')
         out.append("</tr>")
     out.append("</table>")
@@ -108,7 +122,8 @@ def render(ctx: dict, report_dir: Path) -> str:
     rows = []
     for f in FLAGS:
         c = flag_counts.get(f, {})
-        link = f'<a href="#flag-{f}"><span class="flag">{esc(f)}</span></a>' if sum(c.values()) else f'<span class="flag">{esc(f)}</span>'
+        tag = f'<span class="flag">{esc(f)}</span>'
+        link = Markup(f'<a href="#flag-{esc(f)}">{tag}</a>' if sum(c.values()) else tag)
         rows.append([link, FLAG_HELP[f]] + [c.get(s, 0) for s in splits] + [sum(c.values())])
     parts.append(table(["flag", "meaning"] + splits + ["total"], rows, left=2,
                        hot=lambda i, j, v: j == len(splits) + 2 and isinstance(v, int) and v > 0))
@@ -129,7 +144,8 @@ def render(ctx: dict, report_dir: Path) -> str:
         parts.append("<p>No sample carries a flag.</p>")
     for f, entry in ctx["sheets"].items():
         parts.append(f'<h3 id="flag-{esc(f)}"><span class="flag">{esc(f)}</span> &mdash; {entry["count"]} sample(s)</h3>')
-        parts.append(f"<p class=\"note\">{esc(FLAG_HELP[f])}. Worst first by {esc(SEVERITY_HELP[f])}.</p>")
+        order = f"Worst first by {esc(SEVERITY_HELP[f])}." if f != "rejected" else "Raw images where the raw files are there."
+        parts.append(f"<p class=\"note\">{esc(FLAG_HELP[f])}. {order}</p>")
         if entry.get("image"):
             parts.append(f'<img class="sheet" src="{esc(entry["image"])}" alt="worst {esc(f)} samples">')
         parts.append(table(entry["header"], entry["rows"], left=3))
@@ -137,7 +153,7 @@ def render(ctx: dict, report_dir: Path) -> str:
     # ---------------------------------------------------------------- variants / rules
     parts.append('<h2 id="variants">Box variants</h2>')
     rows = [[v["variant"], v["samples"], v["median_aspect"], v["median_iou_gt"],
-             "-" if v["low_iou"] is None else f"{v['low_iou']} (&lt; {v['low_iou_limit']:g})", v["outside"]]
+             "-" if v["low_iou"] is None else f"{v['low_iou']} (< {v['low_iou_limit']:g})", v["outside"]]
             for v in ctx["variants"]]
     parts.append(table(["variant", "samples", "median aspect (w/h)", "median IoU vs gt", "low IoU vs gt", "outside image"], rows))
     parts.append('<h2 id="rules">Crop rules</h2>')

@@ -151,11 +151,38 @@ def torchvision_model(arch: str, weights: str, pretrained, **kwargs) -> nn.Modul
         raise PretrainedUnavailable(no_weights_message(f"{arch} ({weights})") + f" [{type(exc).__name__}: {exc}]") from exc
 
 
+def _timm_weights_cached(name: str) -> bool:
+    try:
+        import timm
+        from huggingface_hub import try_to_load_from_cache
+
+        hub_id = getattr(timm.models.get_pretrained_cfg(name), "hf_hub_id", None)
+        return bool(hub_id) and any(
+            isinstance(try_to_load_from_cache(hub_id, f), str) for f in ("model.safetensors", "pytorch_model.bin"))
+    except Exception:
+        return False
+
+
+def _reachable(host: str, port: int = 443, timeout: float = 3.0) -> bool:
+    """Quick check before a download that would otherwise retry for a minute with no network."""
+    import socket
+
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True  # can't tell through a proxy; let the download try
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def timm_model(name: str, pretrained, **kwargs) -> nn.Module:
     import timm
 
     if normalize_pretrained(pretrained) != "auto":
         return timm.create_model(name, pretrained=False, **kwargs)
+    if not _timm_weights_cached(name) and not _reachable("huggingface.co"):
+        raise PretrainedUnavailable(no_weights_message(f"timm {name}") + " [huggingface.co unreachable, not in the cache]")
     try:
         return timm.create_model(name, pretrained=True, **kwargs)
     except Exception as exc:
