@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import multiprocessing
 import posixpath
 import traceback
 from dataclasses import asdict, dataclass, field
@@ -22,7 +23,7 @@ from . import labels
 from .crop import crop_and_resize
 from .datasets import get_reader
 from .records import RawSample, SampleError, SampleRef
-from .shards import dumps_json, write_shard
+from .shards import ShardWriter, dumps_json
 
 PROGRESS_DIR = ".dataprep-progress"
 
@@ -190,37 +191,52 @@ def process_ref(reader, root: Path, ref: SampleRef, split: str, settings: Settin
     return [encode_sample(img, rec, pts, depth, settings) for img, rec, pts in augment_variants(image, record, landmarks, settings, rng)]
 
 
+def _one_thread_per_worker() -> None:
+    """In a worker process (joblib/loky, dask), the processes are the parallelism: keep OpenCV to
+    one thread so N workers do not run N x cores threads. The main process is left alone."""
+    global _THREADS_SET
+    if not _THREADS_SET:
+        _THREADS_SET = True
+        if multiprocessing.parent_process() is not None:
+            cv2.setNumThreads(1)
+
+
+_THREADS_SET = False
+
+
 def run_shard(task: ShardTask, settings: Settings, root: str, out: str) -> dict:
-    """Read, crop and encode every sample of one shard, write it, and record the result.
+    """Read, crop and encode every sample of one shard, stream it into the shard, and record the
+    result. Samples go to the shard's temporary file as soon as they are encoded, so a worker
+    holds one sample at a time whatever the shard size.
 
     Bad input never raises out of here: each failure becomes a ``rejected`` entry.
     """
+    _one_thread_per_worker()
     reader = get_reader(settings.dataset)
     root_path = Path(root)
-    samples: list[dict[str, bytes]] = []
     rejected: list[dict] = []
     written = 0
-    for ref in task.refs:
-        try:
-            members = process_ref(reader, root_path, ref, task.split, settings, task.decisions.get(ref.key))
-        except SampleError as err:
-            rejected.append({"key": ref.key, "source": ref.source, "split": task.split, "reason": err.reason, "message": err.message})
-            continue
-        except Exception as err:  # a bug or an input we did not foresee: keep going, say what happened
-            last = traceback.extract_tb(err.__traceback__)[-1]
-            rejected.append({
-                "key": ref.key, "source": ref.source, "split": task.split, "reason": "unexpected_error",
-                "message": f"{ref.source}: {type(err).__name__}: {err} (at {Path(last.filename).name}:{last.lineno}; please report)",
-            })
-            continue
-        samples.extend(members)
-        written += 1
     fs, base = fsspec.core.url_to_fs(out)
+    with ShardWriter(fs, posixpath.join(base, task.name)) as writer:
+        for ref in task.refs:
+            try:
+                members = process_ref(reader, root_path, ref, task.split, settings, task.decisions.get(ref.key))
+            except SampleError as err:
+                rejected.append({"key": ref.key, "source": ref.source, "split": task.split, "reason": err.reason, "message": err.message})
+                continue
+            except Exception as err:  # a bug or an input we did not foresee: keep going, say what happened
+                last = traceback.extract_tb(err.__traceback__)[-1]
+                rejected.append({
+                    "key": ref.key, "source": ref.source, "split": task.split, "reason": "unexpected_error",
+                    "message": f"{ref.source}: {type(err).__name__}: {err} (at {Path(last.filename).name}:{last.lineno}; please report)",
+                })
+                continue
+            for sample in members:
+                writer.write(sample)
+            written += 1
+        shard = writer.close()
     result = {"name": task.name, "split": task.split, "read": len(task.refs), "written": written, "rejected": rejected}
-    if samples:
-        result.update(write_shard(fs, posixpath.join(base, task.name), samples))
-    else:
-        result.update({"sha256": None, "bytes": 0, "samples": 0})
+    result.update(shard)
     progress = posixpath.join(base, PROGRESS_DIR, task.name + ".json")
     with fs.open(progress + ".tmp", "wb") as f:
         f.write(json.dumps({"settings": settings.fingerprint(), "result": result}).encode())

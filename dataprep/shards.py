@@ -9,40 +9,25 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import posixpath
 import re
+import tarfile
 
 import fsspec
-import webdataset as wds
 
 #: Fixed tar mtime (2020-01-01T00:00:00Z): determinism without pretending the epoch.
 TAR_MTIME = 1577836800.0
+TAR_USER = TAR_GROUP = "dataprep"
+TAR_MODE = 0o444
 SAFE_MEMBER = re.compile(r"^[A-Za-z0-9_-]+$")
 SAFE_EXTENSION = re.compile(r"^[a-z0-9]+(\.[a-z0-9]+)*$")
+#: Bytes gathered before each write to the destination: few, large, sequential writes.
+WRITE_BUFFER = 1 << 20
 
 
 def shard_name(split: str, index: int) -> str:
     return f"{split}-{index:06d}.tar"
-
-
-class _HashingWriter(io.RawIOBase):
-    """File-like wrapper that hashes what passes through to ``target``."""
-
-    def __init__(self, target):
-        self.target = target
-        self.sha256 = hashlib.sha256()
-        self.size = 0
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, data) -> int:
-        self.sha256.update(data)
-        self.size += len(data)
-        self.target.write(data)
-        return len(data)
 
 
 def check_member(key: str, extension: str) -> None:
@@ -53,23 +38,176 @@ def check_member(key: str, extension: str) -> None:
         raise ValueError(f"unsafe member extension {extension!r}")
 
 
-def write_shard(fs: fsspec.AbstractFileSystem, path: str, samples: list[dict[str, bytes]]) -> dict:
+# ----------------------------------------------------------------------------------- tar headers
+def _tarfile_header(name: str, size: int) -> bytes:
+    """The header of one member exactly as ``tarfile`` (hence ``webdataset.TarWriter``, which these
+    shards were first written with) writes it in a ``w|`` stream: PAX format, where the float mtime
+    puts an extended header holding ``mtime=1577836800.0`` before every member's ustar block."""
+    info = tarfile.TarInfo(name)
+    info.size = size
+    info.mtime = TAR_MTIME
+    info.mode = TAR_MODE
+    info.uname = TAR_USER
+    info.gname = TAR_GROUP
+    return info.tobuf(tarfile.PAX_FORMAT, tarfile.ENCODING, "surrogateescape")
+
+
+class _HeaderTemplate:
+    """The same header bytes as ``tarfile`` without its per-member Python overhead: the extended
+    header is identical for every member, and the last 512-byte block differs only in the name,
+    size and checksum fields, which are patched into a block ``tarfile`` made. ``usable`` is False
+    when this Python's ``tarfile`` writes something the patching does not reproduce (checked on
+    probe members); the writer then calls ``tarfile`` for every member."""
+
+    def __init__(self) -> None:
+        header = _tarfile_header("a", 0)
+        self.prefix, block = header[:-tarfile.BLOCKSIZE], bytearray(header[-tarfile.BLOCKSIZE:])
+        block[0:100] = bytes(100)
+        self.block = block
+        probes = [("a", 0), ("k" * 100, 1), ("300w_lp_AFW_Flip_AFW_1000207_1_0.pts.npy", 672), ("x.jpg", 8 ** 11 - 1),
+                  ("y-_Z09.json", 513), ("z.depth.png", 512)]
+        self.usable = all(self.header(n, size) == _tarfile_header(n, size) for n, size in probes)
+
+    def fits(self, name: str, size: int) -> bool:
+        return len(name) <= 100 and name.isascii() and 0 <= size < 8 ** 11
+
+    def header(self, name: str, size: int) -> bytes:
+        block = self.block.copy()
+        block[0:len(name)] = name.encode("ascii")
+        block[124:136] = b"%011o\0" % size
+        block[148:156] = b"        "
+        block[148:155] = b"%06o\0" % sum(block)
+        return self.prefix + bytes(block)
+
+
+_TEMPLATE: _HeaderTemplate | None = None
+
+
+def _template() -> _HeaderTemplate:
+    global _TEMPLATE
+    if _TEMPLATE is None:
+        _TEMPLATE = _HeaderTemplate()
+    return _TEMPLATE
+
+
+# ------------------------------------------------------------------------------------ the writer
+class ShardWriter:
+    """Streams samples into ``path`` (any fsspec filesystem), atomically.
+
+    Samples are written as they come (nothing but the current write buffer is held in memory) to
+    ``<path>.tmp``, which ``close`` renames to ``path``; ``abort`` (or leaving a ``with`` block by an
+    exception) removes it, so a final name never holds a half-written shard. The sha256 and size
+    are computed on the way out (no second read). Nothing is created until the first sample.
+
+    The bytes are exactly those of ``webdataset.TarWriter(user="dataprep", group="dataprep",
+    mode=0o444, mtime=TAR_MTIME, encoder=False)``: members ``<key>.<ext>`` in sorted extension order.
+    """
+
+    def __init__(self, fs: fsspec.AbstractFileSystem, path: str, buffer_size: int = WRITE_BUFFER):
+        self.fs = fs
+        self.path = path
+        self.tmp = path + ".tmp"
+        self.buffer_size = buffer_size
+        self.sha256 = hashlib.sha256()
+        self.size = 0
+        self.samples = 0
+        self._file = None
+        self._buf: list[bytes] = []
+        self._buffered = 0
+        self._template = _template()
+
+    # -- writing
+    def write(self, sample: dict) -> None:
+        """One sample: ``{"__key__": key, ext: bytes, ...}``."""
+        key = sample["__key__"]
+        for ext in sample:
+            if ext != "__key__":
+                check_member(key, ext)
+        for ext in sorted(sample):
+            if ext == "__key__" or ext[0] == "_":
+                continue
+            data = sample[ext]
+            if isinstance(data, str):
+                data = data.encode("utf-8")
+            elif not isinstance(data, (bytes, bytearray, memoryview)):
+                raise ValueError(f"{key}.{ext} is {type(data).__name__}, expected bytes")
+            data = bytes(data)
+            name = f"{key}.{ext}"
+            if self._template.usable and self._template.fits(name, len(data)):
+                self._put(self._template.header(name, len(data)))
+            else:
+                self._put(_tarfile_header(name, len(data)))
+            self._put(data)
+            pad = -len(data) % tarfile.BLOCKSIZE
+            if pad:
+                self._put(tarfile.NUL * pad)
+        self.samples += 1
+
+    def _put(self, data: bytes) -> None:
+        self._buf.append(data)
+        self._buffered += len(data)
+        if self._buffered >= self.buffer_size:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._buf:
+            return
+        chunk = b"".join(self._buf)
+        self._buf.clear()
+        self._buffered = 0
+        if self._file is None:
+            self._file = self.fs.open(self.tmp, "wb")
+        self.sha256.update(chunk)
+        self.size += len(chunk)
+        self._file.write(chunk)
+
+    # -- finishing
+    def close(self, *, keep_empty: bool = False) -> dict:
+        """Finish the archive (two zero blocks, padded to tar's 10240-byte record), rename it into
+        place and return ``{"sha256", "bytes", "samples"}``. Without samples no file is made
+        (``keep_empty``: an empty archive is)."""
+        if self.samples == 0 and not keep_empty:
+            self.abort()
+            return {"sha256": None, "bytes": 0, "samples": 0}
+        end = self.size + self._buffered + 2 * tarfile.BLOCKSIZE
+        self._put(tarfile.NUL * (2 * tarfile.BLOCKSIZE + (-end % tarfile.RECORDSIZE)))
+        self._flush()
+        self._file.close()
+        self._file = None
+        self.fs.mv(self.tmp, self.path)
+        return {"sha256": self.sha256.hexdigest(), "bytes": self.size, "samples": self.samples}
+
+    def abort(self) -> None:
+        """Drop what was written (the temporary file); the final name is never touched."""
+        self._buf.clear()
+        self._buffered = 0
+        if self._file is not None:
+            try:
+                self._file.close()
+            finally:
+                self._file = None
+                try:
+                    self.fs.rm(self.tmp)
+                except (FileNotFoundError, OSError):
+                    pass
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()
+
+
+def write_shard(fs: fsspec.AbstractFileSystem, path: str, samples) -> dict:
     """Write ``samples`` (dicts with ``__key__`` and extension -> bytes) to ``path`` atomically.
 
     Returns ``{"sha256", "bytes", "samples"}``.
     """
-    tmp = path + ".tmp"
-    with fs.open(tmp, "wb") as raw:
-        hashing = _HashingWriter(raw)
-        writer = wds.TarWriter(hashing, user="dataprep", group="dataprep", mode=0o444, encoder=False, mtime=TAR_MTIME)
+    with ShardWriter(fs, path) as writer:
         for sample in samples:
-            for ext in sample:
-                if ext != "__key__":
-                    check_member(sample["__key__"], ext)
             writer.write(sample)
-        writer.close()
-    fs.mv(tmp, path)
-    return {"sha256": hashing.sha256.hexdigest(), "bytes": hashing.size, "samples": len(samples)}
+        return writer.close(keep_empty=True)
 
 
 def sha256_of(fs: fsspec.AbstractFileSystem, path: str, chunk: int = 1 << 22) -> str:

@@ -286,9 +286,11 @@ def cmd_train(args) -> int:
     if args.steps is not None:
         total_steps = int(args.steps)
     else:
+        if per_epoch == 0:
+            raise SystemExit(f"error: {train_loader.samples} training samples give no full batch of {batch_size}")
         if not per_epoch:
-            raise SystemExit("error: cannot tell how many batches an epoch has (remote shards, or fewer samples "
-                             "than one batch): give --epoch-length or --steps")
+            raise SystemExit("error: cannot tell how many batches an epoch has (remote shards): give --epoch-length "
+                             "or --steps")
         total_steps = int(args.epochs) * per_epoch
 
     opt, sched = spec.make_optimizer(model, total_steps, args.lr)

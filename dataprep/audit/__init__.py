@@ -19,7 +19,7 @@ from pathlib import Path
 
 from .. import boxes as box_rules
 from .compare import COMPARE_COLUMNS, CompareTolerances, compare_builds, compare_summary
-from .table import (FLAG_HELP, FLAGS, AuditError, Build, Row, Thresholds, audit_rows, columns, flag_counts, load_build,
+from .table import (FLAG_HELP, FLAGS, RULES, AuditError, Build, Row, Thresholds, audit_rows, columns, flag_counts, load_build,
                     rule_summary, variant_summary, write_csv)
 
 __all__ = ["AuditError", "CompareTolerances", "Thresholds", "add_parser", "load_build", "run_audit"]
@@ -51,6 +51,17 @@ def _caption(row: Row, flag: str) -> str:
     v = row.values
     return (f"{v['key']} [{v['split']}]  yaw {v['yaw']:.0f} pitch {v['pitch']:.0f} roll {v['roll']:.0f}  |  "
             f"{_metric(row, flag)}")
+
+
+def _max_rule_distortion(row: Row) -> float:
+    return max(row.values[f"{rule}_distortion"] for rule in RULES)
+
+
+def _rule_caption(row: Row) -> str:
+    v = row.values
+    dist = ", ".join(f"{rule} {v[f'{rule}_distortion']:.2f}" for rule in RULES)
+    return (f"{v['key']} [{v['split']}]  yaw {v['yaw']:.0f} pitch {v['pitch']:.0f} roll {v['roll']:.0f}  |  "
+            f"distortion: {dist}")
 
 
 def _resolve_raw_root(manifest: dict, raw_root) -> Path | None:
@@ -98,6 +109,17 @@ def run_audit(out, report, *, compare=None, raw_root=None, thresholds: Threshold
                 entry["image"] = path.relative_to(report).as_posix()
         sheets[flag] = entry
 
+    # What every rule would do, whatever this build used: the samples with the most distorted windows.
+    written = [r for r in rows if r.sample is not None]
+    rule_rows = sorted(written, key=lambda r: (bool(r.values.get("augment")), -_max_rule_distortion(r), r.key))[:per_flag]
+    rules_sheet = None
+    if pictures and rule_rows:
+        sheet_rows = [pics.flag_sheet_row(build, r, root, _rule_caption(r)) for r in rule_rows]
+        legend = pics.legend_for(variants, [("stored crop", pics.CROP_COLOUR, "dashed")])
+        rules_sheet = pics.contact_sheet(sheet_rows, report / "sheets" / "rules.png",
+                                         f"most distorted crop windows over the rules {', '.join(RULES)}", legend)
+        rules_sheet = rules_sheet.relative_to(report).as_posix()
+
     hists = {}
     if pictures:
         hists = {k: p.relative_to(report).as_posix() for k, p in pics.histograms(rows, variants, report).items()}
@@ -112,7 +134,7 @@ def run_audit(out, report, *, compare=None, raw_root=None, thresholds: Threshold
         "raw_root": str(root) if root else None, "csv": "boxes.csv",
         "flag_counts": {f: dict(c) for f, c in counts.items()}, "sheets": sheets, "hists": hists,
         "variants": variant_summary(rows, variants, thresholds), "rules": rule_summary(rows, thresholds),
-        "rejected_by_reason": rejected_by_reason,
+        "rejected_by_reason": rejected_by_reason, "rules_sheet": rules_sheet,
     }
     summary = {"report": str(report / "report.html"), "samples": len(build.samples), "rejected": len(build.rejected),
                "flags": {f: sum(c.values()) for f, c in counts.items()}}
@@ -149,7 +171,7 @@ def run_audit(out, report, *, compare=None, raw_root=None, thresholds: Threshold
         ctx["compare"] = cmp_ctx
         summary["compare"] = csum
 
-    (report / "report.html").write_text(render(ctx, report), encoding="utf-8")
+    (report / "report.html").write_text(render(ctx), encoding="utf-8")
     return summary
 
 

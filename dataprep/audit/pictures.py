@@ -45,6 +45,35 @@ A_COLOUR, B_COLOUR = "#ffe600", "#ff2bd6"
 AXIS_COLOURS = ("#ff3030", "#30e030", "#3080ff")
 THUMB = 152
 DPI = 72
+HIST_DPI = 96
+
+
+def save_png(fig, path: Path) -> Path:
+    """Save ``fig`` as a 256-colour PNG (dithered, about a third of the size of a full-colour one);
+    the palette always holds the drawing colours exactly, so boxes and axes keep their colours."""
+    from PIL import Image
+
+    fig.canvas.draw()
+    rgb = Image.fromarray(np.asarray(fig.canvas.buffer_rgba())[..., :3].copy())
+    plt.close(fig)
+    fixed = list(dict.fromkeys([*BOX_COLOURS.values(), *OTHER_COLOURS, CROP_COLOUR, A_COLOUR, B_COLOUR, *AXIS_COLOURS,
+                                "#000000", "#202020", "#3a3a3a", "#808080", "#c0c0c0", "#ffffff"]))
+    fixed_rgb = [int(c[i:i + 2], 16) for c in fixed for i in (1, 3, 5)]
+    n = 256 - len(fixed)
+    adaptive = rgb.quantize(colors=n, method=Image.Quantize.MEDIANCUT).getpalette()[:3 * n]
+    adaptive += [0] * (3 * n - len(adaptive))
+    palette = Image.new("P", (1, 1))
+    palette.putpalette(adaptive + fixed_rgb)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    indexed = np.array(rgb.quantize(palette=palette, dither=Image.Dither.FLOYDSTEINBERG))
+    pixels = np.asarray(rgb)
+    for i, c in enumerate(fixed):  # pixels drawn in an exact palette colour stay exact (no dither noise)
+        indexed[np.all(pixels == [int(c[j:j + 2], 16) for j in (1, 3, 5)], axis=-1)] = n + i
+    out = Image.fromarray(indexed, mode="P")
+    out.putpalette(adaptive + fixed_rgb)
+    out.save(path, optimize=True)
+    return path
 
 
 def box_colour(name: str) -> str:
@@ -151,6 +180,9 @@ def _draw_source(ax, row: SheetRow, panel_aspect: float = 1.0) -> None:
         cx, cy = box_rules.center(row.pose_box)
         length = 0.6 * max(box_rules.width_height(row.pose_box))
         for (dx, dy), colour in zip(pose_axes(*row.pose), AXIS_COLOURS):
+            ex, ey = cx + length * dx, cy + length * dy
+            if region is not None:
+                region = [min(region[0], ex), min(region[1], ey), max(region[2], ex), max(region[3], ey)]
             ax.plot([cx, cx + length * dx], [cy, cy + length * dy], color="black", linewidth=4.2,
                     solid_capstyle="round", alpha=0.55)
             ax.plot([cx, cx + length * dx], [cy, cy + length * dy], color=colour, linewidth=2.6,
@@ -219,11 +251,7 @@ def contact_sheet(rows: list[SheetRow], path: Path, title: str, legend: list[tup
     fig.legend(handles=handles, loc="upper left", bbox_to_anchor=(_GAP / fig_w, 1.0 - 0.3 / fig_h),
                ncol=len(handles), fontsize=8, frameon=True, facecolor="#3a3a3a", labelcolor="white",
                edgecolor="#3a3a3a", handlelength=2.2, columnspacing=1.2, borderaxespad=0.0)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI, facecolor="white")
-    plt.close(fig)
-    return path
+    return save_png(fig, path)
 
 
 def legend_for(variants: list[str], extra: list[tuple[str, str, str]] = ()) -> list[tuple[str, str, str]]:
@@ -273,9 +301,7 @@ def rejected_sheet(rows: list[SheetRow], path: Path, title: str) -> Path:
         ax.set_title(row.caption, fontsize=8, loc="left")
     fig.suptitle(title, fontsize=10, x=0.01, ha="left")
     fig.tight_layout()
-    fig.savefig(path, dpi=DPI, facecolor="white")
-    plt.close(fig)
-    return path
+    return save_png(fig, path)
 
 
 # ------------------------------------------------------------------------------------ histograms
@@ -312,27 +338,23 @@ def histograms(rows: list[Row], variants: list[str], out_dir: Path) -> dict[str,
     paths = {}
     splits = sorted({r.values["split"] for r in written})
 
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.2), dpi=DPI)
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.2), dpi=HIST_DPI)
     for ax, angle in zip(axes, ("yaw", "pitch", "roll")):
         series = {s: _finite(r.values[angle] for r in written if r.values["split"] == s) for s in splits}
         _hist(ax, series, f"{angle} per split", "degrees")
     fig.tight_layout()
-    paths["angles"] = out_dir / "hist_angles.png"
-    fig.savefig(paths["angles"], dpi=DPI)
-    plt.close(fig)
+    paths["angles"] = save_png(fig, out_dir / "hist_angles.png")
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 3.2), dpi=DPI)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 3.2), dpi=HIST_DPI)
     _hist(axes[0], {v: _finite(r.values.get(f"{v}_aspect") for r in written) for v in variants},
           "aspect ratio (w/h) of the box variants", "w / h")
     rule_series = {f"{rule} window": _finite(r.values[f"{rule}_aspect"] for r in written) for rule in RULES}
     rule_series["stored crop"] = _finite(r.values["crop_aspect"] for r in written)
     _hist(axes[1], rule_series, "aspect ratio (w/h) of each rule's crop window", "w / h")
     fig.tight_layout()
-    paths["aspect"] = out_dir / "hist_aspect.png"
-    fig.savefig(paths["aspect"], dpi=DPI)
-    plt.close(fig)
+    paths["aspect"] = save_png(fig, out_dir / "hist_aspect.png")
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 3.2), dpi=DPI)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 3.2), dpi=HIST_DPI)
     pairs = [(a, b) for i, a in enumerate(variants) for b in variants[i + 1:]]
     _hist(axes[0], {f"{a} vs {b}": _finite(r.values.get(f"iou_{a}_{b}") for r in written) for a, b in pairs},
           "IoU between box variants", "IoU", range_=(0.0, 1.0))
@@ -340,7 +362,5 @@ def histograms(rows: list[Row], variants: list[str], out_dir: Path) -> dict[str,
     _hist(axes[1], {f"{a} vs {b}": _finite(r.values.get(f"iou_{a}_{b}") for r in written) for a, b in rule_pairs},
           "IoU between the rules' crop windows", "IoU", range_=(0.0, 1.0))
     fig.tight_layout()
-    paths["iou"] = out_dir / "hist_iou.png"
-    fig.savefig(paths["iou"], dpi=DPI)
-    plt.close(fig)
+    paths["iou"] = save_png(fig, out_dir / "hist_iou.png")
     return paths

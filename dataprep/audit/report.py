@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import html
 import math
-from pathlib import Path
 
 from .table import FLAG_HELP, FLAGS, SEVERITY_HELP
 
@@ -79,11 +78,7 @@ def table(header: list[str], rows: list[list], left: int = 1, hot=None) -> str:
     return "".join(out)
 
 
-def rel(path: Path, base: Path) -> str:
-    return Path(path).resolve().relative_to(base.resolve()).as_posix()
-
-
-def render(ctx: dict, report_dir: Path) -> str:
+def render(ctx: dict) -> str:
     """The page from the context ``dataprep.audit.run_audit`` assembles."""
     m = ctx["manifest"]
     th = ctx["thresholds"]
@@ -166,6 +161,11 @@ def render(ctx: dict, report_dir: Path) -> str:
              r["median_distortion"], r["max_distortion"], r["squashed"]] for r in ctx["rules"]]
     parts.append(table(["rule", "box read (samples)", "median aspect", "median distortion", "max distortion", "squashed"],
                        rows, left=2, hot=lambda i, j, v: j == 5 and isinstance(v, int) and v > 0))
+
+    if ctx.get("rules_sheet"):
+        parts.append("<h3>Most distorted windows over all rules</h3><p class=\"note\">Whatever rule this build used: "
+                     "the samples whose window under some rule is furthest from square, with each rule's crop.</p>")
+        parts.append(f'<img class="sheet" src="{esc(ctx["rules_sheet"])}" alt="most distorted rule windows">')
 
     # ---------------------------------------------------------------- histograms
     parts.append('<h2 id="hist">Histograms</h2>')

@@ -1,0 +1,249 @@
+"""``dataprep audit`` on builds of the generated sample AFLW2000: flags, CSV values (checked by hand
+arithmetic, not by the helpers the audit uses), the HTML's references, and --compare."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dataprep.audit import Thresholds, run_audit
+from dataprep.audit.pictures import pose_axes
+from dataprep.audit.table import Sample, sample_row
+from dataprep.build import BuildOptions, build
+from dataprep.cli import main as cli_main
+
+
+def read_csv(path: Path) -> dict[str, dict]:
+    with open(path, newline="") as f:
+        return {row["key"]: row for row in csv.DictReader(f)}
+
+
+def records(out: Path) -> dict[str, dict]:
+    """Label records straight from the shards with plain tarfile."""
+    recs = {}
+    for shard in sorted(out.glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            for m in tar.getmembers():
+                if m.name.endswith(".json"):
+                    rec = json.loads(tar.extractfile(m).read())
+                    recs[rec["key"]] = rec
+    return recs
+
+
+@pytest.fixture(scope="module")
+def audited(sample_tree, tmp_path_factory):
+    """Square and Hopenet-rule builds of the sample AFLW2000; the Hopenet one audited with --compare
+    against the square one (through the CLI), the square one audited on its own."""
+    base = tmp_path_factory.mktemp("audit")
+    root = sample_tree / "AFLW2000"
+    outs = {}
+    for rule in ("square", "hopenet"):
+        outs[rule] = base / rule
+        build(BuildOptions(dataset="aflw2000", root=str(root), out=str(outs[rule]), crop_rule=rule, progress=False))
+    report_hn = base / "report_hopenet"
+    assert cli_main(["audit", str(outs["hopenet"]), "--report", str(report_hn), "--compare", str(outs["square"]),
+                     "--per-flag", "3"]) == 0
+    report_sq = base / "report_square"
+    summary_sq = run_audit(outs["square"], report_sq, per_flag=2)
+    expected = json.loads((sample_tree / "expected_labels.json").read_text())["aflw2000"]
+    return {"outs": outs, "report_hn": report_hn, "report_sq": report_sq, "summary_sq": summary_sq,
+            "expected": {e["key"]: e for e in expected}}
+
+
+def flags(row: dict) -> set[str]:
+    return set(filter(None, row["flags"].split(";")))
+
+
+def test_placeholder_and_outside_flags(audited):
+    rows = read_csv(audited["report_hn"] / "boxes.csv")
+    written = {k: r for k, r in rows.items() if r["status"] == "written"}
+    assert written
+    placeholders = {k for k, e in audited["expected"].items() if e["pt2d_missing"] and k in written}
+    assert placeholders, "the sample AFLW2000 has samples with placeholder landmarks"
+    for key, row in written.items():
+        assert ("placeholder_box" in flags(row)) == (key in placeholders), key
+        assert int(row["pt2d_missing"]) == audited["expected"][key]["pt2d_missing"]
+    # the face hanging over the left border: gt box starts left of x = 0
+    off = [k for k, e in audited["expected"].items() if e["gt_box"][0] < 0 and k in written]
+    assert off
+    for key in off:
+        assert "outside_image" in flags(written[key])
+        assert "gt" in written[key]["outside_boxes"].split(";")
+    # placeholder-polluted pt2d boxes alone do not make outside_image
+    for key in placeholders - set(off):
+        assert "outside_image" not in flags(written[key])
+
+
+def test_rejected_rows(audited):
+    rows = read_csv(audited["report_hn"] / "boxes.csv")
+    out_of_range = {k for k, e in audited["expected"].items() if not e["in_range"]}
+    rejected = {k: r for k, r in rows.items() if r["status"] == "rejected"}
+    assert set(rejected) == out_of_range
+    for row in rejected.values():
+        assert flags(row) == {"rejected"}
+        assert row["reason"] == "angle_out_of_range" and row["message"]
+
+
+def test_hopenet_build_is_squashed_square_build_is_not(audited):
+    th = Thresholds().squash
+    hn = read_csv(audited["report_hn"] / "boxes.csv")
+    recs = records(audited["outs"]["hopenet"])
+    squashed = set()
+    for key, rec in recs.items():
+        x1, y1, x2, y2 = rec["crop"]
+        w, h = x2 - x1, y2 - y1
+        distortion = max(w, h) / min(w, h) - 1.0
+        assert float(hn[key]["crop_distortion"]) == pytest.approx(distortion, abs=1e-5)
+        if distortion > th:
+            squashed.add(key)
+    assert squashed, "Hopenet's loose crop is not square"
+    assert {k for k, r in hn.items() if "squashed" in flags(r)} == squashed
+
+    sq = read_csv(audited["report_sq"] / "boxes.csv")
+    assert not [k for k, r in sq.items() if "squashed" in flags(r)]
+    assert audited["summary_sq"]["flags"]["squashed"] == 0
+    assert audited["summary_sq"]["flags"]["placeholder_box"] > 0  # the records still carry the pt2d box
+    # ... but the square build's table still says what the Hopenet rule would have done
+    assert max(float(r["hopenet_distortion"]) for r in sq.values() if r["status"] == "written") > th
+
+
+def test_csv_values_by_hand(audited):
+    """One placeholder sample: IoU, aspect, centre shift and each rule's distortion by explicit arithmetic."""
+    recs = records(audited["outs"]["hopenet"])
+    rows = read_csv(audited["report_hn"] / "boxes.csv")
+    key = next(k for k in sorted(recs) if recs[k]["extra"]["pt2d_missing"] > 0)
+    rec, row = recs[key], rows[key]
+    gx1, gy1, gx2, gy2 = rec["boxes"]["gt"]
+    px1, py1, px2, py2 = rec["boxes"]["pt2d"]
+    for name, box in (("gt", rec["boxes"]["gt"]), ("pt2d", rec["boxes"]["pt2d"])):
+        for i, c in enumerate(("x1", "y1", "x2", "y2")):
+            assert float(row[f"{name}_{c}"]) == pytest.approx(box[i], abs=1e-5)
+
+    inter_w = max(0.0, min(gx2, px2) - max(gx1, px1))
+    inter_h = max(0.0, min(gy2, py2) - max(gy1, py1))
+    inter = inter_w * inter_h
+    union = (gx2 - gx1) * (gy2 - gy1) + (px2 - px1) * (py2 - py1) - inter
+    assert float(row["iou_gt_pt2d"]) == pytest.approx(inter / union, abs=1e-5)
+    assert float(row["iou_gt_pt2d"]) < 0.7  # the placeholder stretches the box
+    assert float(row["gt_aspect"]) == pytest.approx((gx2 - gx1) / (gy2 - gy1), abs=1e-5)
+    assert float(row["pt2d_aspect"]) == pytest.approx((px2 - px1) / (py2 - py1), abs=1e-5)
+    shift = math.hypot((gx1 + gx2) / 2 - (px1 + px2) / 2, (gy1 + gy2) / 2 - (py1 + py2) / 2)
+    assert float(row["shift_gt_pt2d"]) == pytest.approx(shift, abs=1e-4)
+
+    # square rule reads gt: a square, no distortion
+    assert row["square_box"] == "gt" and float(row["square_distortion"]) == pytest.approx(0.0, abs=1e-6)
+    # Hopenet rule reads pt2d, k = 0.2 on AFLW2000, corners updated one after the other
+    assert row["hopenet_box"] == "pt2d"
+    k = 0.2
+    x1 = px1 - 0.6 * k * abs(px2 - px1)
+    y1 = py1 - 2 * k * abs(py2 - py1)
+    x2 = px2 + 0.6 * k * abs(px2 - x1)
+    y2 = py2 + 0.6 * k * abs(py2 - y1)
+    for c, v in zip(("x1", "y1", "x2", "y2"), (x1, y1, x2, y2)):
+        assert float(row[f"hopenet_{c}"]) == pytest.approx(v, abs=1e-4)
+    w, h = x2 - x1, y2 - y1
+    assert float(row["hopenet_aspect"]) == pytest.approx(w / h, abs=1e-5)
+    assert float(row["hopenet_distortion"]) == pytest.approx(max(w, h) / min(w, h) - 1, abs=1e-5)
+    # FSA-Net rule reads its own pt2d box (placeholders dropped); integer box, 0.6 margins, clipped
+    assert row["fsanet_box"] == "pt2d_valid"
+    W, H = rec["image_size"]
+    vx1, vy1, vx2, vy2 = rec["boxes"]["pt2d_valid"]
+    assert vx1 >= 0 and vy2 <= H  # no placeholder in FSA-Net's box
+    ix1, iy1, ix2, iy2 = int(vx1), int(vy1), int(vx2), int(vy2)
+    bw, bh = ix2 - ix1, iy2 - iy1
+    fx1, fy1 = max(int(ix1 - 0.6 * bw), 0), max(int(iy1 - 0.6 * bh), 0)
+    fx2, fy2 = min(int(ix2 + 0.6 * bw), W - 1), min(int(iy2 + 0.6 * bh), H - 1)
+    fw, fh = fx2 - fx1, fy2 - fy1
+    assert float(row["fsanet_distortion"]) == pytest.approx(max(fw, fh) / min(fw, fh) - 1, abs=1e-5)
+    # and the yaw/pitch/roll are the record's
+    for a in ("yaw", "pitch", "roll"):
+        assert float(row[a]) == pytest.approx(rec[a], abs=1e-5)
+
+
+def test_html_references_exist_and_are_local(audited):
+    for report in (audited["report_hn"], audited["report_sq"]):
+        page = (report / "report.html").read_text()
+        assert not re.search(r"https?://|//[a-z]", page), "the page must open offline"
+        refs = re.findall(r'(?:src|href)="([^"]+)"', page)
+        files = [r for r in refs if not r.startswith("#")]
+        assert any(r.endswith(".png") for r in files) and "boxes.csv" in files
+        for ref in files:
+            assert not ref.startswith(("/", "data:")) or ref.startswith("data:image/"), ref
+            if not ref.startswith("data:"):
+                assert (report / ref).is_file(), f"{ref} referenced by report.html is missing"
+        for anchor in (r[1:] for r in refs if r.startswith("#")):
+            assert f'id="{anchor}"' in page, anchor
+    hn_page = (audited["report_hn"] / "report.html").read_text()
+    for flag in ("placeholder_box", "squashed", "outside_image", "rejected"):
+        assert f"sheets/{flag}.png" in hn_page
+    assert "hist_angles.png" in hn_page and "hist_aspect.png" in hn_page and "hist_iou.png" in hn_page
+
+
+def test_compare_reports_box_changes_and_no_label_changes(audited):
+    with open(audited["report_hn"] / "compare.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    matched = [r for r in rows if r["key_a"] and r["key_b"]]
+    assert len(matched) == len(records(audited["outs"]["square"]))
+    for r in matched:
+        assert r["status"] == "changed"
+        changes = set(r["changes"].split(";"))
+        assert {"box_source", "box", "crop", "crop_rule"} <= changes
+        assert "label" not in changes
+        assert float(r["max_angle_diff"]) == 0.0
+        assert (r["box_source_a"], r["box_source_b"]) == ("pt2d", "gt")
+    assert not [r for r in rows if r["status"] in ("added", "dropped")]
+    assert {r["status"] for r in rows if not r["key_a"]} == {"rejected_in_both"}
+    page = (audited["report_hn"] / "report.html").read_text()
+    assert 'id="compare"' in page and "sheets/compare_changed.png" in page and "compare.csv" in page
+
+
+def test_pictures_fall_back_to_stored_crops(audited, tmp_path):
+    summary = run_audit(audited["outs"]["hopenet"], tmp_path / "r", raw_root=tmp_path / "missing", per_flag=1)
+    page = (tmp_path / "r" / "report.html").read_text()
+    assert "not found (pictures drawn on the stored crops)" in page
+    assert (tmp_path / "r" / "sheets" / "placeholder_box.png").is_file()
+    assert summary["flags"]["placeholder_box"] > 0
+
+
+def test_pose_axes_are_hopenets_draw_axis():
+    """The documented projection draws exactly Hopenet's utils.draw_axis lines."""
+    rng = np.random.default_rng(0)
+    for yaw, pitch, roll in rng.uniform(-80, 80, (20, 3)):
+        p, y, r = np.radians(pitch), -np.radians(yaw), np.radians(roll)
+        hopenet = np.array([
+            [np.cos(y) * np.cos(r), np.cos(p) * np.sin(r) + np.cos(r) * np.sin(p) * np.sin(y)],
+            [-np.cos(y) * np.sin(r), np.cos(p) * np.cos(r) - np.sin(p) * np.sin(y) * np.sin(r)],
+            [np.sin(y), -np.cos(y) * np.sin(p)],
+        ])
+        np.testing.assert_allclose(pose_axes(yaw, pitch, roll), hopenet, atol=1e-12)
+    # positive yaw turns the nose line to the image's left, positive pitch lifts it (image y down)
+    assert pose_axes(30, 0, 0)[2, 0] < 0 and pose_axes(0, 30, 0)[2, 1] < 0
+
+
+def test_biwi_style_record_flags():
+    """A detector build's record: rules read the detector box; a reused box off the face is flagged."""
+    rec = {
+        "key": "biwi_01_frame_00004_rgb", "dataset": "biwi", "split": "train", "source": "01/frame_00004_rgb.png",
+        "yaw": 1.0, "pitch": 2.0, "roll": 3.0, "image_size": [640, 480],
+        "boxes": {"gt": [300.0, 200.0, 400.0, 300.0], "mtcnn": [100.0, 150.0, 180.0, 250.0]},
+        "box_scores": {"mtcnn": 0.99}, "box_source": "mtcnn", "box": [100.0, 150.0, 180.0, 250.0],
+        "crop_rule": "square", "crop_margin": 0.0, "crop": [90, 150, 190, 250], "tracking": {"mode": "previous", "reused": True},
+        "extra": {},
+    }
+    row = sample_row(Sample(rec, Path("x.tar")), ["gt", "mtcnn"], Thresholds())
+    assert set(row.flags) == {"reused_box", "detector_disagrees"}
+    assert row.values["square_box"] == row.values["hopenet_box"] == row.values["fsanet_box"] == "mtcnn"
+    assert row.values["iou_gt_mtcnn"] == 0.0 and row.values["tracking_reused"] == 1
+    # hopenet on BIWI: k = 0.35, top grows by k (not 2k)
+    x1, y1, x2, y2 = rec["box"]
+    assert row.values["hopenet_y1"] == pytest.approx(y1 - 0.35 * (y2 - y1))
+    rec["boxes"]["mtcnn"] = rec["box"] = [305.0, 205.0, 398.0, 302.0]
+    rec["tracking"]["reused"] = False
+    row = sample_row(Sample(rec, Path("x.tar")), ["gt", "mtcnn"], Thresholds())
+    assert row.flags == []

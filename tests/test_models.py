@@ -1,0 +1,232 @@
+"""train_minimal models (Hopenet, MNN, EHPNet and teachers, WHENet): parameter counts, outputs,
+the bin / rotation maths against dataprep.labels, losses, distillation and --pretrained."""
+from __future__ import annotations
+
+import urllib.error
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dataprep import labels
+from train_minimal import registry
+from train_minimal.models import ehpnet, hopenet, mnn, whenet
+
+torch.set_num_threads(1)
+
+
+def n_params(model) -> int:
+    return registry.count_parameters(model, trainable_only=False)
+
+
+@pytest.fixture(scope="module")
+def built():
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            torch.manual_seed(0)
+            cache[name] = registry.get(name).build(None).eval()
+        return cache[name]
+
+    return get
+
+
+# --------------------------------------------------------------------------------------------
+# parameter counts
+# --------------------------------------------------------------------------------------------
+def test_hopenet_has_the_official_parameter_count(built):
+    assert n_params(built("hopenet")) == hopenet.HOPENET_PARAMS == 23_913_734
+
+
+def test_mnn_parameter_counts_within_2_percent_of_the_supplementary(built):
+    full = built("mnn")
+    report = full.parameter_report()
+    pose_only = report["pose-only (encoder + fc_pose + fc_pose_proj)"]
+    assert report["full (L=68)"] == n_params(full)
+    assert n_params(built("mnn_pose")) == pose_only
+    for measured, target in ((pose_only, 2_048_710), (n_params(full), 4_900_948)):
+        assert abs(measured - target) / target < 0.02, (measured, target)
+    # the numbers documented in mnn.py's docstring
+    assert (pose_only, n_params(full)) == (2_036_486, 4_842_382)
+
+
+@pytest.mark.parametrize("name, count", [
+    ("ehpnet", 11_266_170),            # ResNet-18 trunk 11,176,512 + 512->128 + 3 x (128->62)
+    ("whenet", 4_330_360),             # EfficientNet-B0 trunk 4,007,548 + 1280->120 + 2 x (1280->66)
+    ("ehpnet_resnet101", 42_786_426),
+    ("ehpnet_res2net101", 43_443_954),
+    ("ehpnet_botnet", 38_077_818),
+])
+def test_other_parameter_counts(built, name, count):
+    assert n_params(built(name)) == count
+
+
+# --------------------------------------------------------------------------------------------
+# outputs decode to angles
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name, size, limits", [
+    ("hopenet", 64, [(-99, 99)] * 3),
+    ("ehpnet", 112, [(-93, 93)] * 3),
+    ("ehpnet_botnet", 112, [(-93, 93)] * 3),
+    ("ehpnet_botnet", 64, [(-93, 93)] * 3),   # relative-position tables resampled to a 4x4 map
+    ("whenet", 64, [(-180, 180), (-99, 99), (-99, 99)]),
+    ("mnn", 64, [(-90, 90), (-180, 180), (-180, 180)]),
+])
+def test_outputs_decode_to_angles(built, name, size, limits):
+    spec = registry.get(name)
+    with torch.no_grad():
+        out = built(name)(torch.randn(2, 3, size, size))
+    angles = spec.decode(out)
+    assert angles.shape == (2, 3) and torch.isfinite(angles).all()
+    for i, (lo, hi) in enumerate(limits):
+        assert (angles[:, i] >= lo).all() and (angles[:, i] <= hi).all()
+
+
+def test_specs_follow_the_papers():
+    expect = {
+        "hopenet": (224, "hopenet", "imagenet"), "ehpnet": (112, "square", "imagenet"),
+        "ehpnet_resnet101": (112, "square", "imagenet"), "ehpnet_res2net101": (112, "square", "imagenet"),
+        "ehpnet_botnet": (112, "square", "imagenet"), "whenet": (224, "square", "imagenet"),
+        "mnn": (256, "square", "imagenet"),
+    }
+    for name, (size, rule, norm) in expect.items():
+        spec = registry.get(name)
+        assert (spec.input_size, spec.crop_rule, spec.normalize) == (size, rule, norm), name
+    assert registry.get("hopenet").defaults["lr"] == 1e-5 and registry.get("hopenet").defaults["alpha"] == 1.0
+    assert registry.get("ehpnet").defaults["clip_grad_value"] == 0.5 and registry.get("ehpnet").distill is not None
+    assert registry.get("whenet").defaults["wrap_yaw"] is True
+
+
+def test_hopenet_optimizer_groups(built):
+    model = built("hopenet")
+    opt, sched = hopenet.hopenet_optimizer(model, 100, None)
+    lrs = [g["lr"] for g in opt.param_groups]
+    assert lrs == [0.0, 1e-5, 5e-5] and sched is None
+    assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == n_params(model)
+
+
+def test_ehpnet_schedule_warms_up_then_decays(built):
+    opt, sched = ehpnet.ehpnet_optimizer(built("ehpnet"), 100, None)
+    lrs = []
+    for _ in range(100):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] < lrs[3] == pytest.approx(1e-3) and lrs[-1] < 1e-4
+
+
+# --------------------------------------------------------------------------------------------
+# maths against dataprep.labels
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("bins", [labels.HOPENET_BINS, labels.EHPNET_BINS, labels.WHENET_YAW_BINS])
+def test_bin_maths_match_binspec(bins):
+    rng = np.random.default_rng(0)
+    angles = rng.uniform(bins.low - 10, bins.high + 10, 200)
+    assert hopenet.angle_to_bin(torch.from_numpy(angles), bins).tolist() == bins.to_bin(angles).tolist()
+    logits = rng.normal(size=(5, bins.count))
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    np.testing.assert_allclose(hopenet.expected_angle(torch.from_numpy(logits), bins).numpy(), bins.decode(probs),
+                               atol=1e-3)
+    assert bins.width * 0 + bins.low == {66: -99, 62: -93, 120: -180}[bins.count]
+
+
+def test_wrapped_yaw_loss():
+    bins = labels.WHENET_YAW_BINS
+    logits = torch.full((1, bins.count), -20.0)
+    logits[0, bins.to_bin(178.0)] = 20.0  # predicts ~178 (3*E - 180 decode)
+    near = hopenet.bin_head_loss(logits, torch.tensor([-179.0]), bins, 1.0, wrap=True)
+    plain = hopenet.bin_head_loss(logits, torch.tensor([-179.0]), bins, 1.0, wrap=False)
+    assert near < 100 < plain
+    d = hopenet.wrapped_difference(torch.tensor([170.0, -170.0, 10.0]), torch.tensor([-170.0, 170.0, 350.0]))
+    np.testing.assert_allclose(d.numpy(), labels.wrapped_angle_difference([170, -170, 10], [-170, 170, 350]))
+
+
+def test_whenet_loss_uses_the_wrapped_yaw_error():
+    yaw = torch.full((1, 120), -20.0)
+    yaw[0, 119] = 20.0  # expected yaw 3 * 119 - 180 = 177
+    pr = torch.zeros(1, 66)
+    targets = {"angles": torch.tensor([[-179.0, 0.0, 0.0]])}
+    assert whenet.whenet_loss((yaw, pr, pr), targets) < 1000  # 4 deg wrapped, not 356
+
+
+def test_mnn_rotation_maths_match_labels():
+    rng = np.random.default_rng(1)
+    angles = np.stack([rng.uniform(-85, 85, 20), rng.uniform(-170, 170, 20), rng.uniform(-170, 170, 20)], 1)
+    r = mnn.rotation_from_euler(torch.from_numpy(angles))
+    for a, m in zip(angles, r.numpy()):
+        np.testing.assert_allclose(m, labels.rotation_from_euler(*a), atol=1e-5)
+    back = mnn.rotation_to_euler(r).numpy()
+    np.testing.assert_allclose(back, np.array([labels.rotation_to_euler(m) for m in r.numpy()]), atol=1e-3)
+    np.testing.assert_allclose(back, angles, atol=1e-3)
+    d6 = torch.cat([r[:, :, 0], r[:, :, 1]], dim=1) * 3.0  # scale does not matter
+    torch.testing.assert_close(mnn.rotation_from_6d(d6), r.float(), atol=1e-5, rtol=0)
+
+
+def test_mnn_trains_pose_only_and_with_landmarks():
+    torch.manual_seed(0)
+    model = mnn.MNN().train()
+    x = torch.randn(2, 3, 32, 32)
+    out = model(x)
+    assert out["heatmaps"].shape == (2, 68, 32, 32) and out["visibility"].shape == (2, 68)
+    angles = torch.tensor([[10.0, -5.0, 3.0], [-40.0, 20.0, 0.0]])
+    pose_only = mnn.mnn_loss(out, {"angles": angles})
+    lms = torch.rand(2, 68, 2) * 31
+    full = mnn.mnn_loss(out, {"angles": angles, "landmarks": lms, "landmarks_mask": torch.tensor([True, False])})
+    assert full > pose_only > 0
+    pose_only.backward()  # decoder in the graph (weight 0): every parameter gets a gradient (DDP)
+    assert all(p.grad is not None for p in model.parameters())
+    model.eval()
+    assert set(model(x)) == {"pose"}  # no decoder in eval mode unless asked
+    assert set(model(x, landmarks=True)) == {"pose", "heatmaps", "visibility"}
+
+
+def test_ehpnet_distillation_is_kl_to_the_mean_teacher():
+    torch.manual_seed(0)
+    student = [torch.randn(4, 62) for _ in range(3)]
+    teachers = [[torch.randn(4, 62) for _ in range(3)] for _ in range(2)]
+    got = ehpnet.ehpnet_distill(student, teachers, weight=1.0)
+    want = 0.0
+    for i in range(3):
+        mean_t = (F.softmax(teachers[0][i], 1) + F.softmax(teachers[1][i], 1)) / 2
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # PyTorch's note on reduction='mean'
+            want += torch.nn.KLDivLoss()(F.log_softmax(student[i], 1), mean_t)
+    torch.testing.assert_close(got, want)
+    same = ehpnet.ehpnet_distill(teachers[0], [teachers[0]], weight=10.0)
+    assert abs(float(same)) < 1e-6
+    assert ehpnet.ehpnet_distill(student, teachers) == pytest.approx(10 * float(got))
+
+
+# --------------------------------------------------------------------------------------------
+# --pretrained
+# --------------------------------------------------------------------------------------------
+def test_auto_weights_without_network_say_what_to_do(monkeypatch):
+    def offline(*a, **k):
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    for name in ("hopenet", "ehpnet", "whenet"):
+        with pytest.raises(hopenet.PretrainedUnavailable, match=r"could not be downloaded \(no network\?\) — pass "
+                                                                  r"--pretrained PATH .* or --pretrained none"):
+            registry.get(name).build("auto")
+
+
+def test_pretrained_path_loads_the_backbone_and_reports(tmp_path, capsys):
+    import torchvision
+
+    torch.manual_seed(3)
+    src = torchvision.models.resnet18()
+    path = tmp_path / "resnet18.pth"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in src.state_dict().items()}}, path)
+    model = registry.get("ehpnet").build(str(path))
+    torch.testing.assert_close(model.backbone.layer3[0].conv1.weight, src.layer3[0].conv1.weight)
+    err = capsys.readouterr().err
+    assert "loaded 120/128 tensors" in err and "unused keys (2): module.fc.weight, module.fc.bias" in err
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        registry.get("ehpnet").build(str(tmp_path / "missing.pth"))
+    torch.save({"unrelated.weight": torch.zeros(3)}, tmp_path / "bad.pth")
+    with pytest.raises(ValueError, match="match"):
+        registry.get("whenet").build(str(tmp_path / "bad.pth"))

@@ -1,0 +1,196 @@
+"""train_minimal end to end on CPU: shards built by ``dataprep build`` from the generated sample
+tree -> train a few steps (loss must fall on 4 repeated samples) -> checkpoint, metrics.json,
+curves.png -> ``eval`` of the checkpoint reproduces the run's final metrics.
+
+Kept small for 2 CPU cores: batch 4, a handful of steps, ``--pretrained none``, reduced input
+sizes for the heavy models (``--input-size``). The slowest runs (Hopenet, the EHPNet teachers +
+distillation) are marked ``slow`` but run in the default suite.
+"""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from dataprep.cli import main as dataprep_main
+from train_minimal import registry
+from train_minimal.data import count_samples, make_loader, prepare_batch
+from train_minimal.train import main
+
+torch.set_num_threads(1)
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def shards(sample_tree, tmp_path_factory):
+    """300W-LP (train, with 68 landmarks) and AFLW2000 (test) shards, plus a 4-sample shard."""
+    root = tmp_path_factory.mktemp("train_shards")
+    for dataset, sub, out in (("300w_lp", "300W_LP", "lp"), ("aflw2000", "AFLW2000", "aflw")):
+        rc = dataprep_main(["build", "--dataset", dataset, "--root", str(sample_tree / sub), "--out", str(root / out),
+                            "--protocol", "1", "--margin", "0.5", "--crop-size", "128", "--jobs", "1", "--no-progress"])
+        assert rc == 0
+    train = sorted((root / "lp").glob("train-*.tar"))
+    val = sorted((root / "aflw").glob("test-*.tar"))
+    assert train and val
+    # Four samples, copied member by member with plain tarfile.
+    four = root / "four.tar"
+    with tarfile.open(train[0]) as src, tarfile.open(four, "w") as dst:
+        keys: list[str] = []
+        for m in src.getmembers():
+            key = m.name.split(".", 1)[0]
+            if key not in keys:
+                if len(keys) == 4:
+                    continue
+                keys.append(key)
+            dst.addfile(m, src.extractfile(m))
+    return SimpleNamespace(train="::".join(map(str, train)), val="::".join(map(str, val)), four=str(four))
+
+
+def train(out: Path, model: str, *extra: str) -> dict:
+    argv = ["train", "--model", model, "--batch-size", "4", "--device", "cpu", "--out", str(out),
+            "--pretrained", "none", "--workers", "0", *extra]
+    assert main(argv) == 0
+    return json.loads((out / "metrics.json").read_text())
+
+
+def run_eval(capsys, ckpt: Path, data: str, *extra: str) -> dict:
+    capsys.readouterr()
+    assert main(["eval", "--ckpt", str(ckpt), "--data", data, "--device", "cpu", *extra]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    return json.loads(lines[-1])  # the last line is one JSON object
+
+
+def check_run(out: Path, metrics: dict, capsys, data: str, model: str, *, falls: bool = True) -> dict:
+    losses = [s["loss"] for s in metrics["steps"]]
+    assert losses and all(math.isfinite(v) for v in losses)
+    if falls:
+        assert losses[-1] < 0.9 * losses[0], losses
+    assert [s["step"] for s in metrics["steps"]] == list(range(1, len(losses) + 1))
+    assert (out / "curves.png").stat().st_size > 5000
+    ckpt = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
+    assert ckpt["model"] == model and ckpt["step"] == len(losses)
+    for entry in metrics["epochs"]:
+        assert math.isfinite(entry["train_loss"])
+    final = metrics["final"]["aflw"]
+    assert final == metrics["epochs"][-1]["val"]["aflw"] == ckpt["metrics"]["aflw"]
+    got = run_eval(capsys, out / "checkpoint.pt", data, "--model", model)
+    assert got["model"] == model and got["samples"] == final["samples"] == 10
+    for k in ("yaw", "pitch", "roll", "mean"):
+        assert got[k] == pytest.approx(final[k], rel=1e-9, abs=1e-9), k
+    return ckpt
+
+
+# --------------------------------------------------------------------------------------------
+# data
+# --------------------------------------------------------------------------------------------
+def test_loader_recrops_and_maps_landmarks(shards):
+    spec = registry.get("mnn")
+    assert count_samples(shards.train) == 20
+    loader = make_loader(shards.train, spec, 4, train=True, workers=0, seed=0, input_size=64)
+    batches = list(loader)
+    assert len(batches) == 5 == loader.batches_per_epoch
+    x, targets = prepare_batch(batches[0], spec.normalize, torch.device("cpu"), size=64)
+    assert x.shape == (4, 3, 64, 64) and x.dtype == torch.float32
+    assert abs(float(x.mean())) < 3
+    lms = targets["landmarks"]
+    assert lms.shape == (4, 68, 2) and targets["landmarks_mask"].all()
+    assert float(lms.min()) > -4 and float(lms.max()) < 68  # square crop around the landmark box
+    keys = [k for b in batches for k in b["key"]]
+    assert len(set(keys)) == 20
+    # the next epoch is another order
+    assert [k for b in loader for k in b["key"]] != keys
+    # evaluation loaders: every sample once, partial last batch, deterministic
+    ev = make_loader(shards.val, registry.get("hopenet"), 4, train=False)
+    a, b = list(ev), list(ev)
+    assert [len(x["key"]) for x in a] == [4, 4, 2]
+    assert all(torch.equal(p["image"], q["image"]) for p, q in zip(a, b))
+
+
+def test_resampled_epochs_have_a_fixed_length(shards):
+    spec = registry.get("ehpnet")
+    loader = make_loader(shards.four, spec, 2, train=True, workers=2, seed=1, epoch_length=10)
+    assert loader.batches_per_epoch == 5
+    assert [sum(1 for _ in loader) for _ in range(2)] == [5, 5]
+
+
+# --------------------------------------------------------------------------------------------
+# training runs
+# --------------------------------------------------------------------------------------------
+def test_train_ehpnet(shards, tmp_path, capsys):
+    out = tmp_path / "ehpnet"
+    metrics = train(out, "ehpnet", "--train", shards.four, "--val", f"aflw={shards.val}", "--epochs", "4")
+    assert len(metrics["epochs"]) == 4 and metrics["args"]["lr"] == 1e-3
+    check_run(out, metrics, capsys, shards.val, "ehpnet")
+
+
+def test_train_whenet(shards, tmp_path, capsys):
+    out = tmp_path / "whenet"
+    metrics = train(out, "whenet", "--train", shards.four, "--val", f"aflw={shards.val}", "--epochs", "4",
+                    "--input-size", "128", "--lr", "1e-3")
+    check_run(out, metrics, capsys, shards.val, "whenet")
+
+
+def test_train_mnn_with_landmarks(shards, tmp_path, capsys):
+    out = tmp_path / "mnn"
+    metrics = train(out, "mnn", "--train", shards.four, "--val", f"aflw={shards.val}", "--epochs", "3",
+                    "--input-size", "64")
+    ckpt = check_run(out, metrics, capsys, shards.val, "mnn")
+    assert ckpt["args"]["input_size"] == 64
+    assert any(k.startswith("decoder.") for k in ckpt["state_dict"])
+
+
+@pytest.mark.slow
+def test_train_hopenet(shards, tmp_path, capsys):
+    out = tmp_path / "hopenet"
+    metrics = train(out, "hopenet", "--train", shards.four, "--val", f"aflw={shards.val}", "--epochs", "4",
+                    "--input-size", "112", "--alpha", "2", "--lr", "1e-4")
+    assert metrics["args"]["alpha"] == 2.0
+    check_run(out, metrics, capsys, shards.val, "hopenet")
+
+
+@pytest.mark.slow
+def test_knowledge_distillation_from_teachers(shards, tmp_path, capsys):
+    teachers = []
+    for name in ("ehpnet_resnet101", "ehpnet_res2net101", "ehpnet_botnet"):
+        out = tmp_path / name
+        train(out, name, "--train", shards.four, "--epochs", "1")
+        teachers.append(str(out / "checkpoint.pt"))
+    out = tmp_path / "student"
+    metrics = train(out, "ehpnet", "--train", shards.four, "--val", f"aflw={shards.val}", "--steps", "4",
+                    "--epoch-length", "16", "--teachers", ",".join(teachers))
+    assert metrics["args"]["teachers"] == teachers and metrics["args"]["kd_weight"] == 10.0
+    assert len(metrics["epochs"]) == 1 and metrics["epochs"][0]["step"] == 4
+    check_run(out, metrics, capsys, shards.val, "ehpnet")
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------
+def test_cli_errors_are_clear(shards, tmp_path, capsys):
+    ckpt = tmp_path / "t"
+    with pytest.raises(SystemExit, match="no distillation loss"):
+        main(["train", "--model", "whenet", "--train", shards.four, "--steps", "1", "--out", str(ckpt),
+              "--pretrained", "none", "--workers", "0", "--device", "cpu", "--teachers", "x.pt"])
+    with pytest.raises(SystemExit):
+        main(["train", "--model", "ehpnet", "--train", shards.four, "--steps", "1", "--epochs", "1", "--out", str(ckpt)])
+    for length in (["--epochs", "1"], ["--steps", "1"]):
+        with pytest.raises(SystemExit, match="no full batch|gave no training batch"):
+            main(["train", "--model", "ehpnet", "--train", shards.four, "--batch-size", "8", *length,
+                  "--out", str(ckpt), "--pretrained", "none", "--workers", "0", "--device", "cpu"])
+    with pytest.raises(SystemExit, match="not found"):
+        main(["eval", "--ckpt", str(tmp_path / "nope.pt"), "--data", shards.val, "--device", "cpu"])
+
+
+def test_python_m_train_minimal_params():
+    res = subprocess.run([sys.executable, "-m", "train_minimal", "params", "--model", "mnn"], cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "mnn: trainable 4,842,382" in res.stdout and "pose-only" in res.stdout and "2,036,486" in res.stdout
