@@ -1,21 +1,26 @@
 """Build throughput: ``dataprep build`` vs the bare work it cannot avoid, on the same images.
 
-Cases (each measured in a fresh subprocess, interleaved round-robin, median of the repeats):
+Rows (each group measured in its own fresh subprocess; groups interleaved round-robin; the best
+time of all runs is the cost estimate, the median is shown too):
 
-* ``ours gt, 1 job`` / ``ours gt, N jobs``: ``dataprep.build.build`` (in-process, ``--detector gt``)
-  on a replicated 300W-LP tree. ``N jobs cold`` is a fresh process (includes starting the joblib
-  workers, as the CLI does); ``N jobs warm`` is a second build in the same process (workers reused).
-* ``bare decode+crop+encode``: ``cv2.imdecode`` of the JPEG bytes (already in memory) + the square
-  crop (windows computed beforehand) + ``cv2.resize`` + ``cv2.imencode`` at the same quality: the
-  limit of a gt build, on 1 process and on N forked processes started before the clock.
-* ``ours mtcnn``: a build with ``--detector mtcnn --device cpu`` and a fresh detection cache, vs
-  ``bare mtcnn``: ``create_detector("mtcnn", device="cpu").detect`` on the same decoded images with
-  the same batch size. ``ours mtcnn cached`` rebuilds with the now-filled cache.
+* ``ours gt, 1 job``: ``dataprep.build.build`` in-process, ``--detector gt``, on a replicated
+  300W-LP tree (the first build of the process is left out: imports).
+* ``ours gt, N jobs cold``: the first build of a fresh process with N loky workers, worker start-up
+  included, as every ``dataprep build`` CLI run pays it; ``... warm``: the next builds of that
+  process (joblib reuses its workers).
+* ``bare codec, 1 proc`` / ``N procs``: ``cv2.imdecode`` of the JPEG bytes (already in memory) +
+  the square crop (windows computed beforehand) + ``cv2.resize`` + ``cv2.imencode`` at the same
+  quality, and nothing else: the limit of a gt build; N forked processes started before the clock.
+* ``ours mtcnn, fresh cache``: a build with ``--detector mtcnn --device cpu`` and an empty detection
+  cache (every image detected; torch/facenet imports done before the clock); ``... cached rebuild``:
+  the same build again, the cache now answering; ``bare mtcnn``: ``create_detector("mtcnn",
+  device="cpu").detect`` on the same images decoded beforehand, same batch size.
 
-Ratios in the final JSON line: ``gt_1job_vs_bare`` and ``gt_njobs_vs_bare`` (ours / bare, higher is
-better, 1.0 = at the limit), ``mtcnn_overhead`` (ours / bare - 1, target <= 0.15).
+Final JSON line: ``gt_1job_vs_bare`` and ``gt_njobs_vs_bare`` (ours / bare samples/s; 1.0 = at the
+limit), ``gt_njobs_cold_vs_bare``, ``mtcnn_overhead`` (ours / bare seconds - 1; target <= 0.15),
+``mtcnn_cached_rate``, all rates, and with ``--before DIR`` ``ours_vs_before`` (speed-ups).
 
-    python benchmarks/build.py            # ~3 min on 2 cores
+    python benchmarks/build.py            # ~3 min on 2 busy cores
     python benchmarks/build.py --quick    # ~40 s
 """
 from __future__ import annotations
@@ -35,10 +40,10 @@ if __package__ in (None, ""):
 from benchmarks import common  # noqa: E402
 
 MODES = {
-    #        gt copies (x20 samples), mtcnn copies (x20), repeats, shard size
-    "full": dict(gt_copies=20, mtcnn_copies=2, repeats=3, shard_size=50),
-    "quick": dict(gt_copies=5, mtcnn_copies=1, repeats=1, shard_size=25),
-    "smoke": dict(gt_copies=1, mtcnn_copies=1, repeats=1, shard_size=5, mtcnn_images=4),
+    # gt_copies / mtcnn_copies: x20 300W-LP samples; repeats: timed builds per subprocess
+    "full": dict(gt_copies=15, mtcnn_images=24, rounds=3, repeats=3, shard_size=50),
+    "quick": dict(gt_copies=5, mtcnn_images=6, rounds=1, repeats=3, shard_size=25),
+    "smoke": dict(gt_copies=1, mtcnn_images=2, rounds=1, repeats=1, shard_size=5),
 }
 BATCH_SIZE = 16
 QUALITY = 95
@@ -46,7 +51,7 @@ CROP_SIZE = 224
 
 
 # --------------------------------------------------------------------------------------------
-# Measurements (run in subprocesses by common.run_isolated)
+# Measurements (each runs in a fresh subprocess, see common.run_isolated)
 # --------------------------------------------------------------------------------------------
 def _options(root, out, jobs, shard_size, **kw):
     from dataprep.build import BuildOptions
@@ -55,21 +60,26 @@ def _options(root, out, jobs, shard_size, **kw):
                         progress=False, overwrite=True, command="benchmark", **kw)
 
 
-def measure_ours(root: str, scratch: str, jobs: int, shard_size: int, warm: bool = False) -> dict:
-    """One gt build (``warm``: after an untimed one in the same process, so workers are up)."""
+def measure_ours(root: str, scratch: str, jobs: int, shard_size: int, repeats: int) -> dict:
+    """``1 + repeats`` gt builds in one process: the first is ``cold``, the others ``warm``."""
     from dataprep.build import build
 
-    out = Path(tempfile.mkdtemp(dir=scratch))
-    if warm:
-        build(_options(root, out / "warmup", jobs, shard_size))
-    start = time.perf_counter()
-    manifest = build(_options(root, out / "timed", jobs, shard_size))
-    seconds = time.perf_counter() - start
-    shutil.rmtree(out, ignore_errors=True)
-    return {"seconds": seconds, "samples": manifest["counts"]["read"], "written": manifest["counts"]["written"]}
+    tmp = Path(tempfile.mkdtemp(dir=scratch))
+    times, samples = [], 0
+    for i in range(1 + repeats):
+        start = time.perf_counter()
+        manifest = build(_options(root, tmp / f"out{i}", jobs, shard_size))
+        times.append(time.perf_counter() - start)
+        samples = manifest["counts"]["read"]
+        shutil.rmtree(tmp / f"out{i}", ignore_errors=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+    if jobs == 1:
+        return {"rows": {"": {"samples": samples, "seconds": times[1:]}}}
+    return {"rows": {"cold": {"samples": samples, "seconds": times[:1]},
+                     "warm": {"samples": samples, "seconds": times[1:]}}}
 
 
-def _windows(root: str, limit: int | None = None):
+def _windows(root: str):
     """(jpeg bytes, integer crop window) per sample: the gt square window, computed untimed."""
     import numpy as np
     import scipy.io
@@ -77,7 +87,7 @@ def _windows(root: str, limit: int | None = None):
     from dataprep import boxes
 
     items = []
-    for jpg, mat in common.raw_pairs(Path(root))[:limit]:
+    for jpg, mat in common.raw_pairs(Path(root)):
         pts = np.asarray(scipy.io.loadmat(str(mat))["pt2d"], dtype=np.float64).T
         box = [pts[:, 0].min(), pts[:, 1].min(), pts[:, 0].max(), pts[:, 1].max()]
         items.append((jpg.read_bytes(), boxes.integer_window(boxes.square_pad(box))))
@@ -111,27 +121,21 @@ def _bare_chunk(indices) -> int:
     return sum(_bare_one(i) for i in indices)
 
 
-def measure_bare_codec(root: str, jobs: int) -> dict:
-    """Decode + crop + resize + encode of every image, nothing else, on ``jobs`` processes."""
+def measure_bare_codec(root: str, jobs: int, repeats: int) -> dict:
+    """Decode + crop + resize + encode of every image, nothing else: on 1 process, then ``jobs``."""
     import cv2
 
     _ITEMS[:] = _windows(root)
     n = len(_ITEMS)
-    if jobs == 1:
-        start = time.perf_counter()
-        for i in range(n):
-            _bare_one(i)
-        seconds = time.perf_counter() - start
-    else:
+    rows = {"1 proc": {"samples": n, "seconds": common.timed_repeats(lambda: _bare_chunk(range(n)), repeats)}}
+    if jobs > 1:
         cv2.setNumThreads(1)
-        ctx = multiprocessing.get_context("fork")
-        with ctx.Pool(jobs) as pool:
+        with multiprocessing.get_context("fork").Pool(jobs) as pool:
             pool.map(_bare_chunk, [[0]] * jobs)  # workers up before the clock starts
-            chunks = [list(range(i, min(i + 16, n))) for i in range(0, n, 16)]
-            start = time.perf_counter()
-            sum(pool.imap_unordered(_bare_chunk, chunks))
-            seconds = time.perf_counter() - start
-    return {"seconds": seconds, "samples": n}
+            chunks = [range(i, min(i + 16, n)) for i in range(0, n, 16)]
+            rows[f"{jobs} procs"] = {"samples": n, "seconds": common.timed_repeats(
+                lambda: sum(pool.imap_unordered(_bare_chunk, chunks)), repeats)}
+    return {"rows": rows}
 
 
 def measure_ours_mtcnn(root: str, scratch: str, shard_size: int, device: str = "cpu") -> dict:
@@ -145,17 +149,19 @@ def measure_ours_mtcnn(root: str, scratch: str, shard_size: int, device: str = "
     kw = dict(detector="mtcnn", device=device, batch_size=BATCH_SIZE, cache_dir=str(tmp / "cache"))
     start = time.perf_counter()
     manifest = build(_options(root, tmp / "out", 1, shard_size, **kw))
-    seconds = time.perf_counter() - start
+    fresh = time.perf_counter() - start
     start = time.perf_counter()
     build(_options(root, tmp / "out2", 1, shard_size, **kw))
     cached = time.perf_counter() - start
     shutil.rmtree(tmp, ignore_errors=True)
-    return {"seconds": seconds, "cached_seconds": cached, "samples": manifest["counts"]["read"],
-            "written": manifest["counts"]["written"], "torch_threads": torch.get_num_threads()}
+    n = manifest["counts"]["read"]
+    return {"rows": {"fresh cache": {"samples": n, "seconds": [fresh], "torch_threads": torch.get_num_threads()},
+                     "cached rebuild": {"samples": n, "seconds": [cached]}}}
 
 
 def measure_bare_mtcnn(root: str, device: str = "cpu") -> dict:
-    """The detector alone on the same images, decoded beforehand, same batch size."""
+    """The detector alone on the same images, decoded beforehand, same batch size (one pass, as
+    the build makes one pass)."""
     import cv2
     import numpy as np
 
@@ -165,76 +171,12 @@ def measure_bare_mtcnn(root: str, device: str = "cpu") -> dict:
               for j, _ in common.raw_pairs(Path(root))]
     detector = create_detector("mtcnn", device=device, batch_size=BATCH_SIZE)
     start = time.perf_counter()
-    found = detector.detect(images)
-    seconds = time.perf_counter() - start
-    return {"seconds": seconds, "samples": len(images), "faces": sum(len(f) for f in found)}
+    detector.detect(images)
+    return {"rows": {"": {"samples": len(images), "seconds": [time.perf_counter() - start]}}}
 
 
 # --------------------------------------------------------------------------------------------
-def main(argv=None) -> int:
-    p = common.base_parser("dataprep build vs bare decode/encode and bare MTCNN")
-    p.add_argument("--jobs", type=int, default=None, help="the 'all cores' job count (default: all cores)")
-    p.add_argument("--no-mtcnn", action="store_true", help="skip the MTCNN cases")
-    args = p.parse_args(argv)
-    mode = common.mode_of(args)
-    cfg = MODES[mode]
-    repeats = args.repeats or cfg["repeats"]
-    jobs = args.jobs or common.cpu_count()
-    work = common.work_dir("build", args.work)
-    try:
-        gt_root, gt_n = common.scaled_dataset(work, "300w_lp", cfg["gt_copies"])
-        mt_root, mt_n = common.scaled_dataset(work, "300w_lp", cfg["mtcnn_copies"])
-        if "mtcnn_images" in cfg:  # smoke: a tree with only the first few images
-            mt_root = _subset(work, mt_root, cfg["mtcnn_images"])
-            mt_n = cfg["mtcnn_images"]
-        scratch = str(work / "scratch")
-        os.makedirs(scratch, exist_ok=True)
-        ss = cfg["shard_size"]
-        iso = common.run_isolated
-        cases = {
-            "ours gt, 1 job": lambda: iso("benchmarks.build:measure_ours", root=str(gt_root), scratch=scratch, jobs=1, shard_size=ss),
-            f"ours gt, {jobs} jobs cold": lambda: iso("benchmarks.build:measure_ours", root=str(gt_root), scratch=scratch, jobs=jobs, shard_size=ss),
-            f"ours gt, {jobs} jobs warm": lambda: iso("benchmarks.build:measure_ours", root=str(gt_root), scratch=scratch, jobs=jobs, shard_size=ss, warm=True),
-            "bare codec, 1 proc": lambda: iso("benchmarks.build:measure_bare_codec", root=str(gt_root), jobs=1),
-            f"bare codec, {jobs} procs": lambda: iso("benchmarks.build:measure_bare_codec", root=str(gt_root), jobs=jobs),
-        }
-        if not args.no_mtcnn:
-            cases["ours mtcnn (fresh cache)"] = lambda: iso("benchmarks.build:measure_ours_mtcnn", root=str(mt_root), scratch=scratch, shard_size=ss)
-            cases["bare mtcnn"] = lambda: iso("benchmarks.build:measure_bare_mtcnn", root=str(mt_root))
-        print(f"build benchmark ({mode}): {gt_n} gt samples, {mt_n} mtcnn images, shard size {ss}, "
-              f"{jobs} jobs, {repeats} round(s), {common.cpu_count()} cores", flush=True)
-        results = common.interleaved(cases, repeats)
-        summary = {name: common.summarize(r) for name, r in results.items()}
-        rows = [{"case": name, **s} for name, s in summary.items()]
-        if not args.no_mtcnn:
-            cached = [r["cached_seconds"] for r in results["ours mtcnn (fresh cache)"]]
-            med = sorted(cached)[len(cached) // 2]
-            rows.append({"case": "ours mtcnn (cached rebuild)", "samples": mt_n, "seconds": med, "rate": mt_n / med})
-        print()
-        print(common.table(rows, [("case", "case", ""), ("samples", "samples", "{}"), ("seconds", "median s", "{:.3f}"),
-                                  ("rate", "samples/s", "{:.1f}"), ("min_s", "min s", "{:.3f}"), ("max_s", "max s", "{:.3f}"),
-                                  ("peak_tree_pss_mb", "peak MB (tree)", "{:.0f}")]))
-        rate = {name: s["rate"] for name, s in summary.items()}
-        payload = {
-            "benchmark": "build", "mode": mode, "samples": gt_n, "jobs": jobs, "repeats": repeats, "shard_size": ss,
-            "gt_1job_vs_bare": rate["ours gt, 1 job"] / rate["bare codec, 1 proc"],
-            "gt_njobs_vs_bare": rate[f"ours gt, {jobs} jobs warm"] / rate[f"bare codec, {jobs} procs"],
-            "gt_njobs_cold_vs_bare": rate[f"ours gt, {jobs} jobs cold"] / rate[f"bare codec, {jobs} procs"],
-            "rates": {k: round(v, 2) for k, v in rate.items()},
-        }
-        if not args.no_mtcnn:
-            payload["mtcnn_images"] = mt_n
-            payload["mtcnn_overhead"] = summary["ours mtcnn (fresh cache)"]["seconds"] / summary["bare mtcnn"]["seconds"] - 1.0
-            payload["mtcnn_overhead_target"] = 0.15
-            payload["mtcnn_cached_rate"] = rows[-1]["rate"]
-        print()
-        common.final_json(payload)
-        return 0
-    finally:
-        common.cleanup(work, args)
-
-
-def _subset(work: Path, root: Path, n: int) -> Path:
+def _first_images(work: Path, root: Path, n: int) -> Path:
     """A 300W-LP tree holding only the first ``n`` (jpg, mat) pairs of ``root``."""
     sub = work / f"300w_lp-first{n}" / "300W_LP"
     if not sub.exists():
@@ -244,6 +186,71 @@ def _subset(work: Path, root: Path, n: int) -> Path:
             shutil.copyfile(jpg, sub / rel)
             shutil.copyfile(mat, sub / rel.with_suffix(".mat"))
     return sub
+
+
+def main(argv=None) -> int:
+    p = common.base_parser("dataprep build vs bare decode/encode and bare MTCNN")
+    p.add_argument("--jobs", type=int, default=None, help="the 'all cores' job count (default: all cores)")
+    p.add_argument("--no-mtcnn", action="store_true", help="skip the MTCNN rows")
+    args = p.parse_args(argv)
+    mode = common.mode_of(args)
+    cfg = MODES[mode]
+    rounds = args.repeats or cfg["rounds"]
+    jobs = args.jobs or common.cpu_count()
+    work = common.work_dir("build", args.work)
+    try:
+        gt_root, gt_n = common.scaled_dataset(work, "300w_lp", cfg["gt_copies"])
+        copies = -(-cfg["mtcnn_images"] // common.SAMPLE_COUNTS["300w_lp"])
+        mt_root = _first_images(work, common.scaled_dataset(work, "300w_lp", copies)[0], cfg["mtcnn_images"])
+        mt_n = cfg["mtcnn_images"]
+        scratch = str(work / "scratch")
+        os.makedirs(scratch, exist_ok=True)
+        ss, rep = cfg["shard_size"], cfg["repeats"]
+        ours = {
+            "ours gt, 1 job": dict(target="measure_ours", root=str(gt_root), scratch=scratch, jobs=1, shard_size=ss, repeats=rep),
+            f"ours gt, {jobs} jobs": dict(target="measure_ours", root=str(gt_root), scratch=scratch, jobs=jobs, shard_size=ss, repeats=rep),
+        }
+        if not args.no_mtcnn:
+            ours["ours mtcnn,"] = dict(target="measure_ours_mtcnn", root=str(mt_root), scratch=scratch, shard_size=ss)
+        bare = {"bare codec,": dict(target="measure_bare_codec", root=str(gt_root), jobs=jobs, repeats=rep)}
+        if not args.no_mtcnn:
+            bare["bare mtcnn"] = dict(target="measure_bare_mtcnn", root=str(mt_root))
+        specs = dict(ours)
+        if args.before:
+            specs.update({name.replace("ours", "before", 1): dict(kw, code_root=args.before) for name, kw in ours.items()})
+        specs.update(bare)
+        cases = {name: (lambda kw=kw: common.run_isolated("benchmarks.build:" + kw["target"],
+                                                          **{k: v for k, v in kw.items() if k != "target"}))
+                 for name, kw in specs.items()}
+        print(f"build benchmark ({mode}): {gt_n} gt samples, {mt_n} mtcnn images, shard size {ss}, {jobs} jobs, "
+              f"{rounds} round(s) x {rep} build(s), {common.cpu_count()} cores", flush=True)
+        results = common.interleaved(cases, rounds)
+        summary = {name: common.summarize(entry) for name, entry in results.items()}
+        print()
+        print(common.table([{"case": n, **s} for n, s in summary.items()],
+                           common.ROW_COLUMNS + [("peak_tree_pss_mb", "peak MB (process tree)", "{:.0f}")]))
+        rate = {name: s["rate"] for name, s in summary.items()}
+        payload = {
+            "benchmark": "build", "mode": mode, "samples": gt_n, "jobs": jobs, "rounds": rounds, "shard_size": ss,
+            "gt_1job_vs_bare": rate["ours gt, 1 job"] / rate["bare codec, 1 proc"],
+            "gt_njobs_vs_bare": rate[f"ours gt, {jobs} jobs warm"] / rate[f"bare codec, {jobs} procs"] if jobs > 1 else None,
+            "gt_njobs_cold_vs_bare": rate[f"ours gt, {jobs} jobs cold"] / rate[f"bare codec, {jobs} procs"] if jobs > 1 else None,
+            "rates": {k: round(v, 2) for k, v in rate.items()},
+        }
+        if not args.no_mtcnn:
+            payload["mtcnn_images"] = mt_n
+            payload["mtcnn_overhead"] = summary["ours mtcnn, fresh cache"]["best_s"] / summary["bare mtcnn"]["best_s"] - 1.0
+            payload["mtcnn_overhead_target"] = 0.15
+            payload["mtcnn_cached_rate"] = rate["ours mtcnn, cached rebuild"]
+            payload["torch_threads"] = results["ours mtcnn, fresh cache"]["extra"].get("torch_threads")
+        if args.before:
+            payload["ours_vs_before"] = {name: rate[name] / rate[name.replace("ours", "before", 1)]
+                                         for name in rate if name.startswith("ours")}
+        print()
+        common.final_json(payload)
+        return 0
+    finally:
+        common.cleanup(work, args)
 
 
 if __name__ == "__main__":

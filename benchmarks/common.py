@@ -61,7 +61,7 @@ def sample_tree(base: Path) -> Path:
     if not (tree / "expected_labels.json").exists():
         from dataprep.sample_data import write_sample_tree
 
-        write_sample_tree(tree, seed=0)
+        write_sample_tree(tree, seed=0, biwi_frames_per_sequence=1)
     return tree
 
 
@@ -198,15 +198,25 @@ def memory_peaks() -> dict[str, float]:
 # --------------------------------------------------------------------------------------------
 # Isolated measurements
 # --------------------------------------------------------------------------------------------
-def run_isolated(target: str, timeout: float = 900, **kwargs) -> dict[str, Any]:
+def run_isolated(target: str, timeout: float = 900, code_root: str | Path | None = None, **kwargs) -> dict[str, Any]:
     """Run ``module:function(**kwargs)`` in a fresh interpreter; the function returns a JSON-able
     dict (usually with ``seconds`` and ``samples``). Adds ``peak_rss_mb`` (the subprocess),
-    ``peak_child_rss_mb`` (its largest worker) and ``peak_tree_pss_mb`` (all of them together)."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    ``peak_child_rss_mb`` (its largest worker) and ``peak_tree_pss_mb`` (all of them together).
+
+    ``code_root``: import ``dataprep`` from this checkout instead (e.g. an older version, to
+    compare before/after a change with the same benchmark code)."""
+    bootstrap = (
+        "import importlib.util, sys; "
+        f"sys.path[:0] = {[str(code_root)] if code_root else []!r} + [{str(REPO)!r}]; "
+        # the benchmarks package always from this checkout, dataprep from code_root when given
+        f"spec = importlib.util.spec_from_file_location('benchmarks', {str(REPO / 'benchmarks' / '__init__.py')!r}, "
+        f"submodule_search_locations=[{str(REPO / 'benchmarks')!r}]); "
+        "pkg = importlib.util.module_from_spec(spec); sys.modules['benchmarks'] = pkg; spec.loader.exec_module(pkg); "
+        "from benchmarks.common import _child_main; _child_main(sys.argv[1], sys.argv[2])"
+    )
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.common", "--child", target, json.dumps(kwargs)],
-        cwd=str(REPO), env=env, capture_output=True, text=True, timeout=timeout,
+        [sys.executable, "-c", bootstrap, target, json.dumps(kwargs)],
+        cwd=str(REPO), capture_output=True, text=True, timeout=timeout,
     )
     lines = [l for l in proc.stdout.splitlines() if l.startswith("@@RESULT ")]
     if proc.returncode != 0 or not lines:
@@ -224,47 +234,68 @@ def _child_main(target: str, kwargs_json: str) -> None:
     print("@@RESULT " + json.dumps(result), flush=True)
 
 
-def interleaved(cases: dict[str, Callable[[], dict]], repeats: int, log=print) -> dict[str, list[dict]]:
-    """Run every case once per round, ``repeats`` rounds, rotating the order each round."""
+def interleaved(cases: dict[str, Callable[[], dict]], rounds: int, log=print) -> dict[str, dict]:
+    """Run every case once per round, ``rounds`` rounds, rotating the order each round, so load
+    from other processes on the machine falls on every case alike.
+
+    A case returns ``{"rows": {suffix: {"samples": n, "seconds": [t, ...], ...}}, <memory peaks>}``
+    (one subprocess can time several things, e.g. a cold and then warm builds); row names are
+    ``case + " " + suffix`` (just ``case`` for suffix ``""``). Returns row name -> ``{"samples",
+    "seconds": every time measured, "extra": other fields of the last run, memory peaks (max)}``.
+    """
     names = list(cases)
-    out: dict[str, list[dict]] = {n: [] for n in names}
-    for r in range(repeats):
+    rows: dict[str, dict] = {}
+    for r in range(rounds):
         order = names[r % len(names):] + names[:r % len(names)]
         for name in order:
             res = cases[name]()
-            out[name].append(res)
-            if log:
-                rate = res.get("samples", 0) / res["seconds"] if res.get("seconds") else float("nan")
-                log(f"  [{r + 1}/{repeats}] {name:<34} {res['seconds']:8.3f} s  {rate:9.1f} samples/s")
-    return out
+            for suffix, row in res["rows"].items():
+                full = f"{name} {suffix}".strip()
+                entry = rows.setdefault(full, {"samples": row["samples"], "seconds": [], "extra": {}})
+                entry["seconds"].extend(row["seconds"])
+                entry["extra"] = {k: v for k, v in row.items() if k not in ("samples", "seconds")}
+                for key in ("peak_rss_mb", "peak_child_rss_mb", "peak_tree_pss_mb"):
+                    if key in res:
+                        entry[key] = max(entry.get(key, 0.0), res[key])
+                if log:
+                    best = min(row["seconds"])
+                    log(f"  [{r + 1}/{rounds}] {full:<36} best {best:8.3f} s of {len(row['seconds'])}  "
+                        f"{row['samples'] / best:9.1f} samples/s")
+    return rows
 
 
-def median_of(results: list[dict], key: str = "seconds") -> float:
-    return statistics.median(r[key] for r in results)
+def summarize(entry: dict) -> dict[str, float]:
+    """One row: best (min) and median seconds over every measurement, samples/s from the best.
 
-
-def summarize(results: list[dict]) -> dict[str, float]:
-    """Median seconds, samples/s from it, spread, max memory peaks over the repeats."""
-    seconds = [r["seconds"] for r in results]
-    samples = results[0].get("samples", 0)
-    med = statistics.median(seconds)
+    The best time is the cost estimate: on a shared machine other processes only ever add time.
+    """
+    seconds = entry["seconds"]
+    best = min(seconds)
     out = {
-        "samples": samples,
-        "seconds": med,
-        "rate": samples / med if med > 0 else float("nan"),
-        "min_s": min(seconds),
-        "max_s": max(seconds),
+        "samples": entry["samples"],
+        "best_s": best,
+        "median_s": statistics.median(seconds),
+        "n": len(seconds),
+        "rate": entry["samples"] / best if best > 0 else float("nan"),
     }
     for key in ("peak_rss_mb", "peak_child_rss_mb", "peak_tree_pss_mb"):
-        if key in results[0]:
-            out[key] = max(r[key] for r in results)
+        if key in entry:
+            out[key] = entry[key]
     return out
 
 
-def time_call(fn: Callable[[], Any]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+def timed_repeats(fn: Callable[[], Any], repeats: int) -> list[float]:
+    """Wall-clock seconds of ``repeats`` calls of ``fn``."""
+    out = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - start)
+    return out
+
+
+ROW_COLUMNS = [("case", "case", ""), ("samples", "samples", "{}"), ("best_s", "best s", "{:.3f}"),
+               ("median_s", "median s", "{:.3f}"), ("n", "runs", "{}"), ("rate", "samples/s", "{:.1f}")]
 
 
 # --------------------------------------------------------------------------------------------
@@ -296,6 +327,9 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     mode.add_argument("--smoke", action="store_true", help="tiny run that only checks the script works")
     p.add_argument("--repeats", type=int, default=None, help="rounds of interleaved measurements")
     p.add_argument("--work", default=None, help="scratch folder to use and keep (default: a temporary one, removed)")
+    p.add_argument("--before", default=None, metavar="DIR",
+                   help="also run our cases with dataprep imported from DIR (an older checkout, e.g. "
+                        "`git archive COMMIT | tar -x -C DIR`), interleaved with the others")
     return p
 
 
@@ -306,10 +340,3 @@ def mode_of(args) -> str:
 def cleanup(path: Path, args) -> None:
     if not args.work:
         shutil.rmtree(path, ignore_errors=True)
-
-
-if __name__ == "__main__":
-    if len(sys.argv) == 4 and sys.argv[1] == "--child":
-        _child_main(sys.argv[2], sys.argv[3])
-    else:
-        sys.exit("usage: python -m benchmarks.common --child module:function JSON")

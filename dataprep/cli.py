@@ -34,7 +34,7 @@ def _add_build(sub) -> None:
     p.add_argument("--split-file", default=None, help='JSON {"by": "group"|"source"|"key", "train": [...], "test": [...]}')
     p.add_argument("--augment", default="", help="offline variants to add, e.g. flip,blur,downsample")
     p.add_argument("--jobs", "-j", type=int, default=1, help="parallel workers (-1: all cores)")
-    p.add_argument("--backend", default="loky", choices=("loky", "threading", "multiprocessing", "dask", "ray"),
+    p.add_argument("--backend", default="loky", choices=("loky", "threading", "dask", "ray"),
                    help="joblib backend; dask and ray spread a build over a cluster")
     p.add_argument("--scheduler", default=None, help="dask scheduler or ray cluster address (default: a local cluster of --jobs workers)")
     p.add_argument("--device", default="auto", help="detector device: auto, cpu, cuda, cuda:1 ...")

@@ -33,7 +33,7 @@ import io
 import json
 import os
 from itertools import islice
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 from urllib.parse import urlparse
 
 import cv2
@@ -209,8 +209,12 @@ def _key_hash(key: str) -> int:
 
 def _to_tensor(image: np.ndarray, normalize: str | None) -> torch.Tensor:
     if normalize == "raw_bgr":
-        return torch.from_numpy(np.ascontiguousarray(image[:, :, ::-1].transpose(2, 0, 1))).float()
-    t = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float().div_(255.0)
+        image = image[:, :, ::-1]
+    # one pass: uint8 HWC -> float32 CHW, contiguous
+    t = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).to(torch.float32, memory_format=torch.contiguous_format)
+    if normalize == "raw_bgr":
+        return t
+    t = t.div_(255.0)
     if normalize == "imagenet":
         mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
         std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
@@ -275,8 +279,8 @@ class _Decode(PipelineStage):
     def run(self, src):
         st = self.state
         rank, _, worker, nworkers = _worker()
-        if torch.utils.data.get_worker_info() is not None:
-            cv2.setNumThreads(1)  # workers are the parallelism; don't oversubscribe the cores
+        # No cv2.setNumThreads() here: in a forked worker it can block forever on the parent's
+        # thread-pool state (seen with OpenCV 5 / pthreads); cv2's own pool is fork-safe to use.
         limit = st.samples_per_epoch
         if limit is not None:
             limit = limit // nworkers + (1 if worker < limit % nworkers else 0)

@@ -147,13 +147,16 @@ def crop_sample(sample: RawSample, split: str, settings: Settings, decision: dic
 
 # -------------------------------------------------------------------------------------- augment
 def augment_variants(image, record, landmarks, settings: Settings, rng) -> list[tuple[np.ndarray, dict, np.ndarray | None]]:
-    """The original plus one offline variant per ``--augment`` op (own key, same source)."""
+    """The original plus one offline variant per ``--augment`` op (own key, same source).
+
+    Variants carry no depth map: the ops transform the RGB crop only, and a flipped image next to
+    an unflipped depth crop would be wrong."""
     out = [(image, record, landmarks)]
     if settings.augment:
         from .augment import offline_variants
 
         for _suffix, img, rec, pts in offline_variants(image, record, landmarks, list(settings.augment), rng):
-            out.append((img, rec, pts))
+            out.append((img, {k: v for k, v in rec.items() if k != "depth_crop"}, pts))
     return out
 
 
@@ -188,7 +191,8 @@ def process_ref(reader, root: Path, ref: SampleRef, split: str, settings: Settin
         )
     rng = sample_rng(settings.seed, ref.key)
     image, record, landmarks, depth = crop_sample(sample, split, settings, decision, rng)
-    return [encode_sample(img, rec, pts, depth, settings) for img, rec, pts in augment_variants(image, record, landmarks, settings, rng)]
+    variants = augment_variants(image, record, landmarks, settings, rng)
+    return [encode_sample(img, rec, pts, depth if i == 0 else None, settings) for i, (img, rec, pts) in enumerate(variants)]
 
 
 def _one_thread_per_worker() -> None:

@@ -328,3 +328,18 @@ def test_real_samples_build_end_to_end(real_samples, tmp_path):
     # _Flip files are independent re-fits: yaw and roll roughly (not exactly) negated
     assert flip["yaw"] == pytest.approx(-orig["yaw"], abs=2) and flip["yaw"] != -orig["yaw"]
     assert flip["roll"] == pytest.approx(-orig["roll"], abs=2)
+
+
+def test_biwi_augment_variants_carry_no_stale_depth(sample_tree, tmp_path):
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps({"by": "group", "test": ["01"]}))
+    build(opts(sample_tree / "hpdb", tmp_path / "o", "biwi", protocol="2", detector="gt", split_file=str(split),
+               augment=("flip",)))
+    samples = {}
+    for shard in (tmp_path / "o").glob("*.tar"):
+        samples.update(read_tar(shard))
+    flips = [k for k in samples if k.endswith("_flip")]
+    assert flips
+    for key in flips:
+        assert "depth.png" not in samples[key] and "depth_crop" not in json.loads(samples[key]["json"])
+        assert "depth.png" in samples[key[: -len("_flip")]]

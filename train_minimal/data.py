@@ -154,8 +154,6 @@ class _Prepare(PipelineStage):
 
     def run(self, src):
         self.epoch += 1
-        if torch.utils.data.get_worker_info() is not None:
-            cv2.setNumThreads(1)
         for raw in src:
             try:
                 yield self.prepare(raw)

@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import os
 import re
 import sys
@@ -458,7 +457,8 @@ def cmd_params(args) -> int:
 def cmd_convert_fsanet(args) -> int:
     from .convert_fsanet import convert  # written alongside the FSA-Net port; imported lazily (h5py)
 
-    convert(args.h5, args.out)
+    summary = convert(args.h5, args.out)
+    print(json.dumps(summary, default=str) if isinstance(summary, dict) else f"wrote {args.out}")
     return 0
 
 

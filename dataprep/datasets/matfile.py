@@ -71,10 +71,6 @@ def reader_errors(read_sample: Callable) -> Callable:
     return wrapper
 
 
-#: OpenCV >= 4.11 decodes straight to RGB (the same pixels as BGR + cvtColor, one pass fewer).
-_IMREAD_RGB = getattr(cv2, "IMREAD_COLOR_RGB", None)
-
-
 def read_image(path: Path, display: str, expected_size: tuple[int, int] | None = None) -> np.ndarray:
     """Read an image file as H x W x 3 uint8 RGB.
 
@@ -87,7 +83,7 @@ def read_image(path: Path, display: str, expected_size: tuple[int, int] | None =
         raise SampleError("missing_image", f"{display}: image file not found") from None
     except OSError as exc:
         raise SampleError("unreadable_image", f"{display}: cannot read the file ({exc})") from exc
-    image = cv2.imdecode(buf, _IMREAD_RGB if _IMREAD_RGB is not None else cv2.IMREAD_COLOR) if buf.size else None
+    image = cv2.imdecode(buf, cv2.IMREAD_COLOR) if buf.size else None
     if image is None:
         raise SampleError(
             "unreadable_image",
@@ -101,7 +97,7 @@ def read_image(path: Path, display: str, expected_size: tuple[int, int] | None =
                 f"{display}: image is {w}x{h}, expected {expected_size[0]}x{expected_size[1]} "
                 "(the labels are in the original pixels; do not resize the raw files)",
             )
-    return image if _IMREAD_RGB is not None else cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
 # --------------------------------------------------------------------------------------------
