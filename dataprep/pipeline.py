@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import multiprocessing
 import posixpath
 import traceback
 from dataclasses import asdict, dataclass, field
@@ -195,19 +194,6 @@ def process_ref(reader, root: Path, ref: SampleRef, split: str, settings: Settin
     return [encode_sample(img, rec, pts, depth if i == 0 else None, settings) for i, (img, rec, pts) in enumerate(variants)]
 
 
-def _one_thread_per_worker() -> None:
-    """In a worker process (joblib/loky, dask), the processes are the parallelism: keep OpenCV to
-    one thread so N workers do not run N x cores threads. The main process is left alone."""
-    global _THREADS_SET
-    if not _THREADS_SET:
-        _THREADS_SET = True
-        if multiprocessing.parent_process() is not None:
-            cv2.setNumThreads(1)
-
-
-_THREADS_SET = False
-
-
 def run_shard(task: ShardTask, settings: Settings, root: str, out: str) -> dict:
     """Read, crop and encode every sample of one shard, stream it into the shard, and record the
     result. Samples go to the shard's temporary file as soon as they are encoded, so a worker
@@ -215,7 +201,6 @@ def run_shard(task: ShardTask, settings: Settings, root: str, out: str) -> dict:
 
     Bad input never raises out of here: each failure becomes a ``rejected`` entry.
     """
-    _one_thread_per_worker()
     reader = get_reader(settings.dataset)
     root_path = Path(root)
     rejected: list[dict] = []

@@ -60,3 +60,11 @@ class RawSample:
     depth: np.ndarray | None = None
     #: JSON-able extras carried into the label record (e.g. ``pose_para``, ``head_center_mm``).
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_angles(cls, ref: SampleRef, image: np.ndarray, yaw: float, pitch: float, roll: float, **fields) -> "RawSample":
+        """A sample whose ``rotation`` is built from its angles in our convention (labels.py)."""
+        from .labels import rotation_from_euler
+
+        return cls(ref=ref, image=image, yaw=yaw, pitch=pitch, roll=roll,
+                   rotation=rotation_from_euler(yaw, pitch, roll), **fields)

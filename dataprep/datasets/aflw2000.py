@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import labels
 from ..records import RawSample, SampleRef, make_key
 from ..boxes import bbox_of_points, pt2d_boxes
 from . import matfile
@@ -23,9 +22,7 @@ GROUP = "AFLW2000"
 def list_samples(root: Path) -> list[SampleRef]:
     """Every ``*.jpg`` directly in the root (sorted); the ``.mat`` is not checked here. A root with
     no images raises ``FileNotFoundError`` (usually the wrong folder was passed)."""
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"AFLW2000 root {root} is not a folder (pass the {DEFAULT_ROOT_NAME} folder)")
+    root = matfile.require_root(root, "AFLW2000", DEFAULT_ROOT_NAME)
     refs = [
         SampleRef(NAME, make_key(NAME, image.stem), image.name, GROUP)
         for image in root.iterdir()
@@ -45,13 +42,12 @@ def read_sample(root: Path, ref: SampleRef) -> RawSample:
     pt2d = matfile.require_finite(matfile.require_array(mat, "pt2d", (2, 21), display), "pt2d", display)
     missing_x, missing_y = matfile.PT2D_MISSING_XY
     missing = int(np.count_nonzero((pt2d[0] == missing_x) & (pt2d[1] == missing_y)))
-    return RawSample(
-        ref=ref,
-        image=image,
-        yaw=yaw,
-        pitch=pitch,
-        roll=roll,
-        rotation=labels.rotation_from_euler(yaw, pitch, roll),
+    return RawSample.from_angles(
+        ref,
+        image,
+        yaw,
+        pitch,
+        roll,
         boxes={"gt": bbox_of_points(landmarks), **pt2d_boxes(pt2d.T)},
         landmarks=landmarks,
         extra={"pose_para": pose_para, "pt2d_missing": missing},

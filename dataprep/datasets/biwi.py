@@ -272,9 +272,7 @@ def encode_depth_bin(depth: np.ndarray) -> bytes:
 # --------------------------------------------------------------------------------------------
 def list_samples(root: Path) -> list[SampleRef]:
     """Every ``NN/frame_XXXXX_rgb.png`` (sorted); pose/depth/calibration files are not checked here."""
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"BIWI root {root} is not a folder (pass the {DEFAULT_ROOT_NAME} folder)")
+    root = matfile.require_root(root, "BIWI", DEFAULT_ROOT_NAME)
     sequences = sorted(p.name for p in root.iterdir() if p.is_dir() and _SEQUENCE_DIR.match(p.name))
     if not sequences:
         raise FileNotFoundError(
@@ -337,15 +335,15 @@ def read_sample(root: Path, ref: SampleRef) -> RawSample:
         )
     box, centre, z = head_box(t, rgb_cal)
     if z <= 0:
-        raise SampleError("bad_calibration", f"{shown['rgb_cal']}: head centre lands behind the RGB camera")
+        raise SampleError("bad_calibration", f"{shown['pose']}: head centre {t.tolist()} lands behind the RGB camera "
+                                              f"of {shown['rgb_cal']}; one of the two files is wrong")
     yaw, pitch, roll = labels.biwi_matrix_to_euler(M)
-    return RawSample(
-        ref=ref,
-        image=image,
-        yaw=yaw,
-        pitch=pitch,
-        roll=roll,
-        rotation=labels.rotation_from_euler(yaw, pitch, roll),
+    return RawSample.from_angles(
+        ref,
+        image,
+        yaw,
+        pitch,
+        roll,
         boxes={"gt": box},
         landmarks=None,
         depth=depth,

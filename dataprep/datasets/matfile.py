@@ -40,6 +40,14 @@ PT2D_MISSING_XY = (-1.0, 452.0)
 SAMPLE_MAT_HEADER = b"MATLAB 5.0 MAT-file, Platform: PCWIN64, Created on: Thu Jan  1 00:00:00 1970"
 
 
+def require_root(root, dataset: str, folder: str) -> Path:
+    """``root`` as a Path, or ``FileNotFoundError`` saying which folder to pass."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{dataset} root {root} is not a folder (pass the {folder} folder)")
+    return root
+
+
 def display_path(root: Path, relative: str) -> str:
     """How a file is named in messages: the root folder's name plus the path below it."""
     name = Path(root).name or Path(root).resolve().name

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .. import labels
 from ..records import RawSample, SampleRef, make_key
 from ..boxes import bbox_of_points, pt2d_boxes
 from . import matfile
@@ -20,9 +19,7 @@ SUBSETS = ("AFW", "HELEN", "IBUG", "LFPW", "AFW_Flip", "HELEN_Flip", "IBUG_Flip"
 
 def list_samples(root: Path) -> list[SampleRef]:
     """Every ``<SUBSET>/*.jpg`` (sorted by path); the ``.mat`` is not checked here."""
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"300W-LP root {root} is not a folder (pass the {DEFAULT_ROOT_NAME} folder)")
+    root = matfile.require_root(root, "300W-LP", DEFAULT_ROOT_NAME)
     found = [s for s in SUBSETS if (root / s).is_dir()]
     if not found:
         raise FileNotFoundError(
@@ -43,13 +40,12 @@ def read_sample(root: Path, ref: SampleRef) -> RawSample:
     yaw, pitch, roll, pose_para = matfile.pose_labels(mat, display)
     pt2d = matfile.require_finite(matfile.require_array(mat, "pt2d", (2, 68), display), "pt2d", display)
     landmarks = pt2d.T.copy()
-    return RawSample(
-        ref=ref,
-        image=image,
-        yaw=yaw,
-        pitch=pitch,
-        roll=roll,
-        rotation=labels.rotation_from_euler(yaw, pitch, roll),
+    return RawSample.from_angles(
+        ref,
+        image,
+        yaw,
+        pitch,
+        roll,
         boxes={"gt": bbox_of_points(landmarks), **pt2d_boxes(landmarks)},
         landmarks=landmarks,
         extra={"pose_para": pose_para},
