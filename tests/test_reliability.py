@@ -124,3 +124,46 @@ def test_manifest_lists_no_pickles(sample_tree, tmp_path):
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert manifest["counts"]["rejected"] == 0
     assert os.path.basename(manifest["shards"][0]["name"]) == manifest["shards"][0]["name"]
+
+
+@pytest.fixture
+def s3_server():
+    """A local S3-compatible server (moto) on loopback, with one bucket."""
+    moto_server = pytest.importorskip("moto.server")
+    pytest.importorskip("s3fs")
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    env = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    # What a user does for their own S3-compatible store: fsspec's config for the s3 protocol.
+    old_conf = fsspec.config.conf.get("s3")
+    fsspec.config.conf["s3"] = {"endpoint_url": endpoint}
+    fs = fsspec.filesystem("s3", client_kwargs={"endpoint_url": endpoint}, skip_instance_cache=True)
+    fs.mkdir("dataprep-test")
+    try:
+        yield endpoint
+    finally:
+        if old_conf is None:
+            fsspec.config.conf.pop("s3", None)
+        else:
+            fsspec.config.conf["s3"] = old_conf
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        server.stop()
+
+
+def test_s3_destination_on_a_local_server(sample_tree, reference, s3_server):
+    manifest = build(_opts(sample_tree / "300W_LP", "s3://dataprep-test/build"))
+    fs = fsspec.filesystem("s3", client_kwargs={"endpoint_url": s3_server}, skip_instance_cache=True)
+    names = sorted(s["name"] for s in manifest["shards"])
+    assert names == sorted(reference)
+    for name in names:
+        assert fs.cat_file(f"dataprep-test/build/{name}") == reference[name]
+    assert not fs.glob("dataprep-test/build/*.tmp")
+    assert verify("s3://dataprep-test/build").ok
