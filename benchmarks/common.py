@@ -7,8 +7,11 @@
 * ``run_isolated``: run one measurement in a fresh Python subprocess and return its result plus
   its memory peaks, so every case starts cold and has its own peak (``VmHWM`` of the process, the
   largest child's ``ru_maxrss``, and the peak of the whole process tree's PSS, sampled).
-* ``interleaved``: run the cases round-robin, ``repeats`` times, so background load on the machine
-  hits every case alike; report the median.
+* ``interleaved``: run the cases round-robin, ``rounds`` times, so background load on the machine
+  hits every case alike; ``summarize`` takes the best time of all runs as the cost (other
+  processes only ever add time) and shows the median beside it.
+* ``--before DIR`` (every script): run our cases a second time with ``dataprep`` imported from an
+  older checkout, interleaved with the rest, for before/after figures.
 * ``table`` / ``final_json``: the printed table and the one final JSON line the scripts end with.
 
 Nothing here asserts timings: the figures are for reading, the ratios for comparing.
@@ -200,8 +203,9 @@ def memory_peaks() -> dict[str, float]:
 # --------------------------------------------------------------------------------------------
 def run_isolated(target: str, timeout: float = 900, code_root: str | Path | None = None, **kwargs) -> dict[str, Any]:
     """Run ``module:function(**kwargs)`` in a fresh interpreter; the function returns a JSON-able
-    dict (usually with ``seconds`` and ``samples``). Adds ``peak_rss_mb`` (the subprocess),
-    ``peak_child_rss_mb`` (its largest worker) and ``peak_tree_pss_mb`` (all of them together).
+    dict (``{"rows": {suffix: {"samples", "seconds": [...], ...}}}``, see ``interleaved``). Adds
+    ``peak_rss_mb`` (the subprocess), ``peak_child_rss_mb`` (its largest worker) and
+    ``peak_tree_pss_mb`` (the subprocess and all its descendants together, sampled).
 
     ``code_root``: import ``dataprep`` from this checkout instead (e.g. an older version, to
     compare before/after a change with the same benchmark code)."""
@@ -241,7 +245,8 @@ def interleaved(cases: dict[str, Callable[[], dict]], rounds: int, log=print) ->
     A case returns ``{"rows": {suffix: {"samples": n, "seconds": [t, ...], ...}}, <memory peaks>}``
     (one subprocess can time several things, e.g. a cold and then warm builds); row names are
     ``case + " " + suffix`` (just ``case`` for suffix ``""``). Returns row name -> ``{"samples",
-    "seconds": every time measured, "extra": other fields of the last run, memory peaks (max)}``.
+    "seconds": every time measured, "extra": other fields of the last run, "extra_all": field ->
+    values of every run, memory peaks (max)}``.
     """
     names = list(cases)
     rows: dict[str, dict] = {}
@@ -251,9 +256,11 @@ def interleaved(cases: dict[str, Callable[[], dict]], rounds: int, log=print) ->
             res = cases[name]()
             for suffix, row in res["rows"].items():
                 full = f"{name} {suffix}".strip()
-                entry = rows.setdefault(full, {"samples": row["samples"], "seconds": [], "extra": {}})
+                entry = rows.setdefault(full, {"samples": row["samples"], "seconds": [], "extra": {}, "extra_all": {}})
                 entry["seconds"].extend(row["seconds"])
                 entry["extra"] = {k: v for k, v in row.items() if k not in ("samples", "seconds")}
+                for k, v in entry["extra"].items():
+                    entry["extra_all"].setdefault(k, []).append(v)
                 for key in ("peak_rss_mb", "peak_child_rss_mb", "peak_tree_pss_mb"):
                     if key in res:
                         entry[key] = max(entry.get(key, 0.0), res[key])

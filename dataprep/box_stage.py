@@ -6,11 +6,13 @@ sample's face box.
 * BIWI: FSA-Net's per-sequence rules (``--biwi-tracking none|previous``), which need the frames in
   order, are applied here; dropped frames become rejections, reused boxes are marked.
 
-Decoding runs in a thread pool one chunk ahead of the detector, so CPU decoding overlaps detection.
+Reading, cache look-ups and decoding run in a thread pool one chunk ahead of the detector, so CPU
+decoding overlaps detection without holding the dataset's pixels in memory.
 """
 from __future__ import annotations
 
 import os
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from itertools import groupby
 from pathlib import Path
@@ -28,43 +30,83 @@ def default_cache_dir() -> Path:
     return Path(base) / "headpose-dataprep" / "detections"
 
 
-def _load(path: Path) -> tuple[str | None, np.ndarray | None]:
-    """(content key, RGB image) or (None, None) when the file cannot be read or decoded; the shard
-    worker reports such files when it reads them."""
+def _read(path: Path) -> tuple[str | None, bytes | None]:
+    """(content key, file bytes) or (None, None) when the file cannot be read."""
     try:
         data = path.read_bytes()
     except OSError:
         return None, None
+    return image_key_from_bytes(data), data
+
+
+def _decode(data: bytes) -> np.ndarray | None:
+    """RGB image, or None when the bytes do not decode (the shard worker reports such files when
+    it reads them)."""
     image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-    if image is None:
-        return image_key_from_bytes(data), None
-    return image_key_from_bytes(data), cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    return None if image is None else cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def _load(path: Path) -> tuple[str | None, np.ndarray | None]:
+    """(content key, RGB image) or (None, None) when the file cannot be read; (key, None) when it
+    does not decode."""
+    key, data = _read(path)
+    return (None, None) if data is None else (key, _decode(data))
 
 
 def detect_all(refs: list[SampleRef], root: Path, detector, cache: DetectionCache | None, *, chunk: int = 64,
                threads: int = 2, progress: bool = True) -> dict[str, list]:
-    """key -> list of Detection for every readable image (cache hits skip the detector)."""
+    """key -> list of Detection for every readable image (cache hits skip the detector).
+
+    A thread pool prepares the next chunk while the detector works on this one (never more: two
+    chunks of decoded images are all that is held in memory): it reads each file, looks its key
+    up in the cache and decodes only the images the cache cannot answer (a rebuild with a warm
+    cache decodes nothing here). The answer for each image is decided in order, on this thread,
+    as if the look-ups were made just before the chunk's detection: a look-up that missed ahead
+    of time is repeated (an earlier chunk may have stored the same image since), a hit stays a
+    hit (the cache only grows).
+    """
     out: dict[str, list] = {}
     chunks = [refs[i:i + chunk] for i in range(0, len(refs), chunk)]
+    fingerprint = detector.fingerprint
+
+    def prepare(ref):
+        key, data = _read(root / ref.source)
+        if data is None:
+            return None, None, None
+        hit = cache.get(key, fingerprint) if cache else None
+        return (key, hit, None) if hit is not None else (key, None, _decode(data))
+
     bar = tqdm(total=len(refs), unit="img", desc=f"detect {detector.name}", disable=not progress)
     with ThreadPoolExecutor(max_workers=threads) as pool:
-        pending = pool.map(lambda c: [_load(root / r.source) for r in c], chunks)
-        for chunk_refs, loaded in zip(chunks, pending):
+        upcoming = iter(chunks)
+        in_flight: deque = deque()
+
+        def submit_next() -> None:
+            chunk_refs = next(upcoming, None)
+            if chunk_refs is not None:
+                in_flight.append((chunk_refs, [pool.submit(prepare, ref) for ref in chunk_refs]))
+
+        submit_next()
+        while in_flight:
+            chunk_refs, futures = in_flight.popleft()
+            submit_next()
+            prepared = [f.result() for f in futures]
             todo_images, todo = [], []
-            for ref, (key, image) in zip(chunk_refs, loaded):
-                if image is None:
-                    continue
-                hit = cache.get(key, detector.fingerprint) if cache else None
+            for ref, (key, hit, image) in zip(chunk_refs, prepared):
+                if hit is None:
+                    if image is None:  # unreadable or undecodable: the shard worker reports it
+                        continue
+                    hit = cache.get(key, fingerprint) if cache else None
                 if hit is not None:
                     out[ref.key] = hit
-                else:
-                    todo.append((ref, key))
-                    todo_images.append(image)
+                    continue
+                todo.append((ref, key))
+                todo_images.append(image)
             if todo_images:
                 for (ref, key), faces in zip(todo, detector.detect(todo_images)):
                     out[ref.key] = faces
                     if cache:
-                        cache.put(key, detector.fingerprint, faces)
+                        cache.put(key, fingerprint, faces)
             bar.update(len(chunk_refs))
     bar.close()
     return out

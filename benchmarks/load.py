@@ -1,0 +1,269 @@
+"""Training-time loading: our streaming loader vs a Hopenet-style per-file dataset vs bare decoding.
+
+Rows (each group in its own fresh subprocess, groups interleaved round-robin; samples/s from the
+best epoch, the median shown too; memory is the peak PSS of the process and its DataLoader
+workers together):
+
+* ``ours loader``: ``dataprep.loader.make_loader`` over the shards of a replicated 300W-LP build:
+  read tar members, decode the stored crop, re-crop to Hopenet's rule, resize to 224, ImageNet
+  normalisation, batches of 64, shuffle buffer 1000, ``W`` DataLoader workers. ``ours loader,
+  stored crops``: the same without the re-crop (the stored 224 crops as they are).
+  Times are whole epochs, worker start-up included; ``1st batch s`` shows that start-up part.
+* ``hopenet-style``: a map-style torch ``Dataset`` written the way Hopenet's ``Pose_300W_LP`` is,
+  over the raw files: PIL open + convert, ``scipy.io.loadmat`` (twice, as Hopenet's two helpers do),
+  its loose crop, torchvision ``Resize(240)``, ``RandomCrop(224)``, ``ToTensor``, ``Normalize``,
+  binned labels; same batch size, same ``W`` workers, shuffled.
+* ``bare decode``: ``cv2.imdecode`` of the stored crops' JPEG bytes, read from the shards into
+  memory beforehand: the CPU loader's limit, on 1 process and on ``W`` forked processes.
+
+Final JSON line: ``ours_vs_hopenet`` (target >= 5) and ``ours_vs_bare_decode`` (ours with W workers
+/ bare decode on W processes; target >= 0.5), the rates and memory peaks.
+
+    python benchmarks/load.py            # ~3 min on 2 busy cores
+    python benchmarks/load.py --quick    # ~40 s
+"""
+from __future__ import annotations
+
+import multiprocessing
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+from benchmarks import common  # noqa: E402
+
+MODES = {
+    # copies: x20 300W-LP samples; epochs per subprocess for ours / hopenet-style
+    "full": dict(copies=60, rounds=3, ours_epochs=2, hopenet_epochs=1, shard_size=100, repeats=3),
+    "quick": dict(copies=20, rounds=1, ours_epochs=2, hopenet_epochs=1, shard_size=50, repeats=3),
+    "smoke": dict(copies=2, rounds=1, ours_epochs=1, hopenet_epochs=1, shard_size=10, repeats=1),
+}
+BATCH_SIZE = 64
+SIZE = 224
+SHUFFLE = 1000
+
+
+# --------------------------------------------------------------------------------------------
+# Ours
+# --------------------------------------------------------------------------------------------
+def _ours_loader(urls: list[str], workers: int, recrop: bool):
+    """``dataprep.loader.make_loader``; when a checkout has none, the same stages written with
+    webdataset directly (decode, ``crop.recrop``, normalise, batch)."""
+    try:
+        from dataprep.loader import make_loader
+    except ImportError:
+        return _webdataset_loader(urls, workers, recrop)
+    return make_loader(urls, BATCH_SIZE, workers=workers, crop_rule="hopenet" if recrop else None,
+                       size=SIZE if recrop else None, normalize="imagenet", shuffle=SHUFFLE, seed=0)
+
+
+def _webdataset_loader(urls: list[str], workers: int, recrop: bool):
+    import json
+
+    import cv2
+    import numpy as np
+    import torch
+    import webdataset as wds
+
+    from dataprep.crop import recrop
+
+    use_recrop = recrop
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+
+    def decode(sample):
+        image = cv2.cvtColor(cv2.imdecode(np.frombuffer(sample["jpg"], np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+        record = json.loads(sample["json"])
+        if use_recrop:
+            image = recrop(image, record, "hopenet", SIZE, rng=np.random.default_rng())
+        t = torch.from_numpy(image.transpose(2, 0, 1).copy()).float().div_(255).sub_(mean).div_(std)
+        return t, torch.tensor([record["yaw"], record["pitch"], record["roll"]], dtype=torch.float32)
+
+    ds = (wds.WebDataset(urls, shardshuffle=len(urls), nodesplitter=wds.split_by_node, workersplitter=wds.split_by_worker)
+          .shuffle(SHUFFLE).map(decode).batched(BATCH_SIZE, partial=True))
+    return wds.WebLoader(ds, batch_size=None, num_workers=workers)
+
+
+def _epochs(loader, epochs: int, images_of) -> dict:
+    """Time ``epochs`` full passes (worker start-up included, as in training); also the time to
+    the first batch (start-up + filling the first batch)."""
+    times, first, n = [], [], 0
+    for _ in range(epochs):
+        n = 0
+        start = time.perf_counter()
+        for batch in loader:
+            images = images_of(batch)
+            if n == 0:
+                first.append(time.perf_counter() - start)
+            n += len(images)
+        times.append(time.perf_counter() - start)
+    return {"samples": n, "seconds": times, "first_batch_s": min(first), "shape": list(images.shape)}
+
+
+def measure_ours(urls: list[str], workers: int, epochs: int, recrop: bool = True) -> dict:
+    loader = _ours_loader(urls, workers, recrop)
+    return {"rows": {"": _epochs(loader, epochs, lambda b: b["image"] if isinstance(b, dict) else b[0])}}
+
+
+# --------------------------------------------------------------------------------------------
+# Hopenet-style per-file dataset (from Hopenet's datasets.Pose_300W_LP and utils)
+# --------------------------------------------------------------------------------------------
+class HopenetStyle:
+    """``torch.utils.data.Dataset`` the way Hopenet's ``Pose_300W_LP`` reads one sample per call."""
+
+    def __init__(self, root: str):
+        from torchvision import transforms
+
+        self.files = common.raw_pairs(Path(root))
+        self.transform = transforms.Compose([
+            transforms.Resize(240), transforms.RandomCrop(224), transforms.ToTensor(),
+            transforms.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225]),
+        ])
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index):
+        import numpy as np
+        import scipy.io as sio
+        import torch
+        from PIL import Image
+
+        jpg, mat_path = self.files[index]
+        img = Image.open(jpg)
+        img = img.convert("RGB")
+        pt2d = sio.loadmat(str(mat_path))["pt2d"]  # utils.get_pt2d_from_mat
+        x_min, y_min = min(pt2d[0, :]), min(pt2d[1, :])
+        x_max, y_max = max(pt2d[0, :]), max(pt2d[1, :])
+        k = np.random.random_sample() * 0.2 + 0.2
+        x_min -= 0.6 * k * abs(x_max - x_min)
+        y_min -= 2 * k * abs(y_max - y_min)
+        x_max += 0.6 * k * abs(x_max - x_min)
+        y_max += 0.6 * k * abs(y_max - y_min)
+        img = img.crop((int(x_min), int(y_min), int(x_max), int(y_max)))
+        pose = sio.loadmat(str(mat_path))["Pose_Para"][0][:3]  # utils.get_ypr_from_mat
+        pitch, yaw, roll = (float(v) * 180 / np.pi for v in pose)
+        bins = np.array(range(-99, 102, 3))
+        binned_pose = np.digitize([yaw, pitch, roll], bins) - 1
+        labels = torch.LongTensor(binned_pose)
+        cont_labels = torch.FloatTensor([yaw, pitch, roll])
+        img = self.transform(img)
+        return img, labels, cont_labels, jpg.stem
+
+
+def measure_hopenet(root: str, workers: int, epochs: int) -> dict:
+    import torch
+    from torch.utils.data import DataLoader, Dataset
+
+    class _Dataset(HopenetStyle, Dataset):
+        pass
+
+    loader = DataLoader(_Dataset(root), batch_size=BATCH_SIZE, shuffle=True, num_workers=workers)
+    row = _epochs(loader, epochs, lambda b: b[0])
+    assert row["shape"][1:] == [3, 224, 224]
+    return {"rows": {"": row}}
+
+
+# --------------------------------------------------------------------------------------------
+# Bare decode of the stored crops
+# --------------------------------------------------------------------------------------------
+_JPEGS: list[bytes] = []
+
+
+def _decode_chunk(indices) -> int:
+    import cv2
+    import numpy as np
+
+    return sum(cv2.imdecode(np.frombuffer(_JPEGS[i], np.uint8), cv2.IMREAD_COLOR).shape[0] for i in indices)
+
+
+def measure_bare_decode(urls: list[str], workers: int, repeats: int) -> dict:
+    _JPEGS.clear()
+    for url in urls:
+        with tarfile.open(url) as tar:
+            _JPEGS.extend(tar.extractfile(m).read() for m in tar.getmembers() if m.name.endswith(".jpg"))
+    n = len(_JPEGS)
+    rows = {"1 proc": {"samples": n, "seconds": common.timed_repeats(lambda: _decode_chunk(range(n)), repeats)}}
+    if workers > 1:
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            pool.map(_decode_chunk, [[0]] * workers)  # up before the clock
+            chunks = [range(i, min(i + 64, n)) for i in range(0, n, 64)]
+            rows[f"{workers} procs"] = {"samples": n, "seconds": common.timed_repeats(
+                lambda: sum(pool.imap_unordered(_decode_chunk, chunks)), repeats)}
+    return {"rows": rows}
+
+
+# --------------------------------------------------------------------------------------------
+def _build_shards(work: Path, root: Path, shard_size: int) -> list[str]:
+    from dataprep.build import BuildOptions, build
+
+    out = work / f"shards-{root.parent.name}-{shard_size}"
+    if not (out / "manifest.json").exists():
+        build(BuildOptions(dataset="300w_lp", root=str(root), out=str(out), shard_size=shard_size, jobs=1,
+                           progress=False, overwrite=True, command="benchmark"))
+    return [str(p) for p in sorted(out.glob("*.tar"))]
+
+
+def main(argv=None) -> int:
+    p = common.base_parser("dataprep streaming loader vs Hopenet-style per-file loading vs bare JPEG decode")
+    p.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: all cores)")
+    args = p.parse_args(argv)
+    mode = common.mode_of(args)
+    cfg = MODES[mode]
+    rounds = args.repeats or cfg["rounds"]
+    workers = args.workers if args.workers is not None else common.cpu_count()
+    work = common.work_dir("load", args.work)
+    try:
+        root, n = common.scaled_dataset(work, "300w_lp", cfg["copies"])
+        urls = _build_shards(work, root, cfg["shard_size"])
+        ours = {
+            "ours loader": dict(target="measure_ours", urls=urls, workers=workers, epochs=cfg["ours_epochs"]),
+            "ours loader, stored crops": dict(target="measure_ours", urls=urls, workers=workers, epochs=cfg["ours_epochs"], recrop=False),
+        }
+        specs = dict(ours)
+        if args.before:
+            specs.update({k.replace("ours", "before", 1): dict(v, code_root=args.before) for k, v in ours.items()})
+        specs["hopenet-style"] = dict(target="measure_hopenet", root=str(root), workers=workers, epochs=cfg["hopenet_epochs"])
+        specs["bare decode,"] = dict(target="measure_bare_decode", urls=urls, workers=workers, repeats=cfg["repeats"])
+        cases = {name: (lambda kw=kw: common.run_isolated("benchmarks.load:" + kw["target"],
+                                                          **{k: v for k, v in kw.items() if k != "target"}))
+                 for name, kw in specs.items()}
+        print(f"load benchmark ({mode}): {n} samples in {len(urls)} shards, batch {BATCH_SIZE}, {workers} workers, "
+              f"{rounds} round(s), {common.cpu_count()} cores", flush=True)
+        results = common.interleaved(cases, rounds)
+        summary = {name: common.summarize(entry) for name, entry in results.items()}
+        print()
+        for k, s in summary.items():
+            s["first_batch_s"] = results[k]["extra"].get("first_batch_s")
+        print(common.table([{"case": k, **s} for k, s in summary.items()],
+                           common.ROW_COLUMNS + [("first_batch_s", "1st batch s", "{:.3f}"),
+                                                 ("peak_tree_pss_mb", "peak MB (process tree)", "{:.0f}")]))
+        rate = {k: s["rate"] for k, s in summary.items()}
+        bare = rate[f"bare decode, {workers} procs"] if workers > 1 else rate["bare decode, 1 proc"]
+        payload = {
+            "benchmark": "load", "mode": mode, "samples": n, "shards": len(urls), "workers": workers,
+            "batch_size": BATCH_SIZE, "rounds": rounds,
+            "ours_vs_hopenet": rate["ours loader"] / rate["hopenet-style"],
+            "ours_vs_hopenet_target": 5.0,
+            "ours_vs_bare_decode": rate["ours loader"] / bare,
+            "ours_vs_bare_decode_target": 0.5,
+            "stored_crops_vs_hopenet": rate["ours loader, stored crops"] / rate["hopenet-style"],
+            "stored_crops_vs_bare_decode": rate["ours loader, stored crops"] / bare,
+            "rates": {k: round(v, 1) for k, v in rate.items()},
+            "peak_mb": {k: round(s.get("peak_tree_pss_mb", 0.0), 1) for k, s in summary.items()},
+        }
+        if args.before:
+            payload["ours_vs_before"] = {k: rate[k] / rate[k.replace("ours", "before", 1)] for k in ours}
+        print()
+        common.final_json(payload)
+        return 0
+    finally:
+        common.cleanup(work, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,153 @@
+"""Scaling: build time and peak memory at 1x, 4x and 16x the data.
+
+Each build runs in a fresh subprocess (a real CLI run: worker start-up included), interleaved
+round-robin over the scales; memory is the peak PSS of the build's whole process tree (main
+process + joblib workers, sampled every 50 ms) and the main process's peak RSS.
+
+Two series on replicated 300W-LP trees:
+
+* ``gt``: ``dataprep build --detector gt`` (decode, crop, encode, write);
+* ``stub detector``: the detector path of the build (read + cache look-up + decode ahead of the
+  detector, detection cache writes, then the shards) with a stand-in detector that answers at once,
+  so what scales is our code, not MTCNN's.
+
+Cost should grow linearly (a least-squares fit ``seconds = fixed + per_sample * samples`` is
+printed with its R^2) and memory should stay flat.
+
+Final JSON line: per series ``rate_ratio_16x_vs_1x`` (samples/s at 16x / at 1x; ~1 or above when
+cost is linear), ``marginal_rate`` (1 / per_sample), ``fixed_s``, ``r2``, ``peak_ratio_16x_vs_1x``
+(process-tree peak at 16x / at 1x; ~1 when memory is flat) and the rows.
+
+    python benchmarks/scale.py            # ~3 min on 2 busy cores (300 / 1200 / 4800 samples)
+    python benchmarks/scale.py --quick    # ~40 s (20 / 80 / 320 samples)
+"""
+from __future__ import annotations
+
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+from benchmarks import common  # noqa: E402
+
+MODES = {
+    # base copies (x20 300W-LP samples) and the scale factors
+    "full": dict(base_copies=15, factors=(1, 4, 16), rounds=2, shard_size=100),
+    "quick": dict(base_copies=1, factors=(1, 4, 16), rounds=1, shard_size=20),
+    "smoke": dict(base_copies=1, factors=(1, 2), rounds=1, shard_size=10),
+}
+
+
+class StubDetector:
+    """Answers every image at once with one confident face in the middle of a 450x450 image."""
+
+    name = "mtcnn"
+    fingerprint = "0" * 64
+    batch_size = 16
+
+    def detect(self, images):
+        from dataprep.detectors import Detection
+
+        return [[Detection(box=(120.0, 120.0, 330.0, 350.0), score=0.99)] for _ in images]
+
+
+def measure_build(root: str, scratch: str, jobs: int, shard_size: int, stub_detector: bool = False) -> dict:
+    """One build in this fresh process; with ``stub_detector`` the box stage runs with StubDetector
+    and an empty detection cache."""
+    from dataprep import box_stage
+    from dataprep.build import BuildOptions, build
+
+    tmp = Path(tempfile.mkdtemp(dir=scratch))
+    kw = {}
+    if stub_detector:
+        box_stage.create_detector = lambda *a, **k: StubDetector()
+        kw = dict(detector="mtcnn", device="cpu", cache_dir=str(tmp / "cache"))
+    opts = BuildOptions(dataset="300w_lp", root=root, out=str(tmp / "out"), jobs=jobs, shard_size=shard_size,
+                        progress=False, command="benchmark", **kw)
+    start = time.perf_counter()
+    manifest = build(opts)
+    seconds = time.perf_counter() - start
+    shutil.rmtree(tmp, ignore_errors=True)
+    counts = manifest["counts"]
+    return {"rows": {"": {"samples": counts["read"], "seconds": [seconds], "written": counts["written"]}}}
+
+
+def linear_fit(xs: list[float], ys: list[float]) -> tuple[float, float, float]:
+    """Least squares ``y = a + b x``: (a, b, R^2)."""
+    n = len(xs)
+    mx, my = sum(xs) / n, sum(ys) / n
+    sxx = sum((x - mx) ** 2 for x in xs)
+    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx if sxx else 0.0
+    a = my - b * mx
+    ss_tot = sum((y - my) ** 2 for y in ys)
+    ss_res = sum((y - a - b * x) ** 2 for x, y in zip(xs, ys))
+    return a, b, (1.0 - ss_res / ss_tot) if ss_tot else 1.0
+
+
+def main(argv=None) -> int:
+    p = common.base_parser("build cost and memory at 1x, 4x, 16x the data")
+    p.add_argument("--jobs", type=int, default=None, help="build --jobs (default: all cores)")
+    p.add_argument("--shard-size", type=int, default=None, help="build --shard-size (default: per mode)")
+    p.add_argument("--no-stub", action="store_true", help="only the gt series")
+    args = p.parse_args(argv)
+    mode = common.mode_of(args)
+    cfg = MODES[mode]
+    rounds = args.repeats or cfg["rounds"]
+    jobs = args.jobs or common.cpu_count()
+    shard_size = args.shard_size or cfg["shard_size"]
+    work = common.work_dir("scale", args.work)
+    try:
+        scratch = str(work / "scratch")
+        Path(scratch).mkdir(parents=True, exist_ok=True)
+        series = {"gt": False} if args.no_stub else {"gt": False, "stub detector": True}
+        whos = [("ours", None)] + ([("before", args.before)] if args.before else [])
+        specs, sizes = {}, {}
+        for factor in cfg["factors"]:
+            root, n = common.scaled_dataset(work, "300w_lp", cfg["base_copies"] * factor)
+            sizes[factor] = n
+            for label, stub in series.items():
+                for who, code in whos:
+                    specs[f"{who} {label} {factor}x"] = dict(root=str(root), scratch=scratch, jobs=jobs,
+                                                            shard_size=shard_size, stub_detector=stub, code_root=code)
+        cases = {name: (lambda kw=kw: common.run_isolated("benchmarks.scale:measure_build", **kw)) for name, kw in specs.items()}
+        print(f"scale benchmark ({mode}): {', '.join(f'{f}x = {n}' for f, n in sizes.items())} samples, "
+              f"{jobs} jobs, shard size {shard_size}, {rounds} round(s), {common.cpu_count()} cores", flush=True)
+        results = common.interleaved(cases, rounds)
+        summary = {name: common.summarize(entry) for name, entry in results.items()}
+        print()
+        print(common.table([{"case": k, **s} for k, s in summary.items()],
+                           common.ROW_COLUMNS + [("peak_tree_pss_mb", "peak MB (process tree)", "{:.0f}"),
+                                                 ("peak_rss_mb", "peak MB (main RSS)", "{:.0f}")]))
+        lo, hi = cfg["factors"][0], cfg["factors"][-1]
+        payload = {"benchmark": "scale", "mode": mode, "jobs": jobs, "shard_size": shard_size, "rounds": rounds,
+                   "samples": {f"{f}x": n for f, n in sizes.items()}, "series": {}}
+        print()
+        for who, _ in whos:
+            for label in series:
+                rows = [summary[f"{who} {label} {f}x"] for f in cfg["factors"]]
+                a, b, r2 = linear_fit([r["samples"] for r in rows], [r["best_s"] for r in rows])
+                entry = {
+                    f"rate_ratio_{hi}x_vs_{lo}x": rows[-1]["rate"] / rows[0]["rate"],
+                    f"peak_ratio_{hi}x_vs_{lo}x": rows[-1]["peak_tree_pss_mb"] / rows[0]["peak_tree_pss_mb"],
+                    "fixed_s": a, "per_sample_ms": b * 1e3, "marginal_rate": (1.0 / b) if b > 0 else None, "r2": r2,
+                    "rates": {f"{f}x": round(r["rate"], 1) for f, r in zip(cfg["factors"], rows)},
+                    "peak_tree_pss_mb": {f"{f}x": round(r["peak_tree_pss_mb"], 1) for f, r in zip(cfg["factors"], rows)},
+                }
+                payload["series"][f"{who} {label}"] = entry
+                print(f"{who} {label}: seconds = {a:.2f} + {b * 1e3:.3f} ms x samples (R^2 {r2:.4f}); "
+                      f"samples/s {hi}x / {lo}x = {entry[f'rate_ratio_{hi}x_vs_{lo}x']:.2f}; "
+                      f"peak memory {hi}x / {lo}x = {entry[f'peak_ratio_{hi}x_vs_{lo}x']:.2f}")
+        print()
+        common.final_json(payload)
+        return 0
+    finally:
+        common.cleanup(work, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
