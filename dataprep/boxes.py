@@ -30,6 +30,16 @@ Box = list  # [x1, y1, x2, y2]
 #: Which ground-truth box each rule reads when ``--detector gt`` (the one the paper's code used).
 RULE_GT_BOX = {"square": "gt", "box": "gt", "hopenet": "pt2d", "fsanet": "pt2d_valid"}
 
+def rule_box_name(boxes: dict, box_source: str, rule: str) -> str:
+    """The box a crop rule reads. In a detector build, the detector's box (``box_source``) for
+    every rule; otherwise the ground-truth box the rule's own code used (``RULE_GT_BOX``: Hopenet's
+    ``pt2d``, FSA-Net's ``pt2d_valid``) when the sample has it, else ``gt``."""
+    if box_source in boxes and box_source not in RULE_GT_BOX.values():
+        return box_source
+    wanted = RULE_GT_BOX.get(rule, "gt")
+    return wanted if wanted in boxes else "gt"
+
+
 HOPENET_K = {"300w_lp": (0.2, 0.4), "aflw2000": (0.2, 0.2), "biwi": (0.35, 0.35)}
 FSANET_MARGIN = 0.6
 

@@ -36,6 +36,31 @@ def crop_and_resize(image: np.ndarray, window, size: int | tuple[int, int], *, i
     return resized, [x1, y1, x2, y2]
 
 
+def rule_window(record: dict, rule: str, *, rng=None, margin: float = 0.0, box_name: str | None = None) -> list[float]:
+    """Crop ``rule``'s window for this record, in source pixels (may extend past the image).
+
+    The box the rule reads: ``box_name`` when given, else ``boxes.rule_box_name`` (the detector's
+    box in a detector build, else the ground-truth box the rule's own code used); a name the record
+    has no box for falls back to ``record["box"]``. ``rng`` draws the rule's random parameters (Hopenet's k);
+    ``None`` takes the rule's fixed value. This is the one place that decides a rule's window:
+    :func:`recrop`, ``dataprep.loader``, ``train_minimal`` and the audit all call it.
+    """
+    if box_name is None:
+        box_name = box_rules.rule_box_name(record["boxes"], record.get("box_source", "gt"), rule)
+    face = record["boxes"].get(box_name) or record["box"]
+    return box_rules.crop_window(
+        rule, face, dataset=record["dataset"], image_size=record["image_size"], rng=rng, margin=margin
+    )
+
+
+def recrop_window(record: dict, rule: str, image_size, *, rng=None, margin: float = 0.0,
+                  box_name: str | None = None) -> list[int]:
+    """:func:`rule_window` mapped into the stored crop (an ``image_size`` = ``(w, h)`` image whose
+    source window is ``record["crop"]``) and rounded: the integer window :func:`recrop` cuts."""
+    window = rule_window(record, rule, rng=rng, margin=margin, box_name=box_name)
+    return box_rules.integer_window(box_rules.box_to_crop_coords(window, record["crop"], image_size))
+
+
 def recrop(image: np.ndarray, record: dict, rule: str, size: int, *, rng=None, margin: float = 0.0, box_name: str | None = None) -> np.ndarray:
     """Apply crop ``rule`` at load time to a stored crop, from the boxes in its label record.
 
@@ -43,15 +68,7 @@ def recrop(image: np.ndarray, record: dict, rule: str, size: int, *, rng=None, m
     pixels and the window the stored crop covers (``crop``), so any rule's window can be mapped into
     the stored crop. Pixels the stored crop does not cover come out black.
     """
-    if box_name is None:
-        box_name = record.get("box_source", "gt")
-        if box_name == "gt":
-            box_name = box_rules.RULE_GT_BOX.get(rule, "gt")
-    face = record["boxes"].get(box_name) or record["box"]
-    window = box_rules.crop_window(
-        rule, face, dataset=record["dataset"], image_size=record["image_size"], rng=rng, margin=margin
-    )
     h, w = image.shape[:2]
-    mapped = box_rules.box_to_crop_coords(window, record["crop"], (w, h))
-    out, _ = crop_and_resize(image, mapped, size)
+    taken = recrop_window(record, rule, (w, h), rng=rng, margin=margin, box_name=box_name)
+    out, _ = crop_and_resize(image, taken, size)
     return out

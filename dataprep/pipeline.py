@@ -72,8 +72,7 @@ def choose_box(sample: RawSample, settings: Settings, decision: dict | None) -> 
     variants = {name: [float(v) for v in b] for name, b in sample.boxes.items()}
     scores: dict[str, float] = {}
     if settings.detector == "gt":
-        wanted = box_rules.RULE_GT_BOX.get(settings.crop_rule, "gt")
-        source = wanted if wanted in variants else "gt"
+        source = box_rules.rule_box_name(variants, "gt", settings.crop_rule)
     else:
         if decision is not None and "detections" in decision:
             decision = _select_detection(decision["detections"], variants.get("gt"))

@@ -76,3 +76,14 @@ def test_recrop_applies_another_rule_from_the_record():
               "dataset": "aflw2000", "image_size": [400, 400], "crop": [0, 0, 400, 400]}
     out = recrop(stored, record, "box", 64)
     assert out.shape == (64, 64, 3) and out.min() == 255
+
+
+def test_rule_box_name_is_the_same_choice_for_build_and_load_time():
+    gt_built = {"gt": [0, 0, 1, 1], "pt2d": [0, 0, 2, 2], "pt2d_valid": [0, 0, 3, 3]}
+    # a Hopenet-built shard (box_source pt2d) re-cropped square reads gt, as a square build does
+    assert boxes.rule_box_name(gt_built, "pt2d", "square") == "gt"
+    assert boxes.rule_box_name(gt_built, "gt", "hopenet") == "pt2d"
+    assert boxes.rule_box_name(gt_built, "pt2d", "fsanet") == "pt2d_valid"
+    assert boxes.rule_box_name({"gt": [0, 0, 1, 1]}, "gt", "fsanet") == "gt"  # BIWI: no pt2d boxes
+    detected = {**gt_built, "mtcnn": [5, 5, 9, 9]}
+    assert all(boxes.rule_box_name(detected, "mtcnn", r) == "mtcnn" for r in boxes.CROP_RULES)

@@ -17,8 +17,9 @@ import webdataset as wds
 from dataprep import augment as A
 from dataprep import boxes as box_rules
 from dataprep import labels
+from dataprep import crop as crop_ops
 from dataprep.crop import crop_and_resize
-from dataprep.loader import IMAGENET_MEAN, IMAGENET_STD, collate, make_dataset, make_loader
+from dataprep.loader import IMAGENET_MEAN, IMAGENET_STD, collate, decode_image, make_dataset, make_loader
 
 N_SHARDS, PER_SHARD, CROP = 3, 4, 64
 
@@ -257,3 +258,117 @@ def test_collate_rejects_mixed_sizes():
     assert "landmarks" not in collate([s, s])
     with pytest.raises(ValueError, match="size"):
         collate([s, t])
+
+
+def test_persistent_workers_get_a_new_epoch_each_pass(shards):
+    pattern, samples = shards
+    kw = dict(batch_size=3, workers=2, shuffle=8, seed=7, transforms=[A.GaussianBlur((0.5, 1.5))])
+    persistent = make_loader(pattern, persistent_workers=True, **kw)
+    runs = [[(k, r["augment"]) for b in persistent for k, r in zip(b["key"], b["record"])] for _ in range(3)]
+    orders = [[k for k, _ in run] for run in runs]
+    assert all(sorted(o) == sorted(samples) for o in orders)
+    assert len({tuple(o) for o in orders}) == 3  # a new shuffle every epoch
+    sigmas = [{k: a[-1]["sigma"] for k, a in run} for run in runs]
+    for a, b in zip(sigmas, sigmas[1:]):
+        assert all(a[k] != b[k] for k in samples)  # a new augmentation draw every epoch
+    # the same epochs as workers started afresh each epoch, and the same draws as one process
+    fresh = make_loader(pattern, **kw)
+    single = make_loader(pattern, **dict(kw, workers=0))
+    for epoch, run in enumerate(runs):
+        fresh.set_epoch(epoch)
+        assert [(k, r["augment"]) for b in fresh for k, r in zip(b["key"], b["record"])] == run
+        single.set_epoch(epoch)
+        assert {k: r["augment"] for b in single for k, r in zip(b["key"], b["record"])} == dict(run)
+    # started persistent workers count their own epochs: set_epoch cannot send them elsewhere
+    persistent.set_epoch(3)  # the one that comes next anyway
+    with pytest.raises(RuntimeError, match="persistent"):
+        persistent.set_epoch(0)
+
+
+def _boxes_that_differ(record: dict, rng: np.random.Generator) -> dict:
+    """The record with distinct gt / pt2d / pt2d_valid boxes (so the box choice shows)."""
+    box = np.asarray(record["box"], float)
+    jitter = lambda: [float(v) for v in box + rng.uniform(-6, 6, 4)]  # noqa: E731
+    return dict(record, boxes={"gt": record["box"], "pt2d": jitter(), "pt2d_valid": jitter()})
+
+
+@pytest.mark.parametrize("rule", sorted(box_rules.CROP_RULES))
+def test_rule_window_is_the_window_recrop_cuts(shards, rule):
+    _, samples = shards
+    rng = np.random.default_rng(11)
+    for s in list(samples.values())[:4]:
+        gt_build = _boxes_that_differ(s["record"], rng)
+        detector_build = dict(gt_build, box_source="scrfd", boxes=dict(gt_build["boxes"], scrfd=gt_build["boxes"]["pt2d"]))
+        for record, box_name, reads in ((gt_build, None, box_rules.RULE_GT_BOX[rule]), (detector_build, None, "scrfd"),
+                                        (gt_build, "pt2d_valid", "pt2d_valid")):
+            window = crop_ops.rule_window(record, rule, rng=np.random.default_rng(5), margin=0.1, box_name=box_name)
+            assert window == box_rules.crop_window(rule, record["boxes"][reads], dataset=record["dataset"],
+                                                   image_size=record["image_size"], rng=np.random.default_rng(5),
+                                                   margin=0.1)
+            got = crop_ops.recrop(s["crop"], record, rule, 40, rng=np.random.default_rng(5), margin=0.1, box_name=box_name)
+            mapped = box_rules.box_to_crop_coords(window, record["crop"], (CROP, CROP))
+            want, taken = crop_and_resize(s["crop"], mapped, 40)
+            np.testing.assert_array_equal(got, want)
+            assert taken == crop_ops.recrop_window(record, rule, (CROP, CROP), rng=np.random.default_rng(5), margin=0.1,
+                                                   box_name=box_name)
+
+
+def test_jpeg_format_window_gives_the_decoded_pixels(shards):
+    pattern, samples = shards
+    kw = dict(batch_size=4, shuffle=0, crop_rule="hopenet", size=32, seed=2)
+    raw = list(make_loader(pattern, image_format="jpeg", **kw))
+    decoded = list(make_loader(pattern, image_format="uint8", **kw))
+    assert sum(len(b["key"]) for b in raw) == len(samples)
+    for r, d in zip(raw, decoded):
+        assert "image" not in r and r["window"].shape == (len(r["key"]), 4) and d["image"].dtype == torch.uint8
+        assert r["record"] == d["record"]
+        torch.testing.assert_close(r["landmarks"], d["landmarks"])
+        assert r["landmarks_mask"].all()
+        for jpeg, window, img in zip(r["jpeg"], r["window"], d["image"]):
+            cut, _ = crop_and_resize(decode_image(jpeg.numpy().tobytes()), window.tolist(), 32)
+            np.testing.assert_array_equal(cut, img.permute(1, 2, 0).numpy())
+    with pytest.raises(ValueError, match="normali"):
+        make_dataset(pattern, image_format="uint8", normalize="imagenet")
+    with pytest.raises(ValueError, match="size"):
+        make_dataset(pattern, image_format="jpeg")
+
+
+def _fake_world(monkeypatch, how: str, rank: int, world: int = 2) -> dict:
+    """Pretend to be ``rank`` of ``world`` DDP processes; returns the make_loader keywords it needs."""
+    for name in ("RANK", "WORLD_SIZE", "WORKER", "NUM_WORKERS"):
+        monkeypatch.delenv(name, raising=False)
+    if how == "env":  # what torchrun sets; webdataset reads it first
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", str(world))
+        return {"distributed": True}
+    monkeypatch.setattr(torch.distributed, "is_available", lambda: True)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: world)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda group=None: rank)
+    return {}  # found by make_dataset itself
+
+
+@pytest.mark.parametrize("how", ["dist", "env"])
+def test_ddp_ranks_resampled_same_batches_split_disjoint_shards(tmp_path, monkeypatch, how):
+    per_shard = 2
+    pattern, samples = write_synthetic_shards(tmp_path, n_shards=5, per_shard=per_shard, crop_size=32)
+    shard_of = {key: i // per_shard for i, key in enumerate(sorted(samples))}
+    resampled, split = {}, {}
+    for rank in (0, 1):
+        with monkeypatch.context() as mp:
+            extra = _fake_world(mp, how, rank)
+            loader = make_loader(pattern, batch_size=2, workers=2, persistent_workers=True, resampled=True,
+                                 samples_per_epoch=20, seed=1, **extra)
+            assert loader.batches_per_epoch == 5  # 20 samples // (2 ranks x 2 per batch)
+            resampled[rank] = [[b["key"] for b in loader] for _ in range(2)]
+            plain = make_loader(pattern, batch_size=2, workers=2, shuffle=4, seed=1, **extra)
+            split[rank] = [k for b in plain for k in b["key"]]
+    for rank, epochs in resampled.items():
+        assert [len(e) for e in epochs] == [5, 5] and all(len(b) == 2 for e in epochs for b in e)
+        assert epochs[0] != epochs[1]
+    assert resampled[0] != resampled[1]  # ranks draw apart
+    # without resampling each rank reads whole shards of its own: together every sample once
+    assert not set(split[0]) & set(split[1])
+    assert sorted(split[0] + split[1]) == sorted(samples)
+    shards_of = [{shard_of[k] for k in split[rank]} for rank in (0, 1)]
+    assert sorted(map(len, shards_of)) == [2, 3] and not shards_of[0] & shards_of[1]  # 5 shards: 3 + 2, whole

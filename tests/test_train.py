@@ -113,6 +113,22 @@ def test_loader_recrops_and_maps_landmarks(shards):
     assert all(torch.equal(p["image"], q["image"]) for p, q in zip(a, b))
 
 
+def test_jpeg_batches_decode_like_the_cpu_path(shards):
+    """``gpu_decode`` batches (JPEG bytes + window) through ``prepare_batch`` on the CPU device
+    (``decode_jpeg(device=...)`` is the same call on CUDA): the cv2 path's images, same targets."""
+    spec = registry.get("hopenet")
+    cpu = torch.device("cpu")
+    plain = make_loader(shards.val, spec, 4, train=False, input_size=96)
+    raw = make_loader(shards.val, spec, 4, train=False, input_size=96, gpu_decode=True)
+    for p, r in zip(plain, raw):
+        assert "jpeg" in r and "image" not in r and p["key"] == r["key"]
+        xp, tp = prepare_batch(p, spec.normalize, cpu, size=96)
+        xr, tr = prepare_batch(r, spec.normalize, cpu, size=96, channels_last=True)
+        assert xr.shape == xp.shape == (len(p["key"]), 3, 96, 96) and xr.is_contiguous(memory_format=torch.channels_last)
+        assert float((xr - xp).abs().mean()) < 0.03  # bilinear+antialias vs cv2 INTER_AREA, imagenet units
+        assert tp.keys() == tr.keys() and all(torch.equal(tp[k], tr[k]) for k in tp)
+
+
 def test_resampled_epochs_have_a_fixed_length(shards):
     spec = registry.get("ehpnet")
     loader = make_loader(shards.four, spec, 2, train=True, workers=2, seed=1, epoch_length=10)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import boxes as box_rules
+from .. import crop as crop_ops
 
 MANIFEST = "manifest.json"
 
@@ -122,22 +123,15 @@ def load_build(out) -> Build:
 
 # ------------------------------------------------------------------------------------- per rule
 def rule_box_name(record: dict, rule: str) -> str:
-    """The box ``rule`` reads for this record, as the build's box stage picks it: the detector's
-    box in a detector build, else ``boxes.RULE_GT_BOX[rule]`` when the record has it, else ``gt``."""
-    boxes = record.get("boxes", {})
-    source = record.get("box_source", "gt")
-    if source in boxes and source not in box_rules.RULE_GT_BOX.values():
-        return source  # a detector build: every rule crops around the detector's box
-    wanted = box_rules.RULE_GT_BOX.get(rule, "gt")
-    return wanted if wanted in boxes else "gt"
+    """The box ``rule`` reads for this record (``boxes.rule_box_name``)."""
+    return box_rules.rule_box_name(record.get("boxes", {}), record.get("box_source", "gt"), rule)
 
 
 def rule_window(record: dict, rule: str) -> list[float]:
-    """``rule``'s crop window for this record (``rng=None``: Hopenet's mid k on 300W-LP)."""
-    name = rule_box_name(record, rule)
-    box = record.get("boxes", {}).get(name) or record["box"]
-    return box_rules.crop_window(rule, box, dataset=record["dataset"], image_size=record["image_size"], rng=None,
-                                 margin=float(record.get("crop_margin") or 0.0) if rule == "square" else 0.0)
+    """``rule``'s crop window for this record (``rng=None``: Hopenet's mid k on 300W-LP), from the
+    box :func:`rule_box_name` picks, through ``crop.rule_window``."""
+    return crop_ops.rule_window({"boxes": {}, **record}, rule, rng=None, box_name=rule_box_name(record, rule),
+                                margin=float(record.get("crop_margin") or 0.0) if rule == "square" else 0.0)
 
 
 def centre_shift(a, b) -> float:
