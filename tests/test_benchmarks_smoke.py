@@ -18,6 +18,7 @@ EXPECTED_KEYS = {
     "load": {"ours_vs_hopenet", "ours_vs_bare_decode", "stored_crops_vs_hopenet", "stored_crops_vs_bare_decode",
              "rates", "peak_mb"},
     "scale": {"series", "samples"},
+    "train_step": {"loader_vs_step", "rates"},
 }
 
 
@@ -39,7 +40,9 @@ def test_benchmark_smoke_run_ends_with_json_ratios(script, work):
     payload = json.loads(last)
     assert payload["benchmark"] == script and payload["mode"] == "smoke"
     assert EXPECTED_KEYS[script] <= set(payload), sorted(EXPECTED_KEYS[script] - set(payload))
-    if script == "scale":
+    if script == "train_step":
+        assert payload["loader_vs_step"] and all(v > 0 for v in payload["loader_vs_step"].values())
+    elif script == "scale":
         for series in payload["series"].values():
             assert {"rate_ratio_2x_vs_1x", "peak_ratio_2x_vs_1x", "per_sample_ms", "r2"} <= set(series)
     else:
