@@ -25,7 +25,8 @@ demo: setup
 	$(BIN)/dataprep verify $(DEMO)/shards/300w_lp-p1
 	$(BIN)/dataprep verify $(DEMO)/shards/aflw2000-p1
 	$(BIN)/dataprep verify $(DEMO)/shards/biwi-p2
-	@echo "demo shards in $(DEMO)/shards/"
+	$(BIN)/dataprep audit $(DEMO)/shards/aflw2000-p1 --report $(DEMO)/audit-aflw2000
+	@echo "demo shards in $(DEMO)/shards/, audit report in $(DEMO)/audit-aflw2000/report.html"
 
 test: setup
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q
