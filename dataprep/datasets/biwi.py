@@ -325,7 +325,7 @@ def read_sample(root: Path, ref: SampleRef) -> RawSample:
     rgb_cal = read_cal(root / files["rgb_cal"], shown["rgb_cal"])
     depth_cal = read_cal(root / files["depth_cal"], shown["depth_cal"])
     image = matfile.read_image(root / ref.source, matfile.display_path(root, ref.source),
-                               (rgb_cal.width, rgb_cal.height))
+                               (rgb_cal.width, rgb_cal.height), size_from=shown["rgb_cal"])
     depth = read_depth_bin(root / files["depth"], shown["depth"])
     if depth.shape != (depth_cal.height, depth_cal.width):
         raise SampleError(

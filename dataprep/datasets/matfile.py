@@ -79,11 +79,13 @@ def reader_errors(read_sample: Callable) -> Callable:
     return wrapper
 
 
-def read_image(path: Path, display: str, expected_size: tuple[int, int] | None = None) -> np.ndarray:
+def read_image(path: Path, display: str, expected_size: tuple[int, int] | None = None,
+               size_from: str | None = None) -> np.ndarray:
     """Read an image file as H x W x 3 uint8 RGB.
 
     Raises ``SampleError`` ``missing_image`` / ``unreadable_image`` / ``wrong_image_size``
-    (``expected_size`` is ``(width, height)``; the labels are in those pixels).
+    (``expected_size`` is ``(width, height)``; the labels are in those pixels; ``size_from`` names
+    the file that says so, when it is not the dataset's fixed size).
     """
     try:
         buf = np.fromfile(path, dtype=np.uint8)
@@ -100,9 +102,10 @@ def read_image(path: Path, display: str, expected_size: tuple[int, int] | None =
     if expected_size is not None:
         h, w = image.shape[:2]
         if (w, h) != tuple(expected_size):
+            said = f" as {size_from} says" if size_from else ""
             raise SampleError(
                 "wrong_image_size",
-                f"{display}: image is {w}x{h}, expected {expected_size[0]}x{expected_size[1]} "
+                f"{display}: image is {w}x{h}, expected {expected_size[0]}x{expected_size[1]}{said} "
                 "(the labels are in the original pixels; do not resize the raw files)",
             )
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
