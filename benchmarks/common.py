@@ -164,10 +164,16 @@ def _descendants(pid: int) -> list[int]:
 
 
 class TreeMemorySampler:
-    """Samples the PSS of this process and all its descendants every ``interval`` s; ``peak_mb``."""
+    """Samples the PSS of this process and all its descendants every ``interval`` s; ``peak_mb``.
 
-    def __init__(self, interval: float = 0.05):
+    Reading PSS walks every page a process maps (in the kernel, holding its memory-map lock): with
+    a few hundred MB of shared memory in a tree it took ~75 ms per sample, which at a 50 ms period
+    kept a core busy and slowed the measured loader by ~15%. So the sampler waits at least
+    ``busy`` times as long as its last sample took (it takes at most ~1/(1+busy) of one core)."""
+
+    def __init__(self, interval: float = 0.05, busy: float = 9.0):
         self.interval = interval
+        self.busy = busy
         self.peak_kb = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -175,9 +181,10 @@ class TreeMemorySampler:
     def _run(self):
         me = os.getpid()
         while not self._stop.is_set():
+            start = time.perf_counter()
             total = sum(_pss_kb(p) for p in [me] + _descendants(me))
             self.peak_kb = max(self.peak_kb, total)
-            self._stop.wait(self.interval)
+            self._stop.wait(max(self.interval, self.busy * (time.perf_counter() - start)))
 
     def __enter__(self):
         self._thread.start()
@@ -218,9 +225,15 @@ def run_isolated(target: str, timeout: float = 900, code_root: str | Path | None
         "pkg = importlib.util.module_from_spec(spec); sys.modules['benchmarks'] = pkg; spec.loader.exec_module(pkg); "
         "from benchmarks.common import _child_main; _child_main(sys.argv[1], sys.argv[2])"
     )
+    env = None
+    if code_root:
+        # processes the subprocess starts afresh (a forkserver: Python 3.11 ignores the parent's
+        # sys.path there) must import dataprep from code_root too: its folder first on their path
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join([str(code_root), str(REPO)] + [p for p in [env.get("PYTHONPATH")] if p])
     proc = subprocess.run(
         [sys.executable, "-c", bootstrap, target, json.dumps(kwargs)],
-        cwd=str(REPO), capture_output=True, text=True, timeout=timeout,
+        cwd=str(code_root or REPO), env=env, capture_output=True, text=True, timeout=timeout,
     )
     lines = [l for l in proc.stdout.splitlines() if l.startswith("@@RESULT ")]
     if proc.returncode != 0 or not lines:

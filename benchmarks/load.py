@@ -5,14 +5,21 @@ best epoch, the median shown too; memory is the peak PSS of the process and its 
 workers together):
 
 * ``ours loader``: ``dataprep.loader.make_loader`` over the shards of a replicated 300W-LP build:
-  read tar members, decode the stored crop, re-crop to Hopenet's rule, resize to 224, ImageNet
-  normalisation, batches of 64, shuffle buffer 1000, ``W`` DataLoader workers. ``ours loader,
-  stored crops``: the same without the re-crop (the stored 224 crops as they are).
-  Times are whole epochs, worker start-up included; ``1st batch s`` shows that start-up part.
+  read tar members, decode the stored crop, re-crop to Hopenet's rule, resize to 224 (bilinear),
+  ImageNet normalisation, float batches of 64, shuffle buffer 1000, ``W`` persistent DataLoader
+  workers (as ``train_minimal`` runs it). ``ours loader, stored crops``: the same without the
+  re-crop (the stored 224 crops as they are). ``ours loader, uint8``: uint8 batches, normalising
+  left to the device (what ``train_minimal`` asks for). ``ours loader, 64 px``: Hopenet's crop at
+  FSA-Net's input size (JPEGs decoded at 1/4 scale in the DCT domain).
 * ``hopenet-style``: a map-style torch ``Dataset`` written the way Hopenet's ``Pose_300W_LP`` is,
   over the raw files: PIL open + convert, ``scipy.io.loadmat`` (twice, as Hopenet's two helpers do),
   its loose crop, torchvision ``Resize(240)``, ``RandomCrop(224)``, ``ToTensor``, ``Normalize``,
-  binned labels; same batch size, same ``W`` workers, shuffled.
+  binned labels; same batch size, same ``W`` workers (persistent too), shuffled.
+
+Both loaders: one warm-up epoch that starts the workers (``1st epoch s``, and ``1st batch s``: the
+time to its first batch, worker start-up included), then the timed epochs with the same workers:
+an epoch here is only ~1200 samples, so a worker start-up per epoch would weigh ~100x more than in
+a real epoch (300W-LP: 122k samples).
 * ``bare decode``: ``cv2.imdecode`` of the stored crops' JPEG bytes, read from the shards into
   memory beforehand: the CPU loader's limit, on 1 process and on ``W`` forked processes.
 
@@ -50,15 +57,17 @@ SHUFFLE = 1000
 # --------------------------------------------------------------------------------------------
 # Ours
 # --------------------------------------------------------------------------------------------
-def _ours_loader(urls: list[str], workers: int, recrop: bool):
+def _ours_loader(urls: list[str], workers: int, recrop: bool, image_format: str = "float", size: int = SIZE):
     """``dataprep.loader.make_loader``; when a checkout has none, the same stages written with
     webdataset directly (decode, ``crop.recrop``, normalise, batch)."""
     try:
         from dataprep.loader import make_loader
     except ImportError:
         return _webdataset_loader(urls, workers, recrop)
+    kw = dict(persistent_workers=True) if workers else {}
     return make_loader(urls, BATCH_SIZE, workers=workers, crop_rule="hopenet" if recrop else None,
-                       size=SIZE if recrop else None, normalize="imagenet", shuffle=SHUFFLE, seed=0)
+                       size=size if recrop else None, normalize="imagenet" if image_format == "float" else None,
+                       image_format=image_format, shuffle=SHUFFLE, seed=0, **kw)
 
 
 def _webdataset_loader(urls: list[str], workers: int, recrop: bool):
@@ -85,14 +94,15 @@ def _webdataset_loader(urls: list[str], workers: int, recrop: bool):
 
     ds = (wds.WebDataset(urls, shardshuffle=len(urls), nodesplitter=wds.split_by_node, workersplitter=wds.split_by_worker)
           .shuffle(SHUFFLE).map(decode).batched(BATCH_SIZE, partial=True))
-    return wds.WebLoader(ds, batch_size=None, num_workers=workers)
+    return wds.WebLoader(ds, batch_size=None, num_workers=workers, persistent_workers=workers > 0)
 
 
 def _epochs(loader, epochs: int, images_of) -> dict:
-    """Time ``epochs`` full passes (worker start-up included, as in training); also the time to
-    the first batch (start-up + filling the first batch)."""
+    """One warm-up epoch (worker start-up: ``first_epoch_s``, and its first batch:
+    ``first_batch_s``), then ``epochs`` timed full passes with the same persistent workers, as a
+    training run goes through its epochs."""
     times, first, n = [], [], 0
-    for _ in range(epochs):
+    for _ in range(1 + epochs):
         n = 0
         start = time.perf_counter()
         for batch in loader:
@@ -101,11 +111,13 @@ def _epochs(loader, epochs: int, images_of) -> dict:
                 first.append(time.perf_counter() - start)
             n += len(images)
         times.append(time.perf_counter() - start)
-    return {"samples": n, "seconds": times, "first_batch_s": min(first), "shape": list(images.shape)}
+    return {"samples": n, "seconds": times[1:], "first_epoch_s": times[0], "first_batch_s": first[0],
+            "shape": list(images.shape)}
 
 
-def measure_ours(urls: list[str], workers: int, epochs: int, recrop: bool = True) -> dict:
-    loader = _ours_loader(urls, workers, recrop)
+def measure_ours(urls: list[str], workers: int, epochs: int, recrop: bool = True, image_format: str = "float",
+                 size: int = SIZE) -> dict:
+    loader = _ours_loader(urls, workers, recrop, image_format, size)
     return {"rows": {"": _epochs(loader, epochs, lambda b: b["image"] if isinstance(b, dict) else b[0])}}
 
 
@@ -162,7 +174,8 @@ def measure_hopenet(root: str, workers: int, epochs: int) -> dict:
     class _Dataset(HopenetStyle, Dataset):
         pass
 
-    loader = DataLoader(_Dataset(root), batch_size=BATCH_SIZE, shuffle=True, num_workers=workers)
+    loader = DataLoader(_Dataset(root), batch_size=BATCH_SIZE, shuffle=True, num_workers=workers,
+                        persistent_workers=workers > 0)
     row = _epochs(loader, epochs, lambda b: b[0])
     assert row["shape"][1:] == [3, 224, 224]
     return {"rows": {"": row}}
@@ -220,9 +233,12 @@ def main(argv=None) -> int:
     try:
         root, n = common.scaled_dataset(work, "300w_lp", cfg["copies"])
         urls = _build_shards(work, root, cfg["shard_size"])
+        base = dict(target="measure_ours", urls=urls, workers=workers, epochs=cfg["ours_epochs"])
         ours = {
-            "ours loader": dict(target="measure_ours", urls=urls, workers=workers, epochs=cfg["ours_epochs"]),
-            "ours loader, stored crops": dict(target="measure_ours", urls=urls, workers=workers, epochs=cfg["ours_epochs"], recrop=False),
+            "ours loader": base,
+            "ours loader, stored crops": dict(base, recrop=False),
+            "ours loader, uint8": dict(base, image_format="uint8"),
+            "ours loader, 64 px": dict(base, size=64),
         }
         specs = dict(ours)
         if args.before:
@@ -238,9 +254,12 @@ def main(argv=None) -> int:
         summary = {name: common.summarize(entry) for name, entry in results.items()}
         print()
         for k, s in summary.items():
-            s["first_batch_s"] = results[k]["extra"].get("first_batch_s")
+            for key in ("first_epoch_s", "first_batch_s"):
+                values = results[k]["extra_all"].get(key)
+                s[key] = min(values) if values else None
         print(common.table([{"case": k, **s} for k, s in summary.items()],
-                           common.ROW_COLUMNS + [("first_batch_s", "1st batch s", "{:.3f}"),
+                           common.ROW_COLUMNS + [("first_epoch_s", "1st epoch s", "{:.3f}"),
+                                                 ("first_batch_s", "1st batch s", "{:.3f}"),
                                                  ("peak_tree_pss_mb", "peak MB (process tree)", "{:.0f}")]))
         rate = {k: s["rate"] for k, s in summary.items()}
         bare = rate[f"bare decode, {workers} procs"] if workers > 1 else rate["bare decode, 1 proc"]
@@ -254,6 +273,7 @@ def main(argv=None) -> int:
             "stored_crops_vs_hopenet": rate["ours loader, stored crops"] / rate["hopenet-style"],
             "stored_crops_vs_bare_decode": rate["ours loader, stored crops"] / bare,
             "rates": {k: round(v, 1) for k, v in rate.items()},
+            "first_epoch_s": {k: round(s["first_epoch_s"], 3) for k, s in summary.items() if s.get("first_epoch_s")},
             "peak_mb": {k: round(s.get("peak_tree_pss_mb", 0.0), 1) for k, s in summary.items()},
         }
         if args.before:

@@ -14,7 +14,9 @@ def crop_and_resize(image: np.ndarray, window, size: int | tuple[int, int], *, i
     """Crop ``window`` (source pixels, may extend past the image) and resize to ``size``.
 
     Pixels outside the image are black (zeros). Returns the crop and the integer window used.
-    Works for H x W x C and H x W (e.g. 16-bit depth) arrays.
+    Works for H x W x C and H x W (e.g. 16-bit depth) arrays. ``interpolation``: an OpenCV flag;
+    None (the build) takes ``INTER_AREA`` when shrinking, ``INTER_LINEAR`` otherwise (16-bit depth
+    always ``INTER_NEAREST``).
     """
     out_w, out_h = (size, size) if isinstance(size, int) else size
     x1, y1, x2, y2 = box_rules.integer_window(window)
@@ -61,14 +63,17 @@ def recrop_window(record: dict, rule: str, image_size, *, rng=None, margin: floa
     return box_rules.integer_window(box_rules.box_to_crop_coords(window, record["crop"], image_size))
 
 
-def recrop(image: np.ndarray, record: dict, rule: str, size: int, *, rng=None, margin: float = 0.0, box_name: str | None = None) -> np.ndarray:
+def recrop(image: np.ndarray, record: dict, rule: str, size: int, *, rng=None, margin: float = 0.0,
+           box_name: str | None = None, interpolation=None) -> np.ndarray:
     """Apply crop ``rule`` at load time to a stored crop, from the boxes in its label record.
 
     This is how one set of shards serves every model: the record carries every face box in source
     pixels and the window the stored crop covers (``crop``), so any rule's window can be mapped into
-    the stored crop. Pixels the stored crop does not cover come out black.
+    the stored crop. Pixels the stored crop does not cover come out black. ``interpolation``: as in
+    :func:`crop_and_resize` (``dataprep.loader`` passes ``cv2.INTER_LINEAR``, as training pipelines
+    resize; None keeps the build's choice).
     """
     h, w = image.shape[:2]
     taken = recrop_window(record, rule, (w, h), rng=rng, margin=margin, box_name=box_name)
-    out, _ = crop_and_resize(image, taken, size)
+    out, _ = crop_and_resize(image, taken, size, interpolation=interpolation)
     return out

@@ -8,7 +8,8 @@ Minimal use in any PyTorch code::
 
     aug = Compose([RandomApply(HorizontalFlip(), 0.5), RandomApply(GaussianBlur(), 0.3)])
     loader = make_loader("out/train-{000000..000003}.tar", batch_size=64, workers=4,
-                         crop_rule="hopenet", size=224, transforms=aug, normalize="imagenet")
+                         persistent_workers=True, crop_rule="hopenet", size=224, transforms=aug,
+                         normalize="imagenet")
     for epoch in range(epochs):
         for batch in loader:            # a new epoch's shuffle and augmentation each pass
             images, angles = batch["image"], batch["angles"]   # (B,3,H,W) float, (B,3) yaw,pitch,roll
@@ -23,12 +24,24 @@ Pipeline (a :class:`webdataset.DataPipeline`)::
       or resampled shards (webdataset's ResampledShards, seeded per rank, worker and epoch)
     -> open each shard (local paths, ``file://``, brace patterns, any scheme webdataset's ``gopen``
        knows such as ``pipe:``/``http(s)``, otherwise ``fsspec`` e.g. ``s3://``, ``gs://``,
-       ``memory://``) -> tar members grouped into samples (webdataset's tariterators)
+       ``memory://``) -> tar members grouped into samples (webdataset's rules, tar headers parsed
+       here: ``_tar_files``; compressed shards go through ``tarfile``)
     -> buffer shuffle (wds.shuffle) -> decode (``.jpg`` with cv2, or kept as bytes for a GPU
        decoder; ``.json``; ``.pts.npy`` with ``allow_pickle=False``) -> optional recrop to a crop
-       rule (``crop.rule_window``) -> transforms -> tensors -> :func:`collate` batches.
+       rule (``crop.rule_window``; bilinear resize, JPEGs decoded at 1/2-1/8 scale where the window
+       is at least twice the output) -> transforms -> tensors -> :func:`collate` batches.
 
 Nothing is ever unpickled; other tar members (``.depth.png`` and unknown ones) are skipped unread.
+
+Batches of a :func:`make_loader` (:class:`HeadPoseLoader`): each worker writes every image, finished
+(float normalised, or uint8), straight into its batch's buffer, one of a few it keeps in shared
+memory and uses again (:class:`_BufferPool`: fresh shared memory for every batch cost more page
+faults than the JPEG decoding); the main process gets the batch as one tensor over that buffer
+with no copy and no work, and the buffer goes back to its worker when the last reference to that
+tensor goes (:class:`_Lent`). With ``pin_memory`` the pin-memory thread copies it to page-locked
+memory and hands it back at once. Keeping batches (``list(loader)``) is fine: a worker then makes
+new buffers. ``image_format="uint8"`` sends a quarter of the bytes and leaves normalising to the
+caller (e.g. on the GPU with :func:`normalize_images`).
 
 Epochs: a pass over a :class:`HeadPoseDataset` uses its epoch (``set_epoch``). A
 :class:`HeadPoseLoader` (``make_loader``) moves to the next epoch each time it is iterated, also with
@@ -48,12 +61,17 @@ augmentation does not depend on the worker count.
 """
 from __future__ import annotations
 
+import gc
 import hashlib
 import io
 import json
+import math
 import multiprocessing
 import os
 import random
+import re
+import tarfile
+import threading
 from collections import Counter
 from itertools import islice
 from typing import Any, Callable, Sequence
@@ -63,7 +81,7 @@ import cv2
 import numpy as np
 import torch
 import webdataset as wds
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, get_worker_info
 from webdataset import tariterators
 from webdataset.shardlists import ResampledShards, SimpleShardList, expand_urls
 from webdataset.utils import PipelineStage, pytorch_worker_info
@@ -136,7 +154,7 @@ def open_url(url: str):
     """Open a shard for reading: webdataset's ``gopen`` for local paths, ``file:`` and the schemes
     it has a handler for (``pipe:``, ``http(s)``, ``gs``, ...), ``fsspec`` for everything else."""
     if _is_local(url):
-        return open(url, "rb")
+        return open(url, "rb", buffering=1 << 20)
     if urlparse(url).scheme == "file" or urlparse(url).scheme in wds.gopen_schemes:
         return wds.gopen(url, "rb")
     import fsspec
@@ -188,6 +206,8 @@ class _State:
         self.world = self.rank_info[1] if distributed else 1  # ranks sharing samples_per_epoch
         self.auto_epoch = bool(auto_epoch)
         self.granule = 1  # samples per batch: HeadPoseLoader gives each worker whole batches
+        self.assemble = False  # HeadPoseLoader: _Decode yields _Items written into batch buffers
+        self.buffers = 6  # batch buffers a worker keeps for reuse (HeadPoseLoader: prefetch + 4)
         self.epoch = 0
         self.passes = 0
         self.current = 0
@@ -246,13 +266,224 @@ class _ResampledShards(ResampledShards):
         return super().__iter__()
 
 
+# --------------------------------------------------------------------------------------------
+# Tar members -> samples
+# --------------------------------------------------------------------------------------------
+_BLOCK = 512
+_REGULAR_TYPES = (b"0", b"\0", b"7")
+_PAX_TYPES = (b"x", b"g", b"X")
+_NO_DATA_TYPES = (b"1", b"2", b"3", b"4", b"5", b"6")
+_COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00", b"\x28\xb5\x2f\xfd")
+_META_NAME = re.compile(r"__[^/]*__($|/)")
+
+
+class _Prefixed(io.RawIOBase):
+    """``head`` then the rest of ``stream`` (to hand a stream we began reading to ``tarfile``)."""
+
+    def __init__(self, head: bytes, stream):
+        self.head, self.stream = head, stream
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        if self.head:
+            n = min(len(b), len(self.head))
+            b[:n], self.head = self.head[:n], self.head[n:]
+            return n
+        data = self.stream.read(len(b))
+        b[:len(data)] = data
+        return len(data)
+
+
+def _checksum_ok(header: bytes) -> bool:
+    try:
+        chksum = _tar_number(header[148:156])
+    except tarfile.InvalidHeaderError:
+        return False
+    unsigned = sum(header) - sum(header[148:156]) + 256
+    return chksum == unsigned or chksum == unsigned - 2 * sum(b for b in header if b > 127)
+
+
+def _read_exact(stream, n: int) -> bytes:
+    data = stream.read(n)
+    if len(data) < n:  # pipes and sockets may return short reads
+        parts, got = [data], len(data)
+        while got < n:
+            chunk = stream.read(n - got)
+            if not chunk:
+                raise tarfile.ReadError("unexpected end of data")
+            parts.append(chunk)
+            got += len(chunk)
+        data = b"".join(parts)
+    return data
+
+
+def _skip(stream, n: int, seekable: bool) -> None:
+    if n <= 0:
+        return
+    if seekable:
+        stream.seek(n, io.SEEK_CUR)
+        return
+    while n > 0:
+        chunk = stream.read(min(n, 1 << 20))
+        if not chunk:
+            raise tarfile.ReadError("unexpected end of data")
+        n -= len(chunk)
+
+
+def _tar_number(field: bytes) -> int:
+    if field[:1] and field[0] & 0x80:  # GNU base-256
+        value = int.from_bytes(field[1:], "big")
+        return value - (1 << (8 * (len(field) - 1))) if field[0] == 0xFF else value
+    digits = field.split(b"\0", 1)[0].strip()
+    try:
+        return int(digits, 8) if digits else 0
+    except ValueError:
+        raise tarfile.InvalidHeaderError("invalid number field") from None
+
+
+def _pax_records(data: bytes) -> dict[bytes, bytes]:
+    out, pos = {}, 0
+    while pos < len(data) and data[pos:pos + 1] not in (b"\0", b""):
+        space = data.index(b" ", pos)
+        length = int(data[pos:space])
+        key, _, value = data[space + 1:pos + length - 1].partition(b"=")
+        out[key] = value
+        pos += length
+    return out
+
+
+def _tar_files(stream, select: Callable[[str], bool]):
+    """``(name, data)`` of the selected regular files of an uncompressed tar stream, in order.
+
+    What ``tarfile``'s stream mode (``r|``) reads, parsed directly: ustar/GNU/v7 headers (checksums
+    checked), PAX ``path``/``size`` records, GNU long names; members not selected are skipped
+    unread (seeked over on local files). A compressed stream is handed to ``tarfile`` (``r|*``)."""
+    seekable = isinstance(stream, (io.BufferedReader, io.FileIO)) and stream.seekable()
+    global_pax: dict[bytes, bytes] = {}
+    pax: dict[bytes, bytes] = {}
+    long_name: bytes | None = None
+    first = True
+    while True:
+        header = stream.read(_BLOCK)
+        if len(header) < _BLOCK:
+            header += _read_exact(stream, _BLOCK - len(header)) if header else b""
+        if not header:
+            if first:
+                raise tarfile.ReadError("empty file")
+            return
+        if header.count(0) == _BLOCK:  # end-of-archive block
+            return
+        if not _checksum_ok(header):
+            if first and header.startswith(_COMPRESSED_MAGIC):
+                yield from _tar_files_tarfile(_Prefixed(header, stream), select)
+                return
+            raise tarfile.ReadError("bad checksum" if not first else "not a tar file (bad header checksum)")
+        first = False
+        typeflag = header[156:157]
+        size = _tar_number(header[124:136])
+        padded = size + (-size) % _BLOCK
+        if typeflag in _PAX_TYPES or typeflag == b"L":
+            data = _read_exact(stream, padded)[:size]
+            if typeflag == b"L":
+                long_name = data.split(b"\0", 1)[0]
+            elif typeflag == b"g":
+                global_pax.update(_pax_records(data))
+            else:
+                pax = _pax_records(data)
+            continue
+        if typeflag == b"S" or any(k.startswith(b"GNU.sparse") for k in pax):
+            raise tarfile.ReadError("sparse tar members are not supported")
+        if typeflag in _NO_DATA_TYPES:  # links, devices, folders: tarfile reads no data for them
+            pax, long_name = {}, None
+            continue
+        if typeflag == b"K":  # GNU long link name: nothing to read for a regular file
+            _skip(stream, padded, seekable)
+            continue
+        extra = {**global_pax, **pax} if global_pax else pax
+        if b"size" in extra:
+            size = int(extra[b"size"])
+            padded = size + (-size) % _BLOCK
+        if b"path" in extra:
+            raw_name = extra[b"path"]
+        elif long_name is not None:
+            raw_name = long_name
+        else:
+            raw_name = header[:100].split(b"\0", 1)[0]
+            if header[257:263] == b"ustar\x00":
+                prefix = header[345:500].split(b"\0", 1)[0]
+                if prefix:
+                    raw_name = prefix + b"/" + raw_name
+        pax, long_name = {}, None
+        name = raw_name.decode("utf-8", "surrogateescape")
+        regular = typeflag in _REGULAR_TYPES and not (typeflag == b"\0" and name.endswith("/"))
+        if not regular or not _wanted_file(name, select):
+            _skip(stream, padded, seekable)
+            continue
+        data = _read_exact(stream, size)
+        _skip(stream, padded - size, False)
+        yield name, data
+
+
+def _tar_files_tarfile(stream, select):
+    """``_tar_files`` through ``tarfile`` (compressed shards)."""
+    with tarfile.open(fileobj=stream, mode="r|*") as tar:
+        for info in tar:
+            if info.isreg() and _wanted_file(info.name, select):
+                yield info.name, tar.extractfile(info).read()
+            tar.members = []
+
+
+def _wanted_file(name: str, select) -> bool:
+    """webdataset's ``tar_file_iterator`` rules: metadata names (``__x__``) skipped, then ``select``."""
+    if name.startswith("__") and ("/" not in name and name.endswith("__") or _META_NAME.match(name)):
+        return False
+    return select(name)
+
+
+def _split_key(name: str) -> tuple[str | None, str | None]:
+    """webdataset's ``base_plus_ext``: the key is the name up to the first dot of its last part."""
+    slash = name.rfind("/")
+    dot = name.find(".", slash + 1)
+    if dot > slash + 1:
+        return name[:dot], name[dot + 1:]
+    return tariterators.base_plus_ext(name)
+
+
+def _tar_samples(stream, url: str, handler: Callable[[Exception], bool]):
+    """Samples ``{"__key__", "__url__", suffix: bytes}`` of one shard: consecutive members with the
+    same key, suffixes lower-cased (webdataset's ``group_by_keys``)."""
+    current: dict | None = None
+    for name, data in _tar_files(stream, _wanted_member):
+        try:
+            key, suffix = _split_key(name)
+            if key is None:
+                continue
+            suffix = suffix.lower()
+            if current is None or key != current["__key__"]:
+                if current is not None and len(current) > 2:
+                    yield current
+                current = {"__key__": key, "__url__": url}
+            if suffix in current:
+                raise ValueError(f"{name}: duplicate file name in tar file {suffix} {current.keys()}")
+            current[suffix] = data
+        except Exception as exn:  # noqa: BLE001 - the handler decides
+            exn.args = exn.args + (url,)
+            if handler(exn):
+                continue
+            raise
+    if current is not None and len(current) > 2:
+        yield current
+
+
 def _wanted_member(fname: str) -> bool:
     return fname.endswith(_WANTED_SUFFIXES)
 
 
 class _TarSamples(PipelineStage):
     """``{"url"}`` -> raw samples ``{"__key__", "__url__", "jpg", "json", "pts.npy"}``
-    (:func:`open_url`, then webdataset's tar expander and key grouping)."""
+    (:func:`open_url`, then the tar members grouped by key as webdataset's ``tariterators`` do)."""
 
     def __init__(self, handler: Callable[[Exception], bool]):
         self.handler = handler
@@ -268,10 +499,11 @@ class _TarSamples(PipelineStage):
                     continue
                 raise
             try:
-                files = tariterators.tar_file_expander(
-                    [{"url": url, "stream": stream}], handler=self.handler, select_files=_wanted_member
-                )
-                yield from tariterators.group_by_keys(files, handler=self.handler)
+                yield from _tar_samples(stream, url, self.handler)
+            except Exception as exn:  # noqa: BLE001 - a broken shard: the handler decides
+                exn.args = exn.args + (url,)
+                if not self.handler(exn):
+                    raise
             finally:
                 stream.close()
 
@@ -305,12 +537,121 @@ def _cropped_record(record: dict, taken: list[int], stored_size, rule: str, size
     return new
 
 
+def _recrop_window(record: dict, rule: str, image_size, rng, margin: float) -> list[int]:
+    """``crop.recrop_window`` (the same numbers: the same float operations), without NumPy for
+    two points."""
+    window = crop_ops.rule_window(record, rule, rng=rng, margin=margin)
+    crop = record["crop"]
+    sx = image_size[0] / (crop[2] - crop[0])
+    sy = image_size[1] / (crop[3] - crop[1])
+    return box_rules.integer_window([(float(window[0]) - crop[0]) * sx, (float(window[1]) - crop[1]) * sy,
+                                     (float(window[2]) - crop[0]) * sx, (float(window[3]) - crop[1]) * sy])
+
+
+def _points_in_crop(points: np.ndarray, crop, size) -> np.ndarray:
+    """``boxes.to_crop_coords(points, crop, size)`` as float32 (the same float64 operations)."""
+    sx = size[0] / (crop[2] - crop[0])
+    sy = size[1] / (crop[3] - crop[1])
+    p = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+    return ((p - np.array([crop[0], crop[1]], np.float64)) * np.array([sx, sy])).astype(np.float32)
+
+
+_NPY_HEADERS: dict[bytes, tuple] = {}
+
+
+def _load_npy(data: bytes) -> np.ndarray:
+    """``np.load(io.BytesIO(data), allow_pickle=False)`` of ``.npy`` bytes, with each header parsed
+    once (every sample's landmarks have the same header). Returns a new, writable array."""
+    if data[:6] == b"\x93NUMPY" and data[6:8] in (b"\x01\x00", b"\x02\x00"):
+        end = 10 + int.from_bytes(data[8:10], "little") if data[6] == 1 else 12 + int.from_bytes(data[8:12], "little")
+        known = _NPY_HEADERS.get(data[:end])
+        if known is None and len(_NPY_HEADERS) < 64:
+            stream = io.BytesIO(data)
+            version = np.lib.format.read_magic(stream)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = read(stream)
+            if not dtype.hasobject and stream.tell() == end:
+                known = _NPY_HEADERS[data[:end]] = (dtype, shape, fortran)
+        if known is not None:
+            dtype, shape, fortran = known
+            count = math.prod(shape)
+            if len(data) - end == count * dtype.itemsize:
+                flat = np.frombuffer(data, dtype=dtype, count=count, offset=end)
+                return flat.reshape(shape, order="F" if fortran else "C").copy(order="K")
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+#: DCT-domain downscaling of JPEG decoding: factor -> cv2 flag.
+_REDUCED_DECODE = ((8, cv2.IMREAD_REDUCED_COLOR_8), (4, cv2.IMREAD_REDUCED_COLOR_4),
+                   (2, cv2.IMREAD_REDUCED_COLOR_2))
+#: Interpolations ``cv2.warpAffine`` does exactly as ``cv2.resize`` defines them (reduced decoding).
+_WARP_INTERPOLATIONS = (cv2.INTER_NEAREST, cv2.INTER_LINEAR, cv2.INTER_CUBIC, cv2.INTER_LANCZOS4)
+
+
+def _reduction(window, size: int, interpolation) -> int:
+    """The JPEG decoding scale (1, 2, 4 or 8) for cutting ``window`` at ``size``: the largest whose
+    reduced window still has at least ``size`` pixels each way (decoding never loses pixels the
+    resize would keep). 1 for interpolations a warp cannot reproduce (``INTER_AREA`` / None)."""
+    if interpolation not in _WARP_INTERPOLATIONS:
+        return 1
+    ww, wh = window[2] - window[0], window[3] - window[1]
+    for f, _ in _REDUCED_DECODE:
+        if ww >= f * size and wh >= f * size:
+            return f
+    return 1
+
+
+def _decode_bgr(data: bytes) -> np.ndarray:
+    """JPEG/PNG bytes -> H x W x 3 uint8 BGR."""
+    img = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
+    if img is None:
+        raise ValueError("cannot decode image bytes")
+    return img
+
+
+def _decode_reduced(data: bytes, window, size: int, stored_size, interpolation) -> np.ndarray | None:
+    """The crop ``window`` (stored-image pixels, black outside the image) at ``size``, H x W x 3
+    uint8 BGR, from a JPEG decoded at 1/2, 1/4 or 1/8 scale in the DCT domain
+    (``cv2.IMREAD_REDUCED_COLOR_*``; see :func:`_reduction`) and cut from that exactly (sub-pixel
+    ``cv2.warpAffine``); None where that does not apply (not a JPEG, a window under twice ``size``,
+    an ``INTER_AREA`` resize, or the image is not ``stored_size``)."""
+    f = _reduction(window, size, interpolation)
+    if f == 1 or data[:2] != b"\xff\xd8":
+        return None
+    img = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), dict(_REDUCED_DECODE)[f])
+    w, h = stored_size
+    if img is None or img.shape[:2] != (-(-h // f), -(-w // f)):
+        return None
+    # reduced pixel i covers stored pixels [i f, (i + 1) f): stored x = f * reduced x
+    x1, y1, x2, y2 = window
+    sx, sy = (x2 - x1) / size, (y2 - y1) / size
+    m = np.array([[sx / f, 0.0, (x1 + 0.5 * sx) / f - 0.5], [0.0, sy / f, (y1 + 0.5 * sy) / f - 0.5]])
+    return cv2.warpAffine(img, m, (size, size), flags=interpolation | cv2.WARP_INVERSE_MAP,
+                          borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+
+
+def _write_planes(dst: np.ndarray, image: np.ndarray, bgr: bool) -> None:
+    """H x W x 3 uint8 ``image`` (BGR or RGB) -> ``dst`` (3, H, W) uint8 RGB planes (``cv2.split``
+    into the given planes: one SIMD pass)."""
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"expected an H x W x 3 image, got shape {image.shape}")
+    planes = [dst[2], dst[1], dst[0]] if bgr else [dst[0], dst[1], dst[2]]
+    got = cv2.split(np.ascontiguousarray(image), planes)
+    for plane, want in zip(got, planes):
+        if plane is not want:
+            want[...] = plane  # OpenCV chose its own output arrays
+
+
 class _Decode(PipelineStage):
     """Raw sample -> ``{"image" | "jpeg"+"window", "angles", "key", "record", "landmarks",
-    "landmarks_source"}``; each worker's share of ``samples_per_epoch`` when that is set."""
+    "landmarks_source"}``; each worker's share of ``samples_per_epoch`` when that is set.
+
+    Under a :class:`HeadPoseLoader` (``state.assemble``) it yields :class:`_Item` instead: the image
+    is written straight into its batch's buffer (float model input or uint8 RGB planes) and
+    :func:`_collate_items` makes the batch (see :class:`_Batch`)."""
 
     def __init__(self, state: _State, transforms, crop_rule, size, crop_margin, normalize, image_format,
-                 random_crop, handler):
+                 random_crop, handler, interpolation, reduced_decode):
         self.state = state
         self.transforms = transforms
         self.crop_rule = crop_rule
@@ -320,6 +661,9 @@ class _Decode(PipelineStage):
         self.image_format = image_format
         self.random_crop = random_crop
         self.handler = handler
+        self.interpolation = interpolation
+        self.reduced_decode = reduced_decode
+        self._scratch: dict = {}
 
     def run(self, src):
         # No cv2.setNumThreads() here: in a forked worker it can block forever on the parent's
@@ -327,20 +671,22 @@ class _Decode(PipelineStage):
         # way, hence make_loader's forkserver workers (see _worker_context).
         rank, _, worker, nworkers = pytorch_worker_info()
         limit = self.state.worker_limit(worker, nworkers)
-        out = self._decode_all(src, rank, worker)
+        items = self._decode_all(src, rank, worker)
+        out = self._assemble(items) if self.state.assemble else map(self.sample_dict, items)
         return out if limit is None else islice(out, limit)
 
     def _decode_all(self, src, rank, worker):
         for index, raw in enumerate(src):
             try:
-                yield self.decode(raw, rank, worker, index)
+                yield self.prepare(raw, rank, worker, index)
             except Exception as exn:  # noqa: BLE001 - the handler decides
                 exn.args = exn.args + (f"sample {raw.get('__key__')!r} in {raw.get('__url__')!r}",)
                 if self.handler(exn):
                     continue
                 raise
 
-    def decode(self, raw: dict, rank: int, worker: int, index: int) -> dict:
+    def prepare(self, raw: dict, rank: int, worker: int, index: int) -> _Item:
+        """One raw sample -> an :class:`_Item` (image H x W x 3 uint8, BGR or RGB as ``bgr`` says)."""
         st = self.state
         if "json" not in raw or "jpg" not in raw:
             missing = [s for s in ("jpg", "json") if s not in raw]
@@ -350,57 +696,371 @@ class _Decode(PipelineStage):
         record.setdefault("augment", [])
         landmarks = None
         if "pts.npy" in raw:
-            landmarks = np.load(io.BytesIO(raw["pts.npy"]), allow_pickle=False).astype(np.float32)
+            landmarks = _load_npy(raw["pts.npy"]).astype(np.float32, copy=False)
         entropy = [st.seed, st.current, _key_hash(key)]
         if st.resampled:
             entropy += [rank, worker, index]
-        crop_seq, aug_seq = np.random.SeedSequence(entropy).spawn(2)
+        # the two children SeedSequence(entropy).spawn(2) gives (crop draws, augmentation), made
+        # directly and only when used
+        source = record
+
+        def window(w: int, h: int) -> tuple[list[int], dict, int]:
+            """The window to cut from a w x h stored image, its record, the output size."""
+            size = self.size or w
+            taken, rec = [0, 0, w, h], source
+            if self.crop_rule is not None:
+                rng = None
+                if self.random_crop:
+                    rng = np.random.default_rng(np.random.SeedSequence(entropy, spawn_key=(0,)))
+                taken = _recrop_window(source, self.crop_rule, (w, h), rng, self.crop_margin)
+                rec = _cropped_record(source, taken, (w, h), self.crop_rule, size)
+            elif (w, h) != (size, size):
+                rec = dict(source, crop_size=[size, size])
+            return taken, rec, size
+
+        image = None
         if self.image_format == "jpeg":
-            image, (w, h) = None, record["crop_size"]
+            w, h = (int(v) for v in record["crop_size"])
+            taken, record, size = window(w, h)
         else:
-            image = decode_image(raw["jpg"])
-            h, w = image.shape[:2]
-        size = self.size or w
-        taken = [0, 0, w, h]
-        if self.crop_rule is not None:
-            rng = np.random.default_rng(crop_seq) if self.random_crop else None
-            taken = crop_ops.recrop_window(record, self.crop_rule, (w, h), rng=rng, margin=self.crop_margin)
-            record = _cropped_record(record, taken, (w, h), self.crop_rule, size)
-        elif (w, h) != (size, size):
-            record = dict(record, crop_size=[size, size])
-        if image is not None and (taken != [0, 0, w, h] or (w, h) != (size, size)):
-            image, _ = crop_ops.crop_and_resize(image, taken, size)  # what crop.recrop cuts
+            stored, planned = record.get("crop_size"), None
+            if self.size is not None and self.reduced_decode and stored is not None:
+                stored = (int(stored[0]), int(stored[1]))
+                planned = window(*stored)
+                image = _decode_reduced(raw["jpg"], planned[0], planned[2], stored, self.interpolation)
+                taken, record, size = planned
+            if image is None:
+                image = _decode_bgr(raw["jpg"])
+                h, w = image.shape[:2]
+                taken, record, size = planned if planned is not None and stored == (w, h) else window(w, h)
+                if taken != [0, 0, w, h] or (w, h) != (size, size):
+                    image, _ = crop_ops.crop_and_resize(image, taken, size, interpolation=self.interpolation)
+        bgr = True
         if self.transforms is not None:
-            image, record, landmarks = self.transforms(image, record, landmarks, np.random.default_rng(aug_seq))
+            image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+            bgr = False
+            aug_rng = np.random.default_rng(np.random.SeedSequence(entropy, spawn_key=(1,)))
+            image, record, landmarks = self.transforms(image, record, landmarks, aug_rng)
         out_w, out_h = (size, size) if image is None else (image.shape[1], image.shape[0])
+        return _Item(
+            image=image, bgr=bgr, jpeg=raw["jpg"] if image is None else None, window=taken, key=key,
+            record=record, angles=(record["yaw"], record["pitch"], record["roll"]),
+            landmarks=None if landmarks is None else _points_in_crop(landmarks, record["crop"], (out_w, out_h)),
+            landmarks_source=landmarks,
+        )
+
+    def decode(self, raw: dict, rank: int, worker: int, index: int) -> dict:
+        """One raw sample -> the sample dict :func:`make_dataset` yields."""
+        return self.sample_dict(self.prepare(raw, rank, worker, index))
+
+    def sample_dict(self, item: _Item) -> dict:
         sample = {
-            "angles": torch.tensor([record["yaw"], record["pitch"], record["roll"]], dtype=torch.float32),
-            "key": key,
-            "record": record,
-            "landmarks": None if landmarks is None
-            else box_rules.to_crop_coords(landmarks, record["crop"], (out_w, out_h)).astype(np.float32),
-            "landmarks_source": landmarks,
+            "angles": torch.tensor(item.angles, dtype=torch.float32),
+            "key": item.key,
+            "record": item.record,
+            "landmarks": item.landmarks,
+            "landmarks_source": item.landmarks_source,
         }
-        if image is None:
-            sample["jpeg"] = torch.frombuffer(bytearray(raw["jpg"]), dtype=torch.uint8)
-            sample["window"] = torch.tensor(taken, dtype=torch.int64)
+        if item.image is None:
+            sample["jpeg"] = torch.frombuffer(bytearray(item.jpeg), dtype=torch.uint8)
+            sample["window"] = torch.tensor(item.window, dtype=torch.int64)
         else:
-            chw = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
-            sample["image"] = chw.contiguous() if self.image_format == "uint8" else normalize_images(chw, self.normalize)
+            image = item.image
+            dst = np.empty((3,) + image.shape[:2], np.uint8 if self.image_format == "uint8" else np.float32)
+            _write_image(dst, image, item.bgr, self.normalize, self._scratch)
+            sample["image"] = torch.from_numpy(dst)
         return sample
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state.pop("_pool", None)  # buffers stay in the process that made them
+        state["_scratch"] = {}
+        return state
+
+    def _assemble(self, items):
+        """Items for :func:`_collate_items`: every ``granule`` consecutive items (one DataLoader
+        batch) write their images, finished (uint8 planes, or float normalised), into one batch
+        buffer from this process's :class:`_BufferPool`."""
+        granule = self.state.granule
+        pool = self.__dict__.get("_pool")
+        if pool is None:
+            pool = self._pool = _BufferPool(self.state.buffers)
+        dtype = np.float32 if self.image_format == "float" else np.uint8
+        buffer, pos = None, 0
+        for item in items:
+            image = item.image
+            if pos == 0:
+                buffer = None if image is None else pool.acquire((granule, 3) + image.shape[:2], dtype)
+            if image is not None and buffer is not None and buffer.images.shape[2:] == image.shape[:2]:
+                _write_image(buffer.images[pos], image, item.bgr, self.normalize, self._scratch)
+                item.image, item.buffer, item.slot = None, buffer, pos
+            yield item
+            pos = (pos + 1) % granule
+
+
+# --------------------------------------------------------------------------------------------
+# Batches under a HeadPoseLoader: images written into reused buffers, lent to the user
+# --------------------------------------------------------------------------------------------
+class _Item:
+    """One decoded sample on its way into a batch (cheaper than the sample dict). ``image`` is
+    H x W x 3 uint8 (``bgr`` or RGB) until :meth:`_Decode._assemble` writes it into ``buffer`` at
+    ``slot``; ``jpeg`` holds the stored bytes for ``image_format="jpeg"``."""
+
+    __slots__ = ("image", "bgr", "jpeg", "window", "key", "record", "angles", "landmarks", "landmarks_source",
+                 "buffer", "slot")
+
+    def __init__(self, *, image, bgr, jpeg, window, key, record, angles, landmarks, landmarks_source):
+        self.image, self.bgr, self.jpeg, self.window = image, bgr, jpeg, window
+        self.key, self.record, self.angles = key, record, angles
+        self.landmarks, self.landmarks_source = landmarks, landmarks_source
+        self.buffer, self.slot = None, 0
+
+
+#: ``normalize`` -> per output channel (RGB source plane, scale, offset): ``out = x * scale + offset``.
+_NORMALIZE_COEFFS = {
+    None: [(c, 1.0 / 255.0, 0.0) for c in range(3)],
+    "imagenet": [(c, 1.0 / (255.0 * IMAGENET_STD[c]), -IMAGENET_MEAN[c] / IMAGENET_STD[c]) for c in range(3)],
+    "raw_bgr": [(2 - c, 1.0, 0.0) for c in range(3)],
+}
+
+
+def _write_image(dst: np.ndarray, image: np.ndarray, bgr: bool, normalize: str | None, scratch: dict) -> None:
+    """H x W x 3 uint8 ``image`` (BGR or RGB) -> ``dst`` (3, H, W): uint8 RGB planes, or float32
+    model input per ``normalize`` (:func:`normalize_images`' values up to float rounding: one
+    ``x * scale + offset`` per plane). ``scratch``: reusable arrays (per process)."""
+    if dst.dtype == np.uint8:
+        _write_planes(dst, image, bgr)
+        return
+    planes = scratch.get(dst.shape)
+    if planes is None:
+        planes = scratch[dst.shape] = np.empty(dst.shape, np.uint8)
+    _write_planes(planes, image, bgr)
+    for c, (source, scale, offset) in enumerate(_NORMALIZE_COEFFS[normalize]):
+        out = dst[c]
+        got = cv2.addWeighted(planes[source], scale, planes[source], 0.0, offset, dst=out, dtype=cv2.CV_32F)
+        if got is not out:
+            out[...] = got  # OpenCV chose its own output array
+
+
+def _fence() -> None:
+    """A full memory barrier (a lock round trip): between the last use of a batch buffer and
+    handing it back through its flag, and between taking a buffer back and writing into it."""
+    with _FENCE:
+        pass
+
+
+_FENCE = threading.Lock()
+
+
+class _BatchBuffer:
+    """``images`` (B, 3, H, W) of ``dtype`` and one ``flag`` byte after them, in one uint8 tensor
+    (in shared memory in a DataLoader worker). ``flag`` is 1 from :meth:`_BufferPool.acquire` until
+    the batch is done with in the main process (see :class:`_Lent`)."""
+
+    __slots__ = ("tensor", "images", "flag", "nbytes")
+
+    def __init__(self, shape: tuple[int, ...], dtype, shared: bool):
+        nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+        tensor = torch.empty(nbytes + 64, dtype=torch.uint8)
+        if shared:
+            tensor.share_memory_()
+        array = tensor.numpy()
+        self.tensor, self.nbytes = tensor, nbytes
+        self.images = array[:nbytes].view(dtype).reshape(shape)
+        self.flag = array[nbytes:nbytes + 1]
+
+
+class _BufferPool:
+    """A worker's batch buffers, used again once the main process is done with them: a buffer in
+    shared memory costs its page faults once, not on every batch (fresh shared memory for each
+    float batch took longer than decoding its JPEGs). Never waits: with no free buffer it makes
+    another (keeping at most ``limit``)."""
+
+    def __init__(self, limit: int = 6):
+        self.limit = limit
+        self.buffers: list[_BatchBuffer] = []
+        self.shared = get_worker_info() is not None
+
+    def acquire(self, shape: tuple[int, ...], dtype) -> _BatchBuffer:
+        for buffer in self.buffers:
+            if buffer.flag[0] == 0 and buffer.images.shape == shape and buffer.images.dtype == dtype:
+                _fence()
+                buffer.flag[0] = 1
+                return buffer
+        buffer = _BatchBuffer(shape, dtype, self.shared)
+        buffer.flag[0] = 1
+        if len(self.buffers) >= self.limit:  # replace one of another shape, else keep this one out
+            stale = next((b for b in self.buffers if b.images.shape != shape or b.images.dtype != dtype), None)
+            if stale is None:
+                return buffer
+            self.buffers.remove(stale)
+        self.buffers.append(buffer)
+        return buffer
+
+
+class _Lent(np.ndarray):
+    """The images of a batch, lent from a pooled buffer: ``torch.from_numpy`` keeps this array for
+    as long as the tensor's memory is in use (views, ``.numpy()``, DLPack included), and when it
+    goes, :meth:`__del__` hands the buffer back to its worker (``_flag`` to 0)."""
+
+    def __del__(self):
+        flag = self.__dict__.get("_flag")
+        if flag is not None:
+            try:
+                _fence()
+                flag[0] = 0
+            except Exception:  # noqa: BLE001 - interpreter shutdown
+                pass
+
+
+def _collate_items(items: Sequence) -> dict:
+    """:class:`HeadPoseLoader`'s ``collate_fn`` (in the worker): items -> a :class:`_Batch` (the
+    batch buffer and plain arrays: what crosses to the main process); sample dicts -> :func:`collate`."""
+    if not isinstance(items[0], _Item):
+        return collate(items)
+    n = len(items)
+    batch = _Batch(
+        angles=np.array([it.angles for it in items], np.float32).reshape(n, 3),
+        key=[it.key for it in items],
+        record=[it.record for it in items],
+        landmarks_source=[it.landmarks_source for it in items],
+    )
+    buffer = items[0].buffer
+    if buffer is not None and all(it.buffer is buffer and it.slot == i for i, it in enumerate(items)):
+        batch["_buffer"], batch["_count"], batch["_flag_at"] = buffer.tensor, n, buffer.nbytes
+        batch["_shape"], batch["_dtype"] = buffer.images.shape[1:], buffer.images.dtype.str
+    elif any(it.buffer is not None or it.image is not None for it in items):
+        sizes = {(it.buffer.images.shape[2:] if it.buffer is not None else it.image.shape[:2]) for it in items}
+        if len(sizes) > 1:
+            raise ValueError(f"images of different sizes {sorted((3,) + s for s in sizes)} in one batch; "
+                             "pass size= (or crop_rule= and size=)")
+        raise RuntimeError("batch buffers out of step with the DataLoader's batches")  # pragma: no cover
+    if items[0].jpeg is not None:
+        data = [it.jpeg for it in items]
+        batch["_jpeg"] = np.frombuffer(bytearray(b"".join(data)), np.uint8)
+        batch["_jpeg_ends"] = np.cumsum([len(d) for d in data]).tolist()
+        batch["window"] = np.array([it.window for it in items], np.int64).reshape(n, 4)
+    shapes = [it.landmarks.shape for it in items if it.landmarks is not None]
+    if shapes:
+        shape = Counter(shapes).most_common(1)[0][0]
+        landmarks = np.zeros((n,) + shape, np.float32)
+        mask = np.zeros(n, bool)
+        for i, it in enumerate(items):
+            if it.landmarks is not None and it.landmarks.shape == shape:
+                landmarks[i], mask[i] = it.landmarks, True
+        batch["landmarks"], batch["landmarks_mask"] = landmarks, mask
+    return batch
+
+
+def _rebuild_batch(content: dict) -> _Batch:
+    batch = _Batch(content)
+    batch._received = True
+    return batch
+
+
+class _Batch(dict):
+    """A batch as it leaves a worker: the images in a pooled buffer (``_buffer``: ``_count`` images
+    of ``_shape`` and ``_dtype``, flag byte at ``_flag_at``), other fields as numpy arrays.
+    :meth:`finish` (in the main process: :class:`HeadPoseLoader`'s iterator, or the DataLoader's
+    pin-memory thread) makes the user's batch. A received batch dropped unfinished (an epoch left
+    early) hands its buffer back."""
+
+    _received = False
+    _finished = False
+
+    def __reduce__(self):
+        return _rebuild_batch, (dict(self),)
+
+    def pin_memory(self, device=None) -> dict:  # called by the DataLoader's pin-memory thread
+        return self.finish(pin=True)
+
+    def __del__(self):
+        if self._received and not self._finished and "_buffer" in self:
+            try:
+                _fence()
+                self["_buffer"][self["_flag_at"]] = 0
+            except Exception:  # noqa: BLE001 - interpreter shutdown
+                pass
+
+    def finish(self, pin: bool = False) -> dict:
+        """The user's batch: ``image`` a tensor over the buffer, lent until the last reference to it
+        goes (:class:`_Lent`; with ``pin``, a page-locked copy and the buffer back at once), tensors
+        for the arrays, ``jpeg`` a list of byte tensors."""
+        out = {k: v for k, v in self.items() if not k.startswith("_")}
+        self._finished = True
+        if "_buffer" in self:
+            array = self["_buffer"].numpy()
+            n, shape, dtype, flag_at = self["_count"], tuple(self["_shape"]), np.dtype(self["_dtype"]), self["_flag_at"]
+            images = array[:n * math.prod(shape) * dtype.itemsize].view(dtype).reshape((n,) + shape)
+            flag = array[flag_at:flag_at + 1]
+            if pin:
+                out["image"] = _pinned(torch.from_numpy(images))
+                _fence()
+                flag[0] = 0
+            else:
+                lent = images.view(_Lent)
+                lent._flag = flag
+                out["image"] = torch.from_numpy(lent)
+        if "_jpeg" in self:
+            data, ends = torch.from_numpy(self["_jpeg"]), self["_jpeg_ends"]
+            data = _pinned(data) if pin else data
+            out["jpeg"] = [data[a:b] for a, b in zip([0] + ends[:-1], ends)]
+        for name in ("angles", "window", "landmarks", "landmarks_mask"):
+            if name in out:
+                out[name] = torch.from_numpy(out[name])
+                if pin:
+                    out[name] = _pinned(out[name])
+        return out
+
+
+def _pinned(x: torch.Tensor) -> torch.Tensor:
+    """A page-locked copy (the DataLoader's ``pin_memory``)."""
+    return x.pin_memory()
+
+
+class _FinishedBatches:
+    """The iterator of a :class:`HeadPoseLoader`: the DataLoader's batches, finished."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __iter__(self):
+        return self
+
+    def __len__(self):
+        return len(self.inner)
+
+    def __next__(self):
+        batch = next(self.inner)
+        return batch.finish() if isinstance(batch, _Batch) else batch
+
+    def __getattr__(self, name):
+        if name == "inner":
+            raise AttributeError(name)
+        return getattr(self.inner, name)
 
 
 class _WorkerEnv:
     """``worker_init_fn``: gives a worker process the rank and world size of the process that built
     the dataset as ``RANK`` / ``WORLD_SIZE``, where webdataset's stages (``split_by_node``,
     ``ResampledShards``' seed) and the shuffle seeds read them: a worker started by ``forkserver`` or
-    ``spawn`` has no process group and the environment of whoever started its server."""
+    ``spawn`` has no process group and the environment of whoever started its server. Also freezes
+    the worker's objects so far out of the cyclic garbage collector's way (``gc.freeze``)."""
 
     def __init__(self, rank_info: tuple[int, int], inner=None):
         self.rank, self.world = (int(v) for v in rank_info)
         self.inner = inner
 
     def __call__(self, worker_id: int) -> None:
+        # What the worker imported lives as long as it does: out of the cyclic collector's way, so
+        # that its full collections (set off by the many small dicts of the label records) do not
+        # walk torch's objects again and again (~0.1 s each).
+        gc.freeze()
+        # One OpenCV thread per worker, as torch has one (the DataLoader sets it): OpenCV's pool
+        # threads spin between its calls and took a second core per worker (twice the CPU time on
+        # 64 px warps). Read when OpenCV first runs parallel code, which in a worker started from
+        # the forkserver is after this; no cv2.setNumThreads here (see _Decode.run).
+        os.environ.setdefault("OPENCV_FOR_THREADS_NUM", "1")
         if self.world > 1:
             os.environ["RANK"], os.environ["WORLD_SIZE"] = str(self.rank), str(self.world)
         else:
@@ -478,6 +1138,8 @@ def make_dataset(
     random_crop: bool = True,
     distributed: bool | None = None,
     auto_epoch: bool = False,
+    interpolation: int | None = cv2.INTER_LINEAR,
+    reduced_decode: bool = True,
 ) -> HeadPoseDataset:
     """A streaming dataset of decoded samples (dicts) from WebDataset shards.
 
@@ -498,7 +1160,11 @@ def make_dataset(
     (their copies live on); workers started afresh each epoch begin at ``set_epoch``'s epoch
     (:class:`HeadPoseLoader` does both).
     ``handler``: what to do with a bad shard/sample, e.g. ``webdataset.warn_and_continue``
-    (default: raise).
+    (default: raise). ``interpolation``: the OpenCV interpolation of the load-time crop/resize
+    (default bilinear, ``cv2.INTER_LINEAR``, as training pipelines resize; ``None``: the build's
+    choice, ``INTER_AREA`` when shrinking, about 4x slower). ``reduced_decode``: when the window
+    to cut is at least twice ``size`` each way (FSA-Net's 64 px from 224 px crops), decode the JPEG
+    at 1/2, 1/4 or 1/8 scale in the DCT domain and cut the window from that (not with ``INTER_AREA``).
 
     Each sample: ``image`` tensor (3, H, W) (``image_format`` "float": float, normalised; "uint8":
     RGB uint8) or ``jpeg`` (the stored JPEG bytes, uint8) and ``window`` (int64 x1, y1, x2, y2: the
@@ -537,7 +1203,7 @@ def make_dataset(
         _TarSamples(handler),
         _Shuffle(state),
         _Decode(state, transforms, crop_rule, None if size is None else int(size), crop_margin, normalize,
-                image_format, bool(random_crop), handler),
+                image_format, bool(random_crop), handler, interpolation, bool(reduced_decode)),
     ]
     return HeadPoseDataset([s for s in stages if s is not None], state, url_list)
 
@@ -587,6 +1253,11 @@ class HeadPoseLoader(DataLoader):
         super().__init__(dataset, *args, **kwargs)
         self.worker_init_fn = _WorkerEnv(dataset.state.rank_info, self.worker_init_fn)
         dataset.state.granule = int(self.batch_size or 1)
+        # make_loader's collate: workers write images into reused batch buffers (uint8), the main
+        # process normalises each batch in one pass as it comes (see _Batch)
+        dataset.state.assemble = bool(self.batch_size) and self.collate_fn is _collate_items
+        # batches a worker can have out at once: prefetched, being made, held by the main process
+        dataset.state.buffers = int(self.prefetch_factor or 2) + 4 if self.num_workers else 3
         dataset.state.auto_epoch = True  # what reaches persistent workers: their copies count passes
         self._next_epoch = 0
         self.samples: int | None = None
@@ -606,7 +1277,7 @@ class HeadPoseLoader(DataLoader):
         if not self._workers_follow_themselves():
             self.dataset.set_epoch(self._next_epoch)  # the copies made for this pass start there
         self._next_epoch += 1
-        return super().__iter__()
+        return _FinishedBatches(super().__iter__())
 
 
 def make_loader(
@@ -621,11 +1292,14 @@ def make_loader(
     multiprocessing_context: str | None = "forkserver",
     **dataset_kwargs,
 ) -> HeadPoseLoader:
-    """A torch ``DataLoader`` over :func:`make_dataset` (same keyword arguments) yielding
-    :func:`collate` batches. Workers split the shards (unless ``resampled``), so use at most as many
-    as there are shards; ``persistent_workers`` keeps them between epochs. Workers start from a
-    ``forkserver`` by default (see ``_worker_context``: a forked worker can hang in cv2); pass
-    ``multiprocessing_context="fork"`` (or ``None``, the platform's default) to fork them."""
+    """A torch ``DataLoader`` over :func:`make_dataset` (same keyword arguments) yielding batches as
+    :func:`collate` makes them (``image`` float normalised by default, made in the workers and lent
+    to the main process without a copy: see the module's notes). Workers split the shards (unless
+    ``resampled``), so use at most as many as there are shards; ``persistent_workers`` keeps them
+    (and their batch buffers) between epochs: recommended for training, a worker start-up costs
+    seconds. Workers start from a ``forkserver`` by default (see ``_worker_context``: a forked
+    worker can hang in cv2); pass ``multiprocessing_context="fork"`` (or ``None``, the platform's
+    default) to fork them."""
     dataset = make_dataset(urls, **dataset_kwargs)
     extra = {}
     if workers > 0:
@@ -634,6 +1308,6 @@ def make_loader(
         if prefetch_factor is not None:
             extra["prefetch_factor"] = prefetch_factor
     return HeadPoseLoader(
-        dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate,
+        dataset, batch_size=batch_size, num_workers=workers, collate_fn=_collate_items,
         drop_last=drop_last, pin_memory=pin_memory, **extra,
     )

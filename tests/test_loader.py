@@ -317,7 +317,7 @@ def test_jpeg_format_window_gives_the_decoded_pixels(shards):
     pattern, samples = shards
     kw = dict(batch_size=4, shuffle=0, crop_rule="hopenet", size=32, seed=2)
     raw = list(make_loader(pattern, image_format="jpeg", **kw))
-    decoded = list(make_loader(pattern, image_format="uint8", **kw))
+    decoded = list(make_loader(pattern, image_format="uint8", reduced_decode=False, **kw))
     assert sum(len(b["key"]) for b in raw) == len(samples)
     for r, d in zip(raw, decoded):
         assert "image" not in r and r["window"].shape == (len(r["key"]), 4) and d["image"].dtype == torch.uint8
@@ -325,7 +325,8 @@ def test_jpeg_format_window_gives_the_decoded_pixels(shards):
         torch.testing.assert_close(r["landmarks"], d["landmarks"])
         assert r["landmarks_mask"].all()
         for jpeg, window, img in zip(r["jpeg"], r["window"], d["image"]):
-            cut, _ = crop_and_resize(decode_image(jpeg.numpy().tobytes()), window.tolist(), 32)
+            cut, _ = crop_and_resize(decode_image(jpeg.numpy().tobytes()), window.tolist(), 32,
+                                     interpolation=cv2.INTER_LINEAR)  # the loader's default
             np.testing.assert_array_equal(cut, img.permute(1, 2, 0).numpy())
     with pytest.raises(ValueError, match="normali"):
         make_dataset(pattern, image_format="uint8", normalize="imagenet")
@@ -372,3 +373,148 @@ def test_ddp_ranks_resampled_same_batches_split_disjoint_shards(tmp_path, monkey
     assert sorted(split[0] + split[1]) == sorted(samples)
     shards_of = [{shard_of[k] for k in split[rank]} for rank in (0, 1)]
     assert sorted(map(len, shards_of)) == [2, 3] and not shards_of[0] & shards_of[1]  # 5 shards: 3 + 2, whole
+
+
+# --------------------------------------------------------------------------------------------
+# Speed paths: tar reading, batch buffers, reduced JPEG decoding
+# --------------------------------------------------------------------------------------------
+def _webdataset_samples(path: str) -> list[dict]:
+    from webdataset import tariterators
+
+    from dataprep.loader import _wanted_member
+
+    with open(path, "rb") as stream:
+        files = tariterators.tar_file_expander([{"url": path, "stream": stream}], select_files=_wanted_member)
+        return list(tariterators.group_by_keys(files))
+
+
+def _our_samples(path: str) -> list[dict]:
+    from dataprep.loader import _tar_samples, open_url
+
+    with open_url(path) as stream:
+        return list(_tar_samples(stream, path, wds.reraise_exception))
+
+
+@pytest.mark.parametrize("fmt,mode", [("pax", "w"), ("gnu", "w"), ("ustar", "w"), ("pax", "w:gz")])
+def test_tar_members_as_webdataset_groups_them(tmp_path, fmt, mode):
+    import tarfile
+
+    formats = {"pax": tarfile.PAX_FORMAT, "gnu": tarfile.GNU_FORMAT, "ustar": tarfile.USTAR_FORMAT}
+    path = str(tmp_path / f"odd-{fmt}.tar")
+    deep = "d" * 60 + "/" + "e" * 60  # > 100 characters: ustar prefix, PAX path or GNU long name
+    names = ["a.jpg", "a.json", "a.pts.npy", "a.depth.png", "a.JSON.extra", "__meta__", "__x__/b.jpg",
+             f"{deep}/k.jpg", f"{deep}/k.json", "noext", "sub.dir/c.jpg", "sub.dir/c.json", "b.jpg"]
+    if fmt == "pax":
+        names.append("ü-unicode.json")
+    with tarfile.open(path, mode, format=formats[fmt]) as tar:
+        info = tarfile.TarInfo("folder")
+        info.type = tarfile.DIRTYPE
+        tar.addfile(info)
+        link = tarfile.TarInfo("a.link.jpg")
+        link.type, link.linkname = tarfile.SYMTYPE, "a.jpg"
+        tar.addfile(link)
+        for i, name in enumerate(names):
+            data = (f"{name}:{i}".encode() * (i * 37 + 1))[: i * 300 + 7]
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime = len(data), 1577836800
+            tar.addfile(info, io.BytesIO(data))
+    ours, theirs = _our_samples(path), _webdataset_samples(path)
+    assert ours == theirs and len(ours) >= 4
+
+
+def test_tar_reader_rejects_broken_shards(tmp_path):
+    pattern, _ = write_synthetic_shards(tmp_path / "ok", n_shards=1, per_shard=2)
+    data = Path(pattern.replace("{000000..000000}", "000000")).read_bytes()
+    cut = tmp_path / "cut-000000.tar"
+    cut.write_bytes(data[:1500])  # inside a member's data
+    with pytest.raises(Exception, match="end of data"):
+        list(make_dataset(str(cut), shuffle=0))
+    bad = bytearray(data)
+    bad[100] ^= 0xFF  # mode field of the first header: checksum no longer matches
+    (tmp_path / "bad-000000.tar").write_bytes(bytes(bad))
+    with pytest.raises(Exception, match="checksum"):
+        list(make_dataset(str(tmp_path / "bad-000000.tar"), shuffle=0))
+    (tmp_path / "empty-000000.tar").write_bytes(b"")
+    with pytest.raises(Exception, match="empty"):
+        list(make_dataset(str(tmp_path / "empty-000000.tar"), shuffle=0))
+    kept = keys_of(make_dataset([str(cut), pattern], shuffle=0, handler=wds.ignore_and_continue))
+    assert len(kept) == 2  # the broken shard skipped, the good one read
+
+
+@pytest.mark.parametrize("image_format,normalize", [("float", None), ("float", "imagenet"), ("float", "raw_bgr"),
+                                                    ("uint8", None)])
+@pytest.mark.parametrize("workers", [0, 2])
+def test_loader_batches_are_the_dataset_samples(shards, image_format, normalize, workers):
+    pattern, samples = shards
+    kw = dict(shuffle=0, crop_rule="hopenet", size=40, seed=4, image_format=image_format, normalize=normalize)
+    want = {s["key"]: s for s in make_dataset(pattern, **kw)}
+    loader = make_loader(pattern, batch_size=5, workers=workers, **kw)
+    kept = list(loader)  # all batches kept at once: each its own buffer
+    loader.set_epoch(0)
+    for source in (kept, loader):  # then batches dropped as they go: buffers used again
+        for b in source:
+            assert b["image"].dtype == (torch.uint8 if image_format == "uint8" else torch.float32)
+            for key, img, rec in zip(b["key"], b["image"], b["record"]):
+                assert torch.equal(img, want[key]["image"]) and rec == want[key]["record"]
+    if image_format == "float":
+        # the one-pass normalisation gives normalize_images' values
+        from dataprep.loader import normalize_images
+
+        u8 = make_dataset(pattern, **dict(kw, image_format="uint8", normalize=None))
+        for s in u8:
+            torch.testing.assert_close(want[s["key"]]["image"], normalize_images(s["image"], normalize))
+
+
+def test_lent_batch_memory_stays_until_the_last_reference_goes(shards):
+    pattern, _ = shards
+    loader = make_loader(pattern, batch_size=4, shuffle=0)
+    it = iter(loader)
+    first = next(it)
+    view = first["image"][1]  # a view keeps the whole buffer lent
+    arr = first["image"][2].numpy()
+    saved_view, saved_arr = view.clone(), arr.copy()
+    ptr = first["image"].data_ptr()
+    del first
+    later = [next(it)["image"].data_ptr() for _ in range(2)]
+    assert ptr not in later and torch.equal(view, saved_view) and (arr == saved_arr).all()
+    del view, arr
+    ptrs = {b["image"].data_ptr() for b in loader}
+    assert len(ptrs) <= 3  # dropped batches' buffers come back
+
+
+def test_unfinished_and_pinned_batches_hand_their_buffer_back(shards, monkeypatch):
+    import pickle
+
+    from dataprep import loader as loader_mod
+
+    pattern, _ = shards
+    ds = make_dataset(pattern, shuffle=0, crop_rule="box", size=16)
+    ds.state.assemble, ds.state.granule = True, 3
+    items = iter(ds)
+    batch = loader_mod._collate_items([next(items) for _ in range(3)])
+    flat = batch["_buffer"]
+    assert int(flat[batch["_flag_at"]]) == 1
+    received = pickle.loads(pickle.dumps(batch))  # as the main process gets it (the same memory here)
+    received["_buffer"] = flat
+    del received  # dropped unfinished (an epoch left early)
+    assert int(flat[batch["_flag_at"]]) == 0
+    flat[batch["_flag_at"]] = 1
+    monkeypatch.setattr(loader_mod, "_pinned", lambda x: x.clone())  # no CUDA here: a plain copy
+    pinned = batch.pin_memory()
+    assert int(flat[batch["_flag_at"]]) == 0  # copied out, handed back at once
+    assert pinned["image"].shape == (3, 3, 16, 16) and pinned["angles"].shape == (3, 3)
+
+
+def test_reduced_jpeg_decoding_cuts_the_same_window(tmp_path):
+    pattern, samples = write_synthetic_shards(tmp_path, n_shards=1, per_shard=6, crop_size=128)
+    kw = dict(shuffle=0, crop_rule="box", size=24, image_format="uint8", random_crop=False)
+    reduced = list(make_dataset(pattern, **kw))
+    full = list(make_dataset(pattern, reduced_decode=False, **kw))
+    area = list(make_dataset(pattern, interpolation=None, **kw))
+    assert any(crop_ops.recrop_window(s["record"], "box", (128, 128))[2] - crop_ops.recrop_window(s["record"], "box", (128, 128))[0] >= 48
+               for s in samples.values())  # windows at least twice the output: decoded at 1/2 or less
+    for r, f, a in zip(reduced, full, area):
+        assert r["record"] == f["record"] == a["record"]
+        torch.testing.assert_close(r["landmarks"], f["landmarks"])
+        diff = (r["image"].float() - a["image"].float()).abs().mean()
+        assert float(diff) < 6.0, float(diff)  # the same window, a different (box-filtered) downscale

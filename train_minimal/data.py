@@ -13,10 +13,11 @@ settings for a :class:`~train_minimal.registry.ModelSpec` and a training or eval
   ``epoch_length // (world_size * batch_size)`` batches per epoch, so no rank waits for another.
 * evaluation: every sample once, in order, the crop rules' fixed values, not split across ranks.
 
-Images travel as uint8 RGB (4x less to copy than floats) or, with ``gpu_decode``, as the stored
-JPEG bytes plus the crop window; :func:`prepare_batch` moves a batch to the device
-(``non_blocking``), decodes and crops on the GPU when asked, and normalises there (``"imagenet"``
-or ``"raw_bgr"``, :func:`dataprep.loader.normalize_images`).
+Images travel as uint8 RGB (a quarter of the bytes of floats: written once by a worker into a
+batch buffer it reuses, lent to this process without a copy, see :mod:`dataprep.loader`) or, with
+``gpu_decode``, as the stored JPEG bytes plus the crop window; :func:`prepare_batch` moves a batch
+to the device (``non_blocking``), decodes and crops on the GPU when asked, and normalises there
+(``"imagenet"`` or ``"raw_bgr"``, :func:`dataprep.loader.normalize_images`).
 
 Targets: ``angles`` (B, 3) yaw, pitch, roll degrees; ``landmarks`` (B, L, 2) in model-input
 pixels with ``landmarks_mask`` (B,) when any sample of the batch has ``<key>.pts.npy``.
