@@ -6,7 +6,6 @@ import csv
 import json
 import math
 import re
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -17,23 +16,12 @@ from dataprep.audit.pictures import pose_axes
 from dataprep.audit.table import Sample, sample_row
 from dataprep.build import BuildOptions, build
 from dataprep.cli import main as cli_main
+from shard_reading import label_records
 
 
 def read_csv(path: Path) -> dict[str, dict]:
     with open(path, newline="") as f:
         return {row["key"]: row for row in csv.DictReader(f)}
-
-
-def records(out: Path) -> dict[str, dict]:
-    """Label records straight from the shards with plain tarfile."""
-    recs = {}
-    for shard in sorted(out.glob("*.tar")):
-        with tarfile.open(shard) as tar:
-            for m in tar.getmembers():
-                if m.name.endswith(".json"):
-                    rec = json.loads(tar.extractfile(m).read())
-                    recs[rec["key"]] = rec
-    return recs
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +81,7 @@ def test_rejected_rows(audited):
 def test_hopenet_build_is_squashed_square_build_is_not(audited):
     th = Thresholds().squash
     hn = read_csv(audited["report_hn"] / "boxes.csv")
-    recs = records(audited["outs"]["hopenet"])
+    recs = label_records(audited["outs"]["hopenet"])
     squashed = set()
     for key, rec in recs.items():
         x1, y1, x2, y2 = rec["crop"]
@@ -115,7 +103,7 @@ def test_hopenet_build_is_squashed_square_build_is_not(audited):
 
 def test_csv_values_by_hand(audited):
     """One placeholder sample: IoU, aspect, centre shift and each rule's distortion by explicit arithmetic."""
-    recs = records(audited["outs"]["hopenet"])
+    recs = label_records(audited["outs"]["hopenet"])
     rows = read_csv(audited["report_hn"] / "boxes.csv")
     key = next(k for k in sorted(recs) if recs[k]["extra"]["pt2d_missing"] > 0)
     rec, row = recs[key], rows[key]
@@ -189,7 +177,7 @@ def test_compare_reports_box_changes_and_no_label_changes(audited):
     with open(audited["report_hn"] / "compare.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     matched = [r for r in rows if r["key_a"] and r["key_b"]]
-    assert len(matched) == len(records(audited["outs"]["square"]))
+    assert len(matched) == len(label_records(audited["outs"]["square"]))
     for r in matched:
         assert r["status"] == "changed"
         changes = set(r["changes"].split(";"))

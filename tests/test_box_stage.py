@@ -3,7 +3,6 @@ RetinaFace weights through the user's path."""
 from __future__ import annotations
 
 import json
-import tarfile
 from pathlib import Path
 
 import pytest
@@ -13,17 +12,7 @@ from dataprep import box_stage
 from dataprep.boxes import iou
 from dataprep.build import BuildOptions, build
 from dataprep.detectors import Detection
-
-
-def records(out: Path) -> dict[str, dict]:
-    recs = {}
-    for shard in sorted(out.glob("*.tar")):
-        with tarfile.open(shard) as tar:
-            for m in tar.getmembers():
-                if m.name.endswith(".json"):
-                    rec = json.loads(tar.extractfile(m).read())
-                    recs[rec["key"]] = rec
-    return recs
+from shard_reading import label_records
 
 
 def _opts(root, out, dataset, cache, **kw):
@@ -61,7 +50,7 @@ def test_biwi_protocol2_defaults_to_mtcnn_with_tracking_and_caches(sample_tree, 
     manifest = build(_opts(sample_tree / "hpdb", tmp_path / "a", "biwi", cache, protocol="2"))
     assert manifest["settings"]["detector"] == "mtcnn"
     assert manifest["settings"]["biwi_tracking"] == "previous"
-    recs = records(tmp_path / "a")
+    recs = label_records(tmp_path / "a")
     assert len(recs) == manifest["counts"]["written"] > 0
     for rec in recs.values():
         assert rec["box_source"] == "mtcnn"
@@ -105,7 +94,7 @@ def test_biwi_tracking_rejections_and_reuse_land_in_manifest(sample_tree, tmp_pa
         out = tmp_path / f"o-{mode}"
         m = build(_opts(sample_tree / "hpdb", out, "biwi", tmp_path / f"c-{mode}", protocol="1",
                         split_file=str(split), biwi_tracking=mode))
-        return m, records(out)
+        return m, label_records(out)
 
     # frames of sequence 01 in order: a face, a jump, a weak face
     m, recs = run("none", [[a], [far], [weak]])
@@ -124,7 +113,7 @@ def test_aflw2000_mtcnn_picks_the_face_on_the_ground_truth(sample_tree, tmp_path
     split.write_text(json.dumps({"by": "source", "test": names}))
     m = build(_opts(sample_tree / "AFLW2000", tmp_path / "o", "aflw2000", tmp_path / "c", protocol="none",
                     detector="mtcnn", split_file=str(split)))
-    recs = records(tmp_path / "o")
+    recs = label_records(tmp_path / "o")
     assert m["counts"]["read"] == 4
     for rec in recs.values():
         assert set(rec["boxes"]) >= {"gt", "pt2d", "mtcnn"}

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import shutil
-import tarfile
 from pathlib import Path
 
 import cv2
@@ -17,24 +16,7 @@ from dataprep import labels
 from dataprep.build import BuildError, BuildOptions, build
 from dataprep.cli import main as cli_main
 from dataprep.verify import verify
-
-
-def read_tar(path: Path) -> dict[str, dict[str, bytes]]:
-    """Plain tarfile, no dataprep code: key -> {extension: bytes}."""
-    samples: dict[str, dict[str, bytes]] = {}
-    with tarfile.open(path) as tar:
-        for m in tar.getmembers():
-            key, ext = m.name.split(".", 1)
-            samples.setdefault(key, {})[ext] = tar.extractfile(m).read()
-    return samples
-
-
-def all_records(out: Path) -> dict[str, dict]:
-    records = {}
-    for shard in sorted(out.glob("*.tar")):
-        for key, members in read_tar(shard).items():
-            records[key] = json.loads(members["json"])
-    return records
+from shard_reading import label_records, read_tar
 
 
 def opts(root: Path, out: Path, dataset: str, **kw) -> BuildOptions:
@@ -67,7 +49,7 @@ def test_aflw2000_protocol1_counts_and_filter(aflw_build, sample_tree):
 def test_shard_records_hold_labels_boxes_and_crop(aflw_build, sample_tree):
     out, _ = aflw_build
     expected = {e["key"]: e for e in json.loads((sample_tree / "expected_labels.json").read_text())["aflw2000"]}
-    records = all_records(out)
+    records = label_records(out)
     assert records
     for key, rec in records.items():
         assert "." not in key
@@ -146,7 +128,7 @@ def test_build_is_deterministic(sample_tree, tmp_path):
 
 def test_300w_lp_subsets_and_hopenet_rule(sample_tree, tmp_path):
     manifest = build(opts(sample_tree / "300W_LP", tmp_path, "300w_lp", crop_rule="hopenet"))
-    records = all_records(tmp_path)
+    records = label_records(tmp_path)
     groups = {r["group"] for r in records.values()}
     assert groups == {"AFW", "HELEN", "IBUG", "LFPW", "AFW_Flip", "HELEN_Flip", "IBUG_Flip", "LFPW_Flip"}
     assert not any("landmarks" in r["source"] or "Code" in r["source"] for r in records.values())
@@ -204,7 +186,7 @@ def test_other_options_refuse_to_mix_into_a_build(aflw_build, tmp_path, sample_t
 
 def test_biwi_protocol2_split_by_sequence_with_depth(sample_tree, tmp_path):
     manifest = build(opts(sample_tree / "hpdb", tmp_path, "biwi", protocol="2", detector="gt"))
-    records = all_records(tmp_path)
+    records = label_records(tmp_path)
     train = {r["group"] for r in records.values() if r["split"] == "train"}
     test = {r["group"] for r in records.values() if r["split"] == "test"}
     assert len(train) == 16 and len(test) == 8 and not train & test
@@ -219,7 +201,7 @@ def test_biwi_protocol2_split_by_sequence_with_depth(sample_tree, tmp_path):
 
 def test_split_seed_keeps_people_together(sample_tree, tmp_path):
     build(opts(sample_tree / "hpdb", tmp_path, "biwi", protocol="2", detector="gt", split_seed=7))
-    records = all_records(tmp_path)
+    records = label_records(tmp_path)
     test = {r["group"] for r in records.values() if r["split"] == "test"}
     assert len(test) == 8
     for a, b in (("02", "21"), ("03", "15"), ("05", "18"), ("07", "22")):
@@ -230,7 +212,7 @@ def test_split_file(sample_tree, tmp_path):
     split = tmp_path / "split.json"
     split.write_text(json.dumps({"by": "group", "train": ["01", "02"], "test": ["03"]}))
     build(opts(sample_tree / "hpdb", tmp_path / "o", "biwi", protocol="2", detector="gt", split_file=str(split)))
-    groups = {(r["split"], r["group"]) for r in all_records(tmp_path / "o").values()}
+    groups = {(r["split"], r["group"]) for r in label_records(tmp_path / "o").values()}
     assert groups == {("train", "01"), ("train", "02"), ("test", "03")}
 
 
@@ -286,7 +268,7 @@ def test_cli_errors_say_what_to_do(tmp_path, capsys):
 
 def test_offline_augment_writes_variants_next_to_each_sample(sample_tree, tmp_path):
     manifest = build(opts(sample_tree / "300W_LP", tmp_path, "300w_lp", augment=("flip", "blur", "downsample"), shard_size=100))
-    records = all_records(tmp_path)
+    records = label_records(tmp_path)
     c = manifest["counts"]
     assert c["samples_in_shards"] == 4 * c["written"] and c["read"] == c["written"] + c["rejected"]
     originals = {k: r for k, r in records.items() if not r["augment"]}
@@ -308,21 +290,21 @@ def test_real_samples_build_end_to_end(real_samples, tmp_path):
     """The few real files in ../shared/real_samples, through the whole pipeline (read only)."""
     m = build(opts(real_samples / "hpdb", tmp_path / "biwi", "biwi", protocol="none", detector="gt"))
     assert m["counts"]["written"] == 1
-    (rec,) = all_records(tmp_path / "biwi").values()
+    (rec,) = label_records(tmp_path / "biwi").values()
     assert (rec["pitch"], rec["yaw"], rec["roll"]) == pytest.approx((7.607223, 3.290995, -1.566632), abs=1e-5)
     assert rec["source"] == "01/frame_00003_rgb.png"
 
     m = build(opts(real_samples / "AFLW2000", tmp_path / "aflw", "aflw2000", crop_rule="fsanet"))
     c = m["counts"]
     assert c["read"] == 8 == c["written"] + c["rejected"]
-    for rec in all_records(tmp_path / "aflw").values():
+    for rec in label_records(tmp_path / "aflw").values():
         assert rec["box_source"] == "pt2d_valid"
         if rec["extra"]["pt2d_missing"]:
             # real placeholders stretch Hopenet's box to x = -1 / y = 452; FSA-Net's filter drops them
             assert rec["boxes"]["pt2d"][0] == -1 and rec["boxes"]["pt2d_valid"][0] > 0
 
     m = build(opts(real_samples / "300W_LP", tmp_path / "300wlp", "300w_lp"))
-    recs = all_records(tmp_path / "300wlp")
+    recs = label_records(tmp_path / "300wlp")
     assert m["counts"]["written"] == 4
     orig, flip = recs["300w_lp_AFW_AFW_134212_1_0"], recs["300w_lp_AFW_Flip_AFW_134212_1_0"]
     # _Flip files are independent re-fits: yaw and roll roughly (not exactly) negated
