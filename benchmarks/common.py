@@ -46,7 +46,11 @@ ROOT_NAMES = {"300w_lp": "300W_LP", "aflw2000": "AFLW2000"}
 # Data
 # --------------------------------------------------------------------------------------------
 def cpu_count() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    """The cores this process may use (``dataprep.build.cpu_count``, imported late so the measured
+    child processes do not pay for it at start-up)."""
+    from dataprep.build import cpu_count as usable_cores
+
+    return usable_cores()
 
 
 def work_dir(name: str, keep: str | None = None) -> Path:

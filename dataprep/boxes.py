@@ -44,19 +44,6 @@ HOPENET_K = {"300w_lp": (0.2, 0.4), "aflw2000": (0.2, 0.2), "biwi": (0.35, 0.35)
 FSANET_MARGIN = 0.6
 
 
-def valid_points_mask(points, image_size=None) -> np.ndarray:
-    """True for points that are real: finite, and inside the image when its size is given.
-
-    AFLW2000 stores missing ``pt2d`` points as ``x = -1, y = 452`` (outside the 450x450 image).
-    """
-    p = np.asarray(points, dtype=np.float64).reshape(-1, 2)
-    ok = np.all(np.isfinite(p), axis=1)
-    if image_size is not None:
-        w, h = image_size
-        ok &= (p[:, 0] >= 0) & (p[:, 0] <= w) & (p[:, 1] >= 0) & (p[:, 1] <= h)
-    return ok
-
-
 def bbox_of_points(points, mask=None) -> Box:
     """Min/max box of ``(N, 2)`` points (optionally only where ``mask`` is True)."""
     p = np.asarray(points, dtype=np.float64).reshape(-1, 2)
@@ -204,5 +191,10 @@ def to_crop_coords(points, crop, size) -> np.ndarray:
 
 
 def box_to_crop_coords(box, crop, size) -> Box:
-    return [float(v) for v in to_crop_coords([[box[0], box[1]], [box[2], box[3]]], crop, size).reshape(-1)]
+    """``to_crop_coords`` for one box, in plain floats (the same float64 operations, no NumPy:
+    this runs per sample in the loader)."""
+    sx = size[0] / (crop[2] - crop[0])
+    sy = size[1] / (crop[3] - crop[1])
+    return [(float(box[0]) - crop[0]) * sx, (float(box[1]) - crop[1]) * sy,
+            (float(box[2]) - crop[0]) * sx, (float(box[3]) - crop[1]) * sy]
 

@@ -537,25 +537,6 @@ def _cropped_record(record: dict, taken: list[int], stored_size, rule: str, size
     return new
 
 
-def _recrop_window(record: dict, rule: str, image_size, rng, margin: float) -> list[int]:
-    """``crop.recrop_window`` (the same numbers: the same float operations), without NumPy for
-    two points."""
-    window = crop_ops.rule_window(record, rule, rng=rng, margin=margin)
-    crop = record["crop"]
-    sx = image_size[0] / (crop[2] - crop[0])
-    sy = image_size[1] / (crop[3] - crop[1])
-    return box_rules.integer_window([(float(window[0]) - crop[0]) * sx, (float(window[1]) - crop[1]) * sy,
-                                     (float(window[2]) - crop[0]) * sx, (float(window[3]) - crop[1]) * sy])
-
-
-def _points_in_crop(points: np.ndarray, crop, size) -> np.ndarray:
-    """``boxes.to_crop_coords(points, crop, size)`` as float32 (the same float64 operations)."""
-    sx = size[0] / (crop[2] - crop[0])
-    sy = size[1] / (crop[3] - crop[1])
-    p = np.asarray(points, dtype=np.float64).reshape(-1, 2)
-    return ((p - np.array([crop[0], crop[1]], np.float64)) * np.array([sx, sy])).astype(np.float32)
-
-
 _NPY_HEADERS: dict[bytes, tuple] = {}
 
 
@@ -712,7 +693,7 @@ class _Decode(PipelineStage):
                 rng = None
                 if self.random_crop:
                     rng = np.random.default_rng(np.random.SeedSequence(entropy, spawn_key=(0,)))
-                taken = _recrop_window(source, self.crop_rule, (w, h), rng, self.crop_margin)
+                taken = crop_ops.recrop_window(source, self.crop_rule, (w, h), rng=rng, margin=self.crop_margin)
                 rec = _cropped_record(source, taken, (w, h), self.crop_rule, size)
             elif (w, h) != (size, size):
                 rec = dict(source, crop_size=[size, size])
@@ -745,7 +726,7 @@ class _Decode(PipelineStage):
         return _Item(
             image=image, bgr=bgr, jpeg=raw["jpg"] if image is None else None, window=taken, key=key,
             record=record, angles=(record["yaw"], record["pitch"], record["roll"]),
-            landmarks=None if landmarks is None else _points_in_crop(landmarks, record["crop"], (out_w, out_h)),
+            landmarks=None if landmarks is None else box_rules.to_crop_coords(landmarks, record["crop"], (out_w, out_h)).astype(np.float32),
             landmarks_source=landmarks,
         )
 
