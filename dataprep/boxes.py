@@ -129,7 +129,9 @@ def hopenet_loose(box, k: float, dataset: str) -> Box:
     return [x1, y1, x2, y2]
 
 
-def hopenet_k(dataset: str, rng: np.random.Generator | None) -> float:
+def hopenet_k(dataset: str, rng) -> float:
+    """Hopenet's k for ``dataset``: drawn with ``rng.uniform(lo, hi)`` (a ``np.random.Generator`` or
+    a ``random.Random``) where the dataset has a range, its midpoint without ``rng``."""
     lo, hi = HOPENET_K.get(dataset, (0.2, 0.2))
     if lo == hi:
         return lo
@@ -187,7 +189,8 @@ def to_crop_coords(points, crop, size) -> np.ndarray:
     p = np.asarray(points, dtype=np.float64).reshape(-1, 2)
     sx = size[0] / (crop[2] - crop[0])
     sy = size[1] / (crop[3] - crop[1])
-    return np.stack([(p[:, 0] - crop[0]) * sx, (p[:, 1] - crop[1]) * sy], axis=1)
+    # one broadcast op pair (per sample in the loader): the same float64 arithmetic per element
+    return (p - np.array([crop[0], crop[1]], np.float64)) * np.array([sx, sy], np.float64)
 
 
 def box_to_crop_coords(box, crop, size) -> Box:

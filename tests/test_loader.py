@@ -465,6 +465,44 @@ def test_loader_batches_are_the_dataset_samples(shards, image_format, normalize,
             torch.testing.assert_close(want[s["key"]]["image"], normalize_images(s["image"], normalize))
 
 
+def test_worker_buffers_cross_once_and_go_with_their_loader(shards):
+    """A worker's batch buffer crosses to the main process with its first batch; later batches in it
+    only name it. Over several epochs of persistent workers every image is still right, the main
+    process holds no more buffers than the workers keep, and they go with the loader."""
+    import gc
+
+    from dataprep import loader as loader_mod
+
+    pattern, _ = shards
+    kw = dict(shuffle=0, crop_rule="hopenet", size=32, seed=3, image_format="uint8", random_crop=False)
+    want = {s["key"]: s["image"] for s in make_dataset(pattern, **kw)}
+    loader = make_loader(pattern, batch_size=2, workers=2, persistent_workers=True, prefetch_factor=1, **kw)
+    named = 0
+    real_rebuild = loader_mod._rebuild_batch
+
+    def counting_rebuild(content):
+        nonlocal named
+        named += "_buffer_ident" in content and "_buffer" not in content
+        return real_rebuild(content)
+
+    loader_mod._rebuild_batch, batches = counting_rebuild, 0
+    try:
+        for _ in range(4):
+            for b in loader:
+                batches += 1
+                for key, img in zip(b["key"], b["image"]):
+                    assert torch.equal(img, want[key])
+    finally:
+        loader_mod._rebuild_batch = real_rebuild
+    loader_id = loader._loader_id
+    held = loader_mod._RECEIVED[loader_id]
+    assert named > 0 and len(held) + named == batches  # most batches named a buffer already there
+    assert len(held) <= 2 * (1 + 4)  # at most each worker's pool (prefetch + 4)
+    del loader, b, img
+    gc.collect()
+    assert loader_id not in loader_mod._RECEIVED
+
+
 def test_lent_batch_memory_stays_until_the_last_reference_goes(shards):
     pattern, _ = shards
     loader = make_loader(pattern, batch_size=4, shuffle=0)

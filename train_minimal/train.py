@@ -410,6 +410,7 @@ def cmd_train(args) -> int:
     if distributed:
         import torch.distributed as dist
 
+        print(f"[train] rank {rank}/{world}: {step} steps", flush=True)  # equal on every rank, or DDP hangs
         dist.destroy_process_group()
     return 0
 

@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..registry import ModelSpec, register
+from .hopenet import normalize_pretrained
 
 log = logging.getLogger(__name__)
 
@@ -364,6 +365,7 @@ DEFAULTS = {"batch_size": 16, "epochs": 90}
 
 
 def _load_into(model: nn.Module, name: str, pretrained) -> nn.Module:
+    pretrained = normalize_pretrained(pretrained)  # "none" -> None, "auto", or a path
     if pretrained is None:
         return model
     if pretrained == "auto":

@@ -21,6 +21,8 @@ Trainable parameters: 231,763.
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -30,9 +32,12 @@ from .fsanet import (
     DEFAULTS, STAGE_NUM, TwoStreamBackbone, decode, init_keras_, l1_loss, make_optimizer,
     soft_stagewise_regression,
 )
+from .hopenet import normalize_pretrained
 
 #: Trainable parameter count of our port (the official Keras structure, counted layer by layer).
 PARAMS = 231_763
+
+log = logging.getLogger(__name__)
 
 
 class SSRStageHead(nn.Module):
@@ -75,7 +80,11 @@ class SSRNetMD(nn.Module):
 
 def build(pretrained=None, **_):
     model = SSRNetMD()
-    if pretrained in (None, "auto"):
+    pretrained = normalize_pretrained(pretrained)  # "none" -> None, "auto", or a path
+    if pretrained is None:
+        return model
+    if pretrained == "auto":
+        log.warning("ssrnet_md: no downloadable pretrained weights; pass a .pt state dict. Building from scratch.")
         return model
     blob = torch.load(pretrained, map_location="cpu", weights_only=True)
     state = blob.get("state_dict", blob) if isinstance(blob, dict) else blob
