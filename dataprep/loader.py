@@ -37,8 +37,9 @@ Batches of a :func:`make_loader` (:class:`HeadPoseLoader`): each worker writes e
 (float normalised, or uint8), straight into its batch's buffer, one of a few it keeps in shared
 memory and uses again (:class:`_BufferPool`: fresh shared memory for every batch cost more page
 faults than the JPEG decoding); the main process gets the batch as one tensor over that buffer
-with no copy and no work, and the buffer goes back to its worker when the last reference to that
-tensor goes (:class:`_Lent`). With ``pin_memory`` the pin-memory thread copies it to page-locked
+with no copy and no work (a buffer's memory crosses once, with its first batch; later batches name
+it), and the buffer goes back to its worker when the last reference to that tensor goes
+(:class:`_Lent`). With ``pin_memory`` the pin-memory thread copies it to page-locked
 memory and hands it back at once. Keeping batches (``list(loader)``) is fine: a worker then makes
 new buffers. ``image_format="uint8"`` sends a quarter of the bytes and leaves normalising to the
 caller (e.g. on the GPU with :func:`normalize_images`).
@@ -74,9 +75,9 @@ import random
 import re
 import tarfile
 import threading
+import weakref
 from collections import Counter
 from itertools import islice
-import weakref
 from typing import Any, Callable, Sequence
 from urllib.parse import urlparse
 
