@@ -230,3 +230,42 @@ def test_pretrained_path_loads_the_backbone_and_reports(tmp_path, capsys):
     torch.save({"unrelated.weight": torch.zeros(3)}, tmp_path / "bad.pth")
     with pytest.raises(ValueError, match="match"):
         registry.get("whenet").build(str(tmp_path / "bad.pth"))
+
+
+# --------------------------------------------------------------------------------------------
+# mixed precision and channels_last (what the trainer turns on on CUDA)
+# --------------------------------------------------------------------------------------------
+MODEL_INPUTS = {"hopenet": 64, "whenet": 64, "ehpnet": 64, "ehpnet_resnet101": 64, "ehpnet_res2net101": 64,
+                "ehpnet_botnet": 64, "mnn": 64, "mnn_pose": 64}
+
+
+@pytest.mark.parametrize("name", registry.names())
+def test_every_model_trains_under_bfloat16_autocast_and_channels_last(name):
+    """Forward under ``torch.autocast`` (bfloat16: what ``--amp auto`` picks on GPUs that have it;
+    here CPU autocast, the same casting of our layers' ops) on a channels_last model and input,
+    loss in float32 via the trainer's ``to_float``, backward: every trainable parameter gets a finite
+    gradient and the outputs decode to finite angles."""
+    from train_minimal.train import autocast_ctx, build_model, to_float
+
+    spec = registry.get(name)
+    size = MODEL_INPUTS.get(name, spec.input_size)
+    torch.manual_seed(0)
+    model = build_model(spec, None, size).train().to(memory_format=torch.channels_last)
+    scale = 255.0 if spec.normalize == "raw_bgr" else 1.0
+    x = (torch.rand(2, 3, size, size) * scale).contiguous(memory_format=torch.channels_last)
+    targets = {"angles": (torch.rand(2, 3) - 0.5) * 120}
+    if name == "mnn":
+        targets.update(landmarks=torch.rand(2, 68, 2) * size, landmarks_mask=torch.ones(2, dtype=torch.bool))
+    with autocast_ctx(torch.device("cpu"), torch.bfloat16):
+        out = model(x)
+    flat = out if isinstance(out, (tuple, list)) else list(out.values()) if isinstance(out, dict) else [out]
+    assert any(torch.is_tensor(o) and o.dtype == torch.bfloat16 for o in flat)  # autocast did run
+    loss = spec.loss(to_float(out), targets)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    loss.backward()
+    for pname, p in model.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None and torch.isfinite(p.grad).all(), pname
+    with torch.no_grad():
+        angles = spec.decode(to_float(out))
+    assert angles.shape == (2, 3) and torch.isfinite(angles).all()

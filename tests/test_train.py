@@ -69,7 +69,8 @@ def run_eval(capsys, ckpt: Path, data: str, *extra: str) -> dict:
     return json.loads(lines[-1])  # the last line is one JSON object
 
 
-def check_run(out: Path, metrics: dict, capsys, data: str, model: str, *, falls: bool = True) -> dict:
+def check_run(out: Path, metrics: dict, capsys, data: str, model: str, *, falls: bool = True,
+              eval_extra: tuple[str, ...] = ()) -> dict:
     losses = [s["loss"] for s in metrics["steps"]]
     assert losses and all(math.isfinite(v) for v in losses)
     if falls:
@@ -82,7 +83,7 @@ def check_run(out: Path, metrics: dict, capsys, data: str, model: str, *, falls:
         assert math.isfinite(entry["train_loss"])
     final = metrics["final"]["aflw"]
     assert final == metrics["epochs"][-1]["val"]["aflw"] == ckpt["metrics"]["aflw"]
-    got = run_eval(capsys, out / "checkpoint.pt", data, "--model", model)
+    got = run_eval(capsys, out / "checkpoint.pt", data, "--model", model, *eval_extra)
     assert got["model"] == model and got["samples"] == final["samples"] == 10
     for k in ("yaw", "pitch", "roll", "mean"):
         assert got[k] == pytest.approx(final[k], rel=1e-9, abs=1e-9), k
@@ -176,6 +177,24 @@ def test_train_the_64px_models_from_the_cli(shards, tmp_path, capsys, model, ext
                     "--lr", "3e-3", *extra)
     assert metrics["args"]["lr"] == 3e-3 and metrics["args"]["pretrained"] == "none"
     check_run(out, metrics, capsys, shards.val, model)
+
+
+def test_mixed_precision_training_and_eval(shards, tmp_path, capsys):
+    """``--amp bf16`` runs the trainer's autocast path (on CUDA ``--amp auto`` picks it): losses in
+    float32, the loss falls, and ``eval --amp bf16`` reproduces the recorded metrics."""
+    out = tmp_path / "amp"
+    metrics = train(out, "fsanet_var", "--train", shards.four, "--val", f"aflw={shards.val}", "--epochs", "12",
+                    "--lr", "3e-3", "--amp", "bf16")
+    assert metrics["args"]["amp"] == "bfloat16"
+    check_run(out, metrics, capsys, shards.val, "fsanet_var", eval_extra=("--amp", "bf16"))
+    from train_minimal.train import amp_dtype_for
+
+    cpu = torch.device("cpu")
+    assert amp_dtype_for(cpu) is None and amp_dtype_for(cpu, "off") is None  # auto: float32 on CPU
+    assert amp_dtype_for(cpu, "bf16") == torch.bfloat16 and amp_dtype_for(cpu, "fp16") == torch.float16
+    with pytest.raises(SystemExit):  # argparse: not a choice
+        main(["train", "--model", "fsanet_var", "--train", shards.four, "--steps", "1", "--out", str(out),
+              "--amp", "fp8"])
 
 
 def test_ddp_two_ranks_on_cpu_with_torchrun(shards, tmp_path, capsys):

@@ -3,8 +3,8 @@ shards train the papers' models.
 
 train  --model NAME --train URL [--val NAME=URL ...] (--epochs N | --steps N) --batch-size B
        --device auto|cpu|cuda --out DIR [--lr] [--alpha] [--teachers c1,c2] [--pretrained none|auto|PATH]
-       [--workers N] [--seed S] [--gpu-decode] [--epoch-length N] [--input-size N]
-eval   --ckpt C --data URL [--model NAME] [--batch-size B] [--device D]
+       [--workers N] [--seed S] [--gpu-decode] [--epoch-length N] [--input-size N] [--amp auto|off|bf16|fp16]
+eval   --ckpt C --data URL [--model NAME] [--batch-size B] [--device D] [--amp ...]
 params --model NAME
 convert-fsanet FILE.h5 OUT.pt
 
@@ -16,8 +16,9 @@ Training
 * Optimiser, schedule, loss, decode: the model's ``ModelSpec`` (``registry.py``); ``--lr`` and
   ``--alpha`` override the spec's defaults. ``defaults["clip_grad_value"]`` /
   ``defaults["clip_grad_norm"]`` clip gradients.
-* CUDA only: autocast (bfloat16 where supported, else float16 with a GradScaler) and channels_last.
-  Losses are computed in float32.
+* Mixed precision, ``--amp auto|off|bf16|fp16``: ``auto`` is autocast on CUDA (bfloat16 where
+  supported, else float16 with a GradScaler) and float32 on CPU; ``bf16``/``fp16`` force that dtype
+  on any device (CPU autocast too). channels_last on CUDA. Losses are computed in float32.
 * DDP when launched by ``torchrun`` (``WORLD_SIZE`` > 1): NCCL on CUDA (gloo on CPU),
   ``DistributedDataParallel``; rank 0 alone evaluates, writes checkpoints and metrics.
 * ``--teachers c1,c2``: frozen teachers (our checkpoints) run on the same batch; the spec's
@@ -96,9 +97,28 @@ def to_float(obj):
     return obj
 
 
+AMP_CHOICES = ("auto", "off", "bf16", "fp16")
+
+
+def amp_dtype_for(device: torch.device, choice: str = "auto"):
+    """The autocast dtype for ``--amp`` on ``device`` (None: float32). ``auto``: bfloat16 on CUDA
+    where supported, else float16; float32 on CPU (CPU autocast is for when you ask for it)."""
+    if choice not in AMP_CHOICES:
+        raise ValueError(f"--amp must be one of {AMP_CHOICES}, got {choice!r}")
+    if choice == "off":
+        return None
+    if choice == "bf16":
+        return torch.bfloat16
+    if choice == "fp16":
+        return torch.float16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return None
+
+
 def autocast_ctx(device: torch.device, dtype):
-    if device.type == "cuda" and dtype is not None:
-        return torch.autocast("cuda", dtype=dtype)
+    if dtype is not None:
+        return torch.autocast(device.type, dtype=dtype)
     return nullcontext()
 
 
@@ -237,9 +257,7 @@ def cmd_train(args) -> int:
     torch.manual_seed(args.seed)
     cuda = device.type == "cuda"
     channels_last = cuda
-    amp_dtype = None
-    if cuda and not args.no_amp:
-        amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    amp_dtype = amp_dtype_for(device, args.amp)
     gpu_decode = bool(args.gpu_decode and cuda)
     if args.gpu_decode and not cuda:
         print("[train] --gpu-decode needs a CUDA device; decoding on the CPU", file=sys.stderr)
@@ -299,7 +317,7 @@ def cmd_train(args) -> int:
         loss_kwargs["alpha"] = float(alpha)
     clip_value = spec.defaults.get("clip_grad_value")
     clip_norm = spec.defaults.get("clip_grad_norm")
-    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None  # fp16 gradients underflow
 
     net = model
     if distributed:
@@ -425,9 +443,7 @@ def cmd_eval(args) -> int:
     cuda = device.type == "cuda"
     if cuda:
         model = model.to(memory_format=torch.channels_last)
-    amp_dtype = None
-    if cuda and not args.no_amp:
-        amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    amp_dtype = amp_dtype_for(device, args.amp)
     batch_size = int(args.batch_size or (ckpt.get("args") or {}).get("batch_size") or 64)
     loader = make_loader(args.data, spec, batch_size, train=False, workers=args.workers, seed=0,
                          input_size=input_size, gpu_decode=bool(args.gpu_decode and cuda))
@@ -490,7 +506,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--gpu-decode", action="store_true", help="decode JPEGs on the GPU (torchvision.io.decode_jpeg)")
     t.add_argument("--epoch-length", type=int, help="samples per epoch (all ranks): resampled shards")
     t.add_argument("--input-size", type=int, help="override the model's input size (smoke tests)")
-    t.add_argument("--no-amp", action="store_true", help="float32 on CUDA too")
+    t.add_argument("--amp", choices=AMP_CHOICES, default="auto",
+                   help="mixed precision: auto (CUDA: bf16, else fp16; CPU: off) | off | bf16 | fp16")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help="MAE of a checkpoint on shards; the last line is JSON")
@@ -501,7 +518,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="auto")
     e.add_argument("--workers", type=int, default=0)
     e.add_argument("--gpu-decode", action="store_true")
-    e.add_argument("--no-amp", action="store_true")
+    e.add_argument("--amp", choices=AMP_CHOICES, default="auto", help="as for train")
     e.set_defaults(func=cmd_eval)
 
     pa = sub.add_parser("params", help="parameter counts of a model (or 'all')")
