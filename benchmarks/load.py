@@ -10,7 +10,11 @@ workers together):
   workers (as ``train_minimal`` runs it). ``ours loader, stored crops``: the same without the
   re-crop (the stored 224 crops as they are). ``ours loader, uint8``: uint8 batches, normalising
   left to the device (what ``train_minimal`` asks for). ``ours loader, 64 px``: Hopenet's crop at
-  FSA-Net's input size (JPEGs decoded at 1/4 scale in the DCT domain).
+  FSA-Net's input size (JPEGs decoded at 1/4 scale in the DCT domain). The default build stores
+  tight square crops, so Hopenet's loose window is ~60% black padding there; ``ours loader,
+  loose-room shards`` re-crops shards built with room for it (``--margin 0.8 --crop-size 320``:
+  the window's pixels are real, as in Hopenet's own loader) and is compared with the bare decode of
+  those shards.
 * ``hopenet-style``: a map-style torch ``Dataset`` written the way Hopenet's ``Pose_300W_LP`` is,
   over the raw files: PIL open + convert, ``scipy.io.loadmat`` (twice, as Hopenet's two helpers do),
   its loose crop, torchvision ``Resize(240)``, ``RandomCrop(224)``, ``ToTensor``, ``Normalize``,
@@ -24,10 +28,11 @@ a real epoch (300W-LP: 122k samples).
   memory beforehand: the CPU loader's limit, on 1 process and on ``W`` forked processes.
 
 Final JSON line: ``ours_vs_hopenet`` (target >= 5) and ``ours_vs_bare_decode`` (ours with W workers
-/ bare decode on W processes; target >= 0.5), the rates and memory peaks.
+/ bare decode on W processes; target >= 0.5), the same two for the loose-room shards
+(``loose_room_vs_*``), the rates and memory peaks.
 
-    python benchmarks/load.py            # ~3 min on 2 busy cores
-    python benchmarks/load.py --quick    # ~40 s
+    python benchmarks/load.py            # ~4 min on 2 busy cores
+    python benchmarks/load.py --quick    # ~1 min
 """
 from __future__ import annotations
 
@@ -211,13 +216,19 @@ def measure_bare_decode(urls: list[str], workers: int, repeats: int) -> dict:
 
 
 # --------------------------------------------------------------------------------------------
-def _build_shards(work: Path, root: Path, shard_size: int) -> list[str]:
+#: Shards with room for loose crop rules: Hopenet's window reaches 0.8 box heights above the box
+#: (k = 0.4), so a square crop padded by 0.8 per side holds it, at 320 px to keep the face's pixels.
+LOOSE_ROOM = dict(margin=0.8, crop_size=320)
+
+
+def _build_shards(work: Path, root: Path, shard_size: int, **options) -> list[str]:
     from dataprep.build import BuildOptions, build
 
-    out = work / f"shards-{root.parent.name}-{shard_size}"
+    tag = "".join(f"-{k}{v}" for k, v in sorted(options.items()))
+    out = work / f"shards-{root.parent.name}-{shard_size}{tag}"
     if not (out / "manifest.json").exists():
         build(BuildOptions(dataset="300w_lp", root=str(root), out=str(out), shard_size=shard_size, jobs=1,
-                           progress=False, overwrite=True, command="benchmark"))
+                           progress=False, overwrite=True, command="benchmark", **options))
     return [str(p) for p in sorted(out.glob("*.tar"))]
 
 
@@ -233,18 +244,22 @@ def main(argv=None) -> int:
     try:
         root, n = common.scaled_dataset(work, "300w_lp", cfg["copies"])
         urls = _build_shards(work, root, cfg["shard_size"])
+        loose_urls = _build_shards(work, root, cfg["shard_size"], **LOOSE_ROOM)
         base = dict(target="measure_ours", urls=urls, workers=workers, epochs=cfg["ours_epochs"])
         ours = {
             "ours loader": base,
             "ours loader, stored crops": dict(base, recrop=False),
             "ours loader, uint8": dict(base, image_format="uint8"),
             "ours loader, 64 px": dict(base, size=64),
+            "ours loader, loose-room shards": dict(base, urls=loose_urls),
         }
         specs = dict(ours)
         if args.before:
             specs.update({k.replace("ours", "before", 1): dict(v, code_root=args.before) for k, v in ours.items()})
         specs["hopenet-style"] = dict(target="measure_hopenet", root=str(root), workers=workers, epochs=cfg["hopenet_epochs"])
         specs["bare decode,"] = dict(target="measure_bare_decode", urls=urls, workers=workers, repeats=cfg["repeats"])
+        specs["bare decode, loose-room shards,"] = dict(target="measure_bare_decode", urls=loose_urls, workers=workers,
+                                                        repeats=cfg["repeats"])
         cases = {name: (lambda kw=kw: common.run_isolated("benchmarks.load:" + kw["target"],
                                                           **{k: v for k, v in kw.items() if k != "target"}))
                  for name, kw in specs.items()}
@@ -262,7 +277,9 @@ def main(argv=None) -> int:
                                                  ("first_batch_s", "1st batch s", "{:.3f}"),
                                                  ("peak_tree_pss_mb", "peak MB (process tree)", "{:.0f}")]))
         rate = {k: s["rate"] for k, s in summary.items()}
-        bare = rate[f"bare decode, {workers} procs"] if workers > 1 else rate["bare decode, 1 proc"]
+        procs = f"{workers} procs" if workers > 1 else "1 proc"
+        bare = rate[f"bare decode, {procs}"]
+        loose_bare = rate[f"bare decode, loose-room shards, {procs}"]
         payload = {
             "benchmark": "load", "mode": mode, "samples": n, "shards": len(urls), "workers": workers,
             "batch_size": BATCH_SIZE, "rounds": rounds,
@@ -272,6 +289,8 @@ def main(argv=None) -> int:
             "ours_vs_bare_decode_target": 0.5,
             "stored_crops_vs_hopenet": rate["ours loader, stored crops"] / rate["hopenet-style"],
             "stored_crops_vs_bare_decode": rate["ours loader, stored crops"] / bare,
+            "loose_room_vs_hopenet": rate["ours loader, loose-room shards"] / rate["hopenet-style"],
+            "loose_room_vs_bare_decode": rate["ours loader, loose-room shards"] / loose_bare,
             "rates": {k: round(v, 1) for k, v in rate.items()},
             "first_epoch_s": {k: round(s["first_epoch_s"], 3) for k, s in summary.items() if s.get("first_epoch_s")},
             "peak_mb": {k: round(s.get("peak_tree_pss_mb", 0.0), 1) for k, s in summary.items()},

@@ -89,11 +89,17 @@ def square_distortion(box) -> float:
     return max(w, h) / lo - 1.0 if lo > 0 else math.inf
 
 
+def area(box) -> float:
+    return max(0.0, box[2] - box[0]) * max(0.0, box[3] - box[1])
+
+
+def intersection(a, b) -> Box:
+    """The overlap of two boxes (zero :func:`area` where they do not meet)."""
+    return [max(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), min(a[3], b[3])]
+
+
 def iou(a, b) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    area = lambda r: max(0.0, r[2] - r[0]) * max(0.0, r[3] - r[1])  # noqa: E731
+    inter = area(intersection(a, b))
     union = area(a) + area(b) - inter
     return inter / union if union > 0 else 0.0
 
@@ -172,6 +178,12 @@ CROP_RULES: dict[str, str] = {
     "fsanet": "FSA-Net's 0.6 margin crop, clipped to the image",
     "box": "the face box itself",
 }
+
+#: The build ``--margin`` (square crops, ``square_pad``) whose stored crops hold a rule's whole
+#: window, so that a load-time re-crop to it sees no black padding: Hopenet's window reaches
+#: 2k = 0.8 box heights above the box at k = 0.4 (half side 0.5 + 0.8 = 1.3 = 0.5 (1 + 2 x 0.8));
+#: FSA-Net's 0.6 of the box on each side (0.5 + 0.6 = 0.5 (1 + 2 x 0.6)).
+ROOM_MARGIN: dict[str, float] = {"square": 0.0, "box": 0.0, "hopenet": 0.8, "fsanet": FSANET_MARGIN}
 
 
 def integer_window(window) -> list[int]:

@@ -63,6 +63,20 @@ def recrop_window(record: dict, rule: str, image_size, *, rng=None, margin: floa
     return box_rules.integer_window(box_rules.box_to_crop_coords(window, record["crop"], image_size))
 
 
+def rule_coverage(record: dict, rule: str, *, margin: float = 0.0, box_name: str | None = None) -> float:
+    """The share of ``rule``'s window (fixed parameters; its part inside the source image) that the
+    stored crop (``record["crop"]``) holds: 1.0 when a load-time re-crop to ``rule`` sees only real
+    pixels; below that, the rest of the window comes out black (build with ``--margin``
+    ``boxes.ROOM_MARGIN[rule]`` or more)."""
+    window = rule_window(record, rule, margin=margin, box_name=box_name)
+    w, h = record["image_size"]
+    inside = box_rules.intersection(window, [0.0, 0.0, float(w), float(h)])
+    total = box_rules.area(inside)
+    if total <= 0:
+        return 1.0
+    return box_rules.area(box_rules.intersection(inside, record["crop"])) / total
+
+
 def recrop(image: np.ndarray, record: dict, rule: str, size: int, *, rng=None, margin: float = 0.0,
            box_name: str | None = None, interpolation=None) -> np.ndarray:
     """Apply crop ``rule`` at load time to a stored crop, from the boxes in its label record.

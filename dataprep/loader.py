@@ -1199,7 +1199,8 @@ def make_dataset(
     list, or a list of those. ``transforms``: one transform or a list (composed), called as
     ``t(image, record, landmarks, rng)`` (see :mod:`dataprep.augment`). ``crop_rule``: re-crop
     each stored crop to that rule (``boxes.CROP_RULES``) at ``size`` (default: the stored width);
-    ``size`` alone resizes. ``random_crop``: draw the rule's random parameters (Hopenet's k) per
+    what the stored crop does not hold comes out black (``crop.rule_coverage``; build with
+    ``--margin boxes.ROOM_MARGIN[rule]``). ``size`` alone resizes. ``random_crop``: draw the rule's random parameters (Hopenet's k) per
     sample; False takes the rule's fixed values (evaluation). ``shuffle``: buffer size (also
     shuffles shard order); 0 or 1 keeps file order. ``resampled``: draw shards with replacement
     forever (bound an epoch with ``samples_per_epoch``). ``samples_per_epoch``: samples per epoch,

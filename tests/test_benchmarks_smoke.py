@@ -16,6 +16,7 @@ EXPECTED_KEYS = {
     "build": {"gt_1job_vs_bare", "gt_njobs_vs_bare", "gt_njobs_cold_vs_bare", "mtcnn_overhead",
               "mtcnn_overhead_in_build", "mtcnn_cached_rate", "rates"},
     "load": {"ours_vs_hopenet", "ours_vs_bare_decode", "stored_crops_vs_hopenet", "stored_crops_vs_bare_decode",
+             "loose_room_vs_hopenet", "loose_room_vs_bare_decode",
              "rates", "peak_mb"},
     "scale": {"series", "samples"},
     "train_step": {"loader_vs_step", "rates"},

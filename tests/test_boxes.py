@@ -87,3 +87,48 @@ def test_rule_box_name_is_the_same_choice_for_build_and_load_time():
     assert boxes.rule_box_name({"gt": [0, 0, 1, 1]}, "gt", "fsanet") == "gt"  # BIWI: no pt2d boxes
     detected = {**gt_built, "mtcnn": [5, 5, 9, 9]}
     assert all(boxes.rule_box_name(detected, "mtcnn", r) == "mtcnn" for r in boxes.CROP_RULES)
+
+
+class _Highest:
+    """An rng drawing the top of every range (Hopenet's k = 0.4 on 300W-LP: its loosest window)."""
+
+    def uniform(self, lo, hi):
+        return hi
+
+
+@pytest.mark.parametrize("rule", ["hopenet", "fsanet", "square", "box"])
+def test_room_margin_is_the_smallest_square_crop_that_holds_the_rule(rule):
+    """``ROOM_MARGIN[rule]``: a square crop built with that ``--margin`` holds the rule's loosest
+    window (any dataset, wide, tall or square boxes); 0.05 less does not, where the margin is > 0."""
+    big = (10_000, 10_000)  # no clipping to the image
+
+    def holds(margin, box, dataset):
+        window = boxes.crop_window(rule, box, dataset=dataset, image_size=big, rng=_Highest())
+        room = boxes.square_pad(box, margin)
+        return all(room[i] <= window[i] + 1.0 for i in (0, 1)) and all(room[i] >= window[i] - 1.0 for i in (2, 3))
+
+    margin = boxes.ROOM_MARGIN[rule]
+    for box in ([4000, 4000, 4200, 4200], [4000, 4000, 4300, 4150], [4000, 4000, 4150, 4300]):
+        for dataset in ("300w_lp", "aflw2000", "biwi"):
+            assert holds(margin, box, dataset), (box, dataset)
+    if margin > 0:
+        assert not holds(margin - 0.05, [4000, 4000, 4200, 4200], "300w_lp")
+
+
+def test_rule_coverage_counts_the_window_pixels_the_stored_crop_holds():
+    from dataprep.crop import rule_coverage
+
+    box = [100.0, 100.0, 200.0, 200.0]
+    record = {"box": box, "boxes": {"gt": box}, "box_source": "gt", "dataset": "aflw2000",
+              "image_size": [450, 450], "crop": boxes.integer_window(boxes.square_pad(box))}
+    window = boxes.crop_window("hopenet", box, dataset="aflw2000", image_size=(450, 450))
+    assert rule_coverage(record, "hopenet") == pytest.approx(100 * 100 / boxes.area(window), rel=0.02)
+    assert rule_coverage(record, "square") == 1.0
+    roomy = dict(record, crop=boxes.integer_window(boxes.square_pad(box, boxes.ROOM_MARGIN["hopenet"])))
+    assert rule_coverage(roomy, "hopenet") == 1.0
+    # only the part of the window inside the source image counts (Hopenet pads past the image too)
+    corner = [0.0, 0.0, 100.0, 100.0]
+    at_edge = dict(record, box=corner, boxes={"gt": corner}, crop=[0, 0, 120, 120])
+    window = boxes.crop_window("hopenet", corner, dataset="aflw2000", image_size=(450, 450))
+    assert window[0] < 0 and window[1] < 0 and window[2] < 120 and window[3] < 120
+    assert rule_coverage(at_edge, "hopenet") == 1.0

@@ -116,6 +116,18 @@ def test_loader_recrops_and_maps_landmarks(shards):
     assert all(torch.equal(p["image"], q["image"]) for p, q in zip(a, b))
 
 
+def test_crop_room_warning_says_how_to_build(shards):
+    from train_minimal.data import crop_coverage, crop_room_warning
+
+    fsanet, square = registry.get("fsanet_var"), registry.get("ehpnet")
+    coverage, url = crop_coverage(shards.val, "fsanet")
+    assert 0.5 < coverage < 0.95 and url == shards.val  # built with --margin 0.5; FSA-Net needs 0.6
+    warning = crop_room_warning(shards.val, fsanet)
+    assert f"{coverage:.0%}" in warning and "--margin 0.6" in warning and "fsanet_var" in warning
+    assert crop_room_warning(shards.val, square) is None and crop_coverage(shards.val, "square")[0] == 1.0
+    assert crop_room_warning("s3://bucket/shard.tar", fsanet) is None  # remote: not read here
+
+
 def test_jpeg_batches_decode_like_the_cpu_path(shards):
     """``gpu_decode`` batches (JPEG bytes + window) through ``prepare_batch`` on the CPU device
     (``decode_jpeg(device=...)`` is the same call on CUDA): the cv2 path's images, same targets."""
@@ -173,9 +185,13 @@ def test_train_the_64px_models_from_the_cli(shards, tmp_path, capsys, model, ext
     """Every registry model trains from shards through the CLI, ``--pretrained none`` included
     (the FSA-Net and SSR-Net builders once took "none" for a file name)."""
     out = tmp_path / model
+    capsys.readouterr()
     metrics = train(out, model, "--train", shards.four, "--val", f"aflw={shards.val}", "--epochs", "12",
                     "--lr", "3e-3", *extra)
     assert metrics["args"]["lr"] == 3e-3 and metrics["args"]["pretrained"] == "none"
+    # these shards were built with --margin 0.5: FSA-Net's window (0.6 per side) does not fit
+    warned = "[train] warning: the stored crops" in capsys.readouterr().err
+    assert warned == (registry.get(model).crop_rule == "fsanet")
     check_run(out, metrics, capsys, shards.val, model)
 
 

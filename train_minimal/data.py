@@ -24,11 +24,14 @@ pixels with ``landmarks_mask`` (B,) when any sample of the batch has ``<key>.pts
 """
 from __future__ import annotations
 
+import json
 import os
 import tarfile
 
 import torch
 
+from dataprep import boxes as box_rules
+from dataprep import crop as crop_ops
 from dataprep import loader as loaders
 from dataprep.loader import HeadPoseLoader, expand_shard_urls, local_path, normalize_images
 
@@ -48,6 +51,37 @@ def count_samples(urls) -> int | None:
         with tarfile.open(path, "r:*") as tar:
             total += sum(1 for m in tar if m.isfile() and m.name.endswith(".json"))
     return total
+
+
+def crop_coverage(urls, rule: str, samples: int = 64) -> tuple[float, str] | None:
+    """Mean :func:`dataprep.crop.rule_coverage` of ``rule`` over the first ``samples`` label
+    records of the first shard, and that shard; None when it is not a local file."""
+    url = expand_shard_urls(urls)[0]
+    path = local_path(url)
+    if path is None or not os.path.isfile(path):
+        return None
+    values = []
+    with tarfile.open(path, "r:*") as tar:
+        for member in tar:
+            if member.isfile() and member.name.endswith(".json"):
+                values.append(crop_ops.rule_coverage(json.loads(tar.extractfile(member).read()), rule))
+                if len(values) >= samples:
+                    break
+    return (sum(values) / len(values), url) if values else None
+
+
+def crop_room_warning(urls, spec, min_coverage: float = 0.95) -> str | None:
+    """A warning when the shards' stored crops hold too little of ``spec``'s crop window (the
+    model would train on black borders its paper never had), saying how to build them; else None."""
+    got = crop_coverage(urls, spec.crop_rule)
+    if got is None or got[0] >= min_coverage:
+        return None
+    coverage, url = got
+    margin = box_rules.ROOM_MARGIN.get(spec.crop_rule)
+    fix = f"--margin {margin}" if margin else "a larger --margin"
+    return (f"the stored crops of {url} hold {coverage:.0%} of {spec.name}'s {spec.crop_rule!r} crop window "
+            f"on average; the rest of each input comes out black. Build the shards with room for it: "
+            f"dataprep build ... {fix} (and a larger --crop-size, e.g. 320, to keep the face's pixels)")
 
 
 def make_loader(urls, spec, batch_size: int, *, train: bool, workers: int = 0, seed: int = 0,

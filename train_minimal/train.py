@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from . import registry
-from .data import make_loader, prepare_batch
+from .data import crop_room_warning, make_loader, prepare_batch
 
 CHECKPOINT_FORMAT = "train_minimal/1"
 
@@ -290,6 +290,11 @@ def cmd_train(args) -> int:
         kd_kwargs["weight"] = float(args.kd_weight if args.kd_weight is not None else spec.defaults["kd_weight"])
 
     # Data
+    if is_main:
+        for url in [args.train, *parse_val(args.val).values()]:
+            warning = crop_room_warning(url, spec)
+            if warning:
+                print(f"[train] warning: {warning}", file=sys.stderr, flush=True)
     train_loader = make_loader(args.train, spec, batch_size, train=True, workers=args.workers, seed=args.seed,
                                epoch_length=args.epoch_length, distributed=distributed, input_size=input_size,
                                gpu_decode=gpu_decode)
@@ -445,6 +450,9 @@ def cmd_eval(args) -> int:
         model = model.to(memory_format=torch.channels_last)
     amp_dtype = amp_dtype_for(device, args.amp)
     batch_size = int(args.batch_size or (ckpt.get("args") or {}).get("batch_size") or 64)
+    warning = crop_room_warning(args.data, spec)
+    if warning:
+        print(f"[eval] warning: {warning}", file=sys.stderr, flush=True)
     loader = make_loader(args.data, spec, batch_size, train=False, workers=args.workers, seed=0,
                          input_size=input_size, gpu_decode=bool(args.gpu_decode and cuda))
     res = evaluate(model, loader, spec, device, amp_dtype=amp_dtype, channels_last=cuda, input_size=input_size)
