@@ -17,6 +17,7 @@ from joblib import Parallel, delayed, parallel_config
 from tqdm.auto import tqdm
 
 from . import __version__, protocols
+from . import boxes as box_rules
 from .datasets import get_reader
 from .pipeline import PROGRESS_DIR, Settings, ShardTask, run_shard
 from .records import SampleRef
@@ -298,10 +299,28 @@ def summary_table(manifest: dict) -> str:
     if expected.get("read") and expected["read"] != counts["read"]:
         out.append("")
         out.append(f"note: the full {manifest['dataset']} download has {expected['read']} samples; this root has {counts['read']}.")
+    room = _recrop_room_note(manifest.get("settings", {}))
+    if room:
+        out.append("")
+        out.append(room)
     shards = manifest["shards"]
     out.append("")
     out.append(f"{len(shards)} shard(s), {sum(s['bytes'] for s in shards) / 1e6:.1f} MB -> manifest.json, _info.json")
     return "\n".join(out)
+
+
+def _recrop_room_note(settings: dict) -> str | None:
+    """Which crop rules a load-time re-crop of these square crops cannot fill (``boxes.ROOM_MARGIN``)."""
+    if settings.get("crop_rule") != "square":
+        return None
+    margin = float(settings.get("margin") or 0.0)
+    short = {rule: m for rule, m in box_rules.ROOM_MARGIN.items() if m > margin + 1e-9}
+    if not short:
+        return None
+    needs = ", ".join(f"{rule} {m}" for rule, m in sorted(short.items()))
+    return (f"note: re-cropped at load time to the {' or '.join(sorted(short))} rule, these crops come out "
+            f"partly black; build with --margin {max(short.values())} to train every model from one set "
+            f"of shards (needs: {needs})")
 
 
 def cpu_count() -> int:

@@ -257,6 +257,11 @@ def test_cli_build_prints_summary(sample_tree, tmp_path, capsys):
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert manifest["command"].startswith("dataprep")
     assert manifest["input"]["fingerprint"]
+    # default square crops: the summary says which load-time re-crops they cannot fill, and the fix
+    assert "fsanet or hopenet rule" in text and "--margin 0.8" in text
+    roomy = cli_main(["build", "--dataset", "aflw2000", "--root", str(sample_tree / "AFLW2000"),
+                      "--out", str(tmp_path / "roomy"), "--no-progress", "--margin", "0.8"])
+    assert roomy == 0 and "partly black" not in capsys.readouterr().out
 
 
 def test_cli_errors_say_what_to_do(tmp_path, capsys):
