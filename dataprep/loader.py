@@ -856,9 +856,11 @@ class _BatchBuffer:
     """``images`` (B, 3, H, W) of ``dtype`` and one ``flag`` byte after them, in one uint8 tensor
     (in shared memory in a DataLoader worker). ``flag`` is 1 from :meth:`_BufferPool.acquire` until
     the batch is done with in the main process (see :class:`_Lent`). ``ident``: (worker pid,
-    serial), how later batches name a buffer the main process already has (``sent``)."""
+    serial), how later batches name a buffer the main process already has (``sent``); only
+    ``pooled`` buffers (kept for reuse) are named. ``forget``: idents of buffers the pool dropped,
+    for the main process to drop too (sent with this buffer's next batch)."""
 
-    __slots__ = ("tensor", "images", "flag", "nbytes", "ident", "sent")
+    __slots__ = ("tensor", "images", "flag", "nbytes", "ident", "sent", "pooled", "forget")
     _serials = itertools.count()
 
     def __init__(self, shape: tuple[int, ...], dtype, shared: bool):
@@ -868,7 +870,7 @@ class _BatchBuffer:
             tensor.share_memory_()
         array = tensor.numpy()
         self.tensor, self.nbytes = tensor, nbytes
-        self.ident, self.sent = (os.getpid(), next(self._serials)), False
+        self.ident, self.sent, self.pooled, self.forget = (os.getpid(), next(self._serials)), False, False, []
         self.images = array[:nbytes].view(dtype).reshape(shape)
         self.flag = array[nbytes:nbytes + 1]
 
@@ -895,8 +897,11 @@ class _BufferPool:
         if len(self.buffers) >= self.limit:  # replace one of another shape, else keep this one out
             stale = next((b for b in self.buffers if b.images.shape != shape or b.images.dtype != dtype), None)
             if stale is None:
-                return buffer
+                return buffer  # used once: not pooled, so never named (the main process keeps no copy)
             self.buffers.remove(stale)
+            if stale.sent:
+                buffer.forget.append(stale.ident)
+        buffer.pooled = True
         self.buffers.append(buffer)
         return buffer
 
@@ -931,14 +936,17 @@ def _collate_items(items: Sequence, loader_id: int = 0) -> dict:
     buffer = items[0].buffer
     if buffer is not None and all(it.buffer is buffer and it.slot == i for i, it in enumerate(items)):
         batch["_count"], batch["_flag_at"] = n, buffer.nbytes
-        # a shared buffer crosses to the main process once; later batches only name it (sending a
-        # shared tensor costs a socket connection to this worker per batch, for its file descriptor)
+        # a pooled shared buffer crosses to the main process once; later batches only name it
+        # (sending a shared tensor costs a socket connection to this worker per batch, for its file
+        # descriptor)
         if buffer.sent:
             batch["_buffer_ident"] = (loader_id,) + buffer.ident
         else:
             batch["_buffer"] = buffer.tensor
-            if get_worker_info() is not None:
+            if buffer.pooled and get_worker_info() is not None:
                 batch["_buffer_ident"], buffer.sent = (loader_id,) + buffer.ident, True
+        if buffer.forget:
+            batch["_forget"], buffer.forget = [(loader_id,) + ident for ident in buffer.forget], []
         batch["_shape"], batch["_dtype"] = buffer.images.shape[1:], buffer.images.dtype.str
     elif any(it.buffer is not None or it.image is not None for it in items):
         sizes = {(it.buffer.images.shape[2:] if it.buffer is not None else it.image.shape[:2]) for it in items}
@@ -971,6 +979,11 @@ _RECEIVED_LOCK = threading.Lock()  # the pin-memory thread receives too
 
 def _rebuild_batch(content: dict) -> _Batch:
     ident = content.pop("_buffer_ident", None)
+    forget = content.pop("_forget", ())
+    if forget:
+        with _RECEIVED_LOCK:
+            for gone in forget:
+                _RECEIVED.get(gone[0], {}).pop(tuple(gone[1:]), None)
     if ident is not None:
         loader_id, key = ident[0], tuple(ident[1:])
         with _RECEIVED_LOCK:

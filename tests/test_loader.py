@@ -476,7 +476,7 @@ def test_worker_buffers_cross_once_and_go_with_their_loader(shards):
     pattern, _ = shards
     kw = dict(shuffle=0, crop_rule="hopenet", size=32, seed=3, image_format="uint8", random_crop=False)
     want = {s["key"]: s["image"] for s in make_dataset(pattern, **kw)}
-    loader = make_loader(pattern, batch_size=2, workers=2, persistent_workers=True, prefetch_factor=1, **kw)
+    loader = make_loader(pattern, batch_size=1, workers=2, persistent_workers=True, prefetch_factor=1, **kw)
     named = 0
     real_rebuild = loader_mod._rebuild_batch
 
@@ -498,9 +498,39 @@ def test_worker_buffers_cross_once_and_go_with_their_loader(shards):
     held = loader_mod._RECEIVED[loader_id]
     assert named > 0 and len(held) + named == batches  # most batches named a buffer already there
     assert len(held) <= 2 * (1 + 4)  # at most each worker's pool (prefetch + 4)
+    # batches kept past the pool's size get one-off buffers: the main process keeps no copy of those
+    kept = list(loader)
+    assert len(kept) > 2 * (1 + 4) and len(held) <= 2 * (1 + 4)
+    for b in kept:
+        for key, img in zip(b["key"], b["image"]):
+            assert torch.equal(img, want[key])
+    del kept
     del loader, b, img
     gc.collect()
     assert loader_id not in loader_mod._RECEIVED
+
+
+def test_buffer_pool_names_only_pooled_buffers_and_says_which_it_dropped():
+    """What the main process may keep: pooled buffers only; a buffer of a shape the pool makes room
+    for replaces a stale one, and the next batch tells the main process to drop that one too."""
+    from dataprep import loader as loader_mod
+
+    pool = loader_mod._BufferPool(limit=2)
+    small, big = (1, 3, 4, 4), (1, 3, 8, 8)
+    a, b = pool.acquire(small, np.uint8), pool.acquire(small, np.uint8)  # a is busy: b is new
+    a.sent = b.sent = True  # as after their first batches
+    c = pool.acquire(big, np.uint8)  # pool full of the other shape: replaces a
+    assert c.pooled and c.forget == [a.ident] and a not in pool.buffers
+    d = pool.acquire(big, np.uint8)  # replaces b (b.sent too)
+    assert d.pooled and d.forget == [b.ident]
+    e = pool.acquire(big, np.uint8)  # both busy, none stale: a one-off, never named
+    assert not e.pooled and e not in pool.buffers
+    loader_mod._RECEIVED[-1] = {a.ident: a.tensor, b.ident: b.tensor}
+    try:
+        loader_mod._rebuild_batch({"_forget": [(-1,) + a.ident]})
+        assert list(loader_mod._RECEIVED[-1]) == [b.ident]
+    finally:
+        loader_mod._RECEIVED.pop(-1, None)
 
 
 def test_lent_batch_memory_stays_until_the_last_reference_goes(shards):
