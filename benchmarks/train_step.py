@@ -1,17 +1,23 @@
 """Which one bounds training, the loader or the model? Per model, in the same run on the same shards:
 
 * ``loader``: samples/s of ``train_minimal``'s own training loader (the model's crop rule and input
-  size applied at load time, shuffle, ``W`` workers) until the batch is ready on the device;
+  size applied at load time, shuffle, ``W`` workers) until the batch is ready on the device
+  (``--gpu-decode``: the stored JPEGs decoded, cropped and resized on the GPU, as
+  ``train --gpu-decode`` does);
 * ``step``: samples/s of the model's training step alone (forward, the model's loss, backward,
-  optimiser step) on a batch already on the device.
+  optimiser step) on a batch already on the device, with the trainer's settings: ``--amp``
+  (``auto``: bfloat16 autocast on GPUs that have it, else float16 with a GradScaler; float32 on
+  CPU) and channels_last on CUDA;
+* ``train``: samples/s of the two together, the trainer's loop (next batch, to the device, step):
+  the trainer's images/s.
 
-The smaller of the two bounds training; ``loader / step`` > 1 means the model is the bottleneck.
-Prints a table and a final JSON line. On a GPU pass ``--device cuda`` (the loader then decodes on
-the CPU workers, as the trainer does by default).
+The smaller of ``loader`` and ``step`` bounds training; ``loader / step`` > 1 means the model is the
+bottleneck. Prints a table and a final JSON line. The shards are built with room for every model's
+crop rule (``--margin 0.8 --crop-size 320``, ``boxes.ROOM_MARGIN``).
 
     python benchmarks/train_step.py              # a few models, ~3 min on 2 CPU cores
     python benchmarks/train_step.py --quick      # fsanet_var and ehpnet, ~1 min
-    python benchmarks/train_step.py --models hopenet,whenet --device cuda
+    python benchmarks/train_step.py --models hopenet,whenet --device cuda [--gpu-decode]
 """
 from __future__ import annotations
 
@@ -36,56 +42,86 @@ MODES = {
 def build_shards(base: Path, copies: int) -> tuple[str, int]:
     from dataprep.build import BuildOptions, build
 
+    from dataprep.boxes import ROOM_MARGIN
+
     root, n = common.scaled_dataset(base, "300w_lp", copies)
     out = base / "shards"
-    # margin 0.5: room for every model's crop rule at load time
-    build(BuildOptions(dataset="300w_lp", root=str(root), out=str(out), margin=0.5, shard_size=50,
-                       progress=False, overwrite=True))
+    # room for every model's crop rule at load time (no black borders), at 320 px
+    build(BuildOptions(dataset="300w_lp", root=str(root), out=str(out), margin=max(ROOM_MARGIN.values()),
+                       crop_size=320, shard_size=50, progress=False, overwrite=True))
     tars = sorted(p.name for p in out.glob("*.tar"))
     return str(out / ("train-{%s..%s}.tar" % (tars[0][6:12], tars[-1][6:12]))), n
 
 
-def measure(model_name: str, urls: str, batch_size: int, batches: int, workers: int, device_name: str) -> dict:
+def measure(model_name: str, urls: str, batch_size: int, batches: int, workers: int, device_name: str,
+            amp: str = "auto", gpu_decode: bool = False) -> dict:
     import torch
 
     from train_minimal import registry
     from train_minimal.data import make_loader, prepare_batch
+    from train_minimal.train import amp_dtype_for, autocast_ctx, to_float
 
     spec = registry.get(model_name)
     device = torch.device(device_name)
+    cuda = device.type == "cuda"
+    amp_dtype = amp_dtype_for(device, amp)
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize(device)
+
     loader = make_loader(urls, spec, batch_size, train=True, workers=workers, seed=0,
-                         epoch_length=batch_size * (batches + 1))
+                         epoch_length=batch_size * (2 * batches + 1), gpu_decode=gpu_decode and cuda)
     it = iter(loader)
-    images, targets = prepare_batch(next(it), spec.normalize, device)  # includes worker start-up
-    start = time.perf_counter()
-    seen = 0
-    for _ in range(batches):
+
+    def next_batch():
         batch = next(it)
-        prepare_batch(batch, spec.normalize, device)
-        seen += len(batch["key"])
-    loader_rate = seen / (time.perf_counter() - start)
+        return prepare_batch(batch, spec.normalize, device, size=spec.input_size, channels_last=cuda)
+
+    images, targets = next_batch()  # includes worker start-up
+    sync()
+    start = time.perf_counter()
+    for _ in range(batches):
+        next_batch()
+    sync()
+    loader_rate = batches * batch_size / (time.perf_counter() - start)
 
     model = spec.build(None).to(device).train()
-    optimizer, _ = spec.make_optimizer(model, total_steps=batches + 1)
+    if cuda:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer, _ = spec.make_optimizer(model, total_steps=2 * batches + 2)
+    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
 
-    def step():
+    def step(x, t):
         optimizer.zero_grad(set_to_none=True)
-        loss = spec.loss(model(images), targets)
-        loss.backward()
-        optimizer.step()
+        with autocast_ctx(device, amp_dtype):
+            out = model(x)
+        loss = spec.loss(to_float(out), t)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
 
-    step()  # warm-up (allocations, cudnn autotune)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    step(images, targets)  # warm-up (allocations, cudnn autotune)
+    sync()
     start = time.perf_counter()
     for _ in range(batches):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    step_rate = batches * images.shape[0] / (time.perf_counter() - start)
+        step(images, targets)
+    sync()
+    step_rate = batches * batch_size / (time.perf_counter() - start)
+
+    start = time.perf_counter()
+    for _ in range(batches):  # the trainer's loop: the next batch, then the step
+        step(*next_batch())
+    sync()
+    train_rate = batches * batch_size / (time.perf_counter() - start)
     return {"model": model_name, "input": spec.input_size, "crop_rule": spec.crop_rule,
-            "loader": loader_rate, "step": step_rate, "loader_vs_step": loader_rate / step_rate,
-            "bound": "model" if step_rate < loader_rate else "loader"}
+            "loader": loader_rate, "step": step_rate, "train": train_rate, "loader_vs_step": loader_rate / step_rate,
+            "bound": "model" if step_rate < loader_rate else "loader",
+            "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "off"}
 
 
 def main() -> None:
@@ -94,25 +130,31 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--workers", type=int, default=common.cpu_count())
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--amp", default="auto", choices=("auto", "off", "bf16", "fp16"), help="as train_minimal's --amp")
+    parser.add_argument("--gpu-decode", action="store_true", help="decode JPEGs on the GPU (CUDA only)")
     args = parser.parse_args()
     copies, batches, models = MODES[common.mode_of(args)]
     models = (args.models or models).split(",")
     base = common.work_dir("train_step", args.work)
     urls, n = build_shards(base, copies)
     print(f"{n} samples of 300W-LP (sample data x{copies}), batch {args.batch_size}, {args.workers} loader workers, "
-          f"{batches} batches timed, device {args.device}")
+          f"{batches} batches timed, device {args.device}" + (", GPU JPEG decoding" if args.gpu_decode else ""))
     rows = []
     for name in models:
-        rows.append(measure(name, urls, args.batch_size, batches, args.workers, args.device))
+        rows.append(measure(name, urls, args.batch_size, batches, args.workers, args.device, args.amp, args.gpu_decode))
         r = rows[-1]
-        print(f"  {name}: loader {r['loader']:.0f}/s, step {r['step']:.1f}/s -> {r['bound']} bound", flush=True)
+        print(f"  {name}: loader {r['loader']:.0f}/s, step {r['step']:.1f}/s, train {r['train']:.1f}/s "
+              f"-> {r['bound']} bound", flush=True)
     print(common.table(rows, [("model", "model", ""), ("input", "input", ""), ("crop_rule", "crop rule", ""),
-                              ("loader", "loader samples/s", "{:.1f}"), ("step", "step samples/s", "{:.1f}"),
+                              ("amp", "amp", ""), ("loader", "loader samples/s", "{:.1f}"),
+                              ("step", "step samples/s", "{:.1f}"), ("train", "train samples/s", "{:.1f}"),
                               ("loader_vs_step", "loader/step", "{:.2f}"), ("bound", "bound by", "")]))
     common.cleanup(base, args)
-    common.final_json({"benchmark": "train_step", "mode": common.mode_of(args), "device": args.device, "batch_size": args.batch_size,
+    common.final_json({"benchmark": "train_step", "mode": common.mode_of(args), "device": args.device,
+                       "batch_size": args.batch_size, "gpu_decode": bool(args.gpu_decode),
                        "loader_vs_step": {r["model"]: round(r["loader_vs_step"], 3) for r in rows},
-                       "rates": {r["model"]: {"loader": round(r["loader"], 1), "step": round(r["step"], 2)} for r in rows}})
+                       "rates": {r["model"]: {"loader": round(r["loader"], 1), "step": round(r["step"], 2),
+                                              "train": round(r["train"], 2)} for r in rows}})
 
 
 if __name__ == "__main__":
