@@ -980,13 +980,11 @@ _RECEIVED_LOCK = threading.Lock()  # the pin-memory thread receives too
 def _rebuild_batch(content: dict) -> _Batch:
     ident = content.pop("_buffer_ident", None)
     forget = content.pop("_forget", ())
-    if forget:
-        with _RECEIVED_LOCK:
-            for gone in forget:
-                _RECEIVED.get(gone[0], {}).pop(tuple(gone[1:]), None)
-    if ident is not None:
-        loader_id, key = ident[0], tuple(ident[1:])
-        with _RECEIVED_LOCK:
+    with _RECEIVED_LOCK:
+        for gone in forget:
+            _RECEIVED.get(gone[0], {}).pop(tuple(gone[1:]), None)
+        if ident is not None:
+            loader_id, key = ident[0], tuple(ident[1:])
             known = _RECEIVED.setdefault(loader_id, {})
             if "_buffer" in content:
                 known[key] = content["_buffer"]
@@ -1213,8 +1211,9 @@ def make_dataset(
     ``t(image, record, landmarks, rng)`` (see :mod:`dataprep.augment`). ``crop_rule``: re-crop
     each stored crop to that rule (``boxes.CROP_RULES``) at ``size`` (default: the stored width);
     what the stored crop does not hold comes out black (``crop.rule_coverage``; build with
-    ``--margin boxes.ROOM_MARGIN[rule]``). ``size`` alone resizes. ``random_crop``: draw the rule's random parameters (Hopenet's k) per
-    sample; False takes the rule's fixed values (evaluation). ``shuffle``: buffer size (also
+    ``--margin boxes.ROOM_MARGIN[rule]``). ``size`` alone resizes. ``random_crop``: draw the
+    rule's random parameters (Hopenet's k) per sample; False takes the rule's fixed values
+    (evaluation). ``shuffle``: buffer size (also
     shuffles shard order); 0 or 1 keeps file order. ``resampled``: draw shards with replacement
     forever (bound an epoch with ``samples_per_epoch``). ``samples_per_epoch``: samples per epoch,
     all ranks together (each rank yields ``samples_per_epoch // world_size``). ``normalize``: one of

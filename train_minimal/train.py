@@ -290,15 +290,15 @@ def cmd_train(args) -> int:
         kd_kwargs["weight"] = float(args.kd_weight if args.kd_weight is not None else spec.defaults["kd_weight"])
 
     # Data
+    val_sets = parse_val(args.val)
     if is_main:
-        for url in [args.train, *parse_val(args.val).values()]:
+        for url in [args.train, *val_sets.values()]:
             warning = crop_room_warning(url, spec)
             if warning:
                 print(f"[train] warning: {warning}", file=sys.stderr, flush=True)
     train_loader = make_loader(args.train, spec, batch_size, train=True, workers=args.workers, seed=args.seed,
                                epoch_length=args.epoch_length, distributed=distributed, input_size=input_size,
                                gpu_decode=gpu_decode)
-    val_sets = parse_val(args.val)
     val_loaders = {}
     if is_main:
         for name, url in val_sets.items():
