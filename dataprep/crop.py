@@ -4,6 +4,8 @@ Cropping happens before resizing so the resize only touches the face's pixels.
 """
 from __future__ import annotations
 
+import math
+
 import cv2
 import numpy as np
 
@@ -36,6 +38,63 @@ def crop_and_resize(image: np.ndarray, window, size: int | tuple[int, int], *, i
         interpolation = cv2.INTER_NEAREST  # depth: never invent readings between surfaces
     resized = cv2.resize(region, (out_w, out_h), interpolation=interpolation)  # a view: no copy of the crop
     return resized, [x1, y1, x2, y2]
+
+
+
+def _snap_axis(lo: int, hi: int, n: int, size: int):
+    """One axis of :func:`snap_window`: ``(new lo, new hi, first output pixel of the image, end)``."""
+    r1, r2 = max(lo, 0), min(hi, n)
+    if r2 <= r1:
+        return None
+    if lo >= 0 and hi <= n:
+        return float(lo), float(hi), 0, size
+    step = (hi - lo) / size  # window pixels per output pixel
+    before = int(math.floor((r1 - lo) / step + 0.5))  # padding, in whole output pixels
+    after = int(math.floor((hi - r2) / step + 0.5))
+    inner = size - before - after
+    if inner < 1:
+        return None
+    step = (r2 - r1) / inner
+    return r1 - before * step, r2 + after * step, before, before + inner
+
+
+def snap_window(window, image_size, size: int):
+    """An integer ``window`` that reaches past a ``image_size`` = ``(w, h)`` image, moved so that the
+    image's edges fall on output pixel boundaries at ``size`` x ``size``: the padding rounded to
+    whole output pixels, the image's part spread over the rest. A padded edge moves by at most half
+    an output pixel plus (padding / image part, in output pixels) of one: about one output pixel
+    for Hopenet's window over a stored square crop. Returns ``(float window, (x1, y1, x2, y2) output pixels the image fills)``, or None when
+    the window misses the image (or the image would get no output pixel). A window inside the
+    image comes back unchanged."""
+    x1, y1, x2, y2 = (int(v) for v in window)
+    w, h = image_size
+    ax, ay = _snap_axis(x1, x2, w, size), _snap_axis(y1, y2, h, size)
+    if ax is None or ay is None:
+        return None
+    return [ax[0], ay[0], ax[1], ay[1]], (ax[2], ay[2], ax[3], ay[3])
+
+
+def cut_window(image: np.ndarray, window, size: int, *, interpolation=cv2.INTER_LINEAR) -> tuple[np.ndarray, list]:
+    """:func:`crop_and_resize` of an integer ``window`` at ``size`` x ``size``, without the padded
+    canvas: a window reaching past the image is snapped (:func:`snap_window`) and only the image's
+    part is resized, into its place in a black output. That is the same picture up to the snap
+    (a padded edge moves by about an output pixel; the window is returned and recorded, so labels
+    stay exact) and the image's edge pixels, which are not blended with the black. About 0.04 ms
+    against 0.11 ms for Hopenet's loose window over a 224 px stored crop, which is 40-60% padding
+    (one core). Returns the crop and the window it shows (floats when snapped)."""
+    h, w = image.shape[:2]
+    x1, y1, x2, y2 = (int(v) for v in window)
+    snapped = snap_window(window, (w, h), size)
+    if snapped is None or (x1 >= 0 and y1 >= 0 and x2 <= w and y2 <= h):
+        return crop_and_resize(image, window, size, interpolation=interpolation)
+    taken, (i1, j1, i2, j2) = snapped
+    out = np.zeros((size, size) + image.shape[2:], image.dtype)
+    part = out[j1:j2, i1:i2]
+    region = image[max(y1, 0):min(y2, h), max(x1, 0):min(x2, w)]
+    got = cv2.resize(region, (i2 - i1, j2 - j1), dst=part, interpolation=interpolation)
+    if not np.shares_memory(got, part):
+        part[...] = got.reshape(part.shape)  # OpenCV chose its own output array
+    return out, taken
 
 
 def rule_window(record: dict, rule: str, *, rng=None, margin: float = 0.0, box_name: str | None = None) -> list[float]:

@@ -29,7 +29,8 @@ Pipeline (a :class:`webdataset.DataPipeline`)::
     -> buffer shuffle (wds.shuffle) -> decode (``.jpg`` with cv2, or kept as bytes for a GPU
        decoder; ``.json``; ``.pts.npy`` with ``allow_pickle=False``) -> optional recrop to a crop
        rule (``crop.rule_window``; bilinear resize, JPEGs decoded at 1/2-1/8 scale where the window
-       is at least twice the output) -> transforms -> tensors -> :func:`collate` batches.
+       is at least twice the output, a window past the stored crop snapped so only the stored
+       crop's part is resized: ``crop.cut_window``) -> transforms -> tensors -> :func:`collate` batches.
 
 Nothing is ever unpickled; other tar members (``.depth.png`` and unknown ones) are skipped unread.
 
@@ -582,8 +583,8 @@ def _load_npy(data: bytes) -> np.ndarray:
 
 
 #: DCT-domain downscaling of JPEG decoding: factor -> cv2 flag.
-_REDUCED_DECODE = ((8, cv2.IMREAD_REDUCED_COLOR_8), (4, cv2.IMREAD_REDUCED_COLOR_4),
-                   (2, cv2.IMREAD_REDUCED_COLOR_2))
+_REDUCED_DECODE = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
+                   8: cv2.IMREAD_REDUCED_COLOR_8}
 #: Interpolations ``cv2.warpAffine`` does exactly as ``cv2.resize`` defines them (reduced decoding).
 _WARP_INTERPOLATIONS = (cv2.INTER_NEAREST, cv2.INTER_LINEAR, cv2.INTER_CUBIC, cv2.INTER_LANCZOS4)
 
@@ -595,37 +596,29 @@ def _reduction(window, size: int, interpolation) -> int:
     if interpolation not in _WARP_INTERPOLATIONS:
         return 1
     ww, wh = window[2] - window[0], window[3] - window[1]
-    for f, _ in _REDUCED_DECODE:
+    for f in (8, 4, 2):
         if ww >= f * size and wh >= f * size:
             return f
     return 1
 
 
-def _decode_bgr(data: bytes) -> np.ndarray:
-    """JPEG/PNG bytes -> H x W x 3 uint8 BGR."""
-    img = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
+def _decode_bgr(data: bytes, reduction: int = 1) -> np.ndarray:
+    """JPEG/PNG bytes -> H x W x 3 uint8 BGR (a JPEG at 1/``reduction`` scale, in the DCT domain)."""
+    img = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), _REDUCED_DECODE[reduction])
     if img is None:
         raise ValueError("cannot decode image bytes")
     return img
 
 
-def _decode_reduced(data: bytes, window, size: int, stored_size, interpolation) -> np.ndarray | None:
-    """The crop ``window`` (stored-image pixels, black outside the image) at ``size``, H x W x 3
-    uint8 BGR, from a JPEG decoded at 1/2, 1/4 or 1/8 scale in the DCT domain
-    (``cv2.IMREAD_REDUCED_COLOR_*``; see :func:`_reduction`) and cut from that exactly (sub-pixel
-    ``cv2.warpAffine``); None where that does not apply (not a JPEG, a window under twice ``size``,
-    an ``INTER_AREA`` resize, or the image is not ``stored_size``)."""
-    f = _reduction(window, size, interpolation)
-    if f == 1 or data[:2] != b"\xff\xd8":
-        return None
-    img = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), dict(_REDUCED_DECODE)[f])
-    w, h = stored_size
-    if img is None or img.shape[:2] != (-(-h // f), -(-w // f)):
-        return None
-    # reduced pixel i covers stored pixels [i f, (i + 1) f): stored x = f * reduced x
+def _warp_reduced(img: np.ndarray, window, size: int, reduction: int, interpolation) -> np.ndarray:
+    """The crop ``window`` (stored-image pixels, black outside the image) at ``size`` x ``size``
+    from ``img``, the stored image decoded at 1/``reduction`` scale, cut exactly: one sub-pixel
+    ``cv2.warpAffine`` with ``cv2.resize``'s pixel-centre mapping."""
     x1, y1, x2, y2 = window
     sx, sy = (x2 - x1) / size, (y2 - y1) / size
-    m = np.array([[sx / f, 0.0, (x1 + 0.5 * sx) / f - 0.5], [0.0, sy / f, (y1 + 0.5 * sy) / f - 0.5]])
+    # reduced pixel i covers stored pixels [i f, (i + 1) f): stored x = f * reduced x
+    m = np.array([[sx / reduction, 0.0, (x1 + 0.5 * sx) / reduction - 0.5],
+                  [0.0, sy / reduction, (y1 + 0.5 * sy) / reduction - 0.5]])
     return cv2.warpAffine(img, m, (size, size), flags=interpolation | cv2.WARP_INVERSE_MAP,
                           borderMode=cv2.BORDER_CONSTANT, borderValue=0)
 
@@ -651,7 +644,7 @@ class _Decode(PipelineStage):
     :func:`_collate_items` makes the batch (see :class:`_Batch`)."""
 
     def __init__(self, state: _State, transforms, crop_rule, size, crop_margin, normalize, image_format,
-                 random_crop, handler, interpolation, reduced_decode):
+                 random_crop, handler, interpolation, exact_cut):
         self.state = state
         self.transforms = transforms
         self.crop_rule = crop_rule
@@ -662,7 +655,7 @@ class _Decode(PipelineStage):
         self.random_crop = random_crop
         self.handler = handler
         self.interpolation = interpolation
-        self.reduced_decode = reduced_decode
+        self.exact_cut = exact_cut
         self._scratch: dict = {}
 
     def run(self, src):
@@ -704,37 +697,46 @@ class _Decode(PipelineStage):
         # stdlib Random (a numpy Generator costs ~10 us to seed, per sample)
         source = record
 
-        def window(w: int, h: int) -> tuple[list[int], dict, int]:
-            """The window to cut from a w x h stored image, its record, the output size."""
-            size = self.size or w
-            taken, rec = [0, 0, w, h], source
+        def window(w: int, h: int) -> tuple[list[int], int]:
+            """The integer window to cut from a w x h stored image, and the output size."""
+            if self.crop_rule is None:
+                return [0, 0, w, h], self.size or w
+            rng = random.Random(_seed(*entropy, 0)) if self.random_crop else None
+            return crop_ops.recrop_window(source, self.crop_rule, (w, h), rng=rng, margin=self.crop_margin), self.size or w
+
+        def record_of(taken, w: int, h: int, size: int) -> dict:
             if self.crop_rule is not None:
-                rng = None
-                if self.random_crop:
-                    rng = random.Random(_seed(*entropy, 0))
-                taken = crop_ops.recrop_window(source, self.crop_rule, (w, h), rng=rng, margin=self.crop_margin)
-                rec = _cropped_record(source, taken, (w, h), self.crop_rule, size)
-            elif (w, h) != (size, size):
-                rec = dict(source, crop_size=[size, size])
-            return taken, rec, size
+                return _cropped_record(source, taken, (w, h), self.crop_rule, size)
+            return source if (w, h) == (size, size) else dict(source, crop_size=[size, size])
 
         image = None
         if self.image_format == "jpeg":
             w, h = (int(v) for v in record["crop_size"])
-            taken, record, size = window(w, h)
+            taken, size = window(w, h)
         else:
             stored, planned = record.get("crop_size"), None
-            if self.size is not None and self.reduced_decode and stored is not None:
-                stored = (int(stored[0]), int(stored[1]))
-                planned = window(*stored)
-                image = _decode_reduced(raw["jpg"], planned[0], planned[2], stored, self.interpolation)
-                taken, record, size = planned
+            if self.size is not None and not self.exact_cut and stored is not None and raw["jpg"][:2] == b"\xff\xd8":
+                # a window at least twice the output size each way: decode at reduced scale
+                w, h = stored = (int(stored[0]), int(stored[1]))
+                planned = window(w, h)
+                f = _reduction(planned[0], planned[1], self.interpolation)
+                if f > 1:
+                    image = _decode_bgr(raw["jpg"], f)
+                    if image.shape[:2] == (-(-h // f), -(-w // f)):
+                        taken, size = planned
+                        image = _warp_reduced(image, taken, size, f, self.interpolation)
+                    else:
+                        image = None  # the record's crop_size is not the image's: decode it whole
             if image is None:
                 image = _decode_bgr(raw["jpg"])
                 h, w = image.shape[:2]
-                taken, record, size = planned if planned is not None and stored == (w, h) else window(w, h)
+                taken, size = planned if planned is not None and stored == (w, h) else window(w, h)
                 if taken != [0, 0, w, h] or (w, h) != (size, size):
-                    image, _ = crop_ops.crop_and_resize(image, taken, size, interpolation=self.interpolation)
+                    if self.exact_cut or self.interpolation is None:
+                        image, _ = crop_ops.crop_and_resize(image, taken, size, interpolation=self.interpolation)
+                    else:
+                        image, taken = crop_ops.cut_window(image, taken, size, interpolation=self.interpolation)
+        record = record_of(taken, w, h, size)
         bgr = True
         if self.transforms is not None:
             image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
@@ -1202,7 +1204,7 @@ def make_dataset(
     distributed: bool | None = None,
     auto_epoch: bool = False,
     interpolation: int | None = cv2.INTER_LINEAR,
-    reduced_decode: bool = True,
+    exact_cut: bool = False,
 ) -> HeadPoseDataset:
     """A streaming dataset of decoded samples (dicts) from WebDataset shards.
 
@@ -1227,9 +1229,13 @@ def make_dataset(
     ``handler``: what to do with a bad shard/sample, e.g. ``webdataset.warn_and_continue``
     (default: raise). ``interpolation``: the OpenCV interpolation of the load-time crop/resize
     (default bilinear, ``cv2.INTER_LINEAR``, as training pipelines resize; ``None``: the build's
-    choice, ``INTER_AREA`` when shrinking, about 4x slower). ``reduced_decode``: when the window
-    to cut is at least twice ``size`` each way (FSA-Net's 64 px from 224 px crops), decode the JPEG
-    at 1/2, 1/4 or 1/8 scale in the DCT domain and cut the window from that (not with ``INTER_AREA``).
+    choice, ``INTER_AREA`` when shrinking, about 4x slower). ``exact_cut``: False (default):
+    where the window is at least twice ``size`` each way (FSA-Net's 64 px from 224 px crops) the
+    JPEG is decoded at 1/2, 1/4 or 1/8 scale in the DCT domain and the window cut from that exactly
+    (a sub-pixel warp), and a window reaching past the stored crop is snapped by under one output
+    pixel per padded edge so that only the image's part is resized (:func:`crop.cut_window`; the
+    record's ``crop`` is the snapped window); True: :func:`crop.crop_and_resize` of the integer
+    window on the whole decoded image, its pixels exactly (about 15% slower for Hopenet's window).
 
     Each sample: ``image`` tensor (3, H, W) (``image_format`` "float": float, normalised; "uint8":
     RGB uint8) or ``jpeg`` (the stored JPEG bytes, uint8) and ``window`` (int64 x1, y1, x2, y2: the
@@ -1268,7 +1274,7 @@ def make_dataset(
         _TarSamples(handler),
         _Shuffle(state),
         _Decode(state, transforms, crop_rule, None if size is None else int(size), crop_margin, normalize,
-                image_format, bool(random_crop), handler, interpolation, bool(reduced_decode)),
+                image_format, bool(random_crop), handler, interpolation, bool(exact_cut)),
     ]
     return HeadPoseDataset([s for s in stages if s is not None], state, url_list)
 

@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 
 from dataprep import boxes
-from dataprep.crop import crop_and_resize, recrop
+import cv2
+
+from dataprep.crop import crop_and_resize, cut_window, recrop, snap_window
 
 
 def test_square_pad_pads_the_shorter_side_evenly():
@@ -60,6 +62,55 @@ def test_crop_pads_black_outside_and_maps_coordinates():
     assert out[:20, :20].max() == 0 and out[30:, 30:].min() == 200
     pts = boxes.to_crop_coords([[0, 0], [50, 50]], window, (50, 50))
     assert pts.tolist() == [[25, 25], [50, 50]]
+
+
+
+@pytest.mark.parametrize("window", [[-40, -180, 264, 236], [-7, 3, 90, 130], [30, -61, 150, 59], [10, 10, 90, 90]])
+def test_cut_window_snaps_padding_to_whole_pixels_and_records_what_it_shows(window):
+    """The loader's cut of a padded window: the image's edges land on output pixel boundaries, each
+    padded edge moves by under one output pixel, and the returned window is what the picture shows
+    (a marked source pixel lands where that window maps it, as landmarks are mapped)."""
+    size = 64
+    image = np.full((120, 100, 3), 200, np.uint8)
+    out, taken = cut_window(image, window, size)
+    # the image fills whole output pixels: full 200 inside, exactly 0 outside
+    inside = boxes.to_crop_coords([[0, 0], [100, 120]], taken, (size, size))
+    (i1, j1), (i2, j2) = np.clip(inside, 0, size)
+    np.testing.assert_allclose([i1, j1, i2, j2], np.round([i1, j1, i2, j2]), atol=1e-6)
+    i1, j1, i2, j2 = (int(round(v)) for v in (i1, j1, i2, j2))
+    assert (out[j1:j2, i1:i2] == 200).all() and out.sum() == 200 * 3 * (i2 - i1) * (j2 - j1)
+    # a padded edge moves by at most half an output pixel plus (padding / image part) of one
+    step_x, step_y = (window[2] - window[0]) / size, (window[3] - window[1]) / size
+    for got, want, step, inner in zip(taken, window, (step_x, step_y) * 2, (i2 - i1, j2 - j1) * 2):
+        assert abs(got - want) <= step * (0.5 + (size - inner) / inner) + 1e-9
+    if window[0] >= 0 and window[1] >= 0 and window[2] <= 100 and window[3] <= 120:
+        assert taken == window  # inside the image: crop_and_resize, unchanged
+    # a marked pixel lands where the window maps it
+    for x, y in ((50, 60), (3, 110), (97, 2)):
+        marked = np.zeros((120, 100, 3), np.uint8)
+        marked[y, x] = 255
+        cut, taken2 = cut_window(marked, window, size, interpolation=cv2.INTER_AREA)
+        assert taken2 == taken
+        (px, py), = boxes.to_crop_coords([[x + 0.5, y + 0.5]], taken, (size, size))
+        if not (0 <= px < size and 0 <= py < size):
+            continue
+        ys, xs = np.nonzero(cut[..., 0])
+        weights = cut[ys, xs, 0].astype(float)
+        centre = (np.average(xs, weights=weights) + 0.5, np.average(ys, weights=weights) + 0.5)
+        assert abs(centre[0] - px) < 0.75 and abs(centre[1] - py) < 0.75, (centre, (px, py))
+
+
+def test_cut_window_is_crop_and_resize_up_to_the_snap():
+    rng = np.random.default_rng(0)
+    image = cv2.GaussianBlur(rng.integers(0, 256, (224, 224, 3), dtype=np.uint8), (9, 9), 3)
+    window = [-40, -180, 264, 236]
+    exact, _ = crop_and_resize(image, window, 224, interpolation=cv2.INTER_LINEAR)
+    cut, taken = cut_window(image, window, 224)
+    again, _ = crop_and_resize(image, taken, 224, interpolation=cv2.INTER_LINEAR)  # integer window
+    assert taken != window and snap_window(window, (224, 224), 224)[0] == taken
+    inner = (slice(130, 200), slice(60, 150))  # away from the image's edges
+    assert np.abs(cut[inner].astype(int) - exact[inner].astype(int)).mean() < 2.0
+    assert snap_window([-50, -50, -10, 30], (100, 100), 32) is None  # misses the image
 
 
 def test_depth_crops_keep_exact_millimetres():

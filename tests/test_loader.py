@@ -313,11 +313,43 @@ def test_rule_window_is_the_window_recrop_cuts(shards, rule):
                                                    box_name=box_name)
 
 
+
+def test_padded_windows_are_snapped_and_recorded_as_cut(shards):
+    """The default cut of Hopenet's loose window (mostly past the tight stored crop): the record's
+    crop is the snapped window the picture shows (landmarks follow it), within about an output
+    pixel of the exact cut's window, and the picture is the exact cut's up to the snap."""
+    pattern, samples = shards
+    kw = dict(shuffle=0, crop_rule="hopenet", size=48, image_format="uint8", random_crop=False)
+    fast = list(make_dataset(pattern, **kw))
+    exact = list(make_dataset(pattern, exact_cut=True, **kw))
+    snapped = 0
+    for f, e in zip(fast, exact):
+        assert f["key"] == e["key"]
+        fc, ec = np.array(f["record"]["crop"]), np.array(e["record"]["crop"])
+        out_px = (ec[2:] - ec[:2]) / 48  # source pixels per output pixel
+        assert (np.abs(fc - ec) <= 1.5 * np.tile(out_px, 2)).all(), (fc, ec)
+        snapped += not np.allclose(fc, ec)
+        np.testing.assert_allclose(f["landmarks"], box_rules.to_crop_coords(
+            f["landmarks_source"], f["record"]["crop"], (48, 48)), rtol=1e-5, atol=1e-4)
+        diff = (f["image"].float() - e["image"].float()).abs()
+        assert float(diff.mean()) < 8.0, float(diff.mean())
+        # what the picture shows is the stored crop where the record says it is
+        stored = samples[f["key"]]["record"]["crop"]
+        inside = box_rules.to_crop_coords(np.array([stored[:2], stored[2:]]), f["record"]["crop"], (48, 48))
+        (i1, j1), (i2, j2) = np.clip(inside, 0, 48)
+        np.testing.assert_allclose([i1, j1, i2, j2], np.round([i1, j1, i2, j2]), atol=1e-4)
+        img = f["image"].numpy()
+        i1, j1, i2, j2 = (int(round(v)) for v in (i1, j1, i2, j2))
+        outside = np.ones((48, 48), bool)
+        outside[j1:j2, i1:i2] = False
+        assert img[:, outside].max() == 0
+    assert snapped == len(fast)  # every Hopenet window here reaches past the stored crop
+
 def test_jpeg_format_window_gives_the_decoded_pixels(shards):
     pattern, samples = shards
     kw = dict(batch_size=4, shuffle=0, crop_rule="hopenet", size=32, seed=2)
     raw = list(make_loader(pattern, image_format="jpeg", **kw))
-    decoded = list(make_loader(pattern, image_format="uint8", reduced_decode=False, **kw))
+    decoded = list(make_loader(pattern, image_format="uint8", exact_cut=True, **kw))
     assert sum(len(b["key"]) for b in raw) == len(samples)
     for r, d in zip(raw, decoded):
         assert "image" not in r and r["window"].shape == (len(r["key"]), 4) and d["image"].dtype == torch.uint8
@@ -577,7 +609,7 @@ def test_reduced_jpeg_decoding_cuts_the_same_window(tmp_path):
     pattern, samples = write_synthetic_shards(tmp_path, n_shards=1, per_shard=6, crop_size=128)
     kw = dict(shuffle=0, crop_rule="box", size=24, image_format="uint8", random_crop=False)
     reduced = list(make_dataset(pattern, **kw))
-    full = list(make_dataset(pattern, reduced_decode=False, **kw))
+    full = list(make_dataset(pattern, exact_cut=True, **kw))
     area = list(make_dataset(pattern, interpolation=None, **kw))
     assert any(crop_ops.recrop_window(s["record"], "box", (128, 128))[2] - crop_ops.recrop_window(s["record"], "box", (128, 128))[0] >= 48
                for s in samples.values())  # windows at least twice the output: decoded at 1/2 or less

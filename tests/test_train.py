@@ -141,7 +141,10 @@ def test_jpeg_batches_decode_like_the_cpu_path(shards):
         xr, tr = prepare_batch(r, spec.normalize, cpu, size=96, channels_last=True)
         assert xr.shape == xp.shape == (len(p["key"]), 3, 96, 96) and xr.is_contiguous(memory_format=torch.channels_last)
         assert float((xr - xp).abs().mean()) < 0.03  # bilinear+antialias vs cv2 bilinear, imagenet units
-        assert tp.keys() == tr.keys() and all(torch.equal(tp[k], tr[k]) for k in tp)
+        assert tp.keys() == tr.keys() and all(torch.equal(tp[k], tr[k]) for k in tp if k != "landmarks")
+        # the cv2 path snaps a window past the stored crop by about an output pixel (crop.cut_window),
+        # the device cuts the integer window: each path's landmarks follow its own picture
+        assert float((tp["landmarks"] - tr["landmarks"]).abs().max()) < 1.5
 
 
 def test_resampled_epochs_have_a_fixed_length(shards):
