@@ -5,8 +5,9 @@ best epoch, the median shown too; memory is the peak PSS of the process and its 
 workers together):
 
 * ``ours loader``: ``dataprep.loader.make_loader`` over the shards of a replicated 300W-LP build:
-  read tar members, decode the stored crop, re-crop to Hopenet's rule, resize to 224 (bilinear),
-  ImageNet normalisation, float batches of 64, shuffle buffer 1000, ``W`` persistent DataLoader
+  read tar members, decode the stored crop, re-crop to Hopenet's rule, resize to 224 (bilinear;
+  the window's padding past the stored crop is not resized: ``crop.cut_window``), ImageNet
+  normalisation, float batches of 64, shuffle buffer 1000, ``W`` persistent DataLoader
   workers (as ``train_minimal`` runs it). ``ours loader, stored crops``: the same without the
   re-crop (the stored 224 crops as they are). ``ours loader, uint8``: uint8 batches, normalising
   left to the device (what ``train_minimal`` asks for). ``ours loader, 64 px``: Hopenet's crop at
