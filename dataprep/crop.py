@@ -40,7 +40,6 @@ def crop_and_resize(image: np.ndarray, window, size: int | tuple[int, int], *, i
     return resized, [x1, y1, x2, y2]
 
 
-
 def _snap_axis(lo: int, hi: int, n: int, size: int):
     """One axis of :func:`snap_window`: ``(new lo, new hi, first output pixel of the image, end)``."""
     r1, r2 = max(lo, 0), min(hi, n)
@@ -63,9 +62,9 @@ def snap_window(window, image_size, size: int):
     image's edges fall on output pixel boundaries at ``size`` x ``size``: the padding rounded to
     whole output pixels, the image's part spread over the rest. A padded edge moves by at most half
     an output pixel plus (padding / image part, in output pixels) of one: about one output pixel
-    for Hopenet's window over a stored square crop. Returns ``(float window, (x1, y1, x2, y2) output pixels the image fills)``, or None when
-    the window misses the image (or the image would get no output pixel). A window inside the
-    image comes back unchanged."""
+    for Hopenet's window over a stored square crop. Returns ``(float window, (x1, y1, x2, y2))``,
+    the output pixels the image fills; None when the window misses the image (or the image would
+    get no output pixel). A window inside the image comes back unchanged."""
     x1, y1, x2, y2 = (int(v) for v in window)
     w, h = image_size
     ax, ay = _snap_axis(x1, x2, w, size), _snap_axis(y1, y2, h, size)
@@ -79,13 +78,13 @@ def cut_window(image: np.ndarray, window, size: int, *, interpolation=cv2.INTER_
     canvas: a window reaching past the image is snapped (:func:`snap_window`) and only the image's
     part is resized, into its place in a black output. That is the same picture up to the snap
     (a padded edge moves by about an output pixel; the window is returned and recorded, so labels
-    stay exact) and the image's edge pixels, which are not blended with the black. About 0.04 ms
+    stay exact) and the image's edge pixels, which are not blended with the black. About 0.045 ms
     against 0.11 ms for Hopenet's loose window over a 224 px stored crop, which is 40-60% padding
     (one core). Returns the crop and the window it shows (floats when snapped)."""
     h, w = image.shape[:2]
     x1, y1, x2, y2 = (int(v) for v in window)
-    snapped = snap_window(window, (w, h), size)
-    if snapped is None or (x1 >= 0 and y1 >= 0 and x2 <= w and y2 <= h):
+    snapped = None if x1 >= 0 and y1 >= 0 and x2 <= w and y2 <= h else snap_window(window, (w, h), size)
+    if snapped is None:  # inside the image (a view, resized), or missing it (all black)
         return crop_and_resize(image, window, size, interpolation=interpolation)
     taken, (i1, j1, i2, j2) = snapped
     out = np.zeros((size, size) + image.shape[2:], image.dtype)

@@ -702,9 +702,11 @@ class _Decode(PipelineStage):
             if self.crop_rule is None:
                 return [0, 0, w, h], self.size or w
             rng = random.Random(_seed(*entropy, 0)) if self.random_crop else None
-            return crop_ops.recrop_window(source, self.crop_rule, (w, h), rng=rng, margin=self.crop_margin), self.size or w
+            taken = crop_ops.recrop_window(source, self.crop_rule, (w, h), rng=rng, margin=self.crop_margin)
+            return taken, self.size or w
 
         def record_of(taken, w: int, h: int, size: int) -> dict:
+            """The record of the ``taken`` window of a w x h stored image, cut at ``size``."""
             if self.crop_rule is not None:
                 return _cropped_record(source, taken, (w, h), self.crop_rule, size)
             return source if (w, h) == (size, size) else dict(source, crop_size=[size, size])
