@@ -231,13 +231,9 @@ def main(argv=None) -> int:
         bare = {"bare codec,": dict(target="measure_bare_codec", root=str(gt_root), jobs=jobs, repeats=rep)}
         if not args.no_mtcnn:
             bare["bare mtcnn"] = dict(target="measure_bare_mtcnn", root=str(mt_root))
-        specs = dict(ours)
-        if args.before:
-            specs.update({name.replace("ours", "before", 1): dict(kw, code_root=args.before) for name, kw in ours.items()})
+        specs = common.with_before(ours, args.before)
         specs.update(bare)
-        cases = {name: (lambda kw=kw: common.run_isolated("benchmarks.build:" + kw["target"],
-                                                          **{k: v for k, v in kw.items() if k != "target"}))
-                 for name, kw in specs.items()}
+        cases = common.isolated_cases("build", specs)
         print(f"build benchmark ({mode}): {gt_n} gt samples, {mt_n} mtcnn images, shard size {ss}, {jobs} jobs, "
               f"{rounds} round(s) x {rep} build(s), {common.cpu_count()} cores", flush=True)
         results = common.interleaved(cases, rounds)
@@ -262,8 +258,7 @@ def main(argv=None) -> int:
             payload["mtcnn_cached_rate"] = rate["ours mtcnn, cached rebuild"]
             payload["torch_threads"] = results["ours mtcnn, fresh cache"]["extra"].get("torch_threads")
         if args.before:
-            payload["ours_vs_before"] = {name: rate[name] / rate[name.replace("ours", "before", 1)]
-                                         for name in rate if name.startswith("ours")}
+            payload["ours_vs_before"] = common.speedups_vs_before(rate)
         print()
         common.final_json(payload)
         return 0

@@ -245,6 +245,28 @@ def run_isolated(target: str, timeout: float = 900, code_root: str | Path | None
     return json.loads(lines[-1][len("@@RESULT "):])
 
 
+
+def isolated_cases(module: str, specs: dict[str, dict]) -> dict[str, Callable[[], dict]]:
+    """Case name -> a call of :func:`run_isolated` on ``benchmarks.<module>:<spec["target"]>`` with
+    the rest of the spec as keywords (what :func:`interleaved` runs)."""
+    return {name: (lambda kw=kw: run_isolated(f"benchmarks.{module}:{kw['target']}",
+                                              **{k: v for k, v in kw.items() if k != "target"}))
+            for name, kw in specs.items()}
+
+
+def with_before(ours: dict[str, dict], before: str | None) -> dict[str, dict]:
+    """``ours`` (case name -> spec) and, with ``--before DIR``, each case again as "before ...",
+    importing dataprep from DIR."""
+    specs = dict(ours)
+    if before:
+        specs.update({name.replace("ours", "before", 1): dict(kw, code_root=before) for name, kw in ours.items()})
+    return specs
+
+
+def speedups_vs_before(rate: dict[str, float]) -> dict[str, float]:
+    """Rate of each "ours ..." row over its "before ..." row (``--before``)."""
+    return {name: rate[name] / rate[name.replace("ours", "before", 1)] for name in rate if name.startswith("ours")}
+
 def _child_main(target: str, kwargs_json: str) -> None:
     module, func = target.split(":")
     fn = getattr(importlib.import_module(module), func)

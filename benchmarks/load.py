@@ -254,16 +254,12 @@ def main(argv=None) -> int:
             "ours loader, 64 px": dict(base, size=64),
             "ours loader, loose-room shards": dict(base, urls=loose_urls),
         }
-        specs = dict(ours)
-        if args.before:
-            specs.update({k.replace("ours", "before", 1): dict(v, code_root=args.before) for k, v in ours.items()})
+        specs = common.with_before(ours, args.before)
         specs["hopenet-style"] = dict(target="measure_hopenet", root=str(root), workers=workers, epochs=cfg["hopenet_epochs"])
         specs["bare decode,"] = dict(target="measure_bare_decode", urls=urls, workers=workers, repeats=cfg["repeats"])
         specs["bare decode, loose-room shards,"] = dict(target="measure_bare_decode", urls=loose_urls, workers=workers,
                                                         repeats=cfg["repeats"])
-        cases = {name: (lambda kw=kw: common.run_isolated("benchmarks.load:" + kw["target"],
-                                                          **{k: v for k, v in kw.items() if k != "target"}))
-                 for name, kw in specs.items()}
+        cases = common.isolated_cases("load", specs)
         print(f"load benchmark ({mode}): {n} samples in {len(urls)} shards, batch {BATCH_SIZE}, {workers} workers, "
               f"{rounds} round(s), {common.cpu_count()} cores", flush=True)
         results = common.interleaved(cases, rounds)
@@ -297,7 +293,7 @@ def main(argv=None) -> int:
             "peak_mb": {k: round(s.get("peak_tree_pss_mb", 0.0), 1) for k, s in summary.items()},
         }
         if args.before:
-            payload["ours_vs_before"] = {k: rate[k] / rate[k.replace("ours", "before", 1)] for k in ours}
+            payload["ours_vs_before"] = common.speedups_vs_before(rate)
         print()
         common.final_json(payload)
         return 0

@@ -112,9 +112,10 @@ def main(argv=None) -> int:
             sizes[factor] = n
             for label, stub in series.items():
                 for who, code in whos:
-                    specs[f"{who} {label} {factor}x"] = dict(root=str(root), scratch=scratch, jobs=jobs,
-                                                            shard_size=shard_size, stub_detector=stub, code_root=code)
-        cases = {name: (lambda kw=kw: common.run_isolated("benchmarks.scale:measure_build", **kw)) for name, kw in specs.items()}
+                    specs[f"{who} {label} {factor}x"] = dict(target="measure_build", root=str(root), scratch=scratch,
+                                                            jobs=jobs, shard_size=shard_size, stub_detector=stub,
+                                                            code_root=code)
+        cases = common.isolated_cases("scale", specs)
         print(f"scale benchmark ({mode}): {', '.join(f'{f}x = {n}' for f, n in sizes.items())} samples, "
               f"{jobs} jobs, shard size {shard_size}, {rounds} round(s), {common.cpu_count()} cores", flush=True)
         results = common.interleaved(cases, rounds)
