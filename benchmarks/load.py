@@ -25,8 +25,10 @@ Both loaders: one warm-up epoch that starts the workers (``1st epoch s``, and ``
 time to its first batch, worker start-up included), then the timed epochs with the same workers:
 an epoch here is only ~1200 samples, so a worker start-up per epoch would weigh ~100x more than in
 a real epoch (300W-LP: 122k samples).
-* ``bare decode``: ``cv2.imdecode`` of the stored crops' JPEG bytes, read from the shards into
-  memory beforehand: the CPU loader's limit, on 1 process and on ``W`` forked processes.
+* ``bare decode``: ``dataprep.codec.decode_bgr`` (the loader's decoder: libjpeg-turbo's TurboJPEG
+  API, OpenCV's pixels) of the stored crops' JPEG bytes, read from the shards into memory
+  beforehand, on 1 process and on ``W`` forked processes; ``bare decode (cv2.imdecode)`` the same
+  with OpenCV's decoder. The faster of the two is the CPU loader's limit.
 
 Final JSON line: ``ours_vs_hopenet`` (target >= 5) and ``ours_vs_bare_decode`` (ours with W workers
 / bare decode on W processes; target >= 0.5), the same two for the loose-room shards
@@ -174,7 +176,6 @@ class HopenetStyle:
 
 
 def measure_hopenet(root: str, workers: int, epochs: int) -> dict:
-    import torch
     from torch.utils.data import DataLoader, Dataset
 
     class _Dataset(HopenetStyle, Dataset):
@@ -191,16 +192,25 @@ def measure_hopenet(root: str, workers: int, epochs: int) -> dict:
 # Bare decode of the stored crops
 # --------------------------------------------------------------------------------------------
 _JPEGS: list[bytes] = []
+_DECODER: list[str] = ["codec"]
 
 
 def _decode_chunk(indices) -> int:
     import cv2
     import numpy as np
 
-    return sum(cv2.imdecode(np.frombuffer(_JPEGS[i], np.uint8), cv2.IMREAD_COLOR).shape[0] for i in indices)
+    if _DECODER[0] == "cv2":
+        return sum(cv2.imdecode(np.frombuffer(_JPEGS[i], np.uint8), cv2.IMREAD_COLOR).shape[0] for i in indices)
+    from dataprep.codec import decode_bgr
+
+    return sum(decode_bgr(_JPEGS[i]).shape[0] for i in indices)
 
 
-def measure_bare_decode(urls: list[str], workers: int, repeats: int) -> dict:
+def measure_bare_decode(urls: list[str], workers: int, repeats: int, decoder: str = "codec") -> dict:
+    """The stored crops' JPEGs decoded from memory by ``decoder``: ``"codec"`` is
+    ``dataprep.codec.decode_bgr`` (the loader's decoder: libjpeg-turbo's TurboJPEG API, OpenCV's
+    pixels), ``"cv2"`` is ``cv2.imdecode``. The limit is the faster of the two."""
+    _DECODER[0] = decoder
     _JPEGS.clear()
     for url in urls:
         with tarfile.open(url) as tar:
@@ -257,6 +267,8 @@ def main(argv=None) -> int:
         specs = common.with_before(ours, args.before)
         specs["hopenet-style"] = dict(target="measure_hopenet", root=str(root), workers=workers, epochs=cfg["hopenet_epochs"])
         specs["bare decode,"] = dict(target="measure_bare_decode", urls=urls, workers=workers, repeats=cfg["repeats"])
+        specs["bare decode (cv2.imdecode),"] = dict(target="measure_bare_decode", urls=urls, workers=workers,
+                                                    repeats=cfg["repeats"], decoder="cv2")
         specs["bare decode, loose-room shards,"] = dict(target="measure_bare_decode", urls=loose_urls, workers=workers,
                                                         repeats=cfg["repeats"])
         cases = common.isolated_cases("load", specs)
@@ -275,7 +287,7 @@ def main(argv=None) -> int:
                                                  ("peak_tree_pss_mb", "peak MB (process tree)", "{:.0f}")]))
         rate = {k: s["rate"] for k, s in summary.items()}
         procs = f"{workers} procs" if workers > 1 else "1 proc"
-        bare = rate[f"bare decode, {procs}"]
+        bare = max(rate[f"bare decode, {procs}"], rate[f"bare decode (cv2.imdecode), {procs}"])  # the limit
         loose_bare = rate[f"bare decode, loose-room shards, {procs}"]
         payload = {
             "benchmark": "load", "mode": mode, "samples": n, "shards": len(urls), "workers": workers,

@@ -17,10 +17,10 @@ from concurrent.futures import ThreadPoolExecutor
 from itertools import groupby
 from pathlib import Path
 
-import cv2
 import numpy as np
 from tqdm.auto import tqdm
 
+from . import codec
 from .detectors import DetectionCache, create_detector, image_key_from_bytes, track_sequence
 from .records import SampleRef
 
@@ -42,8 +42,7 @@ def _read(path: Path) -> tuple[str | None, bytes | None]:
 def _decode(data: bytes) -> np.ndarray | None:
     """RGB image, or None when the bytes do not decode (the shard worker reports such files when
     it reads them)."""
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-    return None if image is None else cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    return codec.decode_rgb(data)
 
 
 def _load(path: Path) -> tuple[str | None, np.ndarray | None]:

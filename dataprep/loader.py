@@ -93,6 +93,7 @@ from webdataset.shardlists import ResampledShards, SimpleShardList, expand_urls
 from webdataset.utils import PipelineStage, pytorch_worker_info
 
 from . import boxes as box_rules
+from . import codec
 from . import crop as crop_ops
 from .augment import Compose
 
@@ -173,10 +174,10 @@ def open_url(url: str):
 # --------------------------------------------------------------------------------------------
 def decode_image(data: bytes) -> np.ndarray:
     """JPEG/PNG bytes -> H x W x 3 uint8 RGB."""
-    img = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
+    img = codec.decode_rgb(data)
     if img is None:
         raise ValueError("cannot decode image bytes")
-    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+    return img
 
 
 def normalize_images(x: torch.Tensor, normalize: str | None) -> torch.Tensor:
@@ -583,8 +584,6 @@ def _load_npy(data: bytes) -> np.ndarray:
 
 
 #: DCT-domain downscaling of JPEG decoding: factor -> cv2 flag.
-_REDUCED_DECODE = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
-                   8: cv2.IMREAD_REDUCED_COLOR_8}
 #: Interpolations ``cv2.warpAffine`` does exactly as ``cv2.resize`` defines them (reduced decoding).
 _WARP_INTERPOLATIONS = (cv2.INTER_NEAREST, cv2.INTER_LINEAR, cv2.INTER_CUBIC, cv2.INTER_LANCZOS4)
 
@@ -604,7 +603,7 @@ def _reduction(window, size: int, interpolation) -> int:
 
 def _decode_bgr(data: bytes, reduction: int = 1) -> np.ndarray:
     """JPEG/PNG bytes -> H x W x 3 uint8 BGR (a JPEG at 1/``reduction`` scale, in the DCT domain)."""
-    img = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), _REDUCED_DECODE[reduction])
+    img = codec.decode_bgr(data, reduction)
     if img is None:
         raise ValueError("cannot decode image bytes")
     return img

@@ -11,6 +11,7 @@ import cv2
 import fsspec
 import numpy as np
 
+from . import codec
 from .build import MANIFEST
 from .shards import sha256_of
 
@@ -34,7 +35,7 @@ def _decode_member(name: str, data: bytes) -> None:
             if k not in record:
                 raise ValueError(f"label record lacks {k!r}")
     elif ext == "jpg":
-        if cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) is None:
+        if codec.decode_bgr(data) is None:
             raise ValueError("JPEG does not decode")
     elif ext == "pts.npy":
         np.load(io.BytesIO(data), allow_pickle=False)

@@ -3,7 +3,6 @@ RetinaFace weights through the user's path."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch

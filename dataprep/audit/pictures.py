@@ -32,7 +32,7 @@ from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Patch, Rectangle  # noqa: E402
 
 from .. import boxes as box_rules  # noqa: E402
-from .. import labels  # noqa: E402
+from .. import codec, labels  # noqa: E402
 from ..crop import crop_and_resize  # noqa: E402
 from .table import RULES, Build, Row, augment_ops, rule_box_name, rule_window  # noqa: E402
 
@@ -107,10 +107,7 @@ class View:
 
 
 def decode_rgb(data: bytes | None) -> np.ndarray | None:
-    if not data:
-        return None
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-    return None if image is None else cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    return codec.decode_rgb(data) if data else None
 
 
 def thumbnail(image: np.ndarray | None, size: int = THUMB) -> np.ndarray | None:

@@ -23,11 +23,10 @@ import io
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-import cv2
 import numpy as np
 import scipy.io
 
-from .. import labels
+from .. import codec, labels
 from ..records import SampleError
 
 #: Size of every 300W-LP and AFLW2000 image (width, height); ``pt2d`` is in these pixels.
@@ -88,16 +87,16 @@ def read_image(path: Path, display: str, expected_size: tuple[int, int] | None =
     the file that says so, when it is not the dataset's fixed size).
     """
     try:
-        buf = np.fromfile(path, dtype=np.uint8)
+        data = path.read_bytes()
     except FileNotFoundError:
         raise SampleError("missing_image", f"{display}: image file not found") from None
     except OSError as exc:
         raise SampleError("unreadable_image", f"{display}: cannot read the file ({exc})") from exc
-    image = cv2.imdecode(buf, cv2.IMREAD_COLOR) if buf.size else None
+    image = codec.decode_rgb(data)
     if image is None:
         raise SampleError(
             "unreadable_image",
-            f"{display}: not a decodable image ({buf.size} bytes); re-download or re-extract the file",
+            f"{display}: not a decodable image ({len(data)} bytes); re-download or re-extract the file",
         )
     if expected_size is not None:
         h, w = image.shape[:2]
@@ -108,7 +107,7 @@ def read_image(path: Path, display: str, expected_size: tuple[int, int] | None =
                 f"{display}: image is {w}x{h}, expected {expected_size[0]}x{expected_size[1]}{said} "
                 "(the labels are in the original pixels; do not resize the raw files)",
             )
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    return image
 
 
 # --------------------------------------------------------------------------------------------

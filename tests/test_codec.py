@@ -1,0 +1,128 @@
+"""dataprep.codec: the fast decoder gives exactly OpenCV's pixels, and OpenCV still decides every
+file it is not sure of (Exif orientation, corrupt data, PNG, CMYK)."""
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from dataprep import codec
+
+
+def _picture(w: int, h: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    img = (rng.random((h, w, 3)) * 255).astype(np.uint8)
+    return cv2.GaussianBlur(img, (5, 5), 2)  # photo-like: smooth, with detail left
+
+
+def _jpeg(img: np.ndarray, *params: int) -> bytes:
+    ok, buf = cv2.imencode(".jpg", img, list(params))
+    assert ok
+    return buf.tobytes()
+
+
+def _cv2(data: bytes, flags: int = cv2.IMREAD_COLOR):
+    return cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+
+
+def _same(a, b) -> bool:
+    return (a is None and b is None) or (a is not None and b is not None and a.shape == b.shape and np.array_equal(a, b))
+
+
+JPEG_KINDS = {
+    "420 q95": (lambda: _picture(224, 224), [cv2.IMWRITE_JPEG_QUALITY, 95]),
+    "420 q50 odd size": (lambda: _picture(77, 101, 1), [cv2.IMWRITE_JPEG_QUALITY, 50]),
+    "444": (lambda: _picture(120, 90, 2), [cv2.IMWRITE_JPEG_SAMPLING_FACTOR, cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444]),
+    "422": (lambda: _picture(121, 64, 3), [cv2.IMWRITE_JPEG_SAMPLING_FACTOR, cv2.IMWRITE_JPEG_SAMPLING_FACTOR_422]),
+    "progressive": (lambda: _picture(450, 450, 4), [cv2.IMWRITE_JPEG_PROGRESSIVE, 1]),
+    "restart markers": (lambda: _picture(200, 150, 5), [cv2.IMWRITE_JPEG_RST_INTERVAL, 4]),
+    "optimised huffman": (lambda: _picture(64, 64, 6), [cv2.IMWRITE_JPEG_OPTIMIZE, 1]),
+    "grayscale": (lambda: _picture(99, 66, 7)[:, :, 0], []),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(JPEG_KINDS))
+def test_jpegs_decode_to_opencvs_pixels(kind):
+    make, params = JPEG_KINDS[kind]
+    data = _jpeg(make(), *params)
+    want = _cv2(data)
+    got = codec.decode_bgr(data)
+    assert got.dtype == np.uint8 and got.shape == want.shape and got.shape[2] == 3
+    assert np.array_equal(got, want)
+    assert np.array_equal(codec.decode_rgb(data), cv2.cvtColor(want, cv2.COLOR_BGR2RGB))
+
+
+@pytest.mark.parametrize("reduction,flag", [(2, cv2.IMREAD_REDUCED_COLOR_2), (4, cv2.IMREAD_REDUCED_COLOR_4),
+                                            (8, cv2.IMREAD_REDUCED_COLOR_8)])
+def test_reduced_decoding_is_opencvs(reduction, flag):
+    data = _jpeg(_picture(230, 181, 8))
+    got = codec.decode_bgr(data, reduction)
+    assert got.shape == (-(-181 // reduction), -(-230 // reduction), 3)
+    assert np.array_equal(got, _cv2(data, flag))
+
+
+def test_plain_jpegs_do_not_go_through_opencv(monkeypatch):
+    data = _jpeg(_picture(64, 48))
+    want = _cv2(data)
+
+    def refuse(*_):
+        raise AssertionError("cv2.imdecode called for a plain JPEG")
+
+    monkeypatch.setattr(codec.cv2, "imdecode", refuse)
+    assert np.array_equal(codec.decode_bgr(data), want)
+    assert np.array_equal(codec.decode_rgb(data), want[:, :, ::-1])
+
+
+def _with_exif_orientation(data: bytes, orientation: int) -> bytes:
+    """The JPEG with an Exif APP1 segment (one IFD entry: Orientation) right after SOI, as cameras
+    write it."""
+    ifd = struct.pack(">H", 1) + struct.pack(">HHIHH", 0x0112, 3, 1, orientation, 0) + struct.pack(">I", 0)
+    tiff = b"MM\x00\x2a" + struct.pack(">I", 8) + ifd
+    body = b"Exif\x00\x00" + tiff
+    return data[:2] + b"\xff\xe1" + struct.pack(">H", len(body) + 2) + body + data[2:]
+
+
+def test_exif_orientation_is_applied_as_opencv_does():
+    img = _picture(80, 40, 9)
+    data = _with_exif_orientation(_jpeg(img), 6)  # 6: turn 90 degrees clockwise to view
+    want = _cv2(data)
+    assert want.shape[:2] == (80, 40)  # OpenCV read the tag: the picture stands upright
+    assert np.array_equal(codec.decode_bgr(data), want)
+    assert np.array_equal(codec.decode_rgb(data), cv2.cvtColor(want, cv2.COLOR_BGR2RGB))
+
+
+def test_damaged_and_foreign_bytes_get_opencvs_answer(tmp_path: Path):
+    img = _picture(160, 120, 10)
+    data = _jpeg(img, cv2.IMWRITE_JPEG_QUALITY, 90)
+    scan = data.rindex(b"\xff\xda")
+    damaged = bytearray(data)
+    damaged[scan + 200] ^= 0x5A  # a flipped byte in the entropy-coded data
+    cases = {
+        "truncated": data[: len(data) // 2],
+        "damaged scan": bytes(damaged),
+        "not an image": b"definitely not a picture" * 4,
+        "empty": b"",
+        "soi only": b"\xff\xd8",
+        "png": cv2.imencode(".png", img)[1].tobytes(),
+        "png gray": cv2.imencode(".png", img[:, :, 1])[1].tobytes(),
+    }
+    for name, raw in cases.items():
+        want = _cv2(raw) if raw else None
+        assert _same(codec.decode_bgr(raw), want), name
+        rgb = codec.decode_rgb(raw)
+        assert _same(rgb, None if want is None else cv2.cvtColor(want, cv2.COLOR_BGR2RGB)), name
+    assert codec.decode_bgr(cases["not an image"]) is None and codec.decode_bgr(b"") is None
+    assert codec.decode_bgr(cases["png"]) is not None
+
+
+def test_real_dataset_images_decode_to_opencvs_pixels(real_samples: Path):
+    files = sorted(real_samples.rglob("*.jpg")) + sorted(real_samples.rglob("*.png"))
+    assert files
+    for path in files:
+        data = path.read_bytes()
+        want = _cv2(data)
+        assert want is not None, path
+        assert np.array_equal(codec.decode_bgr(data), want), path
