@@ -20,6 +20,7 @@ cost is linear), ``marginal_rate`` (1 / per_sample), ``fixed_s``, ``r2``, ``peak
 
     python benchmarks/scale.py            # ~3 min on 2 busy cores (300 / 1200 / 4800 samples)
     python benchmarks/scale.py --quick    # ~40 s (20 / 80 / 320 samples)
+    python benchmarks/scale.py --factors 1,16,64 --repeats 1   # ~2 min more (19200 samples at 64x)
 """
 from __future__ import annotations
 
@@ -94,9 +95,13 @@ def main(argv=None) -> int:
     p.add_argument("--jobs", type=int, default=None, help="build --jobs (default: all cores)")
     p.add_argument("--shard-size", type=int, default=None, help="build --shard-size (default: per mode)")
     p.add_argument("--no-stub", action="store_true", help="only the gt series")
+    p.add_argument("--factors", default=None, help="data sizes as multiples of the 1x size, e.g. 1,16,64 "
+                                                   "(default: 1,4,16)")
     args = p.parse_args(argv)
     mode = common.mode_of(args)
     cfg = MODES[mode]
+    if args.factors:
+        cfg = dict(cfg, factors=tuple(int(f) for f in args.factors.split(",")))
     rounds = args.repeats or cfg["rounds"]
     jobs = args.jobs or common.cpu_count()
     shard_size = args.shard_size or cfg["shard_size"]
