@@ -99,7 +99,7 @@ def _windows(root: str):
 
 
 _ITEMS: list = []
-_DECODER: list[str] = ["codec"]
+_DECODE: list = []  # the bare decoder of this process (common.bare_decoder)
 
 
 def _bare_one(i: int) -> int:
@@ -107,12 +107,7 @@ def _bare_one(i: int) -> int:
     import numpy as np
 
     data, (x1, y1, x2, y2) = _ITEMS[i]
-    if _DECODER[0] == "cv2":
-        image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-    else:
-        from dataprep.codec import decode_bgr
-
-        image = decode_bgr(data)
+    image = _DECODE[0](data)
     h, w = image.shape[:2]
     if x1 < 0 or y1 < 0 or x2 > w or y2 > h:
         canvas = np.zeros((y2 - y1, x2 - x1, 3), np.uint8)
@@ -136,7 +131,7 @@ def measure_bare_codec(root: str, jobs: int, repeats: int, decoder: str = "codec
     nothing else: on 1 process, then ``jobs``."""
     import cv2
 
-    _DECODER[0] = decoder
+    _DECODE[:] = [common.bare_decoder(decoder)]
     _ITEMS[:] = _windows(root)
     n = len(_ITEMS)
     rows = {"1 proc": {"samples": n, "seconds": common.timed_repeats(lambda: _bare_chunk(range(n)), repeats)}}
@@ -188,13 +183,10 @@ def measure_ours_mtcnn(root: str, scratch: str, shard_size: int, device: str = "
 def measure_bare_mtcnn(root: str, device: str = "cpu") -> dict:
     """The detector alone on the same images, decoded beforehand, same batch size (one pass, as
     the build makes one pass)."""
-    import cv2
-    import numpy as np
-
+    from dataprep.codec import decode_rgb
     from dataprep.detectors import create_detector
 
-    images = [cv2.cvtColor(cv2.imdecode(np.fromfile(j, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
-              for j, _ in common.raw_pairs(Path(root))]  # (not timed)
+    images = [decode_rgb(j.read_bytes()) for j, _ in common.raw_pairs(Path(root))]
     detector = create_detector("mtcnn", device=device, batch_size=BATCH_SIZE)
     start = time.perf_counter()
     detector.detect(images)

@@ -244,8 +244,6 @@ def run_isolated(target: str, timeout: float = 900, code_root: str | Path | None
         raise RuntimeError(f"{target}({kwargs}) failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return json.loads(lines[-1][len("@@RESULT "):])
 
-
-
 def isolated_cases(module: str, specs: dict[str, dict]) -> dict[str, Callable[[], dict]]:
     """Case name -> a call of :func:`run_isolated` on ``benchmarks.<module>:<spec["target"]>`` with
     the rest of the spec as keywords (what :func:`interleaved` runs)."""
@@ -266,6 +264,15 @@ def with_before(ours: dict[str, dict], before: str | None) -> dict[str, dict]:
 def speedups_vs_before(rate: dict[str, float]) -> dict[str, float]:
     """Rate of each "ours ..." row over its "before ..." row (``--before``)."""
     return {name: rate[name] / rate[name.replace("ours", "before", 1)] for name in rate if name.startswith("ours")}
+
+
+def bare_decoder(name: str) -> Callable[[bytes], Any]:
+    """The bare baselines' JPEG decoder: ``"codec"``, ``dataprep.codec.decode_bgr`` (what the build
+    and the loader decode with); ``"cv2"``, ``cv2.imdecode`` as it is (``codec.decode_cv2``)."""
+    from dataprep import codec
+
+    return {"codec": codec.decode_bgr, "cv2": codec.decode_cv2}[name]
+
 
 def _child_main(target: str, kwargs_json: str) -> None:
     module, func = target.split(":")

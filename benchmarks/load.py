@@ -192,25 +192,19 @@ def measure_hopenet(root: str, workers: int, epochs: int) -> dict:
 # Bare decode of the stored crops
 # --------------------------------------------------------------------------------------------
 _JPEGS: list[bytes] = []
-_DECODER: list[str] = ["codec"]
+_DECODE: list = []  # the bare decoder of this process (common.bare_decoder)
 
 
 def _decode_chunk(indices) -> int:
-    import cv2
-    import numpy as np
-
-    if _DECODER[0] == "cv2":
-        return sum(cv2.imdecode(np.frombuffer(_JPEGS[i], np.uint8), cv2.IMREAD_COLOR).shape[0] for i in indices)
-    from dataprep.codec import decode_bgr
-
-    return sum(decode_bgr(_JPEGS[i]).shape[0] for i in indices)
+    decode = _DECODE[0]
+    return sum(decode(_JPEGS[i]).shape[0] for i in indices)
 
 
 def measure_bare_decode(urls: list[str], workers: int, repeats: int, decoder: str = "codec") -> dict:
     """The stored crops' JPEGs decoded from memory by ``decoder``: ``"codec"`` is
     ``dataprep.codec.decode_bgr`` (the loader's decoder: libjpeg-turbo's TurboJPEG API, OpenCV's
     pixels), ``"cv2"`` is ``cv2.imdecode``. The limit is the faster of the two."""
-    _DECODER[0] = decoder
+    _DECODE[:] = [common.bare_decoder(decoder)]
     _JPEGS.clear()
     for url in urls:
         with tarfile.open(url) as tar:
@@ -227,9 +221,12 @@ def measure_bare_decode(urls: list[str], workers: int, repeats: int, decoder: st
 
 
 # --------------------------------------------------------------------------------------------
-#: Shards with room for loose crop rules: Hopenet's window reaches 0.8 box heights above the box
-#: (k = 0.4), so a square crop padded by 0.8 per side holds it, at 320 px to keep the face's pixels.
-LOOSE_ROOM = dict(margin=0.8, crop_size=320)
+def _loose_room() -> dict:
+    """Build options of shards with room for Hopenet's window (``boxes.ROOM_MARGIN``), at 320 px
+    to keep the face's pixels."""
+    from dataprep.boxes import ROOM_MARGIN
+
+    return dict(margin=ROOM_MARGIN["hopenet"], crop_size=320)
 
 
 def _build_shards(work: Path, root: Path, shard_size: int, **options) -> list[str]:
@@ -255,7 +252,7 @@ def main(argv=None) -> int:
     try:
         root, n = common.scaled_dataset(work, "300w_lp", cfg["copies"])
         urls = _build_shards(work, root, cfg["shard_size"])
-        loose_urls = _build_shards(work, root, cfg["shard_size"], **LOOSE_ROOM)
+        loose_urls = _build_shards(work, root, cfg["shard_size"], **_loose_room())
         base = dict(target="measure_ours", urls=urls, workers=workers, epochs=cfg["ours_epochs"])
         ours = {
             "ours loader": base,

@@ -40,9 +40,8 @@ MODES = {
 
 
 def build_shards(base: Path, copies: int) -> tuple[str, int]:
-    from dataprep.build import BuildOptions, build
-
     from dataprep.boxes import ROOM_MARGIN
+    from dataprep.build import BuildOptions, build
 
     root, n = common.scaled_dataset(base, "300w_lp", copies)
     out = base / "shards"

@@ -583,7 +583,6 @@ def _load_npy(data: bytes) -> np.ndarray:
     return np.load(io.BytesIO(data), allow_pickle=False)
 
 
-#: DCT-domain downscaling of JPEG decoding: factor -> cv2 flag.
 #: Interpolations ``cv2.warpAffine`` does exactly as ``cv2.resize`` defines them (reduced decoding).
 _WARP_INTERPOLATIONS = (cv2.INTER_NEAREST, cv2.INTER_LINEAR, cv2.INTER_CUBIC, cv2.INTER_LANCZOS4)
 
@@ -1328,8 +1327,8 @@ class HeadPoseLoader(DataLoader):
         super().__init__(dataset, *args, **kwargs)
         self.worker_init_fn = _WorkerEnv(dataset.state.rank_info, self.worker_init_fn)
         dataset.state.granule = int(self.batch_size or 1)
-        # make_loader's collate: workers write images into reused batch buffers (uint8), the main
-        # process normalises each batch in one pass as it comes (see _Batch)
+        # make_loader's collate: workers write finished images (float normalised, or uint8) into
+        # reused batch buffers, lent to the main process without a copy (see _Batch)
         dataset.state.assemble = bool(self.batch_size) and self.collate_fn is _collate_items
         # batches a worker can have out at once: prefetched, being made, held by the main process
         dataset.state.buffers = int(self.prefetch_factor or 2) + 4 if self.num_workers else 3

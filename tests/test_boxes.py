@@ -1,12 +1,11 @@
 """Box rules and the crop stage against hand-computed values."""
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import pytest
 
 from dataprep import boxes
-import cv2
-
 from dataprep.crop import crop_and_resize, cut_window, recrop, snap_window
 
 
@@ -62,7 +61,6 @@ def test_crop_pads_black_outside_and_maps_coordinates():
     assert out[:20, :20].max() == 0 and out[30:, 30:].min() == 200
     pts = boxes.to_crop_coords([[0, 0], [50, 50]], window, (50, 50))
     assert pts.tolist() == [[25, 25], [50, 50]]
-
 
 
 @pytest.mark.parametrize("window", [[-40, -180, 264, 236], [-7, 3, 90, 130], [30, -61, 150, 59], [10, 10, 90, 90]])
