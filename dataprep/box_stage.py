@@ -39,11 +39,17 @@ def _read(path: Path) -> tuple[str | None, bytes | None]:
     return image_key_from_bytes(data), data
 
 
+def _decode(data: bytes) -> np.ndarray | None:
+    """RGB image, or None when the bytes do not decode (the shard worker reports such files when
+    it reads them)."""
+    return codec.decode_rgb(data)
+
+
 def _load(path: Path) -> tuple[str | None, np.ndarray | None]:
     """(content key, RGB image) or (None, None) when the file cannot be read; (key, None) when it
-    does not decode (the shard worker reports such files when it reads them)."""
+    does not decode."""
     key, data = _read(path)
-    return (None, None) if data is None else (key, codec.decode_rgb(data))
+    return (None, None) if data is None else (key, _decode(data))
 
 
 def detect_all(refs: list[SampleRef], root: Path, detector, cache: DetectionCache | None, *, chunk: int = 64,
@@ -67,7 +73,7 @@ def detect_all(refs: list[SampleRef], root: Path, detector, cache: DetectionCach
         if data is None:
             return None, None, None
         hit = cache.get(key, fingerprint) if cache else None
-        return (key, hit, None) if hit is not None else (key, None, codec.decode_rgb(data))
+        return (key, hit, None) if hit is not None else (key, None, _decode(data))
 
     bar = tqdm(total=len(refs), unit="img", desc=f"detect {detector.name}", disable=not progress)
     with ThreadPoolExecutor(max_workers=threads) as pool:
