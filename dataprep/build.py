@@ -193,15 +193,12 @@ def build(opts: BuildOptions) -> dict:
     settings = resolve_settings(opts, proto, assignment)
     tasks = plan_shards(assignment, opts.shard_size)
 
+    box_stage = None
     if settings.detector != "gt":
-        from .box_stage import detect_boxes
+        from .box_stage import BoxStage
 
-        decisions, detector_fingerprint = detect_boxes(
-            [r for t in tasks for r in t.refs], root, settings, opts
-        )
-        settings = replace(settings, detector_fingerprint=detector_fingerprint)
-        for task in tasks:
-            task.decisions = {r.key: decisions[r.key] for r in task.refs if r.key in decisions}
+        box_stage = BoxStage(settings, opts)
+        settings = replace(settings, detector_fingerprint=box_stage.fingerprint)
 
     fingerprint = settings.fingerprint()
     fs, base = fsspec.core.url_to_fs(opts.out)
@@ -210,6 +207,8 @@ def build(opts: BuildOptions) -> dict:
 
     done = _load_progress(fs, base, tasks, fingerprint)
     pending = [t for t in tasks if t.name not in done]
+    if box_stage is not None:
+        box_stage.spool(fs, base, tasks, pending, fingerprint)
     results = dict(done)
     total = sum(len(t.refs) for t in tasks)
     bar = tqdm(total=total, unit="sample", desc=f"build {opts.dataset}", disable=not opts.progress,

@@ -9,7 +9,7 @@ import io
 import json
 import posixpath
 import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import cv2
@@ -25,6 +25,7 @@ from .records import RawSample, SampleError, SampleRef
 from .shards import ShardWriter, dumps_json
 
 PROGRESS_DIR = ".dataprep-progress"
+DECISIONS_SUFFIX = ".boxes.json"  # a shard's detector decisions, spooled by the box stage
 
 
 @dataclass(frozen=True)
@@ -56,8 +57,19 @@ class ShardTask:
     name: str
     split: str
     refs: list[SampleRef]
-    #: key -> detector decision (box, score, reused, rejected) from the box stage; empty for gt.
-    decisions: dict[str, dict] = field(default_factory=dict)
+    #: the box stage's spooled decisions for these refs (key -> detections, or box, score, reused,
+    #: rejected); None for gt. A path on the output filesystem, so the task stays small.
+    decisions_file: str | None = None
+
+
+def load_decisions(fs, task: ShardTask, settings_fingerprint: str) -> dict[str, dict]:
+    """The task's detector decisions (empty for gt)."""
+    if task.decisions_file is None:
+        return {}
+    spooled = json.loads(fs.cat_file(task.decisions_file))
+    if spooled.get("settings") != settings_fingerprint:
+        raise RuntimeError(f"{task.decisions_file} was written by another build; run the build again")
+    return spooled["decisions"]
 
 
 def sample_rng(seed: int, key: str) -> np.random.Generator:
@@ -205,10 +217,12 @@ def run_shard(task: ShardTask, settings: Settings, root: str, out: str) -> dict:
     rejected: list[dict] = []
     written = 0
     fs, base = fsspec.core.url_to_fs(out)
+    fingerprint = settings.fingerprint()
+    decisions = load_decisions(fs, task, fingerprint)
     with ShardWriter(fs, posixpath.join(base, task.name)) as writer:
         for ref in task.refs:
             try:
-                members = process_ref(reader, root_path, ref, task.split, settings, task.decisions.get(ref.key))
+                members = process_ref(reader, root_path, ref, task.split, settings, decisions.get(ref.key))
             except SampleError as err:
                 rejected.append({"key": ref.key, "source": ref.source, "split": task.split, "reason": err.reason, "message": err.message})
                 continue
@@ -227,6 +241,8 @@ def run_shard(task: ShardTask, settings: Settings, root: str, out: str) -> dict:
     result.update(shard)
     progress = posixpath.join(base, PROGRESS_DIR, task.name + ".json")
     with fs.open(progress + ".tmp", "wb") as f:
-        f.write(json.dumps({"settings": settings.fingerprint(), "result": result}).encode())
+        f.write(json.dumps({"settings": fingerprint, "result": result}).encode())
     fs.mv(progress + ".tmp", progress)
+    if task.decisions_file is not None:  # written into the shard now; a resumed build decides again
+        fs.rm(task.decisions_file)
     return result

@@ -32,7 +32,7 @@ def make_key(dataset: str, relative_stem: str) -> str:
     return _KEY_UNSAFE.sub("_", f"{dataset}_{relative_stem}")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class SampleRef:
     """A raw sample found on disk, before anything is read (cheap to list, picklable)."""
 
