@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from . import codec
 from .detectors import DetectionCache, create_detector, image_key_from_bytes, track_sequence
-from .pipeline import DECISIONS_SUFFIX, PROGRESS_DIR
+from .pipeline import DECISIONS_SUFFIX, PROGRESS_DIR, ShardTask
 from .records import SampleRef
 
 
@@ -172,7 +172,7 @@ class BoxStage:
         return detect_all(refs, Path(self.opts.root), self.detector, self.cache,
                           chunk=max(self.opts.batch_size * 4, 16), progress=self.opts.progress, bar=bar, pool=pool)
 
-    def decide(self, tasks: list, pending: list) -> Iterator[tuple[object, dict[str, dict]]]:
+    def decide(self, tasks: list[ShardTask], pending: list[ShardTask]) -> Iterator[tuple[ShardTask, dict[str, dict]]]:
         """(task, key -> decision) for each pending task, one task at a time."""
         if self.settings.dataset == "biwi":
             # the sequence rules see every frame, also those of shards an earlier run wrote
@@ -184,8 +184,7 @@ class BoxStage:
             for task in pending:
                 yield task, {r.key: decisions.pop(r.key) for r in task.refs if r.key in decisions}
             return
-        # one reading pool for every shard: threads made per shard would each leave their freed
-        # image buffers in a malloc arena of their own, and the process would keep growing
+        # one reading pool for all the shards, one shard's detections at a time
         with self._bar(sum(len(t.refs) for t in pending)) as bar, ThreadPoolExecutor(max_workers=2) as pool:
             for task in pending:
                 detections = self._detect(task.refs, bar, pool)
@@ -194,7 +193,7 @@ class BoxStage:
     def _bar(self, total: int):
         return tqdm(total=total, unit="img", desc=f"detect {self.detector.name}", disable=not self.opts.progress)
 
-    def spool(self, fs, base: str, tasks: list, pending: list, settings_fingerprint: str) -> None:
+    def spool(self, fs, base: str, tasks: list[ShardTask], pending: list[ShardTask], settings_fingerprint: str) -> None:
         """Decide the pending tasks' boxes and write each task's decisions file (``task.decisions_file``)."""
         for task, decisions in self.decide(tasks, pending):
             path = posixpath.join(base, PROGRESS_DIR, task.name + DECISIONS_SUFFIX)
