@@ -170,7 +170,7 @@ class BoxStage:
 
     def _detect(self, refs: list[SampleRef], bar, pool) -> dict[str, list]:
         return detect_all(refs, Path(self.opts.root), self.detector, self.cache,
-                          chunk=max(self.opts.batch_size * 4, 16), progress=self.opts.progress, bar=bar, pool=pool)
+                          chunk=max(self.opts.batch_size * 4, 16), bar=bar, pool=pool)
 
     def decide(self, tasks: list[ShardTask], pending: list[ShardTask]) -> Iterator[tuple[ShardTask, dict[str, dict]]]:
         """(task, key -> decision) for each pending task, one task at a time."""

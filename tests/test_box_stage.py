@@ -11,6 +11,7 @@ from dataprep import box_stage
 from dataprep.boxes import iou
 from dataprep.build import BuildOptions, build
 from dataprep.detectors import Detection
+from build_runs import assert_same_shards, build_killed_at_shard
 from shard_reading import label_records
 
 
@@ -64,8 +65,7 @@ def test_biwi_protocol2_defaults_to_mtcnn_with_tracking_and_caches(sample_tree, 
     # A rebuild (another output, same images and detector) answers from the cache.
     build(_opts(sample_tree / "hpdb", tmp_path / "b", "biwi", cache, protocol="2"))
     assert counting[1].images == 0
-    for name in (p.name for p in (tmp_path / "a").glob("*.tar")):
-        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    assert_same_shards(tmp_path / "a", tmp_path / "b")
 
 
 class ScriptedDetector:
@@ -167,7 +167,6 @@ class CentreFaceDetector:
 
 def test_detector_build_decides_shard_by_shard_and_resumes_without_detecting_finished_shards(
         sample_tree, tmp_path, monkeypatch):
-    from dataprep import build as build_mod
     from dataprep.pipeline import PROGRESS_DIR
 
     root = sample_tree / "300W_LP"
@@ -182,26 +181,10 @@ def test_detector_build_decides_shard_by_shard_and_resumes_without_detecting_fin
     assert not list((reference / PROGRESS_DIR).glob("*.boxes.json")), "spooled decisions are removed once written"
 
     out = tmp_path / "interrupted"
-    real_run_shard = build_mod.run_shard
-    calls = []
-
-    def dying_run_shard(task, *args):
-        calls.append(task.name)
-        if len(calls) == 3:
-            raise KeyboardInterrupt("simulated kill")
-        return real_run_shard(task, *args)
-
-    monkeypatch.setattr(build_mod, "run_shard", dying_run_shard)
-    with pytest.raises(KeyboardInterrupt):
-        build(_opts(root, out, "300w_lp", tmp_path / "c1", detector="mtcnn", shard_size=3))
-    finished = {p.name for p in out.glob("*.tar")}
+    finished = build_killed_at_shard(monkeypatch, _opts(root, out, "300w_lp", tmp_path / "c1", detector="mtcnn", shard_size=3))
     assert len(finished) == 2
-    monkeypatch.setattr(build_mod, "run_shard", real_run_shard)
     # a fresh cache: only the shards still to write reach the detector
     m2 = build(_opts(root, out, "300w_lp", tmp_path / "c2", detector="mtcnn", shard_size=3))
     finished_samples = sum(s["samples"] for s in m2["shards"] if s["name"] in finished)
     assert sum(made[-1].calls) == m2["counts"]["read"] - finished_samples
-    names = sorted(p.name for p in reference.glob("*.tar"))
-    assert names == sorted(p.name for p in out.glob("*.tar"))
-    for name in names:
-        assert (reference / name).read_bytes() == (out / name).read_bytes()
+    assert_same_shards(reference, out)

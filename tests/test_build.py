@@ -16,6 +16,7 @@ from dataprep import labels
 from dataprep.build import BuildError, BuildOptions, build
 from dataprep.cli import main as cli_main
 from dataprep.verify import verify
+from build_runs import assert_same_shards, build_killed_at_shard
 from shard_reading import label_records, read_tar
 
 
@@ -147,31 +148,15 @@ def test_resume_after_interrupt_is_byte_identical(sample_tree, tmp_path, monkeyp
     build(opts(root, reference, "300w_lp", shard_size=3))
 
     out = tmp_path / "interrupted"
-    real_run_shard = build_mod.run_shard
-    calls = []
-
-    def dying_run_shard(task, *args):
-        calls.append(task.name)
-        if len(calls) == 3:
-            raise KeyboardInterrupt("simulated kill")
-        return real_run_shard(task, *args)
-
-    monkeypatch.setattr(build_mod, "run_shard", dying_run_shard)
-    with pytest.raises(KeyboardInterrupt):
-        build(opts(root, out, "300w_lp", shard_size=3))
-    assert not (out / "manifest.json").exists()
-    assert not list(out.glob("*.tmp"))
-    finished = sorted(p.name for p in out.glob("*.tar"))
+    finished = build_killed_at_shard(monkeypatch, opts(root, out, "300w_lp", shard_size=3))
     assert len(finished) == 2
 
-    calls.clear()
+    calls = []
+    real_run_shard = build_mod.run_shard
     monkeypatch.setattr(build_mod, "run_shard", lambda task, *a: calls.append(task.name) or real_run_shard(task, *a))
     build(opts(root, out, "300w_lp", shard_size=3))
-    assert not set(calls) & set(finished), "finished shards must not be redone"
-    names = sorted(p.name for p in reference.glob("*.tar"))
-    assert names == sorted(p.name for p in out.glob("*.tar"))
-    for name in names:
-        assert (reference / name).read_bytes() == (out / name).read_bytes()
+    assert not set(calls) & finished, "finished shards must not be redone"
+    assert_same_shards(reference, out)
     assert verify(str(out)).ok
 
 
