@@ -77,6 +77,7 @@ import re
 import tarfile
 import threading
 import weakref
+import zlib
 from collections import Counter
 from itertools import islice
 from typing import Any, Callable, Sequence
@@ -313,8 +314,14 @@ def _checksum_ok(header: bytes) -> bool:
         chksum = _tar_number(header[148:156])
     except tarfile.InvalidHeaderError:
         return False
-    unsigned = sum(header[:148]) + sum(header[156:]) + 256
-    return chksum == unsigned or chksum == unsigned - 2 * sum(b for b in header if b > 127)
+    # the byte sum through zlib's Adler-32, whose low half is 1 + the sum mod 65521: exact for 256
+    # bytes (at most 65280), and ~5x faster than sum() over the bytes (it runs per tar member)
+    total = (zlib.adler32(header[:256]) & 0xFFFF) + (zlib.adler32(header[256:]) & 0xFFFF) - 2
+    unsigned = total - sum(header[148:156]) + 256
+    if chksum == unsigned:
+        return True
+    high = sum(b > 127 for b in header[:148]) + sum(b > 127 for b in header[156:])
+    return chksum == unsigned - 256 * high  # each byte read as a signed char
 
 
 def _read_exact(stream, n: int) -> bytes:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import tarfile
 from pathlib import Path
 
 import cv2
@@ -452,6 +453,24 @@ def test_tar_members_as_webdataset_groups_them(tmp_path, fmt, mode):
             tar.addfile(info, io.BytesIO(data))
     ours, theirs = _our_samples(path), _webdataset_samples(path)
     assert ours == theirs and len(ours) >= 4
+
+
+def test_tar_header_checksum_follows_tarfiles_rule_on_any_bytes():
+    """The reader's header check (a fast byte sum) accepts exactly the headers whose chksum field
+    holds tarfile's unsigned or signed sum, whatever the bytes (high bytes included)."""
+    from dataprep.loader import _checksum_ok
+
+    rng = np.random.default_rng(0)
+    for trial in range(300):
+        block = bytearray(rng.integers(0, 256 if trial % 2 else 128, 512, dtype=np.uint8).tobytes())
+        unsigned, signed = tarfile.calc_chksums(bytes(block))
+        block[148:156] = b"%06o\0 " % (unsigned if trial % 3 else signed)
+        assert _checksum_ok(bytes(block))
+        i = int(rng.integers(0, 512))
+        if 148 <= i < 156:
+            continue
+        block[i] = (block[i] + int(rng.integers(1, 256))) % 256  # any other byte changed: refused
+        assert not _checksum_ok(bytes(block))
 
 
 def test_tar_reader_rejects_broken_shards(tmp_path):
