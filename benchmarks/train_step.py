@@ -58,7 +58,7 @@ def measure(model_name: str, urls: str, batch_size: int, batches: int, workers: 
 
     from train_minimal import registry
     from train_minimal.data import make_loader, prepare_batch
-    from train_minimal.train import amp_dtype_for, autocast_ctx, to_float
+    from train_minimal.train import TrainStep, amp_dtype_for
 
     spec = registry.get(model_name)
     device = torch.device(device_name)
@@ -88,21 +88,8 @@ def measure(model_name: str, urls: str, batch_size: int, batches: int, workers: 
     model = spec.build(None).to(device).train()
     if cuda:
         model = model.to(memory_format=torch.channels_last)
-    optimizer, _ = spec.make_optimizer(model, total_steps=2 * batches + 2)
-    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
-
-    def step(x, t):
-        optimizer.zero_grad(set_to_none=True)
-        with autocast_ctx(device, amp_dtype):
-            out = model(x)
-        loss = spec.loss(to_float(out), t)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
+    optimizer, scheduler = spec.make_optimizer(model, total_steps=2 * batches + 2)
+    step = TrainStep(spec, model, optimizer, scheduler, device, amp_dtype)  # the trainer's step
 
     step(images, targets)  # warm-up (allocations, cudnn autotune)
     sync()
@@ -124,12 +111,14 @@ def measure(model_name: str, urls: str, batch_size: int, batches: int, workers: 
 
 
 def main() -> None:
+    from train_minimal.train import AMP_CHOICES
+
     parser = common.base_parser(__doc__.splitlines()[0])
     parser.add_argument("--models", default=None, help="comma-separated registry names")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--workers", type=int, default=common.cpu_count())
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--amp", default="auto", choices=("auto", "off", "bf16", "fp16"), help="as train_minimal's --amp")
+    parser.add_argument("--amp", default="auto", choices=AMP_CHOICES, help="as train_minimal's --amp")
     parser.add_argument("--gpu-decode", action="store_true", help="decode JPEGs on the GPU (CUDA only)")
     args = parser.parse_args()
     copies, batches, models = MODES[common.mode_of(args)]

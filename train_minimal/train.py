@@ -122,6 +122,60 @@ def autocast_ctx(device: torch.device, dtype):
     return nullcontext()
 
 
+class TrainStep:
+    """One optimisation step as the trainer takes it: the forward pass under autocast (teachers
+    too, without gradients), the model's loss in float32 (``alpha`` from ``spec.defaults`` unless
+    given, where the loss takes one) plus distillation, backward (scaled for float16, whose
+    gradients underflow), the spec's gradient clipping, the optimiser and the scheduler. ``net``
+    is what runs the forward pass (``model`` or its DDP wrapper). Called with a batch, returns the
+    detached loss. ``benchmarks/train_step.py`` times this same step."""
+
+    def __init__(self, spec, model: nn.Module, optimizer, scheduler, device: torch.device, amp_dtype, *,
+                 net: nn.Module | None = None, alpha=None, teachers=(), kd_kwargs: dict | None = None):
+        self.spec, self.model, self.net = spec, model, net if net is not None else model
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self.device, self.amp_dtype = device, amp_dtype
+        self.teachers, self.kd_kwargs = list(teachers), dict(kd_kwargs or {})
+        self.loss_kwargs = {}
+        alpha = alpha if alpha is not None else spec.defaults.get("alpha")
+        if alpha is not None and _accepts(spec.loss, "alpha"):
+            self.loss_kwargs["alpha"] = float(alpha)
+        self.clip_value = spec.defaults.get("clip_grad_value")
+        self.clip_norm = spec.defaults.get("clip_grad_norm")
+        self.scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+
+    def __call__(self, x: torch.Tensor, targets) -> torch.Tensor:
+        spec, opt, scaler = self.spec, self.optimizer, self.scaler
+        with autocast_ctx(self.device, self.amp_dtype):
+            out = self.net(x)
+            t_out = None
+            if self.teachers:
+                with torch.no_grad():
+                    t_out = [t(x) for t in self.teachers]
+        out = to_float(out)
+        loss = spec.loss(out, targets, **self.loss_kwargs)
+        if self.teachers:
+            loss = loss + spec.distill(out, to_float(t_out), **self.kd_kwargs)
+        opt.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
+        else:
+            loss.backward()
+        if self.clip_value:
+            nn.utils.clip_grad_value_(self.model.parameters(), float(self.clip_value))
+        if self.clip_norm:
+            nn.utils.clip_grad_norm_(self.model.parameters(), float(self.clip_norm))
+        if scaler is not None:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        return loss.detach()
+
+
 def parse_val(items: list[str] | None) -> dict[str, str]:
     """``NAME=URL`` (or a bare URL: ``val``, ``val2`` ...) -> {name: url}."""
     out: dict[str, str] = {}
@@ -316,25 +370,19 @@ def cmd_train(args) -> int:
         total_steps = int(args.epochs) * per_epoch
 
     opt, sched = spec.make_optimizer(model, total_steps, args.lr)
-    loss_kwargs = {}
-    alpha = args.alpha if args.alpha is not None else spec.defaults.get("alpha")
-    if alpha is not None and _accepts(spec.loss, "alpha"):
-        loss_kwargs["alpha"] = float(alpha)
-    clip_value = spec.defaults.get("clip_grad_value")
-    clip_norm = spec.defaults.get("clip_grad_norm")
-    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None  # fp16 gradients underflow
-
     net = model
     if distributed:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         net = DDP(model, device_ids=[device.index] if cuda else None,
                   find_unused_parameters=bool(spec.defaults.get("find_unused_parameters", False)))
+    train_step = TrainStep(spec, model, opt, sched, device, amp_dtype, net=net, alpha=args.alpha,
+                           teachers=teachers, kd_kwargs=kd_kwargs)
 
     run_args = {
         "model": spec.name, "input_size": input_size, "crop_rule": spec.crop_rule, "normalize": spec.normalize,
         "batch_size": batch_size, "lr": args.lr if args.lr is not None else spec.defaults.get("lr"),
-        "alpha": loss_kwargs.get("alpha"), "pretrained": str(args.pretrained), "seed": args.seed,
+        "alpha": train_step.loss_kwargs.get("alpha"), "pretrained": str(args.pretrained), "seed": args.seed,
         "epochs": args.epochs, "steps": args.steps, "epoch_length": args.epoch_length, "world_size": world,
         "teachers": teacher_paths, "kd_weight": kd_kwargs.get("weight"), "train": str(args.train),
         "val": val_sets, "device": str(device), "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else None,
@@ -358,34 +406,7 @@ def cmd_train(args) -> int:
         t_epoch = time.time()
         for batch in train_loader:
             x, targets = prepare_batch(batch, spec.normalize, device, size=input_size, channels_last=channels_last)
-            with autocast_ctx(device, amp_dtype):
-                out = net(x)
-                t_out = None
-                if teachers:
-                    with torch.no_grad():
-                        t_out = [t(x) for t in teachers]
-            out = to_float(out)
-            loss = spec.loss(out, targets, **loss_kwargs)
-            if teachers:
-                loss = loss + spec.distill(out, to_float(t_out), **kd_kwargs)
-            opt.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.unscale_(opt)
-            else:
-                loss.backward()
-            if clip_value:
-                nn.utils.clip_grad_value_(model.parameters(), float(clip_value))
-            if clip_norm:
-                nn.utils.clip_grad_norm_(model.parameters(), float(clip_norm))
-            if scaler is not None:
-                scaler.step(opt)
-                scaler.update()
-            else:
-                opt.step()
-            if sched is not None:
-                sched.step()
-            losses.append(loss.detach())
+            losses.append(train_step(x, targets))
             step += 1
             if args.steps is not None and step >= args.steps:
                 done = True
