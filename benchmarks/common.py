@@ -74,7 +74,9 @@ def sample_tree(base: Path) -> Path:
 
 def jpeg_with_comment(data: bytes, text: str) -> bytes:
     """The same JPEG with a COM segment after SOI: new bytes (and sha256), same pixels."""
-    if data[:2] != b"\xff\xd8":
+    from dataprep.codec import is_jpeg
+
+    if not is_jpeg(data):
         raise ValueError("not a JPEG")
     payload = text.encode("ascii")
     return data[:2] + b"\xff\xfe" + (len(payload) + 2).to_bytes(2, "big") + payload + data[2:]
@@ -243,6 +245,7 @@ def run_isolated(target: str, timeout: float = 900, code_root: str | Path | None
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"{target}({kwargs}) failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return json.loads(lines[-1][len("@@RESULT "):])
+
 
 def isolated_cases(module: str, specs: dict[str, dict]) -> dict[str, Callable[[], dict]]:
     """Case name -> a call of :func:`run_isolated` on ``benchmarks.<module>:<spec["target"]>`` with

@@ -17,10 +17,9 @@ from __future__ import annotations
 import ctypes
 import json
 import os
-import posixpath
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from itertools import groupby
 from pathlib import Path
 from typing import Iterator
@@ -30,7 +29,7 @@ from tqdm.auto import tqdm
 
 from . import codec
 from .detectors import DetectionCache, create_detector, image_key_from_bytes, track_sequence
-from .pipeline import DECISIONS_SUFFIX, PROGRESS_DIR, ShardTask
+from .pipeline import DECISIONS_SUFFIX, ShardTask, progress_file
 from .records import SampleRef
 
 
@@ -172,31 +171,36 @@ class BoxStage:
         return detect_all(refs, Path(self.opts.root), self.detector, self.cache,
                           chunk=max(self.opts.batch_size * 4, 16), bar=bar, pool=pool)
 
+    @contextmanager
+    def _detecting(self, total: int):
+        """A progress bar over ``total`` images and one reading pool, shared by every
+        :meth:`_detect` call of the stage."""
+        with tqdm(total=total, unit="img", desc=f"detect {self.detector.name}", disable=not self.opts.progress) as bar, \
+                ThreadPoolExecutor(max_workers=2) as pool:
+            yield bar, pool
+
     def decide(self, tasks: list[ShardTask], pending: list[ShardTask]) -> Iterator[tuple[ShardTask, dict[str, dict]]]:
         """(task, key -> decision) for each pending task, one task at a time."""
         if self.settings.dataset == "biwi":
             # the sequence rules see every frame, also those of shards an earlier run wrote
             refs = sorted((r for t in tasks for r in t.refs), key=lambda r: (r.group, r.source))
-            with self._bar(len(refs)) as bar, ThreadPoolExecutor(max_workers=2) as pool:
+            with self._detecting(len(refs)) as (bar, pool):
                 detections = self._detect(refs, bar, pool)
             decisions = biwi_decisions(refs, detections, self.settings.biwi_tracking or "previous")
             del detections
             for task in pending:
                 yield task, {r.key: decisions.pop(r.key) for r in task.refs if r.key in decisions}
             return
-        # one reading pool for all the shards, one shard's detections at a time
-        with self._bar(sum(len(t.refs) for t in pending)) as bar, ThreadPoolExecutor(max_workers=2) as pool:
+        # one shard's detections at a time
+        with self._detecting(sum(len(t.refs) for t in pending)) as (bar, pool):
             for task in pending:
                 detections = self._detect(task.refs, bar, pool)
                 yield task, {key: {"detections": [d.to_json() for d in faces]} for key, faces in detections.items()}
 
-    def _bar(self, total: int):
-        return tqdm(total=total, unit="img", desc=f"detect {self.detector.name}", disable=not self.opts.progress)
-
     def spool(self, fs, base: str, tasks: list[ShardTask], pending: list[ShardTask], settings_fingerprint: str) -> None:
         """Decide the pending tasks' boxes and write each task's decisions file (``task.decisions_file``)."""
         for task, decisions in self.decide(tasks, pending):
-            path = posixpath.join(base, PROGRESS_DIR, task.name + DECISIONS_SUFFIX)
+            path = progress_file(base, task.name, DECISIONS_SUFFIX)
             with fs.open(path, "wb") as f:
                 f.write(json.dumps({"settings": settings_fingerprint, "decisions": decisions},
                                    separators=(",", ":")).encode())

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from . import __version__, protocols
 from . import boxes as box_rules
 from .datasets import get_reader
-from .pipeline import PROGRESS_DIR, Settings, ShardTask, run_shard
+from .pipeline import PROGRESS_DIR, RESULT_SUFFIX, Settings, ShardTask, progress_file, run_shard
 from .records import SampleRef
 from .shards import dumps_json, shard_name, write_info
 
@@ -86,7 +86,7 @@ def _load_progress(fs, base: str, tasks: list[ShardTask], fingerprint: str) -> d
     """Results of shards a previous run of the same build completed (file present, same settings)."""
     done = {}
     for task in tasks:
-        path = posixpath.join(base, PROGRESS_DIR, task.name + ".json")
+        path = progress_file(base, task.name, RESULT_SUFFIX)
         if not fs.exists(path):
             continue
         try:

@@ -22,11 +22,16 @@ import cv2
 import numpy as np
 import simplejpeg
 
-__all__ = ["decode_bgr", "decode_rgb", "decode_cv2"]
+__all__ = ["decode_bgr", "decode_rgb", "decode_cv2", "is_jpeg"]
 
 _SOI = b"\xff\xd8"
 _CV2_FLAGS = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
               8: cv2.IMREAD_REDUCED_COLOR_8}
+
+
+def is_jpeg(data: bytes) -> bool:
+    """Whether the bytes start as a JPEG does (the SOI marker)."""
+    return data[:2] == _SOI
 
 
 def _has_exif(data: bytes) -> bool:
@@ -48,7 +53,7 @@ def _has_exif(data: bytes) -> bool:
 
 def _turbo(data: bytes, colorspace: str) -> np.ndarray | None:
     """The TurboJPEG decode of a JPEG without Exif, or None to leave it to OpenCV."""
-    if len(data) <= 2 or data[:2] != _SOI or _has_exif(data):
+    if len(data) <= 2 or not is_jpeg(data) or _has_exif(data):
         return None
     try:
         return simplejpeg.decode_jpeg(data, colorspace)

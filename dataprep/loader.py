@@ -722,7 +722,7 @@ class _Decode(PipelineStage):
             taken, size = window(w, h)
         else:
             stored, planned = record.get("crop_size"), None
-            if self.size is not None and not self.exact_cut and stored is not None and raw["jpg"][:2] == b"\xff\xd8":
+            if self.size is not None and not self.exact_cut and stored is not None and codec.is_jpeg(raw["jpg"]):
                 # a window at least twice the output size each way: decode at reduced scale
                 w, h = stored = (int(stored[0]), int(stored[1]))
                 planned = window(w, h)

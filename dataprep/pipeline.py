@@ -25,7 +25,14 @@ from .records import RawSample, SampleError, SampleRef
 from .shards import ShardWriter, dumps_json
 
 PROGRESS_DIR = ".dataprep-progress"
+RESULT_SUFFIX = ".json"  # a written shard's result (counts, rejections, checksums)
 DECISIONS_SUFFIX = ".boxes.json"  # a shard's detector decisions, spooled by the box stage
+
+
+def progress_file(base: str, shard: str, suffix: str) -> str:
+    """A shard's file in the build's progress folder (``suffix``: ``RESULT_SUFFIX`` or
+    ``DECISIONS_SUFFIX``)."""
+    return posixpath.join(base, PROGRESS_DIR, shard + suffix)
 
 
 @dataclass(frozen=True)
@@ -239,7 +246,7 @@ def run_shard(task: ShardTask, settings: Settings, root: str, out: str) -> dict:
         shard = writer.close()
     result = {"name": task.name, "split": task.split, "read": len(task.refs), "written": written, "rejected": rejected}
     result.update(shard)
-    progress = posixpath.join(base, PROGRESS_DIR, task.name + ".json")
+    progress = progress_file(base, task.name, RESULT_SUFFIX)
     with fs.open(progress + ".tmp", "wb") as f:
         f.write(json.dumps({"settings": fingerprint, "result": result}).encode())
     fs.mv(progress + ".tmp", progress)
