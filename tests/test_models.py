@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from dataprep import labels
 from train_minimal import registry
-from train_minimal.models import ehpnet, hopenet, mnn, whenet
+from train_minimal.models import _bin_heads, _pretrained, ehpnet, hopenet, mnn, whenet
 
 torch.set_num_threads(1)
 
@@ -125,10 +125,10 @@ def test_ehpnet_schedule_warms_up_then_decays(built):
 def test_bin_maths_match_binspec(bins):
     rng = np.random.default_rng(0)
     angles = rng.uniform(bins.low - 10, bins.high + 10, 200)
-    assert hopenet.angle_to_bin(torch.from_numpy(angles), bins).tolist() == bins.to_bin(angles).tolist()
+    assert _bin_heads.angle_to_bin(torch.from_numpy(angles), bins).tolist() == bins.to_bin(angles).tolist()
     logits = rng.normal(size=(5, bins.count))
     probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
-    np.testing.assert_allclose(hopenet.expected_angle(torch.from_numpy(logits), bins).numpy(), bins.decode(probs),
+    np.testing.assert_allclose(_bin_heads.expected_angle(torch.from_numpy(logits), bins).numpy(), bins.decode(probs),
                                atol=1e-3)
     assert bins.width * 0 + bins.low == {66: -99, 62: -93, 120: -180}[bins.count]
 
@@ -137,10 +137,10 @@ def test_wrapped_yaw_loss():
     bins = labels.WHENET_YAW_BINS
     logits = torch.full((1, bins.count), -20.0)
     logits[0, bins.to_bin(178.0)] = 20.0  # predicts ~178 (3*E - 180 decode)
-    near = hopenet.bin_head_loss(logits, torch.tensor([-179.0]), bins, 1.0, wrap=True)
-    plain = hopenet.bin_head_loss(logits, torch.tensor([-179.0]), bins, 1.0, wrap=False)
+    near = _bin_heads.bin_head_loss(logits, torch.tensor([-179.0]), bins, 1.0, wrap=True)
+    plain = _bin_heads.bin_head_loss(logits, torch.tensor([-179.0]), bins, 1.0, wrap=False)
     assert near < 100 < plain
-    d = hopenet.wrapped_difference(torch.tensor([170.0, -170.0, 10.0]), torch.tensor([-170.0, 170.0, 350.0]))
+    d = _bin_heads.wrapped_difference(torch.tensor([170.0, -170.0, 10.0]), torch.tensor([-170.0, 170.0, 350.0]))
     np.testing.assert_allclose(d.numpy(), labels.wrapped_angle_difference([170, -170, 10], [-170, 170, 350]))
 
 
@@ -209,8 +209,8 @@ def test_auto_weights_without_network_say_what_to_do(monkeypatch):
 
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
     for name in ("hopenet", "ehpnet", "whenet"):
-        with pytest.raises(hopenet.PretrainedUnavailable, match=r"could not be downloaded \(no network\?\) — pass "
-                                                                  r"--pretrained PATH .* or --pretrained none"):
+        with pytest.raises(_pretrained.PretrainedUnavailable, match=r"could not be downloaded \(no network\?\) — pass "
+                                                                      r"--pretrained PATH .* or --pretrained none"):
             registry.get(name).build("auto")
 
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import inspect
 import json
 import os
 import re
@@ -54,9 +55,13 @@ CHECKPOINT_FORMAT = "train_minimal/1"
 # helpers
 # --------------------------------------------------------------------------------------------
 def _accepts(fn, name: str) -> bool:
-    from .models.hopenet import accepts_kwarg
-
-    return accepts_kwarg(fn, name)
+    """Whether ``fn`` takes a ``name`` keyword (named, or through ``**kwargs``): spec functions
+    differ in what they accept (``input_size``, ``alpha``, ``weight``)."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
@@ -75,7 +80,7 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
 
 
 def build_model(spec, pretrained, input_size: int | None) -> nn.Module:
-    from .models.hopenet import PretrainedUnavailable
+    from .models._pretrained import PretrainedUnavailable
 
     kwargs = {}
     if input_size and input_size != spec.input_size and _accepts(spec.build, "input_size"):

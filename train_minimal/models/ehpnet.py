@@ -37,7 +37,8 @@ from torch import nn
 from dataprep.labels import EHPNET_BINS
 
 from ..registry import ModelSpec, register
-from .hopenet import BinPoseNet, build_with_pretrained, decode_bins, three_bin_loss, timm_model, torchvision_model
+from ._bin_heads import BinPoseNet, decode_bins, three_bin_loss
+from ._pretrained import build_with_pretrained, timm_model, torchvision_model
 
 EHPNET_ALL_BINS = (EHPNET_BINS, EHPNET_BINS, EHPNET_BINS)
 HIDDEN = 128

@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..registry import ModelSpec, register
-from .hopenet import normalize_pretrained
+from ._pretrained import normalize_pretrained
 
 log = logging.getLogger(__name__)
 

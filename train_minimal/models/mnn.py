@@ -60,7 +60,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..registry import ModelSpec, count_parameters, register
-from .hopenet import load_weights_file, normalize_pretrained
+from ._pretrained import load_weights_file, normalize_pretrained
 
 CHANNELS = 256
 STAGES = 9

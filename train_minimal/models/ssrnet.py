@@ -28,11 +28,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..registry import ModelSpec, register
+from ._pretrained import normalize_pretrained
 from .fsanet import (
     DEFAULTS, STAGE_NUM, TwoStreamBackbone, decode, init_keras_, l1_loss, make_optimizer,
     soft_stagewise_regression,
 )
-from .hopenet import normalize_pretrained
 
 #: Trainable parameter count of our port (the official Keras structure, counted layer by layer).
 PARAMS = 231_763

@@ -25,7 +25,8 @@ from torch import nn
 from dataprep.labels import HOPENET_BINS, WHENET_YAW_BINS
 
 from ..registry import ModelSpec, register
-from .hopenet import BinPoseNet, build_with_pretrained, decode_bins, three_bin_loss, torchvision_model
+from ._bin_heads import BinPoseNet, decode_bins, three_bin_loss
+from ._pretrained import build_with_pretrained, torchvision_model
 
 WHENET_ALL_BINS = (WHENET_YAW_BINS, HOPENET_BINS, HOPENET_BINS)
 
