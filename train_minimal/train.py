@@ -64,6 +64,13 @@ def _accepts(fn, name: str) -> bool:
     return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
+def _warn_crop_room(urls, spec, command: str) -> None:
+    """Print :func:`data.crop_room_warning` for these shards, if any, tagged with the command."""
+    warning = crop_room_warning(urls, spec)
+    if warning:
+        print(f"[{command}] warning: {warning}", file=sys.stderr, flush=True)
+
+
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     name = (name or "auto").lower()
     if name == "auto":
@@ -352,9 +359,7 @@ def cmd_train(args) -> int:
     val_sets = parse_val(args.val)
     if is_main:
         for url in [args.train, *val_sets.values()]:
-            warning = crop_room_warning(url, spec)
-            if warning:
-                print(f"[train] warning: {warning}", file=sys.stderr, flush=True)
+            _warn_crop_room(url, spec, "train")
     train_loader = make_loader(args.train, spec, batch_size, train=True, workers=args.workers, seed=args.seed,
                                epoch_length=args.epoch_length, distributed=distributed, input_size=input_size,
                                gpu_decode=gpu_decode)
@@ -476,9 +481,7 @@ def cmd_eval(args) -> int:
         model = model.to(memory_format=torch.channels_last)
     amp_dtype = amp_dtype_for(device, args.amp)
     batch_size = int(args.batch_size or (ckpt.get("args") or {}).get("batch_size") or 64)
-    warning = crop_room_warning(args.data, spec)
-    if warning:
-        print(f"[eval] warning: {warning}", file=sys.stderr, flush=True)
+    _warn_crop_room(args.data, spec, "eval")
     loader = make_loader(args.data, spec, batch_size, train=False, workers=args.workers, seed=0,
                          input_size=input_size, gpu_decode=bool(args.gpu_decode and cuda))
     res = evaluate(model, loader, spec, device, amp_dtype=amp_dtype, channels_last=cuda, input_size=input_size)
