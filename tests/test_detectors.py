@@ -67,6 +67,22 @@ def test_detect_groups_by_size_and_batches():
     assert fake.detect([]) == []
 
 
+def test_detect_drops_faces_outside_the_frame():
+    """Every detector's boxes may reach past the border, but a box with no pixel of its image in it
+    (or none at all: degenerate) is not a face of that image."""
+
+    class Scattered(FakeDetector):
+        def _detect_batch(self, batch):
+            h, w = batch.shape[1:3]
+            boxes = [(-30, 5, -1, 25), (w + 1, 5, w + 40, 25), (5, h, 25, h + 30), (5, -40, 25, 0),  # outside
+                     (10, 10, 10, 30),  # no width
+                     (-30, -30, 1, 1), (w - 1, h - 1, w + 30, h + 30), (5, 5, 25, 25)]  # inside, by 1 px or more
+            return [[Detection(box, score=0.1 * (i + 1)) for i, box in enumerate(boxes)] for _ in batch]
+
+    (faces,) = Scattered().detect([np.zeros((40, 60, 3), np.uint8)])
+    assert [f.box for f in faces] == [(5, 5, 25, 25), (59, 39, 90, 70), (-30, -30, 1, 1)]  # most confident first
+
+
 # --------------------------------------------------------------------------------------------- MTCNN
 @pytest.fixture(scope="module")
 def mtcnn():

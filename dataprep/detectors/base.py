@@ -56,6 +56,12 @@ class Detection:
     def height(self) -> float:
         return self.box[3] - self.box[1]
 
+    def overlaps_frame(self, width: int, height: int) -> bool:
+        """Whether the box covers any of a ``width`` x ``height`` image (a box entirely outside the
+        frame, or degenerate, is no use to anyone)."""
+        x1, y1, x2, y2 = self.box
+        return min(x2, width) > max(x1, 0.0) and min(y2, height) > max(y1, 0.0)
+
     def to_json(self) -> dict[str, Any]:
         return {
             "box": list(self.box),
@@ -96,7 +102,8 @@ class Detector(ABC):
 
     Subclasses set ``name`` and ``fingerprint`` and implement ``_detect_batch`` for a stack of
     equal-size images; ``detect`` groups the input by size and cuts each group into batches of at
-    most ``batch_size`` so that every batch is one forward pass.
+    most ``batch_size`` so that every batch is one forward pass, and drops the faces that do not
+    overlap their image (:meth:`Detection.overlaps_frame`).
     """
 
     name: str = ""
@@ -119,8 +126,9 @@ class Detector(ABC):
                 found = self._detect_batch(batch)
                 if len(found) != len(chunk):  # pragma: no cover - a subclass bug
                     raise RuntimeError(f"{self.name}: {len(found)} results for {len(chunk)} images")
+                height, width = batch.shape[1:3]
                 for i, faces in zip(chunk, found):
-                    results[i] = sorted(faces, key=lambda d: -d.score)
+                    results[i] = sorted((f for f in faces if f.overlaps_frame(width, height)), key=lambda d: -d.score)
         return results  # type: ignore[return-value]
 
     @abstractmethod

@@ -72,7 +72,6 @@ class MTCNNDetector(Detector):
     def _detect_batch(self, batch: np.ndarray) -> list[list[Detection]]:
         with torch.inference_mode():
             boxes, probs, points = self._mtcnn.detect(np.ascontiguousarray(batch), landmarks=True)
-        height, width = batch.shape[1:3]
         out: list[list[Detection]] = []
         for img_boxes, img_probs, img_points in zip(boxes, probs, points):
             faces: list[Detection] = []
@@ -82,10 +81,6 @@ class MTCNNDetector(Detector):
                         continue
                     if self.min_score is not None and prob < self.min_score:
                         continue
-                    x1, y1, x2, y2 = (float(v) for v in box)
-                    # A face entirely outside the frame (or degenerate) is no use to anyone.
-                    if min(x2, width) <= max(x1, 0.0) or min(y2, height) <= max(y1, 0.0):
-                        continue
-                    faces.append(Detection(box=(x1, y1, x2, y2), score=float(prob), landmarks=pts))
+                    faces.append(Detection(box=box, score=float(prob), landmarks=pts))
             out.append(faces)
         return out

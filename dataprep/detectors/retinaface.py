@@ -270,11 +270,6 @@ class RetinaFaceDetector(Detector):
                 boxes_np = boxes[keep].float().cpu().numpy()
                 lms_np = landmarks[keep].float().cpu().numpy().reshape(-1, 5, 2)
                 scores_np = scores[keep].float().cpu().numpy()
-                faces = []
-                for box, score, lms in zip(boxes_np, scores_np, lms_np):
-                    x1, y1, x2, y2 = (float(v) for v in box)
-                    if min(x2, width) <= max(x1, 0.0) or min(y2, height) <= max(y1, 0.0):
-                        continue
-                    faces.append(Detection(box=(x1, y1, x2, y2), score=float(score), landmarks=lms))
-                out.append(faces)
+                out.append([Detection(box=box, score=float(score), landmarks=lms)
+                            for box, score, lms in zip(boxes_np, scores_np, lms_np)])
         return out
