@@ -15,7 +15,7 @@ The smaller of ``loader`` and ``step`` bounds training; ``loader / step`` > 1 me
 bottleneck. Prints a table and a final JSON line. The shards are built with room for every model's
 crop rule (``--margin 0.8 --crop-size 320``, ``boxes.ROOM_MARGIN``).
 
-    python benchmarks/train_step.py              # a few models, ~3 min on 2 CPU cores
+    python benchmarks/train_step.py              # six models, ~12 min on 2 CPU cores
     python benchmarks/train_step.py --quick      # fsanet_var and ehpnet, ~1 min
     python benchmarks/train_step.py --models hopenet,whenet --device cuda [--gpu-decode]
 """
@@ -53,7 +53,9 @@ def build_shards(base: Path, copies: int) -> tuple[str, int]:
 
 
 def measure(model_name: str, urls: str, batch_size: int, batches: int, workers: int, device_name: str,
-            amp: str = "auto", gpu_decode: bool = False) -> dict:
+            amp: str = "auto", gpu_decode: bool = False, phase_seconds: float = 30.0) -> dict:
+    """The three rates of one model; each phase times ``batches`` batches, or fewer (at least 2)
+    once ``phase_seconds`` have passed (the large models step at a few samples/s on a CPU)."""
     import torch
 
     from train_minimal import registry
@@ -77,13 +79,20 @@ def measure(model_name: str, urls: str, batch_size: int, batches: int, workers: 
         batch = next(it)
         return prepare_batch(batch, spec.normalize, device, size=spec.input_size, channels_last=cuda)
 
+    timed = []  # batches timed per phase
+
+    def rate(work) -> float:
+        start, done = time.perf_counter(), 0
+        while done < batches and (done < 2 or time.perf_counter() - start < phase_seconds):
+            work()
+            done += 1
+        sync()
+        timed.append(done)
+        return done * batch_size / (time.perf_counter() - start)
+
     images, targets = next_batch()  # includes worker start-up
     sync()
-    start = time.perf_counter()
-    for _ in range(batches):
-        next_batch()
-    sync()
-    loader_rate = batches * batch_size / (time.perf_counter() - start)
+    loader_rate = rate(next_batch)
 
     model = spec.build(None).to(device).train()
     if cuda:
@@ -93,20 +102,11 @@ def measure(model_name: str, urls: str, batch_size: int, batches: int, workers: 
 
     step(images, targets)  # warm-up (allocations, cudnn autotune)
     sync()
-    start = time.perf_counter()
-    for _ in range(batches):
-        step(images, targets)
-    sync()
-    step_rate = batches * batch_size / (time.perf_counter() - start)
-
-    start = time.perf_counter()
-    for _ in range(batches):  # the trainer's loop: the next batch, then the step
-        step(*next_batch())
-    sync()
-    train_rate = batches * batch_size / (time.perf_counter() - start)
+    step_rate = rate(lambda: step(images, targets))
+    train_rate = rate(lambda: step(*next_batch()))  # the trainer's loop: the next batch, then the step
     return {"model": model_name, "input": spec.input_size, "crop_rule": spec.crop_rule,
             "loader": loader_rate, "step": step_rate, "train": train_rate, "loader_vs_step": loader_rate / step_rate,
-            "bound": "model" if step_rate < loader_rate else "loader",
+            "bound": "model" if step_rate < loader_rate else "loader", "batches": "/".join(map(str, timed)),
             "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "off"}
 
 
@@ -120,29 +120,35 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--amp", default="auto", choices=AMP_CHOICES, help="as train_minimal's --amp")
     parser.add_argument("--gpu-decode", action="store_true", help="decode JPEGs on the GPU (CUDA only)")
+    parser.add_argument("--phase-seconds", type=float, default=30.0,
+                        help="stop timing a phase (loader, step, train) after this long, at 2 batches at least")
     args = parser.parse_args()
     copies, batches, models = MODES[common.mode_of(args)]
     models = (args.models or models).split(",")
     base = common.work_dir("train_step", args.work)
     urls, n = build_shards(base, copies)
     print(f"{n} samples of 300W-LP (sample data x{copies}), batch {args.batch_size}, {args.workers} loader workers, "
-          f"{batches} batches timed, device {args.device}" + (", GPU JPEG decoding" if args.gpu_decode else ""))
+          f"up to {batches} batches (or {args.phase_seconds:g} s) timed per phase, device {args.device}"
+          + (", GPU JPEG decoding" if args.gpu_decode else ""))
     rows = []
     for name in models:
-        rows.append(measure(name, urls, args.batch_size, batches, args.workers, args.device, args.amp, args.gpu_decode))
+        rows.append(measure(name, urls, args.batch_size, batches, args.workers, args.device, args.amp, args.gpu_decode,
+                            args.phase_seconds))
         r = rows[-1]
         print(f"  {name}: loader {r['loader']:.0f}/s, step {r['step']:.1f}/s, train {r['train']:.1f}/s "
               f"-> {r['bound']} bound", flush=True)
     print(common.table(rows, [("model", "model", ""), ("input", "input", ""), ("crop_rule", "crop rule", ""),
                               ("amp", "amp", ""), ("loader", "loader samples/s", "{:.1f}"),
                               ("step", "step samples/s", "{:.1f}"), ("train", "train samples/s", "{:.1f}"),
-                              ("loader_vs_step", "loader/step", "{:.2f}"), ("bound", "bound by", "")]))
+                              ("loader_vs_step", "loader/step", "{:.2f}"), ("bound", "bound by", ""),
+                              ("batches", "batches timed", "")]))
     common.cleanup(base, args)
     common.final_json({"benchmark": "train_step", "mode": common.mode_of(args), "device": args.device,
                        "batch_size": args.batch_size, "gpu_decode": bool(args.gpu_decode),
                        "loader_vs_step": {r["model"]: round(r["loader_vs_step"], 3) for r in rows},
                        "rates": {r["model"]: {"loader": round(r["loader"], 1), "step": round(r["step"], 2),
-                                              "train": round(r["train"], 2)} for r in rows}})
+                                              "train": round(r["train"], 2), "batches_timed": r["batches"]}
+                                  for r in rows}})
 
 
 if __name__ == "__main__":

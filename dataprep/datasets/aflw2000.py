@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..records import RawSample, SampleRef, make_key
+from ..records import RawSample, SampleRef
 from ..boxes import bbox_of_points, pt2d_boxes
 from . import matfile
 
@@ -23,14 +23,10 @@ def list_samples(root: Path) -> list[SampleRef]:
     """Every ``*.jpg`` directly in the root (sorted); the ``.mat`` is not checked here. A root with
     no images raises ``FileNotFoundError`` (usually the wrong folder was passed)."""
     root = matfile.require_root(root, "AFLW2000", DEFAULT_ROOT_NAME)
-    refs = [
-        SampleRef(NAME, make_key(NAME, image.stem), image.name, GROUP)
-        for image in root.iterdir()
-        if image.suffix.lower() == ".jpg" and image.is_file()
-    ]
+    refs = matfile.list_refs(NAME, root, [""], matfile.is_jpg_file, group=GROUP)
     if not refs:
         raise FileNotFoundError(f"no .jpg images in {root}; pass the {DEFAULT_ROOT_NAME} folder")
-    return sorted(refs, key=lambda r: r.source)
+    return refs
 
 
 @matfile.reader_errors

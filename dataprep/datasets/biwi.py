@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import labels
-from ..records import RawSample, SampleError, SampleRef, make_key
+from ..records import RawSample, SampleError, SampleRef
 from . import matfile
 
 NAME = "biwi"
@@ -278,13 +278,7 @@ def list_samples(root: Path) -> list[SampleRef]:
         raise FileNotFoundError(
             f"no BIWI sequence folders (01..24) in {root}; pass the {DEFAULT_ROOT_NAME} folder"
         )
-    refs = []
-    for seq in sequences:
-        for image in (root / seq).iterdir():
-            if _RGB_NAME.match(image.name):
-                stem = f"{seq}/{image.stem}"
-                refs.append(SampleRef(NAME, make_key(NAME, stem), f"{seq}/{image.name}", seq))
-    return sorted(refs, key=lambda r: r.source)
+    return matfile.list_refs(NAME, root, sequences, lambda path: bool(_RGB_NAME.match(path.name)))
 
 
 def companion_paths(source: str) -> dict[str, str]:

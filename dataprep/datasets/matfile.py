@@ -14,20 +14,20 @@ zlib-compressed, written by MATLAB on PCWIN64)::
     pt3d_68     (3, 68)   float32   AFLW2000 only: x, y, z rows
 
 The readers only *require* the keys they use (``Pose_Para``, ``pt2d`` and, for AFLW2000,
-``pt3d_68``). ``read_image`` and ``reader_errors`` are also used by the BIWI reader.
+``pt3d_68``). ``list_refs``, ``read_image`` and ``reader_errors`` are also used by the BIWI reader.
 """
 from __future__ import annotations
 
 import functools
 import io
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import scipy.io
 
 from .. import codec, labels
-from ..records import SampleError
+from ..records import SampleError, SampleRef, make_key
 
 #: Size of every 300W-LP and AFLW2000 image (width, height); ``pt2d`` is in these pixels.
 MAT_IMAGE_SIZE = (450, 450)
@@ -45,6 +45,23 @@ def require_root(root, dataset: str, folder: str) -> Path:
     if not root.is_dir():
         raise FileNotFoundError(f"{dataset} root {root} is not a folder (pass the {folder} folder)")
     return root
+
+
+def list_refs(dataset: str, root: Path, folders: Sequence[str], wanted: Callable[[Path], bool],
+              group: str | None = None) -> list[SampleRef]:
+    """A ``SampleRef`` for every file ``wanted`` accepts in each of ``folders`` below ``root`` (``""``:
+    the root itself), sorted by source path: key from ``folder/stem``, group the folder (or ``group``)."""
+    refs = []
+    for folder in folders:
+        for path in (root / folder).iterdir():
+            if wanted(path):
+                source, stem = (f"{folder}/{path.name}", f"{folder}/{path.stem}") if folder else (path.name, path.stem)
+                refs.append(SampleRef(dataset, make_key(dataset, stem), source, group or folder))
+    return sorted(refs, key=lambda r: r.source)
+
+
+def is_jpg_file(path: Path) -> bool:
+    return path.suffix.lower() == ".jpg" and path.is_file()
 
 
 def display_path(root: Path, relative: str) -> str:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..records import RawSample, SampleRef, make_key
+from ..records import RawSample, SampleRef
 from ..boxes import bbox_of_points, pt2d_boxes
 from . import matfile
 
@@ -25,13 +25,7 @@ def list_samples(root: Path) -> list[SampleRef]:
         raise FileNotFoundError(
             f"no 300W-LP subset folders ({', '.join(SUBSETS)}) in {root}; pass the {DEFAULT_ROOT_NAME} folder"
         )
-    refs = []
-    for subset in found:
-        for image in (root / subset).iterdir():
-            if image.suffix.lower() == ".jpg" and image.is_file():
-                source = f"{subset}/{image.name}"
-                refs.append(SampleRef(NAME, make_key(NAME, f"{subset}/{image.stem}"), source, subset))
-    return sorted(refs, key=lambda r: r.source)
+    return matfile.list_refs(NAME, root, found, matfile.is_jpg_file)
 
 
 @matfile.reader_errors
