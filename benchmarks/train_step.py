@@ -54,8 +54,9 @@ def build_shards(base: Path, copies: int) -> tuple[str, int]:
 
 def measure(model_name: str, urls: str, batch_size: int, batches: int, workers: int, device_name: str,
             amp: str = "auto", gpu_decode: bool = False, phase_seconds: float = 30.0) -> dict:
-    """The three rates of one model; each phase times ``batches`` batches, or fewer (at least 2)
-    once ``phase_seconds`` have passed (the large models step at a few samples/s on a CPU)."""
+    """The three rates of one model. Each phase times ``batches`` batches, or fewer (at least 2)
+    once ``phase_seconds`` have passed (the large models step at a few samples/s on a CPU); the
+    loader alone runs for 2 s at least (12 batches of 16 take it ~0.1 s: too short to time)."""
     import torch
 
     from train_minimal import registry
@@ -72,7 +73,7 @@ def measure(model_name: str, urls: str, batch_size: int, batches: int, workers: 
             torch.cuda.synchronize(device)
 
     loader = make_loader(urls, spec, batch_size, train=True, workers=workers, seed=0,
-                         epoch_length=batch_size * (2 * batches + 1), gpu_decode=gpu_decode and cuda)
+                         epoch_length=batch_size * 1_000_000, gpu_decode=gpu_decode and cuda)  # endless here
     it = iter(loader)
 
     def next_batch():
@@ -81,9 +82,12 @@ def measure(model_name: str, urls: str, batch_size: int, batches: int, workers: 
 
     timed = []  # batches timed per phase
 
-    def rate(work) -> float:
+    def rate(work, min_seconds: float = 0.0) -> float:
         start, done = time.perf_counter(), 0
-        while done < batches and (done < 2 or time.perf_counter() - start < phase_seconds):
+        while True:
+            elapsed = time.perf_counter() - start
+            if (done >= batches and elapsed >= min_seconds) or (done >= 2 and elapsed >= phase_seconds):
+                break
             work()
             done += 1
         sync()
@@ -92,7 +96,7 @@ def measure(model_name: str, urls: str, batch_size: int, batches: int, workers: 
 
     images, targets = next_batch()  # includes worker start-up
     sync()
-    loader_rate = rate(next_batch)
+    loader_rate = rate(next_batch, min_seconds=2.0)
 
     model = spec.build(None).to(device).train()
     if cuda:
