@@ -15,7 +15,7 @@ The smaller of ``loader`` and ``step`` bounds training; ``loader / step`` > 1 me
 bottleneck. Prints a table and a final JSON line. The shards are built with room for every model's
 crop rule (``--margin 0.8 --crop-size 320``, ``boxes.ROOM_MARGIN``).
 
-    python benchmarks/train_step.py              # six models, ~12 min on 2 CPU cores
+    python benchmarks/train_step.py              # six models, ~5 min on 2 CPU cores
     python benchmarks/train_step.py --quick      # fsanet_var and ehpnet, ~1 min
     python benchmarks/train_step.py --models hopenet,whenet --device cuda [--gpu-decode]
 """
