@@ -39,11 +39,7 @@ def read_sample(root: Path, ref: SampleRef) -> RawSample:
     missing_x, missing_y = matfile.PT2D_MISSING_XY
     missing = int(np.count_nonzero((pt2d[0] == missing_x) & (pt2d[1] == missing_y)))
     return RawSample.from_angles(
-        ref,
-        image,
-        yaw,
-        pitch,
-        roll,
+        ref, image, yaw, pitch, roll,
         boxes={"gt": bbox_of_points(landmarks), **pt2d_boxes(pt2d.T)},
         landmarks=landmarks,
         extra={"pose_para": pose_para, "pt2d_missing": missing},

@@ -333,11 +333,7 @@ def read_sample(root: Path, ref: SampleRef) -> RawSample:
                                               f"of {shown['rgb_cal']}; one of the two files is wrong")
     yaw, pitch, roll = labels.biwi_matrix_to_euler(M)
     return RawSample.from_angles(
-        ref,
-        image,
-        yaw,
-        pitch,
-        roll,
+        ref, image, yaw, pitch, roll,
         boxes={"gt": box},
         landmarks=None,
         depth=depth,

@@ -35,11 +35,7 @@ def read_sample(root: Path, ref: SampleRef) -> RawSample:
     pt2d = matfile.require_finite(matfile.require_array(mat, "pt2d", (2, 68), display), "pt2d", display)
     landmarks = pt2d.T.copy()
     return RawSample.from_angles(
-        ref,
-        image,
-        yaw,
-        pitch,
-        roll,
+        ref, image, yaw, pitch, roll,
         boxes={"gt": bbox_of_points(landmarks), **pt2d_boxes(landmarks)},
         landmarks=landmarks,
         extra={"pose_para": pose_para},
