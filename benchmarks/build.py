@@ -16,12 +16,14 @@ time of all runs is the cost estimate, the median is shown too):
 * ``ours mtcnn, fresh cache``: a build with ``--detector mtcnn --device cpu`` and an empty detection
   cache (every image detected; torch/facenet imports done before the clock); ``... cached rebuild``:
   the same build again, the cache now answering; ``bare mtcnn``: ``create_detector("mtcnn",
-  device="cpu").detect`` on the same images decoded beforehand, same batch size.
+  device="cpu").detect`` on the same images decoded beforehand, same batch size. The detector uses
+  all cores (torch's threads); ``... 1 thread`` rows are the same on one torch thread.
 
 Final JSON line: ``gt_1job_vs_bare`` and ``gt_njobs_vs_bare`` (ours / bare samples/s; 1.0 = at the
 limit), ``gt_njobs_cold_vs_bare``, ``mtcnn_overhead`` (ours / bare seconds - 1; target <= 0.15),
 ``mtcnn_overhead_in_build`` (the same from inside one build: its time outside
 ``Detector.detect`` / its time inside; immune to load that slows one subprocess and not another),
+both again on one torch thread (``mtcnn_overhead_1thread``, ``mtcnn_overhead_in_build_1thread``),
 ``mtcnn_cached_rate``, all rates, and with ``--before DIR`` ``ours_vs_before`` (speed-ups).
 
     python benchmarks/build.py            # ~3 min on 2 busy cores
@@ -145,10 +147,14 @@ def measure_bare_codec(root: str, jobs: int, repeats: int, decoder: str = "codec
     return {"rows": rows}
 
 
-def measure_ours_mtcnn(root: str, scratch: str, shard_size: int, device: str = "cpu") -> dict:
-    """A build with MTCNN and a fresh detection cache; then a rebuild answered by that cache."""
+def measure_ours_mtcnn(root: str, scratch: str, shard_size: int, device: str = "cpu", threads: int | None = None) -> dict:
+    """A build with MTCNN and a fresh detection cache; then a rebuild answered by that cache.
+    ``threads``: torch's intra-op threads (the detector's cores; default: all)."""
     import facenet_pytorch  # noqa: F401  (imports are not what we measure)
     import torch
+
+    if threads:
+        torch.set_num_threads(threads)
 
     from dataprep.build import build
     from dataprep.detectors.base import Detector
@@ -180,11 +186,16 @@ def measure_ours_mtcnn(root: str, scratch: str, shard_size: int, device: str = "
                      "cached rebuild": {"samples": n, "seconds": [cached]}}}
 
 
-def measure_bare_mtcnn(root: str, device: str = "cpu") -> dict:
+def measure_bare_mtcnn(root: str, device: str = "cpu", threads: int | None = None) -> dict:
     """The detector alone on the same images, decoded beforehand, same batch size (one pass, as
-    the build makes one pass)."""
+    the build makes one pass), on ``threads`` torch threads (default: all)."""
+    import torch
+
     from dataprep.codec import decode_rgb
     from dataprep.detectors import create_detector
+
+    if threads:
+        torch.set_num_threads(threads)
 
     images = [decode_rgb(j.read_bytes()) for j, _ in common.raw_pairs(Path(root))]
     detector = create_detector("mtcnn", device=device, batch_size=BATCH_SIZE)
@@ -230,11 +241,13 @@ def main(argv=None) -> int:
         }
         if not args.no_mtcnn:
             ours["ours mtcnn,"] = dict(target="measure_ours_mtcnn", root=str(mt_root), scratch=scratch, shard_size=ss)
+            ours["ours mtcnn, 1 thread,"] = dict(ours["ours mtcnn,"], threads=1)
         bare = {"bare codec,": dict(target="measure_bare_codec", root=str(gt_root), jobs=jobs, repeats=rep),
                 "bare codec (cv2.imdecode),": dict(target="measure_bare_codec", root=str(gt_root), jobs=jobs,
                                                    repeats=rep, decoder="cv2")}
         if not args.no_mtcnn:
             bare["bare mtcnn"] = dict(target="measure_bare_mtcnn", root=str(mt_root))
+            bare["bare mtcnn, 1 thread"] = dict(bare["bare mtcnn"], threads=1)
         specs = common.with_before(ours, args.before)
         specs.update(bare)
         cases = common.isolated_cases("build", specs)
@@ -264,6 +277,11 @@ def main(argv=None) -> int:
             payload["mtcnn_overhead_in_build"] = min(results["ours mtcnn, fresh cache"]["extra_all"]["overhead_in_build"])
             payload["mtcnn_cached_rate"] = rate["ours mtcnn, cached rebuild"]
             payload["torch_threads"] = results["ours mtcnn, fresh cache"]["extra"].get("torch_threads")
+            # the same on one core's worth of torch threads
+            payload["mtcnn_overhead_1thread"] = (summary["ours mtcnn, 1 thread, fresh cache"]["best_s"]
+                                                 / summary["bare mtcnn, 1 thread"]["best_s"] - 1.0)
+            payload["mtcnn_overhead_in_build_1thread"] = min(
+                results["ours mtcnn, 1 thread, fresh cache"]["extra_all"]["overhead_in_build"])
         if args.before:
             payload["ours_vs_before"] = common.speedups_vs_before(rate)
         print()
