@@ -26,7 +26,7 @@ limit), ``gt_njobs_cold_vs_bare``, ``mtcnn_overhead`` (ours / bare seconds - 1; 
 both again on one torch thread (``mtcnn_overhead_1thread``, ``mtcnn_overhead_in_build_1thread``),
 ``mtcnn_cached_rate``, all rates, and with ``--before DIR`` ``ours_vs_before`` (speed-ups).
 
-    python benchmarks/build.py            # ~3 min on 2 busy cores
+    python benchmarks/build.py            # ~4 min on 2 busy cores
     python benchmarks/build.py --quick    # ~40 s
 """
 from __future__ import annotations
@@ -147,7 +147,8 @@ def measure_bare_codec(root: str, jobs: int, repeats: int, decoder: str = "codec
     return {"rows": rows}
 
 
-def measure_ours_mtcnn(root: str, scratch: str, shard_size: int, device: str = "cpu", threads: int | None = None) -> dict:
+def measure_ours_mtcnn(root: str, scratch: str, shard_size: int, device: str = "cpu",
+                       threads: int | None = None) -> dict:
     """A build with MTCNN and a fresh detection cache; then a rebuild answered by that cache.
     ``threads``: torch's intra-op threads (the detector's cores; default: all)."""
     import facenet_pytorch  # noqa: F401  (imports are not what we measure)

@@ -30,7 +30,7 @@ a real epoch (300W-LP: 122k samples).
   beforehand, on 1 process and on ``W`` forked processes; ``bare decode (cv2.imdecode)`` the same
   with OpenCV's decoder. The faster of the two is the CPU loader's limit. Both decode in a shuffled
   order, as the loader reads: the benchmark's data is ``copies`` identical copies of each sample
-  image, adjacent in the shards, and decoding the same JPEG again right after itself runs ~15%
+  image, adjacent in the shards, and decoding the same JPEG again right after itself runs 15-20%
   faster than decoding another (0.138 against 0.160 ms per stored crop on one core; a real dataset
   has no such runs). ``bare decode, tar order`` shows the rate in the shards' order beside them.
 
@@ -38,7 +38,7 @@ Final JSON line: ``ours_vs_hopenet`` (target >= 5) and ``ours_vs_bare_decode`` (
 / bare decode on W processes; target >= 0.5; ``ours_vs_bare_decode_tar_order`` against the tar-order
 rate), the same two for the loose-room shards (``loose_room_vs_*``), the rates and memory peaks.
 
-    python benchmarks/load.py            # ~4 min on 2 busy cores
+    python benchmarks/load.py            # ~5 min on 2 busy cores
     python benchmarks/load.py --quick    # ~1 min
 """
 from __future__ import annotations
