@@ -12,6 +12,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .. import boxes as box_rules
+
 Box = tuple[float, float, float, float]
 
 
@@ -59,8 +61,7 @@ class Detection:
     def overlaps_frame(self, width: int, height: int) -> bool:
         """Whether the box covers any of a ``width`` x ``height`` image (a box entirely outside the
         frame, or degenerate, is no use to anyone)."""
-        x1, y1, x2, y2 = self.box
-        return min(x2, width) > max(x1, 0.0) and min(y2, height) > max(y1, 0.0)
+        return box_rules.area(box_rules.intersection(self.box, (0.0, 0.0, width, height))) > 0.0
 
     def to_json(self) -> dict[str, Any]:
         return {
