@@ -414,7 +414,7 @@ def test_ddp_ranks_resampled_same_batches_split_disjoint_shards(tmp_path, monkey
 def _webdataset_samples(path: str) -> list[dict]:
     from webdataset import tariterators
 
-    from dataprep.loader import _wanted_member
+    from dataprep.loader.tar_reader import _wanted_member
 
     with open(path, "rb") as stream:
         files = tariterators.tar_file_expander([{"url": path, "stream": stream}], select_files=_wanted_member)
@@ -422,7 +422,8 @@ def _webdataset_samples(path: str) -> list[dict]:
 
 
 def _our_samples(path: str) -> list[dict]:
-    from dataprep.loader import _tar_samples, open_url
+    from dataprep.loader import open_url
+    from dataprep.loader.tar_reader import _tar_samples
 
     with open_url(path) as stream:
         return list(_tar_samples(stream, path, wds.reraise_exception))
@@ -458,7 +459,7 @@ def test_tar_members_as_webdataset_groups_them(tmp_path, fmt, mode):
 def test_tar_header_checksum_follows_tarfiles_rule_on_any_bytes():
     """The reader's header check (a fast byte sum) accepts exactly the headers whose chksum field
     holds tarfile's unsigned or signed sum, whatever the bytes (high bytes included)."""
-    from dataprep.loader import _checksum_ok
+    from dataprep.loader.tar_reader import _checksum_ok
 
     rng = np.random.default_rng(0)
     for trial in range(300):
@@ -522,21 +523,21 @@ def test_worker_buffers_cross_once_and_go_with_their_loader(shards):
     process holds no more buffers than the workers keep, and they go with the loader."""
     import gc
 
-    from dataprep import loader as loader_mod
+    from dataprep.loader import batches as loader_batches
 
     pattern, _ = shards
     kw = dict(shuffle=0, crop_rule="hopenet", size=32, seed=3, image_format="uint8", random_crop=False)
     want = {s["key"]: s["image"] for s in make_dataset(pattern, **kw)}
     loader = make_loader(pattern, batch_size=1, workers=2, persistent_workers=True, prefetch_factor=1, **kw)
     named = 0
-    real_rebuild = loader_mod._rebuild_batch
+    real_rebuild = loader_batches._rebuild_batch
 
     def counting_rebuild(content):
         nonlocal named
         named += "_buffer_ident" in content and "_buffer" not in content
         return real_rebuild(content)
 
-    loader_mod._rebuild_batch, batches = counting_rebuild, 0
+    loader_batches._rebuild_batch, batches = counting_rebuild, 0
     try:
         for _ in range(4):
             for b in loader:
@@ -544,9 +545,9 @@ def test_worker_buffers_cross_once_and_go_with_their_loader(shards):
                 for key, img in zip(b["key"], b["image"]):
                     assert torch.equal(img, want[key])
     finally:
-        loader_mod._rebuild_batch = real_rebuild
+        loader_batches._rebuild_batch = real_rebuild
     loader_id = loader._loader_id
-    held = loader_mod._RECEIVED[loader_id]
+    held = loader_batches._RECEIVED[loader_id]
     assert named > 0 and len(held) + named == batches  # most batches named a buffer already there
     assert len(held) <= 2 * (1 + 4)  # at most each worker's pool (prefetch + 4)
     # batches kept past the pool's size get one-off buffers: the main process keeps no copy of those
@@ -558,15 +559,15 @@ def test_worker_buffers_cross_once_and_go_with_their_loader(shards):
     del kept
     del loader, b, img
     gc.collect()
-    assert loader_id not in loader_mod._RECEIVED
+    assert loader_id not in loader_batches._RECEIVED
 
 
 def test_buffer_pool_names_only_pooled_buffers_and_says_which_it_dropped():
     """What the main process may keep: pooled buffers only; a buffer of a shape the pool makes room
     for replaces a stale one, and the next batch tells the main process to drop that one too."""
-    from dataprep import loader as loader_mod
+    from dataprep.loader import batches as loader_batches
 
-    pool = loader_mod._BufferPool(limit=2)
+    pool = loader_batches._BufferPool(limit=2)
     small, big = (1, 3, 4, 4), (1, 3, 8, 8)
     a, b = pool.acquire(small, np.uint8), pool.acquire(small, np.uint8)  # a is busy: b is new
     a.sent = b.sent = True  # as after their first batches
@@ -576,12 +577,12 @@ def test_buffer_pool_names_only_pooled_buffers_and_says_which_it_dropped():
     assert d.pooled and d.forget == [b.ident]
     e = pool.acquire(big, np.uint8)  # both busy, none stale: a one-off, never named
     assert not e.pooled and e not in pool.buffers
-    loader_mod._RECEIVED[-1] = {a.ident: a.tensor, b.ident: b.tensor}
+    loader_batches._RECEIVED[-1] = {a.ident: a.tensor, b.ident: b.tensor}
     try:
-        loader_mod._rebuild_batch({"_forget": [(-1,) + a.ident]})
-        assert list(loader_mod._RECEIVED[-1]) == [b.ident]
+        loader_batches._rebuild_batch({"_forget": [(-1,) + a.ident]})
+        assert list(loader_batches._RECEIVED[-1]) == [b.ident]
     finally:
-        loader_mod._RECEIVED.pop(-1, None)
+        loader_batches._RECEIVED.pop(-1, None)
 
 
 def test_lent_batch_memory_stays_until_the_last_reference_goes(shards):
@@ -604,13 +605,13 @@ def test_lent_batch_memory_stays_until_the_last_reference_goes(shards):
 def test_unfinished_and_pinned_batches_hand_their_buffer_back(shards, monkeypatch):
     import pickle
 
-    from dataprep import loader as loader_mod
+    from dataprep.loader import batches as loader_batches
 
     pattern, _ = shards
     ds = make_dataset(pattern, shuffle=0, crop_rule="box", size=16)
     ds.state.assemble, ds.state.granule = True, 3
     items = iter(ds)
-    batch = loader_mod._collate_items([next(items) for _ in range(3)])
+    batch = loader_batches._collate_items([next(items) for _ in range(3)])
     flat = batch["_buffer"]
     assert int(flat[batch["_flag_at"]]) == 1
     received = pickle.loads(pickle.dumps(batch))  # as the main process gets it (the same memory here)
@@ -618,7 +619,7 @@ def test_unfinished_and_pinned_batches_hand_their_buffer_back(shards, monkeypatc
     del received  # dropped unfinished (an epoch left early)
     assert int(flat[batch["_flag_at"]]) == 0
     flat[batch["_flag_at"]] = 1
-    monkeypatch.setattr(loader_mod, "_pinned", lambda x: x.clone())  # no CUDA here: a plain copy
+    monkeypatch.setattr(loader_batches, "_pinned", lambda x: x.clone())  # no CUDA here: a plain copy
     pinned = batch.pin_memory()
     assert int(flat[batch["_flag_at"]]) == 0  # copied out, handed back at once
     assert pinned["image"].shape == (3, 3, 16, 16) and pinned["angles"].shape == (3, 3)

@@ -1,0 +1,333 @@
+"""The pipeline's own stages and their shared settings (module-level classes, so a DataLoader can
+send them to worker processes): seeded shard lists, the seeded buffer shuffle, and the decode stage
+(raw sample -> image cut to the crop rule, record, landmarks)."""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import random
+from itertools import islice
+
+import cv2
+import numpy as np
+import orjson
+import torch
+import webdataset as wds
+from webdataset.shardlists import ResampledShards, SimpleShardList
+from webdataset.utils import PipelineStage, pytorch_worker_info
+
+from .. import boxes as box_rules
+from .. import codec
+from .. import crop as crop_ops
+from .batches import _BufferPool, _Item
+from .images import _decode_bgr, _reduction, _warp_reduced, _write_image
+
+
+class _State:
+    """Settings shared by the stages of one copy of the pipeline (each worker process has its own
+    copy). ``epoch`` is the epoch of the next pass (``set_epoch``); with ``auto_epoch`` each pass
+    this copy begins after that moves one epoch on; ``current`` is the epoch of the pass under way."""
+
+    def __init__(self, seed: int, shuffle: int, resampled: bool, samples_per_epoch: int | None, distributed: bool,
+                 auto_epoch: bool):
+        self.seed = int(seed)
+        self.shuffle = int(shuffle or 0)
+        self.resampled = bool(resampled)
+        self.samples_per_epoch = samples_per_epoch
+        self.rank_info = pytorch_worker_info()[:2]  # (rank, world size) of the process that built it
+        self.world = self.rank_info[1] if distributed else 1  # ranks sharing samples_per_epoch
+        self.auto_epoch = bool(auto_epoch)
+        self.granule = 1  # samples per batch: HeadPoseLoader gives each worker whole batches
+        self.assemble = False  # HeadPoseLoader: _Decode yields _Items written into batch buffers
+        self.buffers = 6  # batch buffers a worker keeps for reuse (HeadPoseLoader: prefetch + 4)
+        self.loader_id = 0  # HeadPoseLoader: the main process's key for the buffers it received
+        self.epoch = 0
+        self.passes = 0
+        self.current = 0
+
+    def begin_pass(self) -> None:
+        self.current = self.epoch + (self.passes if self.auto_epoch else 0)
+        self.passes += 1
+
+    def units_per_rank(self) -> int | None:
+        """Batches (of ``granule`` samples) each rank yields per epoch; None: no fixed length."""
+        if self.samples_per_epoch is None:
+            return None
+        return max(1, int(self.samples_per_epoch) // (self.world * self.granule))
+
+    def worker_limit(self, worker: int, nworkers: int) -> int | None:
+        units = self.units_per_rank()
+        if units is None:
+            return None
+        return (units // nworkers + (1 if worker < units % nworkers else 0)) * self.granule
+
+
+def _seed(*entropy: int) -> int:
+    """A 64-bit seed from integers (stable across processes and runs; ~1 us, it runs per sample)."""
+    text = ",".join(str(int(e)) for e in entropy).encode("ascii")
+    return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little")
+
+
+def _key_hash(key: str) -> int:
+    return int.from_bytes(hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest(), "little")
+
+
+class _ShardList(SimpleShardList):
+    """webdataset's shard list, its order shuffled per epoch from ``(seed, epoch)`` only. Hand-seeded
+    for determinism: every rank and worker must see the same order for ``split_by_node`` /
+    ``split_by_worker`` to share it out disjointly, and webdataset's own shard shuffles
+    (``detshuffle``) count their own passes, so they cannot follow ``set_epoch``."""
+
+    def __init__(self, urls: list[str], state: _State):
+        super().__init__(urls)
+        self.state = state
+
+    def __iter__(self):
+        st = self.state
+        self.seed = _seed(st.seed, st.current, 0) if st.shuffle > 1 else None
+        return super().__iter__()
+
+
+class _ResampledShards(ResampledShards):
+    """webdataset's ``ResampledShards`` (deterministic: seeded from rank, worker, epoch and seed),
+    drawing with this pass's epoch rather than its own pass count (so ``set_epoch`` works)."""
+
+    def __init__(self, urls: list[str], state: _State):
+        super().__init__(urls, seed=state.seed, deterministic=True)
+        self.state = state
+
+    def __iter__(self):
+        self.epoch = self.state.current - 1  # ResampledShards adds one as it starts
+        return super().__iter__()
+
+
+class _Shuffle(PipelineStage):
+    """webdataset's buffer shuffle (``wds.shuffle``) drawing from a generator seeded from
+    ``(seed, epoch, rank, worker)``. Hand-seeded for determinism: ``wds.detshuffle`` seeds from
+    seed + its own pass count only (the same draws on every rank and worker, deaf to ``set_epoch``)."""
+
+    def __init__(self, state: _State):
+        self.state = state
+
+    def run(self, src):
+        st = self.state
+        if st.shuffle <= 1:
+            return src
+        rank, _, worker, _ = pytorch_worker_info()
+        rng = random.Random(_seed(st.seed, st.current, rank, worker, 2))
+        return wds.shuffle(st.shuffle, initial=min(100, st.shuffle), rng=rng)(iter(src))
+
+
+def _cropped_record(record: dict, taken: list[int], stored_size, rule: str, size: int) -> dict:
+    """The record of a crop of ``taken`` (stored-crop pixels) out of a ``stored_size`` stored crop."""
+    w, h = stored_size
+    crop = [float(v) for v in record["crop"]]
+    sx, sy = (crop[2] - crop[0]) / w, (crop[3] - crop[1]) / h
+    new = dict(record)
+    new["crop"] = [crop[0] + taken[0] * sx, crop[1] + taken[1] * sy, crop[0] + taken[2] * sx, crop[1] + taken[3] * sy]
+    new["crop_rule"] = rule
+    new["crop_size"] = [size, size]
+    return new
+
+
+def _load_json(data: bytes):
+    """A label record: ``orjson`` (7x faster than ``json``, the same values), and ``json`` for what
+    only it accepts (``NaN``: our writer never emits it, other tools' might)."""
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return json.loads(data)
+
+
+_NPY_HEADERS: dict[bytes, tuple] = {}
+
+
+def _load_npy(data: bytes) -> np.ndarray:
+    """``np.load(io.BytesIO(data), allow_pickle=False)`` of ``.npy`` bytes, with each header parsed
+    once (every sample's landmarks have the same header). Returns a new, writable array."""
+    if data[:6] == b"\x93NUMPY" and data[6:8] in (b"\x01\x00", b"\x02\x00"):
+        end = 10 + int.from_bytes(data[8:10], "little") if data[6] == 1 else 12 + int.from_bytes(data[8:12], "little")
+        known = _NPY_HEADERS.get(data[:end])
+        if known is None and len(_NPY_HEADERS) < 64:
+            stream = io.BytesIO(data)
+            version = np.lib.format.read_magic(stream)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = read(stream)
+            if not dtype.hasobject and stream.tell() == end:
+                known = _NPY_HEADERS[data[:end]] = (dtype, shape, fortran)
+        if known is not None:
+            dtype, shape, fortran = known
+            count = math.prod(shape)
+            if len(data) - end == count * dtype.itemsize:
+                flat = np.frombuffer(data, dtype=dtype, count=count, offset=end)
+                return flat.reshape(shape, order="F" if fortran else "C").copy(order="K")
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+class _Decode(PipelineStage):
+    """Raw sample -> ``{"image" | "jpeg"+"window", "angles", "key", "record", "landmarks",
+    "landmarks_source"}``; each worker's share of ``samples_per_epoch`` when that is set.
+
+    Under a :class:`HeadPoseLoader` (``state.assemble``) it yields :class:`_Item` instead: the image
+    is written straight into its batch's buffer (float model input or uint8 RGB planes) and
+    :func:`_collate_items` makes the batch (see :class:`_Batch`)."""
+
+    def __init__(self, state: _State, transforms, crop_rule, size, crop_margin, normalize, image_format,
+                 random_crop, handler, interpolation, exact_cut):
+        self.state = state
+        self.transforms = transforms
+        self.crop_rule = crop_rule
+        self.size = size
+        self.crop_margin = crop_margin
+        self.normalize = normalize
+        self.image_format = image_format
+        self.random_crop = random_crop
+        self.handler = handler
+        self.interpolation = interpolation
+        self.exact_cut = exact_cut
+        self._scratch: dict = {}
+
+    def run(self, src):
+        # No cv2.setNumThreads() here: in a forked worker it can block forever on the parent's
+        # thread-pool state (OpenCV 5 / pthreads). Any cv2 call in a forked worker can block the same
+        # way, hence make_loader's forkserver workers (see _worker_context).
+        rank, _, worker, nworkers = pytorch_worker_info()
+        limit = self.state.worker_limit(worker, nworkers)
+        items = self._decode_all(src, rank, worker)
+        out = self._assemble(items) if self.state.assemble else map(self.sample_dict, items)
+        return out if limit is None else islice(out, limit)
+
+    def _decode_all(self, src, rank, worker):
+        for index, raw in enumerate(src):
+            try:
+                yield self.prepare(raw, rank, worker, index)
+            except Exception as exn:  # noqa: BLE001 - the handler decides
+                exn.args = exn.args + (f"sample {raw.get('__key__')!r} in {raw.get('__url__')!r}",)
+                if self.handler(exn):
+                    continue
+                raise
+
+    def prepare(self, raw: dict, rank: int, worker: int, index: int) -> _Item:
+        """One raw sample -> an :class:`_Item` (image H x W x 3 uint8, BGR or RGB as ``bgr`` says)."""
+        st = self.state
+        if "json" not in raw or "jpg" not in raw:
+            missing = [s for s in ("jpg", "json") if s not in raw]
+            raise ValueError(f"sample {raw.get('__key__')!r} has no {' or '.join(missing)} member")
+        record = _load_json(raw["json"])
+        key = str(record.get("key") or raw["__key__"])
+        record.setdefault("augment", [])
+        landmarks = None
+        if "pts.npy" in raw:
+            landmarks = _load_npy(raw["pts.npy"]).astype(np.float32, copy=False)
+        entropy = [st.seed, st.current, _key_hash(key)]
+        if st.resampled:
+            entropy += [rank, worker, index]
+        # two streams per sample (crop draws, augmentation), made only when used; the crop's is a
+        # stdlib Random (a numpy Generator costs ~10 us to seed, per sample)
+        source = record
+
+        def window(w: int, h: int) -> tuple[list[int], int]:
+            """The integer window to cut from a w x h stored image, and the output size."""
+            if self.crop_rule is None:
+                return [0, 0, w, h], self.size or w
+            rng = random.Random(_seed(*entropy, 0)) if self.random_crop else None
+            taken = crop_ops.recrop_window(source, self.crop_rule, (w, h), rng=rng, margin=self.crop_margin)
+            return taken, self.size or w
+
+        def record_of(taken, w: int, h: int, size: int) -> dict:
+            """The record of the ``taken`` window of a w x h stored image, cut at ``size``."""
+            if self.crop_rule is not None:
+                return _cropped_record(source, taken, (w, h), self.crop_rule, size)
+            return source if (w, h) == (size, size) else dict(source, crop_size=[size, size])
+
+        image = None
+        if self.image_format == "jpeg":
+            w, h = (int(v) for v in record["crop_size"])
+            taken, size = window(w, h)
+        else:
+            stored, planned = record.get("crop_size"), None
+            if self.size is not None and not self.exact_cut and stored is not None and codec.is_jpeg(raw["jpg"]):
+                # a window at least twice the output size each way: decode at reduced scale
+                w, h = stored = (int(stored[0]), int(stored[1]))
+                planned = window(w, h)
+                f = _reduction(planned[0], planned[1], self.interpolation)
+                if f > 1:
+                    image = _decode_bgr(raw["jpg"], f)
+                    if image.shape[:2] == (-(-h // f), -(-w // f)):
+                        taken, size = planned
+                        image = _warp_reduced(image, taken, size, f, self.interpolation)
+                    else:
+                        image = None  # the record's crop_size is not the image's: decode it whole
+            if image is None:
+                image = _decode_bgr(raw["jpg"])
+                h, w = image.shape[:2]
+                taken, size = planned if planned is not None and stored == (w, h) else window(w, h)
+                if taken != [0, 0, w, h] or (w, h) != (size, size):
+                    if self.exact_cut or self.interpolation is None:
+                        image, _ = crop_ops.crop_and_resize(image, taken, size, interpolation=self.interpolation)
+                    else:
+                        image, taken = crop_ops.cut_window(image, taken, size, interpolation=self.interpolation)
+        record = record_of(taken, w, h, size)
+        bgr = True
+        if self.transforms is not None:
+            image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+            bgr = False
+            aug_rng = np.random.default_rng(_seed(*entropy, 1))
+            image, record, landmarks = self.transforms(image, record, landmarks, aug_rng)
+        out_w, out_h = (size, size) if image is None else (image.shape[1], image.shape[0])
+        return _Item(
+            image=image, bgr=bgr, jpeg=raw["jpg"] if image is None else None, window=taken, key=key,
+            record=record, angles=(record["yaw"], record["pitch"], record["roll"]),
+            landmarks=None if landmarks is None else box_rules.to_crop_coords(landmarks, record["crop"], (out_w, out_h)).astype(np.float32),
+            landmarks_source=landmarks,
+        )
+
+    def decode(self, raw: dict, rank: int, worker: int, index: int) -> dict:
+        """One raw sample -> the sample dict :func:`make_dataset` yields."""
+        return self.sample_dict(self.prepare(raw, rank, worker, index))
+
+    def sample_dict(self, item: _Item) -> dict:
+        sample = {
+            "angles": torch.tensor(item.angles, dtype=torch.float32),
+            "key": item.key,
+            "record": item.record,
+            "landmarks": item.landmarks,
+            "landmarks_source": item.landmarks_source,
+        }
+        if item.image is None:
+            sample["jpeg"] = torch.frombuffer(bytearray(item.jpeg), dtype=torch.uint8)
+            sample["window"] = torch.tensor(item.window, dtype=torch.int64)
+        else:
+            image = item.image
+            dst = np.empty((3,) + image.shape[:2], np.uint8 if self.image_format == "uint8" else np.float32)
+            _write_image(dst, image, item.bgr, self.normalize, self._scratch)
+            sample["image"] = torch.from_numpy(dst)
+        return sample
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state.pop("_pool", None)  # buffers stay in the process that made them
+        state["_scratch"] = {}
+        return state
+
+    def _assemble(self, items):
+        """Items for :func:`_collate_items`: every ``granule`` consecutive items (one DataLoader
+        batch) write their images, finished (uint8 planes, or float normalised), into one batch
+        buffer from this process's :class:`_BufferPool`."""
+        granule = self.state.granule
+        pool = self.__dict__.get("_pool")
+        if pool is None:
+            pool = self._pool = _BufferPool(self.state.buffers)
+        dtype = np.float32 if self.image_format == "float" else np.uint8
+        buffer, pos = None, 0
+        for item in items:
+            image = item.image
+            if pos == 0:
+                buffer = None if image is None else pool.acquire((granule, 3) + image.shape[:2], dtype)
+            if image is not None and buffer is not None and buffer.images.shape[2:] == image.shape[:2]:
+                _write_image(buffer.images[pos], image, item.bgr, self.normalize, self._scratch)
+                item.image, item.buffer, item.slot = None, buffer, pos
+            yield item
+            pos = (pos + 1) % granule

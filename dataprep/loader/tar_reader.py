@@ -1,0 +1,262 @@
+"""Tar members -> samples: the shard's tar headers parsed directly (what ``tarfile``'s stream mode
+reads), members grouped into samples by webdataset's rules; the pipeline stage that does it per shard."""
+from __future__ import annotations
+
+import io
+import re
+import tarfile
+import zlib
+from typing import Callable
+
+from webdataset import tariterators
+from webdataset.utils import PipelineStage
+
+from .urls import open_url
+
+_WANTED_SUFFIXES = (".jpg", ".json", ".pts.npy")
+
+_BLOCK = 512
+_REGULAR_TYPES = (b"0", b"\0", b"7")
+_PAX_TYPES = (b"x", b"g", b"X")
+_NO_DATA_TYPES = (b"1", b"2", b"3", b"4", b"5", b"6")
+_COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00", b"\x28\xb5\x2f\xfd")
+_META_NAME = re.compile(r"__[^/]*__($|/)")
+
+
+class _Prefixed(io.RawIOBase):
+    """``head`` then the rest of ``stream`` (to hand a stream we began reading to ``tarfile``)."""
+
+    def __init__(self, head: bytes, stream):
+        self.head, self.stream = head, stream
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        if self.head:
+            n = min(len(b), len(self.head))
+            b[:n], self.head = self.head[:n], self.head[n:]
+            return n
+        data = self.stream.read(len(b))
+        b[:len(data)] = data
+        return len(data)
+
+
+def _checksum_ok(header: bytes) -> bool:
+    """The header checksum (``tarfile``'s rule: the chksum field counts as spaces; unsigned, or the
+    signed sum some old tars wrote)."""
+    try:
+        chksum = _tar_number(header[148:156])
+    except tarfile.InvalidHeaderError:
+        return False
+    # the byte sum through zlib's Adler-32, whose low half is 1 + the sum mod 65521: exact for 256
+    # bytes (at most 65280), and ~5x faster than sum() over the bytes (it runs per tar member)
+    total = (zlib.adler32(header[:256]) & 0xFFFF) + (zlib.adler32(header[256:]) & 0xFFFF) - 2
+    unsigned = total - sum(header[148:156]) + 256
+    if chksum == unsigned:
+        return True
+    high = sum(b > 127 for b in header[:148]) + sum(b > 127 for b in header[156:])
+    return chksum == unsigned - 256 * high  # each byte read as a signed char
+
+
+def _read_exact(stream, n: int) -> bytes:
+    data = stream.read(n)
+    if len(data) < n:  # pipes and sockets may return short reads
+        parts, got = [data], len(data)
+        while got < n:
+            chunk = stream.read(n - got)
+            if not chunk:
+                raise tarfile.ReadError("unexpected end of data")
+            parts.append(chunk)
+            got += len(chunk)
+        data = b"".join(parts)
+    return data
+
+
+def _skip(stream, n: int, seekable: bool) -> None:
+    if n <= 0:
+        return
+    if seekable:
+        stream.seek(n, io.SEEK_CUR)
+        return
+    while n > 0:
+        chunk = stream.read(min(n, 1 << 20))
+        if not chunk:
+            raise tarfile.ReadError("unexpected end of data")
+        n -= len(chunk)
+
+
+def _tar_number(field: bytes) -> int:
+    if field[:1] and field[0] & 0x80:  # GNU base-256
+        value = int.from_bytes(field[1:], "big")
+        return value - (1 << (8 * (len(field) - 1))) if field[0] == 0xFF else value
+    digits = field.split(b"\0", 1)[0].strip()
+    try:
+        return int(digits, 8) if digits else 0
+    except ValueError:
+        raise tarfile.InvalidHeaderError("invalid number field") from None
+
+
+def _pax_records(data: bytes) -> dict[bytes, bytes]:
+    out, pos = {}, 0
+    while pos < len(data) and data[pos:pos + 1] not in (b"\0", b""):
+        space = data.index(b" ", pos)
+        length = int(data[pos:space])
+        key, _, value = data[space + 1:pos + length - 1].partition(b"=")
+        out[key] = value
+        pos += length
+    return out
+
+
+def _tar_files(stream, select: Callable[[str], bool]):
+    """``(name, data)`` of the selected regular files of an uncompressed tar stream, in order.
+
+    What ``tarfile``'s stream mode (``r|``) reads, parsed directly: ustar/GNU/v7 headers (checksums
+    checked), PAX ``path``/``size`` records, GNU long names; members not selected are skipped
+    unread (seeked over on local files). A compressed stream is handed to ``tarfile`` (``r|*``)."""
+    seekable = isinstance(stream, (io.BufferedReader, io.FileIO)) and stream.seekable()
+    global_pax: dict[bytes, bytes] = {}
+    pax: dict[bytes, bytes] = {}
+    long_name: bytes | None = None
+    first = True
+    while True:
+        header = stream.read(_BLOCK)
+        if len(header) < _BLOCK:
+            header += _read_exact(stream, _BLOCK - len(header)) if header else b""
+        if not header:
+            if first:
+                raise tarfile.ReadError("empty file")
+            return
+        if header.count(0) == _BLOCK:  # end-of-archive block
+            return
+        if not _checksum_ok(header):
+            if first and header.startswith(_COMPRESSED_MAGIC):
+                yield from _tar_files_tarfile(_Prefixed(header, stream), select)
+                return
+            raise tarfile.ReadError("bad checksum" if not first else "not a tar file (bad header checksum)")
+        first = False
+        typeflag = header[156:157]
+        size = _tar_number(header[124:136])
+        padded = size + (-size) % _BLOCK
+        if typeflag in _PAX_TYPES or typeflag == b"L":
+            data = _read_exact(stream, padded)[:size]
+            if typeflag == b"L":
+                long_name = data.split(b"\0", 1)[0]
+            elif typeflag == b"g":
+                global_pax.update(_pax_records(data))
+            else:
+                pax = _pax_records(data)
+            continue
+        if typeflag == b"S" or any(k.startswith(b"GNU.sparse") for k in pax):
+            raise tarfile.ReadError("sparse tar members are not supported")
+        if typeflag in _NO_DATA_TYPES:  # links, devices, folders: tarfile reads no data for them
+            pax, long_name = {}, None
+            continue
+        if typeflag == b"K":  # GNU long link name: nothing to read for a regular file
+            _skip(stream, padded, seekable)
+            continue
+        extra = {**global_pax, **pax} if global_pax else pax
+        if b"size" in extra:
+            size = int(extra[b"size"])
+            padded = size + (-size) % _BLOCK
+        if b"path" in extra:
+            raw_name = extra[b"path"]
+        elif long_name is not None:
+            raw_name = long_name
+        else:
+            raw_name = header[:100].split(b"\0", 1)[0]
+            if header[257:263] == b"ustar\x00":
+                prefix = header[345:500].split(b"\0", 1)[0]
+                if prefix:
+                    raw_name = prefix + b"/" + raw_name
+        pax, long_name = {}, None
+        name = raw_name.decode("utf-8", "surrogateescape")
+        regular = typeflag in _REGULAR_TYPES and not (typeflag == b"\0" and name.endswith("/"))
+        if not regular or not _wanted_file(name, select):
+            _skip(stream, padded, seekable)
+            continue
+        data = _read_exact(stream, size)
+        _skip(stream, padded - size, False)
+        yield name, data
+
+
+def _tar_files_tarfile(stream, select):
+    """``_tar_files`` through ``tarfile`` (compressed shards)."""
+    with tarfile.open(fileobj=stream, mode="r|*") as tar:
+        for info in tar:
+            if info.isreg() and _wanted_file(info.name, select):
+                yield info.name, tar.extractfile(info).read()
+            tar.members = []
+
+
+def _wanted_file(name: str, select) -> bool:
+    """webdataset's ``tar_file_iterator`` rules: metadata names (``__x__``) skipped, then ``select``."""
+    if name.startswith("__") and ("/" not in name and name.endswith("__") or _META_NAME.match(name)):
+        return False
+    return select(name)
+
+
+def _split_key(name: str) -> tuple[str | None, str | None]:
+    """webdataset's ``base_plus_ext``: the key is the name up to the first dot of its last part."""
+    slash = name.rfind("/")
+    dot = name.find(".", slash + 1)
+    if dot > slash + 1:
+        return name[:dot], name[dot + 1:]
+    return tariterators.base_plus_ext(name)
+
+
+def _tar_samples(stream, url: str, handler: Callable[[Exception], bool]):
+    """Samples ``{"__key__", "__url__", suffix: bytes}`` of one shard: consecutive members with the
+    same key, suffixes lower-cased (webdataset's ``group_by_keys``)."""
+    current: dict | None = None
+    for name, data in _tar_files(stream, _wanted_member):
+        try:
+            key, suffix = _split_key(name)
+            if key is None:
+                continue
+            suffix = suffix.lower()
+            if current is None or key != current["__key__"]:
+                if current is not None and len(current) > 2:
+                    yield current
+                current = {"__key__": key, "__url__": url}
+            if suffix in current:
+                raise ValueError(f"{name}: duplicate file name in tar file {suffix} {current.keys()}")
+            current[suffix] = data
+        except Exception as exn:  # noqa: BLE001 - the handler decides
+            exn.args = exn.args + (url,)
+            if handler(exn):
+                continue
+            raise
+    if current is not None and len(current) > 2:
+        yield current
+
+
+def _wanted_member(fname: str) -> bool:
+    return fname.endswith(_WANTED_SUFFIXES)
+
+
+class _TarSamples(PipelineStage):
+    """``{"url"}`` -> raw samples ``{"__key__", "__url__", "jpg", "json", "pts.npy"}``
+    (:func:`open_url`, then the tar members grouped by key as webdataset's ``tariterators`` do)."""
+
+    def __init__(self, handler: Callable[[Exception], bool]):
+        self.handler = handler
+
+    def run(self, src):
+        for item in src:
+            url = item["url"]
+            try:
+                stream = open_url(url)
+            except Exception as exn:  # noqa: BLE001 - the handler decides
+                exn.args = exn.args + (url,)
+                if self.handler(exn):
+                    continue
+                raise
+            try:
+                yield from _tar_samples(stream, url, self.handler)
+            except Exception as exn:  # noqa: BLE001 - a broken shard: the handler decides
+                exn.args = exn.args + (url,)
+                if not self.handler(exn):
+                    raise
+            finally:
+                stream.close()

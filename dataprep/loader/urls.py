@@ -1,0 +1,49 @@
+"""Shard URLs: expanding patterns and lists, telling local files apart, opening a shard."""
+from __future__ import annotations
+
+import os
+from urllib.parse import urlparse
+
+import webdataset as wds
+from webdataset.shardlists import expand_urls
+
+__all__ = ["expand_shard_urls", "local_path", "open_url"]
+
+
+def expand_shard_urls(urls) -> list[str]:
+    """A string (brace patterns, ``::``-separated lists), a path, or a list of those -> URLs
+    (``~`` expanded for local paths)."""
+    items = [urls] if isinstance(urls, (str, os.PathLike)) else list(urls)
+    out: list[str] = []
+    for item in items:
+        for url in expand_urls(os.fspath(item)):
+            out.append(os.path.expanduser(url) if _is_local(url) else url)
+    if not out:
+        raise ValueError(f"no shard URLs in {urls!r}")
+    return out
+
+
+def _is_local(url: str) -> bool:
+    scheme = urlparse(url).scheme
+    return scheme == "" or len(scheme) == 1  # "C:\\..." parses as scheme "c"
+
+
+def local_path(url: str) -> str | None:
+    """The file path of a local shard URL (a path or ``file://``); None for anything remote."""
+    if _is_local(url):
+        return url
+    if urlparse(url).scheme == "file":
+        return urlparse(url).path
+    return None
+
+
+def open_url(url: str):
+    """Open a shard for reading: webdataset's ``gopen`` for local paths, ``file:`` and the schemes
+    it has a handler for (``pipe:``, ``http(s)``, ``gs``, ...), ``fsspec`` for everything else."""
+    if _is_local(url):
+        return open(url, "rb", buffering=1 << 20)
+    if urlparse(url).scheme == "file" or urlparse(url).scheme in wds.gopen_schemes:
+        return wds.gopen(url, "rb")
+    import fsspec
+
+    return fsspec.open(url, "rb").open()
