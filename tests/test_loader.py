@@ -150,8 +150,15 @@ def test_brace_list_file_url_and_fsspec_urls(shards, tmp_path):
     with open(first, "rb") as src, fs.open("/dataprep-test/train-000000.tar", "wb") as dst:
         dst.write(src.read())
     assert keys_of(make_dataset("memory://dataprep-test/train-000000.tar", shuffle=0)) == keys_of(make_dataset(first, shuffle=0))
-    with pytest.raises(FileNotFoundError):
-        list(make_dataset(str(tmp_path / "missing-000000.tar")))
+    # a missing local shard (a wrong folder or pattern) fails at once, naming it; with a handler the
+    # handler decides at read time
+    with pytest.raises(FileNotFoundError, match=r"2 of 3 shard\(s\) not found: .*missing-000000.tar, .*missing-000001.tar"):
+        make_dataset([first, str(tmp_path / "missing-000000.tar"), "file://" + str(tmp_path / "missing-000001.tar")])
+    with pytest.raises(FileNotFoundError, match="missing-000000.tar"):
+        make_loader(str(tmp_path / "missing-{000000..000001}.tar"), batch_size=2)
+    skipped = make_dataset([first, str(tmp_path / "missing-000000.tar")], shuffle=0, handler=wds.warn_and_continue)
+    with pytest.warns(UserWarning, match="missing-000000.tar"):
+        assert len(keys_of(skipped)) == PER_SHARD
 
 
 def test_shuffle_is_reproducible_per_seed_and_epoch(shards):

@@ -1,6 +1,7 @@
 """The streaming dataset: :func:`make_dataset` puts the stages together (a ``webdataset.DataPipeline``)."""
 from __future__ import annotations
 
+import os
 from typing import Callable
 
 import cv2
@@ -12,7 +13,7 @@ from ..augment import Compose
 from .images import IMAGE_FORMATS, NORMALIZATIONS
 from .stages import _Decode, _ResampledShards, _ShardList, _Shuffle, _State
 from .tar_reader import _TarSamples
-from .urls import expand_shard_urls
+from .urls import expand_shard_urls, local_path
 
 
 class HeadPoseDataset(wds.DataPipeline):
@@ -46,6 +47,17 @@ def _distributed_world() -> int:
     if dist.is_available() and dist.is_initialized():
         return int(dist.get_world_size())
     return 1
+
+
+def _check_local_shards(urls: list[str]) -> None:
+    """Raise, before any worker starts, when local shards are missing: almost always a wrong folder
+    or brace pattern, which would otherwise surface as one worker's traceback mid-epoch."""
+    missing = [u for u in urls if (path := local_path(u)) is not None and not os.path.isfile(path)]
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise FileNotFoundError(f"{len(missing)} of {len(urls)} shard(s) not found: {shown}; check the folder and "
+                                "the brace pattern (e.g. train-{000000..000003}.tar), or list the shards in the "
+                                "folder's _info.json")
 
 
 def make_dataset(
@@ -122,8 +134,10 @@ def make_dataset(
         raise ValueError(f"samples_per_epoch must be >= 1, got {samples_per_epoch}")
     if isinstance(transforms, (list, tuple)):
         transforms = Compose(transforms)
-    handler = handler or wds.reraise_exception
     url_list = expand_shard_urls(urls)
+    if handler is None:
+        _check_local_shards(url_list)
+    handler = handler or wds.reraise_exception
     if distributed is None:
         distributed = _distributed_world() > 1
     state = _State(seed, shuffle, resampled, samples_per_epoch, bool(distributed), auto_epoch)
