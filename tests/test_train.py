@@ -24,6 +24,7 @@ import torch
 from dataprep.cli import main as dataprep_main
 from train_minimal import registry
 from train_minimal.data import count_samples, make_loader, prepare_batch
+from train_minimal import train as train_mod
 from train_minimal.train import main
 
 torch.set_num_threads(1)
@@ -282,6 +283,16 @@ def test_cli_errors_are_clear(shards, tmp_path, capsys):
                   "--out", str(ckpt), "--pretrained", "none", "--workers", "0", "--device", "cpu"])
     with pytest.raises(SystemExit, match="not found"):
         main(["eval", "--ckpt", str(tmp_path / "nope.pt"), "--data", shards.val, "--device", "cpu"])
+    # a wrong shard path or model name: one error line, before any model is built or weights fetched
+    missing = str(tmp_path / "nowhere" / "train-{000000..000001}.tar")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train_mod, "build_model", lambda *a, **k: pytest.fail("model built before the data was checked"))
+        with pytest.raises(SystemExit, match=r"^error: 2 of 2 shard\(s\) not found: .*nowhere/train-000000.tar"):
+            main(["train", "--model", "hopenet", "--train", missing, "--epochs", "1", "--out", str(ckpt),
+                  "--workers", "0", "--device", "cpu"])
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--model", "hopnet", "--train", shards.four, "--epochs", "1", "--out", str(ckpt)])
+    assert exc.value.code == 2 and "invalid choice: 'hopnet'" in capsys.readouterr().err
 
 
 def test_python_m_train_minimal_params():

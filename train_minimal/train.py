@@ -39,7 +39,7 @@ import os
 import re
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -296,6 +296,15 @@ def _atomic_json(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
+@contextmanager
+def _shards_found():
+    """Missing local shards (the loader names them) end the command with an error line, not a traceback."""
+    try:
+        yield
+    except FileNotFoundError as exc:
+        raise SystemExit(f"error: {exc}") from None
+
+
 # --------------------------------------------------------------------------------------------
 # train
 # --------------------------------------------------------------------------------------------
@@ -328,6 +337,21 @@ def cmd_train(args) -> int:
     if args.gpu_decode and not cuda:
         print("[train] --gpu-decode needs a CUDA device; decoding on the CPU", file=sys.stderr)
 
+    # Data first: a wrong shard path fails here, before any weights are fetched
+    val_sets = parse_val(args.val)
+    if is_main:
+        for url in [args.train, *val_sets.values()]:
+            _warn_crop_room(url, spec, "train")
+    with _shards_found():
+        train_loader = make_loader(args.train, spec, batch_size, train=True, workers=args.workers, seed=args.seed,
+                                   epoch_length=args.epoch_length, distributed=distributed, input_size=input_size,
+                                   gpu_decode=gpu_decode)
+        val_loaders = {}
+        if is_main:
+            for name, url in val_sets.items():
+                val_loaders[name] = make_loader(url, spec, batch_size, train=False, workers=args.workers,
+                                                seed=args.seed, input_size=input_size, gpu_decode=gpu_decode)
+
     model = build_model(spec, args.pretrained, input_size).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -355,19 +379,6 @@ def cmd_train(args) -> int:
     if teachers and "kd_weight" in spec.defaults and _accepts(spec.distill, "weight"):
         kd_kwargs["weight"] = float(args.kd_weight if args.kd_weight is not None else spec.defaults["kd_weight"])
 
-    # Data
-    val_sets = parse_val(args.val)
-    if is_main:
-        for url in [args.train, *val_sets.values()]:
-            _warn_crop_room(url, spec, "train")
-    train_loader = make_loader(args.train, spec, batch_size, train=True, workers=args.workers, seed=args.seed,
-                               epoch_length=args.epoch_length, distributed=distributed, input_size=input_size,
-                               gpu_decode=gpu_decode)
-    val_loaders = {}
-    if is_main:
-        for name, url in val_sets.items():
-            val_loaders[name] = make_loader(url, spec, batch_size, train=False, workers=args.workers,
-                                            seed=args.seed, input_size=input_size, gpu_decode=gpu_decode)
     per_epoch = train_loader.batches_per_epoch
     if args.steps is not None:
         total_steps = int(args.steps)
@@ -482,8 +493,9 @@ def cmd_eval(args) -> int:
     amp_dtype = amp_dtype_for(device, args.amp)
     batch_size = int(args.batch_size or (ckpt.get("args") or {}).get("batch_size") or 64)
     _warn_crop_room(args.data, spec, "eval")
-    loader = make_loader(args.data, spec, batch_size, train=False, workers=args.workers, seed=0,
-                         input_size=input_size, gpu_decode=bool(args.gpu_decode and cuda))
+    with _shards_found():
+        loader = make_loader(args.data, spec, batch_size, train=False, workers=args.workers, seed=0,
+                             input_size=input_size, gpu_decode=bool(args.gpu_decode and cuda))
     res = evaluate(model, loader, spec, device, amp_dtype=amp_dtype, channels_last=cuda, input_size=input_size)
     print(f"{spec.name} on {args.data}: {res['samples']} samples")
     for k in ("yaw", "pitch", "roll", "mean"):
@@ -524,7 +536,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a registered model on WebDataset shards")
-    t.add_argument("--model", required=True, help="registered model name (see: params --model all)")
+    t.add_argument("--model", required=True, choices=registry.names(), metavar="MODEL",
+                   help="registered model: " + ", ".join(registry.names()))
     t.add_argument("--train", required=True, help="training shards: path, brace pattern or URL")
     t.add_argument("--val", action="append", metavar="NAME=URL", help="validation shards (repeatable)")
     g = t.add_mutually_exclusive_group(required=True)
@@ -548,7 +561,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help="MAE of a checkpoint on shards; the last line is JSON")
-    e.add_argument("--model", help="model name (default: the checkpoint's)")
+    e.add_argument("--model", choices=registry.names(), metavar="MODEL", help="model name (default: the checkpoint's)")
     e.add_argument("--ckpt", required=True)
     e.add_argument("--data", required=True, help="shards: path, brace pattern or URL")
     e.add_argument("--batch-size", type=int, help="default: the training batch size")
@@ -559,7 +572,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_eval)
 
     pa = sub.add_parser("params", help="parameter counts of a model (or 'all')")
-    pa.add_argument("--model", required=True)
+    pa.add_argument("--model", required=True, choices=registry.names() + ["all"], metavar="MODEL",
+                    help="a registered model, or all")
     pa.set_defaults(func=cmd_params)
 
     c = sub.add_parser("convert-fsanet", help="official FSA-Net Keras .h5 weights -> our checkpoint")
