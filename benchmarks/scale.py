@@ -1,8 +1,8 @@
-"""Scaling: build time and peak memory at 1x, 4x and 16x the data.
+"""Scaling: build and load time and peak memory at 1x, 4x and 16x the data.
 
 Each build runs in a fresh subprocess (a real CLI run: worker start-up included), interleaved
-round-robin over the scales; memory is the peak PSS of the build's whole process tree (main
-process + joblib workers, sampled every 50 ms) and the main process's peak RSS.
+round-robin over the scales; memory is the peak PSS of the whole process tree (main process +
+joblib or DataLoader workers, sampled every 50 ms) and the main process's peak RSS.
 
 Two series on replicated 300W-LP trees:
 
@@ -11,15 +11,23 @@ Two series on replicated 300W-LP trees:
   detector, detection cache writes, then the shards) with a stand-in detector that answers at once,
   so what scales is our code, not MTCNN's.
 
+* ``loader``: one epoch of the streaming loader (``dataprep.loader.make_loader``: Hopenet re-crop,
+  224 px, float, all cores as workers, batch 64, its default shuffle buffer of 1000 samples per
+  worker) over the first 1/16, 1/4 and all of the shards of one build at the largest size, in a
+  fresh process each: a first epoch starts the persistent workers, the second is timed (worker
+  start-up is not a per-sample cost). Its memory may rise while the shuffle buffers fill (up to 1000
+  raw samples, ~20 MB, per worker), then stays flat.
+
 Cost should grow linearly (a least-squares fit ``seconds = fixed + per_sample * samples`` is
 printed with its R^2) and memory should stay flat.
 
 Final JSON line: per series ``rate_ratio_16x_vs_1x`` (samples/s at 16x / at 1x; ~1 or above when
 cost is linear), ``marginal_rate`` (1 / per_sample), ``fixed_s``, ``r2``, ``peak_ratio_16x_vs_1x``
-(process-tree peak at 16x / at 1x; ~1 when memory is flat) and the rows.
+(process-tree peak at 16x / at 1x; ~1 when memory is flat), ``peak_ratio_16x_vs_4x`` (the same
+between the two largest sizes: the loader's bounded buffers are full by then) and the rows.
 
-    python benchmarks/scale.py            # ~3 min on 2 busy cores (300 / 1200 / 4800 samples)
-    python benchmarks/scale.py --quick    # ~40 s (20 / 80 / 320 samples)
+    python benchmarks/scale.py            # ~4 min on 2 busy cores (300 / 1200 / 4800 samples)
+    python benchmarks/scale.py --quick    # ~50 s (20 / 80 / 320 samples)
     python benchmarks/scale.py --factors 1,16,64 --repeats 1   # ~2 min more (19200 samples at 64x)
 """
 from __future__ import annotations
@@ -42,6 +50,7 @@ MODES = {
     "quick": dict(base_copies=1, factors=(1, 4, 16), rounds=1, shard_size=20),
     "smoke": dict(base_copies=1, factors=(1, 2), rounds=1, shard_size=10),
 }
+LOAD_BATCH = 64
 
 
 class StubDetector:
@@ -78,6 +87,34 @@ def measure_build(root: str, scratch: str, jobs: int, shard_size: int, stub_dete
     return {"rows": {"": {"samples": counts["read"], "seconds": [seconds], "written": counts["written"]}}}
 
 
+def measure_load(urls: list[str], workers: int) -> dict:
+    """Two epochs of the streaming loader over ``urls`` in this fresh process (persistent workers):
+    the first starts the workers, the second is timed. Memory covers both."""
+    from dataprep.loader import make_loader
+
+    loader = make_loader(urls, LOAD_BATCH, workers=workers, persistent_workers=workers > 0, crop_rule="hopenet",
+                         size=224, normalize="imagenet")
+    times, samples = [], 0
+    for _ in range(2):
+        start = time.perf_counter()
+        samples = sum(len(batch["image"]) for batch in loader)
+        times.append(time.perf_counter() - start)
+    return {"rows": {"": {"samples": samples, "seconds": times[1:], "first_epoch_s": times[0]}}}
+
+
+def _load_shards(work: Path, root: Path, shard_size: int, jobs: int, factors) -> dict[int, list[str]]:
+    """Shards of one build of ``root`` (the largest size); per factor, the first share of them."""
+    from dataprep.build import BuildOptions, build
+
+    out = work / f"load-shards-{root.parent.name}-{shard_size}"
+    if not (out / "manifest.json").exists():
+        build(BuildOptions(dataset="300w_lp", root=str(root), out=str(out), shard_size=shard_size, jobs=jobs,
+                           progress=False, overwrite=True, command="benchmark"))
+    urls = [str(p) for p in sorted(out.glob("*.tar"))]
+    hi = max(factors)
+    return {f: urls[:max(1, len(urls) * f // hi)] for f in factors}
+
+
 def linear_fit(xs: list[float], ys: list[float]) -> tuple[float, float, float]:
     """Least squares ``y = a + b x``: (a, b, R^2)."""
     n = len(xs)
@@ -91,10 +128,11 @@ def linear_fit(xs: list[float], ys: list[float]) -> tuple[float, float, float]:
 
 
 def main(argv=None) -> int:
-    p = common.base_parser("build cost and memory at 1x, 4x, 16x the data")
+    p = common.base_parser("build and load cost and memory at 1x, 4x, 16x the data")
     p.add_argument("--jobs", type=int, default=None, help="build --jobs (default: all cores)")
     p.add_argument("--shard-size", type=int, default=None, help="build --shard-size (default: per mode)")
-    p.add_argument("--no-stub", action="store_true", help="only the gt series")
+    p.add_argument("--no-stub", action="store_true", help="no stub-detector series")
+    p.add_argument("--no-loader", action="store_true", help="no loader series")
     p.add_argument("--factors", default=None, help="data sizes as multiples of the 1x size, e.g. 1,16,64 "
                                                    "(default: 1,4,16)")
     args = p.parse_args(argv)
@@ -109,17 +147,22 @@ def main(argv=None) -> int:
     try:
         scratch = str(work / "scratch")
         Path(scratch).mkdir(parents=True, exist_ok=True)
-        series = {"gt": False} if args.no_stub else {"gt": False, "stub detector": True}
+        series = ["gt"] + ([] if args.no_stub else ["stub detector"]) + ([] if args.no_loader else ["loader"])
         whos = [("ours", None)] + ([("before", args.before)] if args.before else [])
-        specs, sizes = {}, {}
+        roots, sizes = {}, {}
         for factor in cfg["factors"]:
-            root, n = common.scaled_dataset(work, "300w_lp", cfg["base_copies"] * factor)
-            sizes[factor] = n
-            for label, stub in series.items():
+            roots[factor], sizes[factor] = common.scaled_dataset(work, "300w_lp", cfg["base_copies"] * factor)
+        load_urls = {} if args.no_loader else _load_shards(work, roots[max(roots)], shard_size, jobs, cfg["factors"])
+        specs = {}
+        for factor, root in roots.items():
+            for label in series:
                 for who, code in whos:
-                    specs[f"{who} {label} {factor}x"] = dict(target="measure_build", root=str(root), scratch=scratch,
-                                                            jobs=jobs, shard_size=shard_size, stub_detector=stub,
-                                                            code_root=code)
+                    if label == "loader":
+                        spec = dict(target="measure_load", urls=load_urls[factor], workers=jobs)
+                    else:
+                        spec = dict(target="measure_build", root=str(root), scratch=scratch, jobs=jobs,
+                                    shard_size=shard_size, stub_detector=label == "stub detector")
+                    specs[f"{who} {label} {factor}x"] = dict(spec, code_root=code)
         cases = common.isolated_cases("scale", specs)
         print(f"scale benchmark ({mode}): {', '.join(f'{f}x = {n}' for f, n in sizes.items())} samples, "
               f"{jobs} jobs, shard size {shard_size}, {rounds} round(s), {common.cpu_count()} cores", flush=True)
@@ -129,7 +172,7 @@ def main(argv=None) -> int:
         print(common.table([{"case": k, **s} for k, s in summary.items()],
                            common.ROW_COLUMNS + [("peak_tree_pss_mb", "peak MB (process tree)", "{:.0f}"),
                                                  ("peak_rss_mb", "peak MB (main RSS)", "{:.0f}")]))
-        lo, hi = cfg["factors"][0], cfg["factors"][-1]
+        lo, mid, hi = cfg["factors"][0], cfg["factors"][-2], cfg["factors"][-1]
         payload = {"benchmark": "scale", "mode": mode, "jobs": jobs, "shard_size": shard_size, "rounds": rounds,
                    "samples": {f"{f}x": n for f, n in sizes.items()}, "series": {}}
         print()
@@ -140,6 +183,8 @@ def main(argv=None) -> int:
                 entry = {
                     f"rate_ratio_{hi}x_vs_{lo}x": rows[-1]["rate"] / rows[0]["rate"],
                     f"peak_ratio_{hi}x_vs_{lo}x": rows[-1]["peak_tree_pss_mb"] / rows[0]["peak_tree_pss_mb"],
+                    # past the bounded buffers' fill-up (the loader's): the last two sizes
+                    f"peak_ratio_{hi}x_vs_{mid}x": rows[-1]["peak_tree_pss_mb"] / rows[-2]["peak_tree_pss_mb"],
                     "fixed_s": a, "per_sample_ms": b * 1e3, "marginal_rate": (1.0 / b) if b > 0 else None, "r2": r2,
                     "rates": {f"{f}x": round(r["rate"], 1) for f, r in zip(cfg["factors"], rows)},
                     "peak_tree_pss_mb": {f"{f}x": round(r["peak_tree_pss_mb"], 1) for f, r in zip(cfg["factors"], rows)},
@@ -147,7 +192,8 @@ def main(argv=None) -> int:
                 payload["series"][f"{who} {label}"] = entry
                 print(f"{who} {label}: seconds = {a:.2f} + {b * 1e3:.3f} ms x samples (R^2 {r2:.4f}); "
                       f"samples/s {hi}x / {lo}x = {entry[f'rate_ratio_{hi}x_vs_{lo}x']:.2f}; "
-                      f"peak memory {hi}x / {lo}x = {entry[f'peak_ratio_{hi}x_vs_{lo}x']:.2f}")
+                      f"peak memory {hi}x / {lo}x = {entry[f'peak_ratio_{hi}x_vs_{lo}x']:.2f}, "
+                      f"{hi}x / {mid}x = {entry[f'peak_ratio_{hi}x_vs_{mid}x']:.2f}")
         print()
         common.final_json(payload)
         return 0

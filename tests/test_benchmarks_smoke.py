@@ -44,6 +44,7 @@ def test_benchmark_smoke_run_ends_with_json_ratios(script, work):
     if script == "train_step":
         assert payload["loader_vs_step"] and all(v > 0 for v in payload["loader_vs_step"].values())
     elif script == "scale":
+        assert set(payload["series"]) == {"ours gt", "ours stub detector", "ours loader"}
         for series in payload["series"].values():
             assert {"rate_ratio_2x_vs_1x", "peak_ratio_2x_vs_1x", "per_sample_ms", "r2"} <= set(series)
     else:
