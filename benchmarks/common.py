@@ -117,6 +117,20 @@ def scaled_dataset(base: Path, dataset: str, copies: int) -> tuple[Path, int]:
     return root, samples
 
 
+def built_shards(work: Path, root: Path, shard_size: int, jobs: int = 1, **options) -> list[str]:
+    """The shard paths of a ``dataprep build`` of the 300W-LP tree ``root`` into ``work`` with
+    ``options`` (``BuildOptions`` fields), built on first use and reused by later runs with ``--work``
+    (the same inputs give the same shards, whatever ``jobs``)."""
+    from dataprep.build import BuildOptions, build
+
+    tag = "".join(f"-{k}{v}" for k, v in sorted(options.items()))
+    out = Path(work) / f"shards-{Path(root).parent.name}-{shard_size}{tag}"
+    if not (out / "manifest.json").exists():
+        build(BuildOptions(dataset="300w_lp", root=str(root), out=str(out), shard_size=shard_size, jobs=jobs,
+                           progress=False, overwrite=True, command="benchmark", **options))
+    return [str(p) for p in sorted(out.glob("*.tar"))]
+
+
 def raw_pairs(root: Path) -> list[tuple[Path, Path]]:
     """(jpg, mat) pairs under a raw 300W-LP / AFLW2000 root, sorted."""
     return [(j, j.with_suffix(".mat")) for j in sorted(Path(root).rglob("*.jpg")) if j.with_suffix(".mat").exists()]

@@ -238,17 +238,6 @@ def _loose_room() -> dict:
     return dict(margin=ROOM_MARGIN["hopenet"], crop_size=320)
 
 
-def _build_shards(work: Path, root: Path, shard_size: int, **options) -> list[str]:
-    from dataprep.build import BuildOptions, build
-
-    tag = "".join(f"-{k}{v}" for k, v in sorted(options.items()))
-    out = work / f"shards-{root.parent.name}-{shard_size}{tag}"
-    if not (out / "manifest.json").exists():
-        build(BuildOptions(dataset="300w_lp", root=str(root), out=str(out), shard_size=shard_size, jobs=1,
-                           progress=False, overwrite=True, command="benchmark", **options))
-    return [str(p) for p in sorted(out.glob("*.tar"))]
-
-
 def main(argv=None) -> int:
     p = common.base_parser("dataprep streaming loader vs Hopenet-style per-file loading vs bare JPEG decode")
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: all cores)")
@@ -260,8 +249,8 @@ def main(argv=None) -> int:
     work = common.work_dir("load", args.work)
     try:
         root, n = common.scaled_dataset(work, "300w_lp", cfg["copies"])
-        urls = _build_shards(work, root, cfg["shard_size"])
-        loose_urls = _build_shards(work, root, cfg["shard_size"], **_loose_room())
+        urls = common.built_shards(work, root, cfg["shard_size"])
+        loose_urls = common.built_shards(work, root, cfg["shard_size"], **_loose_room())
         base = dict(target="measure_ours", urls=urls, workers=workers, epochs=cfg["ours_epochs"])
         ours = {
             "ours loader": base,

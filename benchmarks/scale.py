@@ -104,13 +104,7 @@ def measure_load(urls: list[str], workers: int) -> dict:
 
 def _load_shards(work: Path, root: Path, shard_size: int, jobs: int, factors) -> dict[int, list[str]]:
     """Shards of one build of ``root`` (the largest size); per factor, the first share of them."""
-    from dataprep.build import BuildOptions, build
-
-    out = work / f"load-shards-{root.parent.name}-{shard_size}"
-    if not (out / "manifest.json").exists():
-        build(BuildOptions(dataset="300w_lp", root=str(root), out=str(out), shard_size=shard_size, jobs=jobs,
-                           progress=False, overwrite=True, command="benchmark"))
-    urls = [str(p) for p in sorted(out.glob("*.tar"))]
+    urls = common.built_shards(work, root, shard_size, jobs=jobs)
     hi = max(factors)
     return {f: urls[:max(1, len(urls) * f // hi)] for f in factors}
 

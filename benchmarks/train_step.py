@@ -41,15 +41,11 @@ MODES = {
 
 def build_shards(base: Path, copies: int) -> tuple[str, int]:
     from dataprep.boxes import ROOM_MARGIN
-    from dataprep.build import BuildOptions, build
 
     root, n = common.scaled_dataset(base, "300w_lp", copies)
-    out = base / "shards"
     # room for every model's crop rule at load time (no black borders), at 320 px
-    build(BuildOptions(dataset="300w_lp", root=str(root), out=str(out), margin=max(ROOM_MARGIN.values()),
-                       crop_size=320, shard_size=50, progress=False, overwrite=True))
-    tars = sorted(p.name for p in out.glob("*.tar"))
-    return str(out / ("train-{%s..%s}.tar" % (tars[0][6:12], tars[-1][6:12]))), n
+    tars = [Path(t) for t in common.built_shards(base, root, 50, margin=max(ROOM_MARGIN.values()), crop_size=320)]
+    return str(tars[0].parent / ("train-{%s..%s}.tar" % (tars[0].name[6:12], tars[-1].name[6:12]))), n
 
 
 def measure(model_name: str, urls: str, batch_size: int, batches: int, workers: int, device_name: str,
