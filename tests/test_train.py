@@ -288,8 +288,9 @@ def test_cli_errors_are_clear(shards, tmp_path, capsys):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(train_mod, "build_model", lambda *a, **k: pytest.fail("model built before the data was checked"))
         with pytest.raises(SystemExit, match=r"^error: 2 of 2 shard\(s\) not found: .*nowhere/train-000000.tar"):
-            main(["train", "--model", "hopenet", "--train", missing, "--epochs", "1", "--out", str(ckpt),
-                  "--workers", "0", "--device", "cpu"])
+            main(["train", "--model", "hopenet", "--train", missing, "--epochs", "1",
+                  "--out", str(tmp_path / "never"), "--workers", "0", "--device", "cpu"])
+    assert not (tmp_path / "never").exists()  # no empty output folder left behind
     with pytest.raises(SystemExit) as exc:
         main(["train", "--model", "hopnet", "--train", shards.four, "--epochs", "1", "--out", str(ckpt)])
     assert exc.value.code == 2 and "invalid choice: 'hopnet'" in capsys.readouterr().err

@@ -321,8 +321,6 @@ def cmd_train(args) -> int:
                                 timeout=datetime.timedelta(minutes=60))
     is_main = rank == 0
     out_dir = Path(args.out)
-    if is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
     if (args.epochs is None) == (args.steps is None):
         raise SystemExit("error: give exactly one of --epochs N or --steps N")
 
@@ -352,6 +350,8 @@ def cmd_train(args) -> int:
                 val_loaders[name] = make_loader(url, spec, batch_size, train=False, workers=args.workers,
                                                 seed=args.seed, input_size=input_size, gpu_decode=gpu_decode)
 
+    if is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)  # once the data is found
     model = build_model(spec, args.pretrained, input_size).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
