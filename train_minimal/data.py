@@ -33,7 +33,7 @@ import torch
 from dataprep import boxes as box_rules
 from dataprep import crop as crop_ops
 from dataprep import loader as loaders
-from dataprep.loader import HeadPoseLoader, expand_shard_urls, local_path, normalize_images
+from dataprep.loader import HeadPoseLoader, expand_shard_urls, local_path, normalize_images, require_local_shards
 
 SHUFFLE_BUFFER = 1000
 
@@ -42,12 +42,12 @@ def count_samples(urls) -> int | None:
     """Samples in the shards (``.json`` members), reading tar headers only; None when a shard is
     not a local file (then give ``--epoch-length``)."""
     total = 0
-    for url in expand_shard_urls(urls):
+    url_list = expand_shard_urls(urls)
+    require_local_shards(url_list)
+    for url in url_list:
         path = local_path(url)
         if path is None:
             return None
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"shard {url} not found")
         with tarfile.open(path, "r:*") as tar:
             total += sum(1 for m in tar if m.isfile() and m.name.endswith(".json"))
     return total

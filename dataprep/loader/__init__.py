@@ -73,7 +73,7 @@ from .batches import collate
 from .dataloader import HeadPoseLoader, make_loader
 from .dataset import HeadPoseDataset, make_dataset
 from .images import IMAGE_FORMATS, IMAGENET_MEAN, IMAGENET_STD, NORMALIZATIONS, decode_image, normalize_images
-from .urls import expand_shard_urls, local_path, open_url
+from .urls import expand_shard_urls, local_path, open_url, require_local_shards
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -90,4 +90,5 @@ __all__ = [
     "local_path",
     "normalize_images",
     "open_url",
+    "require_local_shards",
 ]

@@ -1,7 +1,6 @@
 """The streaming dataset: :func:`make_dataset` puts the stages together (a ``webdataset.DataPipeline``)."""
 from __future__ import annotations
 
-import os
 from typing import Callable
 
 import cv2
@@ -13,7 +12,7 @@ from ..augment import Compose
 from .images import IMAGE_FORMATS, NORMALIZATIONS
 from .stages import _Decode, _ResampledShards, _ShardList, _Shuffle, _State
 from .tar_reader import _TarSamples
-from .urls import expand_shard_urls, local_path
+from .urls import expand_shard_urls, require_local_shards
 
 
 class HeadPoseDataset(wds.DataPipeline):
@@ -47,17 +46,6 @@ def _distributed_world() -> int:
     if dist.is_available() and dist.is_initialized():
         return int(dist.get_world_size())
     return 1
-
-
-def _check_local_shards(urls: list[str]) -> None:
-    """Raise, before any worker starts, when local shards are missing: almost always a wrong folder
-    or brace pattern, which would otherwise surface as one worker's traceback mid-epoch."""
-    missing = [u for u in urls if (path := local_path(u)) is not None and not os.path.isfile(path)]
-    if missing:
-        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
-        raise FileNotFoundError(f"{len(missing)} of {len(urls)} shard(s) not found: {shown}; check the folder and "
-                                "the brace pattern (e.g. train-{000000..000003}.tar), or list the shards in the "
-                                "folder's _info.json")
 
 
 def make_dataset(
@@ -136,7 +124,7 @@ def make_dataset(
         transforms = Compose(transforms)
     url_list = expand_shard_urls(urls)
     if handler is None:
-        _check_local_shards(url_list)
+        require_local_shards(url_list)
     handler = handler or wds.reraise_exception
     if distributed is None:
         distributed = _distributed_world() > 1

@@ -7,7 +7,7 @@ from urllib.parse import urlparse
 import webdataset as wds
 from webdataset.shardlists import expand_urls
 
-__all__ = ["expand_shard_urls", "local_path", "open_url"]
+__all__ = ["expand_shard_urls", "local_path", "open_url", "require_local_shards"]
 
 
 def expand_shard_urls(urls) -> list[str]:
@@ -47,3 +47,15 @@ def open_url(url: str):
     import fsspec
 
     return fsspec.open(url, "rb").open()
+
+
+def require_local_shards(urls: list[str]) -> None:
+    """Raise ``FileNotFoundError`` naming the local shards among ``urls`` that do not exist (remote
+    ones are not checked): almost always a wrong folder or brace pattern, which would otherwise
+    surface as one worker's traceback mid-epoch."""
+    missing = [u for u in urls if (path := local_path(u)) is not None and not os.path.isfile(path)]
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise FileNotFoundError(f"{len(missing)} of {len(urls)} shard(s) not found: {shown}; check the folder and "
+                                "the brace pattern (e.g. train-{000000..000003}.tar), or list the shards in the "
+                                "folder's _info.json")
