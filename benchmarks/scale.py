@@ -11,9 +11,8 @@ Two series on replicated 300W-LP trees:
   detector, detection cache writes, then the shards) with a stand-in detector that answers at once,
   so what scales is our code, not MTCNN's.
 
-* ``loader``: one epoch of the streaming loader (``dataprep.loader.make_loader``: Hopenet re-crop,
-  224 px, float, all cores as workers, batch 64, its default shuffle buffer of 1000 samples per
-  worker) over the first 1/16, 1/4 and all of the shards of one build at the largest size, in a
+* ``loader``: ``load.py``'s ``ours loader`` (``dataprep.loader.make_loader``: Hopenet re-crop,
+  224 px, float, all cores as workers, batch 64, a shuffle buffer of 1000 samples per worker) over the first 1/16, 1/4 and all of the shards of one build at the largest size, in a
   fresh process each: a first epoch starts the persistent workers, the second is timed (worker
   start-up is not a per-sample cost). Its memory may rise while the shuffle buffers fill (up to 1000
   raw samples, ~20 MB, per worker), then stays flat.
@@ -50,7 +49,6 @@ MODES = {
     "quick": dict(base_copies=1, factors=(1, 4, 16), rounds=1, shard_size=20),
     "smoke": dict(base_copies=1, factors=(1, 2), rounds=1, shard_size=10),
 }
-LOAD_BATCH = 64
 
 
 class StubDetector:
@@ -88,18 +86,11 @@ def measure_build(root: str, scratch: str, jobs: int, shard_size: int, stub_dete
 
 
 def measure_load(urls: list[str], workers: int) -> dict:
-    """Two epochs of the streaming loader over ``urls`` in this fresh process (persistent workers):
-    the first starts the workers, the second is timed. Memory covers both."""
-    from dataprep.loader import make_loader
+    """``load.py``'s ``ours loader`` row in this fresh process: a warm-up epoch that starts the
+    persistent workers, then one timed epoch. Memory covers both."""
+    from benchmarks import load
 
-    loader = make_loader(urls, LOAD_BATCH, workers=workers, persistent_workers=workers > 0, crop_rule="hopenet",
-                         size=224, normalize="imagenet")
-    times, samples = [], 0
-    for _ in range(2):
-        start = time.perf_counter()
-        samples = sum(len(batch["image"]) for batch in loader)
-        times.append(time.perf_counter() - start)
-    return {"rows": {"": {"samples": samples, "seconds": times[1:], "first_epoch_s": times[0]}}}
+    return load.measure_ours(urls, workers, epochs=1)
 
 
 def _load_shards(work: Path, root: Path, shard_size: int, jobs: int, factors) -> dict[int, list[str]]:
