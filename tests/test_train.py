@@ -275,12 +275,16 @@ def test_cli_errors_are_clear(shards, tmp_path, capsys):
     with pytest.raises(SystemExit, match="no distillation loss"):
         main(["train", "--model", "whenet", "--train", shards.four, "--steps", "1", "--out", str(ckpt),
               "--pretrained", "none", "--workers", "0", "--device", "cpu", "--teachers", "x.pt"])
+    with pytest.raises(SystemExit, match=r"^error: checkpoint .*nope\.pt not found"):
+        main(["train", "--model", "ehpnet", "--train", shards.four, "--steps", "1", "--out", str(ckpt),
+              "--pretrained", "none", "--workers", "0", "--device", "cpu", "--teachers", str(tmp_path / "nope.pt")])
     with pytest.raises(SystemExit):
         main(["train", "--model", "ehpnet", "--train", shards.four, "--steps", "1", "--epochs", "1", "--out", str(ckpt)])
     for length in (["--epochs", "1"], ["--steps", "1"]):
         with pytest.raises(SystemExit, match="no full batch|gave no training batch"):
             main(["train", "--model", "ehpnet", "--train", shards.four, "--batch-size", "8", *length,
                   "--out", str(ckpt), "--pretrained", "none", "--workers", "0", "--device", "cpu"])
+    assert not ckpt.exists()  # none of these runs left an output folder behind
     with pytest.raises(SystemExit, match="not found"):
         main(["eval", "--ckpt", str(tmp_path / "nope.pt"), "--data", shards.val, "--device", "cpu"])
     # a wrong shard path or model name: one error line, before any model is built or weights fetched

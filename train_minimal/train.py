@@ -350,8 +350,6 @@ def cmd_train(args) -> int:
                 val_loaders[name] = make_loader(url, spec, batch_size, train=False, workers=args.workers,
                                                 seed=args.seed, input_size=input_size, gpu_decode=gpu_decode)
 
-    if is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)  # once the data is found
     model = build_model(spec, args.pretrained, input_size).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -390,6 +388,9 @@ def cmd_train(args) -> int:
                              "or --steps")
         total_steps = int(args.epochs) * per_epoch
 
+    made_out = is_main and not out_dir.exists()
+    if is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)  # once the data, teachers and step count are settled
     opt, sched = spec.make_optimizer(model, total_steps, args.lr)
     net = model
     if distributed:
@@ -433,6 +434,8 @@ def cmd_train(args) -> int:
                 done = True
                 break
         if not losses:
+            if made_out and not any(out_dir.iterdir()):
+                out_dir.rmdir()  # made by this run, nothing written: leave no empty folder
             raise SystemExit(f"error: epoch {epoch} gave no training batch (fewer samples than --batch-size "
                              f"{batch_size} per loader worker?)")
         step_losses = torch.stack(losses).float()
