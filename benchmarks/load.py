@@ -33,10 +33,17 @@ a real epoch (300W-LP: 122k samples).
   image, adjacent in the shards, and decoding the same JPEG again right after itself runs 15-20%
   faster than decoding another (0.138 against 0.160 ms per stored crop on one core; a real dataset
   has no such runs). ``bare decode, tar order`` shows the rate in the shards' order beside them.
+* ``bare decode + cut + float write``: the main row's work on each image and nothing else: the
+  same decode, then Hopenet's window cut at 224 (``crop.cut_window``) and written as normalised
+  float planes into a ring of batch-sized buffers, with the loader's own functions. No tar
+  reading, labels, shuffle, batching or hand-over to the main process: what the float re-crop row
+  would reach with no pipeline around its image work (a float image is 600 KB to write, four times
+  its decoded bytes).
 
 Final JSON line: ``ours_vs_hopenet`` (target >= 5) and ``ours_vs_bare_decode`` (ours with W workers
 / bare decode on W processes; target >= 0.5; ``ours_vs_bare_decode_tar_order`` against the tar-order
-rate), the same two for the loose-room shards (``loose_room_vs_*``), the rates and memory peaks.
+rate; ``ours_vs_bare_decode_cut_float`` against the image work alone), the same two for the
+loose-room shards (``loose_room_vs_*``), the rates and memory peaks.
 
     python benchmarks/load.py            # ~5 min on 2 busy cores
     python benchmarks/load.py --quick    # ~1 min
@@ -197,27 +204,68 @@ def measure_hopenet(root: str, workers: int, epochs: int) -> dict:
 # Bare decode of the stored crops
 # --------------------------------------------------------------------------------------------
 _JPEGS: list[bytes] = []
-_DECODE: list = []  # the bare decoder of this process (common.bare_decoder)
+_WINDOWS: list[list[int]] = []  # per JPEG: Hopenet's window in the stored crop (``then="cut+float"``)
+_DECODE: list = []  # the bare decoder of this process (common.bare_decoder), then the rest of the work
 
 
 def _decode_chunk(indices) -> int:
     decode = _DECODE[0]
-    return sum(decode(_JPEGS[i]).shape[0] for i in indices)
+    return sum(decode(i).shape[0] for i in indices)
+
+
+def _decoder_of(decoder: str, then: str):
+    """Index -> decoded image of ``_JPEGS[index]``; with ``then="cut+float"``, then cut to its
+    Hopenet window at 224 px (``crop.cut_window``) and written as ImageNet-normalised float planes
+    into a batch-sized ring of buffers (the loader's own image writer): the main loader row's
+    per-image work with no loader around it (no tar, labels, batching or hand-over)."""
+    decode = common.bare_decoder(decoder)
+    if then == "none":
+        return lambda i: decode(_JPEGS[i])
+    import numpy as np
+
+    from dataprep import crop
+    from dataprep.loader.images import _write_image
+
+    ring = np.empty((BATCH_SIZE, 3, SIZE, SIZE), np.float32)
+    scratch: dict = {}
+
+    def decode_cut_write(i: int):
+        image, _ = crop.cut_window(decode(_JPEGS[i]), _WINDOWS[i], SIZE)
+        out = ring[i % BATCH_SIZE]
+        _write_image(out, image, True, "imagenet", scratch)
+        return out
+    return decode_cut_write
 
 
 def measure_bare_decode(urls: list[str], workers: int, repeats: int, decoder: str = "codec",
-                        shuffled: bool = True) -> dict:
+                        shuffled: bool = True, then: str = "none") -> dict:
     """The stored crops' JPEGs decoded from memory by ``decoder``: ``"codec"`` is
     ``dataprep.codec.decode_bgr`` (the loader's decoder: libjpeg-turbo's TurboJPEG API, OpenCV's
     pixels), ``"cv2"`` is ``cv2.imdecode``. The limit is the faster of the two. ``shuffled``: in a
-    fixed shuffled order (consecutive JPEGs differ, as in the loader), else in the shards' order."""
-    _DECODE[:] = [common.bare_decoder(decoder)]
+    fixed shuffled order (consecutive JPEGs differ, as in the loader), else in the shards' order.
+    ``then``: ``"cut+float"`` adds the main row's cut and float write to each decode
+    (:func:`_decoder_of`)."""
+    import orjson
+
+    from dataprep import crop
+
     _JPEGS.clear()
+    _WINDOWS.clear()
     for url in urls:
         with tarfile.open(url) as tar:
-            _JPEGS.extend(tar.extractfile(m).read() for m in tar.getmembers() if m.name.endswith(".jpg"))
+            members = {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.name.endswith((".jpg", ".json"))}
+        for name, data in members.items():
+            if name.endswith(".jpg"):
+                _JPEGS.append(data)
+                record = orjson.loads(members[name[:-4] + ".json"])
+                _WINDOWS.append(crop.recrop_window(record, "hopenet", record["crop_size"],
+                                                   rng=random.Random(len(_WINDOWS))))
+    order = list(range(len(_JPEGS)))
     if shuffled:
-        random.Random(0).shuffle(_JPEGS)
+        random.Random(0).shuffle(order)
+    _JPEGS[:] = [_JPEGS[i] for i in order]
+    _WINDOWS[:] = [_WINDOWS[i] for i in order]
+    _DECODE[:] = [_decoder_of(decoder, then)]
     n = len(_JPEGS)
     rows = {"1 proc": {"samples": n, "seconds": common.timed_repeats(lambda: _decode_chunk(range(n)), repeats)}}
     if workers > 1:
@@ -268,6 +316,8 @@ def main(argv=None) -> int:
                                                 repeats=cfg["repeats"], shuffled=False)
         specs["bare decode, loose-room shards,"] = dict(target="measure_bare_decode", urls=loose_urls, workers=workers,
                                                         repeats=cfg["repeats"])
+        specs["bare decode + cut + float write,"] = dict(target="measure_bare_decode", urls=urls, workers=workers,
+                                                         repeats=cfg["repeats"], then="cut+float")
         cases = common.isolated_cases("load", specs)
         print(f"load benchmark ({mode}): {n} samples in {len(urls)} shards, batch {BATCH_SIZE}, {workers} workers, "
               f"{rounds} round(s), {common.cpu_count()} cores", flush=True)
@@ -294,6 +344,7 @@ def main(argv=None) -> int:
             "ours_vs_bare_decode": rate["ours loader"] / bare,
             "ours_vs_bare_decode_target": 0.5,
             "ours_vs_bare_decode_tar_order": rate["ours loader"] / rate[f"bare decode, tar order, {procs}"],
+            "ours_vs_bare_decode_cut_float": rate["ours loader"] / rate[f"bare decode + cut + float write, {procs}"],
             "stored_crops_vs_hopenet": rate["ours loader, stored crops"] / rate["hopenet-style"],
             "stored_crops_vs_bare_decode": rate["ours loader, stored crops"] / bare,
             "loose_room_vs_hopenet": rate["ours loader, loose-room shards"] / rate["hopenet-style"],

@@ -15,7 +15,8 @@ REPO = Path(__file__).resolve().parents[1]
 EXPECTED_KEYS = {
     "build": {"gt_1job_vs_bare", "gt_njobs_vs_bare", "gt_njobs_cold_vs_bare", "mtcnn_overhead",
               "mtcnn_overhead_in_build", "mtcnn_cached_rate", "rates"},
-    "load": {"ours_vs_hopenet", "ours_vs_bare_decode", "stored_crops_vs_hopenet", "stored_crops_vs_bare_decode",
+    "load": {"ours_vs_hopenet", "ours_vs_bare_decode", "ours_vs_bare_decode_cut_float", "stored_crops_vs_hopenet",
+             "stored_crops_vs_bare_decode",
              "loose_room_vs_hopenet", "loose_room_vs_bare_decode",
              "rates", "peak_mb"},
     "scale": {"series", "samples"},
