@@ -133,7 +133,27 @@ def test_batches_shapes_and_labels(shards):
             bgr = cv2.imdecode(np.frombuffer(sample_members(samples[key])["jpg"], np.uint8), cv2.IMREAD_COLOR)
             np.testing.assert_array_equal(got, bgr[:, :, ::-1])
             np.testing.assert_array_equal(lm_src, samples[key]["landmarks"])
-            np.testing.assert_allclose(lm.numpy(), box_rules.to_crop_coords(lm_src, rec["crop"], (CROP, CROP)), rtol=1e-5)
+            # mapped a batch at a time, to exactly the values one sample's mapping gives
+            np.testing.assert_array_equal(lm.numpy(), box_rules.to_crop_coords(lm_src, rec["crop"], (CROP, CROP))
+                                          .astype(np.float32))
+
+
+def test_batch_landmarks_masks_missing_and_odd_shapes_and_map_each_sample_exactly():
+    from dataprep.loader.batches import _batch_landmarks
+
+    rng = np.random.default_rng(3)
+    sources = [rng.uniform(-50, 400, (68, 2)).astype(np.float32), None, rng.uniform(0, 300, (5, 2)),
+               rng.uniform(0, 300, (68, 2))]  # float32, missing, another shape, float64
+    crops = [[10.5, -20.25, 310.0, 279.75], [0, 0, 1, 1], [0, 0, 9, 9], [-3, 7, 197, 207]]
+    sizes = [(224, 224), (64, 64), (64, 64), (64, 48)]
+    got = _batch_landmarks(sources, crops, sizes)
+    assert got["landmarks"].dtype == np.float32 and got["landmarks"].shape == (4, 68, 2)
+    assert got["landmarks_mask"].tolist() == [True, False, False, True]
+    for i in (0, 3):
+        want = box_rules.to_crop_coords(sources[i], crops[i], sizes[i]).astype(np.float32)
+        np.testing.assert_array_equal(got["landmarks"][i], want)
+    assert not got["landmarks"][1:3].any()
+    assert _batch_landmarks([None, None], crops[:2], sizes[:2]) == {}
 
 
 def test_brace_list_file_url_and_fsspec_urls(shards, tmp_path):

@@ -13,20 +13,47 @@ import numpy as np
 import torch
 from torch.utils.data import get_worker_info
 
+from ..boxes import stacked_to_crop_coords, to_crop_coords
+
 
 class _Item:
     """One decoded sample on its way into a batch (cheaper than the sample dict). ``image`` is
     H x W x 3 uint8 (``bgr`` or RGB) until :meth:`_Decode._assemble` writes it into ``buffer`` at
-    ``slot``; ``jpeg`` holds the stored bytes for ``image_format="jpeg"``."""
+    ``slot``; ``jpeg`` holds the stored bytes for ``image_format="jpeg"``. ``landmarks_source``
+    (source pixels) are mapped into the ``out_size`` = (w, h) model input through ``record["crop"]``
+    when the batch is made (:meth:`landmarks`, or all of a batch's at once in :func:`_collate_items`)."""
 
-    __slots__ = ("image", "bgr", "jpeg", "window", "key", "record", "angles", "landmarks", "landmarks_source",
+    __slots__ = ("image", "bgr", "jpeg", "window", "key", "record", "angles", "landmarks_source", "out_size",
                  "buffer", "slot")
 
-    def __init__(self, *, image, bgr, jpeg, window, key, record, angles, landmarks, landmarks_source):
+    def __init__(self, *, image, bgr, jpeg, window, key, record, angles, landmarks_source, out_size):
         self.image, self.bgr, self.jpeg, self.window = image, bgr, jpeg, window
         self.key, self.record, self.angles = key, record, angles
-        self.landmarks, self.landmarks_source = landmarks, landmarks_source
+        self.landmarks_source, self.out_size = landmarks_source, out_size
         self.buffer, self.slot = None, 0
+
+    def landmarks(self) -> np.ndarray | None:
+        """The landmarks in model-input pixels (float32), or None."""
+        if self.landmarks_source is None:
+            return None
+        return to_crop_coords(self.landmarks_source, self.record["crop"], self.out_size).astype(np.float32)
+
+
+def _batch_landmarks(sources: list, crops: list, sizes: list) -> dict:
+    """``landmarks`` (B, L, 2) float32 model-input pixels (zeros where missing) and ``landmarks_mask``
+    (B,) of the samples whose source landmarks have the batch's most common shape; {} when none has
+    any. All mapped at once (:func:`boxes.stacked_to_crop_coords`)."""
+    shapes = [s.shape for s in sources if s is not None]
+    if not shapes:
+        return {}
+    shape = Counter(shapes).most_common(1)[0][0]
+    n = len(sources)
+    landmarks = np.zeros((n,) + tuple(shape), np.float32)
+    mask = np.array([s is not None and s.shape == shape for s in sources], bool)
+    rows = np.flatnonzero(mask)
+    landmarks[rows] = stacked_to_crop_coords(np.stack([sources[i] for i in rows]), [crops[i] for i in rows],
+                                             [sizes[i] for i in rows])
+    return {"landmarks": landmarks, "landmarks_mask": mask}
 
 
 def _fence() -> None:
@@ -146,15 +173,8 @@ def _collate_items(items: Sequence, loader_id: int = 0) -> dict:
         batch["_jpeg"] = np.frombuffer(bytearray(b"".join(data)), np.uint8)
         batch["_jpeg_ends"] = np.cumsum([len(d) for d in data]).tolist()
         batch["window"] = np.array([it.window for it in items], np.int64).reshape(n, 4)
-    shapes = [it.landmarks.shape for it in items if it.landmarks is not None]
-    if shapes:
-        shape = Counter(shapes).most_common(1)[0][0]
-        landmarks = np.zeros((n,) + shape, np.float32)
-        mask = np.zeros(n, bool)
-        for i, it in enumerate(items):
-            if it.landmarks is not None and it.landmarks.shape == shape:
-                landmarks[i], mask[i] = it.landmarks, True
-        batch["landmarks"], batch["landmarks_mask"] = landmarks, mask
+    batch.update(_batch_landmarks([it.landmarks_source for it in items], [it.record["crop"] for it in items],
+                                  [it.out_size for it in items]))
     return batch
 
 

@@ -18,7 +18,6 @@ import webdataset as wds
 from webdataset.shardlists import ResampledShards, SimpleShardList
 from webdataset.utils import PipelineStage, pytorch_worker_info
 
-from .. import boxes as box_rules
 from .. import codec
 from .. import crop as crop_ops
 from .batches import _BufferPool, _Item
@@ -279,9 +278,8 @@ class _Decode(PipelineStage):
         out_w, out_h = (size, size) if image is None else (image.shape[1], image.shape[0])
         return _Item(
             image=image, bgr=bgr, jpeg=raw["jpg"] if image is None else None, window=taken, key=key,
-            record=record, angles=(record["yaw"], record["pitch"], record["roll"]),
-            landmarks=None if landmarks is None else box_rules.to_crop_coords(landmarks, record["crop"], (out_w, out_h)).astype(np.float32),
-            landmarks_source=landmarks,
+            record=record, angles=(record["yaw"], record["pitch"], record["roll"]), landmarks_source=landmarks,
+            out_size=(out_w, out_h),
         )
 
     def decode(self, raw: dict, rank: int, worker: int, index: int) -> dict:
@@ -293,7 +291,7 @@ class _Decode(PipelineStage):
             "angles": torch.tensor(item.angles, dtype=torch.float32),
             "key": item.key,
             "record": item.record,
-            "landmarks": item.landmarks,
+            "landmarks": item.landmarks(),
             "landmarks_source": item.landmarks_source,
         }
         if item.image is None:
