@@ -143,7 +143,7 @@ def test_batch_landmarks_masks_missing_and_odd_shapes_and_map_each_sample_exactl
 
     rng = np.random.default_rng(3)
     sources = [rng.uniform(-50, 400, (68, 2)).astype(np.float32), None, rng.uniform(0, 300, (5, 2)),
-               rng.uniform(0, 300, (68, 2))]  # float32, missing, another shape, float64
+               rng.uniform(0, 300, (136,))]  # float32, missing, another shape, float64 pairs in a row
     crops = [[10.5, -20.25, 310.0, 279.75], [0, 0, 1, 1], [0, 0, 9, 9], [-3, 7, 197, 207]]
     sizes = [(224, 224), (64, 64), (64, 64), (64, 48)]
     got = _batch_landmarks(sources, crops, sizes)

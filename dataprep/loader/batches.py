@@ -42,7 +42,9 @@ class _Item:
 def _batch_landmarks(sources: list, crops: list, sizes: list) -> dict:
     """``landmarks`` (B, L, 2) float32 model-input pixels (zeros where missing) and ``landmarks_mask``
     (B,) of the samples whose source landmarks have the batch's most common shape; {} when none has
-    any. All mapped at once (:func:`boxes.stacked_to_crop_coords`)."""
+    any. All mapped at once (:func:`boxes.stacked_to_crop_coords`); points as rows of 2, as
+    :func:`boxes.to_crop_coords` reads them."""
+    sources = [None if s is None else np.asarray(s).reshape(-1, 2) for s in sources]
     shapes = [s.shape for s in sources if s is not None]
     if not shapes:
         return {}
