@@ -286,6 +286,13 @@ def test_collate_rejects_mixed_sizes():
     assert "landmarks" not in collate([s, s])
     with pytest.raises(ValueError, match="size"):
         collate([s, t])
+    # landmarks of the most common shape are stacked, the rest masked out as zeros
+    lms = [np.full((68, 2), 1.5, np.float32), None, np.ones((5, 2), np.float32), np.full((68, 2), 2.5, np.float32)]
+    batch = collate([dict(s, landmarks=lm) for lm in lms])
+    assert batch["landmarks_mask"].tolist() == [True, False, False, True]
+    assert batch["landmarks"].shape == (4, 68, 2) and batch["landmarks"].dtype == torch.float32
+    assert batch["landmarks"][0].eq(1.5).all() and batch["landmarks"][3].eq(2.5).all()
+    assert not batch["landmarks"][1:3].any()
 
 
 def test_persistent_workers_get_a_new_epoch_each_pass(shards):

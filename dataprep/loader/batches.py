@@ -39,20 +39,28 @@ class _Item:
         return to_crop_coords(self.landmarks_source, self.record["crop"], self.out_size).astype(np.float32)
 
 
+def _common_shape(arrays: list) -> tuple[tuple[int, ...], np.ndarray] | None:
+    """The most common shape among ``arrays`` (None entries skipped) and the (B,) bool mask of the
+    arrays that have it; None when all are None. Both batch makers stack landmarks by it."""
+    shapes = [a.shape for a in arrays if a is not None]
+    if not shapes:
+        return None
+    shape = tuple(Counter(shapes).most_common(1)[0][0])
+    return shape, np.array([a is not None and a.shape == shape for a in arrays], bool)
+
+
 def _batch_landmarks(sources: list, crops: list, sizes: list) -> dict:
     """``landmarks`` (B, L, 2) float32 model-input pixels (zeros where missing) and ``landmarks_mask``
     (B,) of the samples whose source landmarks have the batch's most common shape; {} when none has
     any. All mapped at once (:func:`boxes.stacked_to_crop_coords`); points as rows of 2, as
     :func:`boxes.to_crop_coords` reads them."""
     sources = [None if s is None else np.asarray(s).reshape(-1, 2) for s in sources]
-    shapes = [s.shape for s in sources if s is not None]
-    if not shapes:
+    common = _common_shape(sources)
+    if common is None:
         return {}
-    shape = Counter(shapes).most_common(1)[0][0]
-    n = len(sources)
-    landmarks = np.zeros((n,) + tuple(shape), np.float32)
-    mask = np.array([s is not None and s.shape == shape for s in sources], bool)
+    shape, mask = common
     rows = np.flatnonzero(mask)
+    landmarks = np.zeros((len(sources),) + shape, np.float32)
     landmarks[rows] = stacked_to_crop_coords(np.stack([sources[i] for i in rows]), [crops[i] for i in rows],
                                              [sizes[i] for i in rows])
     return {"landmarks": landmarks, "landmarks_mask": mask}
@@ -331,14 +339,13 @@ def collate(samples: Sequence[dict]) -> dict:
     if "jpeg" in samples[0]:
         batch["jpeg"] = [s["jpeg"] for s in samples]
         batch["window"] = torch.stack([s["window"] for s in samples])
-    shapes = [s["landmarks"].shape for s in samples if s["landmarks"] is not None]
-    if shapes:
-        shape = Counter(shapes).most_common(1)[0][0]
+    mapped = [s["landmarks"] for s in samples]
+    common = _common_shape(mapped)
+    if common is not None:
+        shape, mask = common
         landmarks = np.zeros((len(samples),) + shape, np.float32)
-        mask = np.zeros(len(samples), bool)
-        for i, s in enumerate(samples):
-            if s["landmarks"] is not None and s["landmarks"].shape == shape:
-                landmarks[i], mask[i] = s["landmarks"], True
+        for i in np.flatnonzero(mask):
+            landmarks[i] = mapped[i]
         batch["landmarks"] = torch.from_numpy(landmarks)
         batch["landmarks_mask"] = torch.from_numpy(mask)
     return batch
