@@ -260,8 +260,21 @@ def test_knowledge_distillation_from_teachers(shards, tmp_path, capsys):
         train(out, name, "--train", shards.four, "--epochs", "1")
         teachers.append(str(out / "checkpoint.pt"))
     out = tmp_path / "student"
-    metrics = train(out, "ehpnet", "--train", shards.four, "--val", f"aflw={shards.val}", "--steps", "4",
-                    "--epoch-length", "16", "--teachers", ",".join(teachers))
+    # the student starts from the weights --seed gives it, whatever building the teachers drew
+    seeded = torch.random.manual_seed(0).get_state()
+    student_rng = []
+    real_build = train_mod.build_model
+
+    def build_model(spec, pretrained, input_size):
+        if pretrained is not None:  # the student (teachers are built with pretrained=None)
+            student_rng.append(torch.random.get_rng_state())
+        return real_build(spec, pretrained, input_size)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train_mod, "build_model", build_model)
+        metrics = train(out, "ehpnet", "--train", shards.four, "--val", f"aflw={shards.val}", "--steps", "4",
+                        "--epoch-length", "16", "--teachers", ",".join(teachers))
+    assert len(student_rng) == 1 and torch.equal(student_rng[0], seeded)
     assert metrics["args"]["teachers"] == teachers and metrics["args"]["kd_weight"] == 10.0
     assert len(metrics["epochs"]) == 1 and metrics["epochs"][0]["step"] == 4
     check_run(out, metrics, capsys, shards.val, "ehpnet")
@@ -275,9 +288,11 @@ def test_cli_errors_are_clear(shards, tmp_path, capsys):
     with pytest.raises(SystemExit, match="no distillation loss"):
         main(["train", "--model", "whenet", "--train", shards.four, "--steps", "1", "--out", str(ckpt),
               "--pretrained", "none", "--workers", "0", "--device", "cpu", "--teachers", "x.pt"])
-    with pytest.raises(SystemExit, match=r"^error: checkpoint .*nope\.pt not found"):
+    with pytest.MonkeyPatch.context() as mp, pytest.raises(SystemExit, match=r"^error: checkpoint .*nope\.pt not found"):
+        # a wrong teacher path fails before the student is built (and its pretrained weights fetched)
+        mp.setattr(train_mod, "build_model", lambda *a, **k: pytest.fail("student built before the teachers were read"))
         main(["train", "--model", "ehpnet", "--train", shards.four, "--steps", "1", "--out", str(ckpt),
-              "--pretrained", "none", "--workers", "0", "--device", "cpu", "--teachers", str(tmp_path / "nope.pt")])
+              "--pretrained", "auto", "--workers", "0", "--device", "cpu", "--teachers", str(tmp_path / "nope.pt")])
     with pytest.raises(SystemExit):
         main(["train", "--model", "ehpnet", "--train", shards.four, "--steps", "1", "--epochs", "1", "--out", str(ckpt)])
     for length in (["--epochs", "1"], ["--steps", "1"]):

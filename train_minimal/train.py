@@ -350,11 +350,8 @@ def cmd_train(args) -> int:
                 val_loaders[name] = make_loader(url, spec, batch_size, train=False, workers=args.workers,
                                                 seed=args.seed, input_size=input_size, gpu_decode=gpu_decode)
 
-    model = build_model(spec, args.pretrained, input_size).to(device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-
-    # Teachers (knowledge distillation)
+    # Teachers (knowledge distillation), read before the student is built: a wrong teacher path fails
+    # before any weights are fetched
     teachers = []
     teacher_paths = [t for t in (args.teachers or "").split(",") if t.strip()]
     if teacher_paths:
@@ -362,7 +359,9 @@ def cmd_train(args) -> int:
             raise SystemExit(f"error: model {spec.name!r} has no distillation loss; --teachers is for ehpnet")
         for path in teacher_paths:
             ckpt = load_checkpoint(path.strip())
-            tspec, teacher, t_size = model_from_checkpoint(ckpt, device=device)
+            # building a teacher draws initial weights; the student's own must not depend on them
+            with torch.random.fork_rng(devices=[]):
+                tspec, teacher, t_size = model_from_checkpoint(ckpt, device=device)
             if tspec.normalize != spec.normalize or t_size != input_size:
                 raise SystemExit(f"error: teacher {path} ({tspec.name}, {t_size}px, {tspec.normalize}) does not take "
                                  f"the student's input ({input_size}px, {spec.normalize})")
@@ -376,6 +375,10 @@ def cmd_train(args) -> int:
     kd_kwargs = {}
     if teachers and "kd_weight" in spec.defaults and _accepts(spec.distill, "weight"):
         kd_kwargs["weight"] = float(args.kd_weight if args.kd_weight is not None else spec.defaults["kd_weight"])
+
+    model = build_model(spec, args.pretrained, input_size).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
 
     per_epoch = train_loader.batches_per_epoch
     if args.steps is not None:
