@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import posixpath
+import re
 import sys
 from collections import Counter
 from contextlib import ExitStack, contextmanager
@@ -24,6 +25,14 @@ from .records import SampleRef
 from .shards import dumps_json, shard_name, write_info
 
 MANIFEST = "manifest.json"
+#: Shard files as ``shards.shard_name`` names them, and their temporary files while written.
+_SHARD_FILE = re.compile(r"[^/]+-[0-9]{6}\.tar(\.tmp)?")
+
+
+def _is_build_output(name: str) -> bool:
+    """Whether ``name`` in ``--out`` is a file a build writes: the only names ``--overwrite`` and
+    the clean-up after a build remove (a user's own files in the folder are left alone)."""
+    return bool(_SHARD_FILE.fullmatch(name)) or name in (MANIFEST, "_info.json", PROGRESS_DIR)
 
 
 class BuildError(RuntimeError):
@@ -113,8 +122,7 @@ def _check_out_dir(fs, base: str, fingerprint: str, overwrite: bool) -> None:
             )
     if overwrite and fs.exists(base):
         for path in fs.ls(base, detail=False):
-            name = posixpath.basename(path.rstrip("/"))
-            if name.endswith(".tar") or name.endswith(".tmp") or name in (MANIFEST, "_info.json", PROGRESS_DIR):
+            if _is_build_output(posixpath.basename(path.rstrip("/"))):
                 fs.rm(path, recursive=True)
 
 
@@ -226,8 +234,9 @@ def build(opts: BuildOptions) -> dict:
     finally:
         bar.close()
 
-    for leftover in fs.glob(posixpath.join(base, "*.tmp")):  # from a run killed mid-shard
-        fs.rm(leftover)
+    for leftover in fs.glob(posixpath.join(base, "*.tar.tmp")):  # from a run killed mid-shard
+        if _is_build_output(posixpath.basename(leftover)):
+            fs.rm(leftover)
     ordered = [results[t.name] for t in tasks]
     manifest = make_manifest(opts, settings, proto, root, refs, ordered, fingerprint)
     with fs.open(posixpath.join(base, MANIFEST), "wb") as f:

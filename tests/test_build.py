@@ -165,8 +165,17 @@ def test_other_options_refuse_to_mix_into_a_build(aflw_build, tmp_path, sample_t
     build(opts(sample_tree / "AFLW2000", out, "aflw2000"))
     with pytest.raises(BuildError, match="--overwrite"):
         build(opts(sample_tree / "AFLW2000", out, "aflw2000", crop_size=112))
-    manifest = build(opts(sample_tree / "AFLW2000", out, "aflw2000", crop_size=112, overwrite=True))
+    old_shards = {p.name for p in out.glob("*.tar")}
+    # the user's own files in --out survive --overwrite and the build's clean-up
+    mine = {"my_backup.tar": b"backup", "notes.tmp": b"notes", "test-000000.tar.bak": b"bak"}
+    for name, data in mine.items():
+        (out / name).write_bytes(data)
+    manifest = build(opts(sample_tree / "AFLW2000", out, "aflw2000", crop_size=112, shard_size=8, overwrite=True))
     assert manifest["settings"]["crop_size"] == 112
+    assert all((out / name).read_bytes() == data for name, data in mine.items())
+    new_shards = {s["name"] for s in manifest["shards"]}
+    assert {p.name for p in out.glob("*.tar")} == new_shards | {"my_backup.tar"}  # none of the old build's left
+    assert old_shards - new_shards, "the test needs an old shard that the new build does not write again"
 
 
 def test_biwi_protocol2_split_by_sequence_with_depth(sample_tree, tmp_path):
