@@ -184,8 +184,36 @@ def resolve_settings(opts: BuildOptions, proto: protocols.DatasetProtocol, assig
     )
 
 
+def check_options(opts: BuildOptions) -> None:
+    """Refuse options no build can use, before anything is read (else every sample would be
+    rejected, or the crops would be degenerate, deep inside the run)."""
+    problems = []
+    if opts.crop_size < 8:
+        problems.append(f"--crop-size {opts.crop_size}: give the crop side in pixels, at least 8")
+    if not opts.margin >= 0:
+        problems.append(f"--margin {opts.margin}: give a fraction of the crop side per side, 0 or more")
+    if not 1 <= opts.jpeg_quality <= 100:
+        problems.append(f"--jpeg-quality {opts.jpeg_quality}: give 1 to 100")
+    if opts.shard_size < 1:
+        problems.append(f"--shard-size {opts.shard_size}: give at least 1 raw sample per shard")
+    if opts.batch_size < 1:
+        problems.append(f"--batch-size {opts.batch_size}: give at least 1")
+    if opts.jobs < -1:
+        problems.append(f"--jobs {opts.jobs}: give 1 or more, or -1 for all cores")
+    if opts.augment:
+        from .augment import parse_augment_spec
+
+        try:
+            parse_augment_spec(list(opts.augment))
+        except ValueError as err:
+            problems.append(f"--augment: {err}")
+    if problems:
+        raise BuildError("; ".join(problems))
+
+
 def build(opts: BuildOptions) -> dict:
     """Run a build; returns the manifest dict (also written to ``OUT/manifest.json``)."""
+    check_options(opts)
     root = Path(opts.root)
     if not root.is_dir():
         raise BuildError(f"--root {root} is not a folder; point it at the unpacked dataset folder")
@@ -210,6 +238,8 @@ def build(opts: BuildOptions) -> dict:
 
     fingerprint = settings.fingerprint()
     fs, base = fsspec.core.url_to_fs(opts.out)
+    if fs.isfile(base):
+        raise BuildError(f"--out {opts.out} is a file; give a folder (new, or one an earlier build of this dataset wrote)")
     _check_out_dir(fs, base, fingerprint, opts.overwrite)
     fs.makedirs(posixpath.join(base, PROGRESS_DIR), exist_ok=True)
 
@@ -263,6 +293,7 @@ def make_manifest(opts, settings: Settings, proto, root: Path, refs, results: li
         "written": sum(c["written"] for c in per_split.values()),
         "rejected": len(rejected),
         "samples_in_shards": sum(c["samples"] for c in per_split.values()),
+        "in_no_split": len(refs) - sum(c["read"] for c in per_split.values()),
         "per_split": {s: dict(c) for s, c in sorted(per_split.items())},
         "rejected_by_reason": dict(sorted(Counter(e["reason"] for e in rejected).items())),
     }
@@ -280,7 +311,7 @@ def make_manifest(opts, settings: Settings, proto, root: Path, refs, results: li
         "dataset": opts.dataset,
         "protocol": proto.protocol,
         "input": {"root": str(root), "files": len(refs), "fingerprint": input_fingerprint(root, refs)},
-        "expected": proto.expected,
+        "expected": {} if opts.split_file else proto.expected,  # the protocol's counts are not a split file's
         "shards": shards,
         "counts": counts,
         "rejected": rejected,
@@ -303,6 +334,11 @@ def summary_table(manifest: dict) -> str:
         for reason, n in counts["rejected_by_reason"].items():
             example = next(e for e in manifest["rejected"] if e["reason"] == reason)
             out.append(f"  {reason:<22} {n:>7}   e.g. {example['message']}")
+    if counts.get("in_no_split"):
+        out.append("")
+        source = "the --split-file" if manifest.get("options", {}).get("split_file") else f"protocol {manifest['protocol']}"
+        out.append(f"note: {counts['in_no_split']} of the {manifest['input']['files']} samples under --root are in no split "
+                   f"of {source}, so they were not read (in_no_split in manifest.json).")
     expected = manifest.get("expected", {})
     if expected.get("read") and expected["read"] != counts["read"]:
         out.append("")

@@ -62,9 +62,13 @@ def cmd_build(args) -> int:
     start = time.perf_counter()
     try:
         manifest = build(opts)
-    except (BuildError, DetectorWeightsError, ValueError, FileNotFoundError) as err:
+    except (BuildError, DetectorWeightsError, ValueError, OSError) as err:
         print(f"dataprep build: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("\ndataprep build: interrupted. The shards finished so far are kept: run the same command again to "
+              "resume", file=sys.stderr)
+        return 130
     elapsed = time.perf_counter() - start
     print(f"\n{args.dataset}, protocol {manifest['protocol']}, boxes: {manifest['settings']['detector']}, "
           f"crop: {args.crop_rule} {args.crop_size}px -> {args.out}  ({elapsed:.1f} s)")
@@ -90,7 +94,11 @@ def cmd_verify(args) -> int:
 def cmd_sample(args) -> int:
     from .sample_data import write_sample_tree
 
-    expected = write_sample_tree(Path(args.out), seed=args.seed)
+    try:
+        expected = write_sample_tree(Path(args.out), seed=args.seed)
+    except OSError as err:
+        print(f"dataprep sample: error: {err}; give --out a new or empty folder", file=sys.stderr)
+        return 2
     counts = {k: len(v) for k, v in expected.items() if isinstance(v, list)}
     print(f"sample raw data written to {args.out}: " + ", ".join(f"{k} {n}" for k, n in counts.items()))
     return 0

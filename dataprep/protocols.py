@@ -89,7 +89,13 @@ def assign_splits(
     """Split name -> refs in listing order. Refs in no split are left out (not read)."""
     spec = dict(proto.splits)
     if split_file is not None:
-        spec = json.loads(Path(split_file).read_text())
+        try:
+            spec = json.loads(Path(split_file).read_text())
+        except ValueError as err:
+            raise ValueError(f"--split-file {split_file} is not valid JSON ({err}); expected "
+                             '{"by": "group", "train": [...], "test": [...]}') from None
+        if not isinstance(spec, dict) or not all(isinstance(v, list) for k, v in spec.items() if k != "by"):
+            raise ValueError(f'--split-file {split_file}: expected {{"by": "group", "train": [...], "test": [...]}}')
         spec.setdefault("by", "group")
         if spec["by"] not in ("group", "source", "key"):
             raise ValueError(f"{split_file}: 'by' must be group, source or key, not {spec['by']!r}")
@@ -118,4 +124,12 @@ def assign_splits(
         split = lookup.get(getattr(r, field))
         if split is not None:
             out[split].append(r)
+    if split_file is not None:  # a name that matches nothing is a typo that would drop its samples silently
+        present = {getattr(r, field) for r in refs}
+        unknown = [m for m in lookup if m not in present]
+        if unknown:
+            shown = ", ".join(map(repr, unknown[:5])) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+            examples = ", ".join(map(repr, sorted(present)[:3]))
+            raise ValueError(f"--split-file {split_file}: no {proto.dataset} sample under --root has {by} {shown} "
+                             f"(they look like {examples}); fix or remove these names")
     return out

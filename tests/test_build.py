@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import pytest
 
 from dataprep import build as build_mod
 from dataprep import labels
-from dataprep.build import BuildError, BuildOptions, build
+from dataprep.build import BuildError, BuildOptions, build, summary_table
 from dataprep.cli import main as cli_main
 from dataprep.verify import verify
 from build_runs import assert_same_shards, build_killed_at_shard
@@ -205,9 +206,33 @@ def test_split_seed_keeps_people_together(sample_tree, tmp_path):
 def test_split_file(sample_tree, tmp_path):
     split = tmp_path / "split.json"
     split.write_text(json.dumps({"by": "group", "train": ["01", "02"], "test": ["03"]}))
-    build(opts(sample_tree / "hpdb", tmp_path / "o", "biwi", protocol="2", detector="gt", split_file=str(split)))
+    manifest = build(opts(sample_tree / "hpdb", tmp_path / "o", "biwi", protocol="2", detector="gt",
+                          split_file=str(split)))
     groups = {(r["split"], r["group"]) for r in label_records(tmp_path / "o").values()}
     assert groups == {("train", "01"), ("train", "02"), ("test", "03")}
+    # the samples of the sequences it does not list are counted and named in the summary, not lost
+    counts = manifest["counts"]
+    assert counts["read"] + counts["in_no_split"] == manifest["input"]["files"] and counts["in_no_split"] > 0
+    assert manifest["expected"] == {}  # protocol 2's counts are not this split's
+    assert f"note: {counts['in_no_split']} of the {manifest['input']['files']} samples" in summary_table(manifest)
+    # a name that matches no sample (a typo) and a file that is not JSON stop the build, naming the file
+    split.write_text(json.dumps({"by": "group", "train": ["01", "24x"], "test": ["03"]}))
+    with pytest.raises(ValueError, match=r"split.json: no biwi sample under --root has group '24x'"):
+        build(opts(sample_tree / "hpdb", tmp_path / "o2", "biwi", protocol="2", detector="gt", split_file=str(split)))
+    split.write_text('{"by": "group", train: ["01"]}')
+    with pytest.raises(ValueError, match=r"split.json is not valid JSON"):
+        build(opts(sample_tree / "hpdb", tmp_path / "o2", "biwi", protocol="2", detector="gt", split_file=str(split)))
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(crop_size=0), "--crop-size 0"), (dict(margin=-1.0), "--margin -1.0"), (dict(jpeg_quality=500), "--jpeg-quality 500"),
+    (dict(shard_size=0), "--shard-size 0"), (dict(batch_size=0), "--batch-size 0"), (dict(jobs=-2), "--jobs -2"),
+    (dict(augment=("foo",)), "--augment: unknown augmentation 'foo'"),
+])
+def test_unusable_options_stop_the_build_before_it_reads(sample_tree, tmp_path, bad, message):
+    with pytest.raises(BuildError, match=re.escape(message)):
+        build(opts(sample_tree / "AFLW2000", tmp_path / "o", "aflw2000", **bad))
+    assert not (tmp_path / "o").exists()
 
 
 def test_bad_inputs_are_rejected_and_the_build_goes_on(sample_tree, tmp_path):
@@ -324,3 +349,26 @@ def test_biwi_augment_variants_carry_no_stale_depth(sample_tree, tmp_path):
     for key in flips:
         assert "depth.png" not in samples[key] and "depth_crop" not in json.loads(samples[key]["json"])
         assert "depth.png" in samples[key[: -len("_flip")]]
+
+
+def test_cli_says_what_to_do_instead_of_a_traceback(sample_tree, tmp_path, capsys, monkeypatch):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder")
+    root = str(sample_tree / "AFLW2000")
+    assert cli_main(["build", "--dataset", "aflw2000", "--root", root, "--out", str(a_file), "--no-progress"]) == 2
+    assert "--out " + str(a_file) + " is a file; give a folder" in capsys.readouterr().err
+    assert cli_main(["sample", "--out", str(a_file)]) == 2
+    assert "dataprep sample: error: " in capsys.readouterr().err and a_file.read_text() == "not a folder"
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cli_main(["build", "--dataset", "biwi", "--protocol", "2", "--root", str(sample_tree / "hpdb"),
+                     "--out", str(tmp_path / "o"), "--device", "cuda", "--no-progress"]) == 2
+    assert "--device cuda: torch sees no CUDA device here; use --device cpu" in capsys.readouterr().err
+
+    def interrupted(opts):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(build_mod, "build", interrupted)
+    assert cli_main(["build", "--dataset", "aflw2000", "--root", root, "--out", str(tmp_path / "o"), "--no-progress"]) == 130
+    assert "run the same command again to resume" in capsys.readouterr().err
