@@ -81,6 +81,21 @@ def input_fingerprint(root: Path, refs: list[SampleRef]) -> str:
     return digest.hexdigest()
 
 
+def shard_inputs(reader, root: Path, refs: list[SampleRef]) -> str:
+    """sha256 over the path, size and modification time of every file the refs are read from
+    (``reader.input_files``; one stat each): a file fixed, replaced or removed since a shard was
+    written changes it."""
+    digest = hashlib.sha256()
+    for ref in refs:
+        for rel in reader.input_files(ref):
+            try:
+                st = (root / rel).stat()
+                digest.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            except OSError:
+                digest.update(f"{rel}\0missing\n".encode())
+    return digest.hexdigest()
+
+
 def plan_shards(assignment: dict[str, list[SampleRef]], shard_size: int) -> list[ShardTask]:
     """Contiguous chunks of each split's refs, in listing order: shard i holds refs [i*n, (i+1)*n)."""
     tasks = []
@@ -103,8 +118,8 @@ def _load_progress(fs, base: str, tasks: list[ShardTask], fingerprint: str) -> d
         except (ValueError, OSError):
             continue
         result = entry.get("result", {})
-        if entry.get("settings") != fingerprint:
-            continue
+        if entry.get("settings") != fingerprint or entry.get("inputs") != task.inputs:
+            continue  # other settings, or its input files changed since: written again
         if result.get("samples") and not fs.exists(posixpath.join(base, task.name)):
             continue
         done[task.name] = result
@@ -227,7 +242,7 @@ def build(opts: BuildOptions) -> dict:
         )
     assignment = protocols.assign_splits(proto, refs, split_seed=opts.split_seed, split_file=opts.split_file)
     settings = resolve_settings(opts, proto, assignment)
-    tasks = plan_shards(assignment, opts.shard_size)
+    tasks = [replace(t, inputs=shard_inputs(reader, root, t.refs)) for t in plan_shards(assignment, opts.shard_size)]
 
     box_stage = None
     if settings.detector != "gt":

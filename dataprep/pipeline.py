@@ -67,6 +67,9 @@ class ShardTask:
     #: the box stage's spooled decisions for these refs (key -> detections, or box, score, reused,
     #: rejected); None for gt. A path on the output filesystem, so the task stays small.
     decisions_file: str | None = None
+    #: digest of the refs' input files as found when planned (``build.shard_inputs``); a resumed
+    #: build redoes a finished shard whose inputs changed since
+    inputs: str = ""
 
 
 def load_decisions(fs, task: ShardTask, settings_fingerprint: str) -> dict[str, dict]:
@@ -248,7 +251,7 @@ def run_shard(task: ShardTask, settings: Settings, root: str, out: str) -> dict:
     result.update(shard)
     progress = progress_file(base, task.name, RESULT_SUFFIX)
     with fs.open(progress + ".tmp", "wb") as f:
-        f.write(json.dumps({"settings": fingerprint, "result": result}).encode())
+        f.write(json.dumps({"settings": fingerprint, "inputs": task.inputs, "result": result}).encode())
     fs.mv(progress + ".tmp", progress)
     if task.decisions_file is not None:  # written into the shard now; a resumed build decides again
         fs.rm(task.decisions_file)

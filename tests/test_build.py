@@ -161,6 +161,31 @@ def test_resume_after_interrupt_is_byte_identical(sample_tree, tmp_path, monkeyp
     assert verify(str(out)).ok
 
 
+def test_rerun_after_fixing_inputs_rewrites_only_their_shards(sample_tree, tmp_path, monkeypatch):
+    root = tmp_path / "AFLW2000"
+    shutil.copytree(sample_tree / "AFLW2000", root)
+    reference = tmp_path / "reference"
+    build(opts(root, reference, "aflw2000", shard_size=3))
+    mats = sorted(root.glob("*.mat"))
+    broken, removed = mats[0], mats[-1]
+    good_broken, good_removed = broken.read_bytes(), removed.read_bytes()
+    broken.write_bytes(good_broken[:100])
+    removed.unlink()
+    out = tmp_path / "out"
+    first = build(opts(root, out, "aflw2000", shard_size=3))
+    assert {e["source"] for e in first["rejected"]} >= {broken.with_suffix(".jpg").name, removed.with_suffix(".jpg").name}
+
+    broken.write_bytes(good_broken)  # the user fixes both and runs the same command again
+    removed.write_bytes(good_removed)
+    calls = []
+    real_run_shard = build_mod.run_shard
+    monkeypatch.setattr(build_mod, "run_shard", lambda task, *a: calls.append(task.name) or real_run_shard(task, *a))
+    again = build(opts(root, out, "aflw2000", shard_size=3))
+    assert 1 <= len(calls) <= 2 < len(again["shards"])  # the shards of the two changed files, no other
+    assert again["counts"]["rejected"] == build(opts(root, tmp_path / "fresh", "aflw2000", shard_size=3))["counts"]["rejected"]
+    assert_same_shards(reference, out)
+
+
 def test_other_options_refuse_to_mix_into_a_build(aflw_build, tmp_path, sample_tree):
     out = tmp_path / "o"
     build(opts(sample_tree / "AFLW2000", out, "aflw2000"))

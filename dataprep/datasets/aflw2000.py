@@ -29,6 +29,9 @@ def list_samples(root: Path) -> list[SampleRef]:
     return refs
 
 
+input_files = matfile.image_and_mat_files
+
+
 @matfile.reader_errors
 def read_sample(root: Path, ref: SampleRef) -> RawSample:
     image, mat, display = matfile.image_and_mat(root, ref.source)

@@ -293,6 +293,11 @@ def companion_paths(source: str) -> dict[str, str]:
     }
 
 
+def input_files(ref: SampleRef) -> list[str]:
+    """The files a frame's sample is read from (relative paths): its image and companions."""
+    return [ref.source, *companion_paths(ref.source).values()]
+
+
 def head_box(t, rgb_cal: Calibration, head_size_mm: float = HEAD_SIZE_MM) -> tuple[list[float], np.ndarray, float]:
     """Square ``gt`` box around the head centre ``t`` (depth frame, mm) in RGB pixels.
     Returns ``(box, centre_px, z_mm)``."""

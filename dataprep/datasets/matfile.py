@@ -183,6 +183,12 @@ def pose_labels(mat: Mapping[str, Any], display: str) -> tuple[float, float, flo
     return yaw, pitch, roll, [float(v) for v in pose]
 
 
+def image_and_mat_files(ref) -> list[str]:
+    """The two files :func:`image_and_mat` reads for ``ref`` (relative paths): the ``input_files``
+    of both MAT readers."""
+    return [ref.source, Path(ref.source).with_suffix(".mat").as_posix()]
+
+
 def image_and_mat(root: Path, source: str) -> tuple[np.ndarray, dict[str, Any], str]:
     """The common first step of both MAT readers: image (450x450 RGB) and its parsed ``.mat``.
     Returns ``(image, mat, mat_display_name)``. The .mat is checked first: a missing label is the

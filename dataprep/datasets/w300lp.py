@@ -28,6 +28,9 @@ def list_samples(root: Path) -> list[SampleRef]:
     return matfile.list_refs(NAME, root, found, matfile.is_jpg_file)
 
 
+input_files = matfile.image_and_mat_files
+
+
 @matfile.reader_errors
 def read_sample(root: Path, ref: SampleRef) -> RawSample:
     image, mat, display = matfile.image_and_mat(root, ref.source)
