@@ -295,6 +295,21 @@ def test_cli_errors_are_clear(shards, tmp_path, capsys):
               "--pretrained", "auto", "--workers", "0", "--device", "cpu", "--teachers", str(tmp_path / "nope.pt")])
     with pytest.raises(SystemExit):
         main(["train", "--model", "ehpnet", "--train", shards.four, "--steps", "1", "--epochs", "1", "--out", str(ckpt)])
+    for zero in (["--steps", "0"], ["--epochs", "-1"], ["--steps", "1", "--batch-size", "0"],
+                 ["--steps", "1", "--input-size", "0"]):
+        with pytest.raises(SystemExit) as exc:
+            main(["train", "--model", "ehpnet", "--train", shards.four, *zero, "--out", str(ckpt)])
+        assert exc.value.code == 2 and "give 1 or more" in capsys.readouterr().err
+    for fixed in ("fsanet_var", "ssrnet_md"):  # dense layers sized for 64 px: refused before anything runs
+        with pytest.raises(SystemExit, match=f"^error: {fixed} takes 64 px inputs only"):
+            main(["train", "--model", fixed, "--train", shards.four, "--steps", "1", "--input-size", "32",
+                  "--out", str(ckpt), "--pretrained", "none", "--workers", "0", "--device", "cpu"])
+    not_a_checkpoint = tmp_path / "not_a_checkpoint.pt"
+    not_a_checkpoint.write_bytes(Path(shards.four).read_bytes()[:4096])
+    with pytest.raises(SystemExit, match=r"^error: .*not_a_checkpoint\.pt is not a checkpoint torch can read"):
+        main(["eval", "--ckpt", str(not_a_checkpoint), "--data", shards.val, "--device", "cpu"])
+    with pytest.raises(SystemExit, match=r"is a folder; give its checkpoint\.pt"):
+        main(["eval", "--ckpt", str(tmp_path), "--data", shards.val, "--device", "cpu"])
     for length in (["--epochs", "1"], ["--steps", "1"]):
         with pytest.raises(SystemExit, match="no full batch|gave no training batch"):
             main(["train", "--model", "ehpnet", "--train", shards.four, "--batch-size", "8", *length,

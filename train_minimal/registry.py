@@ -36,6 +36,8 @@ class ModelSpec:
     #: Optional ``distill(student_outputs, [teacher_outputs, ...]) -> Tensor``: the knowledge-
     #: distillation term the trainer adds to ``loss`` when run with ``--teachers``.
     distill: Callable[..., torch.Tensor] | None = None
+    #: The architecture only works at ``input_size`` (dense layers sized from it: FSA-Net, SSR-Net-MD).
+    fixed_input_size: bool = False
 
 
 _REGISTRY: dict[str, ModelSpec] = {}

@@ -54,6 +54,17 @@ CHECKPOINT_FORMAT = "train_minimal/1"
 # --------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------
+def _positive_int(text: str) -> int:
+    """argparse type: an integer of 1 or more (0 steps, 0 epochs or batches of 0 are mistakes)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: give 1 or more")
+    return value
+
+
 def _accepts(fn, name: str) -> bool:
     """Whether ``fn`` takes a ``name`` keyword (named, or through ``**kwargs``): spec functions
     differ in what they accept (``input_size``, ``alpha``, ``weight``)."""
@@ -236,6 +247,11 @@ def load_checkpoint(path: str) -> dict:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise SystemExit(f"error: checkpoint {path} not found") from None
+    except IsADirectoryError:
+        raise SystemExit(f"error: {path} is a folder; give its checkpoint.pt") from None
+    except (RuntimeError, ValueError, EOFError, OSError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise SystemExit(f"error: {path} is not a checkpoint torch can read ({first})") from None
     if isinstance(ckpt, dict) and "state_dict" in ckpt:
         return ckpt
     if isinstance(ckpt, dict) and all(torch.is_tensor(v) for v in ckpt.values()):
@@ -326,6 +342,9 @@ def cmd_train(args) -> int:
 
     spec = registry.get(args.model)
     input_size = int(args.input_size or spec.input_size)
+    if spec.fixed_input_size and input_size != spec.input_size:
+        raise SystemExit(f"error: {spec.name} takes {spec.input_size} px inputs only (its dense layers are sized "
+                         "for them); leave out --input-size")
     batch_size = int(args.batch_size or spec.defaults.get("batch_size", 16))
     torch.manual_seed(args.seed)
     cuda = device.type == "cuda"
@@ -547,9 +566,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--train", required=True, help="training shards: path, brace pattern or URL")
     t.add_argument("--val", action="append", metavar="NAME=URL", help="validation shards (repeatable)")
     g = t.add_mutually_exclusive_group(required=True)
-    g.add_argument("--epochs", type=int)
-    g.add_argument("--steps", type=int, help="optimiser steps in all (evaluates at each epoch end and at the end)")
-    t.add_argument("--batch-size", type=int, help="per process (default: the model's)")
+    g.add_argument("--epochs", type=_positive_int)
+    g.add_argument("--steps", type=_positive_int, help="optimiser steps in all (evaluates at each epoch end and at the end)")
+    t.add_argument("--batch-size", type=_positive_int, help="per process (default: the model's)")
     t.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     t.add_argument("--out", required=True, help="output folder")
     t.add_argument("--lr", type=float, help="learning rate (default: the paper's)")
@@ -560,8 +579,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="DataLoader workers")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--gpu-decode", action="store_true", help="decode JPEGs on the GPU (torchvision.io.decode_jpeg)")
-    t.add_argument("--epoch-length", type=int, help="samples per epoch (all ranks): resampled shards")
-    t.add_argument("--input-size", type=int, help="override the model's input size (smoke tests)")
+    t.add_argument("--epoch-length", type=_positive_int, help="samples per epoch (all ranks): resampled shards")
+    t.add_argument("--input-size", type=_positive_int, help="override the model's input size (smoke tests)")
     t.add_argument("--amp", choices=AMP_CHOICES, default="auto",
                    help="mixed precision: auto (CUDA: bf16, else fp16; CPU: off) | off | bf16 | fp16")
     t.set_defaults(func=cmd_train)
@@ -570,7 +589,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--model", choices=registry.names(), metavar="MODEL", help="model name (default: the checkpoint's)")
     e.add_argument("--ckpt", required=True)
     e.add_argument("--data", required=True, help="shards: path, brace pattern or URL")
-    e.add_argument("--batch-size", type=int, help="default: the training batch size")
+    e.add_argument("--batch-size", type=_positive_int, help="default: the training batch size")
     e.add_argument("--device", default="auto")
     e.add_argument("--workers", type=int, default=0)
     e.add_argument("--gpu-decode", action="store_true")

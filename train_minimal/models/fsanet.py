@@ -392,7 +392,7 @@ def build_fusion(pretrained=None, **_):
     return _load_into(FSANetFusion(), "fsanet_fusion", pretrained)
 
 
-_COMMON = dict(input_size=64, crop_rule="fsanet", normalize="raw_bgr", loss=l1_loss, decode=decode,
+_COMMON = dict(input_size=64, fixed_input_size=True, crop_rule="fsanet", normalize="raw_bgr", loss=l1_loss, decode=decode,
                make_optimizer=make_optimizer)
 
 register(ModelSpec(name="fsanet_1x1", build=build_fsanet("1x1"), defaults=dict(DEFAULTS),

@@ -93,7 +93,7 @@ def build(pretrained=None, **_):
 
 
 register(ModelSpec(
-    name="ssrnet_md", build=build, input_size=64, crop_rule="fsanet", normalize="raw_bgr",
+    name="ssrnet_md", build=build, input_size=64, fixed_input_size=True, crop_rule="fsanet", normalize="raw_bgr",
     loss=l1_loss, decode=decode, make_optimizer=make_optimizer, defaults=dict(DEFAULTS),
     description="SSR-Net-MD (FSA-Net's baseline; official SSR_net_MT), soft stagewise regression",
 ))
