@@ -6,7 +6,6 @@ import hashlib
 import json
 import os
 import posixpath
-import re
 import sys
 from collections import Counter
 from contextlib import ExitStack, contextmanager
@@ -22,17 +21,15 @@ from . import boxes as box_rules
 from .datasets import get_reader
 from .pipeline import PROGRESS_DIR, RESULT_SUFFIX, Settings, ShardTask, progress_file, run_shard
 from .records import SampleRef
-from .shards import dumps_json, shard_name, write_info
+from .shards import TMP_SUFFIX, dumps_json, is_shard_file, shard_name, write_info
 
 MANIFEST = "manifest.json"
-#: Shard files as ``shards.shard_name`` names them, and their temporary files while written.
-_SHARD_FILE = re.compile(r"[^/]+-[0-9]{6}\.tar(\.tmp)?")
 
 
 def _is_build_output(name: str) -> bool:
     """Whether ``name`` in ``--out`` is a file a build writes: the only names ``--overwrite`` and
     the clean-up after a build remove (a user's own files in the folder are left alone)."""
-    return bool(_SHARD_FILE.fullmatch(name)) or name in (MANIFEST, "_info.json", PROGRESS_DIR)
+    return is_shard_file(name) or name in (MANIFEST, "_info.json", PROGRESS_DIR)
 
 
 class BuildError(RuntimeError):
@@ -279,8 +276,8 @@ def build(opts: BuildOptions) -> dict:
     finally:
         bar.close()
 
-    for leftover in fs.glob(posixpath.join(base, "*.tar.tmp")):  # from a run killed mid-shard
-        if _is_build_output(posixpath.basename(leftover)):
+    for leftover in fs.glob(posixpath.join(base, "*.tar" + TMP_SUFFIX)):  # from a run killed mid-shard
+        if is_shard_file(posixpath.basename(leftover)):
             fs.rm(leftover)
     ordered = [results[t.name] for t in tasks]
     manifest = make_manifest(opts, settings, proto, root, refs, ordered, fingerprint)

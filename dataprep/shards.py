@@ -32,8 +32,18 @@ SAFE_EXTENSION = re.compile(r"^[a-z0-9]+(\.[a-z0-9]+)*$")
 WRITE_BUFFER = 1 << 20
 
 
+#: The suffix of a shard while :class:`ShardWriter` writes it.
+TMP_SUFFIX = ".tmp"
+_SHARD_FILE = re.compile(r"[^/]+-[0-9]{6}\.tar(" + re.escape(TMP_SUFFIX) + ")?")
+
+
 def shard_name(split: str, index: int) -> str:
     return f"{split}-{index:06d}.tar"
+
+
+def is_shard_file(name: str) -> bool:
+    """Whether a file name is one :func:`shard_name` makes, or such a shard still being written."""
+    return bool(_SHARD_FILE.fullmatch(name))
 
 
 def check_member(key: str, extension: str) -> None:
@@ -112,7 +122,7 @@ class ShardWriter:
     def __init__(self, fs: fsspec.AbstractFileSystem, path: str, buffer_size: int = WRITE_BUFFER):
         self.fs = fs
         self.path = path
-        self.tmp = path + ".tmp"
+        self.tmp = path + TMP_SUFFIX
         self.buffer_size = buffer_size
         self.sha256 = hashlib.sha256()
         self.size = 0
