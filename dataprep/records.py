@@ -1,6 +1,7 @@
 """The data types that pass between pipeline stages: read raw -> box -> crop -> augment -> write shard."""
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +22,7 @@ class SampleError(Exception):
 
 
 _KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
+_STEM_SAFE = re.compile(r"^[A-Za-z0-9_/-]*$")
 
 
 def make_key(dataset: str, relative_stem: str) -> str:
@@ -28,8 +30,14 @@ def make_key(dataset: str, relative_stem: str) -> str:
 
     webdataset cuts keys at the first dot and treats ``/`` as a folder, so both become ``_``.
     Example: ``300w_lp`` + ``AFW_Flip/AFW_134212_1_0`` -> ``300w_lp_AFW_Flip_AFW_134212_1_0``.
+    Every file name in the real datasets is made of letters, digits, ``_`` and ``-``; a stem with
+    anything else (``image.00111``, a space) would share its key with another file
+    (``image_00111``), so its key ends with ``-`` and 8 hex digits of the stem's sha1.
     """
-    return _KEY_UNSAFE.sub("_", f"{dataset}_{relative_stem}")
+    key = _KEY_UNSAFE.sub("_", f"{dataset}_{relative_stem}")
+    if not _STEM_SAFE.match(relative_stem):
+        key += "-" + hashlib.sha1(relative_stem.encode("utf-8")).hexdigest()[:8]
+    return key
 
 
 @dataclass(frozen=True, slots=True)

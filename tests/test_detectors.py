@@ -132,7 +132,9 @@ def test_mtcnn_fingerprint_tracks_options(mtcnn):
     other = create_detector("mtcnn", device="cpu", min_score=0.9)
     same = create_detector("mtcnn", device="cpu", batch_size=1)
     assert other.fingerprint != mtcnn.fingerprint
-    assert same.fingerprint == mtcnn.fingerprint  # batch size does not change outputs
+    # The batch size moves boxes by ~1e-4 px (float arithmetic), not which faces are found: cached
+    # detections stay valid across batch sizes (the cache is what makes such builds byte-identical).
+    assert same.fingerprint == mtcnn.fingerprint
 
 
 # --------------------------------------------------------------------------------------------- RetinaFace

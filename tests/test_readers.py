@@ -357,6 +357,59 @@ def test_missing_mat_is_listed_then_rejected(sample_tree, tmp_path, aflw_source)
     _expect_error(AFLW_NAME, root, ref, "missing_mat", "AFLW2000/" + aflw_source.replace(".jpg", ".mat"))
 
 
+@pytest.mark.parametrize("name,source,label", [
+    ("300w_lp", W300_SOURCE, "AFW/AFW_1000207_1_0.mat"),
+    ("biwi", BIWI_SOURCE, "03/frame_00004_pose.txt"),
+])
+def test_label_without_image_is_listed_then_rejected(sample_tree, tmp_path, name, source, label):
+    # An incomplete download (labels without their images) must show in the counts, not vanish.
+    root, ref = _copy_sample(sample_tree, tmp_path, name, source)
+    (root / source).unlink()
+    assert get_reader(name).list_samples(root) == [ref]  # same source and key as with the image
+    _expect_error(name, root, ref, "missing_image", f"{ROOTS[name]}/{source}")
+
+
+def test_aflw2000_label_without_image(sample_tree, tmp_path, aflw_source):
+    root, ref = _copy_sample(sample_tree, tmp_path, AFLW_NAME, aflw_source)
+    (root / aflw_source).unlink()
+    assert aflw2000.list_samples(root) == [ref]
+    _expect_error(AFLW_NAME, root, ref, "missing_image", f"AFLW2000/{aflw_source}")
+    (root / aflw_source).with_suffix(".mat").unlink()
+    with pytest.raises(FileNotFoundError, match="no .jpg images or .mat labels"):
+        aflw2000.list_samples(root)
+
+
+def test_keys_are_unique_when_names_differ_only_in_unsafe_characters(sample_tree, tmp_path, aflw_source):
+    root, ref = _copy_sample(sample_tree, tmp_path, AFLW_NAME, aflw_source)
+    assert ref.key == "aflw2000_" + Path(aflw_source).stem  # the real names keep their plain keys
+    stem = Path(aflw_source).stem
+    for other in (f"{stem[:5]}.{stem[5:]}", f"{stem[:5]} {stem[5:]}", f"{stem[:5]}_{stem[5:]}"):
+        for suffix in (".jpg", ".mat"):
+            shutil.copyfile((root / aflw_source).with_suffix(suffix), root / f"{other}{suffix}")
+    refs = aflw2000.list_samples(root)
+    assert len(refs) == 4 and len({r.key for r in refs}) == 4
+    assert all("." not in r.key and " " not in r.key for r in refs)
+    assert ref in refs  # unchanged by the others
+    # keys do not depend on what else is in the folder
+    again = {r.source: r.key for r in aflw2000.list_samples(root)}
+    assert again == {r.source: r.key for r in refs}
+
+
+def test_keys_that_still_coincide_are_made_unique(sample_tree, tmp_path):
+    # "AFW_Flip/x" and "AFW/Flip_x" both sanitise to "300w_lp_AFW_Flip_x" (only in an odd tree):
+    # both samples must survive, with distinct keys.
+    root, ref = _copy_sample(sample_tree, tmp_path, "300w_lp", W300_SOURCE)
+    (root / "AFW_Flip").mkdir()
+    for suffix in (".jpg", ".mat"):
+        shutil.copyfile((root / W300_SOURCE).with_suffix(suffix), root / "AFW_Flip" / f"AFW_1000207_1_0{suffix}")
+        shutil.copyfile((root / W300_SOURCE).with_suffix(suffix), root / "AFW" / f"Flip_AFW_1000207_1_0{suffix}")
+    refs = w300lp.list_samples(root)
+    keys = [r.key for r in refs]
+    assert len(refs) == 3 and len(set(keys)) == 3
+    assert ref in refs  # the sample whose key collides with nothing keeps its key
+    assert sum(k.startswith("300w_lp_AFW_Flip_AFW_1000207_1_0-") for k in keys) == 2
+
+
 @pytest.mark.parametrize("problem,reason", [("no_pose", "missing_key"), ("bad_pt2d", "bad_shape"),
                                             ("nan_pose", "nan_label"), ("text_pose", "bad_shape")])
 def test_bad_mat_content(sample_tree, tmp_path, aflw_source, problem, reason):

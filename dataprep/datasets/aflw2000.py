@@ -20,12 +20,13 @@ GROUP = "AFLW2000"
 
 
 def list_samples(root: Path) -> list[SampleRef]:
-    """Every ``*.jpg`` directly in the root (sorted); the ``.mat`` is not checked here. A root with
-    no images raises ``FileNotFoundError`` (usually the wrong folder was passed)."""
+    """Every ``*.jpg`` directly in the root, and every ``.mat`` without its image (sorted); the files
+    are not opened here. A root with neither raises ``FileNotFoundError`` (usually the wrong folder
+    was passed)."""
     root = matfile.require_root(root, "AFLW2000", DEFAULT_ROOT_NAME)
-    refs = matfile.list_refs(NAME, root, [""], matfile.is_jpg_file, group=GROUP)
+    refs = matfile.list_mat_refs(NAME, root, [""], group=GROUP)
     if not refs:
-        raise FileNotFoundError(f"no .jpg images in {root}; pass the {DEFAULT_ROOT_NAME} folder")
+        raise FileNotFoundError(f"no .jpg images or .mat labels in {root}; pass the {DEFAULT_ROOT_NAME} folder")
     return refs
 
 

@@ -23,6 +23,7 @@ import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -42,6 +43,7 @@ HEAD_SIZE_MM = 160.0
 
 _SEQUENCE_DIR = re.compile(r"^\d\d$")
 _RGB_NAME = re.compile(r"^frame_(\d+)_rgb\.png$")
+_POSE_NAME = re.compile(r"^frame_(\d+)_pose\.txt$")
 
 
 @dataclass(frozen=True)
@@ -271,14 +273,21 @@ def encode_depth_bin(depth: np.ndarray) -> bytes:
 # Reader
 # --------------------------------------------------------------------------------------------
 def list_samples(root: Path) -> list[SampleRef]:
-    """Every ``NN/frame_XXXXX_rgb.png`` (sorted); pose/depth/calibration files are not checked here."""
+    """Every ``NN/frame_XXXXX_rgb.png``, and every ``frame_XXXXX_pose.txt`` without its image (sorted);
+    the files are not opened here."""
     root = matfile.require_root(root, "BIWI", DEFAULT_ROOT_NAME)
     sequences = sorted(p.name for p in root.iterdir() if p.is_dir() and _SEQUENCE_DIR.match(p.name))
     if not sequences:
         raise FileNotFoundError(
             f"no BIWI sequence folders (01..24) in {root}; pass the {DEFAULT_ROOT_NAME} folder"
         )
-    return matfile.list_refs(NAME, root, sequences, lambda path: bool(_RGB_NAME.match(path.name)))
+    return matfile.list_refs(NAME, root, sequences, _frame_of(_RGB_NAME), _frame_of(_POSE_NAME),
+                             lambda frame: f"frame_{frame}_rgb.png")
+
+
+def _frame_of(pattern: re.Pattern) -> Callable[[Path], str | None]:
+    """``path`` -> its frame number when ``pattern`` matches its name."""
+    return lambda path: m[1] if (m := pattern.match(path.name)) else None
 
 
 def companion_paths(source: str) -> dict[str, str]:

@@ -19,7 +19,10 @@ The readers only *require* the keys they use (``Pose_Para``, ``pt2d`` and, for A
 from __future__ import annotations
 
 import functools
+import hashlib
 import io
+from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -47,21 +50,55 @@ def require_root(root, dataset: str, folder: str) -> Path:
     return root
 
 
-def list_refs(dataset: str, root: Path, folders: Sequence[str], wanted: Callable[[Path], bool],
+def list_refs(dataset: str, root: Path, folders: Sequence[str], image_stem: Callable[[Path], str | None],
+              label_stem: Callable[[Path], str | None], image_name: Callable[[str], str],
               group: str | None = None) -> list[SampleRef]:
-    """A ``SampleRef`` for every file ``wanted`` accepts in each of ``folders`` below ``root`` (``""``:
-    the root itself), sorted by source path: key from ``folder/stem``, group the folder (or ``group``)."""
+    """A ``SampleRef`` for every sample in each of ``folders`` below ``root`` (``""``: the root itself),
+    sorted by source path: key from ``folder/<image stem>``, group the folder (or ``group``).
+
+    A sample is an image (``image_stem(path)`` names its sample, None for other files) or a label
+    file whose image is missing (``label_stem``; its source is ``image_name(stem)``): an incomplete
+    download is listed, so its read rejects it as ``missing_image`` and the counts show it.
+    """
     refs = []
     for folder in folders:
+        images: dict[str, str] = {}
+        labelled: set[str] = set()
         for path in (root / folder).iterdir():
-            if wanted(path):
-                source, stem = (f"{folder}/{path.name}", f"{folder}/{path.stem}") if folder else (path.name, path.stem)
-                refs.append(SampleRef(dataset, make_key(dataset, stem), source, group or folder))
-    return sorted(refs, key=lambda r: r.source)
+            stem = image_stem(path)
+            if stem is not None:
+                images[stem] = path.name
+            elif (stem := label_stem(path)) is not None:
+                labelled.add(stem)
+        for stem in labelled - images.keys():
+            images[stem] = image_name(stem)
+        for name in images.values():
+            stem = f"{folder}/{Path(name).stem}" if folder else Path(name).stem
+            refs.append(SampleRef(dataset, make_key(dataset, stem), f"{folder}/{name}" if folder else name,
+                                  group or folder))
+    return _unique_keys(sorted(refs, key=lambda r: r.source))
 
 
-def is_jpg_file(path: Path) -> bool:
-    return path.suffix.lower() == ".jpg" and path.is_file()
+def _unique_keys(refs: list[SampleRef]) -> list[SampleRef]:
+    """Samples whose keys still coincide (``A/B_c`` and ``A_B/c`` both give ``A_B_c``) each get the
+    key plus ``-`` and 8 hex digits of their source's sha1: webdataset would merge them into one."""
+    seen = Counter(r.key for r in refs)
+    return [r if seen[r.key] == 1 else
+            replace(r, key=f"{r.key}-{hashlib.sha1(r.source.encode('utf-8')).hexdigest()[:8]}") for r in refs]
+
+
+def mat_sample_stem(path: Path) -> str | None:
+    """A 300W-LP / AFLW2000 sample's image: ``NAME.jpg`` (any case)."""
+    return path.stem if path.suffix.lower() == ".jpg" and path.is_file() else None
+
+
+def mat_label_stem(path: Path) -> str | None:
+    return path.stem if path.suffix.lower() == ".mat" and path.is_file() else None
+
+
+def list_mat_refs(dataset: str, root: Path, folders: Sequence[str], group: str | None = None) -> list[SampleRef]:
+    """The samples of a MAT dataset: every ``NAME.jpg``, and every ``NAME.mat`` without one."""
+    return list_refs(dataset, root, folders, mat_sample_stem, mat_label_stem, lambda stem: f"{stem}.jpg", group)
 
 
 def display_path(root: Path, relative: str) -> str:

@@ -18,14 +18,14 @@ SUBSETS = ("AFW", "HELEN", "IBUG", "LFPW", "AFW_Flip", "HELEN_Flip", "IBUG_Flip"
 
 
 def list_samples(root: Path) -> list[SampleRef]:
-    """Every ``<SUBSET>/*.jpg`` (sorted by path); the ``.mat`` is not checked here."""
+    """Every ``<SUBSET>/*.jpg``, and every ``.mat`` there without its image (sorted by path)."""
     root = matfile.require_root(root, "300W-LP", DEFAULT_ROOT_NAME)
     found = [s for s in SUBSETS if (root / s).is_dir()]
     if not found:
         raise FileNotFoundError(
             f"no 300W-LP subset folders ({', '.join(SUBSETS)}) in {root}; pass the {DEFAULT_ROOT_NAME} folder"
         )
-    return matfile.list_refs(NAME, root, found, matfile.is_jpg_file)
+    return matfile.list_mat_refs(NAME, root, found)
 
 
 input_files = matfile.image_and_mat_files
