@@ -79,15 +79,23 @@ def cmd_build(args) -> int:
     return 0
 
 
+#: Problems ``verify`` prints (a badly damaged folder can have thousands; all are counted).
+VERIFY_SHOWN = 50
+
+
 def cmd_verify(args) -> int:
     from .verify import verify
 
     report = verify(args.out, decode=not args.hash_only)
     if report.ok:
-        print(f"OK: {report.shards_checked} shard(s), {report.samples_checked} sample(s) decoded, hashes match {args.out}/manifest.json")
+        done = "listed" if args.hash_only else "decoded"
+        print(f"OK: {report.shards_checked} shard(s), {report.samples_checked} sample(s) {done}, hashes match {args.out}/manifest.json")
         return 0
-    for problem in report.problems:
+    for problem in report.problems[:VERIFY_SHOWN]:
         print(f"FAIL: {problem}", file=sys.stderr)
+    hidden = len(report.problems) - VERIFY_SHOWN
+    more = f" (first {VERIFY_SHOWN} shown, {hidden} more not)" if hidden > 0 else ""
+    print(f"{len(report.problems)} problem(s) in {args.out}{more}; {report.shards_checked} shard(s) checked", file=sys.stderr)
     return 1
 
 
@@ -124,7 +132,7 @@ def main(argv=None) -> int:
     _add_build(sub)
     p = sub.add_parser("verify", help="re-hash shards against the manifest and decode every record")
     p.add_argument("out")
-    p.add_argument("--hash-only", action="store_true", help="skip decoding, only compare sha256")
+    p.add_argument("--hash-only", action="store_true", help="skip decoding records: compare sha256, sample keys and metadata only")
     p = sub.add_parser("sample", help="write a small raw tree of all three datasets in their real formats")
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)

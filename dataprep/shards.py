@@ -239,15 +239,20 @@ def dumps_json(obj) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False).encode("utf-8")
 
 
-def write_info(fs: fsspec.AbstractFileSystem, out: str, name: str, shards: list[dict]) -> dict:
-    """``_info.json`` as timm's webdataset reader reads it: per split, sample count and shard names."""
+def info_splits(shards: list[dict]) -> dict[str, dict]:
+    """The ``splits`` of ``_info.json`` for these manifest shards (``verify`` compares against it)."""
     splits: dict[str, dict] = {}
     for shard in shards:
         entry = splits.setdefault(shard["split"], {"name": shard["split"], "num_samples": 0, "filenames": [], "shard_lengths": []})
         entry["num_samples"] += shard["samples"]
         entry["filenames"].append(shard["name"])
         entry["shard_lengths"].append(shard["samples"])
-    info = {"name": name, "splits": splits}
+    return splits
+
+
+def write_info(fs: fsspec.AbstractFileSystem, out: str, name: str, shards: list[dict]) -> dict:
+    """``_info.json`` as timm's webdataset reader reads it: per split, sample count and shard names."""
+    info = {"name": name, "splits": info_splits(shards)}
     with fs.open(posixpath.join(out, "_info.json"), "wb") as f:
         f.write(json.dumps(info, indent=2, sort_keys=True).encode("utf-8") + b"\n")
     return info

@@ -1,6 +1,8 @@
-"""``dataprep verify OUT``: re-hash every shard against the manifest and decode every record."""
+"""``dataprep verify OUT``: re-hash every shard against the manifest, decode every record, and check
+the manifest, ``_info.json`` and the folder agree. Every problem is reported, not just the first."""
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import posixpath
@@ -13,7 +15,9 @@ import numpy as np
 
 from . import codec
 from .build import MANIFEST
-from .shards import sha256_of
+from .shards import TMP_SUFFIX, info_splits, is_shard_file
+
+INFO = "_info.json"
 
 
 @dataclass
@@ -45,55 +49,166 @@ def _decode_member(name: str, data: bytes) -> None:
             raise ValueError("depth PNG does not decode to 16 bits")
 
 
-def check_shard(fileobj, expected_samples: int) -> tuple[int, str | None]:
-    """Decode every member; returns (samples, first problem or None)."""
+class _Hashing:
+    """Hashes what is read through it: one pass over a shard gives both its sha256 and its members."""
+
+    def __init__(self, f):
+        self.f, self.sha256 = f, hashlib.sha256()
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.f.read(n)
+        self.sha256.update(data)
+        return data
+
+    def hexdigest(self) -> str:
+        while self.read(1 << 22):  # the rest: tar end padding, or all of it after a parse error
+            pass
+        return self.sha256.hexdigest()
+
+
+def check_shard(fileobj, decode: bool = True) -> tuple[list[str], list[str]]:
+    """Walk a shard's members, decoding each when ``decode``: returns its sample keys (one per group
+    of adjacent members, as webdataset groups them) and every problem found."""
     keys: list[str] = []
-    with tarfile.open(fileobj=fileobj, mode="r|") as tar:
-        for member in tar:
-            name = member.name
-            if not member.isfile() or name.startswith("/") or ".." in name.split("/"):
-                return len(keys), f"member {name!r} is not a plain relative file"
-            key = name.split(".", 1)[0]
-            if not keys or keys[-1] != key:
-                keys.append(key)
-            try:
-                data = tar.extractfile(member).read()
-                _decode_member(name, data)
-                if name.endswith(".json") and json.loads(data)["key"] != key:
-                    raise ValueError("record key differs from the member name")
-            except Exception as err:  # noqa: BLE001 - report any decode failure
-                return len(keys), f"sample {key!r} ({name}): {err}"
-    if len(keys) != expected_samples:
-        return len(keys), f"holds {len(keys)} samples, the manifest says {expected_samples}"
-    return len(keys), None
+    seen: set[str] = set()
+    problems: list[str] = []
+    try:
+        with tarfile.open(fileobj=fileobj, mode="r|") as tar:
+            for member in tar:
+                name = member.name
+                if not member.isfile() or name.startswith("/") or ".." in name.split("/"):
+                    problems.append(f"member {name!r} is not a plain relative file")
+                    continue
+                key = name.split(".", 1)[0]
+                if not keys or keys[-1] != key:
+                    if key in seen:  # readers group adjacent members only: this sample comes out twice
+                        problems.append(f"sample {key!r} appears again after other samples ({name})")
+                    seen.add(key)
+                    keys.append(key)
+                if not decode:
+                    continue
+                try:
+                    data = tar.extractfile(member).read()
+                    _decode_member(name, data)
+                    if name.endswith(".json") and json.loads(data)["key"] != key:
+                        raise ValueError("record key differs from the member name")
+                except Exception as err:  # noqa: BLE001 - report any decode failure
+                    problems.append(f"sample {key!r} ({name}): {err}")
+    except Exception as err:  # noqa: BLE001 - a damaged archive is a finding, not a crash
+        problems.append(f"not a readable tar after {len(keys)} sample(s): {err}")
+    return keys, problems
+
+
+def _folder_problems(fs, base: str, listed: set[str] | None, command: str | None) -> list[str]:
+    """``.tmp`` shards an interrupted build left, and (``listed``: the manifest's shard names) shard
+    files the manifest does not list, which a reader globbing ``*.tar`` would take in. The user's
+    own files are left alone."""
+    try:
+        names = sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(base, detail=False))
+    except FileNotFoundError:
+        return []
+    rerun = f" ({command})" if command else ""
+    problems = []
+    for name in filter(is_shard_file, names):
+        if name.endswith(TMP_SUFFIX):
+            problems.append(f"{name}: left by an interrupted build; rerun the same build command{rerun} to finish it")
+        elif listed is not None and name not in listed:
+            problems.append(f"{name}: a shard file the manifest does not list (from another build?); remove it")
+    return problems
+
+
+def _manifest_problems(manifest: dict) -> list[str]:
+    """The manifest's own counts must agree with its shard list."""
+    problems = []
+    counts, shards = manifest.get("counts", {}), manifest.get("shards", [])
+    if counts.get("read") != counts.get("written", 0) + counts.get("rejected", 0):
+        problems.append(f"{MANIFEST}: counts do not add up: read {counts.get('read')} != written "
+                        f"{counts.get('written')} + rejected {counts.get('rejected')}")
+    in_shards = sum(s["samples"] for s in shards)
+    if "samples_in_shards" in counts and counts["samples_in_shards"] != in_shards:
+        problems.append(f"{MANIFEST}: counts.samples_in_shards is {counts['samples_in_shards']}, its shards hold {in_shards}")
+    per_split = counts.get("per_split", {})
+    for split in sorted(set(per_split) | {s["split"] for s in shards}):
+        said = per_split.get(split, {}).get("samples", 0)
+        held = sum(s["samples"] for s in shards if s["split"] == split)
+        if said != held:
+            problems.append(f"{MANIFEST}: split {split!r} counts {said} samples, its shards hold {held}")
+    return problems
+
+
+def _info_problems(fs, base: str, shards: list[dict]) -> list[str]:
+    """``_info.json`` (what timm's reader trusts for sizes) must describe the manifest's shards."""
+    path = posixpath.join(base, INFO)
+    if not fs.exists(path):
+        return [f"{INFO}: missing; rerun the same build command to write it"]
+    try:
+        splits = json.loads(fs.cat_file(path))["splits"]
+    except (ValueError, KeyError, TypeError) as err:
+        return [f"{INFO}: unreadable ({err})"]
+    problems = []
+    want = info_splits(shards)
+    for split in sorted(set(want) | set(splits)):
+        got, exp = splits.get(split), want.get(split)
+        if got is None or exp is None:
+            where = INFO if got is None else MANIFEST
+            problems.append(f"{INFO}: split {split!r} is missing from {where}")
+            continue
+        for key in ("num_samples", "filenames", "shard_lengths"):
+            if got.get(key) != exp[key]:
+                problems.append(f"{INFO}: split {split!r} {key} is {_short(got.get(key))}, "
+                                f"the manifest's shards give {_short(exp[key])}")
+    return problems
+
+
+def _short(value, n: int = 3) -> str:
+    """A list shortened for a one-line message."""
+    if isinstance(value, list) and len(value) > n:
+        return f"[{', '.join(map(repr, value[:n]))}, ... ({len(value)} in all)]"
+    return repr(value)
 
 
 def verify(out: str, decode: bool = True) -> VerifyReport:
+    """Check a build folder; ``decode=False`` (``--hash-only``) compares hashes and metadata and
+    lists each shard's sample keys, but decodes no record."""
     fs, base = fsspec.core.url_to_fs(out)
     report = VerifyReport()
+    problems = report.problems
     manifest_path = posixpath.join(base, MANIFEST)
     if not fs.exists(manifest_path):
-        report.problems.append(f"{manifest_path}: no manifest; is this a dataprep build folder?")
+        problems.append(f"{manifest_path}: no manifest; is this a dataprep build folder?")
+        problems += _folder_problems(fs, base, None, None)
         return report
-    manifest = json.loads(fs.cat_file(manifest_path))
-    counts = manifest["counts"]
-    if counts["read"] != counts["written"] + counts["rejected"]:
-        report.problems.append(f"manifest counts do not add up: read {counts['read']} != written {counts['written']} + rejected {counts['rejected']}")
-    for shard in manifest["shards"]:
-        path = posixpath.join(base, shard["name"])
+    try:
+        manifest = json.loads(fs.cat_file(manifest_path))
+        shards = manifest["shards"]
+    except (ValueError, KeyError, TypeError) as err:
+        problems.append(f"{manifest_path}: unreadable ({err})")
+        return report
+    problems += _manifest_problems(manifest)
+    problems += _info_problems(fs, base, shards)
+    problems += _folder_problems(fs, base, {s["name"] for s in shards}, manifest.get("command"))
+
+    first_shard: dict[str, str] = {}  # sample key -> the shard it was first seen in
+    for shard in shards:
+        name = shard["name"]
+        path = posixpath.join(base, name)
         report.shards_checked += 1
         if not fs.exists(path):
-            report.problems.append(f"{shard['name']}: missing")
-            break
-        digest = sha256_of(fs, path)
+            problems.append(f"{name}: missing")
+            continue
+        with fs.open(path, "rb") as f:
+            reader = _Hashing(f)
+            keys, shard_problems = check_shard(reader, decode)
+            digest = reader.hexdigest()
+        report.samples_checked += len(keys)
         if digest != shard["sha256"]:
-            report.problems.append(f"{shard['name']}: sha256 {digest[:16]}... differs from the manifest's {shard['sha256'][:16]}...")
-            break
-        if decode:
-            with fs.open(path, "rb") as f:
-                n, problem = check_shard(f, shard["samples"])
-            report.samples_checked += n
-            if problem:
-                report.problems.append(f"{shard['name']}: {problem}")
-                break
+            problems.append(f"{name}: sha256 {digest[:16]}... differs from the manifest's {shard['sha256'][:16]}...")
+        problems += [f"{name}: {p}" for p in shard_problems]
+        if len(keys) != shard["samples"]:
+            problems.append(f"{name}: holds {len(keys)} samples, the manifest says {shard['samples']}")
+        # A key in two shards: readers see two samples under one key (merged into one if they meet
+        # at a shard boundary), and anything keyed by sample goes wrong.
+        for key in dict.fromkeys(keys):
+            if first_shard.setdefault(key, name) != name:
+                problems.append(f"{name}: sample key {key!r} is also in {first_shard[key]}")
     return report

@@ -217,6 +217,18 @@ def test_biwi_protocol2_split_by_sequence_with_depth(sample_tree, tmp_path):
     depth = cv2.imdecode(np.frombuffer(members["depth.png"], np.uint8), cv2.IMREAD_UNCHANGED)
     assert depth.dtype == np.uint16 and depth.shape == (224, 224) and depth.max() > 0
     assert manifest["counts"]["read"] == manifest["counts"]["written"] + manifest["counts"]["rejected"]
+    # The README's webdataset recipe gives the millimetres back ("rgb" alone would not).
+    import PIL.Image
+    import webdataset as wds
+
+    def depth_mm(key, data):
+        if key.endswith("depth.png"):
+            return np.asarray(PIL.Image.open(io.BytesIO(data)))
+
+    image, read_depth, record = next(iter(wds.WebDataset(str(shard), shardshuffle=False)
+                                          .decode(depth_mm, "rgb").to_tuple("jpg", "depth.png", "json")))
+    assert record["key"] == next(iter(read_tar(shard)))
+    assert read_depth.dtype == np.uint16 and np.array_equal(read_depth, depth) and depth.max() > 255
 
 
 def test_split_seed_keeps_people_together(sample_tree, tmp_path):
@@ -279,17 +291,117 @@ def test_bad_inputs_are_rejected_and_the_build_goes_on(sample_tree, tmp_path):
     assert c["read"] == c["written"] + c["rejected"]
 
 
-def test_verify_detects_tampering(aflw_build, tmp_path, capsys):
+def _copy_build(aflw_build, tmp_path) -> tuple[Path, dict]:
     out, manifest = aflw_build
     copy = tmp_path / "copy"
     shutil.copytree(out, copy)
+    return copy, manifest
+
+
+def test_verify_detects_tampering(aflw_build, tmp_path, capsys):
+    copy, manifest = _copy_build(aflw_build, tmp_path)
     assert cli_main(["verify", str(copy)]) == 0
-    shard = copy / manifest["shards"][0]["name"]
-    data = bytearray(shard.read_bytes())
-    data[700] ^= 0xFF
-    shard.write_bytes(bytes(data))
+    first, second = (s["name"] for s in manifest["shards"][:2])
+    for name in (first, second):  # both damaged shards are reported, not only the first
+        shard = copy / name
+        data = bytearray(shard.read_bytes())
+        data[700] ^= 0xFF
+        shard.write_bytes(bytes(data))
     assert cli_main(["verify", str(copy)]) == 1
-    assert manifest["shards"][0]["name"] in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"FAIL: {first}: sha256" in err and f"FAIL: {second}: sha256" in err
+    report = verify(str(copy), decode=False)
+    assert report.shards_checked == len(manifest["shards"])
+    assert {p.split(":")[0] for p in report.problems} == {first, second}
+
+
+def test_verify_clean_build_has_no_problems(aflw_build, capsys):
+    out, manifest = aflw_build
+    for decode in (True, False):
+        report = verify(str(out), decode=decode)
+        assert report.problems == [] and report.ok
+        assert report.shards_checked == len(manifest["shards"])
+        assert report.samples_checked == manifest["counts"]["samples_in_shards"]
+    assert cli_main(["verify", str(out), "--hash-only"]) == 0
+    assert "sample(s) listed" in capsys.readouterr().out
+
+
+def test_verify_checks_info_json_against_the_manifest(aflw_build, tmp_path):
+    copy, manifest = _copy_build(aflw_build, tmp_path)
+    info_path = copy / "_info.json"
+    info = json.loads(info_path.read_text())
+    split = manifest["shards"][0]["split"]
+    info["splits"][split]["num_samples"] += 1
+    info["splits"][split]["filenames"].append("test-000099.tar")
+    info_path.write_text(json.dumps(info))
+    problems = verify(str(copy)).problems
+    assert len(problems) == 2
+    assert all(p.startswith("_info.json: split") for p in problems)
+    assert "num_samples" in problems[0] and "filenames" in problems[1]
+    info_path.unlink()
+    assert verify(str(copy), decode=False).problems == ["_info.json: missing; rerun the same build command to write it"]
+
+
+def test_verify_flags_unlisted_shards_and_tmp_leftovers(aflw_build, tmp_path):
+    copy, manifest = _copy_build(aflw_build, tmp_path)
+    first = copy / manifest["shards"][0]["name"]
+    shutil.copy(first, copy / "train-000099.tar")
+    shutil.copy(first, copy / "test-000042.tar.tmp")
+    (copy / "notes.txt").write_text("the user's own file: not ours to judge")
+    problems = verify(str(copy), decode=False).problems
+    assert len(problems) == 2
+    assert problems[0].startswith("test-000042.tar.tmp: left by an interrupted build; rerun the same build command")
+    assert problems[1].startswith("train-000099.tar: a shard file the manifest does not list")
+    (copy / "manifest.json").unlink()  # an interrupted first build: the leftover is still named
+    problems = verify(str(copy)).problems
+    assert len(problems) == 2 and "no manifest" in problems[0] and problems[1].startswith("test-000042.tar.tmp")
+
+
+def test_verify_checks_manifest_counts_and_unique_keys(aflw_build, tmp_path):
+    copy, manifest = _copy_build(aflw_build, tmp_path)
+    shard = manifest["shards"][0]
+    edited = json.loads((copy / "manifest.json").read_text())
+    edited["counts"]["per_split"][shard["split"]]["samples"] += 5
+    # the same shard listed again under another name: every key of it is in two shards
+    shutil.copy(copy / shard["name"], copy / "test-000099.tar")
+    edited["shards"].append({**shard, "name": "test-000099.tar"})
+    (copy / "manifest.json").write_text(json.dumps(edited))
+    problems = verify(str(copy), decode=False).problems
+    assert f"manifest.json: split {shard['split']!r} counts" in "\n".join(problems)
+    assert "manifest.json: counts.samples_in_shards" in "\n".join(problems)
+    dupes = [p for p in problems if p.startswith("test-000099.tar: sample key")]
+    assert len(dupes) == shard["samples"] and all(p.endswith(f"is also in {shard['name']}") for p in dupes)
+
+
+def test_check_shard_flags_a_key_seen_again_later(tmp_path):
+    import fsspec
+
+    from dataprep.shards import write_shard
+    from dataprep.verify import check_shard
+
+    path = str(tmp_path / "test-000000.tar")
+    write_shard(fsspec.filesystem("file"), path, [{"__key__": k, "jpg": b"not a jpeg"} for k in ("a", "b", "a")])
+    with open(path, "rb") as f:
+        keys, problems = check_shard(f, decode=False)  # no decoding: the bad JPEG goes unnoticed
+    assert keys == ["a", "b", "a"]
+    assert problems == ["sample 'a' appears again after other samples (a.jpg)"]
+    with open(path, "rb") as f:
+        _, problems = check_shard(f)
+    assert len(problems) == 4 and sum("JPEG does not decode" in p for p in problems) == 3
+
+
+def test_verify_prints_a_capped_list_and_counts_all(aflw_build, tmp_path, capsys, monkeypatch):
+    from dataprep import cli
+
+    copy, manifest = _copy_build(aflw_build, tmp_path)
+    for shard in manifest["shards"]:
+        (copy / shard["name"]).unlink()
+    monkeypatch.setattr(cli, "VERIFY_SHOWN", 1)
+    assert cli_main(["verify", str(copy)]) == 1
+    err = capsys.readouterr().err
+    n = len(manifest["shards"])
+    assert err.count("FAIL:") == 1
+    assert f"{n} problem(s) in {copy} (first 1 shown, {n - 1} more not)" in err
 
 
 def test_cli_build_prints_summary(sample_tree, tmp_path, capsys):
