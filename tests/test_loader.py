@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import tarfile
 from pathlib import Path
 
@@ -525,6 +526,57 @@ def test_tar_reader_rejects_broken_shards(tmp_path):
         list(make_dataset(str(tmp_path / "empty-000000.tar"), shuffle=0))
     kept = keys_of(make_dataset([str(cut), pattern], shuffle=0, handler=wds.ignore_and_continue))
     assert len(kept) == 2  # the broken shard skipped, the good one read
+
+
+def test_a_broken_shard_is_named_in_one_line(tmp_path):
+    """What reading a broken shard raises says which shard and what to do, in one line, also as a
+    handler sees it and as it reaches the main process from a DataLoader worker."""
+    from dataprep.loader import UnreadableShard, shard_error_line
+
+    pattern, _ = write_synthetic_shards(tmp_path, n_shards=1, per_shard=2)
+    cut = tmp_path / "cut-000000.tar"
+    cut.write_bytes(Path(pattern.replace("{000000..000000}", "000000")).read_bytes()[:1500])
+    want = (f"{cut} is not a readable tar shard (truncated or not a tar file? unexpected end of data); rebuild it "
+            f"or run `dataprep verify {tmp_path}`")
+    with pytest.raises(tarfile.ReadError) as exc:  # still a ReadError for those who catch them
+        list(make_dataset(str(cut), shuffle=0))
+    assert isinstance(exc.value, UnreadableShard) and str(exc.value) == want == shard_error_line(exc.value)
+    with pytest.warns(UserWarning, match=re.escape(want)):
+        assert keys_of(make_dataset(str(cut), shuffle=0, handler=wds.warn_and_continue)) == []
+    with pytest.raises(UnreadableShard) as exc:
+        list(make_loader(str(cut), batch_size=1, workers=1, shuffle=0))
+    assert "Traceback" in str(exc.value) and shard_error_line(exc.value) == want
+
+
+def test_a_shard_folder_is_answered_with_its_brace_patterns(tmp_path):
+    """A build folder given where shards are wanted: the error gives each split's brace pattern
+    from its ``_info.json`` (dataprep.shards.write_info's format)."""
+    from dataprep.loader import brace_pattern, require_local_shards
+
+    assert brace_pattern("d", ["train-000000.tar", "train-000001.tar", "train-000002.tar"]) == \
+        "d/train-{000000..000002}.tar"
+    assert brace_pattern("d/", ["test-000000.tar"]) == "d/test-000000.tar"
+    assert brace_pattern("d", ["a-000000.tar", "a-000002.tar"]) == "d/a-000000.tar::d/a-000002.tar"  # a gap
+    assert brace_pattern("d", ["a-000009.tar", "a-000010.tar"]) == "d/a-{000009..000010}.tar"
+    info = {"name": "x", "splits": {
+        "test": {"name": "test", "num_samples": 4, "filenames": ["test-000000.tar"], "shard_lengths": [4]},
+        "train": {"name": "train", "num_samples": 8, "filenames": ["train-000000.tar", "train-000001.tar"],
+                  "shard_lengths": [4, 4]}}}
+    built = tmp_path / "built"
+    built.mkdir()
+    (built / "_info.json").write_text(json.dumps(info))
+    with pytest.raises(FileNotFoundError) as exc:
+        make_dataset(str(built))
+    assert str(exc.value) == (f"{built} is a shard folder, not a shard: give the shards of a split, as its "
+                              f"_info.json lists them: {built}/test-000000.tar (test, 4 samples) or "
+                              f"{built}/train-{{000000..000001}}.tar (train, 8 samples)")
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    with pytest.raises(FileNotFoundError, match=re.escape(f"{bare} is a folder, not a shard: give its shards as a "
+                                                          f"path or brace pattern, e.g. {bare}/train-{{000000..000003}}.tar")):
+        require_local_shards([str(bare)])
+    with pytest.raises(FileNotFoundError, match=r"^1 of 2 shard\(s\) not found: .*gone.tar; check .*; .*bare is a folder"):
+        require_local_shards([str(tmp_path / "gone.tar"), str(bare)])
 
 
 @pytest.mark.parametrize("image_format,normalize", [("float", None), ("float", "imagenet"), ("float", "raw_bgr"),

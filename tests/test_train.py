@@ -249,6 +249,7 @@ def test_train_hopenet(shards, tmp_path, capsys):
     metrics = train(out, "hopenet", "--train", shards.four, "--val", f"aflw={shards.val}", "--epochs", "4",
                     "--input-size", "112", "--alpha", "2")
     assert metrics["args"]["alpha"] == 2.0 and metrics["args"]["lr"] == 1e-5  # the paper's Adam lr
+    assert metrics["args"]["param_group_lrs"] == [0.0, 1e-5, pytest.approx(5e-5)]  # stem frozen, heads 5 x lr
     check_run(out, metrics, capsys, shards.val, "hopenet")
 
 
@@ -335,3 +336,109 @@ def test_python_m_train_minimal_params():
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert "mnn: trainable 4,842,382" in res.stdout and "pose-only" in res.stdout and "2,036,486" in res.stdout
+
+
+def test_broken_shards_are_one_error_line(shards, tmp_path, capsys):
+    """A truncated shard or a file that is not a tar, as --train, --val or eval's --data: one error
+    line naming it (found up front, before any step), also when a DataLoader worker meets it."""
+    data = Path(shards.four).read_bytes()
+    cut = tmp_path / "cut-000000.tar"
+    cut.write_bytes(data[:len(data) // 2])  # inside a member's data
+    not_tar = tmp_path / "notes-000000.tar"
+    not_tar.write_text("not a tar\n" * 100)
+    out = tmp_path / "never"
+    run = ["--model", "fsanet_1x1", "--steps", "1", "--batch-size", "4", "--out", str(out), "--pretrained", "none",
+           "--workers", "0", "--device", "cpu"]
+
+    def one_line(bad: Path) -> str:
+        return (rf"^error: {re.escape(str(bad))} is not a readable tar shard \(truncated or not a tar file\? [^\n]*\); "
+                rf"rebuild it or run `dataprep verify {re.escape(str(tmp_path))}`$")
+
+    for bad in (cut, not_tar):
+        with pytest.raises(SystemExit, match=one_line(bad)):
+            main(["train", "--train", str(bad), *run])
+        with pytest.raises(SystemExit, match=one_line(bad)):
+            main(["train", "--train", shards.four, "--val", f"v={bad}", *run])
+    assert not out.exists()  # refused before the output folder was made
+    model = train_mod.build_model(registry.get("fsanet_1x1"), None, None)
+    ckpt = tmp_path / "fsanet.pt"
+    torch.save({"model": "fsanet_1x1", "state_dict": model.state_dict(), "args": {}}, ckpt)
+    with pytest.raises(SystemExit, match=one_line(cut)):
+        main(["eval", "--ckpt", str(ckpt), "--data", str(cut), "--device", "cpu"])
+    # resampled shards are not read up front: a worker meets the break while streaming
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train_mod, "_warn_crop_room", lambda *a: None)  # (it reads the first shard too)
+        with pytest.raises(SystemExit, match=one_line(cut)):
+            main(["train", "--train", str(cut), *run[:-4], "--workers", "1", "--device", "cpu", "--epoch-length", "8"])
+
+
+def test_unknown_device_is_refused(shards, tmp_path, capsys):
+    for bad in ("gpu", "cuda0", "tpu"):
+        with pytest.raises(SystemExit) as exc:
+            main(["train", "--model", "ehpnet", "--train", shards.four, "--steps", "1", "--out", str(tmp_path / "o"),
+                  "--device", bad])
+        assert exc.value.code == 2 and f"'{bad}' is not a device; give auto, cpu, cuda or cuda:N" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["eval", "--ckpt", "x.pt", "--data", shards.val, "--device", "GPU"])
+    assert exc.value.code == 2 and "'GPU' is not a device" in capsys.readouterr().err
+    assert train_mod._device("CUDA:1") == "cuda:1" and train_mod._device("Auto") == "auto"
+    assert not (tmp_path / "o").exists()
+
+
+def test_convert_fsanet_errors_are_one_line(tmp_path):
+    out = tmp_path / "out.pt"
+    what = r"; give an official FSA-Net Keras \.h5 \(save_weights\), or a folder holding the three$"
+    with pytest.raises(SystemExit, match=r"^error: .*nope\.h5 not found" + what):
+        main(["convert-fsanet", str(tmp_path / "nope.h5"), str(out)])
+    h5py = pytest.importorskip("h5py")
+    fake = tmp_path / "fake.h5"
+    fake.write_text("not an HDF5 file\n")
+    with pytest.raises(SystemExit, match=r"^error: .*fake\.h5 is not an HDF5 file h5py can read \([^\n]*\)" + what):
+        main(["convert-fsanet", str(fake), str(out)])
+    other = tmp_path / "other.h5"
+    with h5py.File(other, "w") as f:
+        f.create_dataset("group/layer/weight:0", data=[1.0, 2.0])
+    with pytest.raises(SystemExit, match=r"^error: cannot convert .*other\.h5 \([^\n]*\)" + what):
+        main(["convert-fsanet", str(other), str(out)])
+    with pytest.raises(SystemExit, match=r"^error: .*: no official \.h5 for fsanet_1x1, fsanet_var, fsanet_wo" + what):
+        main(["convert-fsanet", str(tmp_path), str(out)])
+    assert not out.exists()
+
+
+def test_a_shard_folder_gets_its_brace_patterns(shards, tmp_path):
+    """A dataprep build folder given as --train: the error gives the brace pattern of each split its
+    _info.json lists, instead of a bare "not found"."""
+    import fsspec
+
+    from dataprep.shards import write_info
+
+    folder = tmp_path / "out"
+    folder.mkdir()
+    made = [("train", "train-000000.tar"), ("train", "train-000001.tar"), ("test", "test-000000.tar")]
+    for _, name in made:
+        (folder / name).write_bytes(Path(shards.four).read_bytes())
+    write_info(fsspec.filesystem("file"), str(folder), "four",
+               [{"split": split, "name": name, "samples": 4} for split, name in made])
+    train_pattern = f"{folder}/train-{{000000..000001}}.tar (train, 8 samples)"
+    test_pattern = f"{folder}/test-000000.tar (test, 4 samples)"
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--model", "ehpnet", "--train", str(folder), "--steps", "1", "--out", str(tmp_path / "o"),
+              "--pretrained", "none", "--workers", "0", "--device", "cpu"])
+    msg = str(exc.value.code)
+    assert msg.startswith(f"error: {folder} is a shard folder, not a shard: ") and "\n" not in msg, msg
+    assert test_pattern in msg and train_pattern in msg, msg
+    assert count_samples(train_pattern.split(" ")[0]) == 8  # the pattern it gives reads the split
+
+
+def test_metrics_record_the_learning_rates_used(shards, tmp_path):
+    """metrics.json's ``lr`` is the base rate the optimiser used (the spec's default when --lr is
+    not given) and ``param_group_lrs`` each group's (Hopenet's three); per epoch, as scheduled."""
+    metrics = train(tmp_path / "fsanet", "fsanet_1x1", "--train", shards.four, "--steps", "1")
+    assert metrics["args"]["lr"] == 1e-3 and metrics["args"]["param_group_lrs"] == [1e-3]
+    epoch = metrics["epochs"][0]  # MultiStepLR: x0.1 after the first of 1 step
+    assert epoch["lr"] == pytest.approx(1e-4) and epoch["param_group_lrs"] == [pytest.approx(1e-4)]
+    metrics = train(tmp_path / "hopenet", "hopenet", "--train", shards.four, "--steps", "1", "--input-size", "64",
+                    "--lr", "2e-5")
+    lrs = [0.0, 2e-5, pytest.approx(1e-4)]  # frozen stem, trunk, heads at 5 x lr
+    assert metrics["args"]["lr"] == 2e-5 and metrics["args"]["param_group_lrs"] == lrs
+    assert metrics["epochs"][0]["lr"] == 2e-5 and metrics["epochs"][0]["param_group_lrs"] == lrs

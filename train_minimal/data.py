@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import tarfile
+from contextlib import contextmanager
 
 import torch
 
@@ -34,8 +35,20 @@ from dataprep import boxes as box_rules
 from dataprep import crop as crop_ops
 from dataprep import loader as loaders
 from dataprep.loader import HeadPoseLoader, expand_shard_urls, local_path, normalize_images, require_local_shards
+from dataprep.loader.tar_reader import SHARD_READ_ERRORS, unreadable_shard
 
 SHUFFLE_BUFFER = 1000
+
+
+@contextmanager
+def _open_shard(path: str, url: str):
+    """``tarfile`` over a local shard; a broken one (truncated, not a tar) raises the loader's
+    one-line :class:`dataprep.loader.UnreadableShard` naming it, not ``tarfile``'s bare error."""
+    try:
+        with tarfile.open(path, "r:*") as tar:
+            yield tar
+    except SHARD_READ_ERRORS as err:
+        raise unreadable_shard(url, err) from err
 
 
 def count_samples(urls) -> int | None:
@@ -48,7 +61,7 @@ def count_samples(urls) -> int | None:
         path = local_path(url)
         if path is None:
             return None
-        with tarfile.open(path, "r:*") as tar:
+        with _open_shard(path, url) as tar:
             total += sum(1 for m in tar if m.isfile() and m.name.endswith(".json"))
     return total
 
@@ -61,7 +74,7 @@ def crop_coverage(urls, rule: str, samples: int = 64) -> tuple[float, str] | Non
     if path is None or not os.path.isfile(path):
         return None
     values = []
-    with tarfile.open(path, "r:*") as tar:
+    with _open_shard(path, url) as tar:
         for member in tar:
             if member.isfile() and member.name.endswith(".json"):
                 values.append(crop_ops.rule_coverage(json.loads(tar.extractfile(member).read()), rule))
@@ -94,13 +107,16 @@ def make_loader(urls, spec, batch_size: int, *, train: bool, workers: int = 0, s
     length when ``epoch_length`` is given or ``distributed`` (DDP). Evaluation loaders read every
     sample once, in order, without splitting across ranks. ``batches_per_epoch`` is exact for
     resampled loaders and an estimate (full batches in the shards) for other training loaders;
-    ``samples`` is the count from the tar headers where it was needed.
+    ``samples`` is the count from the tar headers (None for remote shards, or resampled ones with
+    ``epoch_length``: not read up front).
     """
     url_list = expand_shard_urls(urls)
     resampled = bool(train and (epoch_length or distributed))
     samples = None
-    if resampled and not epoch_length:
+    if not (resampled and epoch_length):
+        # every tar header read once up front: a broken shard fails here, named, not mid-epoch in a worker
         samples = count_samples(url_list)
+    if resampled and not epoch_length:
         if samples is None:
             raise ValueError("distributed training needs --epoch-length (samples per epoch) for remote shards")
         epoch_length = samples
@@ -115,7 +131,6 @@ def make_loader(urls, spec, batch_size: int, *, train: bool, workers: int = 0, s
         image_format="jpeg" if gpu_decode else "uint8",
     )
     if train and not resampled:
-        samples = count_samples(url_list)
         loader.batches_per_epoch = None if samples is None else samples // batch_size
     loader.samples = samples
     return loader

@@ -24,8 +24,10 @@ Training
 * ``--teachers c1,c2``: frozen teachers (our checkpoints) run on the same batch; the spec's
   ``distill`` term is added to the loss (EHPNet).
 * Outputs in ``--out``: ``checkpoint.pt`` after every epoch (plain dicts/tensors/numbers, loadable
-  with ``torch.load(weights_only=True)``), ``metrics.json`` (per epoch: train loss, per validation
-  set MAE yaw/pitch/roll/mean; per step: the loss), ``curves.png``.
+  with ``torch.load(weights_only=True)``), ``metrics.json`` (the run's settings, the learning rates
+  used among them: ``lr`` the base rate, ``param_group_lrs`` each parameter group's; per epoch: train
+  loss, the learning rates as scheduled, per validation set MAE yaw/pitch/roll/mean; per step: the
+  loss), ``curves.png``.
 * ``--input-size`` overrides the model's input size (smoke tests on small CPUs; the papers' sizes
   are the defaults). It is stored in the checkpoint and ``eval`` uses it.
 """
@@ -45,6 +47,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from dataprep.loader import UnreadableShard, shard_error_line
+
 from . import registry
 from .data import crop_room_warning, make_loader, prepare_batch
 
@@ -63,6 +67,18 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value}: give 1 or more")
     return value
+
+
+DEVICE_FORMS = "auto, cpu, cuda or cuda:N"
+
+
+def _device(text: str) -> str:
+    """argparse type for ``--device``: ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (lower-cased); anything
+    else (``gpu``, ``cuda0``) is refused here, not as torch's traceback after the data is read."""
+    name = text.strip().lower()
+    if name in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:[0-9]+", name):
+        return name
+    raise argparse.ArgumentTypeError(f"{text!r} is not a device; give {DEVICE_FORMS}")
 
 
 def _accepts(fn, name: str) -> bool:
@@ -92,6 +108,9 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
         if name == "cuda":
             name = f"cuda:{local_rank}"
         dev = torch.device(name)
+        if dev.index >= torch.cuda.device_count():
+            raise SystemExit(f"error: --device {name}: there are {torch.cuda.device_count()} CUDA device(s), "
+                             f"numbered from 0")
         torch.cuda.set_device(dev)
         return dev
     return torch.device(name)
@@ -242,6 +261,12 @@ def evaluate(model: nn.Module, loader, spec, device: torch.device, *, amp_dtype=
     return {"samples": n, "yaw": yaw, "pitch": pitch, "roll": roll, "mean": (yaw + pitch + roll) / 3.0}
 
 
+def _first_line(err: BaseException) -> str:
+    """An exception's first message line (its type when it has none), for one-line errors."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def load_checkpoint(path: str) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -250,8 +275,7 @@ def load_checkpoint(path: str) -> dict:
     except IsADirectoryError:
         raise SystemExit(f"error: {path} is a folder; give its checkpoint.pt") from None
     except (RuntimeError, ValueError, EOFError, OSError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise SystemExit(f"error: {path} is not a checkpoint torch can read ({first})") from None
+        raise SystemExit(f"error: {path} is not a checkpoint torch can read ({_first_line(err)})") from None
     if isinstance(ckpt, dict) and "state_dict" in ckpt:
         return ckpt
     if isinstance(ckpt, dict) and all(torch.is_tensor(v) for v in ckpt.values()):
@@ -304,6 +328,20 @@ def plot_curves(history: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def learning_rates(opt, scheduled: bool = False) -> dict:
+    """The optimiser's learning rates as ``metrics.json`` records them: ``lr`` the base rate (the
+    spec's default unless ``--lr``) and ``param_group_lrs`` each parameter group's rate (Hopenet:
+    frozen stem 0, trunk lr, heads 5 x lr). As built (before any schedule), or with ``scheduled``
+    where the schedule has them now (the base rate scaled as the groups are)."""
+    initial = [float(g.get("initial_lr", g["lr"])) for g in opt.param_groups]
+    base = float(opt.defaults.get("lr", initial[0]))
+    if not scheduled:
+        return {"lr": base, "param_group_lrs": initial}
+    now = [float(g["lr"]) for g in opt.param_groups]
+    factor = next((n / i for n, i in zip(now, initial) if i), 1.0)  # the schedule's factor of the moment
+    return {"lr": base * factor, "param_group_lrs": now}
 
 
 def _atomic_json(obj, path: Path) -> None:
@@ -425,8 +463,8 @@ def cmd_train(args) -> int:
 
     run_args = {
         "model": spec.name, "input_size": input_size, "crop_rule": spec.crop_rule, "normalize": spec.normalize,
-        "batch_size": batch_size, "lr": args.lr if args.lr is not None else spec.defaults.get("lr"),
-        "alpha": train_step.loss_kwargs.get("alpha"), "pretrained": str(args.pretrained), "seed": args.seed,
+        "batch_size": batch_size, **learning_rates(opt), "alpha": train_step.loss_kwargs.get("alpha"),
+        "pretrained": str(args.pretrained), "seed": args.seed,
         "epochs": args.epochs, "steps": args.steps, "epoch_length": args.epoch_length, "world_size": world,
         "teachers": teacher_paths, "kd_weight": kd_kwargs.get("weight"), "train": str(args.train),
         "val": val_sets, "device": str(device), "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else None,
@@ -473,7 +511,7 @@ def cmd_train(args) -> int:
             first = step - len(losses) + 1
             history["steps"].extend({"step": first + i, "loss": v} for i, v in enumerate(step_losses.cpu().tolist()))
             entry = {"epoch": epoch, "step": step, "train_loss": float(epoch_loss),
-                     "lr": float(opt.param_groups[-1]["lr"]), "time_s": round(time.time() - t_epoch, 3), "val": {}}
+                     **learning_rates(opt, scheduled=True), "time_s": round(time.time() - t_epoch, 3), "val": {}}
             for name, loader in val_loaders.items():
                 entry["val"][name] = evaluate(model, loader, spec, device, amp_dtype=amp_dtype,
                                               channels_last=channels_last, input_size=input_size)
@@ -548,7 +586,22 @@ def cmd_params(args) -> int:
 def cmd_convert_fsanet(args) -> int:
     from .convert_fsanet import convert  # written alongside the FSA-Net port; imported lazily (h5py)
 
-    summary = convert(args.h5, args.out)
+    src = Path(args.h5)
+    what = "give an official FSA-Net Keras .h5 (save_weights), or a folder holding the three"
+    if not src.exists():
+        raise SystemExit(f"error: {src} not found; {what}")
+    try:
+        summary = convert(src, args.out)
+    except ImportError as err:
+        raise SystemExit(f"error: reading {src} needs {err.name or 'h5py'}: pip install h5py") from None
+    except FileNotFoundError as err:  # a folder without the three official files
+        raise SystemExit(f"error: {_first_line(err)}; {what}") from None
+    except OSError as err:
+        if err.filename is not None:  # from open(): writing the output (h5py's errors name no file)
+            raise SystemExit(f"error: cannot write {args.out} ({err.strerror or err})") from None
+        raise SystemExit(f"error: {src} is not an HDF5 file h5py can read ({_first_line(err)}); {what}") from None
+    except (ValueError, KeyError, RuntimeError) as err:  # an HDF5 file, not the weights we map
+        raise SystemExit(f"error: cannot convert {src} ({_first_line(err)}); {what}") from None
     print(json.dumps(summary, default=str) if isinstance(summary, dict) else f"wrote {args.out}")
     return 0
 
@@ -569,7 +622,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--epochs", type=_positive_int)
     g.add_argument("--steps", type=_positive_int, help="optimiser steps in all (evaluates at each epoch end and at the end)")
     t.add_argument("--batch-size", type=_positive_int, help="per process (default: the model's)")
-    t.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    t.add_argument("--device", type=_device, default="auto", help="auto | cpu | cuda | cuda:N")
     t.add_argument("--out", required=True, help="output folder")
     t.add_argument("--lr", type=float, help="learning rate (default: the paper's)")
     t.add_argument("--alpha", type=float, help="regression weight of bin-classification losses (Hopenet: 1 or 2)")
@@ -590,7 +643,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--ckpt", required=True)
     e.add_argument("--data", required=True, help="shards: path, brace pattern or URL")
     e.add_argument("--batch-size", type=_positive_int, help="default: the training batch size")
-    e.add_argument("--device", default="auto")
+    e.add_argument("--device", type=_device, default="auto", help="auto | cpu | cuda | cuda:N")
     e.add_argument("--workers", type=int, default=0)
     e.add_argument("--gpu-decode", action="store_true")
     e.add_argument("--amp", choices=AMP_CHOICES, default="auto", help="as for train")
@@ -610,7 +663,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except UnreadableShard as exc:  # a broken shard, found up front or while streaming: one line naming it
+        raise SystemExit(f"error: {shard_error_line(exc)}") from None
 
 
 if __name__ == "__main__":

@@ -73,7 +73,8 @@ from .batches import collate
 from .dataloader import HeadPoseLoader, make_loader
 from .dataset import HeadPoseDataset, make_dataset
 from .images import IMAGE_FORMATS, IMAGENET_MEAN, IMAGENET_STD, NORMALIZATIONS, decode_image, normalize_images
-from .urls import expand_shard_urls, local_path, open_url, require_local_shards
+from .tar_reader import UnreadableShard, shard_error_line
+from .urls import brace_pattern, expand_shard_urls, local_path, open_url, require_local_shards
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -82,8 +83,10 @@ __all__ = [
     "NORMALIZATIONS",
     "HeadPoseDataset",
     "HeadPoseLoader",
+    "UnreadableShard",
     "make_dataset",
     "make_loader",
+    "brace_pattern",
     "collate",
     "decode_image",
     "expand_shard_urls",
@@ -91,4 +94,5 @@ __all__ = [
     "normalize_images",
     "open_url",
     "require_local_shards",
+    "shard_error_line",
 ]

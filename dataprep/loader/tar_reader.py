@@ -2,7 +2,10 @@
 reads), members grouped into samples by webdataset's rules; the pipeline stage that does it per shard."""
 from __future__ import annotations
 
+import gzip
 import io
+import lzma
+import os
 import re
 import tarfile
 import zlib
@@ -11,7 +14,7 @@ from typing import Callable
 from webdataset import tariterators
 from webdataset.utils import PipelineStage
 
-from .urls import open_url
+from .urls import local_path, open_url
 
 _WANTED_SUFFIXES = (".jpg", ".json", ".pts.npy")
 
@@ -21,6 +24,34 @@ _PAX_TYPES = (b"x", b"g", b"X")
 _NO_DATA_TYPES = (b"1", b"2", b"3", b"4", b"5", b"6")
 _COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00", b"\x28\xb5\x2f\xfd")
 _META_NAME = re.compile(r"__[^/]*__($|/)")
+
+#: What reading a broken shard raises: bad or truncated tar headers or data, bad compression.
+SHARD_READ_ERRORS = (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile, lzma.LZMAError)
+
+
+class UnreadableShard(tarfile.ReadError):
+    """A shard that is not a readable tar (truncated, not a tar, bad compression). Its message is one
+    line naming the shard and what to do (:func:`unreadable_shard`); a ``ReadError``, so handlers and
+    callers that catch those still do. Raised in a DataLoader worker, it reaches the main process as
+    the worker's traceback text, whose last line is that message: :func:`shard_error_line`."""
+
+
+def unreadable_shard(url: str, err: BaseException) -> UnreadableShard:
+    """The :class:`UnreadableShard` for ``url``, saying what ``err`` found."""
+    detail = str(err).strip().splitlines()[0].rstrip(":") if str(err).strip() else type(err).__name__
+    path = local_path(url)
+    folder = os.path.dirname(path) if path else "DIR"
+    return UnreadableShard(f"{url} is not a readable tar shard (truncated or not a tar file? {detail}); rebuild "
+                           f"it or run `dataprep verify {folder or '.'}`")
+
+
+def shard_error_line(exc: UnreadableShard) -> str:
+    """The one-line message of ``exc``, also when a DataLoader worker raised it (torch then raises a
+    new one holding the worker's whole traceback, which ends with the original message)."""
+    text = str(exc).strip()
+    last = text.splitlines()[-1] if text else ""
+    prefix = f"{UnreadableShard.__module__}.{UnreadableShard.__qualname__}: "
+    return last[len(prefix):] if last.startswith(prefix) else last
 
 
 class _Prefixed(io.RawIOBase):
@@ -255,8 +286,13 @@ class _TarSamples(PipelineStage):
             try:
                 yield from _tar_samples(stream, url, self.handler)
             except Exception as exn:  # noqa: BLE001 - a broken shard: the handler decides
-                exn.args = exn.args + (url,)
+                if isinstance(exn, SHARD_READ_ERRORS) and not isinstance(exn, UnreadableShard):
+                    err = unreadable_shard(url, exn)  # one line naming the shard, whatever reports it
+                    err.__cause__ = exn
+                    exn = err
+                else:
+                    exn.args = exn.args + (url,)
                 if not self.handler(exn):
-                    raise
+                    raise exn
             finally:
                 stream.close()

@@ -1,13 +1,17 @@
 """Shard URLs: expanding patterns and lists, telling local files apart, opening a shard."""
 from __future__ import annotations
 
+import json
 import os
+import re
 from urllib.parse import urlparse
 
 import webdataset as wds
 from webdataset.shardlists import expand_urls
 
-__all__ = ["expand_shard_urls", "local_path", "open_url", "require_local_shards"]
+__all__ = ["brace_pattern", "expand_shard_urls", "local_path", "open_url", "require_local_shards"]
+
+_NUMBERED = re.compile(r"^(.*?)([0-9]+)([^0-9]*)$")
 
 
 def expand_shard_urls(urls) -> list[str]:
@@ -52,10 +56,49 @@ def open_url(url: str):
 def require_local_shards(urls: list[str]) -> None:
     """Raise ``FileNotFoundError`` naming the local shards among ``urls`` that do not exist (remote
     ones are not checked): almost always a wrong folder or brace pattern, which would otherwise
-    surface as one worker's traceback mid-epoch."""
+    surface as one worker's traceback mid-epoch. A shard folder given for its shards gets the brace
+    patterns of its splits (from its ``_info.json``) to give instead."""
     missing = [u for u in urls if (path := local_path(u)) is not None and not os.path.isfile(path)]
-    if missing:
-        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
-        raise FileNotFoundError(f"{len(missing)} of {len(urls)} shard(s) not found: {shown}; check the folder and "
-                                "the brace pattern (e.g. train-{000000..000003}.tar), or list the shards in the "
-                                "folder's _info.json")
+    if not missing:
+        return
+    folders = [u for u in missing if os.path.isdir(local_path(u))]
+    parts = []
+    files = [u for u in missing if u not in folders]
+    if files:
+        shown = ", ".join(files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
+        parts.append(f"{len(files)} of {len(urls)} shard(s) not found: {shown}; check the folder and the brace "
+                     "pattern (e.g. train-{000000..000003}.tar), or list the shards in the folder's _info.json")
+    parts.extend(_folder_hint(u) for u in folders[:3])
+    raise FileNotFoundError("; ".join(parts))
+
+
+def _folder_hint(url: str) -> str:
+    """What to give instead of the shard folder ``url``: a brace pattern per split of its ``_info.json``."""
+    folder = local_path(url)
+    try:
+        with open(os.path.join(folder, "_info.json"), encoding="utf-8") as f:
+            splits = json.load(f)["splits"]
+        patterns = [f"{brace_pattern(url, s['filenames'])} ({name}, {s.get('num_samples', '?')} samples)"
+                    for name, s in splits.items() if s.get("filenames")]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        patterns = []
+    if not patterns:  # no (readable) _info.json: the form to give
+        return (f"{url} is a folder, not a shard: give its shards as a path or brace pattern, "
+                f"e.g. {brace_pattern(url, [f'train-{i:06d}.tar' for i in range(4)])}")
+    return (f"{url} is a shard folder, not a shard: give the shards of a split, as its _info.json lists them: "
+            + " or ".join(patterns))
+
+
+def brace_pattern(folder: str, names: list[str]) -> str:
+    """Shard file names in ``folder`` -> one URL for them all: a brace pattern
+    (``folder/train-{000000..000003}.tar``) where they are numbered one after another with the same
+    prefix, digits and suffix, else the paths joined by ``::``."""
+    base = folder.rstrip("/") + "/"
+    found = [_NUMBERED.match(n) for n in names]
+    if len(names) > 1 and all(found):
+        forms = {(m.group(1), len(m.group(2)), m.group(3)) for m in found}
+        numbers = [int(m.group(2)) for m in found]
+        if len(forms) == 1 and numbers == list(range(numbers[0], numbers[0] + len(numbers))):
+            prefix, _, suffix = forms.pop()
+            return f"{base}{prefix}{{{found[0].group(2)}..{found[-1].group(2)}}}{suffix}"
+    return "::".join(base + n for n in names)
