@@ -10,10 +10,13 @@ Crop rules (``CROP_RULES``), each documented against the code it reproduces:
 * ``hopenet``: Hopenet's loose crop (``code/datasets.py``). The corners are updated one after the
   other, so ``x_max`` grows with the already-moved ``x_min`` (kept bug for bug)::
 
-      x1 -= 0.6 * k * |x2 - x1|;  y1 -= 2 * k * |y2 - y1|          (BIWI: y1 -= k * |y2 - y1|)
-      x2 += 0.6 * k * |x2 - x1|;  y2 += 0.6 * k * |y2 - y1|
+      x1 -= s * k * |x2 - x1|;  y1 -= t * k * |y2 - y1|
+      x2 += s * k * |x2 - x1|;  y2 += 0.6 * k * |y2 - y1|
 
-  with ``k`` uniform in [0.2, 0.4] per sample for 300W-LP, 0.2 for AFLW2000 and 0.35 for BIWI.
+  with the sides ``s`` and top ``t`` of each dataset's class there (``HOPENET_FACTORS``): 300W-LP
+  ``s = 0.6, t = 2``; AFLW2000 ``s = 2, t = 2`` (twice as wide: its window is ~1.9 box widths
+  across); BIWI ``s = 0.6, t = 1``; and ``k`` uniform in [0.2, 0.4] per sample for 300W-LP, 0.2
+  for AFLW2000 and 0.35 for BIWI.
   Hopenet's box is the min/max of *all* ``pt2d`` points, AFLW2000's placeholders included.
 * ``fsanet``: FSA-Net's margin crop (``data/type1/TYY_create_db_type1.py``): ``ad = 0.6`` of the box
   width/height on each side, truncated to integers and clipped to the image; points with
@@ -41,6 +44,8 @@ def rule_box_name(boxes: dict, box_source: str, rule: str) -> str:
 
 
 HOPENET_K = {"300w_lp": (0.2, 0.4), "aflw2000": (0.2, 0.2), "biwi": (0.35, 0.35)}
+#: Hopenet's (side, top) factors of k per dataset (its Pose_300W_LP, AFLW2000 and BIWI classes).
+HOPENET_FACTORS = {"300w_lp": (0.6, 2.0), "aflw2000": (2.0, 2.0), "biwi": (0.6, 1.0)}
 FSANET_MARGIN = 0.6
 
 
@@ -127,10 +132,10 @@ def square_pad(box, margin: float = 0.0) -> Box:
 def hopenet_loose(box, k: float, dataset: str) -> Box:
     """Hopenet's loose crop window (sequential corner updates, see module docstring)."""
     x1, y1, x2, y2 = (float(v) for v in box)
-    top = 1.0 if dataset == "biwi" else 2.0
-    x1 -= 0.6 * k * abs(x2 - x1)
+    side, top = HOPENET_FACTORS.get(dataset, HOPENET_FACTORS["300w_lp"])
+    x1 -= side * k * abs(x2 - x1)
     y1 -= top * k * abs(y2 - y1)
-    x2 += 0.6 * k * abs(x2 - x1)
+    x2 += side * k * abs(x2 - x1)
     y2 += 0.6 * k * abs(y2 - y1)
     return [x1, y1, x2, y2]
 

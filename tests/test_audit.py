@@ -126,12 +126,13 @@ def test_csv_values_by_hand(audited):
 
     # square rule reads gt: a square, no distortion
     assert row["square_box"] == "gt" and float(row["square_distortion"]) == pytest.approx(0.0, abs=1e-6)
-    # Hopenet rule reads pt2d, k = 0.2 on AFLW2000, corners updated one after the other
+    # Hopenet rule reads pt2d, k = 0.2 on AFLW2000, sides and top by 2k, corners updated one after
+    # the other (Hopenet's AFLW2000 class)
     assert row["hopenet_box"] == "pt2d"
     k = 0.2
-    x1 = px1 - 0.6 * k * abs(px2 - px1)
+    x1 = px1 - 2 * k * abs(px2 - px1)
     y1 = py1 - 2 * k * abs(py2 - py1)
-    x2 = px2 + 0.6 * k * abs(px2 - x1)
+    x2 = px2 + 2 * k * abs(px2 - x1)
     y2 = py2 + 0.6 * k * abs(py2 - y1)
     for c, v in zip(("x1", "y1", "x2", "y2"), (x1, y1, x2, y2)):
         assert float(row[f"hopenet_{c}"]) == pytest.approx(v, abs=1e-4)
@@ -192,7 +193,15 @@ def test_compare_reports_box_changes_and_no_label_changes(audited):
 
 
 def test_pictures_fall_back_to_stored_crops(audited, tmp_path):
-    summary = run_audit(audited["outs"]["hopenet"], tmp_path / "r", raw_root=tmp_path / "missing", per_flag=1)
+    # the raw tree the build read has moved away (a --raw-root given by hand must exist: tested above)
+    import shutil
+
+    moved = tmp_path / "build"
+    shutil.copytree(audited["outs"]["hopenet"], moved)
+    manifest = json.loads((moved / "manifest.json").read_text())
+    manifest["input"]["root"] = str(tmp_path / "missing")
+    (moved / "manifest.json").write_text(json.dumps(manifest))
+    summary = run_audit(moved, tmp_path / "r", per_flag=1)
     page = (tmp_path / "r" / "report.html").read_text()
     assert "not found (pictures drawn on the stored crops)" in page
     assert (tmp_path / "r" / "sheets" / "placeholder_box.png").is_file()
@@ -235,3 +244,52 @@ def test_biwi_style_record_flags():
     rec["tracking"]["reused"] = False
     row = sample_row(Sample(rec, Path("x.tar")), ["gt", "mtcnn"], Thresholds())
     assert row.flags == []
+
+
+def test_audit_mistakes_are_one_line_and_reports_do_not_mix(audited, tmp_path, capsys):
+    import shutil
+
+    square, hopenet = audited["outs"]["square"], audited["outs"]["hopenet"]
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    cases = [
+        (["audit", str(square), "--report", str(a_file)], "is a file; give a folder"),
+        (["audit", str(square), "--report", str(tmp_path / "r1"), "--raw-root", str(tmp_path / "nope")],
+         "--raw-root .*nope is not a folder"),
+    ]
+    broken = tmp_path / "broken"
+    shutil.copytree(square, broken)
+    shard = next(broken.glob("*.tar"))
+    shard.write_bytes(shard.read_bytes()[:3000])
+    cases.append((["audit", str(broken), "--report", str(tmp_path / "r2")], r"is not a readable shard .*dataprep verify"))
+    bad_manifest = tmp_path / "bad_manifest"
+    shutil.copytree(square, bad_manifest)
+    (bad_manifest / "manifest.json").write_text("{not json")
+    cases.append((["audit", str(bad_manifest), "--report", str(tmp_path / "r3")], "is not valid JSON"))
+    for argv, message in cases:
+        capsys.readouterr()
+        assert cli_main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert re.search(message, err) and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "r1").exists()  # nothing written for a wrong --raw-root
+
+    # A report folder reused for a build without --compare keeps nothing of the earlier compare.
+    report = tmp_path / "reused"
+    assert cli_main(["audit", str(hopenet), "--report", str(report), "--compare", str(square)]) == 0
+    assert (report / "compare.csv").exists() and (report / "sheets" / "compare_changed.png").exists()
+    assert cli_main(["audit", str(square), "--report", str(report)]) == 0
+    assert not (report / "compare.csv").exists() and not (report / "sheets" / "compare_changed.png").exists()
+
+
+def test_compare_statuses_of_samples_one_build_never_saw(audited, tmp_path):
+    from dataprep.audit.compare import compare_builds
+    from dataprep.audit.table import load_build
+
+    a = load_build(audited["outs"]["hopenet"])
+    b = load_build(audited["outs"]["square"])
+    assert a.rejected and b.rejected
+    b.manifest["rejected"] = []  # as if B's raw tree lacked those files
+    statuses = {r.values["match"]: r.status for r in compare_builds(a, b)}
+    assert {statuses[e["source"]] for e in a.rejected} == {"rejected_in_a"}
+    statuses = {r.values["match"]: r.status for r in compare_builds(b, a)}
+    assert {statuses[e["source"]] for e in a.rejected} == {"rejected_in_b"}

@@ -17,12 +17,15 @@ def test_square_pad_pads_the_shorter_side_evenly():
 
 
 def test_hopenet_loose_updates_corners_in_sequence():
-    # box 100x100 at (100, 100); k = 0.2 (AFLW2000)
-    # x1 = 100 - 0.6*0.2*100 = 88;  y1 = 100 - 2*0.2*100 = 60
-    # x2 = 200 + 0.6*0.2*|200 - 88| = 213.44 (uses the moved x1, as Hopenet's code does)
+    # box 100x100 at (100, 100); k = 0.2 (AFLW2000: Hopenet's AFLW2000 class moves the sides by 2k)
+    # x1 = 100 - 2*0.2*100 = 60;  y1 = 100 - 2*0.2*100 = 60
+    # x2 = 200 + 2*0.2*|200 - 60| = 256 (uses the moved x1, as Hopenet's code does)
     # y2 = 200 + 0.6*0.2*|200 - 60| = 216.8
     got = boxes.crop_window("hopenet", [100, 100, 200, 200], dataset="aflw2000", image_size=(450, 450))
-    assert got == pytest.approx([88, 60, 213.44, 216.8])
+    assert got == pytest.approx([60, 60, 256, 216.8])
+    # 300W-LP (its Pose_300W_LP class: sides 0.6k), k = 0.2 drawn
+    got = boxes.hopenet_loose([100, 100, 200, 200], 0.2, "300w_lp")
+    assert got == pytest.approx([88, 60, 200 + 0.12 * 112, 216.8])
     # BIWI: k = 0.35, top grows by k (not 2k)
     got = boxes.crop_window("hopenet", [100, 100, 200, 200], dataset="biwi", image_size=(640, 480))
     assert got == pytest.approx([79, 65, 200 + 0.21 * 121, 200 + 0.21 * 135])
@@ -177,7 +180,7 @@ def test_rule_coverage_counts_the_window_pixels_the_stored_crop_holds():
     assert rule_coverage(roomy, "hopenet") == 1.0
     # only the part of the window inside the source image counts (Hopenet pads past the image too)
     corner = [0.0, 0.0, 100.0, 100.0]
-    at_edge = dict(record, box=corner, boxes={"gt": corner}, crop=[0, 0, 120, 120])
+    at_edge = dict(record, box=corner, boxes={"gt": corner}, crop=[0, 0, 160, 160])
     window = boxes.crop_window("hopenet", corner, dataset="aflw2000", image_size=(450, 450))
-    assert window[0] < 0 and window[1] < 0 and window[2] < 120 and window[3] < 120
+    assert window[0] < 0 and window[1] < 0 and window[2] < 160 and window[3] < 160
     assert rule_coverage(at_edge, "hopenet") == 1.0

@@ -64,7 +64,15 @@ def _rule_caption(row: Row) -> str:
             f"distortion: {dist}")
 
 
+#: Changed samples (and added / dropped ones) the HTML lists; ``compare.csv`` has every one.
+COMPARE_LISTED = 50
+
+
 def _resolve_raw_root(manifest: dict, raw_root) -> Path | None:
+    """Where the raw images are: ``--raw-root``, else the build's ``--root`` (None: not found, the
+    pictures fall back to the stored crops)."""
+    if raw_root and not Path(raw_root).is_dir():
+        raise AuditError(f"--raw-root {raw_root} is not a folder; give the dataset folder the build read")
     root = Path(raw_root) if raw_root else Path(manifest.get("input", {}).get("root", "") or "/nonexistent")
     return root if root.is_dir() else None
 
@@ -76,8 +84,16 @@ def run_audit(out, report, *, compare=None, raw_root=None, thresholds: Threshold
     from .report import render
 
     report = Path(report)
-    report.mkdir(parents=True, exist_ok=True)
+    if report.exists() and not report.is_dir():
+        raise AuditError(f"--report {report} is a file; give a folder")
+    if "://" in str(out) or (compare and "://" in str(compare)):
+        raise AuditError("the audit reads local build folders; copy the build here first")
     build = load_build(out)
+    _resolve_raw_root(build.manifest, raw_root)  # a wrong --raw-root stops here, before anything is written
+    report.mkdir(parents=True, exist_ok=True)
+    # a report of another build or --compare written here before must not show through this one
+    for stale in [report / "compare.csv", *(report / "sheets").glob("*.png"), *report.glob("hist_*.png")]:
+        stale.unlink(missing_ok=True)
     variants = build.variants()
     rows = audit_rows(build, thresholds)
     write_csv(report / "boxes.csv", columns(variants), [r.values for r in rows])
@@ -141,6 +157,10 @@ def run_audit(out, report, *, compare=None, raw_root=None, thresholds: Threshold
 
     if compare is not None:
         other = load_build(compare)
+        datasets = (build.manifest.get("dataset"), other.manifest.get("dataset"))
+        if datasets[0] != datasets[1]:
+            raise AuditError(f"--compare diffs two builds of the same raw data; {out} is {datasets[0]}, "
+                             f"{compare} is {datasets[1]}")
         crows = compare_builds(build, other, tolerances)
         write_csv(report / "compare.csv", COMPARE_COLUMNS, [r.values for r in crows])
         csum = compare_summary(crows)
@@ -150,7 +170,10 @@ def run_audit(out, report, *, compare=None, raw_root=None, thresholds: Threshold
                    "csv": "compare.csv", "image": None,
                    "header": ["source", "status", "changes", "key", "max angle diff", "box source A", "box source B", "crop A", "crop B", "crop IoU"],
                    "rows": []}
-        listed = changed[:50] + [r for r in crows if r.status in ("added", "dropped")][:50]
+        moved = [r for r in crows if r.status in ("added", "dropped")]
+        listed = changed[:COMPARE_LISTED] + moved[:COMPARE_LISTED]
+        cmp_ctx["listed_note"] = (f"{len(listed)} of the {len(changed) + len(moved)} changed, added and dropped "
+                                  f"samples listed; compare.csv has them all") if len(listed) < len(changed) + len(moved) else ""
         for r in listed:
             v = r.values
             cmp_ctx["rows"].append([
@@ -242,7 +265,7 @@ def cmd_audit(args) -> int:
     try:
         summary = run_audit(args.out, args.report, compare=args.compare, raw_root=args.raw_root, thresholds=th,
                             per_flag=max(1, args.per_flag), tolerances=CompareTolerances(label=args.label_tolerance))
-    except AuditError as err:
+    except (AuditError, OSError) as err:
         print(f"dataprep audit: error: {err}", file=sys.stderr)
         return 2
     print(f"{summary['samples']} sample(s), {summary['rejected']} rejected -> {summary['report']}")

@@ -20,7 +20,9 @@ COMPARE_COLUMNS = [
     "crop_a_x1", "crop_a_y1", "crop_a_x2", "crop_a_y2", "crop_b_x1", "crop_b_y1", "crop_b_x2", "crop_b_y2",
     "crop_iou", "crop_distortion_a", "crop_distortion_b", "variants_changed",
 ]
-STATUSES = ("same", "changed", "added", "dropped", "rejected_in_both")
+#: ``added`` / ``dropped``: written only by the other / this build; ``rejected_in_a`` / ``_b``:
+#: rejected by one build and not in the other at all (a different raw tree or split).
+STATUSES = ("same", "changed", "added", "dropped", "rejected_in_both", "rejected_in_a", "rejected_in_b")
 CHANGE_KINDS = ("label", "split", "box_source", "box", "crop_rule", "crop", "box_variants")
 
 
@@ -116,8 +118,10 @@ def compare_builds(a: Build, b: Build, tol: CompareTolerances = CompareTolerance
             status = "added"
         elif sb is not None:
             status = "dropped"
-        else:
+        elif mid in ra and mid in rb:
             status = "rejected_in_both"
+        else:
+            status = "rejected_in_a" if mid in ra else "rejected_in_b"
         v["status"] = status
         v["changes"] = ";".join(changes)
         rows.append(CompareRow(v, status, changes, sa, sb))

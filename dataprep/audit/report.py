@@ -182,7 +182,8 @@ def render(ctx: dict) -> str:
                      f"boxes <code>{esc(settings.get('detector'))}</code>)<br>B = <code>{esc(cmp['other'])}</code> "
                      f"(crop <code>{esc(cmp['other_settings'].get('crop_rule'))}</code>, boxes "
                      f"<code>{esc(cmp['other_settings'].get('detector'))}</code>)<br>samples matched by <code>source</code>; "
-                     "added = written in A only, dropped = written in B only</div>")
+                     "added = written in A only, dropped = written in B only; rejected_in_a / _b: rejected by one "
+                     "build and not in the other at all</div>")
         parts.append(table(["status", "samples"], [[k, v] for k, v in s["status"].items()]))
         parts.append(table(["change (among matched)", "samples"],
                            [[k, v] for k, v in s["changes"].items()] + [["max abs angle difference (deg)", float(s["max_angle_diff"])]],
@@ -190,6 +191,8 @@ def render(ctx: dict) -> str:
         if cmp.get("image"):
             parts.append(f'<h3>Changed samples, most different crops first</h3><img class="sheet" src="{esc(cmp["image"])}" alt="changed samples">')
         if cmp["rows"]:
+            if cmp.get("listed_note"):
+                parts.append(f'<div class="note">{esc(cmp["listed_note"])}</div>')
             parts.append(table(cmp["header"], cmp["rows"], left=4))
 
     parts.append(f"<h2>Files</h2><ul><li><a href=\"{esc(ctx['csv'])}\">{esc(ctx['csv'])}</a>: one row per sample "

@@ -101,22 +101,28 @@ def load_build(out) -> Build:
     manifest_path = out / MANIFEST
     if not manifest_path.is_file():
         raise AuditError(f"{out} holds no {MANIFEST}: pass the --out folder of a finished dataprep build")
-    manifest = json.loads(manifest_path.read_text())
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except ValueError as err:
+        raise AuditError(f"{manifest_path} is not valid JSON ({err}); rerun the build to write it again") from None
     samples: list[Sample] = []
     for shard in manifest.get("shards", []):
         path = out / shard["name"]
         if not path.is_file():
             raise AuditError(f"{path} is listed in {manifest_path} but missing")
         by_key: dict[str, Sample] = {}
-        with tarfile.open(path) as tar:
-            for info in tar.getmembers():
-                if not info.isfile() or "." not in info.name:
-                    continue
-                key, ext = info.name.split(".", 1)
-                sample = by_key.setdefault(key, Sample(record={}, shard=path))
-                sample.members[ext] = info
-                if ext == "json":
-                    sample.record = json.loads(tar.extractfile(info).read())
+        try:
+            with tarfile.open(path) as tar:
+                for info in tar.getmembers():
+                    if not info.isfile() or "." not in info.name:
+                        continue
+                    key, ext = info.name.split(".", 1)
+                    sample = by_key.setdefault(key, Sample(record={}, shard=path))
+                    sample.members[ext] = info
+                    if ext == "json":
+                        sample.record = json.loads(tar.extractfile(info).read())
+        except (tarfile.TarError, EOFError, ValueError) as err:
+            raise AuditError(f"{path} is not a readable shard ({err}); run `dataprep verify {out}`") from None
         samples.extend(s for s in by_key.values() if s.record)
     return Build(out, manifest, samples)
 
