@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import posixpath
+import re
 import sys
 from collections import Counter
 from contextlib import ExitStack, contextmanager
@@ -196,6 +197,9 @@ def resolve_settings(opts: BuildOptions, proto: protocols.DatasetProtocol, assig
     )
 
 
+_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:[0-9]+)?)$")
+
+
 def check_options(opts: BuildOptions) -> None:
     """Refuse options no build can use, before anything is read (else every sample would be
     rejected, or the crops would be degenerate, deep inside the run)."""
@@ -204,6 +208,15 @@ def check_options(opts: BuildOptions) -> None:
         problems.append(f"--crop-size {opts.crop_size}: give the crop side in pixels, at least 8")
     if not opts.margin >= 0:
         problems.append(f"--margin {opts.margin}: give a fraction of the crop side per side, 0 or more")
+    elif opts.margin and opts.crop_rule != "square":  # the other windows have their own margins
+        problems.append(f"--margin {opts.margin} applies to --crop-rule square only, not {opts.crop_rule}: "
+                        "build square crops with room (--margin 0.8) and re-crop at load time, or drop --margin")
+    if opts.split_seed is not None and opts.split_file:
+        problems.append("--split-seed and --split-file both choose the splits: give one")
+    if opts.biwi_tracking and opts.dataset.lower() != "biwi":
+        problems.append(f"--biwi-tracking applies to BIWI only, not {opts.dataset}")
+    if not _DEVICE.match(str(opts.device)):
+        problems.append(f"--device {opts.device}: give auto, cpu, cuda, cuda:N or mps")
     if not 1 <= opts.jpeg_quality <= 100:
         problems.append(f"--jpeg-quality {opts.jpeg_quality}: give 1 to 100")
     if opts.shard_size < 1:
@@ -322,7 +335,7 @@ def make_manifest(opts, settings: Settings, proto, root: Path, refs, results: li
         "seed": opts.seed,
         "dataset": opts.dataset,
         "protocol": proto.protocol,
-        "input": {"root": str(root), "files": len(refs), "fingerprint": input_fingerprint(root, refs)},
+        "input": {"root": str(root.resolve()), "files": len(refs), "fingerprint": input_fingerprint(root, refs)},
         "expected": {} if opts.split_file else proto.expected,  # the protocol's counts are not a split file's
         "shards": shards,
         "counts": counts,
@@ -367,8 +380,11 @@ def summary_table(manifest: dict) -> str:
 
 def _recrop_room_note(settings: dict) -> str | None:
     """Which crop rules a load-time re-crop of these square crops cannot fill (``boxes.ROOM_MARGIN``)."""
-    if settings.get("crop_rule") != "square":
-        return None
+    rule = settings.get("crop_rule")
+    if rule != "square":  # re-crops start from the stored window, whatever rule made it
+        return (f"note: these are {rule} crops; re-cropped at load time to another rule they come out partly "
+                f"black; build --crop-rule square --margin {max(box_rules.ROOM_MARGIN.values())} to train every "
+                "model from one set of shards")
     margin = float(settings.get("margin") or 0.0)
     short = {rule: m for rule, m in box_rules.ROOM_MARGIN.items() if m > margin + 1e-9}
     if not short:

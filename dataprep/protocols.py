@@ -94,8 +94,10 @@ def assign_splits(
         except ValueError as err:
             raise ValueError(f"--split-file {split_file} is not valid JSON ({err}); expected "
                              '{"by": "group", "train": [...], "test": [...]}') from None
-        if not isinstance(spec, dict) or not all(isinstance(v, list) for k, v in spec.items() if k != "by"):
-            raise ValueError(f'--split-file {split_file}: expected {{"by": "group", "train": [...], "test": [...]}}')
+        if not isinstance(spec, dict) or not all(isinstance(v, list) and all(isinstance(m, str) for m in v)
+                                                 for k, v in spec.items() if k != "by"):
+            raise ValueError(f'--split-file {split_file}: expected {{"by": "group", "train": [...], "test": [...]}}, '
+                             "each split a list of names (strings)")
         spec.setdefault("by", "group")
         if spec["by"] not in ("group", "source", "key"):
             raise ValueError(f"{split_file}: 'by' must be group, source or key, not {spec['by']!r}")

@@ -398,6 +398,13 @@ def write_sample_tree(out: Path, seed: int = 0, biwi_frames_per_sequence: int = 
     (AFLW2000) and ``head_center_mm`` (BIWI).
     """
     out = Path(out)
+    # The sample files carry the real datasets' names (hpdb/01/frame_00003_rgb.png, ...): written
+    # over a real download they would replace its files without a word.
+    taken = [name for name in (w300lp_reader.DEFAULT_ROOT_NAME, aflw_reader.DEFAULT_ROOT_NAME, biwi.DEFAULT_ROOT_NAME,
+                               "expected_labels.json") if (out / name).exists()]
+    if taken:
+        raise FileExistsError(f"{out} already holds {', '.join(taken)}; the sample tree uses the real datasets' "
+                              "file names and would overwrite them")
     out.mkdir(parents=True, exist_ok=True)
     seeds = np.random.SeedSequence(seed).spawn(3)
     expected = {

@@ -259,12 +259,20 @@ def test_split_file(sample_tree, tmp_path):
     split.write_text('{"by": "group", train: ["01"]}')
     with pytest.raises(ValueError, match=r"split.json is not valid JSON"):
         build(opts(sample_tree / "hpdb", tmp_path / "o2", "biwi", protocol="2", detector="gt", split_file=str(split)))
+    split.write_text('{"by": "group", "train": [["01"]]}')  # was a TypeError traceback
+    with pytest.raises(ValueError, match=r"split.json: expected .* each split a list of names"):
+        build(opts(sample_tree / "hpdb", tmp_path / "o2", "biwi", protocol="2", detector="gt", split_file=str(split)))
 
 
 @pytest.mark.parametrize("bad, message", [
     (dict(crop_size=0), "--crop-size 0"), (dict(margin=-1.0), "--margin -1.0"), (dict(jpeg_quality=500), "--jpeg-quality 500"),
     (dict(shard_size=0), "--shard-size 0"), (dict(batch_size=0), "--batch-size 0"), (dict(jobs=-2), "--jobs -2"),
     (dict(augment=("foo",)), "--augment: unknown augmentation 'foo'"),
+    (dict(crop_rule="hopenet", margin=0.8), "--margin 0.8 applies to --crop-rule square only, not hopenet"),
+    (dict(split_seed=7, split_file="split.json"), "--split-seed and --split-file both choose the splits"),
+    (dict(biwi_tracking="previous"), "--biwi-tracking applies to BIWI only, not aflw2000"),
+    (dict(device="bogus"), "--device bogus: give auto, cpu, cuda, cuda:N or mps"),
+    (dict(device="cuda:abc"), "--device cuda:abc"),
 ])
 def test_unusable_options_stop_the_build_before_it_reads(sample_tree, tmp_path, bad, message):
     with pytest.raises(BuildError, match=re.escape(message)):
@@ -418,6 +426,11 @@ def test_cli_build_prints_summary(sample_tree, tmp_path, capsys):
     roomy = cli_main(["build", "--dataset", "aflw2000", "--root", str(sample_tree / "AFLW2000"),
                       "--out", str(tmp_path / "roomy"), "--no-progress", "--margin", "0.8"])
     assert roomy == 0 and "partly black" not in capsys.readouterr().out
+    # crops of another rule cannot be re-cropped to any other rule either (the note was square-only)
+    tight = cli_main(["build", "--dataset", "aflw2000", "--root", str(sample_tree / "AFLW2000"),
+                      "--out", str(tmp_path / "box"), "--no-progress", "--crop-rule", "box"])
+    text = capsys.readouterr().out
+    assert tight == 0 and "these are box crops" in text and "--crop-rule square --margin 0.8" in text
 
 
 def test_cli_errors_say_what_to_do(tmp_path, capsys):
@@ -496,6 +509,12 @@ def test_cli_says_what_to_do_instead_of_a_traceback(sample_tree, tmp_path, capsy
     assert "--out " + str(a_file) + " is a file; give a folder" in capsys.readouterr().err
     assert cli_main(["sample", "--out", str(a_file)]) == 2
     assert "dataprep sample: error: " in capsys.readouterr().err and a_file.read_text() == "not a folder"
+    real = tmp_path / "data" / "hpdb" / "01"  # a real download: the sample tree would write over it
+    real.mkdir(parents=True)
+    (real / "frame_00003_pose.txt").write_text("real")
+    assert cli_main(["sample", "--out", str(tmp_path / "data")]) == 2
+    assert "already holds hpdb" in capsys.readouterr().err
+    assert [p.name for p in (tmp_path / "data").rglob("*")] == ["hpdb", "01", "frame_00003_pose.txt"]
     import torch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
