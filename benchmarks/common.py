@@ -390,16 +390,27 @@ def final_json(payload: dict) -> None:
     print(json.dumps(payload, sort_keys=True, allow_nan=False), flush=True)
 
 
-def base_parser(description: str) -> argparse.ArgumentParser:
+def _rounds(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: give 1 or more")
+    return value
+
+
+def base_parser(description: str, *, repeats: bool = True, before: bool = True) -> argparse.ArgumentParser:
+    """The options every benchmark shares; ``repeats`` / ``before``: only where the script uses them
+    (a flag in ``--help`` that does nothing would mislead)."""
     p = argparse.ArgumentParser(description=description)
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="smaller data and fewer repeats (under ~40 s)")
     mode.add_argument("--smoke", action="store_true", help="tiny run that only checks the script works")
-    p.add_argument("--repeats", type=int, default=None, help="rounds of interleaved measurements")
+    if repeats:
+        p.add_argument("--repeats", type=_rounds, default=None, help="rounds of interleaved measurements")
     p.add_argument("--work", default=None, help="scratch folder to use and keep (default: a temporary one, removed)")
-    p.add_argument("--before", default=None, metavar="DIR",
-                   help="also run our cases with dataprep imported from DIR (an older checkout, e.g. "
-                        "`git archive COMMIT | tar -x -C DIR`), interleaved with the others")
+    if before:
+        p.add_argument("--before", default=None, metavar="DIR",
+                       help="also run our cases with dataprep imported from DIR (an older checkout, e.g. "
+                            "`git archive COMMIT | tar -x -C DIR`), interleaved with the others")
     return p
 
 

@@ -79,11 +79,9 @@ def _one_pass(pattern: str, workers: int, **kw) -> tuple[int, float]:
 
 
 def main(argv=None) -> int:
-    p = common.base_parser("dataprep.loader throughput with and without augmentation")
+    p = common.base_parser("dataprep.loader throughput with and without augmentation", before=False)
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers (default 0: in-process)")
     args = p.parse_args(argv)
-    if args.before:
-        p.error("--before is not supported by this script")
     mode = common.mode_of(args)
     cfg = MODES[mode]
     rounds = args.repeats or cfg["rounds"]

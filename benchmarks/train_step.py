@@ -113,7 +113,9 @@ def measure(model_name: str, urls: str, batch_size: int, batches: int, workers: 
 def main() -> None:
     from train_minimal.train import AMP_CHOICES
 
-    parser = common.base_parser(__doc__.splitlines()[0])
+    parser = common.base_parser("Which one bounds training, the loader or the model? Per model: the trainer's "
+                                "loader alone, the training step alone, and the two together (samples/s).",
+                                repeats=False, before=False)
     parser.add_argument("--models", default=None, help="comma-separated registry names")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--workers", type=int, default=common.cpu_count())

@@ -528,6 +528,55 @@ def test_tar_reader_rejects_broken_shards(tmp_path):
     assert len(kept) == 2  # the broken shard skipped, the good one read
 
 
+def test_option_mistakes_are_refused_up_front(tmp_path):
+    """Mistakes that used to pass silently (or fail at the first sample, in a worker) are refused
+    when the dataset is made; shuffle=True means shuffling, as in torch's DataLoader."""
+    from dataprep.augment import HorizontalFlip
+
+    pattern, _ = write_synthetic_shards(tmp_path, n_shards=1, per_shard=4)
+    assert make_dataset(pattern, shuffle=True).state.shuffle == 1000  # was int(True) == 1: file order
+    assert make_dataset(pattern, shuffle=False).state.shuffle == 0
+    refused = [
+        (dict(shuffle=-5), ValueError, "shuffle is a buffer size"),
+        (dict(size=2.7), ValueError, "size must be a whole number"),
+        (dict(size="64"), ValueError, "size must be a whole number"),
+        (dict(samples_per_epoch=2.5, resampled=True), ValueError, "samples_per_epoch must be a whole number"),
+        (dict(crop_rule="hopenet", crop_margin=0.5), ValueError, "for crop_rule='square' only"),  # was ignored
+        (dict(crop_rule="square", crop_margin=-0.6), ValueError, "a margin >= 0"),  # was a 1.6 px window
+        (dict(transforms=HorizontalFlip), TypeError, r"the class HorizontalFlip; pass HorizontalFlip\(\)"),
+        (dict(transforms=["flip"]), TypeError, "got 'flip'"),
+    ]
+    for kwargs, error, message in refused:
+        with pytest.raises(error, match=message):
+            make_dataset(pattern, **kwargs)
+    for batch_size in (None, 0, 2.0):
+        with pytest.raises(ValueError, match="batch_size must be a whole number"):
+            make_loader(pattern, batch_size)
+    assert make_dataset(pattern, crop_rule="square", crop_margin=0.25, size=16) is not None
+
+
+def test_batches_in_epoch_counts_each_workers_partial_batch(tmp_path):
+    """Workers share the shards and each ends on its own partial batch: the count the loader gives
+    for an epoch is what the epoch yields, for every epoch's shard order (not samples // batch)."""
+    sizes = [1, 3, 1]  # 5 samples: 1 batch of 4, or none when the 3 goes to a worker alone
+    for i, n in enumerate(sizes):
+        write_synthetic_shards(tmp_path, n_shards=1, per_shard=n, prefix=f"s{i}", seed=i)
+    urls = [str(tmp_path / f"s{i}-000000.tar") for i in range(len(sizes))]
+    for workers, drop_last in ((2, True), (2, False), (0, True)):
+        loader = make_loader(urls, batch_size=4, workers=workers, drop_last=drop_last, shuffle=10, seed=3,
+                             size=16, image_format="uint8", persistent_workers=bool(workers))
+        got, want = [], []
+        for epoch in range(6):
+            want.append(loader.batches_in_epoch(epoch, sizes))
+            got.append(sum(1 for _ in loader))
+        assert got == want, (workers, drop_last)
+        if workers == 2 and drop_last:
+            assert min(want) < sum(sizes) // 4  # the case samples // batch_size gets wrong
+            assert len(set(want)) > 1  # and it moves with the epoch's shard order
+    with pytest.raises(ValueError, match="3 shards"):
+        loader.batches_in_epoch(0, [5, 3])
+
+
 def test_a_broken_shard_is_named_in_one_line(tmp_path):
     """What reading a broken shard raises says which shard and what to do, in one line, also as a
     handler sees it and as it reaches the main process from a DataLoader worker."""

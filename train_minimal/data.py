@@ -51,10 +51,10 @@ def _open_shard(path: str, url: str):
         raise unreadable_shard(url, err) from err
 
 
-def count_samples(urls) -> int | None:
-    """Samples in the shards (``.json`` members), reading tar headers only; None when a shard is
+def shard_samples(urls) -> list[int] | None:
+    """Samples in each shard (``.json`` members), reading tar headers only; None when a shard is
     not a local file (then give ``--epoch-length``)."""
-    total = 0
+    counts = []
     url_list = expand_shard_urls(urls)
     require_local_shards(url_list)
     for url in url_list:
@@ -62,8 +62,14 @@ def count_samples(urls) -> int | None:
         if path is None:
             return None
         with _open_shard(path, url) as tar:
-            total += sum(1 for m in tar if m.isfile() and m.name.endswith(".json"))
-    return total
+            counts.append(sum(1 for m in tar if m.isfile() and m.name.endswith(".json")))
+    return counts
+
+
+def count_samples(urls) -> int | None:
+    """Samples in the shards (:func:`shard_samples` added up), or None."""
+    counts = shard_samples(urls)
+    return None if counts is None else sum(counts)
 
 
 def crop_coverage(urls, rule: str, samples: int = 64) -> tuple[float, str] | None:
@@ -106,16 +112,18 @@ def make_loader(urls, spec, batch_size: int, *, train: bool, workers: int = 0, s
     ``train``: shuffles, random crop draws, full batches only; resampled with a fixed epoch
     length when ``epoch_length`` is given or ``distributed`` (DDP). Evaluation loaders read every
     sample once, in order, without splitting across ranks. ``batches_per_epoch`` is exact for
-    resampled loaders and an estimate (full batches in the shards) for other training loaders;
+    resampled loaders, and for others that of the first epoch (see :func:`epoch_steps`);
+    ``shard_samples`` the samples in each shard where they were counted;
     ``samples`` is the count from the tar headers (None for remote shards, or resampled ones with
     ``epoch_length``: not read up front).
     """
     url_list = expand_shard_urls(urls)
     resampled = bool(train and (epoch_length or distributed))
-    samples = None
+    counts = samples = None
     if not (resampled and epoch_length):
         # every tar header read once up front: a broken shard fails here, named, not mid-epoch in a worker
-        samples = count_samples(url_list)
+        counts = shard_samples(url_list)
+        samples = None if counts is None else sum(counts)
     if resampled and not epoch_length:
         if samples is None:
             raise ValueError("distributed training needs --epoch-length (samples per epoch) for remote shards")
@@ -130,26 +138,40 @@ def make_loader(urls, spec, batch_size: int, *, train: bool, workers: int = 0, s
         samples_per_epoch=int(epoch_length) if resampled else None, distributed=bool(distributed and train),
         image_format="jpeg" if gpu_decode else "uint8",
     )
+    loader.shard_samples = counts
     if train and not resampled:
-        loader.batches_per_epoch = None if samples is None else samples // batch_size
+        loader.batches_per_epoch = None if counts is None else loader.batches_in_epoch(0, counts)
     loader.samples = samples
     return loader
+
+
+def epoch_steps(loader: HeadPoseLoader, epochs: int) -> list[int] | None:
+    """The steps of each of ``epochs`` passes of a training ``loader`` made by :func:`make_loader`:
+    exact, also where the workers' partial batches make epochs differ (each worker drops its own);
+    None when the shards cannot be counted (remote)."""
+    if loader.dataset.state.resampled:
+        return [loader.batches_per_epoch] * epochs
+    if loader.shard_samples is None:
+        return None
+    return [loader.batches_in_epoch(epoch, loader.shard_samples) for epoch in range(epochs)]
 
 
 # --------------------------------------------------------------------------------------------
 # On the device
 # --------------------------------------------------------------------------------------------
 def _gpu_crop_resize(img: torch.Tensor, window, size: int) -> torch.Tensor:
-    """CHW uint8 (on the GPU) -> window (zero outside the image) resized to ``size`` (float)."""
+    """CHW uint8 (on the GPU) -> window (zero outside the image) resized to ``size`` (float).
+    Plain bilinear, no antialiasing, as the CPU path resizes (``cv2.INTER_LINEAR``): a model
+    trained with ``--gpu-decode`` sees the pixels it is evaluated on without it (``exact_cut``'s
+    up to rounding, mean 0.1 grey level; antialiasing made it 0.5-2)."""
     x1, y1, x2, y2 = (int(v) for v in window)
     c, h, w = img.shape
     canvas = torch.zeros((c, y2 - y1, x2 - x1), dtype=img.dtype, device=img.device)
     sx1, sy1, sx2, sy2 = max(x1, 0), max(y1, 0), min(x2, w), min(y2, h)
     if sx2 > sx1 and sy2 > sy1:
         canvas[:, sy1 - y1:sy2 - y1, sx1 - x1:sx2 - x1] = img[:, sy1:sy2, sx1:sx2]
-    shrink = canvas.shape[1] > size or canvas.shape[2] > size
     return torch.nn.functional.interpolate(canvas[None].float(), size=(size, size), mode="bilinear",
-                                           align_corners=False, antialias=shrink)[0]
+                                           align_corners=False, antialias=False)[0]
 
 
 def prepare_batch(batch: dict, normalize: str, device: torch.device, *, size: int | None = None,

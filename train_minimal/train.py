@@ -50,7 +50,7 @@ from torch import nn
 from dataprep.loader import UnreadableShard, shard_error_line
 
 from . import registry
-from .data import crop_room_warning, make_loader, prepare_batch
+from .data import crop_room_warning, epoch_steps, make_loader, prepare_batch
 
 CHECKPOINT_FORMAT = "train_minimal/1"
 
@@ -437,16 +437,18 @@ def cmd_train(args) -> int:
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
 
-    per_epoch = train_loader.batches_per_epoch
     if args.steps is not None:
         total_steps = int(args.steps)
     else:
-        if per_epoch == 0:
-            raise SystemExit(f"error: {train_loader.samples} training samples give no full batch of {batch_size}")
-        if not per_epoch:
+        steps = epoch_steps(train_loader, int(args.epochs))
+        if steps is None:
             raise SystemExit("error: cannot tell how many batches an epoch has (remote shards): give --epoch-length "
                              "or --steps")
-        total_steps = int(args.epochs) * per_epoch
+        if min(steps) == 0:
+            shared = f" per worker ({args.workers} workers share the shards)" if args.workers > 1 else ""
+            raise SystemExit(f"error: {train_loader.samples} training samples give no full batch of {batch_size}"
+                             f"{shared} in epoch {steps.index(0) + 1}; lower --batch-size" + (" or --workers" if shared else ""))
+        total_steps = sum(steps)
 
     made_out = is_main and not out_dir.exists()
     if is_main:

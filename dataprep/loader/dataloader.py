@@ -6,6 +6,7 @@ import functools
 import gc
 import itertools
 import multiprocessing
+import numbers
 import os
 import weakref
 
@@ -13,6 +14,7 @@ from torch.utils.data import DataLoader
 
 from .batches import _collate_items, _FinishedBatches, _forget_buffers
 from .dataset import HeadPoseDataset, make_dataset
+from .stages import _ShardList
 
 
 class _WorkerEnv:
@@ -91,6 +93,30 @@ class HeadPoseLoader(DataLoader):
         st = dataset.state
         self.batches_per_epoch: int | None = st.units_per_rank() if st.resampled else None
 
+    def batches_in_epoch(self, epoch: int, shard_samples) -> int:
+        """Batches this rank yields in ``epoch`` when each shard is read once (not ``resampled``),
+        from the samples in each shard (in the order of the dataset's URLs). The workers share out
+        that epoch's shard order and each ends on its own partial batch (dropped with
+        ``drop_last``), so with several workers an epoch can hold fewer full batches than
+        ``samples // batch_size``, and how many depends on the epoch's shard order."""
+        st = self.dataset.state
+        if st.resampled:
+            raise ValueError("a resampled loader has batches_per_epoch batches every epoch")
+        urls = self.dataset.urls
+        if len(shard_samples) != len(urls):
+            raise ValueError(f"{len(shard_samples)} shard counts for {len(urls)} shards")
+        count = dict(zip(urls, shard_samples))
+        order = _ShardList.epoch_order(urls, st, int(epoch))
+        rank, world = st.rank_info
+        if st.world > 1:  # split_by_node
+            order = order[rank::world]
+        batch, workers = int(self.batch_size), max(1, self.num_workers)
+        total = 0
+        for worker in range(workers):  # split_by_worker
+            n = sum(count[u] for u in order[worker::workers])
+            total += n // batch + (0 if self.drop_last or n % batch == 0 else 1)
+        return total
+
     def _workers_follow_themselves(self) -> bool:
         return bool(self.persistent_workers and self.num_workers > 0 and self._iterator is not None)
 
@@ -128,6 +154,8 @@ def make_loader(
     seconds. Workers start from a ``forkserver`` by default (see ``_worker_context``: a forked
     worker can hang in cv2); pass ``multiprocessing_context="fork"`` (or ``None``, the platform's
     default) to fork them."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+        raise ValueError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
     dataset = make_dataset(urls, **dataset_kwargs)
     extra = {}
     if workers > 0:

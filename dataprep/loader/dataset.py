@@ -1,6 +1,7 @@
 """The streaming dataset: :func:`make_dataset` puts the stages together (a ``webdataset.DataPipeline``)."""
 from __future__ import annotations
 
+import numbers
 from typing import Callable
 
 import cv2
@@ -48,13 +49,48 @@ def _distributed_world() -> int:
     return 1
 
 
+#: The default shuffle buffer (samples), also what ``shuffle=True`` means.
+DEFAULT_SHUFFLE = 1000
+
+
+def _optional_count(name: str, value) -> int | None:
+    """``value`` as a whole number >= 1 (None stays None); 2.7 or "64" is a mistake, not a size."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
+    return int(value)
+
+
+def _shuffle_buffer(shuffle) -> int:
+    """``shuffle`` as a buffer size: ``True`` (as in ``DataLoader(shuffle=True)``) is the default
+    1000, ``False`` / None file order."""
+    if shuffle is None or shuffle is False:
+        return 0
+    if shuffle is True:
+        return DEFAULT_SHUFFLE
+    if not isinstance(shuffle, numbers.Integral) or shuffle < 0:
+        raise ValueError(f"shuffle is a buffer size (0 or 1: file order; True: {DEFAULT_SHUFFLE}), got {shuffle!r}")
+    return int(shuffle)
+
+
+def _check_transforms(transforms) -> None:
+    """Each transform an object called per sample (``dataprep.augment.HorizontalFlip()``): a class
+    or a name would otherwise fail at the first sample, inside a worker."""
+    for t in transforms:
+        if isinstance(t, type):
+            raise TypeError(f"transforms takes transform objects, got the class {t.__name__}; pass {t.__name__}()")
+        if not callable(t):
+            raise TypeError(f"transforms takes transform objects (e.g. dataprep.augment.HorizontalFlip()), got {t!r}")
+
+
 def make_dataset(
     urls,
     *,
     transforms=None,
     crop_rule: str | None = None,
     size: int | None = None,
-    shuffle: int = 1000,
+    shuffle: int | bool = DEFAULT_SHUFFLE,
     seed: int = 0,
     resampled: bool = False,
     normalize: str | None = None,
@@ -78,9 +114,11 @@ def make_dataset(
     ``--margin boxes.ROOM_MARGIN[rule]``). ``size`` alone resizes. ``random_crop``: draw the
     rule's random parameters (Hopenet's k) per sample; False takes the rule's fixed values
     (evaluation). ``shuffle``: buffer size (also
-    shuffles shard order); 0 or 1 keeps file order. ``resampled``: draw shards with replacement
+    shuffles shard order); 0 or 1 keeps file order; ``True``: the default 1000. ``crop_margin``: the
+    ``"square"`` rule's margin (``boxes.square_pad``). ``resampled``: draw shards with replacement
     forever (bound an epoch with ``samples_per_epoch``). ``samples_per_epoch``: samples per epoch,
-    all ranks together (each rank yields ``samples_per_epoch // world_size``). ``normalize``: one of
+    all ranks together (each rank yields ``samples_per_epoch // world_size``; through
+    :class:`HeadPoseLoader`, ``max(1, samples_per_epoch // (world_size * batch_size))`` whole batches). ``normalize``: one of
     :data:`NORMALIZATIONS`. ``image_format``: one of :data:`IMAGE_FORMATS` (``"uint8"`` and
     ``"jpeg"`` leave ``normalize`` to the caller; ``"jpeg"`` takes no transforms and needs
     ``size``). ``distributed``: split the shards by rank (``wds.split_by_node``); None: when
@@ -114,14 +152,19 @@ def make_dataset(
         raise ValueError(f"image_format={image_format!r} leaves normalisation to the caller; pass normalize=None")
     if crop_rule is not None and crop_rule not in box_rules.CROP_RULES:
         raise ValueError(f"unknown crop rule {crop_rule!r}; choose one of {sorted(box_rules.CROP_RULES)}")
-    if size is not None and int(size) < 1:
-        raise ValueError(f"size must be >= 1, got {size}")
+    size = _optional_count("size", size)
+    shuffle = _shuffle_buffer(shuffle)
+    if crop_margin < 0 or (crop_margin and crop_rule != "square"):
+        raise ValueError(f"crop_margin={crop_margin!r}: a margin >= 0, for crop_rule='square' only (the other "
+                         "rules' windows have their own margins)")
     if image_format == "jpeg" and (transforms or size is None):
         raise ValueError("image_format='jpeg' keeps the images undecoded: it needs size= and takes no transforms")
-    if samples_per_epoch is not None and int(samples_per_epoch) < 1:
-        raise ValueError(f"samples_per_epoch must be >= 1, got {samples_per_epoch}")
+    samples_per_epoch = _optional_count("samples_per_epoch", samples_per_epoch)
     if isinstance(transforms, (list, tuple)):
+        _check_transforms(transforms)
         transforms = Compose(transforms)
+    elif transforms is not None:
+        _check_transforms([transforms])
     url_list = expand_shard_urls(urls)
     if handler is None:
         require_local_shards(url_list)
@@ -137,7 +180,7 @@ def make_dataset(
     stages = source + [
         _TarSamples(handler),
         _Shuffle(state),
-        _Decode(state, transforms, crop_rule, None if size is None else int(size), crop_margin, normalize,
+        _Decode(state, transforms, crop_rule, size, float(crop_margin), normalize,
                 image_format, bool(random_crop), handler, interpolation, bool(exact_cut)),
     ]
     return HeadPoseDataset([s for s in stages if s is not None], state, url_list)

@@ -84,9 +84,18 @@ class _ShardList(SimpleShardList):
         self.state = state
 
     def __iter__(self):
-        st = self.state
-        self.seed = _seed(st.seed, st.current, 0) if st.shuffle > 1 else None
+        self.seed = self.epoch_seed(self.state, self.state.current)
         return super().__iter__()
+
+    @staticmethod
+    def epoch_seed(state: _State, epoch: int) -> int | None:
+        """The seed of ``epoch``'s shard order (None: file order)."""
+        return _seed(state.seed, epoch, 0) if state.shuffle > 1 else None
+
+    @classmethod
+    def epoch_order(cls, urls: list[str], state: _State, epoch: int) -> list[str]:
+        """The shards in the order every rank and worker reads them in ``epoch`` (before splitting)."""
+        return [s["url"] for s in SimpleShardList(urls, seed=cls.epoch_seed(state, epoch))]
 
 
 class _ResampledShards(ResampledShards):
