@@ -263,7 +263,14 @@ def build(opts: BuildOptions) -> dict:
 
     fingerprint = settings.fingerprint()
     fs, base = fsspec.core.url_to_fs(opts.out)
-    if fs.isfile(base):
+    try:  # fs.info, not fs.isfile: isfile answers False for a store it cannot reach
+        out_is_file = fs.info(base).get("type") == "file"
+    except FileNotFoundError:
+        out_is_file = False
+    except Exception as err:  # noqa: BLE001 - remote stores raise their own types (botocore, aiohttp, ...)
+        raise BuildError(f"--out {opts.out}: cannot reach it ({type(err).__name__}: {err}); check the URL, "
+                         "the endpoint and the credentials") from None
+    if out_is_file:
         raise BuildError(f"--out {opts.out} is a file; give a folder (new, or one an earlier build of this dataset wrote)")
     _check_out_dir(fs, base, fingerprint, opts.overwrite)
     fs.makedirs(posixpath.join(base, PROGRESS_DIR), exist_ok=True)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -142,9 +143,14 @@ def main(argv=None) -> int:
     add_audit(sub)
     args = parser.parse_args(argv)
     handlers = {"build": cmd_build, "verify": cmd_verify, "sample": cmd_sample, "protocols": cmd_protocols}
-    if args.command == "audit":
-        return args.handler(args)
-    return handlers[args.command](args)
+    handler = args.handler if args.command == "audit" else handlers[args.command]
+    try:
+        rc = handler(args)
+        sys.stdout.flush()  # inside the try: a closed pipe shows here, not at interpreter exit
+        return rc
+    except BrokenPipeError:  # `dataprep ... | head`: the reader left; not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 141
 
 
 if __name__ == "__main__":

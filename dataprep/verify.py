@@ -107,11 +107,13 @@ def _folder_problems(fs, base: str, listed: set[str] | None, command: str | None
         names = sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(base, detail=False))
     except FileNotFoundError:
         return []
-    rerun = f" ({command})" if command else ""
+    # the recorded command names the folder it was run with; this one may have moved since
+    rerun = f" (as recorded in {MANIFEST}: {command})" if command else ""
     problems = []
     for name in filter(is_shard_file, names):
         if name.endswith(TMP_SUFFIX):
-            problems.append(f"{name}: left by an interrupted build; rerun the same build command{rerun} to finish it")
+            problems.append(f"{name}: left by an interrupted build; rerun the same build command{rerun} "
+                            f"with --out {base} to finish it")
         elif listed is not None and name not in listed:
             problems.append(f"{name}: a shard file the manifest does not list (from another build?); remove it")
     return problems

@@ -6,6 +6,7 @@ import io
 import json
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import cv2
@@ -359,6 +360,7 @@ def test_verify_flags_unlisted_shards_and_tmp_leftovers(aflw_build, tmp_path):
     problems = verify(str(copy), decode=False).problems
     assert len(problems) == 2
     assert problems[0].startswith("test-000042.tar.tmp: left by an interrupted build; rerun the same build command")
+    assert problems[0].endswith(f"with --out {copy} to finish it")  # the folder checked, not the one recorded
     assert problems[1].startswith("train-000099.tar: a shard file the manifest does not list")
     (copy / "manifest.json").unlink()  # an interrupted first build: the leftover is still named
     problems = verify(str(copy)).problems
@@ -528,3 +530,14 @@ def test_cli_says_what_to_do_instead_of_a_traceback(sample_tree, tmp_path, capsy
     monkeypatch.setattr(build_mod, "build", interrupted)
     assert cli_main(["build", "--dataset", "aflw2000", "--root", root, "--out", str(tmp_path / "o"), "--no-progress"]) == 130
     assert "run the same command again to resume" in capsys.readouterr().err
+
+
+def test_a_closed_output_pipe_is_not_a_traceback():
+    """``dataprep protocols | head -0``: the reader is gone before we write; exit 141 quietly."""
+    import subprocess
+
+    proc = subprocess.Popen([sys.executable, "-m", "dataprep.cli", "protocols"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait() == 141 and "Traceback" not in err and "BrokenPipe" not in err, err

@@ -12,7 +12,7 @@ from pathlib import Path
 import fsspec
 import pytest
 
-from dataprep.build import BuildOptions, build
+from dataprep.build import BuildError, BuildOptions, build
 from dataprep.shards import check_member, write_shard
 from dataprep.verify import verify
 
@@ -167,3 +167,16 @@ def test_s3_destination_on_a_local_server(sample_tree, reference, s3_server):
         assert fs.cat_file(f"dataprep-test/build/{name}") == reference[name]
     assert not fs.glob("dataprep-test/build/*.tmp")
     assert verify("s3://dataprep-test/build").ok
+
+
+def test_unreachable_s3_destination_is_one_error(sample_tree, monkeypatch):
+    """An --out store that cannot be reached stops the build with one line naming it (it was a
+    135-line botocore traceback)."""
+    pytest.importorskip("s3fs")
+    for k, v in {"AWS_ACCESS_KEY_ID": "t", "AWS_SECRET_ACCESS_KEY": "t", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setitem(fsspec.config.conf, "s3", {
+        "endpoint_url": "http://127.0.0.1:9",  # nothing listens on the discard port
+        "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 1}, "skip_instance_cache": True})
+    with pytest.raises(BuildError, match=r"^--out s3://dataprep-test/x: cannot reach it \(EndpointConnectionError"):
+        build(_opts(sample_tree / "300W_LP", "s3://dataprep-test/x"))

@@ -381,6 +381,26 @@ def test_broken_shards_are_one_error_line(shards, tmp_path, capsys):
             main(["train", "--train", str(cut), *run[:-4], "--workers", "1", "--device", "cpu", "--epoch-length", "8"])
 
 
+def test_a_shard_cut_between_members_is_caught_by_its_info_json(shards, tmp_path):
+    """A tar cut exactly between members reads as a shorter valid tar; the build folder's
+    _info.json says how many samples each shard holds, so the trainer catches it up front."""
+    import shutil
+
+    folder = tmp_path / "build"
+    shutil.copytree(Path(shards.train.split("::")[0]).parent, folder)
+    shard = sorted(folder.glob("train-*.tar"))[0]
+    with tarfile.open(shard) as tar:
+        members = tar.getmembers()
+    end = members[len(members) // 2].offset  # the header of a member in the middle: a clean cut
+    shard.write_bytes(shard.read_bytes()[:end] + b"\0" * 1024)
+    with tarfile.open(shard) as tar:
+        assert len(tar.getmembers()) == len(members) // 2  # tarfile reads it without complaint
+    with pytest.raises(SystemExit, match=rf"^error: {re.escape(str(shard))} is not a readable tar shard .* it holds "
+                                         r"\d+ samples, the folder's _info.json says 20\)"):
+        main(["train", "--model", "ehpnet", "--train", str(shard), "--steps", "1", "--out", str(tmp_path / "o"),
+              "--pretrained", "none", "--workers", "0", "--device", "cpu"])
+
+
 def test_unknown_device_is_refused(shards, tmp_path, capsys):
     for bad in ("gpu", "cuda0", "tpu"):
         with pytest.raises(SystemExit) as exc:

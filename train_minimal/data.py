@@ -57,13 +57,31 @@ def shard_samples(urls) -> list[int] | None:
     counts = []
     url_list = expand_shard_urls(urls)
     require_local_shards(url_list)
+    listed: dict[str, dict[str, int]] = {}
     for url in url_list:
         path = local_path(url)
         if path is None:
             return None
         with _open_shard(path, url) as tar:
-            counts.append(sum(1 for m in tar if m.isfile() and m.name.endswith(".json")))
+            n = sum(1 for m in tar if m.isfile() and m.name.endswith(".json"))
+        folder = os.path.dirname(os.path.abspath(path))
+        if folder not in listed:
+            listed[folder] = _info_lengths(folder)
+        want = listed[folder].get(os.path.basename(path))
+        if want is not None and n != want:  # a tar cut between two members still reads: only the count tells
+            raise unreadable_shard(url, ValueError(f"it holds {n} samples, the folder's _info.json says {want}"))
+        counts.append(n)
     return counts
+
+
+def _info_lengths(folder: str) -> dict[str, int]:
+    """Shard name -> samples, from a build folder's ``_info.json`` ({} without a readable one)."""
+    try:
+        with open(os.path.join(folder, "_info.json"), encoding="utf-8") as f:
+            splits = json.load(f)["splits"]
+        return {name: int(n) for s in splits.values() for name, n in zip(s["filenames"], s["shard_lengths"])}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
 
 
 def count_samples(urls) -> int | None:
