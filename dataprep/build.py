@@ -22,7 +22,7 @@ from . import boxes as box_rules
 from .datasets import get_reader
 from .pipeline import PROGRESS_DIR, RESULT_SUFFIX, Settings, ShardTask, progress_file, run_shard
 from .records import SampleRef
-from .shards import TMP_SUFFIX, dumps_json, is_shard_file, shard_name, write_info
+from .shards import INFO_FILE, TMP_SUFFIX, dumps_json, is_shard_file, shard_name, write_info
 
 MANIFEST = "manifest.json"
 
@@ -30,7 +30,7 @@ MANIFEST = "manifest.json"
 def _is_build_output(name: str) -> bool:
     """Whether ``name`` in ``--out`` is a file a build writes: the only names ``--overwrite`` and
     the clean-up after a build remove (a user's own files in the folder are left alone)."""
-    return is_shard_file(name) or name in (MANIFEST, "_info.json", PROGRESS_DIR)
+    return is_shard_file(name) or name in (MANIFEST, INFO_FILE, PROGRESS_DIR)
 
 
 class BuildError(RuntimeError):

@@ -35,9 +35,12 @@ def make_key(dataset: str, relative_stem: str) -> str:
     (``image_00111``), so its key ends with ``-`` and 8 hex digits of the stem's sha1.
     """
     key = _KEY_UNSAFE.sub("_", f"{dataset}_{relative_stem}")
-    if not _STEM_SAFE.match(relative_stem):
-        key += "-" + hashlib.sha1(relative_stem.encode("utf-8")).hexdigest()[:8]
-    return key
+    return key if _STEM_SAFE.match(relative_stem) else distinct_key(key, relative_stem)
+
+
+def distinct_key(key: str, name: str) -> str:
+    """``key`` told apart from others that sanitise alike: ``-`` and 8 hex digits of ``name``'s sha1."""
+    return f"{key}-{hashlib.sha1(name.encode('utf-8')).hexdigest()[:8]}"
 
 
 @dataclass(frozen=True, slots=True)

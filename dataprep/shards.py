@@ -239,6 +239,10 @@ def dumps_json(obj) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False).encode("utf-8")
 
 
+#: The file beside the shards listing them per split (timm's webdataset reader reads it).
+INFO_FILE = "_info.json"
+
+
 def info_splits(shards: list[dict]) -> dict[str, dict]:
     """The ``splits`` of ``_info.json`` for these manifest shards (``verify`` compares against it)."""
     splits: dict[str, dict] = {}
@@ -253,6 +257,18 @@ def info_splits(shards: list[dict]) -> dict[str, dict]:
 def write_info(fs: fsspec.AbstractFileSystem, out: str, name: str, shards: list[dict]) -> dict:
     """``_info.json`` as timm's webdataset reader reads it: per split, sample count and shard names."""
     info = {"name": name, "splits": info_splits(shards)}
-    with fs.open(posixpath.join(out, "_info.json"), "wb") as f:
+    with fs.open(posixpath.join(out, INFO_FILE), "wb") as f:
         f.write(json.dumps(info, indent=2, sort_keys=True).encode("utf-8") + b"\n")
     return info
+
+
+def read_info_splits(folder: str) -> dict:
+    """The ``splits`` of a local build folder's ``_info.json`` as :func:`write_info` writes them
+    (split -> ``filenames``, ``shard_lengths``, ...); {} without a readable one. The entries are
+    not checked: a hand-made file may lack fields."""
+    try:
+        with open(posixpath.join(folder, INFO_FILE), encoding="utf-8") as f:
+            splits = json.load(f)["splits"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    return splits if isinstance(splits, dict) else {}

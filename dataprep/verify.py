@@ -15,9 +15,8 @@ import numpy as np
 
 from . import codec
 from .build import MANIFEST
+from .shards import INFO_FILE as INFO
 from .shards import TMP_SUFFIX, info_splits, is_shard_file
-
-INFO = "_info.json"
 
 
 @dataclass

@@ -36,6 +36,7 @@ from dataprep import crop as crop_ops
 from dataprep import loader as loaders
 from dataprep.loader import HeadPoseLoader, expand_shard_urls, local_path, normalize_images, require_local_shards
 from dataprep.loader.tar_reader import SHARD_READ_ERRORS, unreadable_shard
+from dataprep.shards import read_info_splits
 
 SHUFFLE_BUFFER = 1000
 
@@ -77,10 +78,9 @@ def shard_samples(urls) -> list[int] | None:
 def _info_lengths(folder: str) -> dict[str, int]:
     """Shard name -> samples, from a build folder's ``_info.json`` ({} without a readable one)."""
     try:
-        with open(os.path.join(folder, "_info.json"), encoding="utf-8") as f:
-            splits = json.load(f)["splits"]
-        return {name: int(n) for s in splits.values() for name, n in zip(s["filenames"], s["shard_lengths"])}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {name: int(n) for s in read_info_splits(folder).values()
+                for name, n in zip(s["filenames"], s["shard_lengths"])}
+    except (KeyError, TypeError, ValueError, AttributeError):
         return {}
 
 

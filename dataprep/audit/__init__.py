@@ -89,7 +89,7 @@ def run_audit(out, report, *, compare=None, raw_root=None, thresholds: Threshold
     if "://" in str(out) or (compare and "://" in str(compare)):
         raise AuditError("the audit reads local build folders; copy the build here first")
     build = load_build(out)
-    _resolve_raw_root(build.manifest, raw_root)  # a wrong --raw-root stops here, before anything is written
+    root = _resolve_raw_root(build.manifest, raw_root)  # a wrong --raw-root stops here, before anything is written
     report.mkdir(parents=True, exist_ok=True)
     # a report of another build or --compare written here before must not show through this one
     for stale in [report / "compare.csv", *(report / "sheets").glob("*.png"), *report.glob("hist_*.png")]:
@@ -97,7 +97,6 @@ def run_audit(out, report, *, compare=None, raw_root=None, thresholds: Threshold
     variants = build.variants()
     rows = audit_rows(build, thresholds)
     write_csv(report / "boxes.csv", columns(variants), [r.values for r in rows])
-    root = _resolve_raw_root(build.manifest, raw_root)
     splits, counts = flag_counts(rows)
 
     sheets: dict[str, dict] = {}

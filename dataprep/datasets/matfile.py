@@ -19,7 +19,6 @@ The readers only *require* the keys they use (``Pose_Para``, ``pt2d`` and, for A
 from __future__ import annotations
 
 import functools
-import hashlib
 import io
 from collections import Counter
 from dataclasses import replace
@@ -30,7 +29,7 @@ import numpy as np
 import scipy.io
 
 from .. import codec, labels
-from ..records import SampleError, SampleRef, make_key
+from ..records import SampleError, SampleRef, distinct_key, make_key
 
 #: Size of every 300W-LP and AFLW2000 image (width, height); ``pt2d`` is in these pixels.
 MAT_IMAGE_SIZE = (450, 450)
@@ -83,8 +82,7 @@ def _unique_keys(refs: list[SampleRef]) -> list[SampleRef]:
     """Samples whose keys still coincide (``A/B_c`` and ``A_B/c`` both give ``A_B_c``) each get the
     key plus ``-`` and 8 hex digits of their source's sha1: webdataset would merge them into one."""
     seen = Counter(r.key for r in refs)
-    return [r if seen[r.key] == 1 else
-            replace(r, key=f"{r.key}-{hashlib.sha1(r.source.encode('utf-8')).hexdigest()[:8]}") for r in refs]
+    return [r if seen[r.key] == 1 else replace(r, key=distinct_key(r.key, r.source)) for r in refs]
 
 
 def mat_sample_stem(path: Path) -> str | None:

@@ -6,14 +6,13 @@ import functools
 import gc
 import itertools
 import multiprocessing
-import numbers
 import os
 import weakref
 
 from torch.utils.data import DataLoader
 
 from .batches import _collate_items, _FinishedBatches, _forget_buffers
-from .dataset import HeadPoseDataset, make_dataset
+from .dataset import HeadPoseDataset, make_dataset, whole_number
 from .stages import _ShardList
 
 
@@ -154,8 +153,7 @@ def make_loader(
     seconds. Workers start from a ``forkserver`` by default (see ``_worker_context``: a forked
     worker can hang in cv2); pass ``multiprocessing_context="fork"`` (or ``None``, the platform's
     default) to fork them."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
-        raise ValueError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
+    whole_number("batch_size", batch_size)
     dataset = make_dataset(urls, **dataset_kwargs)
     extra = {}
     if workers > 0:

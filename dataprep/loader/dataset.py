@@ -53,13 +53,16 @@ def _distributed_world() -> int:
 DEFAULT_SHUFFLE = 1000
 
 
-def _optional_count(name: str, value) -> int | None:
-    """``value`` as a whole number >= 1 (None stays None); 2.7 or "64" is a mistake, not a size."""
-    if value is None:
-        return None
+def whole_number(name: str, value) -> int:
+    """``value`` as a whole number >= 1; 2.7, "64" or None is a mistake, not a size."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
     return int(value)
+
+
+def _optional_count(name: str, value) -> int | None:
+    """:func:`whole_number`, None staying None."""
+    return None if value is None else whole_number(name, value)
 
 
 def _shuffle_buffer(shuffle) -> int:

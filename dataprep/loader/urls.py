@@ -1,13 +1,14 @@
 """Shard URLs: expanding patterns and lists, telling local files apart, opening a shard."""
 from __future__ import annotations
 
-import json
 import os
 import re
 from urllib.parse import urlparse
 
 import webdataset as wds
 from webdataset.shardlists import expand_urls
+
+from ..shards import read_info_splits
 
 __all__ = ["brace_pattern", "expand_shard_urls", "local_path", "open_url", "require_local_shards"]
 
@@ -74,13 +75,10 @@ def require_local_shards(urls: list[str]) -> None:
 
 def _folder_hint(url: str) -> str:
     """What to give instead of the shard folder ``url``: a brace pattern per split of its ``_info.json``."""
-    folder = local_path(url)
     try:
-        with open(os.path.join(folder, "_info.json"), encoding="utf-8") as f:
-            splits = json.load(f)["splits"]
         patterns = [f"{brace_pattern(url, s['filenames'])} ({name}, {s.get('num_samples', '?')} samples)"
-                    for name, s in splits.items() if s.get("filenames")]
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                    for name, s in read_info_splits(local_path(url)).items() if s.get("filenames")]
+    except (KeyError, TypeError, AttributeError):
         patterns = []
     if not patterns:  # no (readable) _info.json: the form to give
         return (f"{url} is a folder, not a shard: give its shards as a path or brace pattern, "
