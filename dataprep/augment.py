@@ -28,6 +28,7 @@ import numpy as np
 
 from . import boxes as box_rules
 from . import labels
+from .labels import MIRROR_68, mirror_landmarks
 
 __all__ = [
     "MIRROR_68",
@@ -48,48 +49,6 @@ __all__ = [
     "key_rng",
     "mirror_landmarks",
 ]
-
-# --------------------------------------------------------------------------------------------
-# 68-point mirror permutation (iBUG 300-W / Multi-PIE markup, 0-based)
-# --------------------------------------------------------------------------------------------
-_MIRROR_PAIRS: tuple[tuple[int, int], ...] = (
-    # jaw line 0-16: reversed (8, the chin, stays)
-    *((i, 16 - i) for i in range(8)),
-    # eyebrows: right 17-21 <-> left 26-22
-    (17, 26), (18, 25), (19, 24), (20, 23), (21, 22),
-    # nose bridge 27-30 stays; lower nose 31-35: 31<->35, 32<->34 (33 stays)
-    (31, 35), (32, 34),
-    # eyes: 36-41 <-> 45-42, 47, 46 (outer corner <-> outer corner, upper lid <-> upper lid, ...)
-    (36, 45), (37, 44), (38, 43), (39, 42), (40, 47), (41, 46),
-    # outer lips 48-59: corners 48<->54; 51 (top) and 57 (bottom) stay
-    (48, 54), (49, 53), (50, 52), (55, 59), (56, 58),
-    # inner lips 60-67: corners 60<->64; 62 and 66 stay
-    (60, 64), (61, 63), (65, 67),
-)
-
-
-def _mirror_permutation() -> np.ndarray:
-    perm = np.arange(68)
-    for a, b in _MIRROR_PAIRS:
-        perm[a], perm[b] = b, a
-    return perm
-
-
-#: ``mirrored[i] = mirror_x(points[MIRROR_68[i]])``: the point that plays role ``i`` after a flip.
-#: It is an involution (``MIRROR_68[MIRROR_68] == arange(68)``).
-MIRROR_68: np.ndarray = _mirror_permutation()
-MIRROR_68.setflags(write=False)
-
-
-def mirror_landmarks(landmarks, image_width: float) -> np.ndarray:
-    """Landmarks (68 x 2, source px) after a horizontal flip of an image ``image_width`` wide."""
-    p = np.asarray(landmarks)
-    if p.shape != (68, 2):
-        raise ValueError(f"horizontal flip needs 68 x 2 landmarks (iBUG markup), got shape {p.shape}")
-    out = p[MIRROR_68].copy()
-    out[:, 0] = image_width - out[:, 0]
-    return out
-
 
 # --------------------------------------------------------------------------------------------
 # Helpers
@@ -138,13 +97,6 @@ def _check_image(image: np.ndarray) -> None:
         raise ValueError(f"expected an H x W x 3 uint8 image, got {got}")
 
 
-def _mirror_box(box, width: float):
-    if box is None:
-        return None
-    x1, y1, x2, y2 = box
-    return [width - x2, y1, width - x1, y2]
-
-
 class Transform:
     """Base class: ``t(image, record, landmarks=None, rng=None) -> (image, record, landmarks)``."""
 
@@ -166,8 +118,11 @@ class HorizontalFlip(Transform):
 
     Yaw and roll are negated and pitch kept (:func:`labels.flip_euler`), ``rotation`` becomes
     :func:`labels.flip_rotation`, boxes / ``box`` / ``crop`` map ``[x1, y1, x2, y2] ->
-    [W - x2, y1, W - x1, y2]`` with ``W = image_size[0]`` and landmarks are mirrored and
-    re-indexed with :data:`MIRROR_68`. Other record fields (e.g. ``pose_para``) are left as they are.
+    [W + c - x2, y1, W + c - x1, y2]`` with ``W = image_size[0]`` and ``c`` the coordinates' pixel
+    origin (:func:`labels.mirror_offset`: 1 for 300W-LP / AFLW2000 landmark boxes, 0 for the rest,
+    and for ``crop``, whose mirror is exactly the mirrored crop), and landmarks are mirrored the same
+    way and re-indexed with :data:`MIRROR_68`. ``extra`` (e.g. ``pose_para``) keeps the source's
+    unflipped values.
     """
 
     name = "flip"
@@ -179,17 +134,22 @@ class HorizontalFlip(Transform):
         out["yaw"], out["pitch"], out["roll"] = labels.flip_euler(record["yaw"], record["pitch"], record["roll"])
         if record.get("rotation") is not None:
             out["rotation"] = labels.flip_rotation(record["rotation"]).tolist()
+        dataset = record.get("dataset", "")
         if isinstance(record.get("boxes"), dict):
-            out["boxes"] = {k: _mirror_box(v, width) for k, v in record["boxes"].items()}
+            out["boxes"] = {k: labels.mirror_box(v, width, labels.mirror_offset(dataset, k))
+                            for k, v in record["boxes"].items()}
         if record.get("box") is not None:
-            out["box"] = _mirror_box(record["box"], width)
+            offset = labels.mirror_offset(dataset, record.get("box_source", "gt"))
+            out["box"] = labels.mirror_box(record["box"], width, offset)
         if record.get("crop") is not None:
             crop = record["crop"]
-            mirrored = _mirror_box(crop, width)
+            mirrored = labels.mirror_box(crop, width)
             if all(isinstance(v, (int, np.integer)) for v in crop):
                 mirrored = [int(round(v)) for v in mirrored]
             out["crop"] = mirrored
-        lm = None if landmarks is None else mirror_landmarks(landmarks, width).astype(np.asarray(landmarks).dtype)
+        lm = None
+        if landmarks is not None:
+            lm = mirror_landmarks(landmarks, width, labels.mirror_offset(dataset)).astype(np.asarray(landmarks).dtype)
         return cv2.flip(image, 1).reshape(image.shape), out, lm
 
 

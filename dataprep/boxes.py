@@ -46,7 +46,13 @@ def rule_box_name(boxes: dict, box_source: str, rule: str) -> str:
 HOPENET_K = {"300w_lp": (0.2, 0.4), "aflw2000": (0.2, 0.2), "biwi": (0.35, 0.35)}
 #: Hopenet's (side, top) factors of k per dataset (its Pose_300W_LP, AFLW2000 and BIWI classes).
 HOPENET_FACTORS = {"300w_lp": (0.6, 2.0), "aflw2000": (2.0, 2.0), "biwi": (0.6, 1.0)}
-FSANET_MARGIN = 0.6
+#: FSA-Net's margin (a fraction of the box width / height on each side) per dataset: its 300W-LP and
+#: AFLW2000 script (``data/type1/TYY_create_db_type1.py``, run with ``--ad 0.6``) 0.6; its BIWI
+#: scripts (``data/TYY_create_db_biwi.py``, ``..._biwi_70_30.py``) 0.4, and they cut
+#: ``img[y1:y2 + 1, x1:x2 + 1]``, the end pixel included (the type1 script cuts ``img[y1:y2, x1:x2]``).
+FSANET_MARGINS = {"300w_lp": 0.6, "aflw2000": 0.6, "biwi": 0.4}
+#: The widest of them: the room a square crop needs for every FSA-Net window (``ROOM_MARGIN``).
+FSANET_MARGIN = max(FSANET_MARGINS.values())
 
 
 def bbox_of_points(points, mask=None) -> Box:
@@ -151,16 +157,20 @@ def hopenet_k(dataset: str, rng) -> float:
     return float(rng.uniform(lo, hi))
 
 
-def fsanet_margin(box, image_size, margin: float = FSANET_MARGIN) -> Box:
-    """FSA-Net's window: integer box, ``margin`` x w/h on each side, clipped to the image."""
+def fsanet_margin(box, image_size, dataset: str = "300w_lp") -> Box:
+    """FSA-Net's window for ``dataset``: integer box, its margin (:data:`FSANET_MARGINS`) x w/h on
+    each side, the far edge clipped to the image's last pixel (and, on BIWI, that pixel included,
+    as its BIWI scripts cut)."""
+    margin = FSANET_MARGINS.get(dataset, FSANET_MARGINS["300w_lp"])
+    end = 1 if dataset == "biwi" else 0
     w_img, h_img = image_size
     x1, y1, x2, y2 = (int(v) for v in box)
     w, h = x2 - x1, y2 - y1
     return [
         float(max(int(x1 - margin * w), 0)),
         float(max(int(y1 - margin * h), 0)),
-        float(min(int(x2 + margin * w), w_img - 1)),
-        float(min(int(y2 + margin * h), h_img - 1)),
+        float(min(int(x2 + margin * w), w_img - 1) + end),
+        float(min(int(y2 + margin * h), h_img - 1) + end),
     ]
 
 
@@ -171,7 +181,7 @@ def crop_window(rule: str, box, *, dataset: str, image_size, rng=None, margin: f
     if rule == "hopenet":
         return hopenet_loose(box, hopenet_k(dataset, rng), dataset)
     if rule == "fsanet":
-        return fsanet_margin(box, image_size)
+        return fsanet_margin(box, image_size, dataset)
     if rule == "box":
         return [float(v) for v in box]
     raise ValueError(f"unknown crop rule {rule!r}; choose one of {sorted(CROP_RULES)}")
@@ -180,7 +190,7 @@ def crop_window(rule: str, box, *, dataset: str, image_size, rng=None, margin: f
 CROP_RULES: dict[str, str] = {
     "square": "square-padded face box (EHPNet); default",
     "hopenet": "Hopenet's loose crop (k in [0.2,0.4] 300W-LP, 0.2 AFLW2000, 0.35 BIWI)",
-    "fsanet": "FSA-Net's 0.6 margin crop, clipped to the image",
+    "fsanet": "FSA-Net's margin crop (0.6 of the box per side; BIWI 0.4), clipped to the image",
     "box": "the face box itself",
 }
 

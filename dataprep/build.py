@@ -6,7 +6,6 @@ import hashlib
 import json
 import os
 import posixpath
-import re
 import sys
 from collections import Counter
 from contextlib import ExitStack, contextmanager
@@ -20,16 +19,17 @@ from tqdm.auto import tqdm
 from . import __version__, protocols
 from . import boxes as box_rules
 from .datasets import get_reader
+from .devices import parse_device
 from .pipeline import PROGRESS_DIR, RESULT_SUFFIX, Settings, ShardTask, progress_file, run_shard
 from .records import SampleRef
-from .shards import INFO_FILE, TMP_SUFFIX, dumps_json, is_shard_file, shard_name, write_info
-
-MANIFEST = "manifest.json"
+from .shards import INFO_FILE, MANIFEST, TMP_SUFFIX, dumps_json, is_shard_file, shard_name, write_info, write_json
 
 
 def _is_build_output(name: str) -> bool:
     """Whether ``name`` in ``--out`` is a file a build writes: the only names ``--overwrite`` and
     the clean-up after a build remove (a user's own files in the folder are left alone)."""
+    if name.endswith(TMP_SUFFIX):
+        name = name[:-len(TMP_SUFFIX)]
     return is_shard_file(name) or name in (MANIFEST, INFO_FILE, PROGRESS_DIR)
 
 
@@ -67,30 +67,40 @@ class BuildOptions:
     command: str = field(default_factory=lambda: " ".join(["dataprep"] + sys.argv[1:]))
 
 
-def input_fingerprint(root: Path, refs: list[SampleRef]) -> str:
-    """sha256 over every listed image's relative path and size (cheap: one stat per file)."""
-    digest = hashlib.sha256()
+def input_stats(reader, root: Path, refs: list[SampleRef]) -> dict[str, list[tuple]]:
+    """Per ref key: ``(path, size, mtime_ns)`` of every file the ref is read from
+    (``reader.input_files``, relative to ``root``; size and mtime None for a missing file). One stat
+    per file, shared by the manifest's input fingerprint and each shard's resume check."""
+    stats = {}
     for ref in refs:
-        try:
-            size = (root / ref.source).stat().st_size
-        except OSError:
-            size = -1
-        digest.update(f"{ref.source}\0{size}\n".encode())
-    return digest.hexdigest()
-
-
-def shard_inputs(reader, root: Path, refs: list[SampleRef]) -> str:
-    """sha256 over the path, size and modification time of every file the refs are read from
-    (``reader.input_files``; one stat each): a file fixed, replaced or removed since a shard was
-    written changes it."""
-    digest = hashlib.sha256()
-    for ref in refs:
+        entries = []
         for rel in reader.input_files(ref):
             try:
                 st = (root / rel).stat()
-                digest.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+                entries.append((rel, st.st_size, st.st_mtime_ns))
             except OSError:
-                digest.update(f"{rel}\0missing\n".encode())
+                entries.append((rel, None, None))
+        stats[ref.key] = entries
+    return stats
+
+
+def input_fingerprint(stats: dict[str, list[tuple]]) -> str:
+    """sha256 over the path and size of every input file, images and label files (no times: a copy
+    of the same download gives the same fingerprint)."""
+    digest = hashlib.sha256()
+    for key in sorted(stats):
+        for rel, size, _ in stats[key]:
+            digest.update(f"{rel}\0{-1 if size is None else size}\n".encode())
+    return digest.hexdigest()
+
+
+def shard_inputs(stats: dict[str, list[tuple]], refs: list[SampleRef]) -> str:
+    """sha256 over the path, size and modification time of every file ``refs`` are read from: a
+    file fixed, replaced or removed since a shard was written changes it."""
+    digest = hashlib.sha256()
+    for ref in refs:
+        for rel, size, mtime in stats[ref.key]:
+            digest.update((f"{rel}\0missing\n" if size is None else f"{rel}\0{size}\0{mtime}\n").encode())
     return digest.hexdigest()
 
 
@@ -127,8 +137,14 @@ def _load_progress(fs, base: str, tasks: list[ShardTask], fingerprint: str) -> d
 def _check_out_dir(fs, base: str, fingerprint: str, overwrite: bool) -> None:
     manifest_path = posixpath.join(base, MANIFEST)
     if fs.exists(manifest_path):
-        old = json.loads(fs.cat_file(manifest_path))
-        if old.get("settings_fingerprint") != fingerprint and not overwrite:
+        try:
+            old = json.loads(fs.cat_file(manifest_path))
+        except ValueError:
+            old = None
+        if not isinstance(old, dict) and not overwrite:
+            raise BuildError(f"{manifest_path} is not a readable build manifest (damaged, or not dataprep's); pass "
+                             "--overwrite to replace the build in that folder, or choose another --out")
+        if isinstance(old, dict) and old.get("settings_fingerprint") != fingerprint and not overwrite:
             raise BuildError(
                 f"{base} already holds a build made with other options or inputs; pass --overwrite to "
                 "replace it, or choose another --out"
@@ -197,9 +213,6 @@ def resolve_settings(opts: BuildOptions, proto: protocols.DatasetProtocol, assig
     )
 
 
-_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:[0-9]+)?)$")
-
-
 def check_options(opts: BuildOptions) -> None:
     """Refuse options no build can use, before anything is read (else every sample would be
     rejected, or the crops would be degenerate, deep inside the run)."""
@@ -213,10 +226,12 @@ def check_options(opts: BuildOptions) -> None:
                         "build square crops with room (--margin 0.8) and re-crop at load time, or drop --margin")
     if opts.split_seed is not None and opts.split_file:
         problems.append("--split-seed and --split-file both choose the splits: give one")
-    if opts.biwi_tracking and opts.dataset.lower() != "biwi":
+    if opts.biwi_tracking and get_reader(opts.dataset).NAME != "biwi":
         problems.append(f"--biwi-tracking applies to BIWI only, not {opts.dataset}")
-    if not _DEVICE.match(str(opts.device)):
-        problems.append(f"--device {opts.device}: give auto, cpu, cuda, cuda:N or mps")
+    try:
+        parse_device(opts.device)
+    except ValueError as err:
+        problems.append(str(err))
     if not 1 <= opts.jpeg_quality <= 100:
         problems.append(f"--jpeg-quality {opts.jpeg_quality}: give 1 to 100")
     if opts.shard_size < 1:
@@ -238,11 +253,12 @@ def check_options(opts: BuildOptions) -> None:
 
 def build(opts: BuildOptions) -> dict:
     """Run a build; returns the manifest dict (also written to ``OUT/manifest.json``)."""
+    reader = get_reader(opts.dataset)
+    opts = replace(opts, dataset=reader.NAME)  # one name from here on ("hpdb", "BIWI" -> "biwi")
     check_options(opts)
     root = Path(opts.root)
     if not root.is_dir():
         raise BuildError(f"--root {root} is not a folder; point it at the unpacked dataset folder")
-    reader = get_reader(opts.dataset)
     proto = protocols.load(opts.protocol, opts.dataset)
     refs = reader.list_samples(root)
     if not refs:
@@ -252,7 +268,8 @@ def build(opts: BuildOptions) -> dict:
         )
     assignment = protocols.assign_splits(proto, refs, split_seed=opts.split_seed, split_file=opts.split_file)
     settings = resolve_settings(opts, proto, assignment)
-    tasks = [replace(t, inputs=shard_inputs(reader, root, t.refs)) for t in plan_shards(assignment, opts.shard_size)]
+    stats = input_stats(reader, root, refs)
+    tasks = [replace(t, inputs=shard_inputs(stats, t.refs)) for t in plan_shards(assignment, opts.shard_size)]
 
     box_stage = None
     if settings.detector != "gt":
@@ -296,18 +313,18 @@ def build(opts: BuildOptions) -> dict:
     finally:
         bar.close()
 
-    for leftover in fs.glob(posixpath.join(base, "*.tar" + TMP_SUFFIX)):  # from a run killed mid-shard
-        if is_shard_file(posixpath.basename(leftover)):
+    for leftover in fs.glob(posixpath.join(base, "*" + TMP_SUFFIX)):  # from a run killed mid-write
+        if _is_build_output(posixpath.basename(leftover)):
             fs.rm(leftover)
     ordered = [results[t.name] for t in tasks]
-    manifest = make_manifest(opts, settings, proto, root, refs, ordered, fingerprint)
-    with fs.open(posixpath.join(base, MANIFEST), "wb") as f:
-        f.write(json.dumps(manifest, indent=1, sort_keys=True).encode() + b"\n")
+    manifest = make_manifest(opts, settings, proto, root, refs, ordered, fingerprint, input_fingerprint(stats))
+    write_json(fs, posixpath.join(base, MANIFEST), manifest, indent=1)
     write_info(fs, base, f"{opts.dataset}-protocol{proto.protocol}", manifest["shards"])
     return manifest
 
 
-def make_manifest(opts, settings: Settings, proto, root: Path, refs, results: list[dict], fingerprint: str) -> dict:
+def make_manifest(opts, settings: Settings, proto, root: Path, refs, results: list[dict], fingerprint: str,
+                  inputs: str) -> dict:
     shards = [
         {"name": r["name"], "split": r["split"], "samples": r["samples"], "written": r["written"], "sha256": r["sha256"], "bytes": r["bytes"]}
         for r in results if r["samples"]
@@ -342,7 +359,7 @@ def make_manifest(opts, settings: Settings, proto, root: Path, refs, results: li
         "seed": opts.seed,
         "dataset": opts.dataset,
         "protocol": proto.protocol,
-        "input": {"root": str(root.resolve()), "files": len(refs), "fingerprint": input_fingerprint(root, refs)},
+        "input": {"root": str(root.resolve()), "files": len(refs), "fingerprint": inputs},
         "expected": {} if opts.split_file else proto.expected,  # the protocol's counts are not a split file's
         "shards": shards,
         "counts": counts,
@@ -375,6 +392,14 @@ def summary_table(manifest: dict) -> str:
     if expected.get("read") and expected["read"] != counts["read"]:
         out.append("")
         out.append(f"note: the full {manifest['dataset']} download has {expected['read']} samples; this root has {counts['read']}.")
+    elif expected.get("read"):  # the full download: the papers' counts must come out
+        for split, want in sorted(expected.get("written", {}).items()):
+            got = counts["per_split"].get(split, {}).get("written", 0)
+            if got != want:
+                out.append("")
+                out.append(f"warning: protocol {manifest['protocol']} keeps {want} {split} samples of the full "
+                           f"{manifest['dataset']} download (the papers' count); this build wrote {got}. Check the "
+                           "rejected list above: the published numbers are not comparable to a model tested on it.")
     room = _recrop_room_note(manifest.get("settings", {}))
     if room:
         out.append("")

@@ -16,10 +16,15 @@ Angles are in **degrees**, named ``yaw, pitch, roll``.
 
 The ``rotation`` stored in every record is ``rotation_from_euler(yaw, pitch, roll)``, the matrix in
 that same convention, so ``rotation_to_euler(record["rotation"])`` gives back the record's angles for
-every dataset (for BIWI it is ``M.T`` itself).
+every dataset (for BIWI it is ``M.T`` itself) while |yaw| < 90. Past that (AFLW2000 has such
+samples; ``--protocol none`` keeps them) it gives the other angle triple of the same rotation,
+``(±180 - yaw, pitch ∓ 180, roll ∓ 180)`` wrapped, with |yaw| <= 90: the record's angles stay as
+the dataset gives them.
 
 A horizontal image flip negates yaw and roll and keeps pitch; on the matrix it is the conjugation
-``S @ R @ S`` with ``S = diag(-1, 1, 1)``.
+``S @ R @ S`` with ``S = diag(-1, 1, 1)``. Points and boxes mirror as ``x -> W + c - x`` where ``c``
+is where their coordinates put the centre of pixel column 0, minus 0.5 (:func:`mirror_offset`), and
+68 landmarks are re-indexed (:data:`MIRROR_68`) so that index i is the same facial point after it.
 """
 from __future__ import annotations
 
@@ -87,6 +92,79 @@ def flip_rotation(rotation) -> np.ndarray:
     """Rotation matrix after a horizontal image flip (``S R S``, ``S = diag(-1, 1, 1)``)."""
     r = np.asarray(rotation, dtype=np.float64)
     return MIRROR_X @ r @ MIRROR_X
+
+
+# --------------------------------------------------------------------------------------------
+# Flips of points and boxes; the 68-point mirror permutation (iBUG 300-W / Multi-PIE markup, 0-based)
+# --------------------------------------------------------------------------------------------
+_MIRROR_PAIRS: tuple[tuple[int, int], ...] = (
+    # jaw line 0-16: reversed (8, the chin, stays)
+    *((i, 16 - i) for i in range(8)),
+    # eyebrows: right 17-21 <-> left 26-22
+    (17, 26), (18, 25), (19, 24), (20, 23), (21, 22),
+    # nose bridge 27-30 stays; lower nose 31-35: 31<->35, 32<->34 (33 stays)
+    (31, 35), (32, 34),
+    # eyes: 36-41 <-> 45-42, 47, 46 (outer corner <-> outer corner, upper lid <-> upper lid, ...)
+    (36, 45), (37, 44), (38, 43), (39, 42), (40, 47), (41, 46),
+    # outer lips 48-59: corners 48<->54; 51 (top) and 57 (bottom) stay
+    (48, 54), (49, 53), (50, 52), (55, 59), (56, 58),
+    # inner lips 60-67: corners 60<->64; 62 and 66 stay
+    (60, 64), (61, 63), (65, 67),
+)
+
+
+def _mirror_permutation() -> np.ndarray:
+    perm = np.arange(68)
+    for a, b in _MIRROR_PAIRS:
+        perm[a], perm[b] = b, a
+    return perm
+
+
+#: ``mirrored[i] = mirror_x(points[MIRROR_68[i]])``: the point that plays role ``i`` after a flip.
+#: It is an involution (``MIRROR_68[MIRROR_68] == arange(68)``).
+MIRROR_68: np.ndarray = _mirror_permutation()
+MIRROR_68.setflags(write=False)
+
+
+#: Datasets whose landmarks, and the boxes made from them (:data:`LANDMARK_BOXES`), are MATLAB pixel
+#: coordinates: the centre of pixel column i (0-based) is at x = i + 1, so a mirror is
+#: ``x -> W + 1 - x``, as 300W-LP's own ``*_Flip`` files have it (their ``pt2d`` x + the original's
+#: = 451 in 450 px images). Records keep these values as the datasets give them (the papers' crops
+#: read them so). Detector boxes, BIWI's boxes and the integer ``crop`` window are continuous: pixel
+#: i spans [i, i + 1), a mirror is ``x -> W - x``.
+ONE_BASED_DATASETS = ("300w_lp", "aflw2000")
+#: The box variants made from the landmarks (``boxes.bbox_of_points``, ``boxes.pt2d_boxes``).
+LANDMARK_BOXES = ("gt", "pt2d", "pt2d_valid")
+
+
+def mirror_offset(dataset: str, box_name: str | None = None) -> float:
+    """The ``c`` of a horizontal mirror ``x -> W + c - x`` for ``dataset``'s landmarks (``box_name``
+    None) or its box variant ``box_name``: 1 for MATLAB coordinates (:data:`ONE_BASED_DATASETS`'
+    landmarks and landmark boxes), else 0."""
+    if dataset in ONE_BASED_DATASETS and (box_name is None or box_name in LANDMARK_BOXES):
+        return 1.0
+    return 0.0
+
+
+def mirror_box(box, image_width: float, offset: float = 0.0):
+    """``[x1, y1, x2, y2]`` after a horizontal flip of an image ``image_width`` wide (x -> W + offset
+    - x, corners swapped so that x1 <= x2 still); None stays None."""
+    if box is None:
+        return None
+    x1, y1, x2, y2 = box
+    return [image_width + offset - x2, y1, image_width + offset - x1, y2]
+
+
+def mirror_landmarks(landmarks, image_width: float, offset: float = 0.0) -> np.ndarray:
+    """68 x 2 landmarks after a horizontal flip of an image ``image_width`` wide: x -> W + offset - x,
+    re-indexed with :data:`MIRROR_68` (index i is the same facial point before and after)."""
+    p = np.asarray(landmarks)
+    if p.shape != (68, 2):
+        raise ValueError(f"horizontal flip needs 68 x 2 landmarks (iBUG markup), got shape {p.shape}")
+    out = p[MIRROR_68].copy()
+    out[:, 0] = image_width + offset - out[:, 0]
+    return out
+
 
 
 def is_rotation(rotation, tol: float = 1e-3) -> bool:

@@ -22,7 +22,7 @@ from . import labels
 from .crop import crop_and_resize
 from .datasets import get_reader
 from .records import RawSample, SampleError, SampleRef
-from .shards import ShardWriter, dumps_json
+from .shards import ShardWriter, dumps_json, write_json
 
 PROGRESS_DIR = ".dataprep-progress"
 RESULT_SUFFIX = ".json"  # a written shard's result (counts, rejections, checksums)
@@ -250,9 +250,7 @@ def run_shard(task: ShardTask, settings: Settings, root: str, out: str) -> dict:
     result = {"name": task.name, "split": task.split, "read": len(task.refs), "written": written, "rejected": rejected}
     result.update(shard)
     progress = progress_file(base, task.name, RESULT_SUFFIX)
-    with fs.open(progress + ".tmp", "wb") as f:
-        f.write(json.dumps({"settings": fingerprint, "inputs": task.inputs, "result": result}).encode())
-    fs.mv(progress + ".tmp", progress)
+    write_json(fs, progress, {"settings": fingerprint, "inputs": task.inputs, "result": result})
     if task.decisions_file is not None:  # written into the shard now; a resumed build decides again
         fs.rm(task.decisions_file)
     return result

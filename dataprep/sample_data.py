@@ -40,12 +40,6 @@ ASTRONAUT_MOUTH = ((201.72, 139.25), (245.27, 141.86))
 #: sqrt(area) of the MTCNN box: the face size the BIWI head box is matched to.
 ASTRONAUT_FACE_SIZE = math.sqrt((267.75 - 181.05) * (172.05 - 62.16))
 
-#: iBUG 68-point index permutation under a horizontal flip.
-FLIP_68 = np.array(
-    list(range(16, -1, -1)) + list(range(26, 16, -1)) + [27, 28, 29, 30] + [35, 34, 33, 32, 31]
-    + [45, 44, 43, 42, 47, 46] + [39, 38, 37, 36, 41, 40]
-    + [54, 53, 52, 51, 50, 49, 48, 59, 58, 57, 56, 55] + [64, 63, 62, 61, 60, 67, 66, 65]
-)
 #: 68-point indices standing in for AFLW's 21 points (ears are jaw points pushed outwards).
 AFLW21_FROM_68 = [17, 19, 21, 22, 24, 26, 36, 37, 39, 42, 44, 45, 0, 31, 30, 35, 16, 48, 62, 54, 8]
 
@@ -212,13 +206,14 @@ def _write_300wlp(root: Path, rng: np.random.Generator) -> list[dict[str, Any]]:
                 pts = _apply(A, template)
                 for flip in (False, True):
                     sub = f"{subset}_Flip" if flip else subset
-                    if flip:  # an independent re-fit of the mirrored image
-                        img, p = image[:, ::-1].copy(), pts[FLIP_68].copy()
-                        p[:, 0] = 449.0 - p[:, 0]
+                    if flip:  # the mirrored image, its pose re-fitted; pt2d as the real files have it:
+                        # mirrored in MATLAB pixel coordinates (x -> W + 1 - x), not re-indexed
+                        img, p = image[:, ::-1].copy(), pts.copy()
+                        p[:, 0] = 451.0 - p[:, 0]
                         noise = rng.uniform(-0.7, 0.7, 3)
                         y, pi, r = -yaw + noise[0], pitch + noise[1], -roll + noise[2]
                         face = _face_box(A)
-                        face = [449.0 - face[2], face[1], 449.0 - face[0], face[3]]
+                        face = [450.0 - face[2], face[1], 450.0 - face[0], face[3]]
                     else:
                         img, p, (y, pi, r), face = image, pts, (yaw, pitch, roll), _face_box(A)
                     box = points_box(p)

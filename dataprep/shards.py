@@ -32,8 +32,10 @@ SAFE_EXTENSION = re.compile(r"^[a-z0-9]+(\.[a-z0-9]+)*$")
 WRITE_BUFFER = 1 << 20
 
 
-#: The suffix of a shard while :class:`ShardWriter` writes it.
+#: The suffix of a shard (or a JSON file beside the shards) while it is written; renamed when complete.
 TMP_SUFFIX = ".tmp"
+#: The build's record of itself, beside the shards (``dataprep.build.make_manifest``).
+MANIFEST = "manifest.json"
 _SHARD_FILE = re.compile(r"[^/]+-[0-9]{6}\.tar(" + re.escape(TMP_SUFFIX) + ")?")
 
 
@@ -257,9 +259,17 @@ def info_splits(shards: list[dict]) -> dict[str, dict]:
 def write_info(fs: fsspec.AbstractFileSystem, out: str, name: str, shards: list[dict]) -> dict:
     """``_info.json`` as timm's webdataset reader reads it: per split, sample count and shard names."""
     info = {"name": name, "splits": info_splits(shards)}
-    with fs.open(posixpath.join(out, INFO_FILE), "wb") as f:
-        f.write(json.dumps(info, indent=2, sort_keys=True).encode("utf-8") + b"\n")
+    write_json(fs, posixpath.join(out, INFO_FILE), info, indent=2)
     return info
+
+
+def write_json(fs: fsspec.AbstractFileSystem, path: str, obj, *, indent: int | None = None) -> None:
+    """``obj`` as JSON (sorted keys) at ``path``, written as ``path + TMP_SUFFIX`` and renamed when
+    complete: a run killed meanwhile leaves the previous file whole, never a truncated one."""
+    data = json.dumps(obj, indent=indent, sort_keys=True).encode("utf-8") + b"\n"
+    with fs.open(path + TMP_SUFFIX, "wb") as f:
+        f.write(data)
+    fs.mv(path + TMP_SUFFIX, path)
 
 
 def read_info_splits(folder: str) -> dict:

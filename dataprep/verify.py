@@ -14,9 +14,8 @@ import fsspec
 import numpy as np
 
 from . import codec
-from .build import MANIFEST
 from .shards import INFO_FILE as INFO
-from .shards import TMP_SUFFIX, info_splits, is_shard_file
+from .shards import MANIFEST, TMP_SUFFIX, info_splits, is_shard_file
 
 
 @dataclass

@@ -40,9 +40,11 @@ def samples(draw, max_side: int = 48, yaw_limit: float = 99.0):
     rng = np.random.default_rng(seed)
     image = rng.integers(0, 256, size=(side_h, side_w, 3), dtype=np.uint8)
     lm = np.stack([rng.uniform(box[0], box[2], 68), rng.uniform(box[1], box[3], 68)], axis=1).astype(np.float32)
+    dataset = draw(st.sampled_from(["300w_lp", "aflw2000", "biwi"]))
+    box_source = draw(st.sampled_from(["gt", "mtcnn"]))
     record = {
-        "key": f"300w_lp_sample_{seed}",
-        "dataset": "300w_lp",
+        "key": f"{dataset}_sample_{seed}",
+        "dataset": dataset,
         "split": "train",
         "source": "AFW/sample.jpg",
         "group": "AFW",
@@ -51,8 +53,9 @@ def samples(draw, max_side: int = 48, yaw_limit: float = 99.0):
         "roll": roll,
         "rotation": labels.rotation_from_euler(yaw, pitch, roll).tolist(),
         "image_size": [w_src, h_src],
-        "boxes": {"gt": list(box), "pt2d": [box[0] - 1, box[1] - 1, box[2] + 1, box[3] + 1], "missing": None},
-        "box_source": "gt",
+        "boxes": {"gt": list(box), "pt2d": [box[0] - 1, box[1] - 1, box[2] + 1, box[3] + 1], "missing": None,
+                  "mtcnn": [box[0] + 2, box[1] + 1, box[2] - 1, box[3] - 2]},
+        "box_source": box_source,
         "box": list(box),
         "crop_rule": "square",
         "crop": crop,
@@ -132,15 +135,24 @@ def test_flip_labels_and_geometry(sample):
     assert out["yaw"] == -record["yaw"] and out["roll"] == -record["roll"] and out["pitch"] == record["pitch"]
     np.testing.assert_array_equal(out_img, image[:, ::-1])
     w = record["image_size"][0]
+    # 300W-LP / AFLW2000 landmarks and the boxes made from them are MATLAB pixel coordinates, which
+    # mirror as x -> W + 1 - x (as 300W-LP's own _Flip files have it); detector boxes, BIWI's and the
+    # crop window (array slicing) as x -> W - x
+    matlab = 1.0 if record["dataset"] in ("300w_lp", "aflw2000") else 0.0
+    mirrored = {"gt": w + matlab, "pt2d": w + matlab, "mtcnn": w}
+    for name, m in mirrored.items():
+        x1, y1, x2, y2 = record["boxes"][name]
+        np.testing.assert_allclose(out["boxes"][name], [m - x2, y1, m - x1, y2])
     x1, y1, x2, y2 = record["box"]
-    np.testing.assert_allclose(out["box"], [w - x2, y1, w - x1, y2])
+    m = mirrored[record["box_source"]]
+    np.testing.assert_allclose(out["box"], [m - x2, y1, m - x1, y2])
     c = record["crop"]
     assert out["crop"] == [w - c[2], c[1], w - c[0], c[3]]
     assert out["image_size"] == record["image_size"]
     assert labels.is_rotation(out["rotation"])
     # landmarks keep their meaning: new point i is the mirror of old point MIRROR_68[i]
-    np.testing.assert_allclose(out_lm[36], [w - lm[45, 0], lm[45, 1]], atol=1e-3)
-    np.testing.assert_allclose(out_lm[:, 0], w - lm[A.MIRROR_68, 0], atol=1e-3)
+    np.testing.assert_allclose(out_lm[36], [w + matlab - lm[45, 0], lm[45, 1]], atol=1e-3)
+    np.testing.assert_allclose(out_lm[:, 0], w + matlab - lm[A.MIRROR_68, 0], atol=1e-3)
 
 
 @FAST
@@ -352,7 +364,8 @@ def test_offline_variants(sample, seed):
         assert rec == rec2
     assert variants[2][2]["augment"][-1]["factor"] in (6, 11, 16, 21)
     assert variants[0][2]["yaw"] == -record["yaw"]
-    np.testing.assert_allclose(variants[0][3][36, 0], record["image_size"][0] - lm[45, 0], atol=1e-3)
+    matlab = 1.0 if record["dataset"] in ("300w_lp", "aflw2000") else 0.0
+    np.testing.assert_allclose(variants[0][3][36, 0], record["image_size"][0] + matlab - lm[45, 0], atol=1e-3)
 
 
 def test_key_rng_is_stable():

@@ -41,6 +41,13 @@ def test_fsanet_margin_truncates_and_clips():
     # int box (10, 20, 110, 70): w 100, h 50; 0.6 margins: x 60, y 30 -> clipped at 0 and W-1
     assert boxes.fsanet_margin([10.7, 20.2, 110.9, 70.5], (150, 100)) == [0, 0, 149, 99]
     assert boxes.fsanet_margin([100, 100, 200, 150], (450, 450)) == [40, 70, 260, 180]
+    assert boxes.fsanet_margin([100, 100, 200, 150], (450, 450), "aflw2000") == [40, 70, 260, 180]
+    # BIWI (FSA-Net's BIWI scripts): 0.4 margins, x 40, y 20, and the far edge's pixel kept
+    # (img[y1:y2 + 1, x1:x2 + 1]): an MTCNN box (x 300.6, y 150.2, w 80, h 100) in a 640 x 480 frame
+    assert boxes.fsanet_margin([300.6, 150.2, 380.6, 250.2], (640, 480), "biwi") == [268, 110, 413, 291]
+    assert boxes.fsanet_margin([600, 400, 640, 480], (640, 480), "biwi") == [584, 368, 640, 480]  # clipped
+    assert boxes.crop_window("fsanet", [300.6, 150.2, 380.6, 250.2], dataset="biwi", image_size=(640, 480)) \
+        == [268, 110, 413, 291]
 
 
 def test_fsanet_points_drop_placeholders_but_hopenet_keeps_them():

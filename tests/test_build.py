@@ -205,6 +205,56 @@ def test_other_options_refuse_to_mix_into_a_build(aflw_build, tmp_path, sample_t
     assert old_shards - new_shards, "the test needs an old shard that the new build does not write again"
 
 
+def test_summary_warns_when_a_full_download_misses_the_papers_count(aflw_build):
+    import copy
+
+    manifest = copy.deepcopy(aflw_build[1])
+    written = manifest["counts"]["per_split"]["test"]["written"]
+    manifest["expected"] = {"read": manifest["counts"]["read"], "written": {"test": written}}
+    assert "warning" not in summary_table(manifest)
+    manifest["expected"]["written"]["test"] = written + 2  # as if two samples the papers keep were lost
+    assert (f"warning: protocol 1 keeps {written + 2} test samples of the full aflw2000 download (the papers' "
+            f"count); this build wrote {written}.") in summary_table(manifest)
+    manifest["expected"]["read"] += 1  # not the full download: only the note about its size
+    table = summary_table(manifest)
+    assert "warning" not in table and "note: the full aflw2000 download has" in table
+
+
+def test_a_damaged_manifest_is_refused_with_advice_and_never_left_half_written(aflw_build, tmp_path, sample_tree):
+    out = tmp_path / "o"
+    build(opts(sample_tree / "AFLW2000", out, "aflw2000"))
+    text = (out / "manifest.json").read_text()
+    (out / "manifest.json").write_text(text[:len(text) // 2])  # killed mid-write by an older version
+    with pytest.raises(BuildError, match=r"manifest.json is not a readable build manifest .* --overwrite"):
+        build(opts(sample_tree / "AFLW2000", out, "aflw2000"))
+    (out / "manifest.json.tmp").write_text("{")  # a run killed between writing and renaming
+    manifest = build(opts(sample_tree / "AFLW2000", out, "aflw2000", overwrite=True))
+    assert json.loads((out / "manifest.json").read_text()) == manifest
+    assert not list(out.glob("*.tmp")) and verify(str(out)).ok
+
+
+def test_dataset_aliases_build_the_same_dataset(sample_tree, tmp_path):
+    # "hpdb" (BIWI's folder name) is accepted: the build must then be BIWI throughout (tracking,
+    # the option checks, the manifest), not a dataset of another name
+    build_mod.check_options(opts(sample_tree / "hpdb", tmp_path / "x", "hpdb", biwi_tracking="previous"))
+    manifest = build(opts(sample_tree / "hpdb", tmp_path / "a", "hpdb", protocol="2", detector="gt"))
+    assert manifest["settings"]["dataset"] == "biwi"
+    again = build(opts(sample_tree / "hpdb", tmp_path / "a", "biwi", protocol="2", detector="gt"))  # same build
+    assert again["settings_fingerprint"] == manifest["settings_fingerprint"]
+
+
+def test_input_fingerprint_covers_label_files(sample_tree, tmp_path):
+    root = tmp_path / "AFLW2000"
+    shutil.copytree(sample_tree / "AFLW2000", root)
+    first = build(opts(root, tmp_path / "a", "aflw2000"))["input"]["fingerprint"]
+    copy = tmp_path / "copy" / "AFLW2000"
+    shutil.copytree(root, copy)  # new modification times, same files
+    assert build(opts(copy, tmp_path / "b", "aflw2000"))["input"]["fingerprint"] == first
+    mat = sorted(copy.glob("*.mat"))[0]
+    mat.write_bytes(mat.read_bytes() + b"\0")  # another .mat, the same images
+    assert build(opts(copy, tmp_path / "c", "aflw2000"))["input"]["fingerprint"] != first
+
+
 def test_biwi_protocol2_split_by_sequence_with_depth(sample_tree, tmp_path):
     manifest = build(opts(sample_tree / "hpdb", tmp_path, "biwi", protocol="2", detector="gt"))
     records = label_records(tmp_path)

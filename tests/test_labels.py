@@ -82,3 +82,15 @@ def test_angles_in_range():
     assert labels.angles_in_range(99.0, -99.0, 0.0)
     assert not labels.angles_in_range(99.01, 0.0, 0.0)
     assert not labels.angles_in_range(float("nan"), 0.0, 0.0)
+
+
+def test_rotation_round_trip_past_90_degrees_of_yaw_is_the_other_triple():
+    # documented in labels.py: |yaw| > 90 comes back as (180 - yaw, pitch - 180, roll - 180), wrapped
+    for yaw, pitch, roll in ((120.0, 10.0, 5.0), (-135.0, -20.0, 30.0)):
+        got = labels.rotation_to_euler(labels.rotation_from_euler(yaw, pitch, roll))
+        sign = 1.0 if yaw > 0 else -1.0
+        want = [sign * 180.0 - yaw, pitch - sign * 180.0, roll - sign * 180.0]
+        assert [(g - w + 180.0) % 360.0 - 180.0 for g, w in zip(got, want)] == pytest.approx([0.0] * 3, abs=1e-9)
+        assert abs(got[0]) <= 90.0
+        np.testing.assert_allclose(labels.rotation_from_euler(*got), labels.rotation_from_euler(yaw, pitch, roll),
+                                   atol=1e-12)

@@ -127,8 +127,12 @@ def test_300wlp_ignores_other_folders_and_flip_is_mirror(sample_tree, expected):
     assert flip.yaw == pytest.approx(-orig.yaw, abs=1.0) and flip.roll == pytest.approx(-orig.roll, abs=1.0)
     assert flip.pitch == pytest.approx(orig.pitch, abs=1.0)
     assert np.abs(flip.image.astype(int) - orig.image[:, ::-1].astype(int)).mean() < 3  # two JPEG encodes
-    assert flip.boxes["gt"] == pytest.approx([449 - orig.boxes["gt"][2], orig.boxes["gt"][1],
-                                              449 - orig.boxes["gt"][0], orig.boxes["gt"][3]])
+    # the _Flip .mat mirrors the points in MATLAB pixel coordinates (x -> 451 - x in 450 px images)
+    # without re-indexing them; the reader re-indexes, so landmark i is the same facial point
+    assert flip.boxes["gt"] == pytest.approx([451 - orig.boxes["gt"][2], orig.boxes["gt"][1],
+                                              451 - orig.boxes["gt"][0], orig.boxes["gt"][3]])
+    np.testing.assert_allclose(flip.landmarks, labels.mirror_landmarks(orig.landmarks, 450, 1.0), atol=1e-4)
+    assert flip.landmarks[36, 0] < flip.landmarks[45, 0]  # the right eye's outer corner on the image's left
 
 
 def test_aflw2000_placeholders_never_in_gt(sample_tree, expected):
@@ -551,6 +555,13 @@ def test_real_300wlp_flip(real_samples):
         assert flip.yaw == pytest.approx(-orig.yaw, abs=2.0)
         assert flip.roll == pytest.approx(-orig.roll, abs=2.0)
         assert flip.pitch == pytest.approx(orig.pitch, abs=2.0)
+        # the real _Flip points are the original's mirrored in MATLAB coordinates (x -> W + 1 - x),
+        # exactly: our flip of the original's landmarks must give the reader's _Flip landmarks
+        width = orig.image.shape[1]
+        offset = labels.mirror_offset("300w_lp")
+        np.testing.assert_allclose(flip.landmarks, labels.mirror_landmarks(orig.landmarks, width, offset), atol=1e-3)
+        assert flip.boxes["gt"] == pytest.approx(labels.mirror_box(orig.boxes["gt"], width, offset), abs=1e-3)
+        assert flip.landmarks[36, 0] < flip.landmarks[45, 0]
 
 
 def test_real_faces_detected_in_gt(real_samples, mtcnn):

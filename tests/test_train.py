@@ -406,7 +406,7 @@ def test_unknown_device_is_refused(shards, tmp_path, capsys):
         with pytest.raises(SystemExit) as exc:
             main(["train", "--model", "ehpnet", "--train", shards.four, "--steps", "1", "--out", str(tmp_path / "o"),
                   "--device", bad])
-        assert exc.value.code == 2 and f"'{bad}' is not a device; give auto, cpu, cuda or cuda:N" in capsys.readouterr().err
+        assert exc.value.code == 2 and f"'{bad}' is not a device; give auto, cpu, cuda, cuda:N or mps" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:
         main(["eval", "--ckpt", "x.pt", "--data", shards.val, "--device", "GPU"])
     assert exc.value.code == 2 and "'GPU' is not a device" in capsys.readouterr().err

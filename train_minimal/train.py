@@ -47,6 +47,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from dataprep import devices
+from dataprep.devices import DEVICE_FORMS, parse_device
 from dataprep.loader import UnreadableShard, shard_error_line
 
 from . import registry
@@ -69,16 +71,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
-DEVICE_FORMS = "auto, cpu, cuda or cuda:N"
-
-
 def _device(text: str) -> str:
-    """argparse type for ``--device``: ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (lower-cased); anything
-    else (``gpu``, ``cuda0``) is refused here, not as torch's traceback after the data is read."""
-    name = text.strip().lower()
-    if name in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:[0-9]+", name):
-        return name
-    raise argparse.ArgumentTypeError(f"{text!r} is not a device; give {DEVICE_FORMS}")
+    """argparse type for ``--device``: :func:`dataprep.devices.parse_device` (the forms ``dataprep
+    build`` accepts), refused here rather than as torch's traceback after the data is read."""
+    try:
+        return parse_device(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device; give {DEVICE_FORMS}") from None
 
 
 def _accepts(fn, name: str) -> bool:
@@ -99,21 +98,15 @@ def _warn_crop_room(urls, spec, command: str) -> None:
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    name = (name or "auto").lower()
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise SystemExit("error: --device cuda asked for but CUDA is not available (use --device cpu or auto)")
-        if name == "cuda":
-            name = f"cuda:{local_rank}"
-        dev = torch.device(name)
-        if dev.index >= torch.cuda.device_count():
-            raise SystemExit(f"error: --device {name}: there are {torch.cuda.device_count()} CUDA device(s), "
-                             f"numbered from 0")
+    """:func:`dataprep.devices.resolve_device`, made the current CUDA device; a device this machine
+    lacks is a one-line error."""
+    try:
+        dev = devices.resolve_device(name, local_rank)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
+    if dev.type == "cuda":
         torch.cuda.set_device(dev)
-        return dev
-    return torch.device(name)
+    return dev
 
 
 def build_model(spec, pretrained, input_size: int | None) -> nn.Module:
@@ -624,7 +617,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--epochs", type=_positive_int)
     g.add_argument("--steps", type=_positive_int, help="optimiser steps in all (evaluates at each epoch end and at the end)")
     t.add_argument("--batch-size", type=_positive_int, help="per process (default: the model's)")
-    t.add_argument("--device", type=_device, default="auto", help="auto | cpu | cuda | cuda:N")
+    t.add_argument("--device", type=_device, default="auto", help="auto | cpu | cuda | cuda:N | mps")
     t.add_argument("--out", required=True, help="output folder")
     t.add_argument("--lr", type=float, help="learning rate (default: the paper's)")
     t.add_argument("--alpha", type=float, help="regression weight of bin-classification losses (Hopenet: 1 or 2)")
@@ -645,7 +638,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--ckpt", required=True)
     e.add_argument("--data", required=True, help="shards: path, brace pattern or URL")
     e.add_argument("--batch-size", type=_positive_int, help="default: the training batch size")
-    e.add_argument("--device", type=_device, default="auto", help="auto | cpu | cuda | cuda:N")
+    e.add_argument("--device", type=_device, default="auto", help="auto | cpu | cuda | cuda:N | mps")
     e.add_argument("--workers", type=int, default=0)
     e.add_argument("--gpu-decode", action="store_true")
     e.add_argument("--amp", choices=AMP_CHOICES, default="auto", help="as for train")

@@ -15,8 +15,8 @@ from pathlib import Path
 
 from .. import boxes as box_rules
 from .. import crop as crop_ops
+from ..shards import MANIFEST
 
-MANIFEST = "manifest.json"
 
 #: Box variants in the order tables and legends list them (others, if any, follow sorted).
 VARIANT_ORDER = ("gt", "pt2d", "pt2d_valid", "mtcnn", "retinaface")

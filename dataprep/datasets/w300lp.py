@@ -1,13 +1,17 @@
 """300W-LP reader (``--root`` = the ``300W_LP`` folder).
 
 Samples are ``<SUBSET>/<NAME>.jpg`` + ``<NAME>.mat`` in the eight subset folders below; anything else
-under the root (``landmarks/``, ``Code/``, ...) is ignored. The ``*_Flip`` subsets are independent
-3DDFA re-fits of the mirrored images: their labels are read from their own ``.mat`` like any other.
+under the root (``landmarks/``, ``Code/``, ...) is ignored. The ``*_Flip`` subsets hold the mirrored
+images with their pose re-fitted (their own ``Pose_Para``, read like any other), but their ``pt2d``
+is the original's points mirrored (x -> W + 1 - x) in the original's order: point 36, the right
+eye's outer corner, sits on the left eye. The reader re-indexes them (``labels.MIRROR_68``), so that
+landmark i is the same facial point in every record, as it is after our own flip.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
+from .. import labels
 from ..records import RawSample, SampleRef
 from ..boxes import bbox_of_points, pt2d_boxes
 from . import matfile
@@ -37,6 +41,8 @@ def read_sample(root: Path, ref: SampleRef) -> RawSample:
     yaw, pitch, roll, pose_para = matfile.pose_labels(mat, display)
     pt2d = matfile.require_finite(matfile.require_array(mat, "pt2d", (2, 68), display), "pt2d", display)
     landmarks = pt2d.T.copy()
+    if ref.group.endswith("_Flip"):
+        landmarks = landmarks[labels.MIRROR_68]
     return RawSample.from_angles(
         ref, image, yaw, pitch, roll,
         boxes={"gt": bbox_of_points(landmarks), **pt2d_boxes(landmarks)},

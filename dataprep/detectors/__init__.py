@@ -10,7 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
-from .base import Detection, Detector, DetectorWeightsError, resolve_device
+from ..devices import resolve_device
+from .base import Detection, Detector, DetectorWeightsError
 from .cache import (
     DetectionCache,
     detect_with_cache,

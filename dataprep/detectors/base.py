@@ -138,15 +138,3 @@ class Detector(ABC):
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} name={self.name!r} fingerprint={self.fingerprint[:12]}>"
-
-
-def resolve_device(device: Any = "auto"):
-    """``"auto"`` -> cuda when available, else cpu; anything else goes to ``torch.device``."""
-    import torch
-
-    if device is None or (isinstance(device, str) and device == "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    resolved = torch.device(device)
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: torch sees no CUDA device here; use --device cpu (or auto)")
-    return resolved

@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .base import Detection, Detector, make_fingerprint, resolve_device, sha256_file
+from ..devices import resolve_device
+from .base import Detection, Detector, make_fingerprint, sha256_file
 
 _NETS = ("pnet", "rnet", "onet")
 

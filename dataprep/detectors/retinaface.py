@@ -41,7 +41,8 @@ from retinaface.box_utils import decode, decode_landm
 from retinaface.network import RetinaFace
 from retinaface.prior_box import priorbox
 
-from .base import Detection, Detector, DetectorWeightsError, make_fingerprint, resolve_device
+from ..devices import resolve_device
+from .base import Detection, Detector, DetectorWeightsError, make_fingerprint
 
 #: From retinaface/pre_trained_models.py (that module imports albumentations, so it is not imported).
 WEIGHTS_URL = (
