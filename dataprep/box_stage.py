@@ -139,11 +139,14 @@ def detect_all(refs: list[SampleRef], root: Path, detector, cache: DetectionCach
 
 
 def biwi_decisions(refs: list[SampleRef], detections: dict[str, list], mode: str, image_size=(640, 480)) -> dict[str, dict]:
-    """Apply FSA-Net's BIWI rules sequence by sequence (refs are in frame order)."""
+    """Apply FSA-Net's BIWI rules sequence by sequence (refs are in frame order). A frame without
+    detections (its image could not be read or decoded) gets no decision and is no frame to the
+    tracking: the shard worker reads it and rejects it for what it is (``unreadable_image``), not as
+    a frame without a face."""
     decisions = {}
     for group, frames in groupby(refs, key=lambda r: r.group):
-        frames = list(frames)
-        results = track_sequence([detections.get(r.key, []) for r in frames], image_size, mode)
+        frames = [r for r in frames if r.key in detections]
+        results = track_sequence([detections[r.key] for r in frames], image_size, mode)
         for ref, result in zip(frames, results):
             if result.rejected:
                 why = {"no_face": "no face above the score threshold", "box_jump": "face box jumped 80 px or more from the previous accepted frame"}

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import secrets
+import socket
 import posixpath
 import sys
 from collections import Counter
@@ -20,16 +23,16 @@ from . import __version__, protocols
 from . import boxes as box_rules
 from .datasets import get_reader
 from .devices import parse_device
-from .pipeline import PROGRESS_DIR, RESULT_SUFFIX, Settings, ShardTask, progress_file, run_shard
+from .pipeline import DECISIONS_SUFFIX, LOCK_FILE, PROGRESS_DIR, RESULT_SUFFIX, lock_holder, Settings, ShardTask, progress_file, run_shard
 from .records import SampleRef
-from .shards import INFO_FILE, MANIFEST, TMP_SUFFIX, dumps_json, is_shard_file, shard_name, write_info, write_json
+from .shards import (INFO_FILE, MANIFEST, TMP_SUFFIX, dumps_json, final_name, is_shard_file, shard_name, write_info,
+                     write_json)
 
 
 def _is_build_output(name: str) -> bool:
     """Whether ``name`` in ``--out`` is a file a build writes: the only names ``--overwrite`` and
     the clean-up after a build remove (a user's own files in the folder are left alone)."""
-    if name.endswith(TMP_SUFFIX):
-        name = name[:-len(TMP_SUFFIX)]
+    name = final_name(name)
     return is_shard_file(name) or name in (MANIFEST, INFO_FILE, PROGRESS_DIR)
 
 
@@ -90,7 +93,7 @@ def input_fingerprint(stats: dict[str, list[tuple]]) -> str:
     digest = hashlib.sha256()
     for key in sorted(stats):
         for rel, size, _ in stats[key]:
-            digest.update(f"{rel}\0{-1 if size is None else size}\n".encode())
+            digest.update(f"{rel}\0{-1 if size is None else size}\n".encode("utf-8", "surrogateescape"))
     return digest.hexdigest()
 
 
@@ -100,8 +103,25 @@ def shard_inputs(stats: dict[str, list[tuple]], refs: list[SampleRef]) -> str:
     digest = hashlib.sha256()
     for ref in refs:
         for rel, size, mtime in stats[ref.key]:
-            digest.update((f"{rel}\0missing\n" if size is None else f"{rel}\0{size}\0{mtime}\n").encode())
+            digest.update((f"{rel}\0missing\n" if size is None else f"{rel}\0{size}\0{mtime}\n").encode("utf-8", "surrogateescape"))
     return digest.hexdigest()
+
+
+def _with_sequence_inputs(tasks: list[ShardTask], stats: dict[str, list[tuple]]) -> list[ShardTask]:
+    """With BIWI tracking a frame's box depends on the frames before it in its sequence, which other
+    shards may hold: each shard's input digest also covers every frame of its sequences, so a frame
+    fixed anywhere in a sequence rewrites the shards of that sequence on a resumed build."""
+    by_group: dict[str, list[SampleRef]] = {}
+    for task in tasks:
+        for ref in task.refs:
+            by_group.setdefault(ref.group, []).append(ref)
+    group_inputs = {group: shard_inputs(stats, refs) for group, refs in by_group.items()}
+    out = []
+    for task in tasks:
+        groups = sorted({ref.group for ref in task.refs})
+        combined = hashlib.sha256("\n".join([task.inputs] + [group_inputs[g] for g in groups]).encode()).hexdigest()
+        out.append(replace(task, inputs=combined))
+    return out
 
 
 def plan_shards(assignment: dict[str, list[SampleRef]], shard_size: int) -> list[ShardTask]:
@@ -128,10 +148,32 @@ def _load_progress(fs, base: str, tasks: list[ShardTask], fingerprint: str) -> d
         result = entry.get("result", {})
         if entry.get("settings") != fingerprint or entry.get("inputs") != task.inputs:
             continue  # other settings, or its input files changed since: written again
-        if result.get("samples") and not fs.exists(posixpath.join(base, task.name)):
-            continue
+        if result.get("samples") and _size(fs, posixpath.join(base, task.name)) != result.get("bytes"):
+            continue  # removed, truncated or replaced since: written again
         done[task.name] = result
     return done
+
+
+def _size(fs, path: str) -> int | None:
+    try:
+        return fs.size(path)
+    except (FileNotFoundError, OSError):
+        return None
+
+
+def _other_progress(fs, base: str, fingerprint: str) -> bool:
+    """Whether ``--out`` holds shard progress of a build with other settings (one interrupted before
+    it wrote its manifest)."""
+    for path in fs.glob(posixpath.join(base, PROGRESS_DIR, "*" + RESULT_SUFFIX)):
+        if path.endswith(DECISIONS_SUFFIX):
+            continue
+        try:
+            settings = json.loads(fs.cat_file(path)).get("settings")
+        except (ValueError, OSError, AttributeError):
+            continue
+        if settings != fingerprint:
+            return True
+    return False
 
 
 def _check_out_dir(fs, base: str, fingerprint: str, overwrite: bool) -> None:
@@ -149,6 +191,9 @@ def _check_out_dir(fs, base: str, fingerprint: str, overwrite: bool) -> None:
                 f"{base} already holds a build made with other options or inputs; pass --overwrite to "
                 "replace it, or choose another --out"
             )
+    elif not overwrite and fs.exists(posixpath.join(base, PROGRESS_DIR)) and _other_progress(fs, base, fingerprint):
+        raise BuildError(f"{base} holds shards of an interrupted build made with other options or inputs; run that "
+                         "command again to finish it, or pass --overwrite to replace it, or choose another --out")
     if overwrite and fs.exists(base):
         for path in fs.ls(base, detail=False):
             if _is_build_output(posixpath.basename(path.rstrip("/"))):
@@ -219,7 +264,7 @@ def check_options(opts: BuildOptions) -> None:
     problems = []
     if opts.crop_size < 8:
         problems.append(f"--crop-size {opts.crop_size}: give the crop side in pixels, at least 8")
-    if not opts.margin >= 0:
+    if not (opts.margin >= 0 and math.isfinite(opts.margin)):
         problems.append(f"--margin {opts.margin}: give a fraction of the crop side per side, 0 or more")
     elif opts.margin and opts.crop_rule != "square":  # the other windows have their own margins
         problems.append(f"--margin {opts.margin} applies to --crop-rule square only, not {opts.crop_rule}: "
@@ -239,7 +284,7 @@ def check_options(opts: BuildOptions) -> None:
     if opts.batch_size < 1:
         problems.append(f"--batch-size {opts.batch_size}: give at least 1")
     if opts.jobs < -1:
-        problems.append(f"--jobs {opts.jobs}: give 1 or more, or -1 for all cores")
+        problems.append(f"--jobs {opts.jobs}: give 1 or more, or -1 (or 0) for all cores")
     if opts.augment:
         from .augment import parse_augment_spec
 
@@ -270,6 +315,8 @@ def build(opts: BuildOptions) -> dict:
     settings = resolve_settings(opts, proto, assignment)
     stats = input_stats(reader, root, refs)
     tasks = [replace(t, inputs=shard_inputs(stats, t.refs)) for t in plan_shards(assignment, opts.shard_size)]
+    if settings.biwi_tracking:
+        tasks = _with_sequence_inputs(tasks, stats)
 
     box_stage = None
     if settings.detector != "gt":
@@ -289,38 +336,76 @@ def build(opts: BuildOptions) -> dict:
                          "the endpoint and the credentials") from None
     if out_is_file:
         raise BuildError(f"--out {opts.out} is a file; give a folder (new, or one an earlier build of this dataset wrote)")
-    _check_out_dir(fs, base, fingerprint, opts.overwrite)
-    fs.makedirs(posixpath.join(base, PROGRESS_DIR), exist_ok=True)
+    fs.makedirs(base, exist_ok=True)
+    with _out_lock(fs, base) as token:
+        _check_out_dir(fs, base, fingerprint, opts.overwrite)
+        fs.makedirs(posixpath.join(base, PROGRESS_DIR), exist_ok=True)
+        tasks = [replace(t, owner=token) for t in tasks]
 
-    done = _load_progress(fs, base, tasks, fingerprint)
-    pending = [t for t in tasks if t.name not in done]
-    if box_stage is not None:
-        box_stage.spool(fs, base, tasks, pending, fingerprint)
-    results = dict(done)
-    total = sum(len(t.refs) for t in tasks)
-    bar = tqdm(total=total, unit="sample", desc=f"build {opts.dataset}", disable=not opts.progress,
-               initial=sum(len(t.refs) for t in tasks if t.name in done))
+        done = _load_progress(fs, base, tasks, fingerprint)
+        pending = [t for t in tasks if t.name not in done]
+        if box_stage is not None:
+            box_stage.spool(fs, base, tasks, pending, fingerprint)
+        results = dict(done)
+        total = sum(len(t.refs) for t in tasks)
+        bar = tqdm(total=total, unit="sample", desc=f"build {opts.dataset}", disable=not opts.progress,
+                   initial=sum(len(t.refs) for t in tasks if t.name in done))
+        try:
+            with ExitStack() as stack:
+                if opts.jobs == 1 and opts.backend == "loky":
+                    outputs = (run_shard(t, settings, str(root), opts.out) for t in pending)
+                else:
+                    parallel = stack.enter_context(_parallel(opts))
+                    outputs = parallel(delayed(run_shard)(t, settings, str(root), opts.out) for t in pending)
+                for result in outputs:
+                    results[result["name"]] = result
+                    bar.update(result["read"])
+        finally:
+            bar.close()
+
+        for leftover in fs.glob(posixpath.join(base, "*" + TMP_SUFFIX)):  # from a run killed mid-write
+            if _is_build_output(posixpath.basename(leftover)):
+                fs.rm(leftover)
+        ordered = [results[t.name] for t in tasks]
+        manifest = make_manifest(opts, settings, proto, root, refs, ordered, fingerprint, input_fingerprint(stats))
+        write_json(fs, posixpath.join(base, MANIFEST), manifest, indent=1)
+        write_info(fs, base, f"{opts.dataset}-protocol{proto.protocol}", manifest["shards"])
+        return manifest
+
+
+@contextmanager
+def _out_lock(fs, base: str):
+    """Hold ``base``'s lock while the build runs (yields its token), or say which build holds it:
+    two builds writing one folder would write the same shards at once. A lock whose process is gone
+    is taken over."""
+    holder = lock_holder(fs, base)
+    host = socket.gethostname()
+    if holder:
+        their_host, _, rest = holder.partition(":")
+        pid = rest.partition(":")[0]
+        if their_host != host:
+            raise BuildError(f"a dataprep build on {their_host} (pid {pid}) is writing to {base}; if it is no longer "
+                             f"running, delete {posixpath.join(base, LOCK_FILE)} and run this command again")
+        if pid.isdigit() and _process_alive(int(pid)):
+            raise BuildError(f"another dataprep build (pid {pid}) is writing to {base}; wait for it to finish (or stop "
+                             f"it), then run this command again (no build running? delete {posixpath.join(base, LOCK_FILE)})")
+    token = f"{host}:{os.getpid()}:{secrets.token_hex(4)}"
+    fs.pipe_file(posixpath.join(base, LOCK_FILE), token.encode())
     try:
-        with ExitStack() as stack:
-            if opts.jobs == 1 and opts.backend == "loky":
-                outputs = (run_shard(t, settings, str(root), opts.out) for t in pending)
-            else:
-                parallel = stack.enter_context(_parallel(opts))
-                outputs = parallel(delayed(run_shard)(t, settings, str(root), opts.out) for t in pending)
-            for result in outputs:
-                results[result["name"]] = result
-                bar.update(result["read"])
+        yield token
     finally:
-        bar.close()
+        if lock_holder(fs, base) == token:
+            fs.rm(posixpath.join(base, LOCK_FILE))
 
-    for leftover in fs.glob(posixpath.join(base, "*" + TMP_SUFFIX)):  # from a run killed mid-write
-        if _is_build_output(posixpath.basename(leftover)):
-            fs.rm(leftover)
-    ordered = [results[t.name] for t in tasks]
-    manifest = make_manifest(opts, settings, proto, root, refs, ordered, fingerprint, input_fingerprint(stats))
-    write_json(fs, posixpath.join(base, MANIFEST), manifest, indent=1)
-    write_info(fs, base, f"{opts.dataset}-protocol{proto.protocol}", manifest["shards"])
-    return manifest
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def make_manifest(opts, settings: Settings, proto, root: Path, refs, results: list[dict], fingerprint: str,

@@ -6,6 +6,7 @@ import json
 import os
 import sys
 import time
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 from . import __version__
@@ -34,7 +35,7 @@ def _add_build(sub) -> None:
     p.add_argument("--split-seed", type=int, default=None, help="seeded random split by person instead of the fixed one")
     p.add_argument("--split-file", default=None, help='JSON {"by": "group"|"source"|"key", "train": [...], "test": [...]}')
     p.add_argument("--augment", default="", help="offline variants to add, e.g. flip,blur,downsample")
-    p.add_argument("--jobs", "-j", type=int, default=1, help="parallel workers (-1: all cores)")
+    p.add_argument("--jobs", "-j", type=int, default=1, help="parallel workers (-1 or 0: all cores)")
     p.add_argument("--backend", default="loky", choices=("loky", "threading", "dask", "ray"),
                    help="joblib backend; dask and ray spread a build over a cluster")
     p.add_argument("--scheduler", default=None, help="dask scheduler or ray cluster address (default: a local cluster of --jobs workers)")
@@ -70,6 +71,10 @@ def cmd_build(args) -> int:
         print("\ndataprep build: interrupted. The shards finished so far are kept: run the same command again to "
               "resume", file=sys.stderr)
         return 130
+    except BrokenProcessPool as err:  # a worker process died (out of memory, killed): joblib's TerminatedWorkerError
+        print(f"dataprep build: error: a worker process died ({str(err).splitlines()[0]}); the shards finished so "
+              "far are kept: run the same command again to resume (with fewer --jobs if memory ran out)", file=sys.stderr)
+        return 2
     elapsed = time.perf_counter() - start
     print(f"\n{args.dataset}, protocol {manifest['protocol']}, boxes: {manifest['settings']['detector']}, "
           f"crop: {args.crop_rule} {args.crop_size}px -> {args.out}  ({elapsed:.1f} s)")

@@ -70,6 +70,21 @@ class ShardTask:
     #: digest of the refs' input files as found when planned (``build.shard_inputs``); a resumed
     #: build redoes a finished shard whose inputs changed since
     inputs: str = ""
+    #: the token of the build that planned the task (its ``--out`` lock, :data:`LOCK_FILE`); a worker
+    #: that outlived its build finds another token there and writes nothing
+    owner: str | None = None
+
+
+#: One build at a time per ``--out``: ``host:pid:random`` of the build writing there.
+LOCK_FILE = ".dataprep.lock"
+
+
+def lock_holder(fs, base: str) -> str | None:
+    """The token in ``base``'s lock file, or None."""
+    try:
+        return fs.cat_file(posixpath.join(base, LOCK_FILE)).decode("utf-8", "replace").strip()
+    except (FileNotFoundError, OSError):
+        return None
 
 
 def load_decisions(fs, task: ShardTask, settings_fingerprint: str) -> dict[str, dict]:
@@ -227,6 +242,9 @@ def run_shard(task: ShardTask, settings: Settings, root: str, out: str) -> dict:
     rejected: list[dict] = []
     written = 0
     fs, base = fsspec.core.url_to_fs(out)
+    if task.owner is not None and lock_holder(fs, base) != task.owner:
+        raise RuntimeError(f"{task.name}: the build that planned it no longer holds {posixpath.join(base, LOCK_FILE)} "
+                           "(it was stopped, and another build took --out over): not written")
     fingerprint = settings.fingerprint()
     decisions = load_decisions(fs, task, fingerprint)
     with ShardWriter(fs, posixpath.join(base, task.name)) as writer:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,6 +11,8 @@ import numpy as np
 
 from .records import SampleRef
 
+#: A usable split name: it becomes the start of shard file names (``<split>-NNNNNN.tar``).
+SPLIT_NAME = re.compile(r"[A-Za-z0-9_-]+")
 MANIFESTS_DIR = Path(os.environ.get("DATAPREP_MANIFESTS", Path(__file__).resolve().parent.parent / "manifests"))
 
 
@@ -91,6 +94,9 @@ def assign_splits(
     if split_file is not None:
         try:
             spec = json.loads(Path(split_file).read_text())
+        except FileNotFoundError:
+            raise ValueError(f"--split-file {split_file} not found; give a JSON file such as "
+                             '{"by": "group", "train": [...], "test": [...]}') from None
         except ValueError as err:
             raise ValueError(f"--split-file {split_file} is not valid JSON ({err}); expected "
                              '{"by": "group", "train": [...], "test": [...]}') from None
@@ -98,6 +104,10 @@ def assign_splits(
                                                  for k, v in spec.items() if k != "by"):
             raise ValueError(f'--split-file {split_file}: expected {{"by": "group", "train": [...], "test": [...]}}, '
                              "each split a list of names (strings)")
+        bad = [k for k in spec if k != "by" and not SPLIT_NAME.fullmatch(k)]
+        if bad:  # split names become shard file names: nothing that leaves --out or makes a folder
+            raise ValueError(f"--split-file {split_file}: split names {', '.join(map(repr, bad))} are not usable in "
+                             "shard file names; use letters, digits, '_' and '-' only (e.g. train, test, val_2)")
         spec.setdefault("by", "group")
         if spec["by"] not in ("group", "source", "key"):
             raise ValueError(f"{split_file}: 'by' must be group, source or key, not {spec['by']!r}")

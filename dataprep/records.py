@@ -40,7 +40,7 @@ def make_key(dataset: str, relative_stem: str) -> str:
 
 def distinct_key(key: str, name: str) -> str:
     """``key`` told apart from others that sanitise alike: ``-`` and 8 hex digits of ``name``'s sha1."""
-    return f"{key}-{hashlib.sha1(name.encode('utf-8')).hexdigest()[:8]}"
+    return f"{key}-{hashlib.sha1(name.encode('utf-8', 'surrogateescape')).hexdigest()[:8]}"
 
 
 @dataclass(frozen=True, slots=True)

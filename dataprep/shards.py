@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import posixpath
 import re
 import tarfile
+import threading
 
 import fsspec
 
@@ -33,10 +35,23 @@ WRITE_BUFFER = 1 << 20
 
 
 #: The suffix of a shard (or a JSON file beside the shards) while it is written; renamed when complete.
+#: The full temporary name is ``<name>.<writer>.tmp`` (:func:`tmp_name`): two processes writing the
+#: same file (a build's worker that outlived it, and the rerun) never write into one file.
 TMP_SUFFIX = ".tmp"
 #: The build's record of itself, beside the shards (``dataprep.build.make_manifest``).
 MANIFEST = "manifest.json"
-_SHARD_FILE = re.compile(r"[^/]+-[0-9]{6}\.tar(" + re.escape(TMP_SUFFIX) + ")?")
+_TMP_PART = r"(\.[0-9a-f]{5,})?" + re.escape(TMP_SUFFIX)  # [.<writer>].tmp (older builds: no writer)
+_SHARD_FILE = re.compile(r"[^/]+-[0-9]{6}\.tar(" + _TMP_PART + ")?")
+
+
+def tmp_name(path: str) -> str:
+    """The temporary name this process writes ``path`` under (renamed to ``path`` when complete)."""
+    return f"{path}.{os.getpid():x}{threading.get_ident() % 65536:04x}{TMP_SUFFIX}"
+
+
+def final_name(name: str) -> str:
+    """``name`` without :func:`tmp_name`'s ``.<writer>.tmp`` (a final name comes back as it is)."""
+    return re.sub(_TMP_PART + "$", "", name)
 
 
 def shard_name(split: str, index: int) -> str:
@@ -113,7 +128,7 @@ class ShardWriter:
     """Streams samples into ``path`` (any fsspec filesystem), atomically.
 
     Samples are written as they come (nothing but the current write buffer is held in memory) to
-    ``<path>.tmp``, which ``close`` renames to ``path``; ``abort`` (or leaving a ``with`` block by an
+    ``<path>.<writer>.tmp`` (:func:`tmp_name`), which ``close`` renames to ``path``; ``abort`` (or leaving a ``with`` block by an
     exception) removes it, so a final name never holds a half-written shard. The sha256 and size
     are computed on the way out (no second read). Nothing is created until the first sample.
 
@@ -124,7 +139,7 @@ class ShardWriter:
     def __init__(self, fs: fsspec.AbstractFileSystem, path: str, buffer_size: int = WRITE_BUFFER):
         self.fs = fs
         self.path = path
-        self.tmp = path + TMP_SUFFIX
+        self.tmp = tmp_name(path)
         self.buffer_size = buffer_size
         self.sha256 = hashlib.sha256()
         self.size = 0
@@ -264,12 +279,13 @@ def write_info(fs: fsspec.AbstractFileSystem, out: str, name: str, shards: list[
 
 
 def write_json(fs: fsspec.AbstractFileSystem, path: str, obj, *, indent: int | None = None) -> None:
-    """``obj`` as JSON (sorted keys) at ``path``, written as ``path + TMP_SUFFIX`` and renamed when
+    """``obj`` as JSON (sorted keys) at ``path``, written under :func:`tmp_name` and renamed when
     complete: a run killed meanwhile leaves the previous file whole, never a truncated one."""
     data = json.dumps(obj, indent=indent, sort_keys=True).encode("utf-8") + b"\n"
-    with fs.open(path + TMP_SUFFIX, "wb") as f:
+    tmp = tmp_name(path)
+    with fs.open(tmp, "wb") as f:
         f.write(data)
-    fs.mv(path + TMP_SUFFIX, path)
+    fs.mv(tmp, path)
 
 
 def read_info_splits(folder: str) -> dict:

@@ -107,6 +107,50 @@ def test_biwi_tracking_rejections_and_reuse_land_in_manifest(sample_tree, tmp_pa
     assert all(r["box"] == [400, 300, 480, 400] for r in recs.values())
 
 
+def test_biwi_unreadable_frame_is_rejected_as_unreadable_not_as_no_face(sample_tree, tmp_path, monkeypatch):
+    import shutil
+
+    root = tmp_path / "hpdb"
+    shutil.copytree(sample_tree / "hpdb", root)
+    frames = sorted((root / "01").glob("*_rgb.png"))
+    frames[1].write_bytes(frames[1].read_bytes()[:200])  # a truncated download
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps({"by": "group", "test": ["01"]}))
+    a = Detection((400, 300, 480, 400), 0.99)
+    monkeypatch.setattr(box_stage, "create_detector", lambda *a_, **k: ScriptedDetector([[a], [a]]))
+    m = build(_opts(root, tmp_path / "o", "biwi", tmp_path / "c", protocol="1", split_file=str(split),
+                    biwi_tracking="none"))
+    assert m["counts"]["written"] == 2
+    (rejected,) = m["rejected"]
+    assert rejected["reason"] == "unreadable_image" and frames[1].name in rejected["message"]
+
+
+def test_resumed_tracking_build_follows_a_fixed_frame_through_its_sequence(sample_tree, tmp_path):
+    import shutil
+
+    import cv2
+    import numpy as np
+
+    root = tmp_path / "hpdb"
+    shutil.copytree(sample_tree / "hpdb", root)
+    frames = sorted((root / "01").glob("*_rgb.png"))
+    first = frames[0].read_bytes()
+    black = cv2.imencode(".png", np.zeros((480, 640, 3), np.uint8))[1].tobytes()
+    for frame in frames[:2]:
+        frame.write_bytes(black)  # no face: with no earlier box, nothing to reuse
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps({"by": "group", "test": ["01"]}))
+    kw = dict(protocol="1", split_file=str(split), biwi_tracking="previous", shard_size=1)
+    out = tmp_path / "o"
+    m = build(_opts(root, out, "biwi", tmp_path / "c", **kw))
+    assert sorted(r["reason"] for r in m["rejected"]) == ["no_face", "no_face"]
+    frames[0].write_bytes(first)  # the user fixes the first frame: the second now reuses its box
+    again = build(_opts(root, out, "biwi", tmp_path / "c", **kw))
+    fresh = build(_opts(root, tmp_path / "fresh", "biwi", tmp_path / "c", **kw))
+    assert again["counts"] == fresh["counts"] and fresh["counts"]["written"] == len(frames)
+    assert_same_shards(tmp_path / "fresh", out)
+
+
 def test_aflw2000_mtcnn_picks_the_face_on_the_ground_truth(sample_tree, tmp_path):
     split = tmp_path / "split.json"
     names = sorted(p.name for p in (sample_tree / "AFLW2000").glob("*.jpg"))[:4]

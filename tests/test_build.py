@@ -7,6 +7,7 @@ import json
 import re
 import shutil
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import cv2
@@ -162,6 +163,64 @@ def test_resume_after_interrupt_is_byte_identical(sample_tree, tmp_path, monkeyp
     assert verify(str(out)).ok
 
 
+def test_resume_refuses_other_options_and_rewrites_a_damaged_shard(sample_tree, tmp_path, monkeypatch):
+    root = sample_tree / "300W_LP"
+    out = tmp_path / "o"
+    finished = build_killed_at_shard(monkeypatch, opts(root, out, "300w_lp", shard_size=3, crop_size=112))
+    assert finished
+    # no manifest yet: the interrupted build's progress says what it was
+    with pytest.raises(BuildError, match=r"interrupted build made with other options .* --overwrite"):
+        build(opts(root, out, "300w_lp", shard_size=5))
+    assert {p.name for p in out.glob("*.tar")} == finished
+    build(opts(root, out, "300w_lp", shard_size=3, crop_size=112))  # the same command finishes it
+    reference = tmp_path / "reference"
+    build(opts(root, reference, "300w_lp", shard_size=3, crop_size=112))
+    shard = out / sorted(finished)[0]
+    shard.write_bytes(shard.read_bytes()[:5000])  # truncated since (a full disk, a bad copy)
+    calls = []
+    real_run_shard = build_mod.run_shard
+    monkeypatch.setattr(build_mod, "run_shard", lambda task, *a: calls.append(task.name) or real_run_shard(task, *a))
+    build(opts(root, out, "300w_lp", shard_size=3, crop_size=112))
+    assert calls == [shard.name]
+    assert_same_shards(reference, out)
+    assert verify(str(out)).ok
+
+
+def test_one_build_at_a_time_per_out_folder(sample_tree, tmp_path):
+    import socket
+    import subprocess
+
+    from dataprep.pipeline import LOCK_FILE, lock_holder, run_shard
+
+    root, out = sample_tree / "AFLW2000", tmp_path / "o"
+    out.mkdir()
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:  # a live build on this machine holds the folder
+        (out / LOCK_FILE).write_text(f"{socket.gethostname()}:{sleeper.pid}:abcd")
+        with pytest.raises(BuildError, match=rf"another dataprep build \(pid {sleeper.pid}\) is writing to .* wait"):
+            build(opts(root, out, "aflw2000"))
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    (out / LOCK_FILE).write_text("elsewhere:123:abcd")  # another machine's build: cannot be checked from here
+    with pytest.raises(BuildError, match=r"a dataprep build on elsewhere \(pid 123\) .* delete .*\.dataprep\.lock"):
+        build(opts(root, out, "aflw2000"))
+    # a killed build's lock (its process is gone) is taken over, and released when the build ends
+    (out / LOCK_FILE).write_text(f"{socket.gethostname()}:{sleeper.pid}:abcd")
+    build(opts(root, out, "aflw2000"))
+    assert not (out / LOCK_FILE).exists() and verify(str(out)).ok
+    # a worker that outlived its build finds another build's token and writes nothing
+    task = build_mod.plan_shards({"test": build_mod.get_reader("aflw2000").list_samples(root)}, 4)[0]
+    settings = build_mod.resolve_settings(opts(root, out, "aflw2000"), build_mod.protocols.load("1", "aflw2000"),
+                                          {"test": task.refs})
+    (out / LOCK_FILE).write_text("new-build")
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    with pytest.raises(RuntimeError, match=r"no longer holds .*\.dataprep\.lock .* not written"):
+        run_shard(replace(task, owner="old-build"), settings, str(root), str(out))
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+    assert lock_holder(build_mod.fsspec.filesystem("file"), str(out)) == "new-build"
+
+
 def test_rerun_after_fixing_inputs_rewrites_only_their_shards(sample_tree, tmp_path, monkeypatch):
     root = tmp_path / "AFLW2000"
     shutil.copytree(sample_tree / "AFLW2000", root)
@@ -282,6 +341,35 @@ def test_biwi_protocol2_split_by_sequence_with_depth(sample_tree, tmp_path):
     assert read_depth.dtype == np.uint16 and np.array_equal(read_depth, depth) and depth.max() > 255
 
 
+def test_a_file_name_that_is_not_utf8_is_built_like_any_other(sample_tree, tmp_path):
+    import os
+
+    root = tmp_path / "AFLW2000"
+    shutil.copytree(sample_tree / "AFLW2000", root)
+    stem = sorted(root.glob("*.jpg"))[0].stem
+    try:
+        for ext in (".jpg", ".mat"):
+            (root / f"{stem}{ext}").rename(root / os.fsdecode(b"caf\xe9_" + f"{stem}{ext}".encode()))
+    except (OSError, UnicodeError):
+        pytest.skip("this filesystem refuses file names that are not UTF-8")
+    manifest = build(opts(root, tmp_path / "o", "aflw2000"))  # was: one UnicodeEncodeError for the whole build
+    keys = set(label_records(tmp_path / "o")) | {r["key"] for r in manifest["rejected"]}
+    assert any(re.fullmatch(rf"aflw2000_caf__{stem}-[0-9a-f]{{8}}", k) for k in keys), sorted(keys)
+    assert manifest["counts"]["read"] == len(list(root.glob("*.jpg"))) and verify(str(tmp_path / "o")).ok
+
+
+def test_split_file_names_must_be_usable_in_file_names(sample_tree, tmp_path):
+    split = tmp_path / "split.json"
+    for name in ("../evil", "train/x", "Train Set", "a.b"):
+        split.write_text(json.dumps({"by": "group", name: ["01"], "test": ["02"]}))
+        with pytest.raises(ValueError, match=re.escape(f"split names {name!r} are not usable in shard file names")):
+            build(opts(sample_tree / "hpdb", tmp_path / "o", "biwi", protocol="2", detector="gt", split_file=str(split)))
+    assert not (tmp_path / "evil-000000.tar").exists() and not (tmp_path / "o").exists()
+    with pytest.raises(ValueError, match=r"--split-file .*nope.json not found; give a JSON file"):
+        build(opts(sample_tree / "hpdb", tmp_path / "o", "biwi", protocol="2", detector="gt",
+                   split_file=str(tmp_path / "nope.json")))
+
+
 def test_split_seed_keeps_people_together(sample_tree, tmp_path):
     build(opts(sample_tree / "hpdb", tmp_path, "biwi", protocol="2", detector="gt", split_seed=7))
     records = label_records(tmp_path)
@@ -316,7 +404,7 @@ def test_split_file(sample_tree, tmp_path):
 
 
 @pytest.mark.parametrize("bad, message", [
-    (dict(crop_size=0), "--crop-size 0"), (dict(margin=-1.0), "--margin -1.0"), (dict(jpeg_quality=500), "--jpeg-quality 500"),
+    (dict(crop_size=0), "--crop-size 0"), (dict(margin=-1.0), "--margin -1.0"), (dict(margin=float("inf")), "--margin inf"), (dict(jpeg_quality=500), "--jpeg-quality 500"),
     (dict(shard_size=0), "--shard-size 0"), (dict(batch_size=0), "--batch-size 0"), (dict(jobs=-2), "--jobs -2"),
     (dict(augment=("foo",)), "--augment: unknown augmentation 'foo'"),
     (dict(crop_rule="hopenet", margin=0.8), "--margin 0.8 applies to --crop-rule square only, not hopenet"),
@@ -580,6 +668,24 @@ def test_cli_says_what_to_do_instead_of_a_traceback(sample_tree, tmp_path, capsy
     monkeypatch.setattr(build_mod, "build", interrupted)
     assert cli_main(["build", "--dataset", "aflw2000", "--root", root, "--out", str(tmp_path / "o"), "--no-progress"]) == 130
     assert "run the same command again to resume" in capsys.readouterr().err
+
+    from joblib.externals.loky.process_executor import TerminatedWorkerError
+
+    def worker_died(opts):  # what joblib raises when the kernel kills a worker for memory
+        raise TerminatedWorkerError("A worker process managed by the executor was unexpectedly terminated.\nmore")
+
+    monkeypatch.setattr(build_mod, "build", worker_died)
+    assert cli_main(["build", "--dataset", "aflw2000", "--root", root, "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "a worker process died (A worker process managed" in err
+    assert "run the same command again to resume (with fewer --jobs if memory ran out)" in err
+
+
+def test_python_m_dataprep_runs_the_command():
+    import subprocess
+
+    done = subprocess.run([sys.executable, "-m", "dataprep", "protocols"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "protocol" in done.stdout.lower()
 
 
 def test_a_closed_output_pipe_is_not_a_traceback():
