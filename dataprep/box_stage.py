@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from . import codec
 from .detectors import DetectionCache, create_detector, image_key_from_bytes, track_sequence
+from .detectors.tracking import DEFAULT_MAX_JUMP
 from .pipeline import DECISIONS_SUFFIX, ShardTask, progress_file
 from .records import SampleRef
 
@@ -149,7 +150,8 @@ def biwi_decisions(refs: list[SampleRef], detections: dict[str, list], mode: str
         results = track_sequence([detections[r.key] for r in frames], image_size, mode)
         for ref, result in zip(frames, results):
             if result.rejected:
-                why = {"no_face": "no face above the score threshold", "box_jump": "face box jumped 80 px or more from the previous accepted frame"}
+                why = {"no_face": "no face above the score threshold",
+                       "box_jump": f"face box jumped {DEFAULT_MAX_JUMP:g} px or more from the previous accepted frame"}
                 decisions[ref.key] = {"rejected": result.rejected, "message": f"{why.get(result.rejected, result.rejected)} (--biwi-tracking {mode})"}
             else:
                 decisions[ref.key] = {"box": list(result.box), "score": float(result.score), "tracking": {"mode": mode, "reused": bool(result.reused)}}

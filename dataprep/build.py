@@ -273,6 +273,9 @@ def check_options(opts: BuildOptions) -> None:
         problems.append("--split-seed and --split-file both choose the splits: give one")
     if opts.biwi_tracking and get_reader(opts.dataset).NAME != "biwi":
         problems.append(f"--biwi-tracking applies to BIWI only, not {opts.dataset}")
+    elif opts.biwi_tracking and opts.detector == "gt":
+        problems.append("--biwi-tracking applies to detector boxes (--detector mtcnn or retinaface); ground-truth "
+                        "boxes are never missing or jumping: drop it")
     try:
         parse_device(opts.device)
     except ValueError as err:
@@ -332,6 +335,9 @@ def build(opts: BuildOptions) -> dict:
     except FileNotFoundError:
         out_is_file = False
     except Exception as err:  # noqa: BLE001 - remote stores raise their own types (botocore, aiohttp, ...)
+        if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+            raise BuildError(f"--out {opts.out}: cannot use it ({type(err).__name__}: {err}); give a folder you "
+                             "can write to") from None
         raise BuildError(f"--out {opts.out}: cannot reach it ({type(err).__name__}: {err}); check the URL, "
                          "the endpoint and the credentials") from None
     if out_is_file:

@@ -36,7 +36,7 @@ def crop_and_resize(image: np.ndarray, window, size: int | tuple[int, int], *, i
         interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
     if image.dtype == np.uint16:
         interpolation = cv2.INTER_NEAREST  # depth: never invent readings between surfaces
-    resized = cv2.resize(region, (out_w, out_h), interpolation=interpolation)  # a view: no copy of the crop
+    resized = cv2.resize(region, (out_w, out_h), interpolation=interpolation)
     return resized, [x1, y1, x2, y2]
 
 
@@ -142,8 +142,8 @@ def recrop(image: np.ndarray, record: dict, rule: str, size: int, *, rng=None, m
     This is how one set of shards serves every model: the record carries every face box in source
     pixels and the window the stored crop covers (``crop``), so any rule's window can be mapped into
     the stored crop. Pixels the stored crop does not cover come out black. ``interpolation``: as in
-    :func:`crop_and_resize` (``dataprep.loader`` passes ``cv2.INTER_LINEAR``, as training pipelines
-    resize; None keeps the build's choice).
+    :func:`crop_and_resize` (``cv2.INTER_LINEAR`` as training pipelines resize, and as
+    ``dataprep.loader``'s re-crop does; None keeps the build's choice).
     """
     h, w = image.shape[:2]
     taken = recrop_window(record, rule, (w, h), rng=rng, margin=margin, box_name=box_name)

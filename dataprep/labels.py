@@ -226,8 +226,6 @@ EHPNET_BINS = BinSpec("ehpnet", -93.0, 93.0, 3.0)
 #: WHENet full-range yaw: 120 bins of 3 degrees over [-180, 180].
 WHENET_YAW_BINS = BinSpec("whenet_yaw", -180.0, 180.0, 3.0)
 
-BINS = {b.name: b for b in (HOPENET_BINS, EHPNET_BINS, WHENET_YAW_BINS)}
-
 
 def wrapped_angle_difference(a, b):
     """Smallest absolute difference between angles in degrees on the circle (WHENet's yaw loss)."""

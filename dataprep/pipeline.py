@@ -19,6 +19,7 @@ import numpy as np
 from . import __version__
 from . import boxes as box_rules
 from . import labels
+from .augment import key_rng
 from .crop import crop_and_resize
 from .datasets import get_reader
 from .records import RawSample, SampleError, SampleRef
@@ -97,12 +98,6 @@ def load_decisions(fs, task: ShardTask, settings_fingerprint: str) -> dict[str, 
     return spooled["decisions"]
 
 
-def sample_rng(seed: int, key: str) -> np.random.Generator:
-    """Per-sample generator: depends on the seed and the key only, not on order or worker."""
-    digest = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little")
-    return np.random.default_rng(np.random.SeedSequence([seed, digest]))
-
-
 # ------------------------------------------------------------------------------------------ box
 def choose_box(sample: RawSample, settings: Settings, decision: dict | None) -> tuple[dict, dict, str]:
     """Box stage: all box variants, their scores, and the name of the one the crop uses."""
@@ -172,7 +167,8 @@ def crop_sample(sample: RawSample, split: str, settings: Settings, decision: dic
         record["tracking"] = decision["tracking"]
     depth = None
     if sample.depth is not None and "depth_box" in sample.extra:
-        # The depth camera sees the head elsewhere than the RGB camera: its own box, same rule.
+        # The depth camera sees the head elsewhere than the RGB camera: its own box, square-padded
+        # with --margin whatever --crop-rule (no paper has a depth crop rule to follow).
         depth_window = box_rules.square_pad(sample.extra["depth_box"], settings.margin)
         depth, depth_crop = crop_and_resize(sample.depth, depth_window, settings.crop_size)
         record["depth_crop"] = depth_crop
@@ -224,7 +220,7 @@ def process_ref(reader, root: Path, ref: SampleRef, split: str, settings: Settin
             f"{ref.source}: yaw {sample.yaw:.2f}, pitch {sample.pitch:.2f}, roll {sample.roll:.2f} outside "
             f"[-{limit:g}, {limit:g}] (protocol {settings.protocol} filter)",
         )
-    rng = sample_rng(settings.seed, ref.key)
+    rng = key_rng(ref.key, settings.seed)
     image, record, landmarks, depth = crop_sample(sample, split, settings, decision, rng)
     variants = augment_variants(image, record, landmarks, settings, rng)
     return [encode_sample(img, rec, pts, depth if i == 0 else None, settings) for i, (img, rec, pts) in enumerate(variants)]

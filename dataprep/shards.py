@@ -243,14 +243,6 @@ def write_shard(fs: fsspec.AbstractFileSystem, path: str, samples) -> dict:
         return writer.close(keep_empty=True)
 
 
-def sha256_of(fs: fsspec.AbstractFileSystem, path: str, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with fs.open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def dumps_json(obj) -> bytes:
     """Canonical JSON bytes (sorted keys, no spaces) so records and manifests are deterministic."""
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False).encode("utf-8")

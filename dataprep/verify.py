@@ -174,6 +174,9 @@ def verify(out: str, decode: bool = True) -> VerifyReport:
     report = VerifyReport()
     problems = report.problems
     manifest_path = posixpath.join(base, MANIFEST)
+    if not fs.exists(base):
+        problems.append(f"{base}: no such folder; give the --out folder of a dataprep build")
+        return report
     if not fs.exists(manifest_path):
         problems.append(f"{manifest_path}: no manifest; is this a dataprep build folder?")
         problems += _folder_problems(fs, base, None, None)

@@ -647,6 +647,13 @@ def test_cli_says_what_to_do_instead_of_a_traceback(sample_tree, tmp_path, capsy
     root = str(sample_tree / "AFLW2000")
     assert cli_main(["build", "--dataset", "aflw2000", "--root", root, "--out", str(a_file), "--no-progress"]) == 2
     assert "--out " + str(a_file) + " is a file; give a folder" in capsys.readouterr().err
+    assert cli_main(["build", "--dataset", "aflw2000", "--root", root, "--out", str(a_file / "sub"), "--no-progress"]) == 2
+    assert "cannot use it (NotADirectoryError" in capsys.readouterr().err  # not "check the URL, the endpoint"
+    assert cli_main(["verify", str(tmp_path / "nowhere")]) == 1
+    assert "nowhere: no such folder; give the --out folder of a dataprep build" in capsys.readouterr().err
+    assert cli_main(["build", "--dataset", "biwi", "--root", str(sample_tree / "hpdb"), "--out", str(tmp_path / "b"),
+                     "--detector", "gt", "--biwi-tracking", "none", "--no-progress"]) == 2
+    assert "--biwi-tracking applies to detector boxes" in capsys.readouterr().err  # was accepted and ignored
     assert cli_main(["sample", "--out", str(a_file)]) == 2
     assert "dataprep sample: error: " in capsys.readouterr().err and a_file.read_text() == "not a folder"
     real = tmp_path / "data" / "hpdb" / "01"  # a real download: the sample tree would write over it

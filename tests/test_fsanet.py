@@ -55,7 +55,7 @@ def test_specs():
     for name in SINGLE + ("fsanet_fusion",):
         spec = registry.get(name)
         assert (spec.input_size, spec.crop_rule, spec.normalize) == (64, "fsanet", "raw_bgr")
-        assert spec.defaults == {"batch_size": 16, "epochs": 90}
+        assert spec.defaults == {"batch_size": 16, "epochs": 90, "lr": 1e-3}  # the paper: Adam 1e-3, batch 16, 90 epochs
 
 
 def test_forward_shapes():

@@ -459,13 +459,19 @@ def test_a_shard_folder_gets_its_brace_patterns(shards, tmp_path):
     assert count_samples(train_pattern.split(" ")[0]) == 8  # the pattern it gives reads the split
 
 
-def test_metrics_record_the_learning_rates_used(shards, tmp_path):
+def test_metrics_record_the_learning_rates_used(shards, tmp_path, monkeypatch):
     """metrics.json's ``lr`` is the base rate the optimiser used (the spec's default when --lr is
     not given) and ``param_group_lrs`` each group's (Hopenet's three); per epoch, as scheduled."""
     metrics = train(tmp_path / "fsanet", "fsanet_1x1", "--train", shards.four, "--steps", "1")
     assert metrics["args"]["lr"] == 1e-3 and metrics["args"]["param_group_lrs"] == [1e-3]
     epoch = metrics["epochs"][0]  # MultiStepLR: x0.1 after the first of 1 step
     assert epoch["lr"] == pytest.approx(1e-4) and epoch["param_group_lrs"] == [pytest.approx(1e-4)]
+    # the spec's defaults["lr"] is the one place the default lives (make_optimizer's own is a fallback)
+    from train_minimal import registry
+
+    monkeypatch.setitem(registry.get("fsanet_1x1").defaults, "lr", 4e-3)
+    metrics = train(tmp_path / "fsanet2", "fsanet_1x1", "--train", shards.four, "--steps", "1")
+    assert metrics["args"]["lr"] == 4e-3 and metrics["args"]["param_group_lrs"] == [4e-3]
     metrics = train(tmp_path / "hopenet", "hopenet", "--train", shards.four, "--steps", "1", "--input-size", "64",
                     "--lr", "2e-5")
     lrs = [0.0, 2e-5, pytest.approx(1e-4)]  # frozen stem, trunk, heads at 5 x lr

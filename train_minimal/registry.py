@@ -32,7 +32,11 @@ class ModelSpec:
     #: ``make_optimizer(model, total_steps: int, lr: float | None) -> (optimizer, scheduler | None)``.
     make_optimizer: Callable[..., tuple]
     description: str = ""
-    defaults: dict[str, Any] = field(default_factory=dict)  # e.g. {"batch_size": 16, "epochs": 90}
+    #: The paper's settings the trainer reads: ``batch_size`` (``--batch-size``'s default), ``lr``
+    #: (``--lr``'s, passed to ``make_optimizer``), ``alpha``, ``clip_grad_value`` / ``clip_grad_norm``,
+    #: ``kd_weight``, ``wrap_yaw``, ``find_unused_parameters``; ``epochs`` is the paper's schedule
+    #: length, for reference (``--epochs`` or ``--steps`` is always given).
+    defaults: dict[str, Any] = field(default_factory=dict)
     #: Optional ``distill(student_outputs, [teacher_outputs, ...]) -> Tensor``: the knowledge-
     #: distillation term the trainer adds to ``loss`` when run with ``--teachers``.
     distill: Callable[..., torch.Tensor] | None = None

@@ -1,8 +1,8 @@
 """``python -m train_minimal {train,eval,params,convert-fsanet}``: a minimal trainer proving the
 shards train the papers' models.
 
-train  --model NAME --train URL [--val NAME=URL ...] (--epochs N | --steps N) --batch-size B
-       --device auto|cpu|cuda --out DIR [--lr] [--alpha] [--teachers c1,c2] [--pretrained none|auto|PATH]
+train  --model NAME --train URL [--val NAME=URL ...] (--epochs N | --steps N) [--batch-size B]
+       [--device auto|cpu|cuda|cuda:N|mps] --out DIR [--lr] [--alpha] [--teachers c1,c2] [--pretrained none|auto|PATH]
        [--workers N] [--seed S] [--gpu-decode] [--epoch-length N] [--input-size N] [--amp auto|off|bf16|fp16]
 eval   --ckpt C --data URL [--model NAME] [--batch-size B] [--device D] [--amp ...]
 params --model NAME
@@ -446,7 +446,7 @@ def cmd_train(args) -> int:
     made_out = is_main and not out_dir.exists()
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)  # once the data, teachers and step count are settled
-    opt, sched = spec.make_optimizer(model, total_steps, args.lr)
+    opt, sched = spec.make_optimizer(model, total_steps, args.lr if args.lr is not None else spec.defaults.get("lr"))
     net = model
     if distributed:
         from torch.nn.parallel import DistributedDataParallel as DDP

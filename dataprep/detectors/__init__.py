@@ -16,7 +16,6 @@ from .cache import (
     DetectionCache,
     detect_with_cache,
     image_key_from_bytes,
-    image_key_from_file,
     image_key_from_pixels,
 )
 from .tracking import TrackResult, iou, select_face, track_sequence
@@ -90,7 +89,6 @@ __all__ = [
     "create_detector",
     "detect_with_cache",
     "image_key_from_bytes",
-    "image_key_from_file",
     "image_key_from_pixels",
     "iou",
     "resolve_device",

@@ -30,10 +30,6 @@ def image_key_from_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def image_key_from_file(path) -> str:
-    return image_key_from_bytes(Path(path).read_bytes())
-
-
 def image_key_from_pixels(image: np.ndarray) -> str:
     """Cache key of decoded pixels: sha256 over dtype, shape and the bytes."""
     image = np.ascontiguousarray(image)

@@ -26,7 +26,7 @@ Pipeline (a :class:`webdataset.DataPipeline`)::
        knows such as ``pipe:``/``http(s)``, otherwise ``fsspec`` e.g. ``s3://``, ``gs://``,
        ``memory://``) -> tar members grouped into samples (webdataset's rules, tar headers parsed
        here: ``_tar_files``; compressed shards go through ``tarfile``)
-    -> buffer shuffle (wds.shuffle) -> decode (``.jpg`` with cv2, or kept as bytes for a GPU
+    -> buffer shuffle (wds.shuffle) -> decode (``.jpg`` through ``dataprep.codec``: libjpeg-turbo, OpenCV's pixels; or kept as bytes for a GPU
        decoder; ``.json``; ``.pts.npy`` with ``allow_pickle=False``) -> optional recrop to a crop
        rule (``crop.rule_window``; bilinear resize, JPEGs decoded at 1/2-1/8 scale where the window
        is at least twice the output, a window past the stored crop snapped so only the stored

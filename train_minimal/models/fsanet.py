@@ -361,7 +361,7 @@ def make_optimizer(model, total_steps: int, lr: float | None = None):
     return opt, sched
 
 
-DEFAULTS = {"batch_size": 16, "epochs": 90}
+DEFAULTS = {"batch_size": 16, "epochs": 90, "lr": 1e-3}
 
 
 def _load_into(model: nn.Module, name: str, pretrained) -> nn.Module:
