@@ -200,11 +200,14 @@ class BinSpec:
         return int(round((self.high - self.low) / self.width))
 
     def to_bin(self, angle):
-        """Angle(s) in degrees -> bin index(es) in ``[0, count - 1]``.
+        """Angle(s) in degrees -> bin index(es) in ``[0, count - 1]`` (a torch tensor gives an int64
+        tensor on its device: the trainer's targets).
 
         Hopenet's ``np.digitize`` puts an angle of exactly ``high`` into bin ``count`` (one past the
         last class) and crashes the cross-entropy; we clip both ends instead.
         """
+        if _is_tensor(angle):
+            return ((angle.float() - self.low) / self.width).floor().long().clamp(0, self.count - 1)
         a = np.asarray(angle, dtype=np.float64)
         idx = np.floor((a - self.low) / self.width).astype(np.int64)
         idx = np.clip(idx, 0, self.count - 1)
@@ -214,7 +217,11 @@ class BinSpec:
         return self.low + self.width * (np.arange(self.count) + 0.5)
 
     def decode(self, probabilities):
-        """Softmax probabilities ``(..., count)`` -> angle(s) in degrees, as the papers decode."""
+        """Softmax probabilities ``(..., count)`` -> angle(s) in degrees, as the papers decode (the
+        expected bin index: ``width * sum(p * index) + low``; a torch tensor stays one)."""
+        if _is_tensor(probabilities):
+            index = _torch().arange(self.count, device=probabilities.device, dtype=probabilities.dtype)
+            return self.width * (probabilities * index).sum(dim=-1) + self.low
         p = np.asarray(probabilities, dtype=np.float64)
         return self.width * (p * np.arange(self.count)).sum(axis=-1) + self.low
 
@@ -228,6 +235,21 @@ WHENET_YAW_BINS = BinSpec("whenet_yaw", -180.0, 180.0, 3.0)
 
 
 def wrapped_angle_difference(a, b):
-    """Smallest absolute difference between angles in degrees on the circle (WHENet's yaw loss)."""
+    """Smallest absolute difference between angles in degrees on the circle (WHENet's yaw loss;
+    torch tensors in, a tensor out, gradients kept)."""
+    if _is_tensor(a) or _is_tensor(b):
+        d = _torch().remainder((a - b).abs(), 360.0)
+        return _torch().minimum(d, 360.0 - d)
     d = np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)) % 360.0
     return np.minimum(d, 360.0 - d)
+
+
+def _is_tensor(x) -> bool:
+    """A torch tensor (without importing torch for numpy callers)."""
+    return type(x).__module__.startswith("torch")
+
+
+def _torch():
+    import torch
+
+    return torch

@@ -63,6 +63,17 @@ def is_shard_file(name: str) -> bool:
     return bool(_SHARD_FILE.fullmatch(name))
 
 
+def split_member(name: str) -> tuple[str | None, str | None]:
+    """A tar member name -> ``(key, extension)`` as webdataset splits it (``base_plus_ext``): the
+    key is the name up to the first dot of its last path part (``a/b.pts.npy`` -> ``a/b``,
+    ``pts.npy``); ``(None, None)`` for a name without one. Every reader of shards here uses it."""
+    slash = name.rfind("/")
+    dot = name.find(".", slash + 1)
+    if dot > slash + 1:
+        return name[:dot], name[dot + 1:]
+    return None, None
+
+
 def check_member(key: str, extension: str) -> None:
     """Refuse member names that could escape a folder or confuse webdataset (dots, slashes)."""
     if not SAFE_MEMBER.match(key):

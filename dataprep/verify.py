@@ -15,7 +15,7 @@ import numpy as np
 
 from . import codec
 from .shards import INFO_FILE as INFO
-from .shards import MANIFEST, TMP_SUFFIX, info_splits, is_shard_file
+from .shards import MANIFEST, TMP_SUFFIX, info_splits, is_shard_file, split_member
 
 
 @dataclass
@@ -77,7 +77,7 @@ def check_shard(fileobj, decode: bool = True) -> tuple[list[str], list[str]]:
                 if not member.isfile() or name.startswith("/") or ".." in name.split("/"):
                     problems.append(f"member {name!r} is not a plain relative file")
                     continue
-                key = name.split(".", 1)[0]
+                key = split_member(name)[0] or name
                 if not keys or keys[-1] != key:
                     if key in seen:  # readers group adjacent members only: this sample comes out twice
                         problems.append(f"sample {key!r} appears again after other samples ({name})")

@@ -125,7 +125,9 @@ def test_ehpnet_schedule_warms_up_then_decays(built):
 def test_bin_maths_match_binspec(bins):
     rng = np.random.default_rng(0)
     angles = rng.uniform(bins.low - 10, bins.high + 10, 200)
-    assert _bin_heads.angle_to_bin(torch.from_numpy(angles), bins).tolist() == bins.to_bin(angles).tolist()
+    # labels.py is the one place of the bin maths: tensors in (the trainer), the same answers as numpy
+    got = bins.to_bin(torch.from_numpy(angles))
+    assert got.dtype == torch.int64 and got.tolist() == bins.to_bin(angles).tolist()
     logits = rng.normal(size=(5, bins.count))
     probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
     np.testing.assert_allclose(_bin_heads.expected_angle(torch.from_numpy(logits), bins).numpy(), bins.decode(probs),
@@ -140,8 +142,12 @@ def test_wrapped_yaw_loss():
     near = _bin_heads.bin_head_loss(logits, torch.tensor([-179.0]), bins, 1.0, wrap=True)
     plain = _bin_heads.bin_head_loss(logits, torch.tensor([-179.0]), bins, 1.0, wrap=False)
     assert near < 100 < plain
-    d = _bin_heads.wrapped_difference(torch.tensor([170.0, -170.0, 10.0]), torch.tensor([-170.0, 170.0, 350.0]))
-    np.testing.assert_allclose(d.numpy(), labels.wrapped_angle_difference([170, -170, 10], [-170, 170, 350]))
+    a = torch.tensor([170.0, -170.0, 10.0], requires_grad=True)
+    d = labels.wrapped_angle_difference(a, torch.tensor([-170.0, 170.0, 350.0]))
+    np.testing.assert_allclose(d.detach().numpy(), labels.wrapped_angle_difference([170, -170, 10], [-170, 170, 350]))
+    np.testing.assert_allclose(d.detach().numpy(), [20.0, 20.0, 20.0])
+    d.sum().backward()  # a loss term: gradients flow
+    assert a.grad is not None
 
 
 def test_whenet_loss_uses_the_wrapped_yaw_error():

@@ -49,6 +49,7 @@ from torch import nn
 
 from dataprep import devices
 from dataprep.devices import DEVICE_FORMS, parse_device
+from dataprep.labels import wrapped_angle_difference
 from dataprep.loader import UnreadableShard, shard_error_line
 
 from . import registry
@@ -243,8 +244,7 @@ def evaluate(model: nn.Module, loader, spec, device: torch.device, *, amp_dtype=
         pred = spec.decode(to_float(out)).double()
         err = (pred - targets["angles"].double()).abs()
         if wrap_yaw:
-            err[:, 0] = torch.remainder(err[:, 0], 360.0)
-            err[:, 0] = torch.minimum(err[:, 0], 360.0 - err[:, 0])
+            err[:, 0] = wrapped_angle_difference(pred[:, 0], targets["angles"][:, 0].double())
         total += err.sum(0)
         n += x.shape[0]
     model.train(was_training)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .. import boxes as box_rules
 from .. import crop as crop_ops
-from ..shards import MANIFEST
+from ..shards import MANIFEST, split_member
 
 
 #: Box variants in the order tables and legends list them (others, if any, follow sorted).
@@ -114,9 +114,9 @@ def load_build(out) -> Build:
         try:
             with tarfile.open(path) as tar:
                 for info in tar.getmembers():
-                    if not info.isfile() or "." not in info.name:
+                    key, ext = split_member(info.name)
+                    if not info.isfile() or key is None:
                         continue
-                    key, ext = info.name.split(".", 1)
                     sample = by_key.setdefault(key, Sample(record={}, shard=path))
                     sample.members[ext] = info
                     if ext == "json":

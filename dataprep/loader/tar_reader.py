@@ -14,6 +14,7 @@ from typing import Callable
 from webdataset import tariterators
 from webdataset.utils import PipelineStage
 
+from ..shards import split_member
 from .urls import local_path, open_url
 
 _WANTED_SUFFIXES = (".jpg", ".json", ".pts.npy")
@@ -228,12 +229,10 @@ def _wanted_file(name: str, select) -> bool:
 
 
 def _split_key(name: str) -> tuple[str | None, str | None]:
-    """webdataset's ``base_plus_ext``: the key is the name up to the first dot of its last part."""
-    slash = name.rfind("/")
-    dot = name.find(".", slash + 1)
-    if dot > slash + 1:
-        return name[:dot], name[dot + 1:]
-    return tariterators.base_plus_ext(name)
+    """webdataset's ``base_plus_ext`` (:func:`shards.split_member`; webdataset's own for names it
+    does not cover)."""
+    key, ext = split_member(name)
+    return (key, ext) if key is not None else tariterators.base_plus_ext(name)
 
 
 def _tar_samples(stream, url: str, handler: Callable[[Exception], bool]):

@@ -1,6 +1,6 @@
-"""Bin-classification heads shared by Hopenet, EHPNet and WHENet: torch versions of the
-``dataprep.labels.BinSpec`` maths (angle -> bin, expected angle), the combined cross-entropy +
-``alpha`` x MSE head loss (Hopenet's), and the pose network with three linear bin heads."""
+"""Bin-classification heads shared by Hopenet, EHPNet and WHENet: the combined cross-entropy +
+``alpha`` x MSE head loss (Hopenet's) and the pose network with three linear bin heads. The bin
+maths (angle -> bin, expected angle, wrapped difference) is ``dataprep.labels``', on tensors."""
 from __future__ import annotations
 
 from typing import Sequence
@@ -9,26 +9,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dataprep.labels import BinSpec
-
-
-def angle_to_bin(angles: torch.Tensor, bins: BinSpec) -> torch.Tensor:
-    """Degrees -> bin index, clipped to ``[0, count - 1]`` (``BinSpec.to_bin``)."""
-    idx = torch.floor((angles.float() - bins.low) / bins.width).long()
-    return idx.clamp_(0, bins.count - 1)
+from dataprep.labels import BinSpec, wrapped_angle_difference
 
 
 def expected_angle(logits: torch.Tensor, bins: BinSpec) -> torch.Tensor:
-    """Bin logits ``(B, count)`` -> degrees ``(B,)``: ``width * sum(softmax * idx) + low``."""
-    idx = torch.arange(bins.count, device=logits.device, dtype=torch.float32)
-    prob = F.softmax(logits.float(), dim=1)
-    return bins.width * (prob * idx).sum(dim=1) + bins.low
-
-
-def wrapped_difference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``min(|a - b|, 360 - |a - b|)`` in degrees (``labels.wrapped_angle_difference``)."""
-    d = torch.remainder((a - b).abs(), 360.0)
-    return torch.minimum(d, 360.0 - d)
+    """Bin logits ``(B, count)`` -> degrees ``(B,)``: ``BinSpec.decode`` of their softmax."""
+    return bins.decode(F.softmax(logits.float(), dim=1))
 
 
 def bin_head_loss(logits: torch.Tensor, target: torch.Tensor, bins: BinSpec, alpha: float,
@@ -38,9 +24,9 @@ def bin_head_loss(logits: torch.Tensor, target: torch.Tensor, bins: BinSpec, alp
     With ``wrap`` the squared error is ``min(|d|, 360 - |d|)**2`` (WHENet's full-range yaw loss).
     """
     target = target.float()
-    ce = F.cross_entropy(logits.float(), angle_to_bin(target, bins))
+    ce = F.cross_entropy(logits.float(), bins.to_bin(target))
     pred = expected_angle(logits, bins)
-    err = wrapped_difference(pred, target) if wrap else pred - target
+    err = wrapped_angle_difference(pred, target) if wrap else pred - target
     return ce + alpha * (err ** 2).mean()
 
 
