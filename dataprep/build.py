@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import fsspec
+from fsspec.implementations.local import LocalFileSystem
 from joblib import Parallel, delayed, parallel_config
 from tqdm.auto import tqdm
 
@@ -87,14 +88,19 @@ def input_stats(reader, root: Path, refs: list[SampleRef]) -> dict[str, list[tup
     return stats
 
 
+#: How :func:`input_fingerprint` is computed, its value's prefix: fingerprints are comparable only
+#: when their schemes agree (builds before it hashed the images alone, with no prefix).
+INPUT_FINGERPRINT_SCHEME = "files-v2"
+
+
 def input_fingerprint(stats: dict[str, list[tuple]]) -> str:
-    """sha256 over the path and size of every input file, images and label files (no times: a copy
-    of the same download gives the same fingerprint)."""
+    """``files-v2:`` + sha256 over the path and size of every input file, images and label files
+    (no times: a copy of the same download gives the same fingerprint)."""
     digest = hashlib.sha256()
     for key in sorted(stats):
         for rel, size, _ in stats[key]:
             digest.update(f"{rel}\0{-1 if size is None else size}\n".encode("utf-8", "surrogateescape"))
-    return digest.hexdigest()
+    return f"{INPUT_FINGERPRINT_SCHEME}:{digest.hexdigest()}"
 
 
 def shard_inputs(stats: dict[str, list[tuple]], refs: list[SampleRef]) -> str:
@@ -192,8 +198,9 @@ def _check_out_dir(fs, base: str, fingerprint: str, overwrite: bool) -> None:
                 "replace it, or choose another --out"
             )
     elif not overwrite and fs.exists(posixpath.join(base, PROGRESS_DIR)) and _other_progress(fs, base, fingerprint):
-        raise BuildError(f"{base} holds shards of an interrupted build made with other options or inputs; run that "
-                         "command again to finish it, or pass --overwrite to replace it, or choose another --out")
+        raise BuildError(f"{base} holds shards of an interrupted build made with other options, inputs or dataprep "
+                         "version; run that command again to finish it, or pass --overwrite to replace it, or choose "
+                         "another --out")
     if overwrite and fs.exists(base):
         for path in fs.ls(base, detail=False):
             if _is_build_output(posixpath.basename(path.rstrip("/"))):
@@ -273,9 +280,6 @@ def check_options(opts: BuildOptions) -> None:
         problems.append("--split-seed and --split-file both choose the splits: give one")
     if opts.biwi_tracking and get_reader(opts.dataset).NAME != "biwi":
         problems.append(f"--biwi-tracking applies to BIWI only, not {opts.dataset}")
-    elif opts.biwi_tracking and opts.detector == "gt":
-        problems.append("--biwi-tracking applies to detector boxes (--detector mtcnn or retinaface); ground-truth "
-                        "boxes are never missing or jumping: drop it")
     try:
         parse_device(opts.device)
     except ValueError as err:
@@ -316,6 +320,9 @@ def build(opts: BuildOptions) -> dict:
         )
     assignment = protocols.assign_splits(proto, refs, split_seed=opts.split_seed, split_file=opts.split_file)
     settings = resolve_settings(opts, proto, assignment)
+    if opts.biwi_tracking and settings.detector == "gt":  # the protocol's detector counts too
+        raise BuildError("--biwi-tracking applies to detector boxes (--detector mtcnn or retinaface); ground-truth "
+                         "boxes are never missing or jumping: drop it")
     stats = input_stats(reader, root, refs)
     tasks = [replace(t, inputs=shard_inputs(stats, t.refs)) for t in plan_shards(assignment, opts.shard_size)]
     if settings.biwi_tracking:
@@ -369,8 +376,9 @@ def build(opts: BuildOptions) -> dict:
         finally:
             bar.close()
 
-        for leftover in fs.glob(posixpath.join(base, "*" + TMP_SUFFIX)):  # from a run killed mid-write
-            if _is_build_output(posixpath.basename(leftover)):
+        leftovers = fs.glob(posixpath.join(base, "*" + TMP_SUFFIX))  # from a run killed mid-write
+        for leftover in leftovers + fs.glob(posixpath.join(base, PROGRESS_DIR, "*" + TMP_SUFFIX)):
+            if _is_build_output(posixpath.basename(leftover)) or posixpath.dirname(leftover).endswith(PROGRESS_DIR):
                 fs.rm(leftover)
         ordered = [results[t.name] for t in tasks]
         manifest = make_manifest(opts, settings, proto, root, refs, ordered, fingerprint, input_fingerprint(stats))
@@ -382,36 +390,74 @@ def build(opts: BuildOptions) -> dict:
 @contextmanager
 def _out_lock(fs, base: str):
     """Hold ``base``'s lock while the build runs (yields its token), or say which build holds it:
-    two builds writing one folder would write the same shards at once. A lock whose process is gone
-    is taken over."""
-    holder = lock_holder(fs, base)
+    two builds writing one folder would write the same shards at once. The token is
+    ``host:pid:start:random`` (``start``: the process's start time, so a reused pid is not taken for
+    the build); a lock whose process is gone on this machine is taken over, one from another
+    machine must be deleted by hand (the message says so). On a local folder the lock file is
+    created exclusively: of two builds starting together one wins; on a remote store the last
+    writer wins and reads its token back."""
+    path = posixpath.join(base, LOCK_FILE)
     host = socket.gethostname()
+    holder = lock_holder(fs, base)
     if holder:
-        their_host, _, rest = holder.partition(":")
-        pid = rest.partition(":")[0]
+        their_host, pid, start = (holder.split(":") + ["", "", ""])[:3]
         if their_host != host:
             raise BuildError(f"a dataprep build on {their_host} (pid {pid}) is writing to {base}; if it is no longer "
-                             f"running, delete {posixpath.join(base, LOCK_FILE)} and run this command again")
-        if pid.isdigit() and _process_alive(int(pid)):
+                             f"running, delete {path} and run this command again")
+        if pid.isdigit() and _build_alive(int(pid), start):
             raise BuildError(f"another dataprep build (pid {pid}) is writing to {base}; wait for it to finish (or stop "
-                             f"it), then run this command again (no build running? delete {posixpath.join(base, LOCK_FILE)})")
-    token = f"{host}:{os.getpid()}:{secrets.token_hex(4)}"
-    fs.pipe_file(posixpath.join(base, LOCK_FILE), token.encode())
+                             f"it), then run this command again (no build running? delete {path})")
+        fs.rm(path)  # its build is gone
+    token = f"{host}:{os.getpid()}:{_process_start(os.getpid())}:{secrets.token_hex(4)}"
+    if not _create_lock(fs, base, token):
+        raise BuildError(f"another dataprep build started writing to {base} just now; wait for it to finish, then "
+                         "run this command again")
     try:
         yield token
     finally:
         if lock_holder(fs, base) == token:
-            fs.rm(posixpath.join(base, LOCK_FILE))
+            fs.rm(path)
 
 
-def _process_alive(pid: int) -> bool:
+def _create_lock(fs, base: str, token: str) -> bool:
+    """Write ``token`` as ``base``'s lock unless another build's is there; whether it is ours."""
+    path = posixpath.join(base, LOCK_FILE)
+    if isinstance(fs, LocalFileSystem):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "wb") as f:
+            f.write(token.encode())
+        return True
+    fs.pipe_file(path, token.encode())
+    return lock_holder(fs, base) == token
+
+
+def _build_alive(pid: int, start: str) -> bool:
+    """Whether the build process ``pid`` (started at ``start``, if recorded) still runs here. This
+    process is not it (a restarted container can get the pid of the build it replaces)."""
+    if pid == os.getpid():
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
-    return True
+        pass
+    except OSError:
+        return False
+    return not start or _process_start(pid) in ("", start)
+
+
+def _process_start(pid: int) -> str:
+    """Process ``pid``'s start time (clock ticks since boot, from ``/proc``); "" where unknown."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+        return data[data.rindex(b")") + 2:].split()[19].decode()
+    except (OSError, ValueError, IndexError):
+        return ""
 
 
 def make_manifest(opts, settings: Settings, proto, root: Path, refs, results: list[dict], fingerprint: str,

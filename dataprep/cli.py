@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 from concurrent.futures.process import BrokenProcessPool
@@ -48,8 +49,13 @@ def _add_build(sub) -> None:
     p.add_argument("--no-progress", action="store_true")
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def cmd_build(args) -> int:
     from .build import BuildError, BuildOptions, build, summary_table
+    from .pipeline import LockLost
     from .detectors import DetectorWeightsError
 
     opts = BuildOptions(
@@ -62,9 +68,15 @@ def cmd_build(args) -> int:
         strict=args.strict, progress=not args.no_progress,
     )
     start = time.perf_counter()
+    # SIGTERM (timeout, docker stop, a batch scheduler) ends the build as Ctrl-C does: workers
+    # stopped, the lock on --out released, finished shards kept for the rerun
+    try:
+        previous = signal.signal(signal.SIGTERM, _interrupt)
+    except ValueError:  # not the main thread (an embedding program): its own handlers stay
+        previous = None
     try:
         manifest = build(opts)
-    except (BuildError, DetectorWeightsError, ValueError, OSError) as err:
+    except (BuildError, DetectorWeightsError, LockLost, ValueError, OSError) as err:
         print(f"dataprep build: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -75,6 +87,9 @@ def cmd_build(args) -> int:
         print(f"dataprep build: error: a worker process died ({str(err).splitlines()[0]}); the shards finished so "
               "far are kept: run the same command again to resume (with fewer --jobs if memory ran out)", file=sys.stderr)
         return 2
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     elapsed = time.perf_counter() - start
     print(f"\n{args.dataset}, protocol {manifest['protocol']}, boxes: {manifest['settings']['detector']}, "
           f"crop: {args.crop_rule} {args.crop_size}px -> {args.out}  ({elapsed:.1f} s)")

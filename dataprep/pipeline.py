@@ -80,6 +80,11 @@ class ShardTask:
 LOCK_FILE = ".dataprep.lock"
 
 
+class LockLost(RuntimeError):
+    """A shard worker whose build no longer holds ``--out`` (stopped, and another build took the
+    folder over): it writes nothing more."""
+
+
 def lock_holder(fs, base: str) -> str | None:
     """The token in ``base``'s lock file, or None."""
     try:
@@ -238,9 +243,19 @@ def run_shard(task: ShardTask, settings: Settings, root: str, out: str) -> dict:
     rejected: list[dict] = []
     written = 0
     fs, base = fsspec.core.url_to_fs(out)
-    if task.owner is not None and lock_holder(fs, base) != task.owner:
-        raise RuntimeError(f"{task.name}: the build that planned it no longer holds {posixpath.join(base, LOCK_FILE)} "
+
+    def check_owner() -> None:  # before starting, and before each thing that publishes
+        if task.owner is None:
+            return
+        holder = lock_holder(fs, base)
+        if holder is None:
+            raise LockLost(f"{task.name}: {posixpath.join(base, LOCK_FILE)} is not there for this worker: is --out a "
+                           "folder the workers share (on a cluster, a shared file system or a URL such as s3://...)?")
+        if holder != task.owner:
+            raise LockLost(f"{task.name}: the build that planned it no longer holds {posixpath.join(base, LOCK_FILE)} "
                            "(it was stopped, and another build took --out over): not written")
+
+    check_owner()
     fingerprint = settings.fingerprint()
     decisions = load_decisions(fs, task, fingerprint)
     with ShardWriter(fs, posixpath.join(base, task.name)) as writer:
@@ -260,10 +275,15 @@ def run_shard(task: ShardTask, settings: Settings, root: str, out: str) -> dict:
             for sample in members:
                 writer.write(sample)
             written += 1
+        check_owner()  # leaving the block by the exception drops the temporary file
         shard = writer.close()
+    final = posixpath.join(base, task.name)
+    if not shard["samples"] and fs.exists(final):  # every sample rejected now: an earlier run's shard goes
+        fs.rm(final)
     result = {"name": task.name, "split": task.split, "read": len(task.refs), "written": written, "rejected": rejected}
     result.update(shard)
     progress = progress_file(base, task.name, RESULT_SUFFIX)
+    check_owner()
     write_json(fs, progress, {"settings": fingerprint, "inputs": task.inputs, "result": result})
     if task.decisions_file is not None:  # written into the shard now; a resumed build decides again
         fs.rm(task.decisions_file)

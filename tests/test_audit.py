@@ -293,3 +293,26 @@ def test_compare_statuses_of_samples_one_build_never_saw(audited, tmp_path):
     assert {statuses[e["source"]] for e in a.rejected} == {"rejected_in_a"}
     statuses = {r.values["match"]: r.status for r in compare_builds(b, a)}
     assert {statuses[e["source"]] for e in a.rejected} == {"rejected_in_b"}
+
+
+def test_compare_says_when_the_builds_read_different_raw_files(audited, tmp_path, capsys):
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(audited["outs"]["square"], other)
+    report = tmp_path / "report"
+    assert cli_main(["audit", str(audited["outs"]["hopenet"]), "--report", str(report), "--compare", str(other),
+                     "--per-flag", "1"]) == 0
+    assert "different raw files" not in capsys.readouterr().out  # the same download
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["input"]["fingerprint"] = "0" * 64  # made before label files were hashed: cannot tell
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    assert cli_main(["audit", str(audited["outs"]["hopenet"]), "--report", str(report), "--compare", str(other),
+                     "--per-flag", "1"]) == 0
+    assert "different raw files" not in capsys.readouterr().out
+    manifest["input"]["fingerprint"] = "files-v2:" + "0" * 64  # as if built from another copy, one .mat changed
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    assert cli_main(["audit", str(audited["outs"]["hopenet"]), "--report", str(report), "--compare", str(other),
+                     "--per-flag", "1"]) == 0
+    assert "compare: note: the two builds read different raw files" in capsys.readouterr().out
+    assert "read different raw files" in (report / "report.html").read_text()

@@ -7,6 +7,7 @@ import json
 import re
 import shutil
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -169,7 +170,7 @@ def test_resume_refuses_other_options_and_rewrites_a_damaged_shard(sample_tree, 
     finished = build_killed_at_shard(monkeypatch, opts(root, out, "300w_lp", shard_size=3, crop_size=112))
     assert finished
     # no manifest yet: the interrupted build's progress says what it was
-    with pytest.raises(BuildError, match=r"interrupted build made with other options .* --overwrite"):
+    with pytest.raises(BuildError, match=r"interrupted build made with other options, inputs or dataprep version; .* --overwrite"):
         build(opts(root, out, "300w_lp", shard_size=5))
     assert {p.name for p in out.glob("*.tar")} == finished
     build(opts(root, out, "300w_lp", shard_size=3, crop_size=112))  # the same command finishes it
@@ -186,17 +187,18 @@ def test_resume_refuses_other_options_and_rewrites_a_damaged_shard(sample_tree, 
     assert verify(str(out)).ok
 
 
-def test_one_build_at_a_time_per_out_folder(sample_tree, tmp_path):
+def test_one_build_at_a_time_per_out_folder(sample_tree, tmp_path, monkeypatch):
     import socket
     import subprocess
 
-    from dataprep.pipeline import LOCK_FILE, lock_holder, run_shard
+    from dataprep.pipeline import LOCK_FILE, LockLost, lock_holder, run_shard
 
     root, out = sample_tree / "AFLW2000", tmp_path / "o"
     out.mkdir()
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:  # a live build on this machine holds the folder
-        (out / LOCK_FILE).write_text(f"{socket.gethostname()}:{sleeper.pid}:abcd")
+        start = build_mod._process_start(sleeper.pid)
+        (out / LOCK_FILE).write_text(f"{socket.gethostname()}:{sleeper.pid}:{start}:abcd")
         with pytest.raises(BuildError, match=rf"another dataprep build \(pid {sleeper.pid}\) is writing to .* wait"):
             build(opts(root, out, "aflw2000"))
     finally:
@@ -205,20 +207,57 @@ def test_one_build_at_a_time_per_out_folder(sample_tree, tmp_path):
     (out / LOCK_FILE).write_text("elsewhere:123:abcd")  # another machine's build: cannot be checked from here
     with pytest.raises(BuildError, match=r"a dataprep build on elsewhere \(pid 123\) .* delete .*\.dataprep\.lock"):
         build(opts(root, out, "aflw2000"))
-    # a killed build's lock (its process is gone) is taken over, and released when the build ends
-    (out / LOCK_FILE).write_text(f"{socket.gethostname()}:{sleeper.pid}:abcd")
-    build(opts(root, out, "aflw2000"))
-    assert not (out / LOCK_FILE).exists() and verify(str(out)).ok
+    # a killed build's lock (its process is gone) is taken over, and released when the build ends;
+    # so is one naming this very process (a restarted container gets the same pid) or a pid that
+    # now belongs to another process (its start time differs)
+    import os
+
+    for holder in (f"{sleeper.pid}:{start}", f"{os.getpid()}:{build_mod._process_start(os.getpid())}", f"{os.getppid()}:1"):
+        (out / LOCK_FILE).write_text(f"{socket.gethostname()}:{holder}:abcd")
+        build(opts(root, out, "aflw2000"))
+        assert not (out / LOCK_FILE).exists() and verify(str(out)).ok
     # a worker that outlived its build finds another build's token and writes nothing
     task = build_mod.plan_shards({"test": build_mod.get_reader("aflw2000").list_samples(root)}, 4)[0]
     settings = build_mod.resolve_settings(opts(root, out, "aflw2000"), build_mod.protocols.load("1", "aflw2000"),
                                           {"test": task.refs})
     (out / LOCK_FILE).write_text("new-build")
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
-    with pytest.raises(RuntimeError, match=r"no longer holds .*\.dataprep\.lock .* not written"):
+    with pytest.raises(LockLost, match=r"no longer holds .*\.dataprep\.lock .* not written"):
         run_shard(replace(task, owner="old-build"), settings, str(root), str(out))
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
     assert lock_holder(build_mod.fsspec.filesystem("file"), str(out)) == "new-build"
+    assert not build_mod._create_lock(build_mod.fsspec.filesystem("file"), str(out), "mine")  # two at once: one wins
+    # ... and one that loses the folder while writing a shard publishes neither the shard nor its progress
+    (out / LOCK_FILE).write_text("old-build")
+    real_process_ref = build_mod.run_shard.__globals__["process_ref"]
+
+    def taken_over_meanwhile(reader, root_, ref, *a):
+        (out / LOCK_FILE).write_text("new-build")
+        return real_process_ref(reader, root_, ref, *a)
+
+    monkeypatch.setitem(build_mod.run_shard.__globals__, "process_ref", taken_over_meanwhile)
+    files = lambda: {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name != LOCK_FILE}  # noqa: E731
+    before = files()
+    progress = sorted((out / ".dataprep-progress").iterdir())
+    with pytest.raises(LockLost):
+        run_shard(replace(task, name="test-000099.tar", owner="old-build"), settings, str(root), str(out))
+    assert files() == before
+    assert sorted((out / ".dataprep-progress").iterdir()) == progress
+
+
+def test_a_shard_whose_samples_all_fail_on_a_rerun_leaves_no_old_file(sample_tree, tmp_path):
+    root = tmp_path / "AFLW2000"
+    shutil.copytree(sample_tree / "AFLW2000", root)
+    out = tmp_path / "o"
+    first = build(opts(root, out, "aflw2000", shard_size=4))
+    shard = next(s for s in first["shards"] if s["name"] != first["shards"][0]["name"])
+    for rec in label_records(out).values():
+        if rec["key"] in {k for k in read_tar(out / shard["name"])}:
+            (root / rec["source"]).write_bytes(b"not a jpeg")
+    again = build(opts(root, out, "aflw2000", shard_size=4))
+    assert shard["name"] not in {s["name"] for s in again["shards"]}
+    assert not (out / shard["name"]).exists()  # a loader globbing *.tar would read the old samples
+    assert verify(str(out)).ok
 
 
 def test_rerun_after_fixing_inputs_rewrites_only_their_shards(sample_tree, tmp_path, monkeypatch):
@@ -654,6 +693,10 @@ def test_cli_says_what_to_do_instead_of_a_traceback(sample_tree, tmp_path, capsy
     assert cli_main(["build", "--dataset", "biwi", "--root", str(sample_tree / "hpdb"), "--out", str(tmp_path / "b"),
                      "--detector", "gt", "--biwi-tracking", "none", "--no-progress"]) == 2
     assert "--biwi-tracking applies to detector boxes" in capsys.readouterr().err  # was accepted and ignored
+    assert cli_main(["build", "--dataset", "biwi", "--root", str(sample_tree / "hpdb"), "--out", str(tmp_path / "b"),
+                     "--protocol", "none", "--biwi-tracking", "previous", "--no-progress"]) == 2  # gt: the protocol's
+    assert "--biwi-tracking applies to detector boxes" in capsys.readouterr().err
+
     assert cli_main(["sample", "--out", str(a_file)]) == 2
     assert "dataprep sample: error: " in capsys.readouterr().err and a_file.read_text() == "not a folder"
     real = tmp_path / "data" / "hpdb" / "01"  # a real download: the sample tree would write over it
@@ -686,6 +729,17 @@ def test_cli_says_what_to_do_instead_of_a_traceback(sample_tree, tmp_path, capsy
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "a worker process died (A worker process managed" in err
     assert "run the same command again to resume (with fewer --jobs if memory ran out)" in err
+
+    def terminated(opts):  # timeout / docker stop / a batch scheduler: SIGTERM ends it as Ctrl-C does
+        import os
+        import signal
+
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+
+    monkeypatch.setattr(build_mod, "build", terminated)
+    assert cli_main(["build", "--dataset", "aflw2000", "--root", root, "--out", str(tmp_path / "o"), "--no-progress"]) == 130
+    assert "run the same command again to resume" in capsys.readouterr().err
 
 
 def test_python_m_dataprep_runs_the_command():

@@ -163,10 +163,11 @@ def run_audit(out, report, *, compare=None, raw_root=None, thresholds: Threshold
         crows = compare_builds(build, other, tolerances)
         write_csv(report / "compare.csv", COMPARE_COLUMNS, [r.values for r in crows])
         csum = compare_summary(crows)
+        csum["same_inputs"] = _same_inputs(build.manifest, other.manifest)
         changed = sorted((r for r in crows if r.status == "changed"), key=lambda r: (-r.severity, r.values["match"]))
         shown = changed[:per_flag]
         cmp_ctx = {"other": str(compare), "other_settings": other.manifest.get("settings", {}), "summary": csum,
-                   "csv": "compare.csv", "image": None,
+                   "csv": "compare.csv", "image": None, "inputs_note": INPUTS_NOTE if csum["same_inputs"] is False else "",
                    "header": ["source", "status", "changes", "key", "max angle diff", "box source A", "box source B", "crop A", "crop B", "crop IoU"],
                    "rows": []}
         moved = [r for r in crows if r.status in ("added", "dropped")]
@@ -195,6 +196,21 @@ def run_audit(out, report, *, compare=None, raw_root=None, thresholds: Threshold
 
     (report / "report.html").write_text(render(ctx), encoding="utf-8")
     return summary
+
+
+#: Said when the two compared builds read different raw files.
+INPUTS_NOTE = ("the two builds read different raw files (their manifests' input fingerprints differ: a file added, "
+               "removed or changed since): differences may come from the data, not from the settings")
+
+
+def _same_inputs(a: dict, b: dict) -> bool | None:
+    """Whether two manifests read the same raw files (paths and sizes: ``input.fingerprint``); None
+    when one does not say."""
+    fa, fb = (m.get("input", {}).get("fingerprint") for m in (a, b))
+    if not (fa and fb):
+        return None
+    scheme = [f.partition(":")[0] if ":" in f else "v1" for f in (fa, fb)]
+    return None if scheme[0] != scheme[1] else fa == fb  # other schemes hash other files
 
 
 def _fmt_box(v: dict, prefix: str) -> str:
@@ -276,5 +292,7 @@ def cmd_audit(args) -> int:
         print("compare: " + ", ".join(f"{k} {v}" for k, v in c["status"].items())
               + "; changes: " + ", ".join(f"{k} {v}" for k, v in c["changes"].items() if v)
               + f"; max angle difference {c['max_angle_diff']:.3g} deg")
+        if c.get("same_inputs") is False:
+            print(f"compare: note: {INPUTS_NOTE}")
     return 0
 

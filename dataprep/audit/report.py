@@ -184,6 +184,8 @@ def render(ctx: dict) -> str:
                      f"<code>{esc(cmp['other_settings'].get('detector'))}</code>)<br>samples matched by <code>source</code>; "
                      "added = written in A only, dropped = written in B only; rejected_in_a / _b: rejected by one "
                      "build and not in the other at all</div>")
+        if cmp.get("inputs_note"):
+            parts.append(f'<div class="note"><b>Note:</b> {esc(cmp["inputs_note"])}</div>')
         parts.append(table(["status", "samples"], [[k, v] for k, v in s["status"].items()]))
         parts.append(table(["change (among matched)", "samples"],
                            [[k, v] for k, v in s["changes"].items()] + [["max abs angle difference (deg)", float(s["max_angle_diff"])]],
