@@ -49,8 +49,16 @@ def pose_para_to_euler(pose_para) -> tuple[float, float, float]:
     return float(yaw), float(pitch), float(roll)
 
 
-def rotation_to_euler(rotation) -> tuple[float, float, float]:
-    """Rotation matrix ``R`` in our convention -> ``(yaw, pitch, roll)`` degrees."""
+def rotation_to_euler(rotation):
+    """Rotation matrix ``R`` in our convention -> ``(yaw, pitch, roll)`` degrees. A torch tensor of
+    matrices ``(..., 3, 3)`` gives a tensor ``(..., 3)`` (the trainer's MNN decode)."""
+    if _is_tensor(rotation):
+        torch = _torch()
+        r = rotation
+        roll = -torch.atan2(r[..., 1, 0], r[..., 0, 0])
+        yaw = -torch.atan2(-r[..., 2, 0], torch.hypot(r[..., 2, 1], r[..., 2, 2]))
+        pitch = torch.atan2(r[..., 2, 1], r[..., 2, 2])
+        return torch.rad2deg(torch.stack([yaw, pitch, roll], dim=-1))
     r = np.asarray(rotation, dtype=np.float64)
     roll = -math.atan2(r[1, 0], r[0, 0])
     yaw = -math.atan2(-r[2, 0], math.hypot(r[2, 1], r[2, 2]))
@@ -78,9 +86,26 @@ def _rz(a: float) -> np.ndarray:
     return np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]], dtype=np.float64)
 
 
-def rotation_from_euler(yaw: float, pitch: float, roll: float) -> np.ndarray:
-    """``(yaw, pitch, roll)`` degrees -> rotation matrix ``Rz(-roll) @ Ry(-yaw) @ Rx(pitch)``."""
+def rotation_from_euler(yaw, pitch, roll):
+    """``(yaw, pitch, roll)`` degrees -> rotation matrix ``Rz(-roll) @ Ry(-yaw) @ Rx(pitch)``. Torch
+    tensors of angles ``(...)`` give a tensor of matrices ``(..., 3, 3)`` (the trainer's MNN loss)."""
+    if _is_tensor(yaw):
+        return _rotation_from_euler_tensor(yaw, pitch, roll)
     return _rz(-roll * DEG2RAD) @ _ry(-yaw * DEG2RAD) @ _rx(pitch * DEG2RAD)
+
+
+def _rotation_from_euler_tensor(yaw, pitch, roll):
+    torch = _torch()
+    z, y, x = (torch.deg2rad(a.float()) for a in (-roll, -yaw, pitch))
+    one, zero = torch.ones_like(z), torch.zeros_like(z)
+
+    def matrix(rows):
+        return torch.stack([torch.stack(r, dim=-1) for r in rows], dim=-2)
+
+    rz = matrix([[z.cos(), -z.sin(), zero], [z.sin(), z.cos(), zero], [zero, zero, one]])
+    ry = matrix([[y.cos(), zero, y.sin()], [zero, one, zero], [-y.sin(), zero, y.cos()]])
+    rx = matrix([[one, zero, zero], [zero, x.cos(), -x.sin()], [zero, x.sin(), x.cos()]])
+    return rz @ ry @ rx
 
 
 def flip_euler(yaw: float, pitch: float, roll: float) -> tuple[float, float, float]:

@@ -158,13 +158,17 @@ def test_whenet_loss_uses_the_wrapped_yaw_error():
     assert whenet.whenet_loss((yaw, pr, pr), targets) < 1000  # 4 deg wrapped, not 356
 
 
-def test_mnn_rotation_maths_match_labels():
+def test_rotation_maths_on_tensors_match_labels():
+    # labels.py is the one place of the Euler convention: batches of tensors (MNN's loss and decode)
+    # give what the numpy path gives angle by angle
     rng = np.random.default_rng(1)
     angles = np.stack([rng.uniform(-85, 85, 20), rng.uniform(-170, 170, 20), rng.uniform(-170, 170, 20)], 1)
-    r = mnn.rotation_from_euler(torch.from_numpy(angles))
+    t = torch.from_numpy(angles)
+    r = labels.rotation_from_euler(t[:, 0], t[:, 1], t[:, 2])
+    assert r.shape == (20, 3, 3) and r.dtype == torch.float32
     for a, m in zip(angles, r.numpy()):
         np.testing.assert_allclose(m, labels.rotation_from_euler(*a), atol=1e-5)
-    back = mnn.rotation_to_euler(r).numpy()
+    back = labels.rotation_to_euler(r).numpy()
     np.testing.assert_allclose(back, np.array([labels.rotation_to_euler(m) for m in r.numpy()]), atol=1e-3)
     np.testing.assert_allclose(back, angles, atol=1e-3)
     d6 = torch.cat([r[:, :, 0], r[:, :, 1]], dim=1) * 3.0  # scale does not matter

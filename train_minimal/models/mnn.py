@@ -59,6 +59,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dataprep import labels
+
 from ..registry import ModelSpec, count_parameters, register
 from ._pretrained import load_weights_file, normalize_pretrained
 
@@ -168,30 +170,6 @@ def rotation_from_6d(d6: torch.Tensor) -> torch.Tensor:
     return torch.stack([b1, b2, b3], dim=2)
 
 
-def rotation_from_euler(angles: torch.Tensor) -> torch.Tensor:
-    """``(B, 3)`` yaw, pitch, roll degrees -> ``Rz(-roll) @ Ry(-yaw) @ Rx(pitch)`` (labels.py)."""
-    a = torch.deg2rad(angles.float())
-    yaw, pitch, roll = -a[:, 0], a[:, 1], -a[:, 2]
-    one, zero = torch.ones_like(yaw), torch.zeros_like(yaw)
-
-    def mat(rows):
-        return torch.stack([torch.stack(r, dim=1) for r in rows], dim=1)
-
-    cz, sz, cy, sy, cx, sx = roll.cos(), roll.sin(), yaw.cos(), yaw.sin(), pitch.cos(), pitch.sin()
-    rz = mat([[cz, -sz, zero], [sz, cz, zero], [zero, zero, one]])
-    ry = mat([[cy, zero, sy], [zero, one, zero], [-sy, zero, cy]])
-    rx = mat([[one, zero, zero], [zero, cx, -sx], [zero, sx, cx]])
-    return rz @ ry @ rx
-
-
-def rotation_to_euler(r: torch.Tensor) -> torch.Tensor:
-    """``(B, 3, 3)`` -> ``(B, 3)`` yaw, pitch, roll degrees (``labels.rotation_to_euler``)."""
-    roll = -torch.atan2(r[:, 1, 0], r[:, 0, 0])
-    yaw = -torch.atan2(-r[:, 2, 0], torch.hypot(r[:, 2, 1], r[:, 2, 2]))
-    pitch = torch.atan2(r[:, 2, 1], r[:, 2, 2])
-    return torch.rad2deg(torch.stack([yaw, pitch, roll], dim=1))
-
-
 # --------------------------------------------------------------------------------------------
 # Loss / decode / optimiser
 # --------------------------------------------------------------------------------------------
@@ -206,7 +184,8 @@ def gaussian_heatmaps(points: torch.Tensor, height: int, width: int, sigma: floa
 
 def mnn_loss(outputs, targets):
     pose = rotation_from_6d(outputs["pose"])
-    loss = ((pose - rotation_from_euler(targets["angles"])) ** 2).sum((1, 2)).mean()
+    angles = targets["angles"]
+    loss = ((pose - labels.rotation_from_euler(angles[:, 0], angles[:, 1], angles[:, 2])) ** 2).sum((1, 2)).mean()
     hm = outputs.get("heatmaps")
     if hm is None:
         return loss
@@ -236,7 +215,7 @@ def mnn_loss(outputs, targets):
 
 
 def mnn_decode(outputs):
-    return rotation_to_euler(rotation_from_6d(outputs["pose"]))
+    return labels.rotation_to_euler(rotation_from_6d(outputs["pose"]))
 
 
 def mnn_optimizer(model, total_steps: int, lr: float | None = None):
