@@ -6,9 +6,9 @@ import hashlib
 import json
 import math
 import os
+import posixpath
 import secrets
 import socket
-import posixpath
 import sys
 from collections import Counter
 from contextlib import ExitStack, contextmanager
@@ -24,7 +24,8 @@ from . import __version__, protocols
 from . import boxes as box_rules
 from .datasets import get_reader
 from .devices import parse_device
-from .pipeline import DECISIONS_SUFFIX, LOCK_FILE, PROGRESS_DIR, RESULT_SUFFIX, lock_holder, Settings, ShardTask, progress_file, run_shard
+from .pipeline import (DECISIONS_SUFFIX, LOCK_FILE, PROGRESS_DIR, RESULT_SUFFIX, Settings, ShardTask, lock_holder,
+                       progress_file, run_shard)
 from .records import SampleRef
 from .shards import (INFO_FILE, MANIFEST, TMP_SUFFIX, dumps_json, final_name, is_shard_file, shard_name, write_info,
                      write_json)
@@ -140,16 +141,30 @@ def plan_shards(assignment: dict[str, list[SampleRef]], shard_size: int) -> list
     return tasks
 
 
-def _load_progress(fs, base: str, tasks: list[ShardTask], fingerprint: str) -> dict[str, dict]:
-    """Results of shards a previous run of the same build completed (file present, same settings)."""
-    done = {}
-    for task in tasks:
-        path = progress_file(base, task.name, RESULT_SUFFIX)
-        if not fs.exists(path):
+def _read_progress(fs, base: str) -> dict[str, dict]:
+    """Shard name -> the progress entry (``settings``, ``inputs``, ``result``) an earlier run left in
+    ``--out``'s progress folder; read once per build (unreadable entries are skipped: their shards
+    are written again)."""
+    entries = {}
+    for path in fs.glob(progress_file(base, "*", RESULT_SUFFIX)):
+        if path.endswith(DECISIONS_SUFFIX):
             continue
         try:
             entry = json.loads(fs.cat_file(path))
         except (ValueError, OSError):
+            continue
+        if isinstance(entry, dict):
+            entries[posixpath.basename(path)[:-len(RESULT_SUFFIX)]] = entry
+    return entries
+
+
+def _load_progress(fs, base: str, tasks: list[ShardTask], fingerprint: str, progress: dict[str, dict]) -> dict[str, dict]:
+    """Results of shards a previous run of the same build completed (``progress``: same settings,
+    same inputs, the shard file as written)."""
+    done = {}
+    for task in tasks:
+        entry = progress.get(task.name)
+        if entry is None:
             continue
         result = entry.get("result", {})
         if entry.get("settings") != fingerprint or entry.get("inputs") != task.inputs:
@@ -163,26 +178,13 @@ def _load_progress(fs, base: str, tasks: list[ShardTask], fingerprint: str) -> d
 def _size(fs, path: str) -> int | None:
     try:
         return fs.size(path)
-    except (FileNotFoundError, OSError):
+    except OSError:
         return None
 
 
-def _other_progress(fs, base: str, fingerprint: str) -> bool:
-    """Whether ``--out`` holds shard progress of a build with other settings (one interrupted before
-    it wrote its manifest)."""
-    for path in fs.glob(posixpath.join(base, PROGRESS_DIR, "*" + RESULT_SUFFIX)):
-        if path.endswith(DECISIONS_SUFFIX):
-            continue
-        try:
-            settings = json.loads(fs.cat_file(path)).get("settings")
-        except (ValueError, OSError, AttributeError):
-            continue
-        if settings != fingerprint:
-            return True
-    return False
-
-
-def _check_out_dir(fs, base: str, fingerprint: str, overwrite: bool) -> None:
+def _check_out_dir(fs, base: str, fingerprint: str, overwrite: bool, progress: dict[str, dict]) -> None:
+    """Refuse a folder holding another build (finished: its manifest; interrupted before it wrote
+    one: its ``progress``) unless ``overwrite``, which removes the build's files."""
     manifest_path = posixpath.join(base, MANIFEST)
     if fs.exists(manifest_path):
         try:
@@ -197,7 +199,7 @@ def _check_out_dir(fs, base: str, fingerprint: str, overwrite: bool) -> None:
                 f"{base} already holds a build made with other options or inputs; pass --overwrite to "
                 "replace it, or choose another --out"
             )
-    elif not overwrite and fs.exists(posixpath.join(base, PROGRESS_DIR)) and _other_progress(fs, base, fingerprint):
+    elif not overwrite and any(entry.get("settings") != fingerprint for entry in progress.values()):
         raise BuildError(f"{base} holds shards of an interrupted build made with other options, inputs or dataprep "
                          "version; run that command again to finish it, or pass --overwrite to replace it, or choose "
                          "another --out")
@@ -351,11 +353,14 @@ def build(opts: BuildOptions) -> dict:
         raise BuildError(f"--out {opts.out} is a file; give a folder (new, or one an earlier build of this dataset wrote)")
     fs.makedirs(base, exist_ok=True)
     with _out_lock(fs, base) as token:
-        _check_out_dir(fs, base, fingerprint, opts.overwrite)
+        progress = _read_progress(fs, base)
+        _check_out_dir(fs, base, fingerprint, opts.overwrite, progress)
+        if opts.overwrite:
+            progress = {}  # removed with the rest of the old build
         fs.makedirs(posixpath.join(base, PROGRESS_DIR), exist_ok=True)
         tasks = [replace(t, owner=token) for t in tasks]
 
-        done = _load_progress(fs, base, tasks, fingerprint)
+        done = _load_progress(fs, base, tasks, fingerprint, progress)
         pending = [t for t in tasks if t.name not in done]
         if box_stage is not None:
             box_stage.spool(fs, base, tasks, pending, fingerprint)
@@ -376,10 +381,11 @@ def build(opts: BuildOptions) -> dict:
         finally:
             bar.close()
 
-        leftovers = fs.glob(posixpath.join(base, "*" + TMP_SUFFIX))  # from a run killed mid-write
+        # temporary files of a run killed mid-write: the build's own beside the shards (not a user's
+        # *.tmp), and any in the progress folder
+        leftovers = [p for p in fs.glob(posixpath.join(base, "*" + TMP_SUFFIX)) if _is_build_output(posixpath.basename(p))]
         for leftover in leftovers + fs.glob(posixpath.join(base, PROGRESS_DIR, "*" + TMP_SUFFIX)):
-            if _is_build_output(posixpath.basename(leftover)) or posixpath.dirname(leftover).endswith(PROGRESS_DIR):
-                fs.rm(leftover)
+            fs.rm(leftover)
         ordered = [results[t.name] for t in tasks]
         manifest = make_manifest(opts, settings, proto, root, refs, ordered, fingerprint, input_fingerprint(stats))
         write_json(fs, posixpath.join(base, MANIFEST), manifest, indent=1)

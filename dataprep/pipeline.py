@@ -76,7 +76,8 @@ class ShardTask:
     owner: str | None = None
 
 
-#: One build at a time per ``--out``: ``host:pid:random`` of the build writing there.
+#: One build at a time per ``--out``: ``host:pid:start:random`` of the build writing there
+#: (``dataprep.build._out_lock``).
 LOCK_FILE = ".dataprep.lock"
 
 
@@ -89,7 +90,7 @@ def lock_holder(fs, base: str) -> str | None:
     """The token in ``base``'s lock file, or None."""
     try:
         return fs.cat_file(posixpath.join(base, LOCK_FILE)).decode("utf-8", "replace").strip()
-    except (FileNotFoundError, OSError):
+    except OSError:
         return None
 
 
@@ -258,7 +259,8 @@ def run_shard(task: ShardTask, settings: Settings, root: str, out: str) -> dict:
     check_owner()
     fingerprint = settings.fingerprint()
     decisions = load_decisions(fs, task, fingerprint)
-    with ShardWriter(fs, posixpath.join(base, task.name)) as writer:
+    path = posixpath.join(base, task.name)
+    with ShardWriter(fs, path) as writer:
         for ref in task.refs:
             try:
                 members = process_ref(reader, root_path, ref, task.split, settings, decisions.get(ref.key))
@@ -277,9 +279,8 @@ def run_shard(task: ShardTask, settings: Settings, root: str, out: str) -> dict:
             written += 1
         check_owner()  # leaving the block by the exception drops the temporary file
         shard = writer.close()
-    final = posixpath.join(base, task.name)
-    if not shard["samples"] and fs.exists(final):  # every sample rejected now: an earlier run's shard goes
-        fs.rm(final)
+    if not shard["samples"] and fs.exists(path):  # every sample rejected now: an earlier run's shard goes
+        fs.rm(path)
     result = {"name": task.name, "split": task.split, "read": len(task.refs), "written": written, "rejected": rejected}
     result.update(shard)
     progress = progress_file(base, task.name, RESULT_SUFFIX)
