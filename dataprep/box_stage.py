@@ -49,9 +49,9 @@ def _read(path: Path) -> tuple[str | None, bytes | None]:
 
 
 def _decode(data: bytes) -> np.ndarray | None:
-    """RGB image, or None when the bytes do not decode (the shard worker reports such files when
-    it reads them)."""
-    return codec.decode_rgb(data)
+    """RGB image, or None when the bytes do not decode or are a damaged JPEG (the shard worker
+    reads such files and rejects them for what they are)."""
+    return codec.decode_rgb_checked(data)[0]
 
 
 def _return_freed_memory() -> None:

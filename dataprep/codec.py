@@ -22,7 +22,7 @@ import cv2
 import numpy as np
 import simplejpeg
 
-__all__ = ["decode_bgr", "decode_rgb", "decode_cv2", "is_jpeg"]
+__all__ = ["decode_bgr", "decode_rgb", "decode_rgb_checked", "decode_cv2", "is_jpeg"]
 
 _SOI = b"\xff\xd8"
 _CV2_FLAGS = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
@@ -53,12 +53,44 @@ def _has_exif(data: bytes) -> bool:
 
 def _turbo(data: bytes, colorspace: str) -> np.ndarray | None:
     """The TurboJPEG decode of a JPEG without Exif, or None to leave it to OpenCV."""
+    return _turbo_or_refusal(data, colorspace)[0]
+
+
+def _turbo_or_refusal(data: bytes, colorspace: str) -> tuple[np.ndarray | None, str | None]:
+    """:func:`_turbo`, and libjpeg's words when the TurboJPEG API refused the JPEG (None for a
+    decoded one, and for bytes it was not asked to decode: not a JPEG, or Exif)."""
     if len(data) <= 2 or not is_jpeg(data) or _has_exif(data):
-        return None
+        return None, None
     try:
-        return simplejpeg.decode_jpeg(data, colorspace)
-    except ValueError:  # CMYK, 12-bit, corrupt data: OpenCV decides, as it always has
-        return None
+        return simplejpeg.decode_jpeg(data, colorspace), None
+    except ValueError as exc:  # CMYK, 12-bit, corrupt data: OpenCV decides, as it always has
+        return None, str(exc)
+
+
+#: The starts of libjpeg's warnings (``jerror.h``) that mean the compressed picture data is damaged:
+#: the decoder goes on and fills what it lost with gray or garbled blocks (OpenCV too, only printing
+#: the warning, without a file name). Damage that still decodes consistently gives no warning.
+_DAMAGE_WARNINGS = ("Corrupt JPEG data", "Premature end of JPEG file", "Inconsistent progression sequence",
+                    "Invalid SOS parameters")
+
+
+def decode_rgb_checked(data: bytes) -> tuple[np.ndarray | None, str | None]:
+    """``(decode_rgb(data), None)``, or ``(None, libjpeg's warning)`` for a JPEG whose picture data
+    is damaged: it would decode with gray or garbled parts (the dataset readers reject it), and
+    OpenCV would print the warning without a file name, so it is not decoded. Costs nothing extra
+    for a JPEG the fast path decodes; an Exif JPEG is decoded a second time, for the check."""
+    image, refusal = _turbo_or_refusal(data, "RGB")
+    if image is not None:
+        return image, None
+    if refusal is None and len(data) > 2 and is_jpeg(data):  # Exif: left to OpenCV, checked here
+        try:
+            simplejpeg.decode_jpeg(data, "RGB")
+        except ValueError as exc:
+            refusal = str(exc)
+    if refusal is not None and refusal.startswith(_DAMAGE_WARNINGS):
+        return None, refusal
+    image = decode_cv2(data)
+    return (None if image is None else cv2.cvtColor(image, cv2.COLOR_BGR2RGB)), None
 
 
 def decode_cv2(data: bytes, reduction: int = 1) -> np.ndarray | None:

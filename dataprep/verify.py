@@ -37,7 +37,10 @@ def _decode_member(name: str, data: bytes) -> None:
             if k not in record:
                 raise ValueError(f"label record lacks {k!r}")
     elif ext == "jpg":
-        if codec.decode_bgr(data) is None:
+        image, damage = codec.decode_rgb_checked(data)
+        if damage is not None:
+            raise ValueError(f"JPEG data damaged (libjpeg: {damage})")
+        if image is None:
             raise ValueError("JPEG does not decode")
     elif ext == "pts.npy":
         np.load(io.BytesIO(data), allow_pickle=False)

@@ -466,12 +466,16 @@ def test_bad_inputs_are_rejected_and_the_build_goes_on(sample_tree, tmp_path):
     mats[1].unlink()
     jpgs = sorted(root.glob("*.jpg"))
     jpgs[2].write_bytes(jpgs[2].read_bytes()[:100])
+    data = jpgs[3].read_bytes()
+    middle = (data.index(b"\xff\xda") + len(data)) // 2
+    jpgs[3].write_bytes(data[:middle] + b"\xff\xd9" + data[middle + 2:])  # decodes, damaged
     manifest = build(opts(root, tmp_path / "out", "aflw2000"))
     rejected = {r["source"]: r for r in manifest["rejected"]}
     assert rejected[mats[0].with_suffix(".jpg").name]["reason"] == "corrupt_mat"
     assert rejected[mats[1].with_suffix(".jpg").name]["reason"] == "missing_mat"
     assert rejected[jpgs[2].name]["reason"] == "unreadable_image"
-    for src in (mats[0].name, mats[1].name, jpgs[2].name):
+    assert rejected[jpgs[3].name]["reason"] == "corrupt_image" and "libjpeg" in rejected[jpgs[3].name]["message"]
+    for src in (mats[0].name, mats[1].name, jpgs[2].name, jpgs[3].name):
         assert any(src in r["message"] for r in manifest["rejected"]), src
     c = manifest["counts"]
     assert c["read"] == c["written"] + c["rejected"]
@@ -575,6 +579,24 @@ def test_check_shard_flags_a_key_seen_again_later(tmp_path):
     with open(path, "rb") as f:
         _, problems = check_shard(f)
     assert len(problems) == 4 and sum("JPEG does not decode" in p for p in problems) == 3
+
+
+def test_check_shard_flags_a_damaged_jpeg_that_still_decodes(tmp_path):
+    import cv2
+    import fsspec
+
+    from dataprep.shards import write_shard
+    from dataprep.verify import check_shard
+
+    picture = cv2.GaussianBlur(np.random.default_rng(0).integers(0, 255, (96, 96, 3), dtype=np.uint8), (5, 5), 2)
+    good = cv2.imencode(".jpg", picture)[1].tobytes()
+    middle = (good.index(b"\xff\xda") + len(good)) // 2
+    damaged = good[:middle] + b"\xff\xd9" + good[middle + 2:]  # a stray marker in the picture data
+    path = str(tmp_path / "test-000000.tar")
+    write_shard(fsspec.filesystem("file"), path, [{"__key__": "a", "jpg": good}, {"__key__": "b", "jpg": damaged}])
+    with open(path, "rb") as f:
+        _, problems = check_shard(f)
+    assert len(problems) == 1 and problems[0].startswith("sample 'b' (b.jpg): JPEG data damaged (libjpeg: ")
 
 
 def test_verify_prints_a_capped_list_and_counts_all(aflw_build, tmp_path, capsys, monkeypatch):

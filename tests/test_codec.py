@@ -118,6 +118,40 @@ def test_damaged_and_foreign_bytes_get_opencvs_answer(tmp_path: Path):
     assert codec.decode_bgr(cases["png"]) is not None
 
 
+def _damaged_scan(data: bytes) -> bytes:
+    """The JPEG with a stray marker over two bytes in the middle of its picture data (as a bad copy
+    can leave it): libjpeg stops that scan there and fills the rest gray, with a warning."""
+    middle = (data.index(b"\xff\xda") + len(data)) // 2
+    return data[:middle] + b"\xff\xd9" + data[middle + 2:]
+
+
+def test_damaged_jpeg_data_is_named_while_opencv_decodes_it_anyway():
+    img = _picture(160, 120, 11)
+    data = _jpeg(img, cv2.IMWRITE_JPEG_QUALITY, 90)
+    damaged = _damaged_scan(data)
+    assert _cv2(damaged) is not None  # OpenCV decodes it, printing libjpeg's warning without a file name
+    image, damage = codec.decode_rgb_checked(damaged)
+    assert image is None and damage.startswith(("Corrupt JPEG data", "Premature end"))
+    # the same through OpenCV's path (an Exif JPEG) is checked too
+    image, damage = codec.decode_rgb_checked(_with_exif_orientation(damaged, 1))
+    assert image is None and damage is not None
+    # intact pictures have no damage, whatever their kind; undecodable bytes give (None, None)
+    for kind, (make, params) in JPEG_KINDS.items():
+        intact = _jpeg(make(), *params)
+        image, damage = codec.decode_rgb_checked(intact)
+        assert damage is None and np.array_equal(image, codec.decode_rgb(intact)), kind
+    assert codec.decode_rgb_checked(_with_exif_orientation(data, 6))[1] is None
+    assert codec.decode_rgb_checked(cv2.imencode(".png", img)[1].tobytes())[1] is None
+    assert codec.decode_rgb_checked(b"not a picture") == (None, None)
+
+
+def test_real_dataset_images_are_not_damaged(real_samples: Path):
+    files = sorted(real_samples.rglob("*.jpg"))
+    assert files
+    for path in files:
+        assert codec.decode_rgb_checked(path.read_bytes())[1] is None, path
+
+
 def test_real_dataset_images_decode_to_opencvs_pixels(real_samples: Path):
     files = sorted(real_samples.rglob("*.jpg")) + sorted(real_samples.rglob("*.png"))
     assert files

@@ -434,7 +434,7 @@ def test_bad_mat_content(sample_tree, tmp_path, aflw_source, problem, reason):
     _expect_error(AFLW_NAME, root, ref, reason, mat_path.name)
 
 
-def test_unreadable_and_wrong_size_image(sample_tree, tmp_path):
+def test_unreadable_and_wrong_size_image(sample_tree, tmp_path, capfd):
     import cv2
 
     root, ref = _copy_sample(sample_tree, tmp_path, "300w_lp", W300_SOURCE)
@@ -442,6 +442,12 @@ def test_unreadable_and_wrong_size_image(sample_tree, tmp_path):
     good = image.read_bytes()
     image.write_bytes(good[:200])
     _expect_error("300w_lp", root, ref, "unreadable_image", "300W_LP/" + W300_SOURCE)
+    middle = (good.index(b"\xff\xda") + len(good)) // 2  # a stray marker in the picture data
+    image.write_bytes(good[:middle] + b"\xff\xd9" + good[middle + 2:])
+    assert cv2.imread(str(image)) is not None  # OpenCV would decode it, with gray or garbled blocks
+    capfd.readouterr()
+    _expect_error("300w_lp", root, ref, "corrupt_image", "300W_LP/" + W300_SOURCE)
+    assert "Corrupt JPEG" not in capfd.readouterr().err  # no warning without the file's name
     image.write_bytes(b"")
     _expect_error("300w_lp", root, ref, "unreadable_image", "300W_LP/" + W300_SOURCE)
     cv2.imwrite(str(image), np.zeros((300, 300, 3), np.uint8))

@@ -134,7 +134,9 @@ def read_image(path: Path, display: str, expected_size: tuple[int, int] | None =
                size_from: str | None = None) -> np.ndarray:
     """Read an image file as H x W x 3 uint8 RGB.
 
-    Raises ``SampleError`` ``missing_image`` / ``unreadable_image`` / ``wrong_image_size``
+    Raises ``SampleError`` ``missing_image`` / ``unreadable_image`` / ``corrupt_image`` (a JPEG
+    whose picture data libjpeg finds damaged: it would decode with gray or garbled blocks) /
+    ``wrong_image_size``
     (``expected_size`` is ``(width, height)``; the labels are in those pixels; ``size_from`` names
     the file that says so, when it is not the dataset's fixed size).
     """
@@ -144,7 +146,12 @@ def read_image(path: Path, display: str, expected_size: tuple[int, int] | None =
         raise SampleError("missing_image", f"{display}: image file not found") from None
     except OSError as exc:
         raise SampleError("unreadable_image", f"{display}: cannot read the file ({exc})") from exc
-    image = codec.decode_rgb(data)
+    image, damage = codec.decode_rgb_checked(data)
+    if damage is not None:  # it would decode with gray or garbled blocks: not a sample to train on
+        raise SampleError(
+            "corrupt_image",
+            f"{display}: damaged JPEG data (libjpeg: {damage}); re-download or re-extract the file",
+        )
     if image is None:
         raise SampleError(
             "unreadable_image",
