@@ -26,6 +26,7 @@ from .datasets import get_reader
 from .devices import parse_device
 from .pipeline import (DECISIONS_SUFFIX, LOCK_FILE, PROGRESS_DIR, RESULT_SUFFIX, Settings, ShardTask, lock_holder,
                        progress_file, run_shard)
+from .processes import pid_alive, process_start
 from .records import SampleRef
 from .shards import (INFO_FILE, MANIFEST, TMP_SUFFIX, dumps_json, final_name, is_shard_file, shard_name, write_info,
                      write_json)
@@ -414,7 +415,7 @@ def _out_lock(fs, base: str):
             raise BuildError(f"another dataprep build (pid {pid}) is writing to {base}; wait for it to finish (or stop "
                              f"it), then run this command again (no build running? delete {path})")
         fs.rm(path)  # its build is gone
-    token = f"{host}:{os.getpid()}:{_process_start(os.getpid())}:{secrets.token_hex(4)}"
+    token = f"{host}:{os.getpid()}:{process_start(os.getpid())}:{secrets.token_hex(4)}"
     if not _create_lock(fs, base, token):
         raise BuildError(f"another dataprep build started writing to {base} just now; wait for it to finish, then "
                          "run this command again")
@@ -443,27 +444,9 @@ def _create_lock(fs, base: str, token: str) -> bool:
 def _build_alive(pid: int, start: str) -> bool:
     """Whether the build process ``pid`` (started at ``start``, if recorded) still runs here. This
     process is not it (a restarted container can get the pid of the build it replaces)."""
-    if pid == os.getpid():
+    if pid == os.getpid() or not pid_alive(pid):
         return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    except OSError:
-        return False
-    return not start or _process_start(pid) in ("", start)
-
-
-def _process_start(pid: int) -> str:
-    """Process ``pid``'s start time (clock ticks since boot, from ``/proc``); "" where unknown."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-        return data[data.rindex(b")") + 2:].split()[19].decode()
-    except (OSError, ValueError, IndexError):
-        return ""
+    return not start or process_start(pid) in ("", start)
 
 
 def make_manifest(opts, settings: Settings, proto, root: Path, refs, results: list[dict], fingerprint: str,

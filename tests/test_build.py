@@ -19,6 +19,7 @@ from dataprep import build as build_mod
 from dataprep import labels
 from dataprep.build import BuildError, BuildOptions, build, summary_table
 from dataprep.cli import main as cli_main
+from dataprep.processes import process_start
 from dataprep.verify import verify
 from build_runs import assert_same_shards, build_killed_at_shard
 from shard_reading import label_records, read_tar
@@ -197,7 +198,7 @@ def test_one_build_at_a_time_per_out_folder(sample_tree, tmp_path, monkeypatch):
     out.mkdir()
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:  # a live build on this machine holds the folder
-        start = build_mod._process_start(sleeper.pid)
+        start = process_start(sleeper.pid)
         (out / LOCK_FILE).write_text(f"{socket.gethostname()}:{sleeper.pid}:{start}:abcd")
         with pytest.raises(BuildError, match=rf"another dataprep build \(pid {sleeper.pid}\) is writing to .* wait"):
             build(opts(root, out, "aflw2000"))
@@ -212,7 +213,7 @@ def test_one_build_at_a_time_per_out_folder(sample_tree, tmp_path, monkeypatch):
     # now belongs to another process (its start time differs)
     import os
 
-    for holder in (f"{sleeper.pid}:{start}", f"{os.getpid()}:{build_mod._process_start(os.getpid())}", f"{os.getppid()}:1"):
+    for holder in (f"{sleeper.pid}:{start}", f"{os.getpid()}:{process_start(os.getpid())}", f"{os.getppid()}:1"):
         (out / LOCK_FILE).write_text(f"{socket.gethostname()}:{holder}:abcd")
         build(opts(root, out, "aflw2000"))
         assert not (out / LOCK_FILE).exists() and verify(str(out)).ok

@@ -224,6 +224,23 @@ def test_auto_weights_without_network_say_what_to_do(monkeypatch):
             registry.get(name).build("auto")
 
 
+def test_state_dicts_are_found_as_training_scripts_save_them():
+    from dataprep.weights import unwrap_state_dict
+
+    w, b = torch.ones(2), torch.zeros(2)
+    plain = {"conv.weight": w, "conv.bias": b}
+    # DataParallel inside torch.compile, saved with the epoch beside it, nested in a checkpoint
+    saved = {"epoch": 3, "model_state_dict": {"state_dict": {f"_orig_mod.module.{k}": v for k, v in plain.items()}}}
+    got = unwrap_state_dict(saved, ("module.", "_orig_mod."))
+    assert list(got) == list(plain) and got["conv.weight"] is w
+    # a prefix only some keys have is a name, not a wrapper; non-tensors inside are dropped
+    mixed = {"module.conv.weight": w, "head.bias": b, "meta": "v1"}
+    assert list(unwrap_state_dict(mixed)) == ["module.conv.weight", "head.bias"]
+    for bad in ({"epoch": 3}, [w], {}, {"state_dict": {"note": "no tensors"}}):
+        with pytest.raises(ValueError, match="state dict of tensors"):
+            unwrap_state_dict(bad)
+
+
 def test_pretrained_path_loads_the_backbone_and_reports(tmp_path, capsys):
     import torchvision
 
@@ -234,7 +251,7 @@ def test_pretrained_path_loads_the_backbone_and_reports(tmp_path, capsys):
     model = registry.get("ehpnet").build(str(path))
     torch.testing.assert_close(model.backbone.layer3[0].conv1.weight, src.layer3[0].conv1.weight)
     err = capsys.readouterr().err
-    assert "loaded 120/128 tensors" in err and "unused keys (2): module.fc.weight, module.fc.bias" in err
+    assert "loaded 120/128 tensors" in err and "unused keys (2): fc.weight, fc.bias" in err
     with pytest.raises(FileNotFoundError, match="no such file"):
         registry.get("ehpnet").build(str(tmp_path / "missing.pth"))
     torch.save({"unrelated.weight": torch.zeros(3)}, tmp_path / "bad.pth")

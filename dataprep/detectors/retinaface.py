@@ -42,6 +42,7 @@ from retinaface.network import RetinaFace
 from retinaface.prior_box import priorbox
 
 from ..devices import resolve_device
+from ..weights import unwrap_state_dict
 from .base import Detection, Detector, DetectorWeightsError, make_fingerprint
 
 #: From retinaface/pre_trained_models.py (that module imports albumentations, so it is not imported).
@@ -133,30 +134,13 @@ def _read_weights_payload(path: Path) -> tuple[bytes, str]:
         return zf.read(members[0]), f"{path.name}:{members[0]}"
 
 
-_PREFIXES = ("module.", "model.")
-
-
 def normalize_state_dict(obj: Any) -> dict[str, torch.Tensor]:
-    """Unwrap ``{"state_dict": ...}`` / ``{"model": ...}`` and strip "module."/"model." key prefixes."""
-    for _ in range(3):
-        if isinstance(obj, dict) and not all(isinstance(v, torch.Tensor) for v in obj.values()):
-            for wrapper in ("state_dict", "model", "model_state_dict"):
-                if isinstance(obj.get(wrapper), dict):
-                    obj = obj[wrapper]
-                    break
-            else:
-                break
-    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise DetectorWeightsError("the weights file does not hold a state dict of tensors")
-    state = dict(obj)
-    changed = True
-    while changed:
-        changed = False
-        for prefix in _PREFIXES:
-            if all(k.startswith(prefix) for k in state):
-                state = {k[len(prefix) :]: v for k, v in state.items()}
-                changed = True
-    return state
+    """The network's state dict in a loaded weights file (``weights.unwrap_state_dict``: wrappers
+    unwrapped, "module."/"model." key prefixes stripped)."""
+    try:
+        return unwrap_state_dict(obj, ("module.", "model."))
+    except ValueError as exc:
+        raise DetectorWeightsError(str(exc)) from None
 
 
 def load_weights(net: nn.Module, path: Path) -> str:

@@ -14,6 +14,7 @@ import torch
 from torch.utils.data import get_worker_info
 
 from ..boxes import stacked_to_crop_coords, to_crop_coords
+from ..processes import pid_alive
 
 
 class _Item:
@@ -224,18 +225,8 @@ def _forget_buffers(loader_id: int, all_of_them: bool = False) -> None:
         if all_of_them:
             del _RECEIVED[loader_id]
             return
-        for key in [k for k in known if not _process_alive(k[0])]:
+        for key in [k for k in known if not pid_alive(k[0])]:
             del known[key]
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class _Batch(dict):

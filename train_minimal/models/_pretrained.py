@@ -10,6 +10,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from dataprep.weights import unwrap_state_dict
+
 
 class PretrainedUnavailable(RuntimeError):
     """ImageNet weights were asked for but cannot be had (no network and nothing cached)."""
@@ -86,18 +88,12 @@ def timm_model(name: str, pretrained, **kwargs) -> nn.Module:
         raise PretrainedUnavailable(no_weights_message(f"timm {name}") + f" [{type(exc).__name__}: {exc}]") from exc
 
 
-def _strip(key: str) -> str:
-    for prefix in ("module.", "_orig_mod."):
-        while key.startswith(prefix):
-            key = key[len(prefix):]
-    return key
-
-
 def load_weights_file(model: nn.Module, path: str, backbone_prefix: str = "backbone.", log=None) -> dict:
     """Load a local weights file into ``model`` non-strictly and report what did not match.
 
     Accepts a bare state dict, ``{"state_dict": ...}`` / ``{"model": ...}`` wrappers (our own
-    checkpoints included), ``module.`` prefixes, and backbone-only files (e.g. torchvision's
+    checkpoints included), ``module.`` / ``_orig_mod.`` prefixes on every key
+    (``dataprep.weights.unwrap_state_dict``), and backbone-only files (e.g. torchvision's
     ``resnet50-*.pth``, whose ``conv1.weight`` goes to ``backbone.conv1.weight``). Tensors whose
     shape does not match are skipped and reported. Returns ``{"loaded", "missing", "unexpected",
     "mismatched"}`` key lists; raises if nothing at all matched.
@@ -106,20 +102,14 @@ def load_weights_file(model: nn.Module, path: str, backbone_prefix: str = "backb
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--pretrained {path}: no such file (use 'auto' for ImageNet weights or 'none' for scratch)")
     blob = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(blob, dict):
-        for wrapper in ("state_dict", "model_state_dict", "model"):
-            if isinstance(blob.get(wrapper), dict):
-                blob = blob[wrapper]
-                break
-    if not isinstance(blob, dict):
-        raise ValueError(f"--pretrained {path}: expected a state dict, found {type(blob).__name__}")
+    try:
+        blob = unwrap_state_dict(blob, ("module.", "_orig_mod."))
+    except ValueError as exc:
+        raise ValueError(f"--pretrained {path}: {exc}") from None
     own = model.state_dict()
     loaded, unexpected, mismatched = {}, [], []
     for key, value in blob.items():
-        if not torch.is_tensor(value):
-            continue
-        k = _strip(key)
-        target = k if k in own else (backbone_prefix + k if backbone_prefix + k in own else None)
+        target = key if key in own else (backbone_prefix + key if backbone_prefix + key in own else None)
         if target is None:
             unexpected.append(key)
         elif own[target].shape != value.shape:
