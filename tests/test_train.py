@@ -490,3 +490,19 @@ def test_epoch_steps_count_each_workers_partial_batch(shards, tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["args"]["total_steps"] == len(metrics["steps"]) == 4
     assert [e["step"] for e in metrics["epochs"]] == [2, 4]
+
+
+def test_samples_are_counted_by_their_record_not_by_any_json_member(tmp_path):
+    """Webdataset reads ``a.meta.json`` as sample ``a``'s ``meta.json``: another member of the same
+    sample (a user's own annotation beside ours), not one more sample."""
+    import io
+
+    from train_minimal.data import shard_samples
+
+    path = tmp_path / "train-000000.tar"
+    with tarfile.open(path, "w") as tar:
+        for name in ("a.jpg", "a.json", "a.meta.json", "b.jpg", "b.json"):
+            info = tarfile.TarInfo(name)
+            info.size = 2
+            tar.addfile(info, io.BytesIO(b"{}"))
+    assert shard_samples([str(path)]) == [2]

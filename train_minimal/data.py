@@ -36,7 +36,7 @@ from dataprep import crop as crop_ops
 from dataprep import loader as loaders
 from dataprep.loader import HeadPoseLoader, expand_shard_urls, local_path, normalize_images, require_local_shards
 from dataprep.loader.tar_reader import SHARD_READ_ERRORS, unreadable_shard
-from dataprep.shards import read_info_splits
+from dataprep.shards import read_info_splits, split_member
 
 SHUFFLE_BUFFER = 1000
 
@@ -53,7 +53,8 @@ def _open_shard(path: str, url: str):
 
 
 def shard_samples(urls) -> list[int] | None:
-    """Samples in each shard (``.json`` members), reading tar headers only; None when a shard is
+    """Samples in each shard (members with the extension ``json``: one record per sample, as the
+    loader reads them), reading tar headers only; None when a shard is
     not a local file (then give ``--epoch-length``)."""
     counts = []
     url_list = expand_shard_urls(urls)
@@ -64,7 +65,7 @@ def shard_samples(urls) -> list[int] | None:
         if path is None:
             return None
         with _open_shard(path, url) as tar:
-            n = sum(1 for m in tar if m.isfile() and m.name.endswith(".json"))
+            n = sum(1 for m in tar if m.isfile() and split_member(m.name)[1] == "json")  # a sample's record
         folder = os.path.dirname(os.path.abspath(path))
         if folder not in listed:
             listed[folder] = _info_lengths(folder)
