@@ -361,6 +361,17 @@ def test_missing_mat_is_listed_then_rejected(sample_tree, tmp_path, aflw_source)
     _expect_error(AFLW_NAME, root, ref, "missing_mat", "AFLW2000/" + aflw_source.replace(".jpg", ".mat"))
 
 
+def test_images_named_apart_only_by_case_are_each_read(sample_tree, tmp_path, aflw_source):
+    root, ref = _copy_sample(sample_tree, tmp_path, AFLW_NAME, aflw_source)
+    upper = Path(aflw_source).with_suffix(".JPG").as_posix()
+    shutil.copyfile(root / aflw_source, root / upper)
+    refs = aflw2000.list_samples(root)
+    assert sorted(r.source for r in refs) == sorted([aflw_source, upper])  # neither is dropped
+    assert len({r.key for r in refs}) == 2  # nor merged into one webdataset sample
+    for r in refs:
+        assert aflw2000.read_sample(root, r).ref == r  # each read, with the one .mat
+
+
 @pytest.mark.parametrize("name,source,label", [
     ("300w_lp", W300_SOURCE, "AFW/AFW_1000207_1_0.mat"),
     ("biwi", BIWI_SOURCE, "03/frame_00004_pose.txt"),

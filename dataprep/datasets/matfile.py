@@ -57,21 +57,22 @@ def list_refs(dataset: str, root: Path, folders: Sequence[str], image_stem: Call
 
     A sample is an image (``image_stem(path)`` names its sample, None for other files) or a label
     file whose image is missing (``label_stem``; its source is ``image_name(stem)``): an incomplete
-    download is listed, so its read rejects it as ``missing_image`` and the counts show it.
+    download is listed, so its read rejects it as ``missing_image`` and the counts show it. Images
+    whose names differ only in case (``a.jpg``, ``a.JPG``) are each a sample: none goes unread.
     """
     refs = []
     for folder in folders:
-        images: dict[str, str] = {}
+        images: dict[str, list[str]] = {}  # stem -> image names (a.jpg and a.JPG: two samples, both read)
         labelled: set[str] = set()
         for path in (root / folder).iterdir():
             stem = image_stem(path)
             if stem is not None:
-                images[stem] = path.name
+                images.setdefault(stem, []).append(path.name)
             elif (stem := label_stem(path)) is not None:
                 labelled.add(stem)
         for stem in labelled - images.keys():
-            images[stem] = image_name(stem)
-        for name in images.values():
+            images[stem] = [image_name(stem)]
+        for name in (name for names in images.values() for name in names):
             stem = f"{folder}/{Path(name).stem}" if folder else Path(name).stem
             refs.append(SampleRef(dataset, make_key(dataset, stem), f"{folder}/{name}" if folder else name,
                                   group or folder))
