@@ -12,7 +12,8 @@ is the same array wherever it is read.
 * Everything else goes to ``cv2.imdecode``, whose behaviour is the reference: PNG (BIWI's frames,
   depth maps), JPEGs with an Exif block (OpenCV turns the picture as its Orientation tag says),
   CMYK JPEGs, and any JPEG the TurboJPEG API refuses, such as one with corrupt data that OpenCV
-  still decodes with a warning (or not at all: None, as OpenCV says).
+  still decodes with a warning (or not at all: None, as OpenCV says). The dataset readers decode
+  with :func:`decode_rgb_checked`, which names such damage instead, so they can reject the file.
 * ``reduction`` 2, 4 or 8 decodes a JPEG at that fraction of its size in the DCT domain
   (``cv2.IMREAD_REDUCED_COLOR_*``: SIMD there; the TurboJPEG API's scaled IDCTs are slower).
 """
