@@ -56,7 +56,7 @@ def test_numeric_types_shapes_and_stored_types():
     arrays = {
         "f64": rng.random((3, 5)),
         "f32": rng.random((2, 68)).astype(np.float32),
-        "small_ints_as_double": np.array([[1.0, 2.0, 250.0]]),  # stored in a smaller type by some writers
+        "whole_doubles": np.array([[1.0, 2.0, 250.0]]),
         "i16": np.array([[-3, 400, 7, 9]], np.int16),
         "u8": np.arange(6, dtype=np.uint8).reshape(2, 3),
         "i64": np.array([[2**40, -5]], np.int64),
