@@ -90,8 +90,7 @@ def decode_rgb_checked(data: bytes) -> tuple[np.ndarray | None, str | None]:
             refusal = str(exc)
     if refusal is not None and refusal.startswith(_DAMAGE_WARNINGS):
         return None, refusal
-    image = decode_cv2(data)
-    return (None if image is None else cv2.cvtColor(image, cv2.COLOR_BGR2RGB)), None
+    return _decode_cv2_rgb(data), None
 
 
 def decode_cv2(data: bytes, reduction: int = 1) -> np.ndarray | None:
@@ -112,8 +111,10 @@ def decode_bgr(data: bytes, reduction: int = 1) -> np.ndarray | None:
 def decode_rgb(data: bytes) -> np.ndarray | None:
     """Image bytes -> H x W x 3 uint8 RGB (:func:`decode_bgr`'s pixels, channels reversed), or None."""
     image = _turbo(data, "RGB")
-    if image is None:
-        image = decode_cv2(data)
-        if image is not None:
-            image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
-    return image
+    return _decode_cv2_rgb(data) if image is None else image
+
+
+def _decode_cv2_rgb(data: bytes) -> np.ndarray | None:
+    """:func:`decode_cv2`'s pixels as RGB, or None."""
+    image = decode_cv2(data)
+    return None if image is None else cv2.cvtColor(image, cv2.COLOR_BGR2RGB)

@@ -191,7 +191,6 @@ def mirror_landmarks(landmarks, image_width: float, offset: float = 0.0) -> np.n
     return out
 
 
-
 def is_rotation(rotation, tol: float = 1e-3) -> bool:
     """True when ``rotation`` is a proper 3x3 rotation (orthonormal, det +1) within ``tol``."""
     r = np.asarray(rotation, dtype=np.float64)

@@ -212,8 +212,7 @@ def _write_300wlp(root: Path, rng: np.random.Generator) -> list[dict[str, Any]]:
                         p[:, 0] = 451.0 - p[:, 0]
                         noise = rng.uniform(-0.7, 0.7, 3)
                         y, pi, r = -yaw + noise[0], pitch + noise[1], -roll + noise[2]
-                        face = _face_box(A)
-                        face = [450.0 - face[2], face[1], 450.0 - face[0], face[3]]
+                        face = labels.mirror_box(_face_box(A), 450.0)
                     else:
                         img, p, (y, pi, r), face = image, pts, (yaw, pitch, roll), _face_box(A)
                     box = points_box(p)
