@@ -12,6 +12,7 @@ from pathlib import Path
 
 from . import __version__
 from .boxes import CROP_RULES
+from .errors import first_line
 from .records import DATASETS
 
 
@@ -84,7 +85,7 @@ def cmd_build(args) -> int:
               "resume", file=sys.stderr)
         return 130
     except BrokenProcessPool as err:  # a worker process died (out of memory, killed): joblib's TerminatedWorkerError
-        print(f"dataprep build: error: a worker process died ({str(err).splitlines()[0]}); the shards finished so "
+        print(f"dataprep build: error: a worker process died ({first_line(err)}); the shards finished so "
               "far are kept: run the same command again to resume (with fewer --jobs if memory ran out)", file=sys.stderr)
         return 2
     finally:

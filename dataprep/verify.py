@@ -29,8 +29,8 @@ class VerifyReport:
         return not self.problems
 
 
-def _decode_member(name: str, data: bytes) -> None:
-    ext = name.split(".", 1)[1]
+def _decode_member(ext: str, data: bytes) -> None:
+    """Decode one member by its extension (as webdataset splits names); others are not checked."""
     if ext == "json":
         record = json.loads(data)
         for k in ("key", "yaw", "pitch", "roll", "rotation", "box", "crop", "source"):
@@ -80,7 +80,10 @@ def check_shard(fileobj, decode: bool = True) -> tuple[list[str], list[str]]:
                 if not member.isfile() or name.startswith("/") or ".." in name.split("/"):
                     problems.append(f"member {name!r} is not a plain relative file")
                     continue
-                key = split_member(name)[0] or name
+                key, ext = split_member(name)
+                if key is None:
+                    problems.append(f"member {name!r} has no extension: webdataset readers skip it")
+                    continue
                 if not keys or keys[-1] != key:
                     if key in seen:  # readers group adjacent members only: this sample comes out twice
                         problems.append(f"sample {key!r} appears again after other samples ({name})")
@@ -90,8 +93,8 @@ def check_shard(fileobj, decode: bool = True) -> tuple[list[str], list[str]]:
                     continue
                 try:
                     data = tar.extractfile(member).read()
-                    _decode_member(name, data)
-                    if name.endswith(".json") and json.loads(data)["key"] != key:
+                    _decode_member(ext, data)
+                    if ext == "json" and json.loads(data)["key"] != key:
                         raise ValueError("record key differs from the member name")
                 except Exception as err:  # noqa: BLE001 - report any decode failure
                     problems.append(f"sample {key!r} ({name}): {err}")

@@ -582,6 +582,34 @@ def test_check_shard_flags_a_key_seen_again_later(tmp_path):
     assert len(problems) == 4 and sum("JPEG does not decode" in p for p in problems) == 3
 
 
+def test_check_shard_reads_member_names_as_webdataset_does(tmp_path):
+    """A user's extra member ``a.meta.json`` is not a label record (its extension is ``meta.json``,
+    as webdataset splits names), and a member without an extension, which webdataset readers skip,
+    is named as such rather than counted as a sample."""
+    import io
+    import tarfile
+
+    import cv2
+
+    from dataprep.verify import check_shard
+
+    jpg = cv2.imencode(".jpg", np.full((8, 8, 3), 128, np.uint8))[1].tobytes()
+    record = {"key": "a", "yaw": 1.0, "pitch": 2.0, "roll": 3.0, "rotation": [[1, 0, 0], [0, 1, 0], [0, 0, 1]],
+              "box": [0, 0, 8, 8], "crop": [0, 0, 8, 8], "source": "a.jpg"}
+    members = [("a.jpg", jpg), ("a.json", json.dumps(record).encode()), ("a.meta.json", b'{"note": "mine"}'),
+               ("README", b"notes")]
+    path = tmp_path / "test-000000.tar"
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    with open(path, "rb") as f:
+        keys, problems = check_shard(f)
+    assert keys == ["a"]
+    assert problems == ["member 'README' has no extension: webdataset readers skip it"]
+
+
 def test_check_shard_flags_a_damaged_jpeg_that_still_decodes(tmp_path):
     import cv2
     import fsspec
@@ -742,6 +770,8 @@ def test_cli_says_what_to_do_instead_of_a_traceback(sample_tree, tmp_path, capsy
     assert cli_main(["build", "--dataset", "aflw2000", "--root", root, "--out", str(tmp_path / "o"), "--no-progress"]) == 130
     assert "run the same command again to resume" in capsys.readouterr().err
 
+    from concurrent.futures.process import BrokenProcessPool
+
     from joblib.externals.loky.process_executor import TerminatedWorkerError
 
     def worker_died(opts):  # what joblib raises when the kernel kills a worker for memory
@@ -752,6 +782,13 @@ def test_cli_says_what_to_do_instead_of_a_traceback(sample_tree, tmp_path, capsy
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "a worker process died (A worker process managed" in err
     assert "run the same command again to resume (with fewer --jobs if memory ran out)" in err
+
+    def pool_broke(opts):  # concurrent.futures' own, which may carry no message
+        raise BrokenProcessPool()
+
+    monkeypatch.setattr(build_mod, "build", pool_broke)
+    assert cli_main(["build", "--dataset", "aflw2000", "--root", root, "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    assert "a worker process died (BrokenProcessPool); the shards finished so far are kept" in capsys.readouterr().err
 
     def terminated(opts):  # timeout / docker stop / a batch scheduler: SIGTERM ends it as Ctrl-C does
         import os

@@ -49,6 +49,7 @@ from torch import nn
 
 from dataprep import devices
 from dataprep.devices import DEVICE_FORMS, parse_device
+from dataprep.errors import first_line
 from dataprep.labels import wrapped_angle_difference
 from dataprep.loader import UnreadableShard, shard_error_line
 
@@ -254,12 +255,6 @@ def evaluate(model: nn.Module, loader, spec, device: torch.device, *, amp_dtype=
     return {"samples": n, "yaw": yaw, "pitch": pitch, "roll": roll, "mean": (yaw + pitch + roll) / 3.0}
 
 
-def _first_line(err: BaseException) -> str:
-    """An exception's first message line (its type when it has none), for one-line errors."""
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
 def load_checkpoint(path: str) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -268,7 +263,7 @@ def load_checkpoint(path: str) -> dict:
     except IsADirectoryError:
         raise SystemExit(f"error: {path} is a folder; give its checkpoint.pt") from None
     except (RuntimeError, ValueError, EOFError, OSError) as err:
-        raise SystemExit(f"error: {path} is not a checkpoint torch can read ({_first_line(err)})") from None
+        raise SystemExit(f"error: {path} is not a checkpoint torch can read ({first_line(err)})") from None
     if isinstance(ckpt, dict) and "state_dict" in ckpt:
         return ckpt
     if isinstance(ckpt, dict) and all(torch.is_tensor(v) for v in ckpt.values()):
@@ -590,13 +585,13 @@ def cmd_convert_fsanet(args) -> int:
     except ImportError as err:
         raise SystemExit(f"error: reading {src} needs {err.name or 'h5py'}: pip install h5py") from None
     except FileNotFoundError as err:  # a folder without the three official files
-        raise SystemExit(f"error: {_first_line(err)}; {what}") from None
+        raise SystemExit(f"error: {first_line(err)}; {what}") from None
     except OSError as err:
         if err.filename is not None:  # from open(): writing the output (h5py's errors name no file)
             raise SystemExit(f"error: cannot write {args.out} ({err.strerror or err})") from None
-        raise SystemExit(f"error: {src} is not an HDF5 file h5py can read ({_first_line(err)}); {what}") from None
+        raise SystemExit(f"error: {src} is not an HDF5 file h5py can read ({first_line(err)}); {what}") from None
     except (ValueError, KeyError, RuntimeError) as err:  # an HDF5 file, not the weights we map
-        raise SystemExit(f"error: cannot convert {src} ({_first_line(err)}); {what}") from None
+        raise SystemExit(f"error: cannot convert {src} ({first_line(err)}); {what}") from None
     print(json.dumps(summary, default=str) if isinstance(summary, dict) else f"wrote {args.out}")
     return 0
 

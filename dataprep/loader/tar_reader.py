@@ -14,6 +14,7 @@ from typing import Callable
 from webdataset import tariterators
 from webdataset.utils import PipelineStage
 
+from ..errors import first_line
 from ..shards import split_member
 from .urls import local_path, open_url
 
@@ -39,7 +40,7 @@ class UnreadableShard(tarfile.ReadError):
 
 def unreadable_shard(url: str, err: BaseException) -> UnreadableShard:
     """The :class:`UnreadableShard` for ``url``, saying what ``err`` found."""
-    detail = str(err).strip().splitlines()[0].rstrip(":") if str(err).strip() else type(err).__name__
+    detail = first_line(err).rstrip(":")
     path = local_path(url)
     folder = os.path.dirname(path) if path else "DIR"
     return UnreadableShard(f"{url} is not a readable tar shard (truncated or not a tar file? {detail}); rebuild "
