@@ -1,10 +1,48 @@
-"""Saved PyTorch weights, as training scripts leave them: one place that finds the state dict in a
-loaded file (RetinaFace's detector weights, ``train_minimal``'s ``--pretrained`` files)."""
+"""Saved PyTorch weights, as training scripts leave them: one place that reads such a file
+(:func:`load_torch_file`) and finds the state dict in it (:func:`unwrap_state_dict`), for
+RetinaFace's detector weights and ``train_minimal``'s ``--pretrained`` files and checkpoints."""
 from __future__ import annotations
 
+import io
+import os
 from typing import Any
 
 import torch
+
+from .errors import first_line
+
+class TorchFileError(ValueError):
+    """A file ``torch.load`` cannot read; the message says why in words (callers name the file)."""
+
+
+def load_torch_file(source: str | os.PathLike | bytes) -> Any:
+    """``torch.load(..., map_location="cpu", weights_only=True)`` of a path or a file's bytes.
+    :class:`TorchFileError` when torch cannot read it, saying why in one line: torch's own words
+    for a damaged archive, and for what its safe unpickler refuses (not a torch file at all, or
+    Python objects besides tensors and plain containers) a plain sentence, not its advice to load
+    the file unsafely. ``OSError`` (no such file, a folder, no permission) is left to the caller."""
+    data = bytes(source) if isinstance(source, (bytes, bytearray, memoryview)) else None
+    try:
+        return torch.load(io.BytesIO(data) if data is not None else source, map_location="cpu", weights_only=True)
+    except OSError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - pickle, zip and torch errors alike: the file is not readable
+        if data is None:
+            with open(source, "rb") as f:
+                data = f.read(4)
+        if not data:
+            reason = "the file is empty"
+        elif not data.startswith((b"PK\x03\x04", b"\x80")):
+            reason = "neither a zip archive torch.save writes nor a pickle"
+        elif "Unsupported global" in str(exc):
+            reason = ("it holds Python objects besides tensors and plain containers, which are not unpickled "
+                      "for safety; save the model's state_dict() instead")
+        else:  # a damaged archive or pickle: torch's first sentence (what follows is advice)
+            text = str(exc)
+            detail = text.split("WeightsUnpickler error:", 1)[1] if "WeightsUnpickler error:" in text else text
+            reason = "damaged: " + first_line(ValueError(detail.strip())).split(". ", 1)[0].rstrip(".")
+        raise TorchFileError(reason) from exc
+
 
 #: Keys that training scripts save a state dict under (``{"state_dict": ..., "epoch": 3}``).
 WRAPPERS = ("state_dict", "model_state_dict", "model")

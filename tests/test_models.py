@@ -252,11 +252,45 @@ def test_pretrained_path_loads_the_backbone_and_reports(tmp_path, capsys):
     torch.testing.assert_close(model.backbone.layer3[0].conv1.weight, src.layer3[0].conv1.weight)
     err = capsys.readouterr().err
     assert "loaded 120/128 tensors" in err and "unused keys (2): fc.weight, fc.bias" in err
-    with pytest.raises(FileNotFoundError, match="no such file"):
+    with pytest.raises(_pretrained.PretrainedFileError, match="no such file"):
         registry.get("ehpnet").build(str(tmp_path / "missing.pth"))
     torch.save({"unrelated.weight": torch.zeros(3)}, tmp_path / "bad.pth")
-    with pytest.raises(ValueError, match="match"):
+    with pytest.raises(_pretrained.PretrainedFileError, match="none of its 1 tensors match"):
         registry.get("whenet").build(str(tmp_path / "bad.pth"))
+
+
+def test_torch_files_that_cannot_be_read_say_why(tmp_path):
+    """``dataprep.weights.load_torch_file``: what torch's safe loader refuses, in words (not its
+    advice to load the file unsafely), for every weights file the project reads."""
+    import io
+    import pickle
+
+    from dataprep.weights import TorchFileError, load_torch_file
+
+    buf = io.BytesIO()
+    torch.save({"w": torch.ones(2)}, buf)
+    good = buf.getvalue()
+    assert torch.equal(load_torch_file(good)["w"], torch.ones(2))
+    (tmp_path / "good.pt").write_bytes(good)
+    assert torch.equal(load_torch_file(tmp_path / "good.pt")["w"], torch.ones(2))
+    buf = io.BytesIO()
+    torch.save({"w": torch.ones(2), "opt": pickle.loads(pickle.dumps(_Unsafe()))}, buf)
+    cases = {
+        b"": "the file is empty",
+        b"# a text file\n": "neither a zip archive torch.save writes nor a pickle",
+        good[:200]: "damaged: PytorchStreamReader failed reading zip archive",
+        buf.getvalue(): "it holds Python objects besides tensors and plain containers",
+    }
+    for data, says in cases.items():
+        with pytest.raises(TorchFileError) as err:
+            load_torch_file(data)
+        assert str(err.value).startswith(says) and "weights_only" not in str(err.value)
+    with pytest.raises(FileNotFoundError):
+        load_torch_file(tmp_path / "missing.pt")
+
+
+class _Unsafe:
+    """A Python object torch's safe unpickler refuses (as an optimiser or a config class would be)."""
 
 
 # --------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ import torch
 
 from dataprep.cli import main as dataprep_main
 from train_minimal import registry
-from train_minimal.data import count_samples, make_loader, prepare_batch
+from train_minimal.data import make_loader, prepare_batch, shard_samples
 from train_minimal import train as train_mod
 from train_minimal.train import main
 
@@ -99,7 +99,7 @@ def check_run(out: Path, metrics: dict, capsys, data: str, model: str, *, falls:
 # --------------------------------------------------------------------------------------------
 def test_loader_recrops_and_maps_landmarks(shards):
     spec = registry.get("mnn")
-    assert count_samples(shards.train) == 20
+    assert sum(shard_samples(shards.train)) == 20
     loader = make_loader(shards.train, spec, 4, train=True, workers=0, seed=0, input_size=64)
     batches = list(loader)
     assert len(batches) == 5 == loader.batches_per_epoch
@@ -130,6 +130,24 @@ def test_crop_room_warning_says_how_to_build(shards):
     assert f"{coverage:.0%}" in warning and "--margin 0.6" in warning and "fsanet_var" in warning
     assert crop_room_warning(shards.val, square) is None and crop_coverage(shards.val, "square")[0] == 1.0
     assert crop_room_warning("s3://bucket/shard.tar", fsanet) is None  # remote: not read here
+
+
+def test_crop_coverage_reads_only_label_records(shards, tmp_path):
+    """A user's ``KEY.meta.json`` beside our record is another member of the sample, not a record:
+    it must not be read as one (it has no boxes: ``train``/``eval`` would stop with a KeyError)."""
+    import io
+
+    from train_minimal.data import crop_coverage
+
+    path = tmp_path / "val-000000.tar"
+    with tarfile.open(shards.val) as src, tarfile.open(path, "w") as dst:
+        for member in src:
+            dst.addfile(member, src.extractfile(member))
+            if member.name.endswith(".json"):
+                info = tarfile.TarInfo(member.name[:-len("json")] + "meta.json")
+                info.size = 2
+                dst.addfile(info, io.BytesIO(b"{}"))
+    assert crop_coverage(str(path), "fsanet")[0] == crop_coverage(shards.val, "fsanet")[0]
 
 
 def test_jpeg_batches_decode_like_the_cpu_path(shards):
@@ -242,7 +260,7 @@ def test_ddp_two_ranks_on_cpu_with_torchrun(shards, tmp_path, capsys):
     res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
-    samples = count_samples(shards.train)
+    samples = sum(shard_samples(shards.train))
     per_rank = samples // (2 * 4)  # the epoch length defaults to the samples in the shards, all ranks together
     assert metrics["args"]["world_size"] == 2 and per_rank >= 1
     assert [e["step"] for e in metrics["epochs"]] == [per_rank, 2 * per_rank]
@@ -320,6 +338,20 @@ def test_cli_errors_are_clear(shards, tmp_path, capsys):
         main(["eval", "--ckpt", str(not_a_checkpoint), "--data", shards.val, "--device", "cpu"])
     with pytest.raises(SystemExit, match=r"is a folder; give its checkpoint\.pt"):
         main(["eval", "--ckpt", str(tmp_path), "--data", shards.val, "--device", "cpu"])
+    # --pretrained files that cannot be used: one line naming the file, for every way models load them
+    text_file = tmp_path / "notes.pth"
+    text_file.write_text("not weights")
+    for model in ("hopenet", "mnn", "ssrnet_md", "fsanet_var"):
+        for path, says in ((text_file, "neither a zip archive torch.save writes nor a pickle"),
+                           (tmp_path / "nope.pth", "no such file")):
+            with pytest.raises(SystemExit, match=rf"^error: --pretrained {re.escape(str(path))}: .*{says}"):
+                main(["train", "--model", model, "--train", shards.four, "--steps", "1", "--out", str(ckpt),
+                      "--pretrained", str(path), "--workers", "0", "--device", "cpu"])
+    other = tmp_path / "other.pth"
+    torch.save({"fc.weight": torch.zeros(2, 2)}, other)
+    with pytest.raises(SystemExit, match=r"^error: --pretrained .*other\.pth: not ssrnet_md's weights \(Error"):
+        main(["train", "--model", "ssrnet_md", "--train", shards.four, "--steps", "1", "--out", str(ckpt),
+              "--pretrained", str(other), "--workers", "0", "--device", "cpu"])
     for length in (["--epochs", "1"], ["--steps", "1"]):
         with pytest.raises(SystemExit, match="no full batch|gave no training batch"):
             main(["train", "--model", "ehpnet", "--train", shards.four, "--batch-size", "8", *length,
@@ -456,7 +488,7 @@ def test_a_shard_folder_gets_its_brace_patterns(shards, tmp_path):
     msg = str(exc.value.code)
     assert msg.startswith(f"error: {folder} is a shard folder, not a shard: ") and "\n" not in msg, msg
     assert test_pattern in msg and train_pattern in msg, msg
-    assert count_samples(train_pattern.split(" ")[0]) == 8  # the pattern it gives reads the split
+    assert sum(shard_samples(train_pattern.split(" ")[0])) == 8  # the pattern it gives reads the split
 
 
 def test_metrics_record_the_learning_rates_used(shards, tmp_path, monkeypatch):
@@ -496,8 +528,6 @@ def test_samples_are_counted_by_their_record_not_by_any_json_member(tmp_path):
     """Webdataset reads ``a.meta.json`` as sample ``a``'s ``meta.json``: another member of the same
     sample (a user's own annotation beside ours), not one more sample."""
     import io
-
-    from train_minimal.data import shard_samples
 
     path = tmp_path / "train-000000.tar"
     with tarfile.open(path, "w") as tar:

@@ -36,6 +36,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dataprep.weights import load_torch_file
+
 from .models.fsanet import FSANet, FSANetFusion
 from .registry import count_parameters
 
@@ -317,7 +319,7 @@ def _name_from_state(state: dict) -> str:
 
 
 def _read_pt(path) -> tuple[str, dict, dict]:
-    blob = torch.load(path, map_location="cpu", weights_only=True)
+    blob = load_torch_file(path)
     if isinstance(blob, dict) and "state_dict" in blob:
         state = blob["state_dict"]
         name = blob.get("model") or _name_from_state(state)

@@ -52,6 +52,12 @@ def _open_shard(path: str, url: str):
         raise unreadable_shard(url, err) from err
 
 
+def _records(tar):
+    """The members of an open shard that are sample label records: extension ``json`` as
+    webdataset splits names (``a.meta.json`` is another member of sample ``a``, not a record)."""
+    return (m for m in tar if m.isfile() and split_member(m.name)[1] == "json")
+
+
 def shard_samples(urls) -> list[int] | None:
     """Samples in each shard (members with the extension ``json``: one record per sample, as the
     loader reads them), reading tar headers only; None when a shard is
@@ -65,7 +71,7 @@ def shard_samples(urls) -> list[int] | None:
         if path is None:
             return None
         with _open_shard(path, url) as tar:
-            n = sum(1 for m in tar if m.isfile() and split_member(m.name)[1] == "json")  # a sample's record
+            n = sum(1 for _ in _records(tar))
         folder = os.path.dirname(os.path.abspath(path))
         if folder not in listed:
             listed[folder] = _info_lengths(folder)
@@ -85,12 +91,6 @@ def _info_lengths(folder: str) -> dict[str, int]:
         return {}
 
 
-def count_samples(urls) -> int | None:
-    """Samples in the shards (:func:`shard_samples` added up), or None."""
-    counts = shard_samples(urls)
-    return None if counts is None else sum(counts)
-
-
 def crop_coverage(urls, rule: str, samples: int = 64) -> tuple[float, str] | None:
     """Mean :func:`dataprep.crop.rule_coverage` of ``rule`` over the first ``samples`` label
     records of the first shard, and that shard; None when it is not a local file."""
@@ -100,11 +100,10 @@ def crop_coverage(urls, rule: str, samples: int = 64) -> tuple[float, str] | Non
         return None
     values = []
     with _open_shard(path, url) as tar:
-        for member in tar:
-            if member.isfile() and member.name.endswith(".json"):
-                values.append(crop_ops.rule_coverage(json.loads(tar.extractfile(member).read()), rule))
-                if len(values) >= samples:
-                    break
+        for member in _records(tar):
+            values.append(crop_ops.rule_coverage(json.loads(tar.extractfile(member).read()), rule))
+            if len(values) >= samples:
+                break
     return (sum(values) / len(values), url) if values else None
 
 

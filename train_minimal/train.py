@@ -52,6 +52,7 @@ from dataprep.devices import DEVICE_FORMS, parse_device
 from dataprep.errors import first_line
 from dataprep.labels import wrapped_angle_difference
 from dataprep.loader import UnreadableShard, shard_error_line
+from dataprep.weights import TorchFileError, load_torch_file
 
 from . import registry
 from .data import crop_room_warning, epoch_steps, make_loader, prepare_batch
@@ -112,14 +113,14 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
 
 
 def build_model(spec, pretrained, input_size: int | None) -> nn.Module:
-    from .models._pretrained import PretrainedUnavailable
+    from .models._pretrained import PretrainedFileError, PretrainedUnavailable
 
     kwargs = {}
     if input_size and input_size != spec.input_size and _accepts(spec.build, "input_size"):
         kwargs["input_size"] = input_size
     try:
         return spec.build(pretrained, **kwargs)
-    except PretrainedUnavailable as exc:
+    except (PretrainedUnavailable, PretrainedFileError) as exc:
         raise SystemExit(f"error: {exc}") from None
 
 
@@ -257,13 +258,13 @@ def evaluate(model: nn.Module, loader, spec, device: torch.device, *, amp_dtype=
 
 def load_checkpoint(path: str) -> dict:
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = load_torch_file(path)
     except FileNotFoundError:
         raise SystemExit(f"error: checkpoint {path} not found") from None
     except IsADirectoryError:
         raise SystemExit(f"error: {path} is a folder; give its checkpoint.pt") from None
-    except (RuntimeError, ValueError, EOFError, OSError) as err:
-        raise SystemExit(f"error: {path} is not a checkpoint torch can read ({first_line(err)})") from None
+    except (TorchFileError, OSError) as err:
+        raise SystemExit(f"error: {path} is not a checkpoint torch can read ({err})") from None
     if isinstance(ckpt, dict) and "state_dict" in ckpt:
         return ckpt
     if isinstance(ckpt, dict) and all(torch.is_tensor(v) for v in ckpt.values()):

@@ -42,7 +42,7 @@ from retinaface.network import RetinaFace
 from retinaface.prior_box import priorbox
 
 from ..devices import resolve_device
-from ..weights import unwrap_state_dict
+from ..weights import TorchFileError, load_torch_file, unwrap_state_dict
 from .base import Detection, Detector, DetectorWeightsError, make_fingerprint
 
 #: From retinaface/pre_trained_models.py (that module imports albumentations, so it is not imported).
@@ -149,8 +149,8 @@ def load_weights(net: nn.Module, path: Path) -> str:
 
     payload, label = _read_weights_payload(path)
     try:
-        obj = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure means "not usable weights"
+        obj = load_torch_file(payload)
+    except TorchFileError as exc:
         raise DetectorWeightsError(_missing_weights_message(f"Cannot read RetinaFace weights {label}: {exc}")) from exc
     try:
         state = normalize_state_dict(obj)

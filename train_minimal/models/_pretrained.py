@@ -7,14 +7,34 @@ import os
 import sys
 from typing import Callable
 
-import torch
 from torch import nn
 
-from dataprep.weights import unwrap_state_dict
+from dataprep.weights import TorchFileError, load_torch_file, unwrap_state_dict
 
 
 class PretrainedUnavailable(RuntimeError):
     """ImageNet weights were asked for but cannot be had (no network and nothing cached)."""
+
+
+class PretrainedFileError(ValueError):
+    """A ``--pretrained`` file that is missing, unreadable or does not fit the model (one line
+    naming the file: the trainer prints it as its error)."""
+
+
+def read_weights(path: str, what: str = "weights") -> dict:
+    """The state dict in a local weights file (:func:`dataprep.weights.unwrap_state_dict`: wrappers
+    and ``module.`` / ``_orig_mod.`` prefixes removed); :class:`PretrainedFileError` otherwise."""
+    if not os.path.isfile(path):
+        raise PretrainedFileError(f"--pretrained {path}: no such file (use 'auto' for ImageNet weights or 'none' "
+                                  f"for scratch)")
+    try:
+        blob = load_torch_file(path)
+    except (TorchFileError, OSError) as exc:
+        raise PretrainedFileError(f"--pretrained {path}: not a {what} file torch can read ({exc})") from None
+    try:
+        return unwrap_state_dict(blob, ("module.", "_orig_mod."))
+    except ValueError as exc:
+        raise PretrainedFileError(f"--pretrained {path}: {exc}") from None
 
 
 def no_weights_message(what: str) -> str:
@@ -96,16 +116,11 @@ def load_weights_file(model: nn.Module, path: str, backbone_prefix: str = "backb
     (``dataprep.weights.unwrap_state_dict``), and backbone-only files (e.g. torchvision's
     ``resnet50-*.pth``, whose ``conv1.weight`` goes to ``backbone.conv1.weight``). Tensors whose
     shape does not match are skipped and reported. Returns ``{"loaded", "missing", "unexpected",
-    "mismatched"}`` key lists; raises if nothing at all matched.
+    "mismatched"}`` key lists; raises :class:`PretrainedFileError` for a file it cannot read, or
+    if nothing at all matched.
     """
     log = log or (lambda msg: print(msg, file=sys.stderr))
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"--pretrained {path}: no such file (use 'auto' for ImageNet weights or 'none' for scratch)")
-    blob = torch.load(path, map_location="cpu", weights_only=True)
-    try:
-        blob = unwrap_state_dict(blob, ("module.", "_orig_mod."))
-    except ValueError as exc:
-        raise ValueError(f"--pretrained {path}: {exc}") from None
+    blob = read_weights(path)
     own = model.state_dict()
     loaded, unexpected, mismatched = {}, [], []
     for key, value in blob.items():
@@ -117,7 +132,7 @@ def load_weights_file(model: nn.Module, path: str, backbone_prefix: str = "backb
         else:
             loaded[target] = value
     if not loaded:
-        raise ValueError(f"--pretrained {path}: none of its {len(blob)} tensors match the model's parameters")
+        raise PretrainedFileError(f"--pretrained {path}: none of its {len(blob)} tensors match the model's parameters")
     model.load_state_dict(loaded, strict=False)
     missing = [k for k in own if k not in loaded]
     missing_backbone = [k for k in missing if k.startswith(backbone_prefix)]

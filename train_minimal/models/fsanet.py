@@ -43,13 +43,16 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dataprep.errors import first_line
+
 from ..registry import ModelSpec, register
-from ._pretrained import normalize_pretrained
+from ._pretrained import PretrainedFileError, normalize_pretrained
 
 log = logging.getLogger(__name__)
 
@@ -374,8 +377,15 @@ def _load_into(model: nn.Module, name: str, pretrained) -> nn.Module:
         return model
     from .. import convert_fsanet  # late import: the converter imports this module
 
-    state = convert_fsanet.load_state_for(name, pretrained)
-    model.load_state_dict(state)
+    if not os.path.exists(pretrained):
+        raise PretrainedFileError(f"--pretrained {pretrained}: no such file (a converted .pt, an official .h5, or "
+                                  f"for fsanet_fusion a folder of the three official .h5)")
+    try:
+        state = convert_fsanet.load_state_for(name, pretrained)
+        model.load_state_dict(state)
+    except Exception as exc:  # noqa: BLE001 - torch, h5py and our converter's errors alike: one line naming the file
+        raise PretrainedFileError(f"--pretrained {pretrained}: cannot load {name}'s weights from it "
+                                  f"({first_line(exc)})") from None
     return model
 
 

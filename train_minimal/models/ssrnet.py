@@ -27,8 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dataprep.errors import first_line
+
 from ..registry import ModelSpec, register
-from ._pretrained import normalize_pretrained
+from ._pretrained import PretrainedFileError, normalize_pretrained, read_weights
 from .fsanet import (
     DEFAULTS, STAGE_NUM, TwoStreamBackbone, decode, init_keras_, l1_loss, make_optimizer,
     soft_stagewise_regression,
@@ -86,9 +88,10 @@ def build(pretrained=None, **_):
     if pretrained == "auto":
         log.warning("ssrnet_md: no downloadable pretrained weights; pass a .pt state dict. Building from scratch.")
         return model
-    blob = torch.load(pretrained, map_location="cpu", weights_only=True)
-    state = blob.get("state_dict", blob) if isinstance(blob, dict) else blob
-    model.load_state_dict(state)
+    try:
+        model.load_state_dict(read_weights(pretrained, "ssrnet_md state dict"))
+    except RuntimeError as exc:  # keys or shapes of another model
+        raise PretrainedFileError(f"--pretrained {pretrained}: not ssrnet_md's weights ({first_line(exc)})") from None
     return model
 
 
