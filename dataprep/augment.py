@@ -48,6 +48,7 @@ __all__ = [
     "SPEC_NAMES",
     "parse_augment_spec",
     "offline_variants",
+    "variant_suffixes",
     "key_rng",
     "mirror_landmarks",
 ]
@@ -424,6 +425,12 @@ def parse_augment_spec(spec: str | Sequence[str] | None) -> list[Transform]:
     return [SPEC_NAMES[n]() for n in _split_names(spec)]
 
 
+def variant_suffixes(spec_names) -> list[str]:
+    """The key suffixes of the variants ``--augment`` writes, in order: ``"_" + name``
+    (``flip`` -> ``KEY_flip``)."""
+    return ["_" + name for name in _split_names(spec_names)]
+
+
 def offline_variants(image, record, landmarks, spec_names, rng) -> list[tuple[str, np.ndarray, dict, np.ndarray | None]]:
     """The extra samples ``--augment`` writes for one sample: one per op name, in order.
 
@@ -436,10 +443,9 @@ def offline_variants(image, record, landmarks, spec_names, rng) -> list[tuple[st
     sample's depth to a geometric variant (``flip``, ``cropscale``).
     """
     out = []
-    for name in _split_names(spec_names):
+    for name, suffix in zip(_split_names(spec_names), variant_suffixes(spec_names)):
         t = _OFFLINE_FACTORIES[name]()
         img, rec, lm = t(image, record, landmarks, rng)
-        suffix = "_" + name
         rec["key"] = f"{record['key']}{suffix}"
         out.append((suffix, img, rec, lm))
     return out

@@ -27,7 +27,7 @@ from .devices import parse_device
 from .pipeline import (DECISIONS_SUFFIX, LOCK_FILE, PROGRESS_DIR, RESULT_SUFFIX, Settings, ShardTask, lock_holder,
                        progress_file, run_shard)
 from .processes import pid_alive, process_start
-from .records import SampleRef
+from .records import SampleRef, keys_apart_from_variants
 from .shards import (INFO_FILE, MANIFEST, TMP_SUFFIX, dumps_json, final_name, is_shard_file, shard_name, write_info,
                      write_json)
 
@@ -323,6 +323,15 @@ def build(opts: BuildOptions) -> dict:
         )
     assignment = protocols.assign_splits(proto, refs, split_seed=opts.split_seed, split_file=opts.split_file)
     settings = resolve_settings(opts, proto, assignment)
+    if settings.augment:  # variant keys (KEY_flip) must not be another sample's key
+        from .augment import variant_suffixes
+
+        flat = keys_apart_from_variants([r for refs in assignment.values() for r in refs],
+                                        variant_suffixes(list(settings.augment)))
+        renamed = iter(flat)
+        assignment = {split: [next(renamed) for _ in split_refs] for split, split_refs in assignment.items()}
+        by_source = {r.source: r for r in flat}
+        refs = [by_source.get(r.source, r) for r in refs]
     if opts.biwi_tracking and settings.detector == "gt":  # the protocol's detector counts too
         raise BuildError("--biwi-tracking applies to detector boxes (--detector mtcnn or retinaface); ground-truth "
                          "boxes are never missing or jumping: drop it")

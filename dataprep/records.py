@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import hashlib
 import re
-from dataclasses import dataclass, field
-from typing import Any
+from collections import Counter
+from dataclasses import dataclass, field, replace
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -41,6 +42,25 @@ def make_key(dataset: str, relative_stem: str) -> str:
 def distinct_key(key: str, name: str) -> str:
     """``key`` told apart from others that sanitise alike: ``-`` and 8 hex digits of ``name``'s sha1."""
     return f"{key}-{hashlib.sha1(name.encode('utf-8', 'surrogateescape')).hexdigest()[:8]}"
+
+
+def keys_apart_from_variants(refs: Sequence[SampleRef], suffixes: Sequence[str]) -> list[SampleRef]:
+    """``refs`` (same order) where no sample's key is also a key ``--augment`` gives another
+    sample's variant (``KEY`` + each of ``suffixes``: a file named ``image00111_flip.jpg`` beside
+    ``image00111.jpg`` built with ``flip``): each such sample's key gets :func:`distinct_key` of its
+    source, as two files whose keys sanitise alike do. Otherwise a shard would hold two samples of
+    one name, which webdataset refuses to read."""
+    refs = list(refs)
+    for _ in range(len(suffixes) + 1):
+        variants = Counter(r.key + s for r in refs for s in suffixes)
+        keys = {r.key for r in refs}
+        taken = {k for k, n in variants.items() if n > 1 or k in keys}
+        if not taken:
+            return refs
+        refs = [replace(r, key=distinct_key(r.key, r.source))
+                if r.key in taken or any(r.key + s in taken and r.key + s not in keys for s in suffixes) else r
+                for r in refs]
+    raise ValueError("sample keys still coincide with --augment variant keys after renaming")
 
 
 @dataclass(frozen=True, slots=True)

@@ -72,6 +72,7 @@ def check_shard(fileobj, decode: bool = True) -> tuple[list[str], list[str]]:
     of adjacent members, as webdataset groups them) and every problem found."""
     keys: list[str] = []
     seen: set[str] = set()
+    exts: set[str] = set()  # the current sample's member extensions
     problems: list[str] = []
     try:
         with tarfile.open(fileobj=fileobj, mode="r|") as tar:
@@ -89,6 +90,10 @@ def check_shard(fileobj, decode: bool = True) -> tuple[list[str], list[str]]:
                         problems.append(f"sample {key!r} appears again after other samples ({name})")
                     seen.add(key)
                     keys.append(key)
+                    exts = set()
+                if ext in exts:  # two samples of one name side by side: webdataset refuses the shard
+                    problems.append(f"member {name!r} appears twice in sample {key!r}")
+                exts.add(ext)
                 if not decode:
                     continue
                 try:

@@ -690,6 +690,49 @@ def test_offline_augment_writes_variants_next_to_each_sample(sample_tree, tmp_pa
         assert shard.read_bytes() == (again / shard.name).read_bytes()
 
 
+def test_a_file_named_like_a_variant_keeps_its_own_key(sample_tree, tmp_path):
+    """``image00111_flip.jpg`` beside ``image00111.jpg``, built with ``--augment flip``: the real
+    file's key is told apart (``-<sha1>``), so no shard holds two samples of one name (webdataset
+    refuses such a shard, and verify names it)."""
+    from dataprep.records import SampleRef, keys_apart_from_variants
+
+    root = tmp_path / "AFLW2000"
+    root.mkdir()
+    for name in ("image00111", "image00348"):
+        for ext in (".jpg", ".mat"):
+            shutil.copy(sample_tree / "AFLW2000" / (name + ext), root / (name + ext))
+    for ext in (".jpg", ".mat"):
+        shutil.copy(root / ("image00348" + ext), root / ("image00111_flip" + ext))
+    manifest = build(opts(root, tmp_path / "out", "aflw2000", protocol="none", augment=("flip",)))
+    import tarfile
+
+    names = [name for shard in sorted((tmp_path / "out").glob("*.tar")) for name in tarfile.open(shard).getnames()]
+    assert len(names) == len(set(names))
+    keys = set(label_records(tmp_path / "out"))
+    assert len(keys) == manifest["counts"]["samples_in_shards"] == 2 * manifest["counts"]["written"] == 6
+    assert {"aflw2000_image00111_flip", "aflw2000_image00111_flip-df19706c"} <= keys
+    assert verify(str(tmp_path / "out")).ok
+    refs = [SampleRef("d", "a", "a.jpg", "g"), SampleRef("d", "a_flip", "a_flip.jpg", "g"), SampleRef("d", "b", "b.jpg", "g")]
+    assert [r.key for r in keys_apart_from_variants(refs, ())] == ["a", "a_flip", "b"]
+    apart = keys_apart_from_variants(refs, ["_flip", "_blur"])
+    assert [r.key for r in apart][0::2] == ["a", "b"] and apart[1].key.startswith("a_flip-")
+
+
+def test_check_shard_flags_two_samples_of_one_name_side_by_side(tmp_path):
+    import tarfile
+
+    from dataprep.verify import check_shard
+
+    path = tmp_path / "test-000000.tar"
+    with tarfile.open(path, "w") as tar:
+        for name in ("a.jpg", "a.json", "a.jpg"):
+            info = tarfile.TarInfo(name)
+            tar.addfile(info, io.BytesIO(b""))
+    with open(path, "rb") as f:
+        keys, problems = check_shard(f, decode=False)
+    assert keys == ["a"] and problems == ["member 'a.jpg' appears twice in sample 'a'"]
+
+
 def test_real_samples_build_end_to_end(real_samples, tmp_path):
     """The few real files in ../shared/real_samples, through the whole pipeline (read only)."""
     m = build(opts(real_samples / "hpdb", tmp_path / "biwi", "biwi", protocol="none", detector="gt"))
