@@ -31,6 +31,7 @@ from . import codec
 from .detectors import DetectionCache, create_detector, image_key_from_bytes, track_sequence
 from .detectors.tracking import DEFAULT_MAX_JUMP
 from .pipeline import DECISIONS_SUFFIX, ShardTask, progress_file
+from .datasets.matfile import read_file_bytes
 from .records import SampleRef
 
 
@@ -42,7 +43,7 @@ def default_cache_dir() -> Path:
 def _read(path: Path) -> tuple[str | None, bytes | None]:
     """(content key, file bytes) or (None, None) when the file cannot be read."""
     try:
-        data = path.read_bytes()
+        data = read_file_bytes(path)  # not a pipe: that would block the build forever
     except OSError:
         return None, None
     return image_key_from_bytes(data), data

@@ -505,6 +505,65 @@ def test_biwi_truncated_depth_and_bad_calibration(sample_tree, tmp_path):
     _expect_error("biwi", root, ref, "bad_calibration", "hpdb/03/rgb.cal")
 
 
+def _rejected_within(seconds, read, *args):
+    """``read(*args)``'s SampleError, failing (not hanging) if the read blocks."""
+    import threading
+
+    got = []
+
+    def run():
+        try:
+            read(*args)
+        except SampleError as err:
+            got.append(err)
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(seconds)
+    assert not worker.is_alive(), "the read blocked"
+    assert got, "the read was not rejected"
+    return got[0]
+
+
+def test_raw_files_that_are_not_regular_files_are_rejected_not_read(sample_tree, tmp_path, aflw_source):
+    """A named pipe where an image, a .mat or a BIWI pose/depth file should be (its reader would
+    block forever), a folder, a broken symbolic link: each a rejection naming the file and what it is."""
+    import os
+
+    root, ref = _copy_sample(sample_tree, tmp_path, AFLW_NAME, aflw_source)
+    image, mat = root / aflw_source, (root / aflw_source).with_suffix(".mat")
+    image.unlink()
+    os.mkfifo(image)
+    err = _rejected_within(20, aflw2000.read_sample, root, ref)
+    assert err.reason == "unreadable_image" and "it is a named pipe, not a regular file" in err.message
+    image.unlink()
+    image.symlink_to(tmp_path / "gone.jpg")
+    err = _rejected_within(20, aflw2000.read_sample, root, ref)
+    assert err.reason == "missing_image" and "is a symbolic link to" in err.message and "gone.jpg" in err.message
+    image.unlink()
+    shutil.copyfile(sample_tree / ROOTS[AFLW_NAME] / aflw_source, image)
+    mat_bytes = mat.read_bytes()
+    mat.unlink()
+    os.mkfifo(mat)
+    err = _rejected_within(20, aflw2000.read_sample, root, ref)
+    assert err.reason == "unreadable_mat" and "named pipe" in err.message
+    mat.unlink()
+    (root / Path(aflw_source).with_suffix(".MAT")).write_bytes(mat_bytes)  # as some unpackers name it
+    assert aflw2000.read_sample(root, ref).ref == ref
+
+    root, ref = _copy_sample(sample_tree, tmp_path, "biwi", BIWI_SOURCE)
+    for name, reason in (("frame_00004_pose.txt", "bad_pose"), ("frame_00004_depth.bin", "corrupt_depth")):
+        path = root / "03" / name
+        data = path.read_bytes()
+        path.unlink()
+        os.mkfifo(path)
+        err = _rejected_within(20, biwi.read_sample, root, ref)
+        assert err.reason == reason and "named pipe" in err.message and name in err.message, err.message
+        path.unlink()
+        path.write_bytes(data)
+    assert biwi.read_sample(root, ref).ref == ref
+
+
 def test_unexpected_errors_become_sample_errors(sample_tree, tmp_path):
     root, ref = _copy_sample(sample_tree, tmp_path, "300w_lp", W300_SOURCE)
     bogus = SampleRef("300w_lp", ref.key, "AFW", "AFW")  # a folder where the image should be

@@ -92,11 +92,11 @@ def _numbers(text: str, count: int, what: str, display: str, reason: str) -> np.
     return values
 
 
-def _read_text(path: Path, display: str, reason: str, what: str) -> str:
+def _read_text(path: Path, display: str, reason: str, what: str, missing_reason: str | None = None) -> str:
     try:
-        return Path(path).read_text(encoding="ascii", errors="strict")
+        return matfile.read_file_bytes(path).decode("ascii", errors="strict")
     except FileNotFoundError:
-        raise SampleError(reason, f"{display}: {what} file not found") from None
+        raise SampleError(missing_reason or reason, f"{display}: {what} file not found") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise SampleError(reason, f"{display}: cannot read the {what} file ({exc})") from exc
 
@@ -110,9 +110,7 @@ def parse_pose_text(text: str, display: str = "pose.txt") -> tuple[np.ndarray, n
 def read_pose_txt(path: Path, display: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Read ``frame_XXXXX_pose.txt`` -> ``(M, t)``. Errors: ``missing_pose`` / ``bad_pose``."""
     display = display or str(path)
-    if not Path(path).is_file():
-        raise SampleError("missing_pose", f"{display}: pose file not found")
-    return parse_pose_text(_read_text(path, display, "bad_pose", "pose"), display)
+    return parse_pose_text(_read_text(path, display, "bad_pose", "pose", "missing_pose"), display)
 
 
 def format_pose_txt(M, t) -> str:
@@ -225,7 +223,7 @@ def read_depth_bin(path: Path, display: str | None = None) -> np.ndarray:
     """Read ``frame_XXXXX_depth.bin`` -> (H, W) uint16 mm. Errors: ``missing_depth`` / ``corrupt_depth``."""
     display = display or str(path)
     try:
-        data = Path(path).read_bytes()
+        data = matfile.read_file_bytes(path)
     except FileNotFoundError:
         raise SampleError("missing_depth", f"{display}: depth file not found") from None
     except OSError as exc:

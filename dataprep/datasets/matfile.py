@@ -14,12 +14,15 @@ zlib-compressed, written by MATLAB on PCWIN64)::
     pt3d_68     (3, 68)   float32   AFLW2000 only: x, y, z rows
 
 The readers only *require* the keys they use (``Pose_Para``, ``pt2d`` and, for AFLW2000,
-``pt3d_68``). ``list_refs``, ``read_image`` and ``reader_errors`` are also used by the BIWI reader.
+``pt3d_68``). ``require_root``, ``list_refs``, ``display_path``, ``read_file_bytes``, ``read_image``
+and ``reader_errors`` are also used by the BIWI reader.
 """
 from __future__ import annotations
 
 import functools
 import io
+import os
+import stat
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
@@ -108,8 +111,34 @@ def display_path(root: Path, relative: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# Error guard and images (shared by all readers)
+# Error guard, raw files and images (shared by all readers)
 # --------------------------------------------------------------------------------------------
+class NotARegularFile(OSError):
+    """A raw input path that is a named pipe, device, socket or folder: reading it could block the
+    build forever (a pipe) or never end (a device)."""
+
+
+_FILE_KINDS = ((stat.S_ISFIFO, "a named pipe"), (stat.S_ISDIR, "a folder"), (stat.S_ISCHR, "a character device"),
+               (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def read_file_bytes(path) -> bytes:
+    """``path``'s bytes, for every raw input file the readers and the box stage read.
+    :class:`NotARegularFile` (an ``OSError``) for anything but a regular file, saying what it is;
+    ``FileNotFoundError`` for a missing file or a broken symbolic link (its message says which)."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        if os.path.islink(path):
+            raise FileNotFoundError(f"{path} is a symbolic link to {os.readlink(path)}, which does not exist") from None
+        raise
+    if not stat.S_ISREG(mode):
+        kind = next((name for test, name in _FILE_KINDS if test(mode)), "not a regular file")
+        raise NotARegularFile(f"it is {kind}, not a regular file; put the dataset's file there")
+    with open(path, "rb") as f:
+        return f.read()
+
+
 def reader_errors(read_sample: Callable) -> Callable:
     """Decorator for ``read_sample(root, ref)``: anything but ``SampleError`` becomes
     ``SampleError("read_error", ...)`` naming the sample, so bad input never crashes a run."""
@@ -143,9 +172,10 @@ def read_image(path: Path, display: str, expected_size: tuple[int, int] | None =
     the file that says so, when it is not the dataset's fixed size).
     """
     try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise SampleError("missing_image", f"{display}: image file not found") from None
+        data = read_file_bytes(path)
+    except FileNotFoundError as exc:
+        link = f" ({exc})" if os.path.islink(path) else ""
+        raise SampleError("missing_image", f"{display}: image file not found{link}") from None
     except OSError as exc:
         raise SampleError("unreadable_image", f"{display}: cannot read the file ({exc})") from exc
     image, damage = codec.decode_rgb_checked(data)
@@ -176,12 +206,15 @@ def read_image(path: Path, display: str, expected_size: tuple[int, int] | None =
 # --------------------------------------------------------------------------------------------
 def load_mat(path: Path, display: str) -> dict[str, Any]:
     """The variables of a ``.mat`` file as ``scipy.io.loadmat`` gives them, with our errors:
-    ``missing_mat`` / ``corrupt_mat``. The datasets' files (compressed numeric matrices) are parsed
+    ``missing_mat`` / ``unreadable_mat`` (no permission, not a regular file) / ``corrupt_mat``. The datasets' files (compressed numeric matrices) are parsed
     by :func:`mat5.read_numeric_mat`, 3x faster with the same arrays; anything else by ``loadmat``."""
-    if not path.is_file():
-        raise SampleError("missing_mat", f"{display}: label file not found (the image has no .mat next to it)")
     try:
-        data = path.read_bytes()
+        data = read_file_bytes(path)
+    except FileNotFoundError:
+        raise SampleError("missing_mat", f"{display}: label file not found (the image has no .mat next to it)") from None
+    except OSError as exc:
+        raise SampleError("unreadable_mat", f"{display}: cannot read the file ({exc})") from None
+    try:
         fast = read_numeric_mat(data)
         return fast if fast is not None else scipy.io.loadmat(io.BytesIO(data))
     except MemoryError:
@@ -237,12 +270,24 @@ def image_and_mat_files(ref) -> list[str]:
     return [ref.source, Path(ref.source).with_suffix(".mat").as_posix()]
 
 
+def _mat_beside(root: Path, source: str) -> str:
+    """The relative path of ``source``'s label file: ``NAME.mat``, or the one ``NAME.MAT`` (any case)
+    beside it when there is no ``NAME.mat`` (the listing matches extensions in any case)."""
+    rel = Path(source).with_suffix(".mat")
+    if not (root / rel).exists() and (root / rel.parent).is_dir():
+        want = rel.name.lower()
+        found = sorted(n for n in os.listdir(root / rel.parent) if n.lower() == want)
+        if len(found) == 1:
+            rel = rel.with_name(found[0])
+    return rel.as_posix()
+
+
 def image_and_mat(root: Path, source: str) -> tuple[np.ndarray, dict[str, Any], str]:
     """The common first step of both MAT readers: image (450x450 RGB) and its parsed ``.mat``.
     Returns ``(image, mat, mat_display_name)``. The .mat is checked first: a missing label is the
     more useful message."""
     image_path = root / source
-    mat_rel = str(Path(source).with_suffix(".mat").as_posix())
+    mat_rel = _mat_beside(root, source)
     mat_display = display_path(root, mat_rel)
     mat = load_mat(root / mat_rel, mat_display)
     image = read_image(image_path, display_path(root, source), MAT_IMAGE_SIZE)
