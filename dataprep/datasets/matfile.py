@@ -206,8 +206,9 @@ def read_image(path: Path, display: str, expected_size: tuple[int, int] | None =
 # --------------------------------------------------------------------------------------------
 def load_mat(path: Path, display: str) -> dict[str, Any]:
     """The variables of a ``.mat`` file as ``scipy.io.loadmat`` gives them, with our errors:
-    ``missing_mat`` / ``unreadable_mat`` (no permission, not a regular file) / ``corrupt_mat``. The datasets' files (compressed numeric matrices) are parsed
-    by :func:`mat5.read_numeric_mat`, 3x faster with the same arrays; anything else by ``loadmat``."""
+    ``missing_mat`` / ``unreadable_mat`` (no permission, not a regular file) / ``corrupt_mat``. The
+    datasets' files (compressed numeric matrices) are parsed by :func:`mat5.read_numeric_mat`, 3x
+    faster with the same arrays; anything else by ``loadmat``."""
     try:
         data = read_file_bytes(path)
     except FileNotFoundError:
