@@ -397,7 +397,8 @@ def build(opts: BuildOptions) -> dict:
         for leftover in leftovers + fs.glob(posixpath.join(base, PROGRESS_DIR, "*" + TMP_SUFFIX)):
             fs.rm(leftover)
         ordered = [results[t.name] for t in tasks]
-        manifest = make_manifest(opts, settings, proto, root, refs, ordered, fingerprint, input_fingerprint(stats))
+        manifest = make_manifest(opts, settings, proto, root, refs, ordered, fingerprint, input_fingerprint(stats),
+                                 assignment)
         write_json(fs, posixpath.join(base, MANIFEST), manifest, indent=1)
         write_info(fs, base, f"{opts.dataset}-protocol{proto.protocol}", manifest["shards"])
         return manifest
@@ -459,7 +460,7 @@ def _build_alive(pid: int, start: str) -> bool:
 
 
 def make_manifest(opts, settings: Settings, proto, root: Path, refs, results: list[dict], fingerprint: str,
-                  inputs: str) -> dict:
+                  inputs: str, assignment: dict | None = None) -> dict:
     shards = [
         {"name": r["name"], "split": r["split"], "samples": r["samples"], "written": r["written"], "sha256": r["sha256"], "bytes": r["bytes"]}
         for r in results if r["samples"]
@@ -472,6 +473,10 @@ def make_manifest(opts, settings: Settings, proto, root: Path, refs, results: li
         c["written"] += r["written"]
         c["rejected"] += len(r["rejected"])
         c["samples"] += r["samples"]
+    expected = {} if opts.split_file else proto.expected
+    if expected.get("groups") and assignment:  # the protocol counts sequences (BIWI): how many are here
+        for split, split_refs in assignment.items():
+            per_split.setdefault(split, Counter())["groups"] = len({r.group for r in split_refs})
     counts = {
         "read": sum(c["read"] for c in per_split.values()),
         "written": sum(c["written"] for c in per_split.values()),
@@ -495,7 +500,7 @@ def make_manifest(opts, settings: Settings, proto, root: Path, refs, results: li
         "dataset": opts.dataset,
         "protocol": proto.protocol,
         "input": {"root": str(root.resolve()), "files": len(refs), "fingerprint": inputs},
-        "expected": {} if opts.split_file else proto.expected,  # the protocol's counts are not a split file's
+        "expected": expected,  # the protocol's counts (not a split file's)
         "shards": shards,
         "counts": counts,
         "rejected": rejected,
@@ -535,6 +540,13 @@ def summary_table(manifest: dict) -> str:
                 out.append(f"warning: protocol {manifest['protocol']} keeps {want} {split} samples of the full "
                            f"{manifest['dataset']} download (the papers' count); this build wrote {got}. Check the "
                            "rejected list above: the published numbers are not comparable to a model tested on it.")
+    for split, want in sorted(expected.get("groups", {}).items()):
+        got = counts["per_split"].get(split, {}).get("groups", 0)
+        if got != want:
+            out.append("")
+            out.append(f"note: protocol {manifest['protocol']}'s {split} split is {want} sequences of the full "
+                       f"{manifest['dataset']} download; this root has {got} of them, so the published numbers "
+                       "are not comparable to a model trained or tested on this build.")
     room = _recrop_room_note(manifest.get("settings", {}))
     if room:
         out.append("")

@@ -147,7 +147,18 @@ def cmd_protocols(args) -> int:
     return 0
 
 
+def _printable_streams() -> None:
+    """File names that are not valid UTF-8 (Python keeps their bytes as lone surrogates) print as
+    ``\\udcff`` escapes instead of ending the command with a UnicodeEncodeError after its work."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.reconfigure(errors="backslashreplace")
+        except (AttributeError, ValueError):  # not a text stream we may reconfigure (tests' capture)
+            pass
+
+
 def main(argv=None) -> int:
+    _printable_streams()
     parser = argparse.ArgumentParser(prog="dataprep", description="Head-pose datasets to verified WebDataset shards.")
     parser.add_argument("--version", action="version", version=f"headpose-dataprep {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)

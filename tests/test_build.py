@@ -354,6 +354,41 @@ def test_input_fingerprint_covers_label_files(sample_tree, tmp_path):
     assert build(opts(copy, tmp_path / "c", "aflw2000"))["input"]["fingerprint"] != first
 
 
+def test_a_partial_biwi_download_is_named_in_the_summary(sample_tree, tmp_path):
+    """Protocol 2 is 16 train and 8 test sequences: a root with fewer says so (its numbers are not
+    the papers'), as a partial AFLW2000 download does."""
+    root = tmp_path / "hpdb"
+    root.mkdir()
+    for seq in ("01", "02", "03"):
+        shutil.copytree(sample_tree / "hpdb" / seq, root / seq)
+        shutil.copy(sample_tree / "hpdb" / f"{seq}.obj", root / f"{seq}.obj")
+    manifest = build(opts(root, tmp_path / "out", "biwi", protocol="2", detector="gt"))
+    assert [manifest["counts"]["per_split"][s]["groups"] for s in ("test", "train")] == [1, 2]
+    text = summary_table(manifest)
+    assert "note: protocol 2's test split is 8 sequences of the full biwi download; this root has 1 of them" in text
+    assert "note: protocol 2's train split is 16 sequences of the full biwi download; this root has 2 of them" in text
+
+
+def test_file_names_that_are_not_utf8_print(sample_tree, tmp_path):
+    """A file name that is not valid UTF-8 (kept by Python as lone surrogates) is printed escaped in
+    the summary; before, the build ended with a UnicodeEncodeError after writing its shards."""
+    import os
+    import subprocess
+
+    root = tmp_path / "AFLW2000"
+    root.mkdir()
+    for ext in (".jpg", ".mat"):
+        shutil.copy(sample_tree / "AFLW2000" / f"image00111{ext}", root / f"image00111{ext}")
+    odd = os.fsdecode(b"image\xff00112")
+    (root / f"{odd}.jpg").write_bytes((root / "image00111.jpg").read_bytes()[:2000])
+    shutil.copy(root / "image00111.mat", root / f"{odd}.mat")
+    env = dict(os.environ, PYTHONIOENCODING="utf-8")
+    run = subprocess.run([sys.executable, "-m", "dataprep", "build", "--dataset", "aflw2000", "--root", str(root),
+                          "--out", str(tmp_path / "out"), "--no-progress"], capture_output=True, env=env)
+    assert run.returncode == 0, run.stderr.decode(errors="replace")
+    assert b"image\\udcff00112.jpg: damaged JPEG data" in run.stdout
+
+
 def test_biwi_protocol2_split_by_sequence_with_depth(sample_tree, tmp_path):
     manifest = build(opts(sample_tree / "hpdb", tmp_path, "biwi", protocol="2", detector="gt"))
     records = label_records(tmp_path)
@@ -362,6 +397,8 @@ def test_biwi_protocol2_split_by_sequence_with_depth(sample_tree, tmp_path):
     assert len(train) == 16 and len(test) == 8 and not train & test
     for a, b in (("02", "21"), ("03", "15"), ("05", "18"), ("07", "22")):
         assert ({a, b} <= train) or ({a, b} <= test)
+    assert [manifest["counts"]["per_split"][s]["groups"] for s in ("test", "train")] == [8, 16]
+    assert "sequences of the full" not in summary_table(manifest)
     shard = next(tmp_path.glob("train-*.tar"))
     members = next(iter(read_tar(shard).values()))
     depth = cv2.imdecode(np.frombuffer(members["depth.png"], np.uint8), cv2.IMREAD_UNCHANGED)
