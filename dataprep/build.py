@@ -170,17 +170,29 @@ def _load_progress(fs, base: str, tasks: list[ShardTask], fingerprint: str, prog
         result = entry.get("result", {})
         if entry.get("settings") != fingerprint or entry.get("inputs") != task.inputs:
             continue  # other settings, or its input files changed since: written again
-        if result.get("samples") and _size(fs, posixpath.join(base, task.name)) != result.get("bytes"):
-            continue  # removed, truncated or replaced since: written again
+        if result.get("samples") and not _shard_intact(fs, posixpath.join(base, task.name), result):
+            continue  # removed, truncated, damaged or replaced since: written again
         done[task.name] = result
     return done
 
 
-def _size(fs, path: str) -> int | None:
+def _shard_intact(fs, path: str, result: dict) -> bool:
+    """Whether the shard at ``path`` is the one ``result`` records: its size, and on a local
+    folder its sha256 too (a tar is padded to 10 KB records, so a damaged or replaced shard often
+    keeps its size). On a remote store the size alone (reading every shard back would download
+    the build); ``dataprep verify`` hashes them."""
     try:
-        return fs.size(path)
+        if fs.size(path) != result.get("bytes"):
+            return False
+        if not isinstance(fs, LocalFileSystem):
+            return True
+        digest = hashlib.sha256()
+        with fs.open(path, "rb") as f:
+            while chunk := f.read(1 << 22):
+                digest.update(chunk)
     except OSError:
-        return None
+        return False
+    return digest.hexdigest() == result.get("sha256")
 
 
 def _check_out_dir(fs, base: str, fingerprint: str, overwrite: bool, progress: dict[str, dict]) -> None:
@@ -372,6 +384,9 @@ def build(opts: BuildOptions) -> dict:
 
         done = _load_progress(fs, base, tasks, fingerprint, progress)
         pending = [t for t in tasks if t.name not in done]
+        if done:
+            print(f"resuming: {len(done)} of {len(tasks)} shard(s) were written by an earlier run of this build "
+                  f"(checked against their recorded size and sha256); {len(pending)} to write", file=sys.stderr)
         if box_stage is not None:
             box_stage.spool(fs, base, tasks, pending, fingerprint)
         results = dict(done)

@@ -165,7 +165,7 @@ def test_resume_after_interrupt_is_byte_identical(sample_tree, tmp_path, monkeyp
     assert verify(str(out)).ok
 
 
-def test_resume_refuses_other_options_and_rewrites_a_damaged_shard(sample_tree, tmp_path, monkeypatch):
+def test_resume_refuses_other_options_and_rewrites_a_damaged_shard(sample_tree, tmp_path, monkeypatch, capsys):
     root = sample_tree / "300W_LP"
     out = tmp_path / "o"
     finished = build_killed_at_shard(monkeypatch, opts(root, out, "300w_lp", shard_size=3, crop_size=112))
@@ -186,6 +186,13 @@ def test_resume_refuses_other_options_and_rewrites_a_damaged_shard(sample_tree, 
     assert calls == [shard.name]
     assert_same_shards(reference, out)
     assert verify(str(out)).ok
+    data = bytearray(shard.read_bytes())  # one byte changed in place: the same size, another shard
+    data[5000] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    calls.clear()
+    build(opts(root, out, "300w_lp", shard_size=3, crop_size=112))
+    assert calls == [shard.name] and "resuming: " in capsys.readouterr().err
+    assert_same_shards(reference, out)
 
 
 def test_one_build_at_a_time_per_out_folder(sample_tree, tmp_path, monkeypatch):
