@@ -224,6 +224,21 @@ def test_one_build_at_a_time_per_out_folder(sample_tree, tmp_path, monkeypatch):
         (out / LOCK_FILE).write_text(f"{socket.gethostname()}:{holder}:abcd")
         build(opts(root, out, "aflw2000"))
         assert not (out / LOCK_FILE).exists() and verify(str(out)).ok
+    # a build killed outright whose parent has not reaped it yet (a notebook, a container without
+    # an init): a zombie keeps its pid but never runs again
+    killed = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        start = process_start(killed.pid)
+        killed.kill()
+        deadline = time.monotonic() + 10
+        while build_mod.pid_alive(killed.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert process_start(killed.pid) == start  # not reaped: still in the process table
+        (out / LOCK_FILE).write_text(f"{socket.gethostname()}:{killed.pid}:{start}:abcd")
+        build(opts(root, out, "aflw2000"))
+        assert not (out / LOCK_FILE).exists()
+    finally:
+        killed.wait()
     # a worker that outlived its build finds another build's token and writes nothing
     task = build_mod.plan_shards({"test": build_mod.get_reader("aflw2000").list_samples(root)}, 4)[0]
     settings = build_mod.resolve_settings(opts(root, out, "aflw2000"), build_mod.protocols.load("1", "aflw2000"),
