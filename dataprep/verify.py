@@ -7,6 +7,7 @@ import io
 import json
 import posixpath
 import tarfile
+from collections import Counter
 from dataclasses import dataclass, field
 
 import cv2
@@ -138,6 +139,13 @@ def _manifest_problems(manifest: dict) -> list[str]:
     in_shards = sum(s["samples"] for s in shards)
     if "samples_in_shards" in counts and counts["samples_in_shards"] != in_shards:
         problems.append(f"{MANIFEST}: counts.samples_in_shards is {counts['samples_in_shards']}, its shards hold {in_shards}")
+    rejected = manifest.get("rejected", [])
+    if "rejected" in counts and len(rejected) != counts["rejected"]:
+        problems.append(f"{MANIFEST}: counts.rejected is {counts['rejected']}, its rejected list names {len(rejected)} "
+                        "sample(s)")
+    by_reason = Counter(e.get("reason") for e in rejected if isinstance(e, dict))
+    if "rejected_by_reason" in counts and dict(by_reason) != counts["rejected_by_reason"]:
+        problems.append(f"{MANIFEST}: counts.rejected_by_reason does not match its rejected list")
     per_split = counts.get("per_split", {})
     for split in sorted(set(per_split) | {s["split"] for s in shards}):
         said = per_split.get(split, {}).get("samples", 0)

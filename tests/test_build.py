@@ -624,6 +624,18 @@ def test_verify_checks_manifest_counts_and_unique_keys(aflw_build, tmp_path):
     assert len(dupes) == shard["samples"] and all(p.endswith(f"is also in {shard['name']}") for p in dupes)
 
 
+def test_verify_checks_the_rejected_list_against_the_counts(aflw_build, tmp_path):
+    copy, manifest = _copy_build(aflw_build, tmp_path)
+    assert manifest["counts"]["rejected"] >= 2
+    edited = json.loads((copy / "manifest.json").read_text())
+    edited["rejected"] = edited["rejected"][1:]  # one rejected sample no longer named
+    (copy / "manifest.json").write_text(json.dumps(edited))
+    problems = verify(str(copy), decode=False).problems
+    assert f"manifest.json: counts.rejected is {manifest['counts']['rejected']}, its rejected list names " \
+           f"{manifest['counts']['rejected'] - 1} sample(s)" in problems
+    assert "manifest.json: counts.rejected_by_reason does not match its rejected list" in problems
+
+
 def test_check_shard_flags_a_key_seen_again_later(tmp_path):
     import fsspec
 
