@@ -126,6 +126,30 @@ def is_inside_image(box, image_size, tolerance: float = 0.0) -> bool:
     return box[0] >= -t and box[1] >= -t and box[2] <= w + t and box[3] <= h + t
 
 
+#: A face box narrower or lower than this (pixels) cannot be a face: points that coincide.
+MIN_BOX_SIDE = 2.0
+#: The least share of a face box that must lie inside its image. Real 300W-LP / AFLW2000 boxes of
+#: profile faces reach a little past the edge; one mostly outside is a broken label.
+MIN_BOX_INSIDE = 0.25
+
+
+def box_problem(box, image_size) -> str | None:
+    """Why ``box`` cannot be a face box of a ``(w, h)`` image, or None: non-finite coordinates,
+    degenerate (a side under :data:`MIN_BOX_SIDE`), or mostly outside the image (under
+    :data:`MIN_BOX_INSIDE` of its area inside). The build rejects such a sample (``bad_box``)
+    rather than write a black or one-pixel crop."""
+    if not all(math.isfinite(v) for v in box):
+        return "has coordinates that are not finite numbers"
+    bw, bh = width_height(box)
+    if bw < MIN_BOX_SIDE or bh < MIN_BOX_SIDE:
+        return f"is degenerate ({bw:g} x {bh:g} px)"
+    inside = area(clip_to_image(box, image_size)) / area(box)
+    if inside < MIN_BOX_INSIDE:
+        w, h = image_size
+        return f"lies mostly outside the {w} x {h} image ({inside:.0%} of it inside)"
+    return None
+
+
 def square_pad(box, margin: float = 0.0) -> Box:
     """Square window around ``box``: the shorter side padded by half the difference on each side,
     then ``margin`` x side added on every side."""

@@ -122,6 +122,12 @@ def choose_box(sample: RawSample, settings: Settings, decision: dict | None) -> 
         source = settings.detector
     if source not in variants:
         raise SampleError("no_box", f"{sample.ref.source}: no '{source}' box for this sample")
+    h, w = sample.image.shape[:2]
+    problem = box_rules.box_problem(variants[source], (w, h))
+    if problem:
+        box = ", ".join(f"{v:.6g}" for v in variants[source])
+        raise SampleError("bad_box", f"{sample.ref.source}: the '{source}' box [{box}] {problem}; "
+                                     "check the sample's label file")
     return variants, scores, source
 
 

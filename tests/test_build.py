@@ -376,6 +376,43 @@ def test_input_fingerprint_covers_label_files(sample_tree, tmp_path):
     assert build(opts(copy, tmp_path / "c", "aflw2000"))["input"]["fingerprint"] != first
 
 
+def test_impossible_ground_truth_boxes_are_rejected_not_cropped(sample_tree, tmp_path):
+    """Landmarks that coincide, lie far off the image, or are scaled up 100x give a box no face can
+    have: rejected as bad_box naming the file, not written as a black or one-pixel-wide crop."""
+    import scipy.io
+
+    from dataprep.datasets.matfile import mat_bytes
+
+    root = tmp_path / "AFLW2000"
+    root.mkdir()
+    mat = scipy.io.loadmat(str(sample_tree / "AFLW2000" / "image00111.mat"))
+    arrays = {k: v for k, v in mat.items() if not k.startswith("__")}
+    pts = arrays["pt3d_68"]
+    broken = {
+        "image00001": np.repeat(pts[:, :1], 68, axis=1),  # all 68 points at one place
+        "image00002": pts + np.array([[5000.0], [0.0], [0.0]], np.float32),  # far off the 450 px image
+        "image00003": (pts * 100).astype(np.float32),  # a 100x box around a tiny part of the image
+    }
+    shutil.copy(sample_tree / "AFLW2000" / "image00111.jpg", root / "image00111.jpg")
+    shutil.copy(sample_tree / "AFLW2000" / "image00111.mat", root / "image00111.mat")
+    for name, points in broken.items():
+        shutil.copy(sample_tree / "AFLW2000" / "image00111.jpg", root / f"{name}.jpg")
+        (root / f"{name}.mat").write_bytes(mat_bytes({**arrays, "pt3d_68": points.astype(pts.dtype)}))
+    manifest = build(opts(root, tmp_path / "out", "aflw2000", protocol="none"))
+    assert manifest["counts"]["written"] == 1 and manifest["counts"]["rejected_by_reason"] == {"bad_box": 3}
+    said = {e["source"]: e["message"] for e in manifest["rejected"]}
+    assert "is degenerate (0 x 0 px)" in said["image00001.jpg"]
+    assert "lies mostly outside the 450 x 450 image (0% of it inside)" in said["image00002.jpg"]
+    assert "lies mostly outside the 450 x 450 image" in said["image00003.jpg"]
+    assert all("check the sample's label file" in m for m in said.values())
+
+    from dataprep.boxes import box_problem
+
+    assert box_problem([10, 10, 100, 120], (450, 450)) is None
+    assert box_problem([-60, 10, 100, 120], (450, 450)) is None  # a profile face past the edge
+    assert "not finite" in box_problem([0, 0, float("nan"), 5], (450, 450))
+
+
 def test_a_partial_biwi_download_is_named_in_the_summary(sample_tree, tmp_path):
     """Protocol 2 is 16 train and 8 test sequences: a root with fewer says so (its numbers are not
     the papers'), as a partial AFLW2000 download does."""
