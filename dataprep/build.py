@@ -170,7 +170,7 @@ def _load_progress(fs, base: str, tasks: list[ShardTask], fingerprint: str, prog
         result = entry.get("result", {})
         if entry.get("settings") != fingerprint or entry.get("inputs") != task.inputs:
             continue  # other settings, or its input files changed since: written again
-        if result.get("samples") and not _shard_intact(fs, posixpath.join(base, task.name), result):
+        if not _shard_intact(fs, posixpath.join(base, task.name), result):
             continue  # removed, truncated, damaged or replaced since: written again
         done[task.name] = result
     return done
@@ -478,7 +478,7 @@ def make_manifest(opts, settings: Settings, proto, root: Path, refs, results: li
                   inputs: str, assignment: dict | None = None) -> dict:
     shards = [
         {"name": r["name"], "split": r["split"], "samples": r["samples"], "written": r["written"], "sha256": r["sha256"], "bytes": r["bytes"]}
-        for r in results if r["samples"]
+        for r in results
     ]
     rejected = [entry for r in results for entry in r["rejected"]]
     per_split: dict[str, Counter] = {}

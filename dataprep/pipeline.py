@@ -284,9 +284,9 @@ def run_shard(task: ShardTask, settings: Settings, root: str, out: str) -> dict:
                 writer.write(sample)
             written += 1
         check_owner()  # leaving the block by the exception drops the temporary file
+        # every sample rejected: an empty shard all the same, so shard numbers have no gaps and a
+        # brace pattern (train-{000000..000122}.tar) names files that exist
         shard = writer.close()
-    if not shard["samples"] and fs.exists(path):  # every sample rejected now: an earlier run's shard goes
-        fs.rm(path)
     result = {"name": task.name, "split": task.split, "read": len(task.refs), "written": written, "rejected": rejected}
     result.update(shard)
     progress = progress_file(base, task.name, RESULT_SUFFIX)

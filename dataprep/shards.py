@@ -206,13 +206,10 @@ class ShardWriter:
         self._file.write(chunk)
 
     # -- finishing
-    def close(self, *, keep_empty: bool = False) -> dict:
+    def close(self) -> dict:
         """Finish the archive (two zero blocks, padded to tar's 10240-byte record), rename it into
-        place and return ``{"sha256", "bytes", "samples"}``. Without samples no file is made
-        (``keep_empty``: an empty archive is)."""
-        if self.samples == 0 and not keep_empty:
-            self.abort()
-            return {"sha256": None, "bytes": 0, "samples": 0}
+        place and return ``{"sha256", "bytes", "samples"}``. Without samples it is an empty archive
+        (every tar reader and webdataset read it as no samples): a build's shard numbers have no gaps."""
         end = self.size + self._buffered + 2 * tarfile.BLOCKSIZE
         self._put(tarfile.NUL * (2 * tarfile.BLOCKSIZE + (-end % tarfile.RECORDSIZE)))
         self._flush()
@@ -251,7 +248,7 @@ def write_shard(fs: fsspec.AbstractFileSystem, path: str, samples) -> dict:
     with ShardWriter(fs, path) as writer:
         for sample in samples:
             writer.write(sample)
-        return writer.close(keep_empty=True)
+        return writer.close()
 
 
 def dumps_json(obj) -> bytes:

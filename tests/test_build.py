@@ -268,7 +268,14 @@ def test_one_build_at_a_time_per_out_folder(sample_tree, tmp_path, monkeypatch):
     assert sorted((out / ".dataprep-progress").iterdir()) == progress
 
 
-def test_a_shard_whose_samples_all_fail_on_a_rerun_leaves_no_old_file(sample_tree, tmp_path):
+def test_a_shard_whose_samples_all_fail_is_empty_and_numbers_have_no_gaps(sample_tree, tmp_path):
+    """Every sample of a shard rejected (on a rerun too): the shard is an empty archive, not the old
+    samples (a loader globbing *.tar would read them) and not a gap in the numbers (a brace pattern
+    over the split would name a file that does not exist)."""
+    import tarfile
+
+    import webdataset as wds
+
     root = tmp_path / "AFLW2000"
     shutil.copytree(sample_tree / "AFLW2000", root)
     out = tmp_path / "o"
@@ -278,8 +285,12 @@ def test_a_shard_whose_samples_all_fail_on_a_rerun_leaves_no_old_file(sample_tre
         if rec["key"] in {k for k in read_tar(out / shard["name"])}:
             (root / rec["source"]).write_bytes(b"not a jpeg")
     again = build(opts(root, out, "aflw2000", shard_size=4))
-    assert shard["name"] not in {s["name"] for s in again["shards"]}
-    assert not (out / shard["name"]).exists()  # a loader globbing *.tar would read the old samples
+    listed = {s["name"]: s for s in again["shards"]}
+    assert listed[shard["name"]]["samples"] == 0 and tarfile.open(out / shard["name"]).getnames() == []
+    names = sorted(listed)
+    assert names == [f"test-{i:06d}.tar" for i in range(len(names))] == sorted(p.name for p in out.glob("*.tar"))
+    pattern = str(out / f"test-{{000000..{len(names) - 1:06d}}}.tar")
+    assert sum(1 for _ in wds.WebDataset(pattern, shardshuffle=False)) == again["counts"]["samples_in_shards"]
     assert verify(str(out)).ok
 
 
