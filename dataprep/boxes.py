@@ -18,9 +18,11 @@ Crop rules (``CROP_RULES``), each documented against the code it reproduces:
   across); BIWI ``s = 0.6, t = 1``; and ``k`` uniform in [0.2, 0.4] per sample for 300W-LP, 0.2
   for AFLW2000 and 0.35 for BIWI.
   Hopenet's box is the min/max of *all* ``pt2d`` points, AFLW2000's placeholders included.
-* ``fsanet``: FSA-Net's margin crop (``data/type1/TYY_create_db_type1.py``): ``ad = 0.6`` of the box
-  width/height on each side, truncated to integers and clipped to the image; points with
-  non-positive coordinates are dropped first. The window is not square (squashed on resize).
+* ``fsanet``: FSA-Net's margin crop (``data/type1/TYY_create_db_type1.py``): ``ad`` of the box
+  width/height on each side (:data:`FSANET_MARGINS`: 0.6 for 300W-LP and AFLW2000, 0.4 for BIWI,
+  whose far-edge pixel its BIWI scripts include), truncated to integers and clipped to the image.
+  Its box is ``pt2d_valid``: the readers drop the points FSA-Net drops first
+  (:func:`fsanet_points_mask`). The window is not square (squashed on resize).
 * ``box``: the face box as it is.
 """
 from __future__ import annotations
@@ -85,6 +87,12 @@ def width_height(box) -> tuple[float, float]:
 
 def center(box) -> tuple[float, float]:
     return (box[0] + box[2]) / 2.0, (box[1] + box[3]) / 2.0
+
+
+def center_distance(a, b) -> float:
+    """Distance between two boxes' centres (pixels)."""
+    (ax, ay), (bx, by) = center(a), center(b)
+    return math.hypot(ax - bx, ay - by)
 
 
 def aspect_ratio(box) -> float:

@@ -1,7 +1,8 @@
 """Image decoding: one place, the fastest decoder that gives OpenCV's pixels.
 
-Every reader, the box stage, the loader, ``verify`` and the audit decode through here, so a picture
-is the same array wherever it is read.
+Every reader, the box stage, the loader, ``verify`` and the audit decode pictures through here, so
+a picture is the same array wherever it is read (16-bit depth PNGs, which are not pictures, are
+read with ``cv2.IMREAD_UNCHANGED`` where they are used).
 
 * Baseline and progressive JPEGs decode with libjpeg-turbo's TurboJPEG API (``simplejpeg``): the
   same library and settings as ``cv2.imdecode`` (accurate integer IDCT, fancy upsampling), so the

@@ -102,8 +102,9 @@ def rule_window(record: dict, rule: str, *, rng=None, margin: float = 0.0, box_n
     The box the rule reads: ``box_name`` when given, else ``boxes.rule_box_name`` (the detector's
     box in a detector build, else the ground-truth box the rule's own code used); a name the record
     has no box for falls back to ``record["box"]``. ``rng`` draws the rule's random parameters (Hopenet's k);
-    ``None`` takes the rule's fixed value. This is the one place that decides a rule's window:
-    :func:`recrop`, ``dataprep.loader``, ``train_minimal`` and the audit all call it.
+    ``None`` takes the rule's fixed value. This is the one place that decides a rule's window over a
+    stored record: :func:`recrop`, ``dataprep.loader``, ``train_minimal`` and the audit all call it
+    (the build, which has no record yet, calls ``boxes.crop_window`` on the box its box stage chose).
     """
     if box_name is None:
         box_name = box_rules.rule_box_name(record["boxes"], record.get("box_source", "gt"), rule)

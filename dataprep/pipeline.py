@@ -65,8 +65,8 @@ class ShardTask:
     name: str
     split: str
     refs: list[SampleRef]
-    #: the box stage's spooled decisions for these refs (key -> detections, or box, score, reused,
-    #: rejected); None for gt. A path on the output filesystem, so the task stays small.
+    #: the box stage's spooled decisions for these refs (key -> ``{"detections"}``, or ``{"box",
+    #: "score", "tracking"}``, or ``{"rejected", "message"}``); None for gt. A path on the output filesystem, so the task stays small.
     decisions_file: str | None = None
     #: digest of the refs' input files as found when planned (``build.shard_inputs``); a resumed
     #: build redoes a finished shard whose inputs changed since

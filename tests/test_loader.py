@@ -182,6 +182,23 @@ def test_brace_list_file_url_and_fsspec_urls(shards, tmp_path):
         assert len(keys_of(skipped)) == PER_SHARD
 
 
+def test_member_extensions_in_upper_case_are_read(shards, tmp_path):
+    """``KEY.JPG`` is the sample's ``jpg`` (webdataset lower-cases suffixes), not a member dropped
+    before that, which left every sample without its image."""
+    import tarfile
+
+    pattern, _ = shards
+    first = pattern.replace("{000000..000002}", "000000")
+    upper = tmp_path / "train-000000.tar"
+    with tarfile.open(first) as src, tarfile.open(upper, "w") as dst:
+        for member in src:
+            data = src.extractfile(member)
+            if member.name.endswith(".jpg"):
+                member.name = member.name[:-4] + ".JPG"
+            dst.addfile(member, data)
+    assert keys_of(make_dataset(str(upper), shuffle=0)) == keys_of(make_dataset(first, shuffle=0))
+
+
 def test_shuffle_is_reproducible_per_seed_and_epoch(shards):
     pattern, samples = shards
     a = keys_of(make_dataset(pattern, shuffle=8, seed=1))

@@ -11,7 +11,7 @@ with an orthographic projection (depth dropped)::
     green (head y, down the face)              : (R[1,0],  R[1,1])
     blue  (nose, out of the face)              : (-R[2,0], -R[2,1])
 
-times half the box's longer side. This is exactly what Hopenet's ``utils.draw_axis`` draws from the
+times 0.6 of the box's longer side. This is exactly what Hopenet's ``utils.draw_axis`` draws from the
 same three angles (its matrix ``Rx(pitch) Ry(-yaw) Rz(roll)`` is ``D R^T D`` with
 ``D = diag(1, 1, -1)``), so the pictures read like the papers' figures: positive yaw turns the nose
 line to the image's left, positive pitch lifts it, positive roll tilts the red line clockwise.

@@ -140,19 +140,10 @@ def rule_window(record: dict, rule: str) -> list[float]:
                                 margin=float(record.get("crop_margin") or 0.0) if rule == "square" else 0.0)
 
 
-def centre_shift(a, b) -> float:
-    (ax, ay), (bx, by) = box_rules.center(a), box_rules.center(b)
-    return math.hypot(ax - bx, ay - by)
-
-
 def outside_fraction(box, image_size) -> float:
     """Fraction of ``box``'s area outside the image (0 when inside)."""
-    w, h = box_rules.width_height(box)
-    area = max(w, 0.0) * max(h, 0.0)
-    if area <= 0:
-        return 0.0
-    cw, ch = box_rules.width_height(box_rules.clip_to_image(box, image_size))
-    return 1.0 - max(cw, 0.0) * max(ch, 0.0) / area
+    area = box_rules.area(box)
+    return 1.0 - box_rules.area(box_rules.clip_to_image(box, image_size)) / area if area > 0 else 0.0
 
 
 def augment_ops(record: dict) -> list[str]:
@@ -225,7 +216,7 @@ def sample_row(sample: Sample, variants: list[str], th: Thresholds) -> Row:
     for a, b in _pairs(variants):
         if a in boxes and b in boxes:
             v[f"iou_{a}_{b}"] = box_rules.iou(boxes[a], boxes[b])
-            v[f"shift_{a}_{b}"] = centre_shift(boxes[a], boxes[b])
+            v[f"shift_{a}_{b}"] = box_rules.center_distance(boxes[a], boxes[b])
     for a, b in _pairs(list(RULES)):
         v[f"iou_{a}_{b}"] = box_rules.iou(windows[a], windows[b])
     missing = int((rec.get("extra") or {}).get("pt2d_missing") or 0)

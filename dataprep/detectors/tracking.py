@@ -26,7 +26,7 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
-from ..boxes import center as box_center
+from ..boxes import center_distance
 from ..boxes import iou
 from .base import Box, Detection
 
@@ -115,7 +115,7 @@ def track_sequence(
         chosen = nearest_to_anchor(detections, point, threshold)
         if chosen is None:
             problem = "no_face"
-        elif previous is not None and _distance(chosen.box, previous.box) >= max_jump:
+        elif previous is not None and center_distance(chosen.box, previous.box) >= max_jump:
             problem = "box_jump"
         else:
             problem = None
@@ -131,6 +131,3 @@ def track_sequence(
     return results
 
 
-def _distance(a: Sequence[float], b: Sequence[float]) -> float:
-    (ax, ay), (bx, by) = box_center(a), box_center(b)
-    return math.hypot(ax - bx, ay - by)

@@ -263,7 +263,7 @@ def _tar_samples(stream, url: str, handler: Callable[[Exception], bool]):
 
 
 def _wanted_member(fname: str) -> bool:
-    return fname.endswith(_WANTED_SUFFIXES)
+    return fname.lower().endswith(_WANTED_SUFFIXES)  # KEY.JPG too: suffixes are lower-cased after
 
 
 class _TarSamples(PipelineStage):
