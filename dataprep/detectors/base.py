@@ -47,16 +47,7 @@ class Detection:
 
     @property
     def center(self) -> tuple[float, float]:
-        x1, y1, x2, y2 = self.box
-        return (x1 + x2) / 2.0, (y1 + y2) / 2.0
-
-    @property
-    def width(self) -> float:
-        return self.box[2] - self.box[0]
-
-    @property
-    def height(self) -> float:
-        return self.box[3] - self.box[1]
+        return box_rules.center(self.box)
 
     def overlaps_frame(self, width: int, height: int) -> bool:
         """Whether the box covers any of a ``width`` x ``height`` image (a box entirely outside the

@@ -67,7 +67,6 @@ class TrackResult:
     score: float | None
     reused: bool = False
     rejected: str | None = None
-    detection: Detection | None = None  # the chosen detection of this frame (None when reused/rejected)
 
     @property
     def accepted(self) -> bool:
@@ -120,7 +119,7 @@ def track_sequence(
         else:
             problem = None
         if problem is None:
-            result = TrackResult(box=chosen.box, score=chosen.score, detection=chosen)
+            result = TrackResult(box=chosen.box, score=chosen.score)
             previous = result
         elif mode == "previous" and previous is not None:
             result = TrackResult(box=previous.box, score=previous.score, reused=True)

@@ -291,10 +291,6 @@ class _Decode(PipelineStage):
             out_size=(out_w, out_h),
         )
 
-    def decode(self, raw: dict, rank: int, worker: int, index: int) -> dict:
-        """One raw sample -> the sample dict :func:`make_dataset` yields."""
-        return self.sample_dict(self.prepare(raw, rank, worker, index))
-
     def sample_dict(self, item: _Item) -> dict:
         sample = {
             "angles": torch.tensor(item.angles, dtype=torch.float32),
