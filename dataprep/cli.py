@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import signal
@@ -77,8 +78,11 @@ def cmd_build(args) -> int:
         previous = None
     try:
         manifest = build(opts)
-    except (BuildError, DetectorWeightsError, LockLost, ValueError, OSError) as err:
+    except (BuildError, DetectorWeightsError, LockLost, ValueError) as err:
         print(f"dataprep build: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        print(f"dataprep build: error: {_os_error_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\ndataprep build: interrupted. The shards finished so far are kept: run the same command again to "
@@ -145,6 +149,28 @@ def cmd_protocols(args) -> int:
             print(f"         {dataset:<9} splits {splits}  boxes: {entry.get('detector', 'gt')}"
                   + (f", tracking {entry['biwi_tracking']}" if entry.get("biwi_tracking") else ""))
     return 0
+
+
+#: What to do about the operating system errors a build meets most (errno -> advice).
+_OS_ADVICE = {
+    errno.ENOSPC: "the disk is full: free space (or choose another --out); the shards finished so far are kept, "
+                  "run the same command again to resume",
+    errno.EDQUOT: "the disk quota is used up: free space (or choose another --out); the shards finished so far are "
+                  "kept, run the same command again to resume",
+    errno.EACCES: "no permission: choose an --out you can write to, and a --root you can read (or fix the "
+                  "permissions)",
+    errno.EPERM: "not permitted: choose an --out you can write to, and a --root you can read",
+    errno.EROFS: "a read-only file system: choose another --out",
+}
+
+
+def _os_error_line(err: OSError) -> str:
+    """One line for an operating system error of a build: what failed on which file, and what to do."""
+    if err.strerror is None:  # raised with its own message (e.g. a --root that is not a folder)
+        return str(err)
+    where = f" ({err.filename})" if err.filename else ""
+    advice = _OS_ADVICE.get(err.errno)
+    return f"{err.strerror}{where}" + (f"; {advice}" if advice else "")
 
 
 def _printable_streams() -> None:

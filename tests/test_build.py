@@ -945,6 +945,21 @@ def test_cli_says_what_to_do_instead_of_a_traceback(sample_tree, tmp_path, capsy
     assert err.count("\n") == 1 and "a worker process died (A worker process managed" in err
     assert "run the same command again to resume (with fewer --jobs if memory ran out)" in err
 
+    import errno
+    import os
+
+    for number, says in ((errno.ENOSPC, "No space left on device (/out/test-000001.tar); the disk is full: free space "
+                                        "(or choose another --out); the shards finished so far are kept, run the same "
+                                        "command again to resume"),
+                         (errno.EACCES, "Permission denied (/out/test-000001.tar); no permission: choose an --out you "
+                                        "can write to")):
+        def os_error(opts, number=number):
+            raise OSError(number, os.strerror(number), "/out/test-000001.tar")
+
+        monkeypatch.setattr(build_mod, "build", os_error)
+        assert cli_main(["build", "--dataset", "aflw2000", "--root", root, "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+        assert f"dataprep build: error: {says}" in capsys.readouterr().err
+
     def pool_broke(opts):  # concurrent.futures' own, which may carry no message
         raise BrokenProcessPool()
 
