@@ -195,9 +195,14 @@ def _shard_intact(fs, path: str, result: dict) -> bool:
     return digest.hexdigest() == result.get("sha256")
 
 
-def _check_out_dir(fs, base: str, fingerprint: str, overwrite: bool, progress: dict[str, dict]) -> None:
+def _check_out_dir(fs, base: str, fingerprint: str, overwrite: bool, progress: dict[str, dict],
+                   splits: set[str]) -> None:
     """Refuse a folder holding another build (finished: its manifest; interrupted before it wrote
-    one: its ``progress``) unless ``overwrite``, which removes the build's files."""
+    one: its ``progress``), or shard files of this build's ``splits`` no build recorded there (copied
+    in: the build would mix with them or overwrite one), unless ``overwrite``, which removes the old build's files: its
+    manifest, ``_info.json``, progress and the shard files of its splits and of ``splits`` (this
+    build's). Other files, a user's ``mydata-000123.tar`` included, stay."""
+    old = None
     manifest_path = posixpath.join(base, MANIFEST)
     if fs.exists(manifest_path):
         try:
@@ -216,10 +221,25 @@ def _check_out_dir(fs, base: str, fingerprint: str, overwrite: bool, progress: d
         raise BuildError(f"{base} holds shards of an interrupted build made with other options, inputs or dataprep "
                          "version; run that command again to finish it, or pass --overwrite to replace it, or choose "
                          "another --out")
-    if overwrite and fs.exists(base):
-        for path in fs.ls(base, detail=False):
-            if _is_build_output(posixpath.basename(path.rstrip("/"))):
-                fs.rm(path, recursive=True)
+    old_shards = old.get("shards") if isinstance(old, dict) else None
+    old_shards = old_shards if isinstance(old_shards, list) else []
+    recorded = {s.get("name") for s in old_shards if isinstance(s, dict)} | set(progress)
+    names = [posixpath.basename(p.rstrip("/")) for p in fs.ls(base, detail=False)] if fs.exists(base) else []
+    if not overwrite and not progress:  # with progress, an unrecorded shard may be this build's own, cut short
+        foreign = sorted(n for n in names if is_shard_file(n) and final_name(n) == n and n not in recorded
+                         and n.rsplit("-", 1)[0] in splits)
+        if foreign:
+            shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+            raise BuildError(f"{base} holds shard files no dataprep build recorded there ({shown}); a build would mix "
+                             "with them or overwrite one: move them away, choose another --out, or pass --overwrite "
+                             "to replace them")
+    if overwrite:
+        splits = set(splits) | {s.get("split") for s in old_shards if isinstance(s, dict)}
+        splits |= {e.get("result", {}).get("split") for e in progress.values() if isinstance(e.get("result"), dict)}
+        for name in names:
+            shard = is_shard_file(name)
+            if (shard and final_name(name).rsplit("-", 1)[0] in splits) or (not shard and _is_build_output(name)):
+                fs.rm(posixpath.join(base, name), recursive=True)
 
 
 @contextmanager
@@ -376,7 +396,7 @@ def build(opts: BuildOptions) -> dict:
     fs.makedirs(base, exist_ok=True)
     with _out_lock(fs, base) as token:
         progress = _read_progress(fs, base)
-        _check_out_dir(fs, base, fingerprint, opts.overwrite, progress)
+        _check_out_dir(fs, base, fingerprint, opts.overwrite, progress, {t.split for t in tasks})
         if opts.overwrite:
             progress = {}  # removed with the rest of the old build
         fs.makedirs(posixpath.join(base, PROGRESS_DIR), exist_ok=True)

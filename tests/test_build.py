@@ -335,6 +335,26 @@ def test_other_options_refuse_to_mix_into_a_build(aflw_build, tmp_path, sample_t
     new_shards = {s["name"] for s in manifest["shards"]}
     assert {p.name for p in out.glob("*.tar")} == new_shards | {"my_backup.tar"}  # none of the old build's left
     assert old_shards - new_shards, "the test needs an old shard that the new build does not write again"
+    # a user's file named like a shard of another split survives --overwrite too
+    (out / "mydata-000123.tar").write_bytes(b"mine")
+    build(opts(sample_tree / "AFLW2000", out, "aflw2000", overwrite=True))
+    assert (out / "mydata-000123.tar").read_bytes() == b"mine"
+
+
+def test_shard_files_no_build_recorded_are_not_mixed_into_a_build(aflw_build, tmp_path, sample_tree):
+    """A folder with no build in it but a shard-named file of the build's split (copied from
+    elsewhere): refused, naming it, rather than listed beside the new shards or overwritten."""
+    out = tmp_path / "o"
+    out.mkdir()
+    first = sorted(aflw_build[0].glob("test-*.tar"))[0]
+    shutil.copy(first, out / "test-000007.tar")
+    with pytest.raises(BuildError, match=r"holds shard files no dataprep build recorded there \(test-000007\.tar\); "
+                                         r"a build would mix with them or overwrite one: move them away"):
+        build(opts(sample_tree / "AFLW2000", out, "aflw2000"))
+    (out / "other-000001.tar").write_bytes(b"another split's: no concern of this build")
+    manifest = build(opts(sample_tree / "AFLW2000", out, "aflw2000", overwrite=True))
+    assert "test-000007.tar" not in {s["name"] for s in manifest["shards"]} and not (out / "test-000007.tar").exists()
+    assert (out / "other-000001.tar").exists()
 
 
 def test_summary_warns_when_a_full_download_misses_the_papers_count(aflw_build):
