@@ -176,6 +176,24 @@ def _load_progress(fs, base: str, tasks: list[ShardTask], fingerprint: str, prog
     return done
 
 
+#: Settings whose values are digests: named for what they stand for.
+_DIGEST_SETTINGS = {"split_assignment": "the split lists", "detector_fingerprint": "the detector's weights or thresholds"}
+
+
+def _settings_differences(old, settings: Settings | None) -> str:
+    """`` (crop_size 224 there, 112 now; ...)``: what differs between a manifest's settings and this
+    build's, for the refusal message; "" when it cannot tell."""
+    if not isinstance(old, dict) or settings is None:
+        return ""
+    new = {**asdict(settings), "augment": list(settings.augment)}
+    parts = []
+    for key in sorted(set(old) | set(new)):
+        if old.get(key) != new.get(key):
+            parts.append(f"{_DIGEST_SETTINGS[key]} differ" if key in _DIGEST_SETTINGS
+                         else f"{key} {old.get(key)!r} there, {new.get(key)!r} now")
+    return f" ({'; '.join(parts)})" if parts else ""
+
+
 def _shard_intact(fs, path: str, result: dict) -> bool:
     """Whether the shard at ``path`` is the one ``result`` records: its size, and on a local
     folder its sha256 too (a tar is padded to 10 KB records, so a damaged or replaced shard often
@@ -196,7 +214,7 @@ def _shard_intact(fs, path: str, result: dict) -> bool:
 
 
 def _check_out_dir(fs, base: str, fingerprint: str, overwrite: bool, progress: dict[str, dict],
-                   splits: set[str]) -> None:
+                   splits: set[str], settings: Settings | None = None) -> None:
     """Refuse a folder holding another build (finished: its manifest; interrupted before it wrote
     one: its ``progress``), or shard files of this build's ``splits`` no build recorded there (copied
     in: the build would mix with them or overwrite one), unless ``overwrite``, which removes the old build's files: its
@@ -213,8 +231,9 @@ def _check_out_dir(fs, base: str, fingerprint: str, overwrite: bool, progress: d
             raise BuildError(f"{manifest_path} is not a readable build manifest (damaged, or not dataprep's); pass "
                              "--overwrite to replace the build in that folder, or choose another --out")
         if isinstance(old, dict) and old.get("settings_fingerprint") != fingerprint and not overwrite:
+            differ = _settings_differences(old.get("settings"), settings)
             raise BuildError(
-                f"{base} already holds a build made with other options or inputs; pass --overwrite to "
+                f"{base} already holds a build made with other options{differ}; pass --overwrite to "
                 "replace it, or choose another --out"
             )
     elif not overwrite and any(entry.get("settings") != fingerprint for entry in progress.values()):
@@ -396,7 +415,7 @@ def build(opts: BuildOptions) -> dict:
     fs.makedirs(base, exist_ok=True)
     with _out_lock(fs, base) as token:
         progress = _read_progress(fs, base)
-        _check_out_dir(fs, base, fingerprint, opts.overwrite, progress, {t.split for t in tasks})
+        _check_out_dir(fs, base, fingerprint, opts.overwrite, progress, {t.split for t in tasks}, settings)
         if opts.overwrite:
             progress = {}  # removed with the rest of the old build
         fs.makedirs(posixpath.join(base, PROGRESS_DIR), exist_ok=True)

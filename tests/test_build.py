@@ -322,7 +322,7 @@ def test_rerun_after_fixing_inputs_rewrites_only_their_shards(sample_tree, tmp_p
 def test_other_options_refuse_to_mix_into_a_build(aflw_build, tmp_path, sample_tree):
     out = tmp_path / "o"
     build(opts(sample_tree / "AFLW2000", out, "aflw2000"))
-    with pytest.raises(BuildError, match="--overwrite"):
+    with pytest.raises(BuildError, match=r"other options \(crop_size 224 there, 112 now\); pass --overwrite"):
         build(opts(sample_tree / "AFLW2000", out, "aflw2000", crop_size=112))
     old_shards = {p.name for p in out.glob("*.tar")}
     # the user's own files in --out survive --overwrite and the build's clean-up
