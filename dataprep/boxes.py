@@ -234,10 +234,13 @@ ROOM_MARGIN: dict[str, float] = {"square": 0.0, "box": 0.0, "hopenet": 0.8, "fsa
 
 
 def integer_window(window) -> list[int]:
-    """Round a window to whole pixels (the crop actually taken; recorded as ``crop``)."""
+    """Round a window to whole pixels (the crop actually taken; recorded as ``crop``): its corner
+    and its width and height each rounded, so a square window stays square (rounding both edges
+    instead made a third of square windows 1 px off, squashing the face on resize)."""
     x1, y1 = int(math.floor(window[0] + 0.5)), int(math.floor(window[1] + 0.5))
-    x2, y2 = int(math.floor(window[2] + 0.5)), int(math.floor(window[3] + 0.5))
-    return [x1, y1, max(x2, x1 + 1), max(y2, y1 + 1)]
+    w = max(int(math.floor(window[2] - window[0] + 0.5)), 1)
+    h = max(int(math.floor(window[3] - window[1] + 0.5)), 1)
+    return [x1, y1, x1 + w, y1 + h]
 
 
 def to_crop_coords(points, crop, size) -> np.ndarray:

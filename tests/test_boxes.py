@@ -191,3 +191,18 @@ def test_rule_coverage_counts_the_window_pixels_the_stored_crop_holds():
     window = boxes.crop_window("hopenet", corner, dataset="aflw2000", image_size=(450, 450))
     assert window[0] < 0 and window[1] < 0 and window[2] < 160 and window[3] < 160
     assert rule_coverage(at_edge, "hopenet") == 1.0
+
+
+def test_square_windows_stay_square_in_whole_pixels():
+    """The square rule's window, rounded to the pixels actually cut, is square: rounding each edge
+    on its own made a third of them 1 px off (161 x 162), a squash the rule exists to avoid."""
+    rng = np.random.default_rng(0)
+    for _ in range(2000):
+        x1, y1 = rng.uniform(-50, 400, 2)
+        box = [x1, y1, x1 + rng.uniform(20, 300), y1 + rng.uniform(20, 300)]
+        window = boxes.square_pad(box, rng.choice([0.0, 0.25, 0.8]))
+        x1, y1, x2, y2 = boxes.integer_window(window)
+        assert x2 - x1 == y2 - y1
+        assert all(abs(a - b) <= 1.0 for a, b in zip((x1, y1, x2, y2), window))  # within a pixel of it
+    assert boxes.integer_window([10.4, 20.6, 10.45, 20.61]) == [10, 21, 11, 22]  # never empty
+    assert boxes.integer_window([135.2, 156.4, 296.5, 318.1]) == [135, 156, 296, 318]
