@@ -49,6 +49,12 @@ def pose_para_to_euler(pose_para) -> tuple[float, float, float]:
     return float(yaw), float(pitch), float(roll)
 
 
+def euler_to_pose_para(yaw: float, pitch: float, roll: float) -> np.ndarray:
+    """``(yaw, pitch, roll)`` degrees -> ``Pose_Para``'s first three values ``[pitch, yaw, roll]``
+    in radians (the inverse of :func:`pose_para_to_euler`; the sample data writes them)."""
+    return np.array([pitch, yaw, roll]) * DEG2RAD
+
+
 def rotation_to_euler(rotation):
     """Rotation matrix ``R`` in our convention -> ``(yaw, pitch, roll)`` degrees. A torch tensor of
     matrices ``(..., 3, 3)`` gives a tensor ``(..., 3)`` (the trainer's MNN decode)."""
@@ -69,6 +75,12 @@ def rotation_to_euler(rotation):
 def biwi_matrix_to_euler(m) -> tuple[float, float, float]:
     """BIWI ``pose.txt`` matrix ``M`` (as written, row by row) -> ``(yaw, pitch, roll)`` degrees."""
     return rotation_to_euler(np.asarray(m, dtype=np.float64).T)
+
+
+def euler_to_biwi_matrix(yaw: float, pitch: float, roll: float) -> np.ndarray:
+    """``(yaw, pitch, roll)`` degrees -> the matrix BIWI's ``pose.txt`` holds, ``M = R^T`` (the
+    inverse of :func:`biwi_matrix_to_euler`; the sample data writes it)."""
+    return rotation_from_euler(yaw, pitch, roll).T
 
 
 def _rx(a: float) -> np.ndarray:
@@ -180,15 +192,21 @@ def mirror_box(box, image_width: float, offset: float = 0.0):
     return [image_width + offset - x2, y1, image_width + offset - x1, y2]
 
 
+def mirror_points(points, image_width: float, offset: float = 0.0) -> np.ndarray:
+    """N x 2 points after a horizontal flip of an image ``image_width`` wide: x -> W + offset - x,
+    in the same order (300W-LP's ``_Flip`` files keep ``pt2d``'s order; a new copy)."""
+    out = np.array(points, copy=True)
+    out[:, 0] = image_width + offset - out[:, 0]
+    return out
+
+
 def mirror_landmarks(landmarks, image_width: float, offset: float = 0.0) -> np.ndarray:
     """68 x 2 landmarks after a horizontal flip of an image ``image_width`` wide: x -> W + offset - x,
     re-indexed with :data:`MIRROR_68` (index i is the same facial point before and after)."""
     p = np.asarray(landmarks)
     if p.shape != (68, 2):
         raise ValueError(f"horizontal flip needs 68 x 2 landmarks (iBUG markup), got shape {p.shape}")
-    out = p[MIRROR_68].copy()
-    out[:, 0] = image_width + offset - out[:, 0]
-    return out
+    return mirror_points(p[MIRROR_68], image_width, offset)
 
 
 def is_rotation(rotation, tol: float = 1e-3) -> bool:

@@ -27,6 +27,7 @@ from .datasets import aflw2000 as aflw_reader
 from .datasets import biwi
 from .datasets import w300lp as w300lp_reader
 from .boxes import bbox_of_points as points_box
+from .boxes import center as box_center
 from .datasets.matfile import PT2D_MISSING_XY, write_mat
 from .records import make_key
 
@@ -172,7 +173,7 @@ def _fit_params(rng: np.random.Generator, shape_exp_dtype=np.float64) -> dict[st
 
 
 def _pose_para(rng: np.random.Generator, yaw, pitch, roll, center, scale) -> np.ndarray:
-    rad = np.array([pitch, yaw, roll]) * labels.DEG2RAD
+    rad = labels.euler_to_pose_para(yaw, pitch, roll)
     tx, ty = center
     return np.array([[*rad, tx, 450.0 - ty, rng.uniform(-120, -40), 0.00125 * scale]], dtype=np.float32)
 
@@ -189,8 +190,7 @@ def _roi(box) -> np.ndarray:
 def _write_300wlp(root: Path, rng: np.random.Generator) -> list[dict[str, Any]]:
     expected = []
     template = astronaut_landmarks()
-    src_center = points_box(template)
-    src_center = ((src_center[0] + src_center[2]) / 2, (src_center[1] + src_center[3]) / 2)
+    src_center = box_center(points_box(template))
     for subset, bases in SUBSETS_300WLP.items():
         for d in (root / subset, root / f"{subset}_Flip", root / "landmarks" / subset):
             d.mkdir(parents=True, exist_ok=True)
@@ -208,15 +208,14 @@ def _write_300wlp(root: Path, rng: np.random.Generator) -> list[dict[str, Any]]:
                     sub = f"{subset}_Flip" if flip else subset
                     if flip:  # the mirrored image, its pose re-fitted; pt2d as the real files have it:
                         # mirrored in MATLAB pixel coordinates (x -> W + 1 - x), not re-indexed
-                        img, p = image[:, ::-1].copy(), pts.copy()
-                        p[:, 0] = 451.0 - p[:, 0]
+                        img, p = image[:, ::-1].copy(), labels.mirror_points(pts, 450.0, labels.mirror_offset("300w_lp"))
                         noise = rng.uniform(-0.7, 0.7, 3)
-                        y, pi, r = -yaw + noise[0], pitch + noise[1], -roll + noise[2]
+                        y, pi, r = (a + n for a, n in zip(labels.flip_euler(yaw, pitch, roll), noise))
                         face = labels.mirror_box(_face_box(A), 450.0)
                     else:
                         img, p, (y, pi, r), face = image, pts, (yaw, pitch, roll), _face_box(A)
                     box = points_box(p)
-                    pose = _pose_para(rng, y, pi, r, ((box[0] + box[2]) / 2, (box[1] + box[3]) / 2), size)
+                    pose = _pose_para(rng, y, pi, r, box_center(box), size)
                     arrays = {"pt2d": p.T.copy(), "roi": _roi(box)}
                     arrays.update(_fit_params(rng, np.float32 if flip else np.float64))
                     arrays["Pose_Para"] = pose
@@ -243,7 +242,7 @@ def _write_aflw2000(root: Path, rng: np.random.Generator) -> list[dict[str, Any]
     expected = []
     template = astronaut_landmarks()
     tb = points_box(template)
-    src_center = ((tb[0] + tb[2]) / 2, (tb[1] + tb[3]) / 2)
+    src_center = box_center(tb)
     numbers = sorted(rng.choice(np.arange(2, 4400), N_AFLW2000, replace=False).tolist())
     placeholders = {1: 1, 4: 4, 9: 9}  # sample index -> number of unannotated AFLW points
     out_of_range = {3: ("pitch", -104.5), 7: ("yaw", 123.25)}
@@ -277,7 +276,7 @@ def _write_aflw2000(root: Path, rng: np.random.Generator) -> list[dict[str, Any]
         arrays = {"pt2d": pt2d}
         arrays.update(_fit_params(rng))
         arrays["Pose_Para"] = _pose_para(rng, angles["yaw"], angles["pitch"], angles["roll"],
-                                         ((gt[0] + gt[2]) / 2, (gt[1] + gt[3]) / 2), size)
+                                         box_center(gt), size)
         arrays["roi"] = _roi(gt)
         arrays["pt3d_68"] = pt3d
         _jpg(root / f"{name}.jpg", image)
@@ -352,7 +351,7 @@ def _write_biwi(root: Path, seed_seq: np.random.SeedSequence, frames: int) -> li
             yaw, pitch, roll, u, v, z = (float(x) for x in step)
             p_rgb = z * np.linalg.solve(rgb_cal.K, [u, v, 1.0])
             t = rgb_cal.R.T @ (p_rgb - rgb_cal.T)
-            pose_text = biwi.format_pose_txt(labels.rotation_from_euler(yaw, pitch, roll).T, t)
+            pose_text = biwi.format_pose_txt(labels.euler_to_biwi_matrix(yaw, pitch, roll), t)
             (d / f"{frame}_pose.txt").write_text(pose_text)
             M, t = biwi.parse_pose_text(pose_text)
             box, centre, _ = biwi.head_box(t, rgb_cal)

@@ -94,3 +94,19 @@ def test_rotation_round_trip_past_90_degrees_of_yaw_is_the_other_triple():
         assert abs(got[0]) <= 90.0
         np.testing.assert_allclose(labels.rotation_from_euler(*got), labels.rotation_from_euler(yaw, pitch, roll),
                                    atol=1e-12)
+
+
+def test_the_sample_writers_conversions_invert_the_readers():
+    """``euler_to_pose_para`` / ``euler_to_biwi_matrix`` (what the sample data writes) give back the
+    angles through the readers' ``pose_para_to_euler`` / ``biwi_matrix_to_euler``; ``mirror_points``
+    mirrors in place of order (300W-LP's _Flip pt2d), ``mirror_landmarks`` also re-indexes."""
+    rng = np.random.default_rng(5)
+    for yaw, pitch, roll in rng.uniform(-85, 85, (50, 3)):
+        pose = labels.euler_to_pose_para(yaw, pitch, roll)
+        assert pose[1] == pytest.approx(np.deg2rad(yaw))  # Pose_Para is [pitch, yaw, roll]
+        assert labels.pose_para_to_euler(pose) == pytest.approx((yaw, pitch, roll))
+        assert labels.biwi_matrix_to_euler(labels.euler_to_biwi_matrix(yaw, pitch, roll)) == pytest.approx((yaw, pitch, roll))
+    pts = rng.uniform(0, 450, (68, 2))
+    mirrored = labels.mirror_points(pts, 450.0, 1.0)
+    assert np.array_equal(mirrored[:, 1], pts[:, 1]) and np.allclose(mirrored[:, 0], 451.0 - pts[:, 0])
+    assert np.array_equal(labels.mirror_landmarks(pts, 450.0, 1.0), mirrored[labels.MIRROR_68])
