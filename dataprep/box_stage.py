@@ -118,7 +118,7 @@ def detect_all(refs: list[SampleRef], root: Path, detector, cache: DetectionCach
             chunk_refs, futures = in_flight.popleft()
             submit_next()
             prepared = [f.result() for f in futures]
-            todo_images, todo = [], []
+            todo_images, todo = [], {}  # image key -> the refs showing that image (detected once)
             for ref, (key, hit, image) in zip(chunk_refs, prepared):
                 if hit is None:
                     if image is None:  # unreadable or undecodable: the shard worker reports it
@@ -127,11 +127,14 @@ def detect_all(refs: list[SampleRef], root: Path, detector, cache: DetectionCach
                 if hit is not None:
                     out[ref.key] = hit
                     continue
-                todo.append((ref, key))
-                todo_images.append(image)
+                if key not in todo:
+                    todo[key] = []
+                    todo_images.append(image)
+                todo[key].append(ref)
             if todo_images:
-                for (ref, key), faces in zip(todo, detector.detect(todo_images)):
-                    out[ref.key] = faces
+                for (key, same), faces in zip(todo.items(), detector.detect(todo_images)):
+                    for ref in same:
+                        out[ref.key] = list(faces)
                     if cache:
                         cache.put(key, fingerprint, faces)
             bar.update(len(chunk_refs))

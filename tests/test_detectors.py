@@ -16,8 +16,6 @@ from dataprep.detectors import (
     Detector,
     DetectorWeightsError,
     create_detector,
-    detect_with_cache,
-    image_key_from_pixels,
     select_face,
     track_sequence,
 )
@@ -262,27 +260,42 @@ def test_retinaface_missing_weights_error(empty_hub, tmp_path):
 
 # --------------------------------------------------------------------------------------------- cache
 def test_cache_skips_detector_on_hits(tmp_path):
+    """The box stage's ``detect_all``: misses batched into one detector call, hits answered from the
+    cache, an image shown by two files detected once, detectors kept apart by fingerprint."""
+    import cv2
+
+    from dataprep.box_stage import detect_all
+    from dataprep.records import SampleRef
+
     cache = DetectionCache(tmp_path / "cache")
     fake = FakeDetector()
     calls = []
     detect = fake.detect
     fake.detect = lambda images: (calls.append(len(images)), detect(images))[1]
-    images = [np.full((4, 4, 3), v, np.uint8) for v in (1, 2, 3)]
-    keys = [image_key_from_pixels(im) for im in images]
+    root = tmp_path / "images"
+    root.mkdir()
 
-    first = detect_with_cache(fake, images, keys, cache)
+    def refs_of(values):
+        refs = []
+        for i, v in enumerate(values):
+            name = f"{i}_{v}.png"
+            cv2.imwrite(str(root / name), np.full((4, 4, 3), v, np.uint8))
+            refs.append(SampleRef("d", f"k{i}_{v}", name, "g"))
+        return refs
+
+    refs = refs_of((1, 2, 3))
+    first = detect_all(refs, root, fake, cache, progress=False)
     assert calls == [3] and len(fake.batches) == 1  # misses batched into one call
-    second = detect_with_cache(fake, images, keys, cache)
+    second = detect_all(refs, root, fake, cache, progress=False)
     assert calls == [3] and second == first  # no detector run
 
-    extra = np.full((4, 4, 3), 9, np.uint8)
-    third = detect_with_cache(fake, [images[0], extra, extra], [keys[0], "k-extra", "k-extra"], cache)
-    assert calls == [3, 1] and third[1] == third[2] and third[0] == first[0]
+    more = refs_of((1, 9, 9))  # the same picture as refs[0], and one new picture in two files
+    third = detect_all(more, root, fake, cache, progress=False)
+    assert calls == [3, 1] and third[more[1].key] == third[more[2].key] and third[more[0].key] == first[refs[0].key]
 
     other = FakeDetector(fingerprint="0" * 64)
-    assert cache.get(keys[0], other.fingerprint) is None  # keys separate by fingerprint
-    detect_with_cache(other, images[:1], keys[:1], cache)
-    assert len(other.batches) == 1
+    detect_all(refs[:1], root, other, cache, progress=False)
+    assert len(other.batches) == 1  # keys separate by fingerprint
 
     files = sorted(p for p in (tmp_path / "cache").rglob("*") if p.is_file())
     assert len(files) == 5 and all(p.suffix == ".json" for p in files)

@@ -14,9 +14,7 @@ from ..devices import resolve_device
 from .base import Detection, Detector, DetectorWeightsError
 from .cache import (
     DetectionCache,
-    detect_with_cache,
     image_key_from_bytes,
-    image_key_from_pixels,
 )
 from .tracking import TrackResult, iou, select_face, track_sequence
 
@@ -87,9 +85,7 @@ __all__ = [
     "RetinaFaceDetector",
     "TrackResult",
     "create_detector",
-    "detect_with_cache",
     "image_key_from_bytes",
-    "image_key_from_pixels",
     "iou",
     "resolve_device",
     "select_face",

@@ -17,9 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
-
-from .base import Detection, Detector
+from .base import Detection
 
 CACHE_VERSION = 1
 _HEX = re.compile(r"^[0-9a-f]{16,128}$")
@@ -28,14 +26,6 @@ _HEX = re.compile(r"^[0-9a-f]{16,128}$")
 def image_key_from_bytes(data: bytes) -> str:
     """Cache key of an image file: sha256 of its bytes."""
     return hashlib.sha256(data).hexdigest()
-
-
-def image_key_from_pixels(image: np.ndarray) -> str:
-    """Cache key of decoded pixels: sha256 over dtype, shape and the bytes."""
-    image = np.ascontiguousarray(image)
-    digest = hashlib.sha256(f"{image.dtype.str}{image.shape}".encode())
-    digest.update(image.tobytes())
-    return digest.hexdigest()
 
 
 class DetectionCache:
@@ -99,42 +89,3 @@ class DetectionCache:
                 pass
             raise
         return path
-
-
-def detect_with_cache(
-    detector: Detector,
-    images: Sequence[np.ndarray],
-    image_keys: Sequence[str],
-    cache: DetectionCache | None,
-) -> list[list[Detection]]:
-    """``detector.detect(images)``, answering from ``cache`` where it can.
-
-    Only the misses go to the detector, in one ``detect`` call (so they are batched); an image key
-    that appears more than once is detected once. With ``cache=None`` this is just ``detect``.
-    """
-    images = list(images)
-    image_keys = list(image_keys)
-    if len(images) != len(image_keys):
-        raise ValueError(f"{len(images)} images but {len(image_keys)} image keys")
-    if cache is None:
-        return detector.detect(images)
-    fingerprint = detector.fingerprint
-    results: list[list[Detection] | None] = [None] * len(images)
-    missing: dict[str, list[int]] = {}
-    for i, key in enumerate(image_keys):
-        if key in missing:
-            missing[key].append(i)
-            continue
-        hit = cache.get(key, fingerprint)
-        if hit is None:
-            missing[key] = [i]
-        else:
-            results[i] = hit
-    if missing:
-        keys = list(missing)
-        found = detector.detect([images[missing[k][0]] for k in keys])
-        for key, faces in zip(keys, found):
-            cache.put(key, fingerprint, faces)
-            for i in missing[key]:
-                results[i] = list(faces)
-    return results  # type: ignore[return-value]
