@@ -31,7 +31,7 @@ from . import codec
 from .detectors import DetectionCache, create_detector, image_key_from_bytes, track_sequence
 from .detectors.tracking import DEFAULT_MAX_JUMP
 from .pipeline import DECISIONS_SUFFIX, ShardTask, progress_file
-from .datasets.matfile import read_file_bytes
+from .datasets.common import read_file_bytes
 from .records import SampleRef
 
 

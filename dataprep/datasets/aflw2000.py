@@ -12,7 +12,7 @@ import numpy as np
 
 from ..records import RawSample, SampleRef
 from ..boxes import bbox_of_points, pt2d_boxes
-from . import matfile
+from . import common, matfile
 
 NAME = "aflw2000"
 DEFAULT_ROOT_NAME = "AFLW2000"
@@ -23,7 +23,7 @@ def list_samples(root: Path) -> list[SampleRef]:
     """Every ``*.jpg`` directly in the root, and every ``.mat`` without its image (sorted); the files
     are not opened here. A root with neither raises ``FileNotFoundError`` (usually the wrong folder
     was passed)."""
-    root = matfile.require_root(root, "AFLW2000", DEFAULT_ROOT_NAME)
+    root = common.require_root(root, "AFLW2000", DEFAULT_ROOT_NAME)
     refs = matfile.list_mat_refs(NAME, root, [""], group=GROUP)
     if not refs:
         raise FileNotFoundError(f"no .jpg images or .mat labels in {root}; pass the {DEFAULT_ROOT_NAME} folder")
@@ -33,7 +33,7 @@ def list_samples(root: Path) -> list[SampleRef]:
 input_files = matfile.image_and_mat_files
 
 
-@matfile.reader_errors
+@common.reader_errors
 def read_sample(root: Path, ref: SampleRef) -> RawSample:
     image, mat, display = matfile.image_and_mat(root, ref.source)
     yaw, pitch, roll, pose_para = matfile.pose_labels(mat, display)

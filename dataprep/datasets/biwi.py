@@ -29,7 +29,7 @@ import numpy as np
 
 from .. import labels
 from ..records import RawSample, SampleError, SampleRef
-from . import matfile
+from . import common
 
 NAME = "biwi"
 DEFAULT_ROOT_NAME = "hpdb"
@@ -94,7 +94,7 @@ def _numbers(text: str, count: int, what: str, display: str, reason: str) -> np.
 
 def _read_text(path: Path, display: str, reason: str, what: str, missing_reason: str | None = None) -> str:
     try:
-        return matfile.read_file_bytes(path).decode("ascii", errors="strict")
+        return common.read_file_bytes(path).decode("ascii", errors="strict")
     except FileNotFoundError:
         raise SampleError(missing_reason or reason, f"{display}: {what} file not found") from None
     except (OSError, UnicodeDecodeError) as exc:
@@ -223,7 +223,7 @@ def read_depth_bin(path: Path, display: str | None = None) -> np.ndarray:
     """Read ``frame_XXXXX_depth.bin`` -> (H, W) uint16 mm. Errors: ``missing_depth`` / ``corrupt_depth``."""
     display = display or str(path)
     try:
-        data = matfile.read_file_bytes(path)
+        data = common.read_file_bytes(path)
     except FileNotFoundError:
         raise SampleError("missing_depth", f"{display}: depth file not found") from None
     except OSError as exc:
@@ -273,13 +273,13 @@ def encode_depth_bin(depth: np.ndarray) -> bytes:
 def list_samples(root: Path) -> list[SampleRef]:
     """Every ``NN/frame_XXXXX_rgb.png``, and every ``frame_XXXXX_pose.txt`` without its image (sorted);
     the files are not opened here."""
-    root = matfile.require_root(root, "BIWI", DEFAULT_ROOT_NAME)
+    root = common.require_root(root, "BIWI", DEFAULT_ROOT_NAME)
     sequences = sorted(p.name for p in root.iterdir() if p.is_dir() and _SEQUENCE_DIR.match(p.name))
     if not sequences:
         raise FileNotFoundError(
             f"no BIWI sequence folders (01..24) in {root}; pass the {DEFAULT_ROOT_NAME} folder"
         )
-    return matfile.list_refs(NAME, root, sequences, _frame_of(_RGB_NAME), _frame_of(_POSE_NAME),
+    return common.list_refs(NAME, root, sequences, _frame_of(_RGB_NAME), _frame_of(_POSE_NAME),
                              lambda frame: f"frame_{frame}_rgb.png")
 
 
@@ -316,10 +316,10 @@ def head_box(t, rgb_cal: Calibration, head_size_mm: float = HEAD_SIZE_MM) -> tup
     return box, centre, z
 
 
-@matfile.reader_errors
+@common.reader_errors
 def read_sample(root: Path, ref: SampleRef) -> RawSample:
     files = companion_paths(ref.source)
-    shown = {k: matfile.display_path(root, v) for k, v in files.items()}
+    shown = {k: common.display_path(root, v) for k, v in files.items()}
     M, t = read_pose_txt(root / files["pose"], shown["pose"])
     if not labels.is_rotation(M):
         raise SampleError(
@@ -330,7 +330,7 @@ def read_sample(root: Path, ref: SampleRef) -> RawSample:
         raise SampleError("bad_pose", f"{shown['pose']}: head centre {t.tolist()} is not in front of the camera")
     rgb_cal = read_cal(root / files["rgb_cal"], shown["rgb_cal"])
     depth_cal = read_cal(root / files["depth_cal"], shown["depth_cal"])
-    image = matfile.read_image(root / ref.source, matfile.display_path(root, ref.source),
+    image = common.read_image(root / ref.source, common.display_path(root, ref.source),
                                (rgb_cal.width, rgb_cal.height), size_from=shown["rgb_cal"])
     depth = read_depth_bin(root / files["depth"], shown["depth"])
     if depth.shape != (depth_cal.height, depth_cal.width):

@@ -1,4 +1,5 @@
-"""Shared reader helpers: the 300W-LP / AFLW2000-3D ``.mat`` logic, image loading and the error guard.
+"""The 300W-LP / AFLW2000-3D ``.mat`` logic shared by their two readers (what every reader shares,
+BIWI's included, is in :mod:`.common`).
 
 Both MAT datasets come from the same 3DDFA fitting code, so their files share one layout (MAT v5,
 zlib-compressed, written by MATLAB on PCWIN64)::
@@ -14,25 +15,21 @@ zlib-compressed, written by MATLAB on PCWIN64)::
     pt3d_68     (3, 68)   float32   AFLW2000 only: x, y, z rows
 
 The readers only *require* the keys they use (``Pose_Para``, ``pt2d`` and, for AFLW2000,
-``pt3d_68``). ``require_root``, ``list_refs``, ``display_path``, ``read_file_bytes``, ``read_image``
-and ``reader_errors`` are also used by the BIWI reader.
+``pt3d_68``).
 """
 from __future__ import annotations
 
-import functools
 import io
 import os
-import stat
-from collections import Counter
-from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import scipy.io
 
-from .. import codec, labels
-from ..records import SampleError, SampleRef, distinct_key, make_key
+from .. import labels
+from ..records import SampleError, SampleRef
+from .common import display_path, list_refs, read_file_bytes, read_image
 from .mat5 import read_numeric_mat
 
 #: Size of every 300W-LP and AFLW2000 image (width, height); ``pt2d`` is in these pixels.
@@ -43,51 +40,6 @@ PT2D_MISSING_XY = (-1.0, 452.0)
 
 #: Fixed 116-byte MAT header text for files we write (savemat would stamp the current time).
 SAMPLE_MAT_HEADER = b"MATLAB 5.0 MAT-file, Platform: PCWIN64, Created on: Thu Jan  1 00:00:00 1970"
-
-
-def require_root(root, dataset: str, folder: str) -> Path:
-    """``root`` as a Path, or ``FileNotFoundError`` saying which folder to pass."""
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"{dataset} root {root} is not a folder (pass the {folder} folder)")
-    return root
-
-
-def list_refs(dataset: str, root: Path, folders: Sequence[str], image_stem: Callable[[Path], str | None],
-              label_stem: Callable[[Path], str | None], image_name: Callable[[str], str],
-              group: str | None = None) -> list[SampleRef]:
-    """A ``SampleRef`` for every sample in each of ``folders`` below ``root`` (``""``: the root itself),
-    sorted by source path: key from ``folder/<image stem>``, group the folder (or ``group``).
-
-    A sample is an image (``image_stem(path)`` names its sample, None for other files) or a label
-    file whose image is missing (``label_stem``; its source is ``image_name(stem)``): an incomplete
-    download is listed, so its read rejects it as ``missing_image`` and the counts show it. Images
-    whose names differ only in case (``a.jpg``, ``a.JPG``) are each a sample: none goes unread.
-    """
-    refs = []
-    for folder in folders:
-        images: dict[str, list[str]] = {}  # stem -> image names (a.jpg and a.JPG: two samples, both read)
-        labelled: set[str] = set()
-        for path in (root / folder).iterdir():
-            stem = image_stem(path)
-            if stem is not None:
-                images.setdefault(stem, []).append(path.name)
-            elif (stem := label_stem(path)) is not None:
-                labelled.add(stem)
-        for stem in labelled - images.keys():
-            images[stem] = [image_name(stem)]
-        for name in (name for names in images.values() for name in names):
-            stem = f"{folder}/{Path(name).stem}" if folder else Path(name).stem
-            refs.append(SampleRef(dataset, make_key(dataset, stem), f"{folder}/{name}" if folder else name,
-                                  group or folder))
-    return _unique_keys(sorted(refs, key=lambda r: r.source))
-
-
-def _unique_keys(refs: list[SampleRef]) -> list[SampleRef]:
-    """Samples whose keys still coincide (``A/B_c`` and ``A_B/c`` both give ``A_B_c``) each get the
-    key plus ``-`` and 8 hex digits of their source's sha1: webdataset would merge them into one."""
-    seen = Counter(r.key for r in refs)
-    return [r if seen[r.key] == 1 else replace(r, key=distinct_key(r.key, r.source)) for r in refs]
 
 
 def mat_sample_stem(path: Path) -> str | None:
@@ -102,103 +54,6 @@ def mat_label_stem(path: Path) -> str | None:
 def list_mat_refs(dataset: str, root: Path, folders: Sequence[str], group: str | None = None) -> list[SampleRef]:
     """The samples of a MAT dataset: every ``NAME.jpg``, and every ``NAME.mat`` without one."""
     return list_refs(dataset, root, folders, mat_sample_stem, mat_label_stem, lambda stem: f"{stem}.jpg", group)
-
-
-def display_path(root: Path, relative: str) -> str:
-    """How a file is named in messages: the root folder's name plus the path below it."""
-    name = Path(root).name or Path(root).resolve().name
-    return f"{name}/{relative}" if name else relative
-
-
-# --------------------------------------------------------------------------------------------
-# Error guard, raw files and images (shared by all readers)
-# --------------------------------------------------------------------------------------------
-class NotARegularFile(OSError):
-    """A raw input path that is a named pipe, device, socket or folder: reading it could block the
-    build forever (a pipe) or never end (a device)."""
-
-
-_FILE_KINDS = ((stat.S_ISFIFO, "a named pipe"), (stat.S_ISDIR, "a folder"), (stat.S_ISCHR, "a character device"),
-               (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
-
-
-def read_file_bytes(path) -> bytes:
-    """``path``'s bytes, for every raw input file the readers and the box stage read.
-    :class:`NotARegularFile` (an ``OSError``) for anything but a regular file, saying what it is;
-    ``FileNotFoundError`` for a missing file or a broken symbolic link (its message says which)."""
-    try:
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        if os.path.islink(path):
-            raise FileNotFoundError(f"{path} is a symbolic link to {os.readlink(path)}, which does not exist") from None
-        raise
-    if not stat.S_ISREG(mode):
-        kind = next((name for test, name in _FILE_KINDS if test(mode)), "not a regular file")
-        raise NotARegularFile(f"it is {kind}, not a regular file; put the dataset's file there")
-    with open(path, "rb") as f:
-        return f.read()
-
-
-def reader_errors(read_sample: Callable) -> Callable:
-    """Decorator for ``read_sample(root, ref)``: anything but ``SampleError`` becomes
-    ``SampleError("read_error", ...)`` naming the sample, so bad input never crashes a run."""
-
-    @functools.wraps(read_sample)
-    def wrapper(root, ref):
-        try:
-            return read_sample(Path(root), ref)
-        except SampleError:
-            raise
-        except MemoryError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - the point of the guard
-            raise SampleError(
-                "read_error",
-                f"{display_path(Path(root), ref.source)}: unexpected {type(exc).__name__} while "
-                f"reading the sample: {exc}",
-            ) from exc
-
-    return wrapper
-
-
-def read_image(path: Path, display: str, expected_size: tuple[int, int] | None = None,
-               size_from: str | None = None) -> np.ndarray:
-    """Read an image file as H x W x 3 uint8 RGB.
-
-    Raises ``SampleError`` ``missing_image`` / ``unreadable_image`` / ``corrupt_image`` (a JPEG
-    whose picture data libjpeg finds damaged: it would decode with gray or garbled blocks) /
-    ``wrong_image_size``
-    (``expected_size`` is ``(width, height)``; the labels are in those pixels; ``size_from`` names
-    the file that says so, when it is not the dataset's fixed size).
-    """
-    try:
-        data = read_file_bytes(path)
-    except FileNotFoundError as exc:
-        link = f" ({exc})" if os.path.islink(path) else ""
-        raise SampleError("missing_image", f"{display}: image file not found{link}") from None
-    except OSError as exc:
-        raise SampleError("unreadable_image", f"{display}: cannot read the file ({exc})") from exc
-    image, damage = codec.decode_rgb_checked(data)
-    if damage is not None:  # it would decode with gray or garbled blocks: not a sample to train on
-        raise SampleError(
-            "corrupt_image",
-            f"{display}: damaged JPEG data (libjpeg: {damage}); re-download or re-extract the file",
-        )
-    if image is None:
-        raise SampleError(
-            "unreadable_image",
-            f"{display}: not a decodable image ({len(data)} bytes); re-download or re-extract the file",
-        )
-    if expected_size is not None:
-        h, w = image.shape[:2]
-        if (w, h) != tuple(expected_size):
-            said = f" as {size_from} says" if size_from else ""
-            raise SampleError(
-                "wrong_image_size",
-                f"{display}: image is {w}x{h}, expected {expected_size[0]}x{expected_size[1]}{said} "
-                "(the labels are in the original pixels; do not resize the raw files)",
-            )
-    return image
 
 
 # --------------------------------------------------------------------------------------------

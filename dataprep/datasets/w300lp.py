@@ -14,7 +14,7 @@ from pathlib import Path
 from .. import labels
 from ..records import RawSample, SampleRef
 from ..boxes import bbox_of_points, pt2d_boxes
-from . import matfile
+from . import common, matfile
 
 NAME = "300w_lp"
 DEFAULT_ROOT_NAME = "300W_LP"
@@ -23,7 +23,7 @@ SUBSETS = ("AFW", "HELEN", "IBUG", "LFPW", "AFW_Flip", "HELEN_Flip", "IBUG_Flip"
 
 def list_samples(root: Path) -> list[SampleRef]:
     """Every ``<SUBSET>/*.jpg``, and every ``.mat`` there without its image (sorted by path)."""
-    root = matfile.require_root(root, "300W-LP", DEFAULT_ROOT_NAME)
+    root = common.require_root(root, "300W-LP", DEFAULT_ROOT_NAME)
     found = [s for s in SUBSETS if (root / s).is_dir()]
     if not found:
         raise FileNotFoundError(
@@ -35,7 +35,7 @@ def list_samples(root: Path) -> list[SampleRef]:
 input_files = matfile.image_and_mat_files
 
 
-@matfile.reader_errors
+@common.reader_errors
 def read_sample(root: Path, ref: SampleRef) -> RawSample:
     image, mat, display = matfile.image_and_mat(root, ref.source)
     yaw, pitch, roll, pose_para = matfile.pose_labels(mat, display)

@@ -1,0 +1,156 @@
+"""What every dataset reader shares: the root check, listing samples and their keys, how files are
+named in messages, reading raw files (never a pipe or a device), images, and the error guard that
+turns bad input into a sample's rejection."""
+from __future__ import annotations
+
+import functools
+import os
+import stat
+from collections import Counter
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from .. import codec
+from ..records import SampleError, SampleRef, distinct_key, make_key
+
+
+def require_root(root, dataset: str, folder: str) -> Path:
+    """``root`` as a Path, or ``FileNotFoundError`` saying which folder to pass."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{dataset} root {root} is not a folder (pass the {folder} folder)")
+    return root
+
+
+def list_refs(dataset: str, root: Path, folders: Sequence[str], image_stem: Callable[[Path], str | None],
+              label_stem: Callable[[Path], str | None], image_name: Callable[[str], str],
+              group: str | None = None) -> list[SampleRef]:
+    """A ``SampleRef`` for every sample in each of ``folders`` below ``root`` (``""``: the root itself),
+    sorted by source path: key from ``folder/<image stem>``, group the folder (or ``group``).
+
+    A sample is an image (``image_stem(path)`` names its sample, None for other files) or a label
+    file whose image is missing (``label_stem``; its source is ``image_name(stem)``): an incomplete
+    download is listed, so its read rejects it as ``missing_image`` and the counts show it. Images
+    whose names differ only in case (``a.jpg``, ``a.JPG``) are each a sample: none goes unread.
+    """
+    refs = []
+    for folder in folders:
+        images: dict[str, list[str]] = {}  # stem -> image names (a.jpg and a.JPG: two samples, both read)
+        labelled: set[str] = set()
+        for path in (root / folder).iterdir():
+            stem = image_stem(path)
+            if stem is not None:
+                images.setdefault(stem, []).append(path.name)
+            elif (stem := label_stem(path)) is not None:
+                labelled.add(stem)
+        for stem in labelled - images.keys():
+            images[stem] = [image_name(stem)]
+        for name in (name for names in images.values() for name in names):
+            stem = f"{folder}/{Path(name).stem}" if folder else Path(name).stem
+            refs.append(SampleRef(dataset, make_key(dataset, stem), f"{folder}/{name}" if folder else name,
+                                  group or folder))
+    return _unique_keys(sorted(refs, key=lambda r: r.source))
+
+
+def _unique_keys(refs: list[SampleRef]) -> list[SampleRef]:
+    """Samples whose keys still coincide (``A/B_c`` and ``A_B/c`` both give ``A_B_c``) each get the
+    key plus ``-`` and 8 hex digits of their source's sha1: webdataset would merge them into one."""
+    seen = Counter(r.key for r in refs)
+    return [r if seen[r.key] == 1 else replace(r, key=distinct_key(r.key, r.source)) for r in refs]
+
+
+def display_path(root: Path, relative: str) -> str:
+    """How a file is named in messages: the root folder's name plus the path below it."""
+    name = Path(root).name or Path(root).resolve().name
+    return f"{name}/{relative}" if name else relative
+
+
+class NotARegularFile(OSError):
+    """A raw input path that is a named pipe, device, socket or folder: reading it could block the
+    build forever (a pipe) or never end (a device)."""
+
+
+_FILE_KINDS = ((stat.S_ISFIFO, "a named pipe"), (stat.S_ISDIR, "a folder"), (stat.S_ISCHR, "a character device"),
+               (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def read_file_bytes(path) -> bytes:
+    """``path``'s bytes, for every raw input file the readers and the box stage read.
+    :class:`NotARegularFile` (an ``OSError``) for anything but a regular file, saying what it is;
+    ``FileNotFoundError`` for a missing file or a broken symbolic link (its message says which)."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        if os.path.islink(path):
+            raise FileNotFoundError(f"{path} is a symbolic link to {os.readlink(path)}, which does not exist") from None
+        raise
+    if not stat.S_ISREG(mode):
+        kind = next((name for test, name in _FILE_KINDS if test(mode)), "not a regular file")
+        raise NotARegularFile(f"it is {kind}, not a regular file; put the dataset's file there")
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def reader_errors(read_sample: Callable) -> Callable:
+    """Decorator for ``read_sample(root, ref)``: anything but ``SampleError`` becomes
+    ``SampleError("read_error", ...)`` naming the sample, so bad input never crashes a run."""
+
+    @functools.wraps(read_sample)
+    def wrapper(root, ref):
+        try:
+            return read_sample(Path(root), ref)
+        except SampleError:
+            raise
+        except MemoryError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the point of the guard
+            raise SampleError(
+                "read_error",
+                f"{display_path(Path(root), ref.source)}: unexpected {type(exc).__name__} while "
+                f"reading the sample: {exc}",
+            ) from exc
+
+    return wrapper
+
+
+def read_image(path: Path, display: str, expected_size: tuple[int, int] | None = None,
+               size_from: str | None = None) -> np.ndarray:
+    """Read an image file as H x W x 3 uint8 RGB.
+
+    Raises ``SampleError`` ``missing_image`` / ``unreadable_image`` / ``corrupt_image`` (a JPEG
+    whose picture data libjpeg finds damaged: it would decode with gray or garbled blocks) /
+    ``wrong_image_size``
+    (``expected_size`` is ``(width, height)``; the labels are in those pixels; ``size_from`` names
+    the file that says so, when it is not the dataset's fixed size).
+    """
+    try:
+        data = read_file_bytes(path)
+    except FileNotFoundError as exc:
+        link = f" ({exc})" if os.path.islink(path) else ""
+        raise SampleError("missing_image", f"{display}: image file not found{link}") from None
+    except OSError as exc:
+        raise SampleError("unreadable_image", f"{display}: cannot read the file ({exc})") from exc
+    image, damage = codec.decode_rgb_checked(data)
+    if damage is not None:  # it would decode with gray or garbled blocks: not a sample to train on
+        raise SampleError(
+            "corrupt_image",
+            f"{display}: damaged JPEG data (libjpeg: {damage}); re-download or re-extract the file",
+        )
+    if image is None:
+        raise SampleError(
+            "unreadable_image",
+            f"{display}: not a decodable image ({len(data)} bytes); re-download or re-extract the file",
+        )
+    if expected_size is not None:
+        h, w = image.shape[:2]
+        if (w, h) != tuple(expected_size):
+            said = f" as {size_from} says" if size_from else ""
+            raise SampleError(
+                "wrong_image_size",
+                f"{display}: image is {w}x{h}, expected {expected_size[0]}x{expected_size[1]}{said} "
+                "(the labels are in the original pixels; do not resize the raw files)",
+            )
+    return image
