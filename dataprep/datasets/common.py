@@ -110,7 +110,7 @@ def reader_errors(read_sample: Callable) -> Callable:
             raise SampleError(
                 "read_error",
                 f"{display_path(Path(root), ref.source)}: unexpected {type(exc).__name__} while "
-                f"reading the sample: {exc}",
+                f"reading the sample: {exc} (if the file is fine, this is a dataprep bug: please report it)",
             ) from exc
 
     return wrapper
