@@ -57,7 +57,7 @@ def measure(model_name: str, urls: str, batch_size: int, batches: int, workers: 
 
     from train_minimal import registry
     from train_minimal.data import make_loader, prepare_batch
-    from train_minimal.train import TrainStep, amp_dtype_for
+    from train_minimal.engine import TrainStep, amp_dtype_for
 
     spec = registry.get(model_name)
     device = torch.device(device_name)
@@ -111,7 +111,7 @@ def measure(model_name: str, urls: str, batch_size: int, batches: int, workers: 
 
 
 def main() -> None:
-    from train_minimal.train import AMP_CHOICES
+    from train_minimal.engine import AMP_CHOICES
 
     parser = common.base_parser("Which one bounds training, the loader or the model? Per model: the trainer's "
                                 "loader alone, the training step alone, and the two together (samples/s).",

@@ -306,7 +306,8 @@ def test_every_model_trains_under_bfloat16_autocast_and_channels_last(name):
     here CPU autocast, the same casting of our layers' ops) on a channels_last model and input,
     loss in float32 via the trainer's ``to_float``, backward: every trainable parameter gets a finite
     gradient and the outputs decode to finite angles."""
-    from train_minimal.train import autocast_ctx, build_model, to_float
+    from train_minimal.engine import autocast_ctx, to_float
+    from train_minimal.train import build_model
 
     spec = registry.get(name)
     size = MODEL_INPUTS.get(name, spec.input_size)

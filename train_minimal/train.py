@@ -35,13 +35,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import inspect
 import json
 import os
 import re
 import sys
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -50,15 +49,12 @@ from torch import nn
 from dataprep import devices
 from dataprep.devices import DEVICE_FORMS, parse_device
 from dataprep.errors import first_line
-from dataprep.labels import wrapped_angle_difference
 from dataprep.loader import UnreadableShard, shard_error_line
-from dataprep.weights import TorchFileError, load_torch_file
 
 from . import registry
 from .data import crop_room_warning, epoch_steps, make_loader, prepare_batch
-
-CHECKPOINT_FORMAT = "train_minimal/1"
-
+from .engine import AMP_CHOICES, TrainStep, accepts, amp_dtype_for, evaluate, learning_rates
+from .outputs import CHECKPOINT_FORMAT, atomic_json, load_checkpoint, plot_curves
 
 # --------------------------------------------------------------------------------------------
 # helpers
@@ -81,16 +77,6 @@ def _device(text: str) -> str:
         return parse_device(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a device; give {DEVICE_FORMS}") from None
-
-
-def _accepts(fn, name: str) -> bool:
-    """Whether ``fn`` takes a ``name`` keyword (named, or through ``**kwargs``): spec functions
-    differ in what they accept (``input_size``, ``alpha``, ``weight``)."""
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
-    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
 def _warn_crop_room(urls, spec, command: str) -> None:
@@ -116,102 +102,12 @@ def build_model(spec, pretrained, input_size: int | None) -> nn.Module:
     from .models._pretrained import PretrainedFileError, PretrainedUnavailable
 
     kwargs = {}
-    if input_size and input_size != spec.input_size and _accepts(spec.build, "input_size"):
+    if input_size and input_size != spec.input_size and accepts(spec.build, "input_size"):
         kwargs["input_size"] = input_size
     try:
         return spec.build(pretrained, **kwargs)
     except (PretrainedUnavailable, PretrainedFileError) as exc:
         raise SystemExit(f"error: {exc}") from None
-
-
-def to_float(obj):
-    """Model outputs (tensor / tuple / list / dict of tensors) -> float32 (losses in fp32)."""
-    if torch.is_tensor(obj):
-        return obj.float() if obj.is_floating_point() else obj
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(to_float(o) for o in obj)
-    if isinstance(obj, dict):
-        return {k: to_float(v) for k, v in obj.items()}
-    return obj
-
-
-AMP_CHOICES = ("auto", "off", "bf16", "fp16")
-
-
-def amp_dtype_for(device: torch.device, choice: str = "auto"):
-    """The autocast dtype for ``--amp`` on ``device`` (None: float32). ``auto``: bfloat16 on CUDA
-    where supported, else float16; float32 on CPU (CPU autocast is for when you ask for it)."""
-    if choice not in AMP_CHOICES:
-        raise ValueError(f"--amp must be one of {AMP_CHOICES}, got {choice!r}")
-    if choice == "off":
-        return None
-    if choice == "bf16":
-        return torch.bfloat16
-    if choice == "fp16":
-        return torch.float16
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return None
-
-
-def autocast_ctx(device: torch.device, dtype):
-    if dtype is not None:
-        return torch.autocast(device.type, dtype=dtype)
-    return nullcontext()
-
-
-class TrainStep:
-    """One optimisation step as the trainer takes it: the forward pass under autocast (teachers
-    too, without gradients), the model's loss in float32 (``alpha`` from ``spec.defaults`` unless
-    given, where the loss takes one) plus distillation, backward (scaled for float16, whose
-    gradients underflow), the spec's gradient clipping, the optimiser and the scheduler. ``net``
-    is what runs the forward pass (``model`` or its DDP wrapper). Called with a batch, returns the
-    detached loss. ``benchmarks/train_step.py`` times this same step."""
-
-    def __init__(self, spec, model: nn.Module, optimizer, scheduler, device: torch.device, amp_dtype, *,
-                 net: nn.Module | None = None, alpha=None, teachers=(), kd_kwargs: dict | None = None):
-        self.spec, self.model, self.net = spec, model, net if net is not None else model
-        self.optimizer, self.scheduler = optimizer, scheduler
-        self.device, self.amp_dtype = device, amp_dtype
-        self.teachers, self.kd_kwargs = list(teachers), dict(kd_kwargs or {})
-        self.loss_kwargs = {}
-        alpha = alpha if alpha is not None else spec.defaults.get("alpha")
-        if alpha is not None and _accepts(spec.loss, "alpha"):
-            self.loss_kwargs["alpha"] = float(alpha)
-        self.clip_value = spec.defaults.get("clip_grad_value")
-        self.clip_norm = spec.defaults.get("clip_grad_norm")
-        self.scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
-
-    def __call__(self, x: torch.Tensor, targets) -> torch.Tensor:
-        spec, opt, scaler = self.spec, self.optimizer, self.scaler
-        with autocast_ctx(self.device, self.amp_dtype):
-            out = self.net(x)
-            t_out = None
-            if self.teachers:
-                with torch.no_grad():
-                    t_out = [t(x) for t in self.teachers]
-        out = to_float(out)
-        loss = spec.loss(out, targets, **self.loss_kwargs)
-        if self.teachers:
-            loss = loss + spec.distill(out, to_float(t_out), **self.kd_kwargs)
-        opt.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.unscale_(opt)
-        else:
-            loss.backward()
-        if self.clip_value:
-            nn.utils.clip_grad_value_(self.model.parameters(), float(self.clip_value))
-        if self.clip_norm:
-            nn.utils.clip_grad_norm_(self.model.parameters(), float(self.clip_norm))
-        if scaler is not None:
-            scaler.step(opt)
-            scaler.update()
-        else:
-            opt.step()
-        if self.scheduler is not None:
-            self.scheduler.step()
-        return loss.detach()
 
 
 def parse_val(items: list[str] | None) -> dict[str, str]:
@@ -229,49 +125,6 @@ def parse_val(items: list[str] | None) -> dict[str, str]:
     return out
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, loader, spec, device: torch.device, *, amp_dtype=None, channels_last=False,
-             input_size: int | None = None) -> dict:
-    """MAE in degrees per angle and their mean over every sample of ``loader``."""
-    was_training = model.training
-    model.eval()
-    wrap_yaw = bool(spec.defaults.get("wrap_yaw", False))
-    total = torch.zeros(3, dtype=torch.float64, device=device)
-    n = 0
-    for batch in loader:
-        x, targets = prepare_batch(batch, spec.normalize, device, size=input_size or spec.input_size,
-                                   channels_last=channels_last)
-        with autocast_ctx(device, amp_dtype):
-            out = model(x)
-        pred = spec.decode(to_float(out)).double()
-        err = (pred - targets["angles"].double()).abs()
-        if wrap_yaw:
-            err[:, 0] = wrapped_angle_difference(pred[:, 0], targets["angles"][:, 0].double())
-        total += err.sum(0)
-        n += x.shape[0]
-    model.train(was_training)
-    if n == 0:
-        raise RuntimeError("evaluation data gave no samples")
-    yaw, pitch, roll = (total / n).tolist()
-    return {"samples": n, "yaw": yaw, "pitch": pitch, "roll": roll, "mean": (yaw + pitch + roll) / 3.0}
-
-
-def load_checkpoint(path: str) -> dict:
-    try:
-        ckpt = load_torch_file(path)
-    except FileNotFoundError:
-        raise SystemExit(f"error: checkpoint {path} not found") from None
-    except IsADirectoryError:
-        raise SystemExit(f"error: {path} is a folder; give its checkpoint.pt") from None
-    except (TorchFileError, OSError) as err:
-        raise SystemExit(f"error: {path} is not a checkpoint torch can read ({err})") from None
-    if isinstance(ckpt, dict) and "state_dict" in ckpt:
-        return ckpt
-    if isinstance(ckpt, dict) and all(torch.is_tensor(v) for v in ckpt.values()):
-        return {"state_dict": ckpt, "model": None, "args": {}}  # a bare state dict
-    raise SystemExit(f"error: {path} is not a train_minimal checkpoint nor a state dict")
-
-
 def model_from_checkpoint(ckpt: dict, name: str | None = None, device=torch.device("cpu")):
     ck_name = ckpt.get("model")
     if name and ck_name and name != ck_name:
@@ -284,59 +137,6 @@ def model_from_checkpoint(ckpt: dict, name: str | None = None, device=torch.devi
     model = build_model(spec, None, input_size)
     model.load_state_dict(ckpt["state_dict"])
     return spec, model.to(device), input_size
-
-
-def plot_curves(history: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
-    steps = [s["step"] for s in history["steps"]]
-    a1.plot(steps, [s["loss"] for s in history["steps"]], lw=0.8, alpha=0.6, label="step")
-    ep = history["epochs"]
-    if ep:
-        a1.plot([e["step"] for e in ep], [e["train_loss"] for e in ep], "o-", label="epoch mean")
-    a1.set_xlabel("step")
-    a1.set_ylabel("train loss")
-    a1.set_title(history.get("model", ""))
-    a1.legend()
-    names = sorted({n for e in ep for n in e.get("val", {})})
-    for name in names:
-        xs = [e["epoch"] for e in ep if name in e.get("val", {})]
-        for key, style in (("mean", "o-"), ("yaw", ":"), ("pitch", ":"), ("roll", ":")):
-            a2.plot(xs, [e["val"][name][key] for e in ep if name in e.get("val", {})], style,
-                    label=f"{name} {key}", lw=1.5 if key == "mean" else 0.8)
-    a2.set_xlabel("epoch")
-    a2.set_ylabel("MAE (deg)")
-    if names:
-        a2.legend(fontsize=7)
-    else:
-        a2.text(0.5, 0.5, "no validation set (--val)", ha="center", va="center", transform=a2.transAxes)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def learning_rates(opt, scheduled: bool = False) -> dict:
-    """The optimiser's learning rates as ``metrics.json`` records them: ``lr`` the base rate (the
-    spec's default unless ``--lr``) and ``param_group_lrs`` each parameter group's rate (Hopenet:
-    frozen stem 0, trunk lr, heads 5 x lr). As built (before any schedule), or with ``scheduled``
-    where the schedule has them now (the base rate scaled as the groups are)."""
-    initial = [float(g.get("initial_lr", g["lr"])) for g in opt.param_groups]
-    base = float(opt.defaults.get("lr", initial[0]))
-    if not scheduled:
-        return {"lr": base, "param_group_lrs": initial}
-    now = [float(g["lr"]) for g in opt.param_groups]
-    factor = next((n / i for n, i in zip(now, initial) if i), 1.0)  # the schedule's factor of the moment
-    return {"lr": base * factor, "param_group_lrs": now}
-
-
-def _atomic_json(obj, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
 
 
 @contextmanager
@@ -419,7 +219,7 @@ def cmd_train(args) -> int:
                 teacher = teacher.to(memory_format=torch.channels_last)
             teachers.append(teacher)
     kd_kwargs = {}
-    if teachers and "kd_weight" in spec.defaults and _accepts(spec.distill, "weight"):
+    if teachers and "kd_weight" in spec.defaults and accepts(spec.distill, "weight"):
         kd_kwargs["weight"] = float(args.kd_weight if args.kd_weight is not None else spec.defaults["kd_weight"])
 
     model = build_model(spec, args.pretrained, input_size).to(device)
@@ -514,7 +314,7 @@ def cmd_train(args) -> int:
             tmp = out_dir / "checkpoint.pt.tmp"
             torch.save(ckpt, tmp)
             os.replace(tmp, out_dir / "checkpoint.pt")
-            _atomic_json(history, out_dir / "metrics.json")
+            atomic_json(history, out_dir / "metrics.json")
             plot_curves(history, out_dir / "curves.png")
             vals = "  ".join(f"{n}: MAE {m['mean']:.3f} (y {m['yaw']:.2f} p {m['pitch']:.2f} r {m['roll']:.2f})"
                              for n, m in entry["val"].items())

@@ -1,0 +1,68 @@
+"""What a run writes and ``eval`` reads back: checkpoints (plain dicts, tensors and numbers, read
+with ``torch.load(weights_only=True)``), ``metrics.json`` (written atomically) and ``curves.png``."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from dataprep.weights import TorchFileError, load_torch_file
+
+CHECKPOINT_FORMAT = "train_minimal/1"
+
+
+def load_checkpoint(path: str) -> dict:
+    try:
+        ckpt = load_torch_file(path)
+    except FileNotFoundError:
+        raise SystemExit(f"error: checkpoint {path} not found") from None
+    except IsADirectoryError:
+        raise SystemExit(f"error: {path} is a folder; give its checkpoint.pt") from None
+    except (TorchFileError, OSError) as err:
+        raise SystemExit(f"error: {path} is not a checkpoint torch can read ({err})") from None
+    if isinstance(ckpt, dict) and "state_dict" in ckpt:
+        return ckpt
+    if isinstance(ckpt, dict) and all(torch.is_tensor(v) for v in ckpt.values()):
+        return {"state_dict": ckpt, "model": None, "args": {}}  # a bare state dict
+    raise SystemExit(f"error: {path} is not a train_minimal checkpoint nor a state dict")
+
+
+def atomic_json(obj, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def plot_curves(history: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    steps = [s["step"] for s in history["steps"]]
+    a1.plot(steps, [s["loss"] for s in history["steps"]], lw=0.8, alpha=0.6, label="step")
+    ep = history["epochs"]
+    if ep:
+        a1.plot([e["step"] for e in ep], [e["train_loss"] for e in ep], "o-", label="epoch mean")
+    a1.set_xlabel("step")
+    a1.set_ylabel("train loss")
+    a1.set_title(history.get("model", ""))
+    a1.legend()
+    names = sorted({n for e in ep for n in e.get("val", {})})
+    for name in names:
+        xs = [e["epoch"] for e in ep if name in e.get("val", {})]
+        for key, style in (("mean", "o-"), ("yaw", ":"), ("pitch", ":"), ("roll", ":")):
+            a2.plot(xs, [e["val"][name][key] for e in ep if name in e.get("val", {})], style,
+                    label=f"{name} {key}", lw=1.5 if key == "mean" else 0.8)
+    a2.set_xlabel("epoch")
+    a2.set_ylabel("MAE (deg)")
+    if names:
+        a2.legend(fontsize=7)
+    else:
+        a2.text(0.5, 0.5, "no validation set (--val)", ha="center", va="center", transform=a2.transAxes)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
