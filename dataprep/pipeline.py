@@ -22,6 +22,7 @@ from . import labels
 from .augment import key_rng
 from .crop import crop_and_resize
 from .datasets import get_reader
+from .datasets.common import display_path
 from .records import RawSample, SampleError, SampleRef
 from .shards import ShardWriter, dumps_json, write_json
 
@@ -220,6 +221,13 @@ def encode_sample(image: np.ndarray, record: dict, landmarks, depth, settings: S
 
 
 # ---------------------------------------------------------------------------------- shard worker
+def _named_as_readers_do(message: str, root: Path, source: str) -> str:
+    """A rejection message from the stages after the read (``SOURCE: ...``) with the file named as
+    the readers name it (the root folder's name and the path below it), so every message of a build
+    names its file the same way."""
+    return display_path(root, source) + message[len(source):] if message.startswith(source + ":") else message
+
+
 def process_ref(reader, root: Path, ref: SampleRef, split: str, settings: Settings, decision: dict | None) -> list[dict[str, bytes]]:
     """All stages for one raw sample. Raises SampleError when it cannot be written."""
     if decision and decision.get("rejected"):
@@ -271,13 +279,15 @@ def run_shard(task: ShardTask, settings: Settings, root: str, out: str) -> dict:
             try:
                 members = process_ref(reader, root_path, ref, task.split, settings, decisions.get(ref.key))
             except SampleError as err:
-                rejected.append({"key": ref.key, "source": ref.source, "split": task.split, "reason": err.reason, "message": err.message})
+                rejected.append({"key": ref.key, "source": ref.source, "split": task.split, "reason": err.reason,
+                                 "message": _named_as_readers_do(err.message, root_path, ref.source)})
                 continue
             except Exception as err:  # a bug or an input we did not foresee: keep going, say what happened
                 last = traceback.extract_tb(err.__traceback__)[-1]
                 rejected.append({
                     "key": ref.key, "source": ref.source, "split": task.split, "reason": "unexpected_error",
-                    "message": f"{ref.source}: {type(err).__name__}: {err} (at {Path(last.filename).name}:{last.lineno}; please report)",
+                    "message": f"{display_path(root_path, ref.source)}: {type(err).__name__}: {err} "
+                               f"(at {Path(last.filename).name}:{last.lineno}; please report)",
                 })
                 continue
             for sample in members:

@@ -49,6 +49,7 @@ def test_aflw2000_protocol1_counts_and_filter(aflw_build, sample_tree):
     rejected = {r["key"]: r for r in manifest["rejected"]}
     assert set(rejected) == set(out_of_range)
     assert all(r["reason"] == "angle_out_of_range" and r["source"].endswith(".jpg") for r in rejected.values())
+    assert all(r["message"].startswith(f"AFLW2000/{r['source']}: yaw ") for r in rejected.values())
     assert counts["per_split"]["test"]["written"] == len(expected) - len(out_of_range)
 
 
@@ -436,6 +437,8 @@ def test_impossible_ground_truth_boxes_are_rejected_not_cropped(sample_tree, tmp
     assert "lies mostly outside the 450 x 450 image (0% of it inside)" in said["image00002.jpg"]
     assert "lies mostly outside the 450 x 450 image" in said["image00003.jpg"]
     assert all("check the sample's label file" in m for m in said.values())
+    # named as the readers name files: the root folder's name and the path below it
+    assert all(m.startswith(f"AFLW2000/{source}: the 'gt' box") for source, m in said.items())
 
     from dataprep.boxes import box_problem
 
