@@ -24,7 +24,7 @@ import cv2
 import numpy as np
 import simplejpeg
 
-__all__ = ["decode_bgr", "decode_rgb", "decode_rgb_checked", "decode_cv2", "is_jpeg"]
+__all__ = ["decode_bgr", "decode_rgb", "decode_rgb_checked", "decode_cv2", "encode_jpeg_rgb", "encode_png", "is_jpeg"]
 
 _SOI = b"\xff\xd8"
 _CV2_FLAGS = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
@@ -119,3 +119,28 @@ def _decode_cv2_rgb(data: bytes) -> np.ndarray | None:
     """:func:`decode_cv2`'s pixels as RGB, or None."""
     image = decode_cv2(data)
     return None if image is None else cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def encode_jpeg_rgb(rgb: np.ndarray, quality: int) -> bytes:
+    """H x W x 3 uint8 RGB -> JPEG bytes at ``quality`` (OpenCV's encoder, 4:2:0); ValueError when
+    OpenCV cannot encode it."""
+    try:
+        ok, data = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
+    except cv2.error:
+        ok = False
+    if not ok:
+        raise ValueError(f"OpenCV could not encode a {rgb.shape} {rgb.dtype} image as JPEG")
+    return data.tobytes()
+
+
+def encode_png(image: np.ndarray, compression: int | None = None) -> bytes:
+    """An 8-bit BGR / 16-bit single-channel array -> PNG bytes (OpenCV's encoder; ``compression``
+    0-9, None for OpenCV's default); ValueError when OpenCV cannot encode it."""
+    params = [] if compression is None else [cv2.IMWRITE_PNG_COMPRESSION, int(compression)]
+    try:
+        ok, data = cv2.imencode(".png", image, params)
+    except cv2.error:
+        ok = False
+    if not ok:
+        raise ValueError(f"OpenCV could not encode a {image.shape} {image.dtype} array as PNG")
+    return data.tobytes()

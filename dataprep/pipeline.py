@@ -12,11 +12,10 @@ import traceback
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import cv2
 import fsspec
 import numpy as np
 
-from . import __version__
+from . import __version__, codec
 from . import boxes as box_rules
 from . import labels
 from .augment import key_rng
@@ -206,17 +205,17 @@ def augment_variants(image, record, landmarks, settings: Settings, rng) -> list[
 
 # --------------------------------------------------------------------------------------- encode
 def encode_sample(image: np.ndarray, record: dict, landmarks, depth, settings: Settings) -> dict[str, bytes]:
-    ok, jpg = cv2.imencode(".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, settings.jpeg_quality])
-    if not ok:
-        raise SampleError("encode_failed", f"{record['source']}: JPEG encoding failed")
-    members = {"__key__": record["key"], "jpg": jpg.tobytes(), "json": dumps_json(record)}
+    try:
+        members = {"__key__": record["key"], "jpg": codec.encode_jpeg_rgb(image, settings.jpeg_quality),
+                   "json": dumps_json(record)}
+        if depth is not None:
+            members["depth.png"] = codec.encode_png(np.asarray(depth, dtype=np.uint16))
+    except ValueError as err:
+        raise SampleError("encode_failed", f"{record['source']}: {err}") from None
     if landmarks is not None:
         buf = io.BytesIO()
         np.save(buf, np.asarray(landmarks, dtype=np.float32), allow_pickle=False)
         members["pts.npy"] = buf.getvalue()
-    if depth is not None:
-        ok, png = cv2.imencode(".png", np.asarray(depth, dtype=np.uint16))
-        members["depth.png"] = png.tobytes()
     return members
 
 

@@ -22,7 +22,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from . import labels
+from . import codec, labels
 from .datasets import aflw2000 as aflw_reader
 from .datasets import biwi
 from .datasets import w300lp as w300lp_reader
@@ -138,15 +138,11 @@ def _compose(rng: np.random.Generator, A: np.ndarray, width: int, height: int, f
 
 
 def _jpg(path: Path, rgb: np.ndarray) -> None:
-    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 90])
-    assert ok
-    path.write_bytes(buf.tobytes())
+    path.write_bytes(codec.encode_jpeg_rgb(rgb, 90))
 
 
 def _png(path: Path, rgb: np.ndarray) -> None:
-    ok, buf = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_PNG_COMPRESSION, 6])
-    assert ok
-    path.write_bytes(buf.tobytes())
+    path.write_bytes(codec.encode_png(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), 6))
 
 
 def _r(v) -> float:

@@ -160,3 +160,19 @@ def test_real_dataset_images_decode_to_opencvs_pixels(real_samples: Path):
         want = _cv2(data)
         assert want is not None, path
         assert np.array_equal(codec.decode_bgr(data), want), path
+
+
+def test_encoders_give_what_decoders_read_back():
+    """codec's encoders (the build's crops and depth crops, the sample data): a JPEG of the
+    picture, a lossless 16-bit PNG; an array OpenCV cannot encode is a ValueError, not an assert."""
+    rng = np.random.default_rng(2)
+    rgb = cv2.GaussianBlur(rng.integers(0, 255, (64, 48, 3), dtype=np.uint8), (5, 5), 2)
+    data = codec.encode_jpeg_rgb(rgb, 95)
+    assert data == cv2.imencode(".jpg", np.ascontiguousarray(rgb[..., ::-1]), [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes()
+    back = codec.decode_rgb(data)  # RGB in, RGB back (not the channels swapped)
+    assert back.shape == rgb.shape and np.abs(back.astype(int) - rgb).mean() < 6
+    assert np.abs(back.astype(int) - rgb[..., ::-1]).mean() > 10
+    depth = rng.integers(0, 4000, (30, 40), dtype=np.uint16)
+    assert np.array_equal(cv2.imdecode(np.frombuffer(codec.encode_png(depth), np.uint8), cv2.IMREAD_UNCHANGED), depth)
+    with pytest.raises(ValueError, match="could not encode"):
+        codec.encode_jpeg_rgb(np.zeros((0, 0, 3), np.uint8), 95)
