@@ -10,9 +10,10 @@ from pathlib import Path
 import numpy as np
 
 from .records import SampleRef
+from .shards import NAME_CHARS
 
 #: A usable split name: it becomes the start of shard file names (``<split>-NNNNNN.tar``).
-SPLIT_NAME = re.compile(r"[A-Za-z0-9_-]+")
+SPLIT_NAME = re.compile(f"[{NAME_CHARS}]+")
 MANIFESTS_DIR = Path(os.environ.get("DATAPREP_MANIFESTS", Path(__file__).resolve().parent.parent / "manifests"))
 
 

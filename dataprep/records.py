@@ -9,6 +9,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .shards import NAME_CHARS
+
 DATASETS = ("300w_lp", "aflw2000", "biwi")
 
 
@@ -22,8 +24,8 @@ class SampleError(Exception):
         self.message = message
 
 
-_KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
-_STEM_SAFE = re.compile(r"^[A-Za-z0-9_/-]*$")
+_KEY_UNSAFE = re.compile(f"[^{NAME_CHARS}]+")
+_STEM_SAFE = re.compile(f"^[/{NAME_CHARS}]*$")  # a path of such names
 
 
 def make_key(dataset: str, relative_stem: str) -> str:

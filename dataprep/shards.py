@@ -28,7 +28,10 @@ import fsspec
 TAR_MTIME = 1577836800
 TAR_USER = TAR_GROUP = "dataprep"
 TAR_MODE = 0o444
-SAFE_MEMBER = re.compile(r"^[A-Za-z0-9_-]+$")
+#: What sample keys, split names and so shard file names are made of (a regex character class):
+#: no dot (webdataset cuts keys at the first one), no ``/`` (a folder), nothing a shell quotes.
+NAME_CHARS = "A-Za-z0-9_-"
+SAFE_MEMBER = re.compile(f"^[{NAME_CHARS}]+$")
 SAFE_EXTENSION = re.compile(r"^[a-z0-9]+(\.[a-z0-9]+)*$")
 #: Bytes gathered before each write to the destination: few, large, sequential writes.
 WRITE_BUFFER = 1 << 20
