@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import errno
-import json
 import os
 import signal
 import sys
@@ -139,11 +138,15 @@ def cmd_sample(args) -> int:
 
 
 def cmd_protocols(args) -> int:
-    from .protocols import MANIFESTS_DIR
+    from .protocols import manifests
 
-    for path in sorted(MANIFESTS_DIR.glob("*.json")):
-        data = json.loads(path.read_text())
-        print(f"{data['name']:>5}  {data['title']}")
+    try:
+        found = manifests()
+    except ValueError as err:
+        print(f"dataprep protocols: error: {err}", file=sys.stderr)
+        return 2
+    for data in found:
+        print(f"{data['name']:>5}  {data.get('title', '')}")
         for dataset, entry in data["datasets"].items():
             splits = {k: (v if isinstance(v, str) else len(v)) for k, v in entry["splits"].items() if k != "by"}
             print(f"         {dataset:<9} splits {splits}  boxes: {entry.get('detector', 'gt')}"

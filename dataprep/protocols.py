@@ -33,12 +33,31 @@ def available() -> list[str]:
     return sorted(p.stem.removeprefix("protocol") for p in MANIFESTS_DIR.glob("*.json"))
 
 
+def read_manifest(path: Path) -> dict:
+    """A protocol manifest's contents; ValueError naming the file when it is not one (the one
+    reader of ``manifests/*.json``, for builds and ``dataprep protocols``)."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path}: not a readable protocol manifest ({err}); restore it from the "
+                         "project (manifests/) or fix the file") from None
+    if not isinstance(data, dict) or not isinstance(data.get("datasets"), dict) or "name" not in data:
+        raise ValueError(f"{path}: not a protocol manifest (it needs \"name\" and \"datasets\"); restore it "
+                         "from the project (manifests/) or fix the file")
+    return data
+
+
+def manifests() -> list[dict]:
+    """Every protocol manifest, in file name order."""
+    return [read_manifest(p) for p in sorted(MANIFESTS_DIR.glob("*.json"))]
+
+
 def load(protocol: str, dataset: str) -> DatasetProtocol:
     name = protocol if protocol == "none" else f"protocol{protocol}"
     path = MANIFESTS_DIR / f"{name}.json"
     if not path.exists():
         raise ValueError(f"unknown protocol {protocol!r}: no {path}; choose one of {', '.join(available())}")
-    data = json.loads(path.read_text())
+    data = read_manifest(path)
     entry = data["datasets"].get(dataset)
     if entry is None:
         raise ValueError(

@@ -1018,3 +1018,22 @@ def test_a_closed_output_pipe_is_not_a_traceback():
     proc.stdout.close()
     err = proc.stderr.read().decode()
     assert proc.wait() == 141 and "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+def test_a_damaged_protocol_manifest_is_named(sample_tree, tmp_path, monkeypatch, capsys):
+    """A protocol manifest that is not valid JSON (an edit gone wrong): builds and ``dataprep
+    protocols`` name the file and say what to do, instead of a bare JSON error."""
+    from dataprep import protocols
+
+    folder = tmp_path / "manifests"
+    shutil.copytree(protocols.MANIFESTS_DIR, folder)
+    (folder / "protocol1.json").write_text('{"name": ')
+    monkeypatch.setattr(protocols, "MANIFESTS_DIR", folder)
+    says = f"{folder / 'protocol1.json'}: not a readable protocol manifest"
+    assert cli_main(["protocols"]) == 2 and says in capsys.readouterr().err
+    assert cli_main(["build", "--dataset", "aflw2000", "--root", str(sample_tree / "AFLW2000"),
+                     "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    assert says in capsys.readouterr().err
+    (folder / "protocol1.json").write_text("[]")
+    with pytest.raises(ValueError, match=r"protocol1\.json: not a protocol manifest"):
+        protocols.load("1", "aflw2000")
