@@ -408,6 +408,17 @@ def test_broken_shards_are_one_error_line(shards, tmp_path, capsys):
     torch.save({"model": "fsanet_1x1", "state_dict": model.state_dict(), "args": {}}, ckpt)
     with pytest.raises(SystemExit, match=one_line(cut)):
         main(["eval", "--ckpt", str(ckpt), "--data", str(cut), "--device", "cpu"])
+    # an empty shard (a build writes one where every sample was rejected): one line naming the data
+    import fsspec
+
+    from dataprep.shards import write_shard
+
+    empty = tmp_path / "test-000000.tar"
+    write_shard(fsspec.filesystem("file"), str(empty), [])
+    with pytest.raises(SystemExit, match=rf"^error: {re.escape(str(empty))} gave no samples to evaluate \(empty shards"):
+        main(["eval", "--ckpt", str(ckpt), "--data", str(empty), "--device", "cpu"])
+    with pytest.raises(SystemExit, match=r"^error: .*test-000000\.tar gave no samples to evaluate"):
+        main(["train", "--train", shards.four, "--val", f"v={empty}", *run])
     # resampled shards are not read up front: a worker meets the break while streaming
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(train_mod, "_warn_crop_room", lambda *a: None)  # (it reads the first shard too)

@@ -114,6 +114,10 @@ class TrainStep:
         return loss.detach()
 
 
+class EmptyEvaluation(RuntimeError):
+    """The evaluation data held no sample (the trainer names the shards in its error line)."""
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, spec, device: torch.device, *, amp_dtype=None, channels_last=False,
              input_size: int | None = None) -> dict:
@@ -136,7 +140,7 @@ def evaluate(model: nn.Module, loader, spec, device: torch.device, *, amp_dtype=
         n += x.shape[0]
     model.train(was_training)
     if n == 0:
-        raise RuntimeError("evaluation data gave no samples")
+        raise EmptyEvaluation("evaluation data gave no samples")
     yaw, pitch, roll = (total / n).tolist()
     return {"samples": n, "yaw": yaw, "pitch": pitch, "roll": roll, "mean": (yaw + pitch + roll) / 3.0}
 

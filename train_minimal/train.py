@@ -53,7 +53,7 @@ from dataprep.loader import UnreadableShard, shard_error_line
 
 from . import registry
 from .data import crop_room_warning, epoch_steps, make_loader, prepare_batch
-from .engine import AMP_CHOICES, TrainStep, accepts, amp_dtype_for, evaluate, learning_rates
+from .engine import AMP_CHOICES, EmptyEvaluation, TrainStep, accepts, amp_dtype_for, evaluate, learning_rates
 from .outputs import CHECKPOINT_FORMAT, atomic_json, load_checkpoint, plot_curves
 
 # --------------------------------------------------------------------------------------------
@@ -137,6 +137,17 @@ def model_from_checkpoint(ckpt: dict, name: str | None = None, device=torch.devi
     model = build_model(spec, None, input_size)
     model.load_state_dict(ckpt["state_dict"])
     return spec, model.to(device), input_size
+
+
+@contextmanager
+def _samples_found(data: str):
+    """Evaluation shards without a sample (empty shards: every sample rejected when they were
+    built) end the command with an error line naming them, not a traceback."""
+    try:
+        yield
+    except EmptyEvaluation:
+        raise SystemExit(f"error: {data} gave no samples to evaluate (empty shards: were all their samples "
+                         "rejected when they were built? see the build's manifest.json)") from None
 
 
 @contextmanager
@@ -304,8 +315,9 @@ def cmd_train(args) -> int:
             entry = {"epoch": epoch, "step": step, "train_loss": float(epoch_loss),
                      **learning_rates(opt, scheduled=True), "time_s": round(time.time() - t_epoch, 3), "val": {}}
             for name, loader in val_loaders.items():
-                entry["val"][name] = evaluate(model, loader, spec, device, amp_dtype=amp_dtype,
-                                              channels_last=channels_last, input_size=input_size)
+                with _samples_found(val_sets[name]):
+                    entry["val"][name] = evaluate(model, loader, spec, device, amp_dtype=amp_dtype,
+                                                  channels_last=channels_last, input_size=input_size)
             history["epochs"].append(entry)
             history["final"] = entry["val"]
             ckpt = {"format": CHECKPOINT_FORMAT, "model": spec.name,
@@ -350,7 +362,8 @@ def cmd_eval(args) -> int:
     with _shards_found():
         loader = make_loader(args.data, spec, batch_size, train=False, workers=args.workers, seed=0,
                              input_size=input_size, gpu_decode=bool(args.gpu_decode and cuda))
-    res = evaluate(model, loader, spec, device, amp_dtype=amp_dtype, channels_last=cuda, input_size=input_size)
+    with _samples_found(args.data):
+        res = evaluate(model, loader, spec, device, amp_dtype=amp_dtype, channels_last=cuda, input_size=input_size)
     print(f"{spec.name} on {args.data}: {res['samples']} samples")
     for k in ("yaw", "pitch", "roll", "mean"):
         print(f"  MAE {k:<5} {res[k]:.4f}")
