@@ -66,3 +66,16 @@ def plot_curves(history: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def save_epoch(out_dir: Path, model, model_name: str, run_args: dict, history: dict, entry: dict) -> None:
+    """After an epoch: ``checkpoint.pt`` (the model's weights on the CPU, the run's settings and this
+    epoch's validation MAEs; replaced whole, never half written), ``metrics.json`` and ``curves.png``."""
+    ckpt = {"format": CHECKPOINT_FORMAT, "model": model_name,
+            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "args": run_args, "epoch": entry["epoch"], "step": entry["step"], "metrics": entry["val"]}
+    tmp = out_dir / "checkpoint.pt.tmp"
+    torch.save(ckpt, tmp)
+    os.replace(tmp, out_dir / "checkpoint.pt")
+    atomic_json(history, out_dir / "metrics.json")
+    plot_curves(history, out_dir / "curves.png")

@@ -54,7 +54,7 @@ from dataprep.loader import UnreadableShard, shard_error_line
 from . import registry
 from .data import crop_room_warning, epoch_steps, make_loader, prepare_batch
 from .engine import AMP_CHOICES, EmptyEvaluation, TrainStep, accepts, amp_dtype_for, evaluate, learning_rates
-from .outputs import CHECKPOINT_FORMAT, atomic_json, load_checkpoint, plot_curves
+from .outputs import load_checkpoint, save_epoch
 
 # --------------------------------------------------------------------------------------------
 # helpers
@@ -162,6 +162,45 @@ def _shards_found():
 # --------------------------------------------------------------------------------------------
 # train
 # --------------------------------------------------------------------------------------------
+def _load_teachers(paths: list[str], spec, input_size: int, device: torch.device, channels_last: bool) -> list:
+    """The frozen teachers of ``--teachers`` (our checkpoints), checked to take the student's input."""
+    if paths and spec.distill is None:
+        raise SystemExit(f"error: model {spec.name!r} has no distillation loss; --teachers is for ehpnet")
+    teachers = []
+    for path in paths:
+        ckpt = load_checkpoint(path)
+        # building a teacher draws initial weights; the student's own must not depend on them
+        with torch.random.fork_rng(devices=[]):
+            tspec, teacher, t_size = model_from_checkpoint(ckpt, device=device)
+        if tspec.normalize != spec.normalize or t_size != input_size:
+            raise SystemExit(f"error: teacher {path} ({tspec.name}, {t_size}px, {tspec.normalize}) does not take "
+                             f"the student's input ({input_size}px, {spec.normalize})")
+        if tspec.crop_rule != spec.crop_rule:
+            print(f"[train] note: teacher {tspec.name} was trained on {tspec.crop_rule!r} crops; it sees the "
+                  f"student's {spec.crop_rule!r} crops", file=sys.stderr)
+        teacher.eval().requires_grad_(False)
+        if channels_last:
+            teacher = teacher.to(memory_format=torch.channels_last)
+        teachers.append(teacher)
+    return teachers
+
+
+def _total_steps(args, train_loader, batch_size: int) -> int:
+    """The run's optimiser steps: ``--steps``, or every epoch's full batches (epochs of local shards
+    are counted from their headers; an epoch without a full batch is refused up front)."""
+    if args.steps is not None:
+        return int(args.steps)
+    steps = epoch_steps(train_loader, int(args.epochs))
+    if steps is None:
+        raise SystemExit("error: cannot tell how many batches an epoch has (remote shards): give --epoch-length "
+                         "or --steps")
+    if min(steps) == 0:
+        shared = f" per worker ({args.workers} workers share the shards)" if args.workers > 1 else ""
+        raise SystemExit(f"error: {train_loader.samples} training samples give no full batch of {batch_size}"
+                         f"{shared} in epoch {steps.index(0) + 1}; lower --batch-size" + (" or --workers" if shared else ""))
+    return sum(steps)
+
+
 def cmd_train(args) -> int:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     distributed = world > 1
@@ -209,26 +248,8 @@ def cmd_train(args) -> int:
 
     # Teachers (knowledge distillation), read before the student is built: a wrong teacher path fails
     # before any weights are fetched
-    teachers = []
-    teacher_paths = [t for t in (args.teachers or "").split(",") if t.strip()]
-    if teacher_paths:
-        if spec.distill is None:
-            raise SystemExit(f"error: model {spec.name!r} has no distillation loss; --teachers is for ehpnet")
-        for path in teacher_paths:
-            ckpt = load_checkpoint(path.strip())
-            # building a teacher draws initial weights; the student's own must not depend on them
-            with torch.random.fork_rng(devices=[]):
-                tspec, teacher, t_size = model_from_checkpoint(ckpt, device=device)
-            if tspec.normalize != spec.normalize or t_size != input_size:
-                raise SystemExit(f"error: teacher {path} ({tspec.name}, {t_size}px, {tspec.normalize}) does not take "
-                                 f"the student's input ({input_size}px, {spec.normalize})")
-            if tspec.crop_rule != spec.crop_rule:
-                print(f"[train] note: teacher {tspec.name} was trained on {tspec.crop_rule!r} crops; it sees the "
-                      f"student's {spec.crop_rule!r} crops", file=sys.stderr)
-            teacher.eval().requires_grad_(False)
-            if channels_last:
-                teacher = teacher.to(memory_format=torch.channels_last)
-            teachers.append(teacher)
+    teacher_paths = [t.strip() for t in (args.teachers or "").split(",") if t.strip()]
+    teachers = _load_teachers(teacher_paths, spec, input_size, device, channels_last)
     kd_kwargs = {}
     if teachers and "kd_weight" in spec.defaults and accepts(spec.distill, "weight"):
         kd_kwargs["weight"] = float(args.kd_weight if args.kd_weight is not None else spec.defaults["kd_weight"])
@@ -237,18 +258,7 @@ def cmd_train(args) -> int:
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
 
-    if args.steps is not None:
-        total_steps = int(args.steps)
-    else:
-        steps = epoch_steps(train_loader, int(args.epochs))
-        if steps is None:
-            raise SystemExit("error: cannot tell how many batches an epoch has (remote shards): give --epoch-length "
-                             "or --steps")
-        if min(steps) == 0:
-            shared = f" per worker ({args.workers} workers share the shards)" if args.workers > 1 else ""
-            raise SystemExit(f"error: {train_loader.samples} training samples give no full batch of {batch_size}"
-                             f"{shared} in epoch {steps.index(0) + 1}; lower --batch-size" + (" or --workers" if shared else ""))
-        total_steps = sum(steps)
+    total_steps = _total_steps(args, train_loader, batch_size)
 
     made_out = is_main and not out_dir.exists()
     if is_main:
@@ -320,14 +330,7 @@ def cmd_train(args) -> int:
                                                   channels_last=channels_last, input_size=input_size)
             history["epochs"].append(entry)
             history["final"] = entry["val"]
-            ckpt = {"format": CHECKPOINT_FORMAT, "model": spec.name,
-                    "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                    "args": run_args, "epoch": epoch, "step": step, "metrics": entry["val"]}
-            tmp = out_dir / "checkpoint.pt.tmp"
-            torch.save(ckpt, tmp)
-            os.replace(tmp, out_dir / "checkpoint.pt")
-            atomic_json(history, out_dir / "metrics.json")
-            plot_curves(history, out_dir / "curves.png")
+            save_epoch(out_dir, model, spec.name, run_args, history, entry)
             vals = "  ".join(f"{n}: MAE {m['mean']:.3f} (y {m['yaw']:.2f} p {m['pitch']:.2f} r {m['roll']:.2f})"
                              for n, m in entry["val"].items())
             print(f"[train] epoch {epoch} step {step}/{total_steps} loss {entry['train_loss']:.4f} "
