@@ -577,6 +577,10 @@ def summary_table(manifest: dict) -> str:
         for reason, n in counts["rejected_by_reason"].items():
             example = next(e for e in manifest["rejected"] if e["reason"] == reason)
             out.append(f"  {reason:<22} {n:>7}   e.g. {example['message']}")
+    if counts["read"] and not counts["written"]:
+        out.append("")
+        out.append(f"warning: all {counts['read']} samples read were rejected (reasons above): the shards are empty. "
+                   "Check --root and --dataset, and the first message of each reason.")
     if counts.get("in_no_split"):
         out.append("")
         source = "the --split-file" if manifest.get("options", {}).get("split_file") else f"protocol {manifest['protocol']}"

@@ -368,6 +368,9 @@ def test_summary_warns_when_a_full_download_misses_the_papers_count(aflw_build):
     manifest["expected"]["written"]["test"] = written + 2  # as if two samples the papers keep were lost
     assert (f"warning: protocol 1 keeps {written + 2} test samples of the full aflw2000 download (the papers' "
             f"count); this build wrote {written}.") in summary_table(manifest)
+    nothing = copy.deepcopy(manifest)
+    nothing["counts"].update(written=0, rejected=nothing["counts"]["read"])
+    assert f"warning: all {nothing['counts']['read']} samples read were rejected" in summary_table(nothing)
     manifest["expected"]["read"] += 1  # not the full download: only the note about its size
     table = summary_table(manifest)
     assert "warning" not in table and "note: the full aflw2000 download has" in table
