@@ -217,9 +217,9 @@ def _check_out_dir(fs, base: str, fingerprint: str, overwrite: bool, progress: d
                    splits: set[str], settings: Settings | None = None) -> None:
     """Refuse a folder holding another build (finished: its manifest; interrupted before it wrote
     one: its ``progress``), or shard files of this build's ``splits`` no build recorded there (copied
-    in: the build would mix with them or overwrite one), unless ``overwrite``, which removes the old build's files: its
-    manifest, ``_info.json``, progress and the shard files of its splits and of ``splits`` (this
-    build's). Other files, a user's ``mydata-000123.tar`` included, stay."""
+    in: the build would mix with them or overwrite one), unless ``overwrite``, which removes the old
+    build's files: its manifest, ``_info.json``, progress and the shard files of its splits and of
+    ``splits`` (this build's). Other files, a user's ``mydata-000123.tar`` included, stay."""
     old = None
     manifest_path = posixpath.join(base, MANIFEST)
     if fs.exists(manifest_path):
@@ -357,6 +357,19 @@ def check_options(opts: BuildOptions) -> None:
         raise BuildError("; ".join(problems))
 
 
+def _keys_apart_from_variants(assignment: dict, refs: list[SampleRef], augment) -> tuple[dict, list[SampleRef]]:
+    """``assignment`` and ``refs`` with no sample keyed as another's ``--augment`` variant
+    (``KEY_flip``): :func:`records.keys_apart_from_variants` over every split at once."""
+    from .augment import variant_suffixes
+
+    flat = keys_apart_from_variants([r for split_refs in assignment.values() for r in split_refs],
+                                    variant_suffixes(list(augment)))
+    renamed = iter(flat)
+    assignment = {split: [next(renamed) for _ in split_refs] for split, split_refs in assignment.items()}
+    by_source = {r.source: r for r in flat}
+    return assignment, [by_source.get(r.source, r) for r in refs]
+
+
 def build(opts: BuildOptions) -> dict:
     """Run a build; returns the manifest dict (also written to ``OUT/manifest.json``)."""
     reader = get_reader(opts.dataset)
@@ -374,15 +387,8 @@ def build(opts: BuildOptions) -> dict:
         )
     assignment = protocols.assign_splits(proto, refs, split_seed=opts.split_seed, split_file=opts.split_file)
     settings = resolve_settings(opts, proto, assignment)
-    if settings.augment:  # variant keys (KEY_flip) must not be another sample's key
-        from .augment import variant_suffixes
-
-        flat = keys_apart_from_variants([r for refs in assignment.values() for r in refs],
-                                        variant_suffixes(list(settings.augment)))
-        renamed = iter(flat)
-        assignment = {split: [next(renamed) for _ in split_refs] for split, split_refs in assignment.items()}
-        by_source = {r.source: r for r in flat}
-        refs = [by_source.get(r.source, r) for r in refs]
+    if settings.augment:
+        assignment, refs = _keys_apart_from_variants(assignment, refs, settings.augment)
     if opts.biwi_tracking and settings.detector == "gt":  # the protocol's detector counts too
         raise BuildError("--biwi-tracking applies to detector boxes (--detector mtcnn or retinaface); ground-truth "
                          "boxes are never missing or jumping: drop it")
@@ -424,8 +430,9 @@ def build(opts: BuildOptions) -> dict:
         done = _load_progress(fs, base, tasks, fingerprint, progress)
         pending = [t for t in tasks if t.name not in done]
         if done:
+            checked = "size and sha256" if isinstance(fs, LocalFileSystem) else "size"
             print(f"resuming: {len(done)} of {len(tasks)} shard(s) were written by an earlier run of this build "
-                  f"(checked against their recorded size and sha256); {len(pending)} to write", file=sys.stderr)
+                  f"(checked against their recorded {checked}); {len(pending)} to write", file=sys.stderr)
         if box_stage is not None:
             box_stage.spool(fs, base, tasks, pending, fingerprint)
         results = dict(done)
