@@ -88,7 +88,7 @@ def read_file_bytes(path) -> bytes:
             raise FileNotFoundError(f"{path} is a symbolic link to {os.readlink(path)}, which does not exist") from None
         raise
     if not stat.S_ISREG(mode):
-        kind = next((name for test, name in _FILE_KINDS if test(mode)), "not a regular file")
+        kind = next((name for test, name in _FILE_KINDS if test(mode)), "a special file")
         raise NotARegularFile(f"it is {kind}, not a regular file; put the dataset's file there")
     with open(path, "rb") as f:
         return f.read()
