@@ -80,7 +80,7 @@ def input_stats(reader, root: Path, refs: list[SampleRef]) -> dict[str, list[tup
     stats = {}
     for ref in refs:
         entries = []
-        for rel in reader.input_files(ref):
+        for rel in reader.input_files(root, ref):
             try:
                 st = (root / rel).stat()
                 entries.append((rel, st.st_size, st.st_mtime_ns))

@@ -1040,3 +1040,22 @@ def test_a_damaged_protocol_manifest_is_named(sample_tree, tmp_path, monkeypatch
     (folder / "protocol1.json").write_text("[]")
     with pytest.raises(ValueError, match=r"protocol1\.json: not a protocol manifest"):
         protocols.load("1", "aflw2000")
+
+
+def test_a_label_file_named_in_upper_case_is_read_and_watched_on_resume(sample_tree, tmp_path, monkeypatch):
+    """``NAME.MAT`` beside ``NAME.jpg`` is the sample's label, and a resumed build rewrites the
+    shard when it changes (the resume check watches the file the reader reads)."""
+    root = tmp_path / "AFLW2000"
+    shutil.copytree(sample_tree / "AFLW2000", root)
+    mat = sorted(root.glob("*.mat"))[0]
+    upper = mat.with_suffix(".MAT")
+    mat.rename(upper)
+    out = tmp_path / "o"
+    first = build(opts(root, out, "aflw2000", protocol="none", shard_size=4))
+    assert first["counts"]["rejected"] == 0
+    upper.write_bytes(upper.read_bytes() + b"\0")  # another file, the same labels
+    calls = []
+    real_run_shard = build_mod.run_shard
+    monkeypatch.setattr(build_mod, "run_shard", lambda task, *a: calls.append(task.name) or real_run_shard(task, *a))
+    build(opts(root, out, "aflw2000", protocol="none", shard_size=4))
+    assert calls == ["all-000000.tar"]

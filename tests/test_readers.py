@@ -548,8 +548,13 @@ def test_raw_files_that_are_not_regular_files_are_rejected_not_read(sample_tree,
     err = _rejected_within(20, aflw2000.read_sample, root, ref)
     assert err.reason == "unreadable_mat" and "named pipe" in err.message
     mat.unlink()
-    (root / Path(aflw_source).with_suffix(".MAT")).write_bytes(mat_bytes)  # as some unpackers name it
+    upper = Path(aflw_source).with_suffix(".MAT")
+    (root / upper).write_bytes(mat_bytes)  # as some unpackers name it
     assert aflw2000.read_sample(root, ref).ref == ref
+    assert aflw2000.input_files(root, ref) == [aflw_source, upper.as_posix()]  # what a resumed build watches
+    other = root / Path(aflw_source).with_name(Path(aflw_source).stem.upper() + ".jpg")
+    (root / upper).rename(other.with_suffix(".mat"))  # IMAGE00111.mat: another sample's label, not this one's
+    assert _expect_error(AFLW_NAME, root, ref, "missing_mat", aflw_source.replace(".jpg", ".mat"))
 
     root, ref = _copy_sample(sample_tree, tmp_path, "biwi", BIWI_SOURCE)
     for name, reason in (("frame_00004_pose.txt", "bad_pose"), ("frame_00004_depth.bin", "corrupt_depth")):

@@ -34,6 +34,7 @@ from matplotlib.patches import Patch, Rectangle  # noqa: E402
 from .. import boxes as box_rules  # noqa: E402
 from .. import codec, labels  # noqa: E402
 from ..crop import crop_and_resize  # noqa: E402
+from ..datasets.common import read_file_bytes  # noqa: E402
 from .table import RULES, Build, Row, augment_ops, rule_box_name, rule_window  # noqa: E402
 
 BOX_COLOURS = {"gt": "#00e5ff", "pt2d": "#ff2bd6", "pt2d_valid": "#ff9f1c", "mtcnn": "#ffe600",
@@ -117,10 +118,10 @@ def thumbnail(image: np.ndarray | None, size: int = THUMB) -> np.ndarray | None:
 def raw_image(raw_root: Path | None, source: str) -> np.ndarray | None:
     if raw_root is None or not source:
         return None
-    path = Path(raw_root) / source
-    if not path.is_file():
+    try:
+        return decode_rgb(read_file_bytes(Path(raw_root) / source))
+    except OSError:  # missing, unreadable, not a regular file: the stored crop is shown instead
         return None
-    return decode_rgb(path.read_bytes())
 
 
 def sample_view(build: Build, row: Row, raw_root: Path | None) -> View | None:

@@ -1,8 +1,8 @@
 """Raw-dataset readers. Each reader module exposes ``NAME``, ``DEFAULT_ROOT_NAME``,
 ``list_samples(root) -> list[SampleRef]`` (cheap, sorted, no file parsing) and
 ``read_sample(root, ref) -> RawSample`` (raises ``SampleError`` for any bad input) and
-``input_files(ref) -> list[str]`` (the files ``read_sample`` reads, relative to the root: what a
-resumed build checks for changes)."""
+``input_files(root, ref) -> list[str]`` (the files ``read_sample`` reads, relative to the root:
+what a resumed build checks for changes)."""
 from __future__ import annotations
 
 from types import ModuleType

@@ -300,7 +300,7 @@ def companion_paths(source: str) -> dict[str, str]:
     }
 
 
-def input_files(ref: SampleRef) -> list[str]:
+def input_files(root: Path, ref: SampleRef) -> list[str]:
     """The files a frame's sample is read from (relative paths): its image and companions."""
     return [ref.source, *companion_paths(ref.source).values()]
 

@@ -81,16 +81,17 @@ def read_file_bytes(path) -> bytes:
     """``path``'s bytes, for every raw input file the readers and the box stage read.
     :class:`NotARegularFile` (an ``OSError``) for anything but a regular file, saying what it is;
     ``FileNotFoundError`` for a missing file or a broken symbolic link (its message says which)."""
-    try:
-        mode = os.stat(path).st_mode
+    try:  # non-blocking: opening a named pipe would wait for a writer; what was opened is checked
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except FileNotFoundError:
         if os.path.islink(path):
             raise FileNotFoundError(f"{path} is a symbolic link to {os.readlink(path)}, which does not exist") from None
         raise
-    if not stat.S_ISREG(mode):
-        kind = next((name for test, name in _FILE_KINDS if test(mode)), "a special file")
-        raise NotARegularFile(f"it is {kind}, not a regular file; put the dataset's file there")
-    with open(path, "rb") as f:
+    with os.fdopen(fd, "rb") as f:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = next((name for test, name in _FILE_KINDS if test(mode)), "a special file")
+            raise NotARegularFile(f"it is {kind}, not a regular file; put the dataset's file there")
         return f.read()
 
 

@@ -19,6 +19,7 @@ The readers only *require* the keys they use (``Pose_Para``, ``pt2d`` and, for A
 """
 from __future__ import annotations
 
+import functools
 import io
 import os
 from pathlib import Path
@@ -120,22 +121,37 @@ def pose_labels(mat: Mapping[str, Any], display: str) -> tuple[float, float, flo
     return yaw, pitch, roll, [float(v) for v in pose]
 
 
-def image_and_mat_files(ref) -> list[str]:
+def image_and_mat_files(root: Path, ref) -> list[str]:
     """The two files :func:`image_and_mat` reads for ``ref`` (relative paths): the ``input_files``
     of both MAT readers."""
-    return [ref.source, Path(ref.source).with_suffix(".mat").as_posix()]
+    return [ref.source, _mat_beside(root, ref.source)]
 
 
 def _mat_beside(root: Path, source: str) -> str:
-    """The relative path of ``source``'s label file: ``NAME.mat``, or the one ``NAME.MAT`` (any case)
-    beside it when there is no ``NAME.mat`` (the listing matches extensions in any case)."""
+    """The relative path of ``source``'s label file: ``NAME.mat``, or, when there is none, the one
+    file ``NAME.<mat in any case>`` beside it (``NAME.MAT``: the listing matches extensions in any
+    case; the stem must match exactly, so ``a.jpg`` never takes ``A.mat``'s labels)."""
     rel = Path(source).with_suffix(".mat")
-    if not (root / rel).exists() and (root / rel.parent).is_dir():
-        want = rel.name.lower()
-        found = sorted(n for n in os.listdir(root / rel.parent) if n.lower() == want)
-        if len(found) == 1:
-            rel = rel.with_name(found[0])
-    return rel.as_posix()
+    if (root / rel).exists():
+        return rel.as_posix()
+    found = [n for n in _folder_names(str(root / rel.parent))
+             if Path(n).stem == rel.stem and Path(n).suffix.lower() == ".mat"]
+    return rel.with_name(found[0]).as_posix() if len(found) == 1 else rel.as_posix()
+
+
+def _folder_names(folder: str) -> tuple[str, ...]:
+    """The names in ``folder`` (() when it cannot be listed), listed once per folder and state:
+    every sample of a partial download without its labels asks, and a 300W-LP folder holds
+    thousands of files."""
+    try:
+        return _listing(folder, os.stat(folder).st_mtime_ns)
+    except OSError:
+        return ()
+
+
+@functools.lru_cache(maxsize=64)
+def _listing(folder: str, mtime_ns: int) -> tuple[str, ...]:
+    return tuple(os.listdir(folder))
 
 
 def image_and_mat(root: Path, source: str) -> tuple[np.ndarray, dict[str, Any], str]:
