@@ -244,7 +244,9 @@ def _check_out_dir(fs, base: str, fingerprint: str, overwrite: bool, progress: d
     old_shards = old_shards if isinstance(old_shards, list) else []
     recorded = {s.get("name") for s in old_shards if isinstance(s, dict)} | set(progress)
     names = [posixpath.basename(p.rstrip("/")) for p in fs.ls(base, detail=False)] if fs.exists(base) else []
-    if not overwrite and not progress:  # with progress, an unrecorded shard may be this build's own, cut short
+    # a build was here (its progress folder is made before any shard): an unrecorded shard may be its
+    # own, renamed into place just before it was killed, and is written again
+    if not overwrite and not progress and not fs.exists(posixpath.join(base, PROGRESS_DIR)):
         foreign = sorted(n for n in names if is_shard_file(n) and final_name(n) == n and n not in recorded
                          and n.rsplit("-", 1)[0] in splits)
         if foreign:

@@ -352,6 +352,14 @@ def test_shard_files_no_build_recorded_are_not_mixed_into_a_build(aflw_build, tm
     with pytest.raises(BuildError, match=r"holds shard files no dataprep build recorded there \(test-000007\.tar\); "
                                          r"a build would mix with them or overwrite one: move them away"):
         build(opts(sample_tree / "AFLW2000", out, "aflw2000"))
+    # a build killed between renaming its first shard into place and recording it: not foreign
+    killed = tmp_path / "killed"
+    build(opts(sample_tree / "AFLW2000", killed, "aflw2000"))
+    for path in (killed / ".dataprep-progress").iterdir():
+        path.unlink()
+    (killed / "manifest.json").unlink()
+    build(opts(sample_tree / "AFLW2000", killed, "aflw2000"))
+    assert verify(str(killed)).ok
     (out / "other-000001.tar").write_bytes(b"another split's: no concern of this build")
     manifest = build(opts(sample_tree / "AFLW2000", out, "aflw2000", overwrite=True))
     assert "test-000007.tar" not in {s["name"] for s in manifest["shards"]} and not (out / "test-000007.tar").exists()
