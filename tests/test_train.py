@@ -415,10 +415,15 @@ def test_broken_shards_are_one_error_line(shards, tmp_path, capsys):
 
     empty = tmp_path / "test-000000.tar"
     write_shard(fsspec.filesystem("file"), str(empty), [])
-    with pytest.raises(SystemExit, match=rf"^error: {re.escape(str(empty))} gave no samples to evaluate \(empty shards"):
+    with pytest.raises(SystemExit, match=rf"^error: {re.escape(str(empty))} hold no samples \(empty shards"):
         main(["eval", "--ckpt", str(ckpt), "--data", str(empty), "--device", "cpu"])
-    with pytest.raises(SystemExit, match=r"^error: .*test-000000\.tar gave no samples to evaluate"):
+    with pytest.raises(SystemExit, match=r"^error: .*test-000000\.tar hold no samples"):  # before any step
         main(["train", "--train", shards.four, "--val", f"v={empty}", *run])
+    with pytest.raises(SystemExit, match=r"^error: .*test-000000\.tar hold no samples"):
+        main(["train", "--train", str(empty), *run])
+    # resampled with --epoch-length (shards not counted up front): the stream stops, it does not spin
+    with pytest.raises(SystemExit, match=r"^error: 1000 shards in a row held no sample \(the last: .*test-000000\.tar\)"):
+        main(["train", "--train", str(empty), *run[:-4], "--workers", "0", "--device", "cpu", "--epoch-length", "8"])
     # resampled shards are not read up front: a worker meets the break while streaming
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(train_mod, "_warn_crop_room", lambda *a: None)  # (it reads the first shard too)

@@ -34,7 +34,8 @@ import torch
 from dataprep import boxes as box_rules
 from dataprep import crop as crop_ops
 from dataprep import loader as loaders
-from dataprep.loader import HeadPoseLoader, expand_shard_urls, local_path, normalize_images, require_local_shards
+from dataprep.loader import (HeadPoseLoader, NoSamples, expand_shard_urls, local_path, normalize_images,
+                             require_local_shards)
 from dataprep.loader.tar_reader import SHARD_READ_ERRORS, unreadable_shard
 from dataprep.shards import read_info_splits, split_member
 
@@ -142,6 +143,9 @@ def make_loader(urls, spec, batch_size: int, *, train: bool, workers: int = 0, s
         # every tar header read once up front: a broken shard fails here, named, not mid-epoch in a worker
         counts = shard_samples(url_list)
         samples = None if counts is None else sum(counts)
+        if samples == 0:  # empty shards: a build writes one where every sample was rejected
+            raise NoSamples(f"{urls} hold no samples (empty shards: every sample rejected when they were built? "
+                            "see the build's manifest.json)")
     if resampled and not epoch_length:
         if samples is None:
             raise ValueError("distributed training needs --epoch-length (samples per epoch) for remote shards")

@@ -49,7 +49,7 @@ from torch import nn
 from dataprep import devices
 from dataprep.devices import DEVICE_FORMS, parse_device
 from dataprep.errors import first_line
-from dataprep.loader import UnreadableShard, shard_error_line
+from dataprep.loader import NoSamples, UnreadableShard, shard_error_line
 
 from . import registry
 from .data import crop_room_warning, epoch_steps, make_loader, prepare_batch
@@ -472,7 +472,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except UnreadableShard as exc:  # a broken shard, found up front or while streaming: one line naming it
+    except (UnreadableShard, NoSamples) as exc:  # a broken or empty shard, up front or while streaming: one line
         raise SystemExit(f"error: {shard_error_line(exc)}") from None
 
 

@@ -38,6 +38,16 @@ class UnreadableShard(tarfile.ReadError):
     the worker's traceback text, whose last line is that message: :func:`shard_error_line`."""
 
 
+class NoSamples(ValueError):
+    """Shards that hold no sample at all (a build writes an empty shard where every sample was
+    rejected). One line naming them, as :class:`UnreadableShard`'s."""
+
+
+#: Shards in a row without a sample after which a stream stops with :class:`NoSamples` (a resampled
+#: stream over nothing but empty shards would draw them forever).
+EMPTY_SHARDS_IN_A_ROW = 1000
+
+
 def unreadable_shard(url: str, err: BaseException) -> UnreadableShard:
     """The :class:`UnreadableShard` for ``url``, saying what ``err`` found."""
     detail = first_line(err).rstrip(":")
@@ -47,12 +57,12 @@ def unreadable_shard(url: str, err: BaseException) -> UnreadableShard:
                            f"it or run `dataprep verify {folder or '.'}`")
 
 
-def shard_error_line(exc: UnreadableShard) -> str:
+def shard_error_line(exc: UnreadableShard | NoSamples) -> str:
     """The one-line message of ``exc``, also when a DataLoader worker raised it (torch then raises a
     new one holding the worker's whole traceback, which ends with the original message)."""
     text = str(exc).strip()
     last = text.splitlines()[-1] if text else ""
-    prefix = f"{UnreadableShard.__module__}.{UnreadableShard.__qualname__}: "
+    prefix = f"{type(exc).__module__}.{type(exc).__qualname__}: "
     return last[len(prefix):] if last.startswith(prefix) else last
 
 
@@ -274,6 +284,7 @@ class _TarSamples(PipelineStage):
         self.handler = handler
 
     def run(self, src):
+        empty = 0  # shards in a row that held no sample: a resampled stream over empty shards never ends
         for item in src:
             url = item["url"]
             try:
@@ -284,7 +295,16 @@ class _TarSamples(PipelineStage):
                     continue
                 raise
             try:
-                yield from _tar_samples(stream, url, self.handler)
+                got = 0
+                for sample in _tar_samples(stream, url, self.handler):
+                    got += 1
+                    yield sample
+                empty = 0 if got else empty + 1
+                if empty >= EMPTY_SHARDS_IN_A_ROW:
+                    raise NoSamples(f"{empty} shards in a row held no sample (the last: {url}): are the shards empty? "
+                                    "(every sample rejected when they were built: see the build's manifest.json)")
+            except NoSamples:
+                raise
             except Exception as exn:  # noqa: BLE001 - a broken shard: the handler decides
                 if isinstance(exn, SHARD_READ_ERRORS) and not isinstance(exn, UnreadableShard):
                     err = unreadable_shard(url, exn)  # one line naming the shard, whatever reports it
