@@ -238,8 +238,11 @@ def integer_window(window) -> list[int]:
     and its width and height each rounded, so a square window stays square (rounding both edges
     instead made a third of square windows 1 px off, squashing the face on resize)."""
     x1, y1 = int(math.floor(window[0] + 0.5)), int(math.floor(window[1] + 0.5))
-    w = max(int(math.floor(window[2] - window[0] + 0.5)), 1)
-    h = max(int(math.floor(window[3] - window[1] + 0.5)), 1)
+    fw, fh = window[2] - window[0], window[3] - window[1]
+    w = max(int(math.floor(fw + 0.5)), 1)
+    # a square's two sides, computed from different corners, can differ in the last bit: at a
+    # half-pixel size that would round them apart
+    h = w if math.isclose(fw, fh, rel_tol=1e-9, abs_tol=1e-9) else max(int(math.floor(fh + 0.5)), 1)
     return [x1, y1, x1 + w, y1 + h]
 
 

@@ -44,6 +44,10 @@ def read_manifest(path: Path) -> dict:
     if not isinstance(data, dict) or not isinstance(data.get("datasets"), dict) or "name" not in data:
         raise ValueError(f"{path}: not a protocol manifest (it needs \"name\" and \"datasets\"); restore it "
                          "from the project (manifests/) or fix the file")
+    for dataset, entry in data["datasets"].items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("splits"), dict):
+            raise ValueError(f"{path}: dataset {dataset!r} needs an object with \"splits\"; restore the file from "
+                             "the project (manifests/) or fix it")
     return data
 
 

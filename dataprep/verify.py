@@ -83,6 +83,7 @@ def check_shard(fileobj, decode: bool = True) -> tuple[list[str], list[str]]:
                     problems.append(f"member {name!r} is not a plain relative file")
                     continue
                 key, ext = split_member(name)
+                ext = ext.lower() if ext else ext  # webdataset lower-cases suffixes
                 if key is None:
                     problems.append(f"member {name!r} has no extension: webdataset readers skip it")
                     continue
@@ -125,7 +126,8 @@ def _folder_problems(fs, base: str, listed: set[str] | None, command: str | None
             problems.append(f"{name}: left by an interrupted build; rerun the same build command{rerun} "
                             f"with --out {base} to finish it")
         elif listed is not None and name not in listed:
-            problems.append(f"{name}: a shard file the manifest does not list (from another build?); remove it")
+            problems.append(f"{name}: a shard file the manifest does not list (from another build, or your own?); a "
+                            "reader globbing *.tar would take it in: move it out of the folder")
     return problems
 
 

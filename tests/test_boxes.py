@@ -204,5 +204,9 @@ def test_square_windows_stay_square_in_whole_pixels():
         x1, y1, x2, y2 = boxes.integer_window(window)
         assert x2 - x1 == y2 - y1
         assert all(abs(a - b) <= 1.0 for a, b in zip((x1, y1, x2, y2), window))  # within a pixel of it
+    for _ in range(2000):  # half-pixel sides, where the two sides' last bits decide the rounding
+        cx, cy, half = rng.uniform(0, 400), rng.uniform(0, 400), rng.integers(10, 150) + 0.25
+        x1, y1, x2, y2 = boxes.integer_window([cx - half, cy - half, cx + half, cy + half])
+        assert x2 - x1 == y2 - y1
     assert boxes.integer_window([10.4, 20.6, 10.45, 20.61]) == [10, 21, 11, 22]  # never empty
     assert boxes.integer_window([135.2, 156.4, 296.5, 318.1]) == [135, 156, 296, 318]

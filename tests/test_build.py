@@ -1048,6 +1048,10 @@ def test_a_damaged_protocol_manifest_is_named(sample_tree, tmp_path, monkeypatch
     (folder / "protocol1.json").write_text("[]")
     with pytest.raises(ValueError, match=r"protocol1\.json: not a protocol manifest"):
         protocols.load("1", "aflw2000")
+    (folder / "protocol1.json").write_text('{"name": "1", "datasets": {"aflw2000": {"split": "all"}}}')
+    assert cli_main(["build", "--dataset", "aflw2000", "--root", str(sample_tree / "AFLW2000"),
+                     "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    assert "protocol1.json: dataset 'aflw2000' needs an object with \"splits\"" in capsys.readouterr().err
 
 
 def test_a_label_file_named_in_upper_case_is_read_and_watched_on_resume(sample_tree, tmp_path, monkeypatch):

@@ -54,9 +54,10 @@ def _open_shard(path: str, url: str):
 
 
 def _records(tar):
-    """The members of an open shard that are sample label records: extension ``json`` as
-    webdataset splits names (``a.meta.json`` is another member of sample ``a``, not a record)."""
-    return (m for m in tar if m.isfile() and split_member(m.name)[1] == "json")
+    """The members of an open shard that are sample label records: extension ``json`` (any case, as
+    the loader reads it) as webdataset splits names (``a.meta.json`` is another member of sample
+    ``a``, not a record)."""
+    return (m for m in tar if m.isfile() and (split_member(m.name)[1] or "").lower() == "json")
 
 
 def shard_samples(urls) -> list[int] | None:
