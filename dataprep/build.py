@@ -372,6 +372,56 @@ def _keys_apart_from_variants(assignment: dict, refs: list[SampleRef], augment) 
     return assignment, [by_source.get(r.source, r) for r in refs]
 
 
+def _open_out(out: str):
+    """``--out`` as ``(filesystem, path)``, made if it is not there; BuildError saying what to do
+    when it is a file, cannot be written or cannot be reached."""
+    fs, base = fsspec.core.url_to_fs(out)
+    try:  # fs.info, not fs.isfile: isfile answers False for a store it cannot reach
+        out_is_file = fs.info(base).get("type") == "file"
+    except FileNotFoundError:
+        out_is_file = False
+    except Exception as err:  # noqa: BLE001 - remote stores raise their own types (botocore, aiohttp, ...)
+        if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+            raise BuildError(f"--out {out}: cannot use it ({type(err).__name__}: {err}); give a folder you "
+                             "can write to") from None
+        raise BuildError(f"--out {out}: cannot reach it ({type(err).__name__}: {err}); check the URL, "
+                         "the endpoint and the credentials") from None
+    if out_is_file:
+        raise BuildError(f"--out {out} is a file; give a folder (new, or one an earlier build of this dataset wrote)")
+    fs.makedirs(base, exist_ok=True)
+    return fs, base
+
+
+def _run_shards(opts: BuildOptions, settings: Settings, root: Path, tasks: list[ShardTask],
+                pending: list[ShardTask], done: dict) -> dict[str, dict]:
+    """Every pending shard through the per-sample stages (:func:`pipeline.run_shard`), in this
+    process or on ``--jobs`` workers, with a progress bar over all of ``tasks``. Shard name -> result."""
+    results = {}
+    bar = tqdm(total=sum(len(t.refs) for t in tasks), unit="sample", desc=f"build {opts.dataset}",
+               disable=not opts.progress, initial=sum(len(t.refs) for t in tasks if t.name in done))
+    try:
+        with ExitStack() as stack:
+            if opts.jobs == 1 and opts.backend == "loky":
+                outputs = (run_shard(t, settings, str(root), opts.out) for t in pending)
+            else:
+                parallel = stack.enter_context(_parallel(opts))
+                outputs = parallel(delayed(run_shard)(t, settings, str(root), opts.out) for t in pending)
+            for result in outputs:
+                results[result["name"]] = result
+                bar.update(result["read"])
+    finally:
+        bar.close()
+    return results
+
+
+def _remove_leftovers(fs, base: str) -> None:
+    """Temporary files of a run killed mid-write: the build's own beside the shards (not a user's
+    ``*.tmp``), and any in the progress folder."""
+    leftovers = [p for p in fs.glob(posixpath.join(base, "*" + TMP_SUFFIX)) if _is_build_output(posixpath.basename(p))]
+    for leftover in leftovers + fs.glob(posixpath.join(base, PROGRESS_DIR, "*" + TMP_SUFFIX)):
+        fs.rm(leftover)
+
+
 def build(opts: BuildOptions) -> dict:
     """Run a build; returns the manifest dict (also written to ``OUT/manifest.json``)."""
     reader = get_reader(opts.dataset)
@@ -407,20 +457,7 @@ def build(opts: BuildOptions) -> dict:
         settings = replace(settings, detector_fingerprint=box_stage.fingerprint)
 
     fingerprint = settings.fingerprint()
-    fs, base = fsspec.core.url_to_fs(opts.out)
-    try:  # fs.info, not fs.isfile: isfile answers False for a store it cannot reach
-        out_is_file = fs.info(base).get("type") == "file"
-    except FileNotFoundError:
-        out_is_file = False
-    except Exception as err:  # noqa: BLE001 - remote stores raise their own types (botocore, aiohttp, ...)
-        if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
-            raise BuildError(f"--out {opts.out}: cannot use it ({type(err).__name__}: {err}); give a folder you "
-                             "can write to") from None
-        raise BuildError(f"--out {opts.out}: cannot reach it ({type(err).__name__}: {err}); check the URL, "
-                         "the endpoint and the credentials") from None
-    if out_is_file:
-        raise BuildError(f"--out {opts.out} is a file; give a folder (new, or one an earlier build of this dataset wrote)")
-    fs.makedirs(base, exist_ok=True)
+    fs, base = _open_out(opts.out)
     with _out_lock(fs, base) as token:
         progress = _read_progress(fs, base)
         _check_out_dir(fs, base, fingerprint, opts.overwrite, progress, {t.split for t in tasks}, settings)
@@ -435,30 +472,10 @@ def build(opts: BuildOptions) -> dict:
             checked = "size and sha256" if isinstance(fs, LocalFileSystem) else "size"
             print(f"resuming: {len(done)} of {len(tasks)} shard(s) were written by an earlier run of this build "
                   f"(checked against their recorded {checked}); {len(pending)} to write", file=sys.stderr)
-        if box_stage is not None:
+        if box_stage is not None:  # box stage: every image's detections decided before the shards
             box_stage.spool(fs, base, tasks, pending, fingerprint)
-        results = dict(done)
-        total = sum(len(t.refs) for t in tasks)
-        bar = tqdm(total=total, unit="sample", desc=f"build {opts.dataset}", disable=not opts.progress,
-                   initial=sum(len(t.refs) for t in tasks if t.name in done))
-        try:
-            with ExitStack() as stack:
-                if opts.jobs == 1 and opts.backend == "loky":
-                    outputs = (run_shard(t, settings, str(root), opts.out) for t in pending)
-                else:
-                    parallel = stack.enter_context(_parallel(opts))
-                    outputs = parallel(delayed(run_shard)(t, settings, str(root), opts.out) for t in pending)
-                for result in outputs:
-                    results[result["name"]] = result
-                    bar.update(result["read"])
-        finally:
-            bar.close()
-
-        # temporary files of a run killed mid-write: the build's own beside the shards (not a user's
-        # *.tmp), and any in the progress folder
-        leftovers = [p for p in fs.glob(posixpath.join(base, "*" + TMP_SUFFIX)) if _is_build_output(posixpath.basename(p))]
-        for leftover in leftovers + fs.glob(posixpath.join(base, PROGRESS_DIR, "*" + TMP_SUFFIX)):
-            fs.rm(leftover)
+        results = {**done, **_run_shards(opts, settings, root, tasks, pending, done)}  # read -> ... -> write
+        _remove_leftovers(fs, base)
         ordered = [results[t.name] for t in tasks]
         manifest = make_manifest(opts, settings, proto, root, refs, ordered, fingerprint, input_fingerprint(stats),
                                  assignment)
