@@ -587,6 +587,14 @@ def make_manifest(opts, settings: Settings, proto, root: Path, refs, results: li
     }
 
 
+def _short_of_expected(expected: dict, counts: dict, field: str) -> list[tuple[str, int, int]]:
+    """``(split, expected, counted)`` for each split whose ``field`` count (``written``, ``groups``)
+    differs from the protocol's expected one."""
+    got = {split: c.get(field, 0) for split, c in counts["per_split"].items()}
+    return [(split, want, got.get(split, 0)) for split, want in sorted(expected.get(field, {}).items())
+            if got.get(split, 0) != want]
+
+
 def summary_table(manifest: dict) -> str:
     """Plain-text summary: per split read / written / rejected, then rejections by reason."""
     counts = manifest["counts"]
@@ -617,20 +625,16 @@ def summary_table(manifest: dict) -> str:
         out.append("")
         out.append(f"note: the full {manifest['dataset']} download has {expected['read']} samples; this root has {counts['read']}.")
     elif expected.get("read"):  # the full download: the papers' counts must come out
-        for split, want in sorted(expected.get("written", {}).items()):
-            got = counts["per_split"].get(split, {}).get("written", 0)
-            if got != want:
-                out.append("")
-                out.append(f"warning: protocol {manifest['protocol']} keeps {want} {split} samples of the full "
-                           f"{manifest['dataset']} download (the papers' count); this build wrote {got}. Check the "
-                           "rejected list above: the published numbers are not comparable to a model tested on it.")
-    for split, want in sorted(expected.get("groups", {}).items()):
-        got = counts["per_split"].get(split, {}).get("groups", 0)
-        if got != want:
+        for split, want, got in _short_of_expected(expected, counts, "written"):
             out.append("")
-            out.append(f"note: protocol {manifest['protocol']}'s {split} split is {want} sequences of the full "
-                       f"{manifest['dataset']} download; this root has {got} of them, so the published numbers "
-                       "are not comparable to a model trained or tested on this build.")
+            out.append(f"warning: protocol {manifest['protocol']} keeps {want} {split} samples of the full "
+                       f"{manifest['dataset']} download (the papers' count); this build wrote {got}. Check the "
+                       "rejected list above: the published numbers are not comparable to a model tested on it.")
+    for split, want, got in _short_of_expected(expected, counts, "groups"):
+        out.append("")
+        out.append(f"note: protocol {manifest['protocol']}'s {split} split is {want} sequences of the full "
+                   f"{manifest['dataset']} download; this root has {got} of them, so the published numbers "
+                   "are not comparable to a model trained or tested on this build.")
     room = _recrop_room_note(manifest.get("settings", {}))
     if room:
         out.append("")

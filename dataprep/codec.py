@@ -124,23 +124,24 @@ def _decode_cv2_rgb(data: bytes) -> np.ndarray | None:
 def encode_jpeg_rgb(rgb: np.ndarray, quality: int) -> bytes:
     """H x W x 3 uint8 RGB -> JPEG bytes at ``quality`` (OpenCV's encoder, 4:2:0); ValueError when
     OpenCV cannot encode it."""
-    try:
-        ok, data = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
-    except cv2.error:
-        ok = False
-    if not ok:
-        raise ValueError(f"OpenCV could not encode a {rgb.shape} {rgb.dtype} image as JPEG")
-    return data.tobytes()
+    return _imencode(".jpg", rgb, [cv2.IMWRITE_JPEG_QUALITY, int(quality)], "image as JPEG",
+                     convert=lambda x: cv2.cvtColor(x, cv2.COLOR_RGB2BGR))
 
 
 def encode_png(image: np.ndarray, compression: int | None = None) -> bytes:
     """An 8-bit BGR / 16-bit single-channel array -> PNG bytes (OpenCV's encoder; ``compression``
     0-9, None for OpenCV's default); ValueError when OpenCV cannot encode it."""
     params = [] if compression is None else [cv2.IMWRITE_PNG_COMPRESSION, int(compression)]
+    return _imencode(".png", image, params, "array as PNG")
+
+
+def _imencode(ext: str, image: np.ndarray, params: list, what: str, convert=None) -> bytes:
+    """``cv2.imencode`` of ``image`` (first passed through ``convert``), its bytes; ValueError
+    naming the array when OpenCV refuses it (returning False, or raising)."""
     try:
-        ok, data = cv2.imencode(".png", image, params)
+        ok, data = cv2.imencode(ext, image if convert is None else convert(image), params)
     except cv2.error:
         ok = False
     if not ok:
-        raise ValueError(f"OpenCV could not encode a {image.shape} {image.dtype} array as PNG")
+        raise ValueError(f"OpenCV could not encode a {image.shape} {image.dtype} {what}")
     return data.tobytes()
