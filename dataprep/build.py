@@ -28,8 +28,8 @@ from .pipeline import (DECISIONS_SUFFIX, LOCK_FILE, PROGRESS_DIR, RESULT_SUFFIX,
                        progress_file, run_shard)
 from .processes import pid_alive, process_start
 from .records import SampleRef, keys_apart_from_variants
-from .shards import (INFO_FILE, MANIFEST, TMP_SUFFIX, dumps_json, final_name, is_shard_file, shard_name, write_info,
-                     write_json)
+from .shards import (INFO_FILE, MANIFEST, TMP_SUFFIX, dumps_json, final_name, is_shard_file, shard_name, shard_split,
+                     write_info, write_json)
 
 
 def _is_build_output(name: str) -> bool:
@@ -248,7 +248,7 @@ def _check_out_dir(fs, base: str, fingerprint: str, overwrite: bool, progress: d
     # own, renamed into place just before it was killed, and is written again
     if not overwrite and not progress and not fs.exists(posixpath.join(base, PROGRESS_DIR)):
         foreign = sorted(n for n in names if is_shard_file(n) and final_name(n) == n and n not in recorded
-                         and n.rsplit("-", 1)[0] in splits)
+                         and shard_split(n) in splits)
         if foreign:
             shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
             raise BuildError(f"{base} holds shard files no dataprep build recorded there ({shown}); a build would mix "
@@ -259,7 +259,7 @@ def _check_out_dir(fs, base: str, fingerprint: str, overwrite: bool, progress: d
         splits |= {e.get("result", {}).get("split") for e in progress.values() if isinstance(e.get("result"), dict)}
         for name in names:
             shard = is_shard_file(name)
-            if (shard and final_name(name).rsplit("-", 1)[0] in splits) or (not shard and _is_build_output(name)):
+            if (shard and shard_split(name) in splits) or (not shard and _is_build_output(name)):
                 fs.rm(posixpath.join(base, name), recursive=True)
 
 

@@ -61,6 +61,11 @@ def shard_name(split: str, index: int) -> str:
     return f"{split}-{index:06d}.tar"
 
 
+def shard_split(name: str) -> str:
+    """The split a :func:`shard_name` (or that shard being written) names: ``train-000001.tar`` -> ``train``."""
+    return final_name(name).rsplit("-", 1)[0]
+
+
 def is_shard_file(name: str) -> bool:
     """Whether a file name is one :func:`shard_name` makes, or such a shard still being written."""
     return bool(_SHARD_FILE.fullmatch(name))
