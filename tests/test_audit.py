@@ -316,3 +316,18 @@ def test_compare_says_when_the_builds_read_different_raw_files(audited, tmp_path
                      "--per-flag", "1"]) == 0
     assert "compare: note: the two builds read different raw files" in capsys.readouterr().out
     assert "read different raw files" in (report / "report.html").read_text()
+
+
+def test_compare_of_another_dataset_is_refused_before_anything_is_written(audited, tmp_path, capsys):
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(audited["outs"]["square"], other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["dataset"] = "300w_lp"
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    report = tmp_path / "report"
+    assert cli_main(["audit", str(audited["outs"]["hopenet"]), "--report", str(report), "--compare", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert "--compare diffs two builds of the same raw data" in err and "aflw2000" in err and "300w_lp" in err
+    assert not report.exists()  # no half-written report of the build alone

@@ -80,7 +80,6 @@ def _resolve_raw_root(manifest: dict, raw_root) -> Path | None:
 def run_audit(out, report, *, compare=None, raw_root=None, thresholds: Thresholds = Thresholds(),
               per_flag: int = 6, tolerances: CompareTolerances = CompareTolerances(), pictures: bool = True) -> dict:
     """Audit the build in ``out`` into the folder ``report``; returns a summary dict."""
-    from . import pictures as pics
     from .report import render
 
     report = Path(report)
@@ -89,7 +88,9 @@ def run_audit(out, report, *, compare=None, raw_root=None, thresholds: Threshold
     if "://" in str(out) or (compare and "://" in str(compare)):
         raise AuditError("the audit reads local build folders; copy the build here first")
     build = load_build(out)
-    root = _resolve_raw_root(build.manifest, raw_root)  # a wrong --raw-root stops here, before anything is written
+    # a wrong --raw-root or --compare stops here, before anything is written
+    root = _resolve_raw_root(build.manifest, raw_root)
+    other = None if compare is None else _load_compared(build, out, compare)
     report.mkdir(parents=True, exist_ok=True)
     # a report of another build or --compare written here before must not show through this one
     for stale in [report / "compare.csv", *(report / "sheets").glob("*.png"), *report.glob("hist_*.png")]:
@@ -98,104 +99,135 @@ def run_audit(out, report, *, compare=None, raw_root=None, thresholds: Threshold
     rows = audit_rows(build, thresholds)
     write_csv(report / "boxes.csv", columns(variants), [r.values for r in rows])
     splits, counts = flag_counts(rows)
-
-    sheets: dict[str, dict] = {}
-    for flag in FLAGS:
-        worst = _worst(rows, flag, per_flag)
-        if not worst:
-            continue
-        entry = {"count": sum(counts[flag].values()), "image": None}
-        if flag == "rejected":
-            entry["header"] = ["key", "split", "source", "reason", "message"]
-            entry["rows"] = [[r.key, r.values["split"], r.values["source"], r.values["reason"], r.values["message"]] for r in worst]
-            sheet_rows = [sr for sr in (pics.rejected_sheet_row(r, root) for r in worst) if sr is not None] if pictures else []
-            if sheet_rows:
-                path = pics.rejected_sheet(sheet_rows, report / "sheets" / f"{flag}.png", f"{flag}: raw images of rejected samples")
-                entry["image"] = path.relative_to(report).as_posix()
-        else:
-            entry["header"] = ["key", "split", "source", "severity", "details", "flags"]
-            entry["rows"] = [[r.key, r.values["split"], r.values["source"], float(r.severity.get(flag, 0.0)),
-                              _metric(r, flag), r.values["flags"]] for r in worst]
-            if pictures:
-                sheet_rows = [pics.flag_sheet_row(build, r, root, _caption(r, flag)) for r in worst]
-                legend = pics.legend_for(variants, [("stored crop", pics.CROP_COLOUR, "dashed")])
-                path = pics.contact_sheet(sheet_rows, report / "sheets" / f"{flag}.png",
-                                          f"{flag}: {entry['count']} sample(s), worst {len(worst)} shown", legend)
-                entry["image"] = path.relative_to(report).as_posix()
-        sheets[flag] = entry
-
-    # What every rule would do, whatever this build used: the samples with the most distorted windows.
-    written = [r for r in rows if r.sample is not None]
-    rule_rows = sorted(written, key=lambda r: (bool(r.values.get("augment")), -_max_rule_distortion(r), r.key))[:per_flag]
-    rules_sheet = None
-    if pictures and rule_rows:
-        sheet_rows = [pics.flag_sheet_row(build, r, root, _rule_caption(r)) for r in rule_rows]
-        legend = pics.legend_for(variants, [("stored crop", pics.CROP_COLOUR, "dashed")])
-        rules_sheet = pics.contact_sheet(sheet_rows, report / "sheets" / "rules.png",
-                                         f"most distorted crop windows over the rules {', '.join(RULES)}", legend)
-        rules_sheet = rules_sheet.relative_to(report).as_posix()
-
+    sheets = _flag_sheets(build, rows, counts, root, report, per_flag, pictures)
+    rules_sheet = _rules_sheet(build, rows, root, report, per_flag) if pictures else None
     hists = {}
     if pictures:
+        from . import pictures as pics
         hists = {k: p.relative_to(report).as_posix() for k, p in pics.histograms(rows, variants, report).items()}
-
-    rejected_by_reason: dict[str, tuple[int, str]] = {}
-    for e in build.rejected:
-        n, ex = rejected_by_reason.get(e["reason"], (0, e.get("message", "")))
-        rejected_by_reason[e["reason"]] = (n + 1, ex)
 
     ctx = {
         "out": str(out), "manifest": build.manifest, "thresholds": thresholds, "splits": splits,
         "raw_root": str(root) if root else None, "csv": "boxes.csv",
         "flag_counts": {f: dict(c) for f, c in counts.items()}, "sheets": sheets, "hists": hists,
         "variants": variant_summary(rows, variants, thresholds), "rules": rule_summary(rows, thresholds),
-        "rejected_by_reason": rejected_by_reason, "rules_sheet": rules_sheet,
+        "rejected_by_reason": _rejected_by_reason(build), "rules_sheet": rules_sheet,
     }
     summary = {"report": str(report / "report.html"), "samples": len(build.samples), "rejected": len(build.rejected),
                "flags": {f: sum(c.values()) for f, c in counts.items()}}
-
-    if compare is not None:
-        other = load_build(compare)
-        datasets = (build.manifest.get("dataset"), other.manifest.get("dataset"))
-        if datasets[0] != datasets[1]:
-            raise AuditError(f"--compare diffs two builds of the same raw data; {out} is {datasets[0]}, "
-                             f"{compare} is {datasets[1]}")
-        crows = compare_builds(build, other, tolerances)
-        write_csv(report / "compare.csv", COMPARE_COLUMNS, [r.values for r in crows])
-        csum = compare_summary(crows)
-        csum["same_inputs"] = _same_inputs(build.manifest, other.manifest)
-        changed = sorted((r for r in crows if r.status == "changed"), key=lambda r: (-r.severity, r.values["match"]))
-        shown = changed[:per_flag]
-        cmp_ctx = {"other": str(compare), "other_settings": other.manifest.get("settings", {}), "summary": csum,
-                   "csv": "compare.csv", "image": None, "inputs_note": INPUTS_NOTE if csum["same_inputs"] is False else "",
-                   "header": ["source", "status", "changes", "key", "max angle diff", "box source A", "box source B", "crop A", "crop B", "crop IoU"],
-                   "rows": []}
-        moved = [r for r in crows if r.status in ("added", "dropped")]
-        listed = changed[:COMPARE_LISTED] + moved[:COMPARE_LISTED]
-        cmp_ctx["listed_note"] = (f"{len(listed)} of the {len(changed) + len(moved)} changed, added and dropped "
-                                  f"samples listed; compare.csv has them all") if len(listed) < len(changed) + len(moved) else ""
-        for r in listed:
-            v = r.values
-            cmp_ctx["rows"].append([
-                v["source"], r.status, v["changes"].replace(";", ", "), v.get("key_a") or v.get("key_b"),
-                float(v["max_angle_diff"]) if v.get("max_angle_diff") is not None else "-",
-                f"{v.get('box_source_a', '-')}", f"{v.get('box_source_b', '-')}",
-                _fmt_box(v, "crop_a"), _fmt_box(v, "crop_b"),
-                float(v["crop_iou"]) if v.get("crop_iou") is not None else "-"])
-        if pictures and shown:
-            sheet_rows = [_compare_sheet_row(pics, build, other, r, root) for r in shown]
-            legend = [("A box", pics.A_COLOUR, "box"), ("A stored crop", pics.A_COLOUR, "dashed"),
-                      ("B box", pics.B_COLOUR, "box"), ("B stored crop", pics.B_COLOUR, "dashed"),
-                      ("pose x", pics.AXIS_COLOURS[0], "axis"), ("pose y", pics.AXIS_COLOURS[1], "axis"),
-                      ("nose", pics.AXIS_COLOURS[2], "axis")]
-            path = pics.contact_sheet(sheet_rows, report / "sheets" / "compare_changed.png",
-                                      f"changed samples: {len(changed)}, {len(shown)} most different crops shown", legend)
-            cmp_ctx["image"] = path.relative_to(report).as_posix()
-        ctx["compare"] = cmp_ctx
-        summary["compare"] = csum
-
+    if other is not None:
+        ctx["compare"], summary["compare"] = _compare_section(build, other, compare, root, report, per_flag,
+                                                              tolerances, pictures)
     (report / "report.html").write_text(render(ctx), encoding="utf-8")
     return summary
+
+
+def _load_compared(build: Build, out, compare) -> Build:
+    """The ``--compare`` build, refused unless it read the same dataset as ``build``."""
+    other = load_build(compare)
+    datasets = (build.manifest.get("dataset"), other.manifest.get("dataset"))
+    if datasets[0] != datasets[1]:
+        raise AuditError(f"--compare diffs two builds of the same raw data; {out} is {datasets[0]}, "
+                         f"{compare} is {datasets[1]}")
+    return other
+
+
+def _flag_sheets(build: Build, rows: list[Row], counts, root, report: Path, per_flag: int, pictures: bool) -> dict:
+    """Per flag that any sample has: its count, its worst ``per_flag`` samples as table rows, and
+    (with ``pictures``) their contact sheet ``sheets/<flag>.png``."""
+    from . import pictures as pics
+
+    legend = pics.legend_for(build.variants(), [("stored crop", pics.CROP_COLOUR, "dashed")]) if pictures else None
+    sheets: dict[str, dict] = {}
+    for flag in FLAGS:
+        worst = _worst(rows, flag, per_flag)
+        if not worst:
+            continue
+        entry = {"count": sum(counts[flag].values()), "image": None}
+        path = None
+        if flag == "rejected":
+            entry["header"] = ["key", "split", "source", "reason", "message"]
+            entry["rows"] = [[r.key, r.values["split"], r.values["source"], r.values["reason"], r.values["message"]] for r in worst]
+            sheet_rows = [sr for sr in (pics.rejected_sheet_row(r, root) for r in worst) if sr is not None] if pictures else []
+            if sheet_rows:
+                path = pics.rejected_sheet(sheet_rows, report / "sheets" / f"{flag}.png", f"{flag}: raw images of rejected samples")
+        else:
+            entry["header"] = ["key", "split", "source", "severity", "details", "flags"]
+            entry["rows"] = [[r.key, r.values["split"], r.values["source"], float(r.severity.get(flag, 0.0)),
+                              _metric(r, flag), r.values["flags"]] for r in worst]
+            if pictures:
+                sheet_rows = [pics.flag_sheet_row(build, r, root, _caption(r, flag)) for r in worst]
+                path = pics.contact_sheet(sheet_rows, report / "sheets" / f"{flag}.png",
+                                          f"{flag}: {entry['count']} sample(s), worst {len(worst)} shown", legend)
+        if path is not None:
+            entry["image"] = path.relative_to(report).as_posix()
+        sheets[flag] = entry
+    return sheets
+
+
+def _rules_sheet(build: Build, rows: list[Row], root, report: Path, per_flag: int) -> str | None:
+    """What every rule would do, whatever this build used: a contact sheet of the written samples
+    with the most distorted windows (``sheets/rules.png``, relative to ``report``; None without any)."""
+    from . import pictures as pics
+
+    written = [r for r in rows if r.sample is not None]
+    rule_rows = sorted(written, key=lambda r: (bool(r.values.get("augment")), -_max_rule_distortion(r), r.key))[:per_flag]
+    if not rule_rows:
+        return None
+    sheet_rows = [pics.flag_sheet_row(build, r, root, _rule_caption(r)) for r in rule_rows]
+    legend = pics.legend_for(build.variants(), [("stored crop", pics.CROP_COLOUR, "dashed")])
+    path = pics.contact_sheet(sheet_rows, report / "sheets" / "rules.png",
+                              f"most distorted crop windows over the rules {', '.join(RULES)}", legend)
+    return path.relative_to(report).as_posix()
+
+
+def _rejected_by_reason(build: Build) -> dict[str, tuple[int, str]]:
+    """Rejection reason -> (count, the first sample's message as an example)."""
+    by_reason: dict[str, tuple[int, str]] = {}
+    for e in build.rejected:
+        n, example = by_reason.get(e["reason"], (0, e.get("message", "")))
+        by_reason[e["reason"]] = (n + 1, example)
+    return by_reason
+
+
+def _compare_section(build: Build, other: Build, compare, root, report: Path, per_flag: int,
+                     tolerances: CompareTolerances, pictures: bool) -> tuple[dict, dict]:
+    """``--compare``: writes ``compare.csv`` (and ``sheets/compare_changed.png``); returns the
+    report's compare context and the summary's compare entry."""
+    crows = compare_builds(build, other, tolerances)
+    write_csv(report / "compare.csv", COMPARE_COLUMNS, [r.values for r in crows])
+    csum = compare_summary(crows)
+    csum["same_inputs"] = _same_inputs(build.manifest, other.manifest)
+    changed = sorted((r for r in crows if r.status == "changed"), key=lambda r: (-r.severity, r.values["match"]))
+    moved = [r for r in crows if r.status in ("added", "dropped")]
+    listed = changed[:COMPARE_LISTED] + moved[:COMPARE_LISTED]
+    ctx = {"other": str(compare), "other_settings": other.manifest.get("settings", {}), "summary": csum,
+           "csv": "compare.csv", "image": None, "inputs_note": INPUTS_NOTE if csum["same_inputs"] is False else "",
+           "header": ["source", "status", "changes", "key", "max angle diff", "box source A", "box source B", "crop A", "crop B", "crop IoU"],
+           "rows": [_compare_table_row(r) for r in listed],
+           "listed_note": (f"{len(listed)} of the {len(changed) + len(moved)} changed, added and dropped "
+                           f"samples listed; compare.csv has them all") if len(listed) < len(changed) + len(moved) else ""}
+    shown = changed[:per_flag]
+    if pictures and shown:
+        from . import pictures as pics
+        sheet_rows = [_compare_sheet_row(pics, build, other, r, root) for r in shown]
+        legend = [("A box", pics.A_COLOUR, "box"), ("A stored crop", pics.A_COLOUR, "dashed"),
+                  ("B box", pics.B_COLOUR, "box"), ("B stored crop", pics.B_COLOUR, "dashed"),
+                  ("pose x", pics.AXIS_COLOURS[0], "axis"), ("pose y", pics.AXIS_COLOURS[1], "axis"),
+                  ("nose", pics.AXIS_COLOURS[2], "axis")]
+        path = pics.contact_sheet(sheet_rows, report / "sheets" / "compare_changed.png",
+                                  f"changed samples: {len(changed)}, {len(shown)} most different crops shown", legend)
+        ctx["image"] = path.relative_to(report).as_posix()
+    return ctx, csum
+
+
+def _compare_table_row(r) -> list:
+    v = r.values
+    return [v["source"], r.status, v["changes"].replace(";", ", "), v.get("key_a") or v.get("key_b"),
+            float(v["max_angle_diff"]) if v.get("max_angle_diff") is not None else "-",
+            f"{v.get('box_source_a', '-')}", f"{v.get('box_source_b', '-')}",
+            _fmt_box(v, "crop_a"), _fmt_box(v, "crop_b"),
+            float(v["crop_iou"]) if v.get("crop_iou") is not None else "-"]
 
 
 #: Said when the two compared builds read different raw files.
