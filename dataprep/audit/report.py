@@ -79,13 +79,20 @@ def table(header: list[str], rows: list[list], left: int = 1, hot=None) -> str:
 
 
 def render(ctx: dict) -> str:
-    """The page from the context ``dataprep.audit.run_audit`` assembles."""
-    m = ctx["manifest"]
-    th = ctx["thresholds"]
-    settings = m.get("settings", {})
-    splits = ctx["splits"]
+    """The page from the context ``dataprep.audit.run_audit`` assembles: the sections in order."""
     parts = [f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>Box audit: {esc(ctx['out'])}</title>"
              f"<style>{CSS}</style></head><body><main>"]
+    for section in (_header, _summary, _flags, _variants_and_rules, _histograms, _compare, _files):
+        parts += section(ctx)
+    parts.append("</main></body></html>\n")
+    return "".join(parts)
+
+
+def _header(ctx: dict) -> list[str]:
+    """Title, the build's settings, and the page's navigation."""
+    m = ctx["manifest"]
+    settings = m.get("settings", {})
+    parts = []
     parts.append(f"<h1>Box audit: {esc(m.get('dataset'))}, protocol {esc(m.get('protocol'))}</h1>")
     parts.append(
         f"<div class=\"meta\">build <code>{esc(ctx['out'])}</code> &middot; crop rule <code>{esc(settings.get('crop_rule'))}</code>"
@@ -102,8 +109,15 @@ def render(ctx: dict) -> str:
     if ctx.get("compare"):
         nav.append(f'<a href="{esc(ctx["compare"]["csv"])}">compare.csv</a>')
     parts.append("<nav>" + "".join(nav) + "</nav>")
+    return parts
 
-    # ---------------------------------------------------------------- summary
+
+def _summary(ctx: dict) -> list[str]:
+    """Counts per split, samples per flag and split, rejections by reason."""
+    m = ctx["manifest"]
+    th = ctx["thresholds"]
+    splits = ctx["splits"]
+    parts = []
     counts = m.get("counts", {})
     parts.append('<h2 id="summary">Summary</h2>')
     per_split = counts.get("per_split", {})
@@ -126,8 +140,12 @@ def render(ctx: dict) -> str:
         parts.append("<h3>Rejected samples by reason</h3>")
         parts.append(table(["reason", "samples", "example"],
                            [[r, n, ex] for r, (n, ex) in ctx["rejected_by_reason"].items()], left=1))
+    return parts
 
-    # ---------------------------------------------------------------- flags
+
+def _flags(ctx: dict) -> list[str]:
+    """Each flag's worst cases: contact sheet and table."""
+    parts = []
     parts.append('<h2 id="flags">Worst cases per flag</h2>')
     parts.append("<p class=\"note\">Each row: the source image with every box variant in its own colour, the "
                  "stored crop's window dashed, and the pose axes from the label (red: head x, green: head y, "
@@ -144,8 +162,13 @@ def render(ctx: dict) -> str:
         if entry.get("image"):
             parts.append(f'<img class="sheet" src="{esc(entry["image"])}" alt="worst {esc(f)} samples">')
         parts.append(table(entry["header"], entry["rows"], left=3))
+    return parts
 
-    # ---------------------------------------------------------------- variants / rules
+
+def _variants_and_rules(ctx: dict) -> list[str]:
+    """Box variants against gt; every crop rule's windows and their distortion."""
+    settings = ctx["manifest"].get("settings", {})
+    parts = []
     parts.append('<h2 id="variants">Box variants</h2>')
     rows = [[v["variant"], v["samples"], v["median_aspect"], v["median_iou_gt"],
              "-" if v["low_iou"] is None else f"{v['low_iou']} (< {v['low_iou_limit']:g})", v["outside"]]
@@ -166,41 +189,55 @@ def render(ctx: dict) -> str:
         parts.append("<h3>Most distorted windows over all rules</h3><p class=\"note\">Whatever rule this build used: "
                      "the samples whose window under some rule is furthest from square, with each rule's crop.</p>")
         parts.append(f'<img class="sheet" src="{esc(ctx["rules_sheet"])}" alt="most distorted rule windows">')
+    return parts
 
-    # ---------------------------------------------------------------- histograms
+
+def _histograms(ctx: dict) -> list[str]:
+    parts = []
     parts.append('<h2 id="hist">Histograms</h2>')
     for name, alt in (("angles", "yaw, pitch, roll per split"), ("aspect", "aspect ratios"), ("iou", "IoU between boxes and rules")):
         if name in ctx["hists"]:
             parts.append(f'<img class="hist" src="{esc(ctx["hists"][name])}" alt="{esc(alt)}">')
+    return parts
 
-    # ---------------------------------------------------------------- compare
+
+def _compare(ctx: dict) -> list[str]:
+    """``--compare``: A and B's settings, status and change counts, the changed samples."""
     cmp = ctx.get("compare")
-    if cmp:
-        s = cmp["summary"]
-        parts.append('<h2 id="compare">Compare with another build</h2>')
-        parts.append(f"<div class=\"meta\">A = this build <code>{esc(ctx['out'])}</code> (crop <code>{esc(settings.get('crop_rule'))}</code>, "
-                     f"boxes <code>{esc(settings.get('detector'))}</code>)<br>B = <code>{esc(cmp['other'])}</code> "
-                     f"(crop <code>{esc(cmp['other_settings'].get('crop_rule'))}</code>, boxes "
-                     f"<code>{esc(cmp['other_settings'].get('detector'))}</code>)<br>samples matched by <code>source</code>; "
-                     "added = written in A only, dropped = written in B only; rejected_in_a / _b: rejected by one "
-                     "build and not in the other at all</div>")
-        if cmp.get("inputs_note"):
-            parts.append(f'<div class="note"><b>Note:</b> {esc(cmp["inputs_note"])}</div>')
-        parts.append(table(["status", "samples"], [[k, v] for k, v in s["status"].items()]))
-        parts.append(table(["change (among matched)", "samples"],
-                           [[k, v] for k, v in s["changes"].items()] + [["max abs angle difference (deg)", float(s["max_angle_diff"])]],
-                           hot=lambda i, j, v: i == 0 and j == 1 and v not in (0, "0")))
-        if cmp.get("image"):
-            parts.append(f'<h3>Changed samples, most different crops first</h3><img class="sheet" src="{esc(cmp["image"])}" alt="changed samples">')
-        if cmp["rows"]:
-            if cmp.get("listed_note"):
-                parts.append(f'<div class="note">{esc(cmp["listed_note"])}</div>')
-            parts.append(table(cmp["header"], cmp["rows"], left=4))
+    if not cmp:
+        return []
+    settings = ctx["manifest"].get("settings", {})
+    parts = []
+    s = cmp["summary"]
+    parts.append('<h2 id="compare">Compare with another build</h2>')
+    parts.append(f"<div class=\"meta\">A = this build <code>{esc(ctx['out'])}</code> (crop <code>{esc(settings.get('crop_rule'))}</code>, "
+                 f"boxes <code>{esc(settings.get('detector'))}</code>)<br>B = <code>{esc(cmp['other'])}</code> "
+                 f"(crop <code>{esc(cmp['other_settings'].get('crop_rule'))}</code>, boxes "
+                 f"<code>{esc(cmp['other_settings'].get('detector'))}</code>)<br>samples matched by <code>source</code>; "
+                 "added = written in A only, dropped = written in B only; rejected_in_a / _b: rejected by one "
+                 "build and not in the other at all</div>")
+    if cmp.get("inputs_note"):
+        parts.append(f'<div class="note"><b>Note:</b> {esc(cmp["inputs_note"])}</div>')
+    parts.append(table(["status", "samples"], [[k, v] for k, v in s["status"].items()]))
+    parts.append(table(["change (among matched)", "samples"],
+                       [[k, v] for k, v in s["changes"].items()] + [["max abs angle difference (deg)", float(s["max_angle_diff"])]],
+                       hot=lambda i, j, v: i == 0 and j == 1 and v not in (0, "0")))
+    if cmp.get("image"):
+        parts.append(f'<h3>Changed samples, most different crops first</h3><img class="sheet" src="{esc(cmp["image"])}" alt="changed samples">')
+    if cmp["rows"]:
+        if cmp.get("listed_note"):
+            parts.append(f'<div class="note">{esc(cmp["listed_note"])}</div>')
+        parts.append(table(cmp["header"], cmp["rows"], left=4))
+    return parts
 
+
+def _files(ctx: dict) -> list[str]:
+    cmp = ctx.get("compare")
+    parts = []
     parts.append(f"<h2>Files</h2><ul><li><a href=\"{esc(ctx['csv'])}\">{esc(ctx['csv'])}</a>: one row per sample "
                  "(rejected ones included) with every box, aspect ratios, each rule's window and distortion, IoUs, "
                  "centre shifts and flags</li>")
     if cmp:
         parts.append(f"<li><a href=\"{esc(cmp['csv'])}\">{esc(cmp['csv'])}</a>: one row per matched source</li>")
-    parts.append("</ul></main></body></html>\n")
-    return "".join(parts)
+    parts.append("</ul>")
+    return parts
