@@ -148,20 +148,54 @@ def keras_to_state_dict(weights, variant: str, model: FSANet | None = None) -> d
     """
     if model is None:
         model = FSANet(variant, **model_config(weights, variant))
-    ref = model.state_dict()
-    sd: dict[str, torch.Tensor] = {}
-    used: set[tuple[str, str]] = set()
+    out = _Filling(model.state_dict())
+    streams = _map_streams(weights, out)
+    caps = _find_group(weights, lambda ls: "caps" in ls, "the capsule layer")
+    out.put("caps.W", caps["caps"]["W"], "caps", "W")
+    heads = _map_heads(weights, out)
+    if variant != "wo":
+        # ssr_S_model's layers: those in none of the other three groups
+        scoring = {name: w for grp in weights.values() if grp is not streams and grp is not caps and grp is not heads
+                   for name, w in grp.items()}
+        _map_scoring(scoring, variant, model.mapping.hw, out)
+    return out.finished(weights)
 
-    def put(key, arr, layer, wname):
+
+class _Filling:
+    """A state dict being filled from Keras weights: each entry checked against the model's, each
+    Keras weight used remembered."""
+
+    def __init__(self, ref: dict[str, torch.Tensor]):
+        self.ref = ref
+        self.sd: dict[str, torch.Tensor] = {}
+        self.used: set[tuple[str, str]] = set()
+
+    def put(self, key: str, arr, layer: str, wname: str) -> None:
         t = _t(arr)
-        if key not in ref:
+        if key not in self.ref:
             raise KeyError(f"no model entry {key!r} for Keras {layer}/{wname}")
-        if tuple(ref[key].shape) != tuple(t.shape):
-            raise ValueError(f"{layer}/{wname}: shape {tuple(t.shape)} != model {key} {tuple(ref[key].shape)}")
-        sd[key] = t
-        used.add((layer, wname))
+        if tuple(self.ref[key].shape) != tuple(t.shape):
+            raise ValueError(f"{layer}/{wname}: shape {tuple(t.shape)} != model {key} {tuple(self.ref[key].shape)}")
+        self.sd[key] = t
+        self.used.add((layer, wname))
 
-    # --- streams and stage 1x1 convs (ssr_G_model)
+    def finished(self, weights) -> dict[str, torch.Tensor]:
+        """The state dict in the model's order, once every entry is filled and every weight used."""
+        for key, val in self.ref.items():
+            if key.endswith("num_batches_tracked"):
+                self.sd[key] = torch.zeros_like(val)
+        missing = [k for k in self.ref if k not in self.sd]
+        if missing:
+            raise ValueError(f"model entries not filled from the Keras file: {missing}")
+        all_weights = {(layer, w) for grp in weights.values() for layer, ws in grp.items() for w in ws}
+        unused = sorted(all_weights - self.used)
+        if unused:
+            raise ValueError(f"Keras weights not mapped: {unused}")
+        return {k: self.sd[k] for k in self.ref}
+
+
+def _map_streams(weights, out: _Filling) -> dict:
+    """ssr_G_model: the two streams' separable conv blocks and the stages' 1x1 convs; returns its group."""
     g = _find_group(weights, lambda ls: any(n.startswith("separable_conv2d") for n in ls), "the streams")
     seps = _sorted_kind(g, "separable_conv2d")
     bns = _sorted_kind(g, "batch_normalization")
@@ -172,66 +206,53 @@ def keras_to_state_dict(weights, variant: str, model: FSANet | None = None) -> d
         stream = "stream_x" if idx < 7 else "stream_s"
         p = f"backbone.{stream}.block{idx % 7 + 1}"
         w = g[sep]
-        put(f"{p}.depthwise.weight", w["depthwise_kernel"].transpose(2, 3, 0, 1), sep, "depthwise_kernel")
-        put(f"{p}.pointwise.weight", w["pointwise_kernel"].transpose(3, 2, 0, 1), sep, "pointwise_kernel")
-        put(f"{p}.pointwise.bias", w["bias"], sep, "bias")
+        out.put(f"{p}.depthwise.weight", w["depthwise_kernel"].transpose(2, 3, 0, 1), sep, "depthwise_kernel")
+        out.put(f"{p}.pointwise.weight", w["pointwise_kernel"].transpose(3, 2, 0, 1), sep, "pointwise_kernel")
+        out.put(f"{p}.pointwise.bias", w["bias"], sep, "bias")
         b = g[bn]
         for kw, tw in (("gamma", "weight"), ("beta", "bias"), ("moving_mean", "running_mean"),
                        ("moving_variance", "running_var")):
-            put(f"{p}.bn.{tw}", b[kw], bn, kw)
+            out.put(f"{p}.bn.{tw}", b[kw], bn, kw)
     for idx, conv in enumerate(convs):  # s1, x1, s2, x2, s3, x3
         p = f"backbone.{'conv_s' if idx % 2 == 0 else 'conv_x'}.{idx // 2}"
-        put(f"{p}.weight", g[conv]["kernel"].transpose(3, 2, 0, 1), conv, "kernel")
-        put(f"{p}.bias", g[conv]["bias"], conv, "bias")
+        out.put(f"{p}.weight", g[conv]["kernel"].transpose(3, 2, 0, 1), conv, "kernel")
+        out.put(f"{p}.bias", g[conv]["bias"], conv, "bias")
+    return g
 
-    # --- capsules
-    caps = _find_group(weights, lambda ls: "caps" in ls, "the capsule layer")
-    put("caps.W", caps["caps"]["W"], "caps", "W")
 
-    # --- heads (ssr_F_Cap_model)
+def _map_heads(weights, out: _Filling) -> dict:
+    """ssr_F_Cap_model: each stage's delta, local delta and bin-score dense layers; returns its group."""
     fh = _find_group(weights, lambda ls: "delta_s1" in ls, "the stage heads")
     for k in range(3):
         for kname, mod in ((f"delta_s{k + 1}", "delta"), (f"local_delta_stage{k + 1}", "local")):
-            put(f"heads.{k}.{mod}.weight", fh[kname]["kernel"].T, kname, "kernel")
-            put(f"heads.{k}.{mod}.bias", fh[kname]["bias"], kname, "bias")
+            out.put(f"heads.{k}.{mod}.weight", fh[kname]["kernel"].T, kname, "kernel")
+            out.put(f"heads.{k}.{mod}.bias", fh[kname]["bias"], kname, "bias")
     preds = _sorted_kind(fh, "dense")
     if len(preds) != 3:
         raise ValueError(f"ssr_F_Cap_model: want 3 bin-score dense layers, got {preds}")
     for k, dn in enumerate(preds):
-        put(f"heads.{k}.pred.weight", fh[dn]["kernel"].T, dn, "kernel")
-        put(f"heads.{k}.pred.bias", fh[dn]["bias"], dn, "bias")
+        out.put(f"heads.{k}.pred.weight", fh[dn]["kernel"].T, dn, "kernel")
+        out.put(f"heads.{k}.pred.bias", fh[dn]["bias"], dn, "bias")
+    return fh
 
-    # --- scoring + fine-grained mapping (ssr_S_model)
-    s_layers = {name: w for grp in weights.values() if grp is not g and grp is not caps and grp is not fh
-                for name, w in grp.items()}
-    if variant != "wo":
-        dens = _sorted_kind(s_layers, "dense")
-        hw = model.mapping.hw
-        sr = [d for d in dens if s_layers[d]["kernel"].shape[0] == hw]
-        sl = [d for d in dens if s_layers[d]["kernel"].shape[0] == 3 * hw]
-        if len(sr) != 1 or len(sl) != 1 or len(dens) != 2:
-            raise ValueError(f"ssr_S_model: cannot tell the R and L dense layers apart in {dens}")
-        for dn, mod in ((sr[0], "sr"), (sl[0], "sl")):
-            put(f"mapping.{mod}.weight", s_layers[dn]["kernel"].T, dn, "kernel")
-            put(f"mapping.{mod}.bias", s_layers[dn]["bias"], dn, "bias")
-        if variant == "1x1":
-            cv = _sorted_kind(s_layers, "conv2d")
-            if len(cv) != 1:
-                raise ValueError(f"ssr_S_model: want one scoring conv, got {cv}")
-            put("mapping.conv.weight", s_layers[cv[0]]["kernel"].transpose(3, 2, 0, 1), cv[0], "kernel")
-            put("mapping.conv.bias", s_layers[cv[0]]["bias"], cv[0], "bias")
 
-    for key, val in ref.items():
-        if key.endswith("num_batches_tracked"):
-            sd[key] = torch.zeros_like(val)
-    missing = [k for k in ref if k not in sd]
-    if missing:
-        raise ValueError(f"model entries not filled from the Keras file: {missing}")
-    all_weights = {(layer, w) for grp in weights.values() for layer, ws in grp.items() for w in ws}
-    unused = sorted(all_weights - used)
-    if unused:
-        raise ValueError(f"Keras weights not mapped: {unused}")
-    return {k: sd[k] for k in ref}
+def _map_scoring(layers: dict, variant: str, hw: int, out: _Filling) -> None:
+    """ssr_S_model (variants with a scoring function): the R and L dense layers of the fine-grained
+    mapping, told apart by their input width, and the 1x1 variant's scoring conv."""
+    dens = _sorted_kind(layers, "dense")
+    sr = [d for d in dens if layers[d]["kernel"].shape[0] == hw]
+    sl = [d for d in dens if layers[d]["kernel"].shape[0] == 3 * hw]
+    if len(sr) != 1 or len(sl) != 1 or len(dens) != 2:
+        raise ValueError(f"ssr_S_model: cannot tell the R and L dense layers apart in {dens}")
+    for dn, mod in ((sr[0], "sr"), (sl[0], "sl")):
+        out.put(f"mapping.{mod}.weight", layers[dn]["kernel"].T, dn, "kernel")
+        out.put(f"mapping.{mod}.bias", layers[dn]["bias"], dn, "bias")
+    if variant == "1x1":
+        cv = _sorted_kind(layers, "conv2d")
+        if len(cv) != 1:
+            raise ValueError(f"ssr_S_model: want one scoring conv, got {cv}")
+        out.put("mapping.conv.weight", layers[cv[0]]["kernel"].transpose(3, 2, 0, 1), cv[0], "kernel")
+        out.put("mapping.conv.bias", layers[cv[0]]["bias"], cv[0], "bias")
 
 
 def model_config(weights, variant: str, path=None) -> dict:
