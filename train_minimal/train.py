@@ -41,6 +41,7 @@ import re
 import sys
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -201,18 +202,128 @@ def _total_steps(args, train_loader, batch_size: int) -> int:
     return sum(steps)
 
 
-def cmd_train(args) -> int:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    distributed = world > 1
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = resolve_device(args.device, local_rank)
-    if distributed:
-        import torch.distributed as dist
+@dataclass
+class _Ranks:
+    """This process's place in a ``torchrun`` launch (a single process: world 1, rank 0)."""
+    world: int
+    rank: int
+    local_rank: int
 
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                timeout=datetime.timedelta(minutes=60))
-    is_main = rank == 0
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_environment(cls) -> _Ranks:
+        env = os.environ
+        return cls(int(env.get("WORLD_SIZE", "1")), int(env.get("RANK", "0")), int(env.get("LOCAL_RANK", "0")))
+
+    def start(self, device: torch.device) -> None:
+        if self.distributed:
+            import torch.distributed as dist
+
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                    timeout=datetime.timedelta(minutes=60))
+
+    def mean(self, value: torch.Tensor) -> torch.Tensor:
+        """``value`` averaged over the ranks (itself in a single process)."""
+        if self.distributed:
+            import torch.distributed as dist
+
+            dist.all_reduce(value)
+            value /= self.world
+        return value
+
+    def barrier(self) -> None:
+        if self.distributed:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def finish(self, steps: int) -> None:
+        if self.distributed:
+            import torch.distributed as dist
+
+            print(f"[train] rank {self.rank}/{self.world}: {steps} steps", flush=True)  # equal on every rank, or DDP hangs
+            dist.destroy_process_group()
+
+
+@dataclass
+class _Model:
+    """A model with how it is fed: the batches ``prepare_batch`` makes for it, and its evaluation."""
+    spec: object
+    module: nn.Module
+    device: torch.device
+    input_size: int
+    amp_dtype: object
+    channels_last: bool
+
+    def batch(self, batch: dict):
+        return prepare_batch(batch, self.spec.normalize, self.device, size=self.input_size,
+                             channels_last=self.channels_last)
+
+    def evaluate(self, loader) -> dict:
+        return evaluate(self.module, loader, self.spec, self.device, amp_dtype=self.amp_dtype,
+                        channels_last=self.channels_last, input_size=self.input_size)
+
+
+def _open_loaders(args, spec, batch_size: int, input_size: int, ranks: _Ranks, gpu_decode: bool):
+    """The training loader and (on the main rank) the ``--val`` loaders by name. Data first: a wrong
+    shard path fails here, before any weights are fetched."""
+    val_sets = parse_val(args.val)
+    if ranks.is_main:
+        for url in [args.train, *val_sets.values()]:
+            _warn_crop_room(url, spec, "train")
+    with _shards_found():
+        train_loader = make_loader(args.train, spec, batch_size, train=True, workers=args.workers, seed=args.seed,
+                                   epoch_length=args.epoch_length, distributed=ranks.distributed, input_size=input_size,
+                                   gpu_decode=gpu_decode)
+        val_loaders = {}
+        if ranks.is_main:
+            for name, url in val_sets.items():
+                val_loaders[name] = make_loader(url, spec, batch_size, train=False, workers=args.workers,
+                                                seed=args.seed, input_size=input_size, gpu_decode=gpu_decode)
+    return train_loader, val_sets, val_loaders
+
+
+def _train_epoch(model: _Model, loader, train_step, step: int, max_steps: int | None) -> tuple[list, int, bool]:
+    """One pass over ``loader`` (stopping at ``max_steps``): the step losses, the step reached, and
+    whether ``max_steps`` ended the run."""
+    model.module.train()
+    losses = []
+    for batch in loader:
+        x, targets = model.batch(batch)
+        losses.append(train_step(x, targets))
+        step += 1
+        if max_steps is not None and step >= max_steps:
+            return losses, step, True
+    return losses, step, False
+
+
+def _validate(model: _Model, loaders: dict, urls: dict) -> dict:
+    """MAE per ``--val`` set, by name."""
+    results = {}
+    for name, loader in loaders.items():
+        with _samples_found(urls[name]):
+            results[name] = model.evaluate(loader)
+    return results
+
+
+def _print_epoch(entry: dict, total_steps: int) -> None:
+    vals = "  ".join(f"{n}: MAE {m['mean']:.3f} (y {m['yaw']:.2f} p {m['pitch']:.2f} r {m['roll']:.2f})"
+                     for n, m in entry["val"].items())
+    print(f"[train] epoch {entry['epoch']} step {entry['step']}/{total_steps} loss {entry['train_loss']:.4f} "
+          f"({entry['time_s']:.1f}s) {vals}", flush=True)
+
+
+def cmd_train(args) -> int:
+    ranks = _Ranks.from_environment()
+    device = resolve_device(args.device, ranks.local_rank)
+    ranks.start(device)
     out_dir = Path(args.out)
     if (args.epochs is None) == (args.steps is None):
         raise SystemExit("error: give exactly one of --epochs N or --steps N")
@@ -230,21 +341,7 @@ def cmd_train(args) -> int:
     gpu_decode = bool(args.gpu_decode and cuda)
     if args.gpu_decode and not cuda:
         print("[train] --gpu-decode needs a CUDA device; decoding on the CPU", file=sys.stderr)
-
-    # Data first: a wrong shard path fails here, before any weights are fetched
-    val_sets = parse_val(args.val)
-    if is_main:
-        for url in [args.train, *val_sets.values()]:
-            _warn_crop_room(url, spec, "train")
-    with _shards_found():
-        train_loader = make_loader(args.train, spec, batch_size, train=True, workers=args.workers, seed=args.seed,
-                                   epoch_length=args.epoch_length, distributed=distributed, input_size=input_size,
-                                   gpu_decode=gpu_decode)
-        val_loaders = {}
-        if is_main:
-            for name, url in val_sets.items():
-                val_loaders[name] = make_loader(url, spec, batch_size, train=False, workers=args.workers,
-                                                seed=args.seed, input_size=input_size, gpu_decode=gpu_decode)
+    train_loader, val_sets, val_loaders = _open_loaders(args, spec, batch_size, input_size, ranks, gpu_decode)
 
     # Teachers (knowledge distillation), read before the student is built: a wrong teacher path fails
     # before any weights are fetched
@@ -254,98 +351,71 @@ def cmd_train(args) -> int:
     if teachers and "kd_weight" in spec.defaults and accepts(spec.distill, "weight"):
         kd_kwargs["weight"] = float(args.kd_weight if args.kd_weight is not None else spec.defaults["kd_weight"])
 
-    model = build_model(spec, args.pretrained, input_size).to(device)
+    module = build_model(spec, args.pretrained, input_size).to(device)
     if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-
+        module = module.to(memory_format=torch.channels_last)
+    model = _Model(spec, module, device, input_size, amp_dtype, channels_last)
     total_steps = _total_steps(args, train_loader, batch_size)
 
-    made_out = is_main and not out_dir.exists()
-    if is_main:
+    made_out = ranks.is_main and not out_dir.exists()
+    if ranks.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)  # once the data, teachers and step count are settled
-    opt, sched = spec.make_optimizer(model, total_steps, args.lr if args.lr is not None else spec.defaults.get("lr"))
-    net = model
-    if distributed:
+    opt, sched = spec.make_optimizer(module, total_steps, args.lr if args.lr is not None else spec.defaults.get("lr"))
+    net = module
+    if ranks.distributed:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        net = DDP(model, device_ids=[device.index] if cuda else None,
+        net = DDP(module, device_ids=[device.index] if cuda else None,
                   find_unused_parameters=bool(spec.defaults.get("find_unused_parameters", False)))
-    train_step = TrainStep(spec, model, opt, sched, device, amp_dtype, net=net, alpha=args.alpha,
+    train_step = TrainStep(spec, module, opt, sched, device, amp_dtype, net=net, alpha=args.alpha,
                            teachers=teachers, kd_kwargs=kd_kwargs)
 
     run_args = {
         "model": spec.name, "input_size": input_size, "crop_rule": spec.crop_rule, "normalize": spec.normalize,
         "batch_size": batch_size, **learning_rates(opt), "alpha": train_step.loss_kwargs.get("alpha"),
         "pretrained": str(args.pretrained), "seed": args.seed,
-        "epochs": args.epochs, "steps": args.steps, "epoch_length": args.epoch_length, "world_size": world,
+        "epochs": args.epochs, "steps": args.steps, "epoch_length": args.epoch_length, "world_size": ranks.world,
         "teachers": teacher_paths, "kd_weight": kd_kwargs.get("weight"), "train": str(args.train),
         "val": val_sets, "device": str(device), "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else None,
         "total_steps": total_steps,
     }
     history = {"model": spec.name, "args": run_args, "epochs": [], "steps": [], "final": {}}
-    if is_main:
-        n_params = registry.count_parameters(model)
+    if ranks.is_main:
+        n_params = registry.count_parameters(module)
         print(f"[train] {spec.name}: {n_params:,} trainable parameters, input {input_size}px, batch {batch_size}"
-              f"{f' x {world} ranks' if distributed else ''}, {total_steps} steps on {device}"
+              f"{f' x {ranks.world} ranks' if ranks.distributed else ''}, {total_steps} steps on {device}"
               + (f" ({run_args['amp']} autocast)" if amp_dtype else ""), flush=True)
 
-    step = 0
-    epoch = 0
+    step = epoch = 0
     done = False
     t_start = time.time()
     while not done:
         epoch += 1
-        net.train()
-        losses = []
         t_epoch = time.time()
-        for batch in train_loader:
-            x, targets = prepare_batch(batch, spec.normalize, device, size=input_size, channels_last=channels_last)
-            losses.append(train_step(x, targets))
-            step += 1
-            if args.steps is not None and step >= args.steps:
-                done = True
-                break
+        losses, step, done = _train_epoch(model, train_loader, train_step, step, args.steps)
         if not losses:
             if made_out and not any(out_dir.iterdir()):
                 out_dir.rmdir()  # made by this run, nothing written: leave no empty folder
             raise SystemExit(f"error: epoch {epoch} gave no training batch (fewer samples than --batch-size "
                              f"{batch_size} per loader worker?)")
         step_losses = torch.stack(losses).float()
-        epoch_loss = step_losses.mean()
-        if distributed:
-            import torch.distributed as dist
-
-            dist.all_reduce(epoch_loss)
-            epoch_loss /= world
+        epoch_loss = ranks.mean(step_losses.mean())
         if args.epochs is not None and epoch >= args.epochs:
             done = True
-        if is_main:
+        if ranks.is_main:
             first = step - len(losses) + 1
             history["steps"].extend({"step": first + i, "loss": v} for i, v in enumerate(step_losses.cpu().tolist()))
             entry = {"epoch": epoch, "step": step, "train_loss": float(epoch_loss),
-                     **learning_rates(opt, scheduled=True), "time_s": round(time.time() - t_epoch, 3), "val": {}}
-            for name, loader in val_loaders.items():
-                with _samples_found(val_sets[name]):
-                    entry["val"][name] = evaluate(model, loader, spec, device, amp_dtype=amp_dtype,
-                                                  channels_last=channels_last, input_size=input_size)
+                     **learning_rates(opt, scheduled=True), "time_s": round(time.time() - t_epoch, 3),
+                     "val": _validate(model, val_loaders, val_sets)}
             history["epochs"].append(entry)
             history["final"] = entry["val"]
-            save_epoch(out_dir, model, spec.name, run_args, history, entry)
-            vals = "  ".join(f"{n}: MAE {m['mean']:.3f} (y {m['yaw']:.2f} p {m['pitch']:.2f} r {m['roll']:.2f})"
-                             for n, m in entry["val"].items())
-            print(f"[train] epoch {epoch} step {step}/{total_steps} loss {entry['train_loss']:.4f} "
-                  f"({entry['time_s']:.1f}s) {vals}", flush=True)
-        if distributed:
-            import torch.distributed as dist
-
-            dist.barrier()
-    if is_main:
+            save_epoch(out_dir, module, spec.name, run_args, history, entry)
+            _print_epoch(entry, total_steps)
+        ranks.barrier()
+    if ranks.is_main:
         print(f"[train] done in {time.time() - t_start:.1f}s -> {out_dir / 'checkpoint.pt'}", flush=True)
-    if distributed:
-        import torch.distributed as dist
-
-        print(f"[train] rank {rank}/{world}: {step} steps", flush=True)  # equal on every rank, or DDP hangs
-        dist.destroy_process_group()
+    ranks.finish(step)
     return 0
 
 
