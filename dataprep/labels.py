@@ -16,10 +16,12 @@ Angles are in **degrees**, named ``yaw, pitch, roll``.
 
 The ``rotation`` stored in every record is ``rotation_from_euler(yaw, pitch, roll)``, the matrix in
 that same convention, so ``rotation_to_euler(record["rotation"])`` gives back the record's angles for
-every dataset (for BIWI it is ``M.T`` itself) while |yaw| < 90. Past that (AFLW2000 has such
-samples; ``--protocol none`` keeps them) it gives the other angle triple of the same rotation,
-``(±180 - yaw, pitch ∓ 180, roll ∓ 180)`` wrapped, with |yaw| <= 90: the record's angles stay as
-the dataset gives them.
+every dataset (for BIWI it is ``M.T`` itself). The formulas above return |yaw| <= 90; a rotation
+with |yaw| > 90 (AFLW2000 and 300W-LP hold a few; protocol 1 keeps yaw up to 99) comes out of them
+as the other angle triple of the same rotation, ``(±180 - yaw, pitch ∓ 180, roll ∓ 180)``, pitch
+and roll both past 90. ``rotation_to_euler`` returns the triple whose pitch and roll are within
+90 instead, the one a head-pose label is (BIWI's yaw stays within 75: its angles are the
+formulas' exactly).
 
 A horizontal image flip negates yaw and roll and keeps pitch; on the matrix it is the conjugation
 ``S @ R @ S`` with ``S = diag(-1, 1, 1)``. Points and boxes mirror as ``x -> W + c - x`` where ``c``
@@ -56,20 +58,30 @@ def euler_to_pose_para(yaw: float, pitch: float, roll: float) -> np.ndarray:
 
 
 def rotation_to_euler(rotation):
-    """Rotation matrix ``R`` in our convention -> ``(yaw, pitch, roll)`` degrees. A torch tensor of
+    """Rotation matrix ``R`` in our convention -> ``(yaw, pitch, roll)`` degrees: the Z-Y-X
+    formulas above, except where they give |pitch| > 90 and |roll| > 90 together (the rotation's
+    yaw is past 90): then the other triple of the same rotation, ``(±180 - yaw, pitch ∓ 180,
+    roll ∓ 180)``, whose pitch and roll are within 90, as head-pose labels' are. A torch tensor of
     matrices ``(..., 3, 3)`` gives a tensor ``(..., 3)`` (the trainer's MNN decode)."""
     if _is_tensor(rotation):
         torch = _torch()
         r = rotation
-        roll = -torch.atan2(r[..., 1, 0], r[..., 0, 0])
-        yaw = -torch.atan2(-r[..., 2, 0], torch.hypot(r[..., 2, 1], r[..., 2, 2]))
-        pitch = torch.atan2(r[..., 2, 1], r[..., 2, 2])
-        return torch.rad2deg(torch.stack([yaw, pitch, roll], dim=-1))
+        roll = torch.rad2deg(-torch.atan2(r[..., 1, 0], r[..., 0, 0]))
+        yaw = torch.rad2deg(-torch.atan2(-r[..., 2, 0], torch.hypot(r[..., 2, 1], r[..., 2, 2])))
+        pitch = torch.rad2deg(torch.atan2(r[..., 2, 1], r[..., 2, 2]))
+        other = (pitch.abs() > 90.0) & (roll.abs() > 90.0)
+        half = torch.full_like(yaw, 180.0)
+        yaw = torch.where(other, torch.copysign(half, yaw) - yaw, yaw)
+        pitch = torch.where(other, pitch - torch.copysign(half, pitch), pitch)
+        roll = torch.where(other, roll - torch.copysign(half, roll), roll)
+        return torch.stack([yaw, pitch, roll], dim=-1)
     r = np.asarray(rotation, dtype=np.float64)
-    roll = -math.atan2(r[1, 0], r[0, 0])
-    yaw = -math.atan2(-r[2, 0], math.hypot(r[2, 1], r[2, 2]))
-    pitch = math.atan2(r[2, 1], r[2, 2])
-    return yaw * RAD2DEG, pitch * RAD2DEG, roll * RAD2DEG
+    roll = -math.atan2(r[1, 0], r[0, 0]) * RAD2DEG
+    yaw = -math.atan2(-r[2, 0], math.hypot(r[2, 1], r[2, 2])) * RAD2DEG
+    pitch = math.atan2(r[2, 1], r[2, 2]) * RAD2DEG
+    if abs(pitch) > 90.0 and abs(roll) > 90.0:
+        yaw, pitch, roll = math.copysign(180.0, yaw) - yaw, pitch - math.copysign(180.0, pitch), roll - math.copysign(180.0, roll)
+    return yaw, pitch, roll
 
 
 def biwi_matrix_to_euler(m) -> tuple[float, float, float]:

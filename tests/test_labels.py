@@ -84,16 +84,25 @@ def test_angles_in_range():
     assert not labels.angles_in_range(float("nan"), 0.0, 0.0)
 
 
-def test_rotation_round_trip_past_90_degrees_of_yaw_is_the_other_triple():
-    # documented in labels.py: |yaw| > 90 comes back as (180 - yaw, pitch - 180, roll - 180), wrapped
-    for yaw, pitch, roll in ((120.0, 10.0, 5.0), (-135.0, -20.0, 30.0)):
-        got = labels.rotation_to_euler(labels.rotation_from_euler(yaw, pitch, roll))
-        sign = 1.0 if yaw > 0 else -1.0
-        want = [sign * 180.0 - yaw, pitch - sign * 180.0, roll - sign * 180.0]
-        assert [(g - w + 180.0) % 360.0 - 180.0 for g, w in zip(got, want)] == pytest.approx([0.0] * 3, abs=1e-9)
-        assert abs(got[0]) <= 90.0
-        np.testing.assert_allclose(labels.rotation_from_euler(*got), labels.rotation_from_euler(yaw, pitch, roll),
-                                   atol=1e-12)
+def test_rotation_round_trip_past_90_degrees_of_yaw_keeps_the_label_triple():
+    # AFLW2000 / 300W-LP hold |yaw| up to 99 and beyond with small pitch and roll: the formulas give
+    # (180 - yaw, pitch - 180, roll - 180) for those; rotation_to_euler returns the label's triple
+    import torch
+
+    for yaw, pitch, roll in ((95.0, 10.0, 5.0), (-97.0, -20.0, 3.0), (120.0, 10.0, 5.0), (-135.0, -20.0, 30.0),
+                             (123.25, 38.09, -3.80), (179.0, -89.0, 89.5)):
+        r = labels.rotation_from_euler(yaw, pitch, roll)
+        assert labels.rotation_to_euler(r) == pytest.approx((yaw, pitch, roll), abs=1e-9)
+        got = labels.rotation_to_euler(torch.tensor(r[None], dtype=torch.float64))[0].tolist()
+        assert got == pytest.approx([yaw, pitch, roll], abs=1e-9)
+    # the README's example, by the formulas alone: the other triple of the same rotation
+    r = labels.rotation_from_euler(123.25, 38.09, -3.80)
+    formula = (-math.degrees(math.atan2(-r[2, 0], math.hypot(r[2, 1], r[2, 2]))),
+               math.degrees(math.atan2(r[2, 1], r[2, 2])), -math.degrees(math.atan2(r[1, 0], r[0, 0])))
+    assert formula == pytest.approx((56.75, -141.91, 176.20), abs=1e-9)
+    # a rotation no triple of which has pitch and roll both within 90: the formulas' (|yaw| <= 90)
+    r = labels.rotation_from_euler(30.0, 100.0, 10.0)
+    assert labels.rotation_to_euler(r) == pytest.approx((30.0, 100.0, 10.0), abs=1e-9)
 
 
 def test_the_sample_writers_conversions_invert_the_readers():

@@ -162,7 +162,8 @@ def test_rotation_maths_on_tensors_match_labels():
     # labels.py is the one place of the Euler convention: batches of tensors (MNN's loss and decode)
     # give what the numpy path gives angle by angle
     rng = np.random.default_rng(1)
-    angles = np.stack([rng.uniform(-85, 85, 20), rng.uniform(-170, 170, 20), rng.uniform(-170, 170, 20)], 1)
+    # yaw past 90 too (AFLW2000's up to 99); head poses' pitch and roll within 90
+    angles = np.stack([rng.uniform(-130, 130, 20), rng.uniform(-89, 89, 20), rng.uniform(-89, 89, 20)], 1)
     t = torch.from_numpy(angles)
     r = labels.rotation_from_euler(t[:, 0], t[:, 1], t[:, 2])
     assert r.shape == (20, 3, 3) and r.dtype == torch.float32
@@ -173,6 +174,8 @@ def test_rotation_maths_on_tensors_match_labels():
     np.testing.assert_allclose(back, angles, atol=1e-3)
     d6 = torch.cat([r[:, :, 0], r[:, :, 1]], dim=1) * 3.0  # scale does not matter
     torch.testing.assert_close(mnn.rotation_from_6d(d6), r.float(), atol=1e-5, rtol=0)
+    # MNN's decode of a perfect prediction is the label, |yaw| > 90 included (not 180 deg off)
+    np.testing.assert_allclose(mnn.mnn_decode({"pose": d6}).numpy(), angles, atol=1e-3)
 
 
 def test_mnn_trains_pose_only_and_with_landmarks():
