@@ -18,6 +18,9 @@ Crop rules (``CROP_RULES``), each documented against the code it reproduces:
   across); BIWI ``s = 0.6, t = 1``; and ``k`` uniform in [0.2, 0.4] per sample for 300W-LP, 0.2
   for AFLW2000 and 0.35 for BIWI.
   Hopenet's box is the min/max of *all* ``pt2d`` points, AFLW2000's placeholders included.
+  The window is the square of that loose crop Hopenet's network sees (:func:`hopenet_view`): its
+  transforms keep the aspect ratio (``Scale`` then a 224 crop), so the window is never squashed;
+  a tall window loses its top and bottom, a wide one its sides.
 * ``fsanet``: FSA-Net's margin crop (``data/type1/TYY_create_db_type1.py``): ``ad`` of the box
   width/height on each side (:data:`FSANET_MARGINS`: 0.6 for 300W-LP and AFLW2000, 0.4 for BIWI,
   whose far-edge pixel its BIWI scripts include), truncated to integers and clipped to the image.
@@ -178,6 +181,26 @@ def hopenet_loose(box, k: float, dataset: str) -> Box:
     return [x1, y1, x2, y2]
 
 
+#: Hopenet's transforms: ``train_hopenet.py`` ``Scale(240)``, ``RandomCrop(224)``;
+#: ``test_hopenet.py`` ``Scale(224)``, ``CenterCrop(224)`` (``Scale(n)``: the shorter side to n).
+HOPENET_TRAIN_SCALE, HOPENET_INPUT = 240, 224
+
+
+def hopenet_view(loose, rng=None) -> Box:
+    """The square of Hopenet's ``loose`` window that its network sees. Training (``rng`` given, for
+    the offsets): a square of 224/240 of the shorter side anywhere in the window; testing (None):
+    the centred square of the shorter side."""
+    x1, y1, x2, y2 = (float(v) for v in loose)
+    w, h = x2 - x1, y2 - y1
+    if rng is None:
+        side = min(w, h)
+        ox, oy = (w - side) / 2.0, (h - side) / 2.0
+    else:
+        side = min(w, h) * HOPENET_INPUT / HOPENET_TRAIN_SCALE
+        ox, oy = float(rng.uniform(0.0, w - side)), float(rng.uniform(0.0, h - side))
+    return [x1 + ox, y1 + oy, x1 + ox + side, y1 + oy + side]
+
+
 def hopenet_k(dataset: str, rng) -> float:
     """Hopenet's k for ``dataset``: drawn with ``rng.uniform(lo, hi)`` (a ``np.random.Generator`` or
     a ``random.Random``) where the dataset has a range, its midpoint without ``rng``."""
@@ -211,7 +234,7 @@ def crop_window(rule: str, box, *, dataset: str, image_size, rng=None, margin: f
     if rule == "square":
         return square_pad(box, margin)
     if rule == "hopenet":
-        return hopenet_loose(box, hopenet_k(dataset, rng), dataset)
+        return hopenet_view(hopenet_loose(box, hopenet_k(dataset, rng), dataset), rng)
     if rule == "fsanet":
         return fsanet_margin(box, image_size, dataset)
     if rule == "box":
@@ -221,7 +244,7 @@ def crop_window(rule: str, box, *, dataset: str, image_size, rng=None, margin: f
 
 CROP_RULES: dict[str, str] = {
     "square": "square-padded face box (EHPNet); default",
-    "hopenet": "Hopenet's loose crop (k in [0.2,0.4] 300W-LP, 0.2 AFLW2000, 0.35 BIWI)",
+    "hopenet": "the square of Hopenet's loose crop its network sees (k in [0.2,0.4] 300W-LP, 0.2 AFLW2000, 0.35 BIWI)",
     "fsanet": "FSA-Net's margin crop (0.6 of the box per side; BIWI 0.4), clipped to the image",
     "box": "the face box itself",
 }

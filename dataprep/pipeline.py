@@ -170,9 +170,10 @@ def label_record(sample: RawSample, split: str, variants: dict, scores: dict, so
 def crop_sample(sample: RawSample, split: str, settings: Settings, decision: dict | None, rng) -> tuple[np.ndarray, dict, np.ndarray | None, np.ndarray | None]:
     variants, scores, source = choose_box(sample, settings, decision)
     h, w = sample.image.shape[:2]
-    window = box_rules.crop_window(
-        settings.crop_rule, variants[source], dataset=sample.ref.dataset, image_size=(w, h), rng=rng, margin=settings.margin
-    )
+    # random crop parameters (Hopenet's k and view) in training splits, as the paper's training
+    # draws them; the rule's fixed test-time window elsewhere
+    window = box_rules.crop_window(settings.crop_rule, variants[source], dataset=sample.ref.dataset, image_size=(w, h),
+                                   rng=rng if split == "train" else None, margin=settings.margin)
     image, crop = crop_and_resize(sample.image, window, settings.crop_size)
     record = label_record(sample, split, variants, scores, source, crop, settings)
     if decision and decision.get("tracking"):

@@ -31,7 +31,7 @@ def audited(sample_tree, tmp_path_factory):
     base = tmp_path_factory.mktemp("audit")
     root = sample_tree / "AFLW2000"
     outs = {}
-    for rule in ("square", "hopenet"):
+    for rule in ("square", "hopenet", "fsanet"):
         outs[rule] = base / rule
         build(BuildOptions(dataset="aflw2000", root=str(root), out=str(outs[rule]), crop_rule=rule, progress=False))
     report_hn = base / "report_hopenet"
@@ -78,27 +78,35 @@ def test_rejected_rows(audited):
         assert row["reason"] == "angle_out_of_range" and row["message"]
 
 
-def test_hopenet_build_is_squashed_square_build_is_not(audited):
+def test_fsanet_build_is_squashed_square_and_hopenet_builds_are_not(audited, tmp_path):
+    # FSA-Net resizes its margin window straight to 64 x 64; Hopenet's transforms cut a square
     th = Thresholds().squash
-    hn = read_csv(audited["report_hn"] / "boxes.csv")
-    recs = label_records(audited["outs"]["hopenet"])
+    report_fs = tmp_path / "report_fsanet"
+    summary_fs = run_audit(audited["outs"]["fsanet"], report_fs, pictures=False)
+    fs = read_csv(report_fs / "boxes.csv")
     squashed = set()
-    for key, rec in recs.items():
+    for key, rec in label_records(audited["outs"]["fsanet"]).items():
         x1, y1, x2, y2 = rec["crop"]
         w, h = x2 - x1, y2 - y1
         distortion = max(w, h) / min(w, h) - 1.0
-        assert float(hn[key]["crop_distortion"]) == pytest.approx(distortion, abs=1e-5)
+        assert float(fs[key]["crop_distortion"]) == pytest.approx(distortion, abs=1e-5)
         if distortion > th:
             squashed.add(key)
-    assert squashed, "Hopenet's loose crop is not square"
-    assert {k for k, r in hn.items() if "squashed" in flags(r)} == squashed
+    assert squashed, "FSA-Net's margin window is not square"
+    assert {k for k, r in fs.items() if "squashed" in flags(r)} == squashed
+    assert summary_fs["flags"]["squashed"] == len(squashed)
 
+    hn = read_csv(audited["report_hn"] / "boxes.csv")
+    for key, rec in label_records(audited["outs"]["hopenet"]).items():
+        x1, y1, x2, y2 = rec["crop"]
+        assert x2 - x1 == y2 - y1, key  # the square Hopenet's network sees
+        assert float(hn[key]["hopenet_distortion"]) < 0.01 and "squashed" not in flags(hn[key])
     sq = read_csv(audited["report_sq"] / "boxes.csv")
     assert not [k for k, r in sq.items() if "squashed" in flags(r)]
     assert audited["summary_sq"]["flags"]["squashed"] == 0
     assert audited["summary_sq"]["flags"]["placeholder_box"] > 0  # the records still carry the pt2d box
-    # ... but the square build's table still says what the Hopenet rule would have done
-    assert max(float(r["hopenet_distortion"]) for r in sq.values() if r["status"] == "written") > th
+    # ... but the square build's table still says what the FSA-Net rule would have done
+    assert max(float(r["fsanet_distortion"]) for r in sq.values() if r["status"] == "written") > th
 
 
 def test_csv_values_by_hand(audited):
@@ -127,18 +135,20 @@ def test_csv_values_by_hand(audited):
     # square rule reads gt: a square, no distortion
     assert row["square_box"] == "gt" and float(row["square_distortion"]) == pytest.approx(0.0, abs=1e-6)
     # Hopenet rule reads pt2d, k = 0.2 on AFLW2000, sides and top by 2k, corners updated one after
-    # the other (Hopenet's AFLW2000 class)
+    # the other (Hopenet's AFLW2000 class); its test transforms then take the centred square of
+    # the shorter side (Scale(224), CenterCrop(224))
     assert row["hopenet_box"] == "pt2d"
     k = 0.2
     x1 = px1 - 2 * k * abs(px2 - px1)
     y1 = py1 - 2 * k * abs(py2 - py1)
     x2 = px2 + 2 * k * abs(px2 - x1)
     y2 = py2 + 0.6 * k * abs(py2 - y1)
-    for c, v in zip(("x1", "y1", "x2", "y2"), (x1, y1, x2, y2)):
+    side = min(x2 - x1, y2 - y1)
+    x1, y1 = x1 + (x2 - x1 - side) / 2, y1 + (y2 - y1 - side) / 2
+    for c, v in zip(("x1", "y1", "x2", "y2"), (x1, y1, x1 + side, y1 + side)):
         assert float(row[f"hopenet_{c}"]) == pytest.approx(v, abs=1e-4)
-    w, h = x2 - x1, y2 - y1
-    assert float(row["hopenet_aspect"]) == pytest.approx(w / h, abs=1e-5)
-    assert float(row["hopenet_distortion"]) == pytest.approx(max(w, h) / min(w, h) - 1, abs=1e-5)
+    assert float(row["hopenet_aspect"]) == pytest.approx(1.0, abs=1e-5)
+    assert float(row["hopenet_distortion"]) == pytest.approx(0.0, abs=1e-5)
     # FSA-Net rule reads its own pt2d box (placeholders dropped); integer box, 0.6 margins, clipped
     assert row["fsanet_box"] == "pt2d_valid"
     W, H = rec["image_size"]
@@ -169,7 +179,7 @@ def test_html_references_exist_and_are_local(audited):
         for anchor in (r[1:] for r in refs if r.startswith("#")):
             assert f'id="{anchor}"' in page, anchor
     hn_page = (audited["report_hn"] / "report.html").read_text()
-    for flag in ("placeholder_box", "squashed", "outside_image", "rejected"):
+    for flag in ("placeholder_box", "outside_image", "rejected"):
         assert f"sheets/{flag}.png" in hn_page
     assert "hist_angles.png" in hn_page and "hist_aspect.png" in hn_page and "hist_iou.png" in hn_page
 
@@ -237,9 +247,13 @@ def test_biwi_style_record_flags():
     assert set(row.flags) == {"reused_box", "detector_disagrees"}
     assert row.values["square_box"] == row.values["hopenet_box"] == row.values["fsanet_box"] == "mtcnn"
     assert row.values["iou_gt_mtcnn"] == 0.0 and row.values["tracking_reused"] == 1
-    # hopenet on BIWI: k = 0.35, top grows by k (not 2k)
+    # hopenet on BIWI: k = 0.35, top grows by k (not 2k), sides by 0.6k; then the centred square
     x1, y1, x2, y2 = rec["box"]
-    assert row.values["hopenet_y1"] == pytest.approx(y1 - 0.35 * (y2 - y1))
+    lx1, ly1 = x1 - 0.21 * (x2 - x1), y1 - 0.35 * (y2 - y1)
+    lx2, ly2 = x2 + 0.21 * (x2 - lx1), y2 + 0.21 * (y2 - ly1)
+    side = min(lx2 - lx1, ly2 - ly1)
+    assert row.values["hopenet_y1"] == pytest.approx(ly1 + (ly2 - ly1 - side) / 2)
+    assert row.values["hopenet_x1"] == pytest.approx(lx1 + (lx2 - lx1 - side) / 2)
     rec["boxes"]["mtcnn"] = rec["box"] = [305.0, 205.0, 398.0, 302.0]
     rec["tracking"]["reused"] = False
     row = sample_row(Sample(rec, Path("x.tar")), ["gt", "mtcnn"], Thresholds())

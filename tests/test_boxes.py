@@ -21,14 +21,35 @@ def test_hopenet_loose_updates_corners_in_sequence():
     # x1 = 100 - 2*0.2*100 = 60;  y1 = 100 - 2*0.2*100 = 60
     # x2 = 200 + 2*0.2*|200 - 60| = 256 (uses the moved x1, as Hopenet's code does)
     # y2 = 200 + 0.6*0.2*|200 - 60| = 216.8
-    got = boxes.crop_window("hopenet", [100, 100, 200, 200], dataset="aflw2000", image_size=(450, 450))
+    got = boxes.hopenet_loose([100, 100, 200, 200], 0.2, "aflw2000")
     assert got == pytest.approx([60, 60, 256, 216.8])
     # 300W-LP (its Pose_300W_LP class: sides 0.6k), k = 0.2 drawn
     got = boxes.hopenet_loose([100, 100, 200, 200], 0.2, "300w_lp")
     assert got == pytest.approx([88, 60, 200 + 0.12 * 112, 216.8])
     # BIWI: k = 0.35, top grows by k (not 2k)
-    got = boxes.crop_window("hopenet", [100, 100, 200, 200], dataset="biwi", image_size=(640, 480))
+    got = boxes.hopenet_loose([100, 100, 200, 200], 0.35, "biwi")
     assert got == pytest.approx([79, 65, 200 + 0.21 * 121, 200 + 0.21 * 135])
+
+
+def test_hopenet_rule_is_the_square_its_transforms_cut_from_the_loose_window():
+    # test_hopenet.py: Scale(224) (the shorter side), CenterCrop(224): the centred square of the
+    # shorter side. AFLW2000's loose window [60, 60, 256, 216.8] is 196 x 156.8: a 156.8 square,
+    # 19.6 px in from each side (not the whole window squashed to a square)
+    got = boxes.crop_window("hopenet", [100, 100, 200, 200], dataset="aflw2000", image_size=(450, 450))
+    assert got == pytest.approx([79.6, 60, 236.4, 216.8])
+    # BIWI's [79, 65, 225.41, 228.35] is 146.41 x 163.35: the 146.41 square, 8.47 px down
+    got = boxes.crop_window("hopenet", [100, 100, 200, 200], dataset="biwi", image_size=(640, 480))
+    assert got == pytest.approx([79, 65 + (163.35 - 146.41) / 2, 225.41, 65 + (163.35 + 146.41) / 2])
+    # train_hopenet.py: Scale(240), RandomCrop(224): a square of 224/240 of the shorter side,
+    # anywhere inside the window (k drawn too, on 300W-LP)
+    for seed in range(50):
+        rng = np.random.default_rng(seed)
+        k = boxes.hopenet_k("300w_lp", np.random.default_rng(seed))
+        loose = boxes.hopenet_loose([100, 100, 200, 200], k, "300w_lp")
+        got = boxes.crop_window("hopenet", [100, 100, 200, 200], dataset="300w_lp", image_size=(450, 450), rng=rng)
+        side = min(loose[2] - loose[0], loose[3] - loose[1]) * 224 / 240
+        assert got[2] - got[0] == pytest.approx(side) and got[3] - got[1] == pytest.approx(side)
+        assert loose[0] <= got[0] and got[2] <= loose[2] + 1e-9 and loose[1] <= got[1] and got[3] <= loose[3] + 1e-9
 
 
 def test_hopenet_k_is_random_in_range_for_300w_lp_and_seeded():
@@ -148,11 +169,17 @@ def test_rule_box_name_is_the_same_choice_for_build_and_load_time():
     assert all(boxes.rule_box_name(detected, "mtcnn", r) == "mtcnn" for r in boxes.CROP_RULES)
 
 
-class _Highest:
-    """An rng drawing the top of every range (Hopenet's k = 0.4 on 300W-LP: its loosest window)."""
+class _Extreme:
+    """An rng drawing the top of Hopenet's k range (0.4 on 300W-LP: its loosest window), and each
+    view offset (ranges from 0) at the end ``corner`` says: the view in one corner of the window."""
+
+    def __init__(self, corner=(1, 1)):
+        self.ends = list(corner)
 
     def uniform(self, lo, hi):
-        return hi
+        if lo != 0.0:
+            return hi
+        return hi if self.ends.pop(0) else lo
 
 
 @pytest.mark.parametrize("rule", ["hopenet", "fsanet", "square", "box"])
@@ -162,9 +189,12 @@ def test_room_margin_is_the_smallest_square_crop_that_holds_the_rule(rule):
     big = (10_000, 10_000)  # no clipping to the image
 
     def holds(margin, box, dataset):
-        window = boxes.crop_window(rule, box, dataset=dataset, image_size=big, rng=_Highest())
         room = boxes.square_pad(box, margin)
-        return all(room[i] <= window[i] + 1.0 for i in (0, 1)) and all(room[i] >= window[i] - 1.0 for i in (2, 3))
+        for corner in ((0, 0), (0, 1), (1, 0), (1, 1)):  # Hopenet's training view, in each corner
+            window = boxes.crop_window(rule, box, dataset=dataset, image_size=big, rng=_Extreme(corner))
+            if not (all(room[i] <= window[i] + 1.0 for i in (0, 1)) and all(room[i] >= window[i] - 1.0 for i in (2, 3))):
+                return False
+        return True
 
     margin = boxes.ROOM_MARGIN[rule]
     for box in ([4000, 4000, 4200, 4200], [4000, 4000, 4300, 4150], [4000, 4000, 4150, 4300]):

@@ -144,8 +144,10 @@ def test_300w_lp_subsets_and_hopenet_rule(sample_tree, tmp_path):
         assert rec["box_source"] == "pt2d" and rec["crop_rule"] == "hopenet"
         x1, y1, x2, y2 = rec["crop"]
         b = rec["box"]
-        # Hopenet's loose crop reaches 2k (k >= 0.2) of the box height above it
-        assert y1 <= b[1] - 0.4 * (b[3] - b[1]) + 1
+        # the training view of Hopenet's loose crop (a train split): a square, across the whole box
+        # width, inside the loosest window (k = 0.4: 0.8 box heights above the box)
+        assert x2 - x1 == y2 - y1
+        assert x1 <= b[0] + 1 and x2 >= b[2] - 1 and y1 >= b[1] - 0.8 * (b[3] - b[1]) - 1
 
 
 def test_resume_after_interrupt_is_byte_identical(sample_tree, tmp_path, monkeypatch):

@@ -375,7 +375,7 @@ def test_padded_windows_are_snapped_and_recorded_as_cut(shards):
     kw = dict(shuffle=0, crop_rule="hopenet", size=48, image_format="uint8", random_crop=False)
     fast = list(make_dataset(pattern, **kw))
     exact = list(make_dataset(pattern, exact_cut=True, **kw))
-    snapped = 0
+    snapped = past = 0
     for f, e in zip(fast, exact):
         assert f["key"] == e["key"]
         fc, ec = np.array(f["record"]["crop"]), np.array(e["record"]["crop"])
@@ -395,8 +395,10 @@ def test_padded_windows_are_snapped_and_recorded_as_cut(shards):
         i1, j1, i2, j2 = (int(round(v)) for v in (i1, j1, i2, j2))
         outside = np.ones((48, 48), bool)
         outside[j1:j2, i1:i2] = False
-        assert img[:, outside].max() == 0
-    assert snapped == len(fast)  # every Hopenet window here reaches past the stored crop
+        if outside.any():  # the window reaches past the stored crop: black there, and snapped
+            past += 1
+            assert img[:, outside].max() == 0
+    assert snapped == past > len(fast) // 2  # most Hopenet windows reach past the tight stored crops
 
 def test_jpeg_format_window_gives_the_decoded_pixels(shards):
     pattern, samples = shards

@@ -17,7 +17,9 @@ As in the official ``code/train_hopenet.py``:
   ``--alpha 2`` to the trainer for the other published setting.
 * Adam (betas 0.9/0.999, eps 1e-8), lr 1e-5 with three parameter groups: ``conv1``/``bn1`` at
   lr 0 (frozen stem), the rest of the trunk at lr, the three heads at 5 x lr; no schedule.
-* input 224 x 224, ImageNet RGB normalisation, Hopenet's loose crop (``crop_rule="hopenet"``).
+* input 224 x 224, ImageNet RGB normalisation, the square of Hopenet's loose crop its
+  transforms cut (``crop_rule="hopenet"``: in training ``Scale(240)``, ``RandomCrop(224)``, in
+  evaluation the centre square; ``boxes.hopenet_view``).
 
 The bin maths and heads it shares with EHPNet and WHENet are in ``_bin_heads``; ``--pretrained``
 handling for every model in ``_pretrained``.
