@@ -1,8 +1,8 @@
 """Box stage with a detector: run it over the images shard by shard (batched, cached), then decide
 each sample's face box and spool the decisions beside the shards for the shard workers.
 
-* 300W-LP / AFLW2000: every detection is handed to the shard worker, which picks the most confident
-  face overlapping the ground-truth box (it has the labels; see ``pipeline.choose_box``). Only one
+* 300W-LP / AFLW2000: every detection is handed to the shard worker, which picks the face
+  overlapping the ground-truth box most (it has the labels; see ``pipeline.choose_box``). Only one
   shard's detections are in memory at a time, so memory does not grow with the dataset.
 * BIWI: FSA-Net's per-sequence rules (``--biwi-tracking none|previous``), which need every frame of a
   sequence in order (a random split spreads a sequence over splits and shards), are applied to the

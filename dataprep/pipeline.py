@@ -22,6 +22,7 @@ from .augment import key_rng
 from .crop import crop_and_resize
 from .datasets import get_reader
 from .datasets.common import display_path
+from .detectors.tracking import MATCH_IOU
 from .records import RawSample, SampleError, SampleRef
 from .shards import ShardWriter, dumps_json, write_json
 
@@ -116,7 +117,7 @@ def choose_box(sample: RawSample, settings: Settings, decision: dict | None) -> 
             decision = _select_detection(decision["detections"], variants.get("gt"))
         if decision is None or decision.get("box") is None:
             raise SampleError("no_face", f"{sample.ref.source}: {settings.detector} found no face"
-                              + (" overlapping the ground-truth box" if "gt" in variants else ""))
+                              + (f" overlapping the ground-truth box by IoU >= {MATCH_IOU}" if "gt" in variants else ""))
         variants[settings.detector] = [float(v) for v in decision["box"]]
         scores[settings.detector] = float(decision["score"])
         source = settings.detector
@@ -132,7 +133,8 @@ def choose_box(sample: RawSample, settings: Settings, decision: dict | None) -> 
 
 
 def _select_detection(detections: list[dict], reference_box) -> dict | None:
-    """The most confident detected face overlapping the ground-truth box (any face without one)."""
+    """The detected face overlapping the ground-truth box most (``detectors.select_face``; the most
+    confident face without one)."""
     from .detectors import Detection, select_face
 
     face = select_face([Detection.from_json(d) for d in detections], reference_box=reference_box)

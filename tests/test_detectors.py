@@ -323,14 +323,24 @@ W, H = 640, 480
 AX, AY = 427, 320  # integer point next to (2W/3, 2H/3) = (426.7, 320): exact distances below
 
 
-def test_select_face_prefers_overlapping_confident_face():
+def test_select_face_takes_the_face_overlapping_the_labelled_box_most():
     far = det(500, 400, 0.99)
-    near_low = det(100, 100, 0.6)
-    near_high = det(120, 110, 0.8)
-    assert select_face([far, near_low, near_high], reference_box=(50, 50, 150, 150)) == near_high
-    assert select_face([far, near_low, near_high]) == far
+    labelled = det(100, 100, 0.6)  # the ground-truth box's own face: IoU 1
+    shifted = det(120, 110, 0.8)  # IoU 7200 / 12800 = 0.5625
+    touching = det(190, 190, 0.9999)  # a neighbour's face over the box's corner: IoU 100 / 19900
+    ref = (50, 50, 150, 150)
+    assert select_face([far, touching, shifted, labelled], reference_box=ref) == labelled
+    assert select_face([far, touching, shifted], reference_box=ref) == shifted
+    # the labelled face missed: a confident neighbour merely touching the box is someone else
+    assert select_face([far, touching], reference_box=ref) is None
+    assert select_face([touching], reference_box=ref, min_iou=0.001) == touching
+    assert select_face([far, labelled, shifted]) == far  # no reference: the most confident
     assert select_face([far], reference_box=(0, 0, 100, 100)) is None
-    assert select_face([near_low, near_high], min_score=0.9) is None
+    assert select_face([labelled, shifted], reference_box=ref, min_score=0.7) == shifted
+    assert select_face([labelled, shifted], min_score=0.9) is None
+    # equal overlap: the more confident
+    twin = det(100, 100, 0.7)
+    assert select_face([labelled, twin], reference_box=ref) == twin
     assert select_face([]) is None
 
 

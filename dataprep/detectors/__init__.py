@@ -16,7 +16,7 @@ from .cache import (
     DetectionCache,
     image_key_from_bytes,
 )
-from .tracking import TrackResult, iou, select_face, track_sequence
+from .tracking import MATCH_IOU, TrackResult, iou, select_face, track_sequence
 
 
 def _make_mtcnn(*, device="auto", batch_size=16, retinaface_weights=None, min_score=None, **options) -> Detector:
@@ -89,5 +89,6 @@ __all__ = [
     "iou",
     "resolve_device",
     "select_face",
+    "MATCH_IOU",
     "track_sequence",
 ]
