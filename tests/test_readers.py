@@ -645,6 +645,17 @@ def test_real_300wlp_flip(real_samples):
         assert flip.landmarks[36, 0] < flip.landmarks[45, 0]
 
 
+def test_real_300wlp_synthesized_view_carries_the_photos_points(real_samples):
+    # documented (README, w300lp): view _1 holds view _0's pt2d unchanged, though its pose differs
+    root = real_samples / "300W_LP"
+    refs = {r.source: r for r in w300lp.list_samples(root)}
+    photo = w300lp.read_sample(root, refs["AFW/AFW_134212_1_0.jpg"])
+    view = w300lp.read_sample(root, refs["AFW/AFW_134212_1_1.jpg"])
+    assert abs(view.yaw - photo.yaw) > 3.0
+    np.testing.assert_array_equal(view.landmarks, photo.landmarks)
+    assert view.boxes["gt"] == photo.boxes["gt"]
+
+
 def test_real_faces_detected_in_gt(real_samples, mtcnn):
     root = real_samples / "hpdb"
     s = biwi.read_sample(root, biwi.list_samples(root)[0])

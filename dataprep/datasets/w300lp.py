@@ -6,6 +6,11 @@ images with their pose re-fitted (their own ``Pose_Para``, read like any other),
 is the original's points mirrored (x -> W + 1 - x) in the original's order: point 36, the right
 eye's outer corner, sits on the left eye. The reader re-indexes them (``labels.MIRROR_68``), so that
 landmark i is the same facial point in every record, as it is after our own flip.
+
+The synthesized views ``NAME_k`` (k > 0: the photo ``NAME_0`` turned further) carry ``NAME_0``'s
+``pt2d`` unchanged (the real ``AFW_134212_1_1.mat`` holds ``AFW_134212_1_0``'s points): their
+landmarks and pt2d-based boxes are the unturned face's, as in the papers' loaders. The views' own
+points in ``landmarks/`` are not read (no real file of that folder to check a reader against).
 """
 from __future__ import annotations
 
