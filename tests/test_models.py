@@ -2,6 +2,8 @@
 the bin / rotation maths against dataprep.labels, losses, distillation and --pretrained."""
 from __future__ import annotations
 
+import math
+
 import urllib.error
 import warnings
 
@@ -148,6 +150,16 @@ def test_wrapped_yaw_loss():
     np.testing.assert_allclose(d.detach().numpy(), [20.0, 20.0, 20.0])
     d.sum().backward()  # a loss term: gradients flow
     assert a.grad is not None
+
+
+def test_whenet_classification_term_is_sigmoid_binary_cross_entropy():
+    # all-zero logits: every bin's sigmoid is 0.5, so BCE is log 2 per bin (softmax CE: log 120);
+    # the softmax expectation is the middle, 3 * 59.5 - 180 = 3 * 32.5 - 99 = -1.5: no squared error
+    zeros = [torch.zeros(2, 120), torch.zeros(2, 66), torch.zeros(2, 66)]
+    targets = {"angles": torch.full((2, 3), -1.5)}
+    assert float(whenet.whenet_loss(zeros, targets)) == pytest.approx(3 * math.log(2.0), rel=1e-6)
+    ce = _bin_heads.bin_head_loss(zeros[0], targets["angles"][:, 0], labels.WHENET_YAW_BINS, 1.0)
+    assert float(ce) == pytest.approx(math.log(120.0), rel=1e-6)  # Hopenet's and EHPNet's term
 
 
 def test_whenet_loss_uses_the_wrapped_yaw_error():

@@ -18,16 +18,24 @@ def expected_angle(logits: torch.Tensor, bins: BinSpec) -> torch.Tensor:
 
 
 def bin_head_loss(logits: torch.Tensor, target: torch.Tensor, bins: BinSpec, alpha: float,
-                  wrap: bool = False) -> torch.Tensor:
-    """Cross-entropy on the target's bin + ``alpha`` x mean squared error of the expected angle.
+                  wrap: bool = False, sigmoid: bool = False) -> torch.Tensor:
+    """Cross-entropy on the target's bin + ``alpha`` x mean squared error of the expected angle
+    (softmax over the bins).
 
     With ``wrap`` the squared error is ``min(|d|, 360 - |d|)**2`` (WHENet's full-range yaw loss).
+    With ``sigmoid`` the classification term is WHENet's: a sigmoid per bin and binary
+    cross-entropy against the one-hot bin, averaged over bins and samples (Keras'
+    ``binary_crossentropy``), in place of the softmax cross-entropy.
     """
     target = target.float()
-    ce = F.cross_entropy(logits.float(), bins.to_bin(target))
+    index = bins.to_bin(target)
+    if sigmoid:
+        cls = F.binary_cross_entropy_with_logits(logits.float(), F.one_hot(index, bins.count).float())
+    else:
+        cls = F.cross_entropy(logits.float(), index)
     pred = expected_angle(logits, bins)
     err = wrapped_angle_difference(pred, target) if wrap else pred - target
-    return ce + alpha * (err ** 2).mean()
+    return cls + alpha * (err ** 2).mean()
 
 
 def decode_bins(outputs: Sequence[torch.Tensor], bins: Sequence[BinSpec]) -> torch.Tensor:
@@ -35,10 +43,11 @@ def decode_bins(outputs: Sequence[torch.Tensor], bins: Sequence[BinSpec]) -> tor
     return torch.stack([expected_angle(o, b) for o, b in zip(outputs, bins)], dim=1)
 
 
-def three_bin_loss(outputs, targets, bins: Sequence[BinSpec], alpha: float, wrap_yaw: bool = False):
+def three_bin_loss(outputs, targets, bins: Sequence[BinSpec], alpha: float, wrap_yaw: bool = False,
+                   sigmoid: bool = False):
     angles = targets["angles"]
     return sum(
-        bin_head_loss(o, angles[:, i], b, alpha, wrap=(wrap_yaw and i == 0))
+        bin_head_loss(o, angles[:, i], b, alpha, wrap=(wrap_yaw and i == 0), sigmoid=sigmoid)
         for i, (o, b) in enumerate(zip(outputs, bins))
     )
 

@@ -8,7 +8,9 @@ pooling, 1280 features; 4,007,548 parameters) and three linear heads: yaw over t
 120 bins of 3 degrees over [-180, 180] (``WHENET_YAW_BINS``, decode ``3 * E - 180``), pitch and
 roll 66 bins over [-99, 99] (``HOPENET_BINS``, decode ``3 * E - 99``). 4,330,360 parameters.
 
-Loss per angle = cross-entropy on the bin + alpha x squared error of the expected angle (alpha 1);
+Loss per angle = the paper's classification term, a sigmoid per bin with binary cross-entropy
+against the one-hot bin (as its section 3 states, quoted in the authors' repository issue #5; not
+Hopenet's softmax cross-entropy), + alpha x squared error of the softmax-expected angle (alpha 1);
 for yaw the error is wrapped, ``min(|d|, 360 - |d|)**2`` (``labels.wrapped_angle_difference``), so
 a prediction of 179 for a label of -179 costs 2 degrees, not 358. The yaw MAE the trainer reports
 for this model is wrapped the same way (``defaults["wrap_yaw"]``).
@@ -41,7 +43,7 @@ def build_whenet(pretrained=None, **_):
 
 
 def whenet_loss(outputs, targets, alpha: float = 1.0):
-    return three_bin_loss(outputs, targets, WHENET_ALL_BINS, alpha, wrap_yaw=True)
+    return three_bin_loss(outputs, targets, WHENET_ALL_BINS, alpha, wrap_yaw=True, sigmoid=True)
 
 
 def whenet_decode(outputs):
