@@ -271,6 +271,8 @@ def test_recrop_and_normalize(shards):
     raw_bgr = next(iter(make_loader(pattern, batch_size=2, shuffle=0, normalize="raw_bgr")))["image"]
     rgb = next(iter(make_loader(pattern, batch_size=2, shuffle=0)))["image"]
     torch.testing.assert_close(raw_bgr, rgb.flip(1) * 255.0)
+    bgr_128 = next(iter(make_loader(pattern, batch_size=2, shuffle=0, normalize="bgr_128")))["image"]
+    torch.testing.assert_close(bgr_128, (rgb.flip(1) * 255.0 - 127.5) / 128.0)  # EHPNet's (x - 127.5) * 0.0078125
 
 
 def test_resampled_epoch_length_and_errors(shards):
@@ -648,7 +650,7 @@ def test_a_shard_folder_is_answered_with_its_brace_patterns(tmp_path):
 
 
 @pytest.mark.parametrize("image_format,normalize", [("float", None), ("float", "imagenet"), ("float", "raw_bgr"),
-                                                    ("uint8", None)])
+                                                    ("float", "bgr_128"), ("uint8", None)])
 @pytest.mark.parametrize("workers", [0, 2])
 def test_loader_batches_are_the_dataset_samples(shards, image_format, normalize, workers):
     pattern, samples = shards

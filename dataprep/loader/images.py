@@ -11,8 +11,8 @@ from .. import codec
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 #: ``None``: RGB in [0, 1]; ``"imagenet"``: RGB, /255, ImageNet mean/std; ``"raw_bgr"``: BGR 0-255
-#: floats (FSA-Net's input).
-NORMALIZATIONS = (None, "imagenet", "raw_bgr")
+#: floats (FSA-Net's input); ``"bgr_128"``: BGR, ``(x - 127.5) / 128`` (EHPNet's code's input).
+NORMALIZATIONS = (None, "imagenet", "raw_bgr", "bgr_128")
 #: ``"float"``: ``image`` normalised float (3, H, W); ``"uint8"``: ``image`` RGB uint8 (3, H, W), to
 #: normalise later (e.g. on the GPU with :func:`normalize_images`); ``"jpeg"``: no decoding, ``jpeg``
 #: (the stored bytes, uint8) and ``window`` (the crop to cut from the decoded stored image).
@@ -34,6 +34,8 @@ def normalize_images(x: torch.Tensor, normalize: str | None) -> torch.Tensor:
         raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
     if normalize == "raw_bgr":
         return x.flip(-3).to(torch.float32, memory_format=torch.contiguous_format)
+    if normalize == "bgr_128":
+        return x.flip(-3).to(torch.float32, memory_format=torch.contiguous_format).sub_(127.5).div_(128.0)
     out = x.to(torch.float32, memory_format=torch.contiguous_format, copy=True).div_(255.0)
     if normalize == "imagenet":
         mean = torch.tensor(IMAGENET_MEAN, device=out.device).view(3, 1, 1)
@@ -97,6 +99,7 @@ _NORMALIZE_COEFFS = {
     None: [(c, 1.0 / 255.0, 0.0) for c in range(3)],
     "imagenet": [(c, 1.0 / (255.0 * IMAGENET_STD[c]), -IMAGENET_MEAN[c] / IMAGENET_STD[c]) for c in range(3)],
     "raw_bgr": [(2 - c, 1.0, 0.0) for c in range(3)],
+    "bgr_128": [(2 - c, 1.0 / 128.0, -127.5 / 128.0) for c in range(3)],
 }
 
 

@@ -56,11 +56,13 @@ class BinPoseNet(nn.Module):
     """A feature extractor (``backbone(x) -> (B, feat_dim)``), an optional hidden layer, and three
     linear bin heads named ``fc_yaw``, ``fc_pitch``, ``fc_roll`` (Hopenet's names)."""
 
-    def __init__(self, backbone: nn.Module, feat_dim: int, counts: Sequence[int], hidden: int | None = None):
+    def __init__(self, backbone: nn.Module, feat_dim: int, counts: Sequence[int], hidden: int | None = None,
+                 hidden_relu: bool = True):
         super().__init__()
         self.backbone = backbone
         if hidden:
-            self.fc_hidden = nn.Sequential(nn.Linear(feat_dim, hidden), nn.ReLU(inplace=True))
+            relu = [nn.ReLU(inplace=True)] if hidden_relu else []
+            self.fc_hidden = nn.Sequential(nn.Linear(feat_dim, hidden), *relu)
             feat_dim = hidden
         else:
             self.fc_hidden = nn.Identity()

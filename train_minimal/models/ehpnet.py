@@ -1,30 +1,40 @@
 """EHPNet student and its teachers (Thai et al., head pose via knowledge distillation; the public
-code is chientv99/maskpose, whose ``train_pose.py`` / ``train_maskpose.py`` this follows).
+code is chientv99/maskpose, whose ``models.py``, ``datasets.py`` and ``train_pose.py`` this follows).
 
 Registered models
 -----------------
 ``ehpnet``              student: torchvision ResNet-18 trunk (512 features), ``Linear(512, 128)``
                         + ReLU, three heads of 62 bins (``EHPNET_BINS``: 3 deg over [-93, 93]).
                         11,176,512 + 65,664 + 3 x 7,998 = 11,266,170 parameters.
-``ehpnet_resnet101``    teacher: torchvision ResNet-101 trunk (2048 features) + the same head.
-``ehpnet_res2net101``   teacher: timm ``res2net101_26w_4s`` trunk + the same head.
+``ehpnet_resnet101``    teacher: torchvision ResNet-101 trunk (2048 features), ``Linear(2048, 512)``
+                        + ReLU (the code's ``ResNet_60bin`` with Bottleneck), three 62-bin heads.
+``ehpnet_res2net101``   teacher: timm ``res2net101_26w_4s`` trunk + the same head (the code's Res2Net
+                        has the v1b deep stem; timm's has the plain 7x7 one).
 ``ehpnet_botnet``       teacher: ResNet-101 stem and layers 1-3 (torchvision) followed by a
                         bottleneck-transformer stack (3 blocks, 1024 -> 512 -> 2048 channels, the
                         3x3 convolution replaced by 4-head self-attention with 2D relative position
-                        logits, Srinivas et al. 2021) + the same head. timm has no BoTNet-101, so it
-                        is written out below.
+                        logits, Srinivas et al. 2021; projection shortcut conv + BN + ReLU, as
+                        bottleneck-transformer-pytorch's) + ``Linear(2048, 512)`` *without* ReLU (the
+                        code's ``BoTNet50_2``). timm has no BoTNet-101, so it is written out below.
 
-All four: input 112 x 112 on square-padded face crops (``crop_rule="square"``), ImageNet
-normalisation, decode ``3 * E[idx] - 93``, loss per angle = CE + MSE (alpha 1), summed. Adam
-lr 1e-3, linear warm-up over the first epoch (4% of the steps: 1 of the code's 25 epochs) then
-cosine annealing to lr / 100, gradient clipping by value at 0.5 (``defaults["clip_grad_value"]``;
-the code calls ``clip_grad_value_(..., 0.5)``; the trainer applies it), batch 16.
+All four: input 112 x 112 on square-padded face crops (``crop_rule="square"``), BGR with
+``(x - 127.5) / 128`` (``datasets.py``: ``cv2.imread``, ``* 0.0078125``; ``normalize="bgr_128"``),
+decode ``3 * E[idx] - 93``, loss per angle = CE + MSE (alpha 1), summed. Adam lr 1e-3, linear
+warm-up over the first epoch (4% of the steps: 1 of the code's 25 epochs) then cosine annealing
+towards lr / 1000 (:func:`warmup_cosine`), gradient clipping by value at 0.5
+(``defaults["clip_grad_value"]``; the code calls ``clip_grad_value_(..., 0.5)``; the trainer
+applies it), batch 16. Not reproduced: ``datasets.py``'s online augmentation (flip, brightness and
+contrast, crops, down-sampling, blur or sharpening, borders, grey): ``train_minimal`` trains on the
+shards as they are (build with ``--augment`` for offline variants).
 
 Knowledge distillation (``train_minimal train --teachers c1,c2,...``): the trainer runs the frozen
 teachers on the same batch; per angle, ``KLDivLoss()(log_softmax(student), mean_t softmax(teacher_t))``
 with PyTorch's default element-wise ``'mean'`` reduction exactly as the code has it, summed over
-the three angles and weighted by ``kd_weight`` = 10 (``train_maskpose.py``), added to the student's
-own CE + MSE loss.
+the three angles and weighted by ``kd_weight`` = 10 (``train_maskpose.py``). Here that term is
+added to the student's own CE + MSE on the labelled shards, in one run. The code instead
+fine-tunes an already trained student (its ``Pose_R18`` checkpoint) with the distillation terms
+alone (plus its face-mask term, which has no data here): to follow it, train ``ehpnet`` first,
+then train again from that checkpoint (``--pretrained PATH``) with ``--teachers``.
 """
 from __future__ import annotations
 
@@ -42,12 +52,15 @@ from ._pretrained import build_with_pretrained, timm_model, torchvision_model
 
 EHPNET_ALL_BINS = (EHPNET_BINS, EHPNET_BINS, EHPNET_BINS)
 HIDDEN = 128
+#: The teachers' hidden layer: the code's ``Linear(512 * expansion, 128 * expansion)`` with ResNet-101's
+#: Bottleneck (expansion 4), and ``Linear(2048, 512)`` in its Res2Net and BoTNet classes.
+TEACHER_HIDDEN = 512
 INPUT_SIZE = 112
 KD_WEIGHT = 10.0
 
 
-def _head(trunk: nn.Module, feat_dim: int) -> BinPoseNet:
-    return BinPoseNet(trunk, feat_dim, [b.count for b in EHPNET_ALL_BINS], hidden=HIDDEN)
+def _head(trunk: nn.Module, feat_dim: int, hidden: int = HIDDEN, relu: bool = True) -> BinPoseNet:
+    return BinPoseNet(trunk, feat_dim, [b.count for b in EHPNET_ALL_BINS], hidden=hidden, hidden_relu=relu)
 
 
 # --------------------------------------------------------------------------------------------
@@ -120,8 +133,10 @@ class BoTBlock(nn.Module):
         self.conv3 = nn.Conv2d(mid, out_ch, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(out_ch)
         nn.init.zeros_(self.bn3.weight)  # zero-init the last BN of each residual branch
+        # a projection shortcut ends in the activation too (bottleneck-transformer-pytorch's
+        # BottleBlock, which the code's BottleStack is)
         self.shortcut = nn.Identity() if in_ch == out_ch else nn.Sequential(
-            nn.Conv2d(in_ch, out_ch, 1, bias=False), nn.BatchNorm2d(out_ch))
+            nn.Conv2d(in_ch, out_ch, 1, bias=False), nn.BatchNorm2d(out_ch), nn.ReLU(inplace=True))
         self.relu = nn.ReLU(inplace=True)
 
     def forward(self, x):
@@ -171,7 +186,7 @@ def build_resnet101(pretrained=None, **_):
     def make(p):
         trunk = torchvision_model("resnet101", "ResNet101_Weights.IMAGENET1K_V1", p)
         trunk.fc = nn.Identity()
-        return _head(trunk, 2048)
+        return _head(trunk, 2048, TEACHER_HIDDEN)
 
     return build_with_pretrained(make, pretrained)
 
@@ -179,13 +194,15 @@ def build_resnet101(pretrained=None, **_):
 def build_res2net101(pretrained=None, **_):
     def make(p):
         trunk = timm_model("res2net101_26w_4s", p, num_classes=0)
-        return _head(trunk, trunk.num_features)
+        return _head(trunk, trunk.num_features, TEACHER_HIDDEN)
 
     return build_with_pretrained(make, pretrained)
 
 
 def build_botnet(pretrained=None, input_size: int = INPUT_SIZE, **_):
-    return build_with_pretrained(lambda p: _head(BoTNetTrunk(p, input_size=input_size), 2048), pretrained)
+    # the code's BoTNet50_2 has no ReLU after its Linear(2048, 512)
+    return build_with_pretrained(lambda p: _head(BoTNetTrunk(p, input_size=input_size), 2048, TEACHER_HIDDEN, relu=False),
+                                 pretrained)
 
 
 # --------------------------------------------------------------------------------------------
@@ -199,15 +216,17 @@ def ehpnet_decode(outputs):
     return decode_bins(outputs, EHPNET_ALL_BINS)
 
 
-def warmup_cosine(optimizer, total_steps: int, warmup_fraction: float = 0.04, floor: float = 0.01):
-    """LambdaLR: linear warm-up over ``warmup_fraction`` of the steps, then cosine to ``floor`` x lr."""
+def warmup_cosine(optimizer, total_steps: int, warmup_fraction: float = 0.04, floor: float = 0.001):
+    """LambdaLR, ``train_pose.py``'s schedule: linear warm-up over ``warmup_fraction`` of the steps
+    (its first epoch of 25), then ``CosineAnnealingLR(T_max=all the steps, eta_min=lr / 1000)``
+    stepped from the end of the warm-up (so it ends short of the floor, as the code's does)."""
     total = max(1, int(total_steps))
     warm = max(1, int(round(warmup_fraction * total)))
 
     def factor(step: int) -> float:
         if step < warm:
             return (step + 1) / warm
-        t = min(1.0, (step - warm) / max(1, total - warm))
+        t = min(1.0, (step - warm) / total)
         return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * t))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
@@ -233,7 +252,7 @@ def ehpnet_distill(student_outputs, teacher_outputs: list, weight: float = KD_WE
 
 DEFAULTS = {"batch_size": 16, "epochs": 25, "lr": 1e-3, "alpha": 1.0, "clip_grad_value": 0.5, "kd_weight": KD_WEIGHT}
 
-_COMMON = dict(input_size=INPUT_SIZE, crop_rule="square", normalize="imagenet", loss=ehpnet_loss,
+_COMMON = dict(input_size=INPUT_SIZE, crop_rule="square", normalize="bgr_128", loss=ehpnet_loss,
                decode=ehpnet_decode, make_optimizer=ehpnet_optimizer, distill=ehpnet_distill)
 
 register(ModelSpec(name="ehpnet", build=build_ehpnet, defaults=dict(DEFAULTS),

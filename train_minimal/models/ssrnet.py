@@ -16,7 +16,9 @@ Structure (as the Keras code):
 * soft stagewise regression over +-99 degrees, lambda_d = 1 (``fsanet.soft_stagewise_regression``).
 
 Input 64x64 raw 0-255 BGR (no normalisation layer in the official model); output (B, 3) yaw, pitch,
-roll degrees. Trained with the FSA-Net script: L1, Adam 1e-3, x0.1 at epochs 30/60 of 90, batch 16.
+roll degrees. Trained with the FSA-Net script: L1, Adam 1e-3, x0.1 at epochs 30/60 of 90, batch 8
+(``run_fsanet_train.sh`` trains SSR-Net-MT with batch 8 on 300W-LP, protocol 1; on BIWI,
+protocol 2, with 16: pass ``--batch-size 16`` there).
 Trainable parameters: 231,763.
 """
 from __future__ import annotations
@@ -97,6 +99,6 @@ def build(pretrained=None, **_):
 
 register(ModelSpec(
     name="ssrnet_md", build=build, input_size=64, fixed_input_size=True, crop_rule="fsanet", normalize="raw_bgr",
-    loss=l1_loss, decode=decode, make_optimizer=make_optimizer, defaults=dict(DEFAULTS),
+    loss=l1_loss, decode=decode, make_optimizer=make_optimizer, defaults=dict(DEFAULTS, batch_size=8),
     description="SSR-Net-MD (FSA-Net's baseline; official SSR_net_MT), soft stagewise regression",
 ))
