@@ -537,6 +537,11 @@ def test_raw_files_that_are_not_regular_files_are_rejected_not_read(sample_tree,
     err = _rejected_within(20, aflw2000.read_sample, root, ref)
     assert err.reason == "unreadable_image" and "it is a named pipe, not a regular file" in err.message
     image.unlink()
+    image.mkdir()  # a folder named like the image: said so, not "[Errno 21] Is a directory: 3"
+    err = _rejected_within(20, aflw2000.read_sample, root, ref)
+    assert err.reason == "unreadable_image" and "it is a folder, not a regular file" in err.message
+    assert "Errno" not in err.message
+    image.rmdir()
     image.symlink_to(tmp_path / "gone.jpg")
     err = _rejected_within(20, aflw2000.read_sample, root, ref)
     assert err.reason == "missing_image" and "is a symbolic link to" in err.message and "gone.jpg" in err.message

@@ -87,11 +87,15 @@ def read_file_bytes(path) -> bytes:
         if os.path.islink(path):
             raise FileNotFoundError(f"{path} is a symbolic link to {os.readlink(path)}, which does not exist") from None
         raise
-    with os.fdopen(fd, "rb") as f:
+    try:  # checked before wrapping: a file object refuses a folder's descriptor with a bare EISDIR
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
             kind = next((name for test, name in _FILE_KINDS if test(mode)), "a special file")
             raise NotARegularFile(f"it is {kind}, not a regular file; put the dataset's file there")
+    except BaseException:
+        os.close(fd)
+        raise
+    with os.fdopen(fd, "rb") as f:
         return f.read()
 
 
