@@ -24,6 +24,7 @@ from . import __version__, protocols
 from . import boxes as box_rules
 from .datasets import get_reader
 from .devices import parse_device
+from .errors import first_line
 from .pipeline import (DECISIONS_SUFFIX, LOCK_FILE, PROGRESS_DIR, RESULT_SUFFIX, Settings, ShardTask, lock_holder,
                        progress_file, run_shard)
 from .processes import pid_alive, process_start
@@ -275,7 +276,12 @@ def _parallel(opts: BuildOptions):
         except ImportError as err:
             raise BuildError("--backend dask needs the dask extra: pip install 'headpose-dataprep[dask]'") from err
         if opts.scheduler:
-            client = Client(opts.scheduler)
+            try:
+                client = Client(opts.scheduler)
+            except (OSError, TimeoutError) as err:
+                raise BuildError(f"--scheduler {opts.scheduler}: cannot reach a dask scheduler there ({first_line(err)}); "
+                                 "check the address and that `dask scheduler` runs and is reachable, or drop "
+                                 "--scheduler for a local cluster of --jobs workers") from None
         else:
             client = Client(LocalCluster(n_workers=jobs, threads_per_worker=1, processes=True, dashboard_address=None))
         try:
@@ -336,6 +342,9 @@ def check_options(opts: BuildOptions) -> None:
         problems.append("--split-seed and --split-file both choose the splits: give one")
     if opts.biwi_tracking and get_reader(opts.dataset).NAME != "biwi":
         problems.append(f"--biwi-tracking applies to BIWI only, not {opts.dataset}")
+    if opts.scheduler and opts.backend not in ("dask", "ray"):
+        problems.append(f"--scheduler {opts.scheduler} applies to --backend dask or ray, not {opts.backend}: "
+                        "add --backend dask (or ray), or drop --scheduler")
     try:
         parse_device(opts.device)
     except ValueError as err:
@@ -444,6 +453,9 @@ def build(opts: BuildOptions) -> dict:
     if opts.biwi_tracking and settings.detector == "gt":  # the protocol's detector counts too
         raise BuildError("--biwi-tracking applies to detector boxes (--detector mtcnn or retinaface); ground-truth "
                          "boxes are never missing or jumping: drop it")
+    if opts.retinaface_weights and settings.detector != "retinaface":
+        raise BuildError(f"--retinaface-weights applies to --detector retinaface; this build's boxes are "
+                         f"{settings.detector}: add --detector retinaface, or drop --retinaface-weights")
     stats = input_stats(reader, root, refs)
     tasks = [replace(t, inputs=shard_inputs(stats, t.refs)) for t in plan_shards(assignment, opts.shard_size)]
     if settings.biwi_tracking:

@@ -593,6 +593,8 @@ def test_split_file(sample_tree, tmp_path):
     (dict(crop_rule="hopenet", margin=0.8), "--margin 0.8 applies to --crop-rule square only, not hopenet"),
     (dict(split_seed=7, split_file="split.json"), "--split-seed and --split-file both choose the splits"),
     (dict(biwi_tracking="previous"), "--biwi-tracking applies to BIWI only, not aflw2000"),
+    (dict(scheduler="tcp://10.0.0.1:8786"), "--scheduler tcp://10.0.0.1:8786 applies to --backend dask or ray, not loky"),
+    (dict(retinaface_weights="weights.pth"), "--retinaface-weights applies to --detector retinaface; this build's boxes are gt"),
     (dict(device="bogus"), "--device bogus: give auto, cpu, cuda, cuda:N or mps"),
     (dict(device="cuda:abc"), "--device cuda:abc"),
 ])

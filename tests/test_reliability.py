@@ -86,6 +86,18 @@ def test_fsspec_memory_destination(sample_tree, reference):
     fs.rm("/dataprep-test", recursive=True)
 
 
+def test_unreachable_dask_scheduler_names_the_option(sample_tree, tmp_path):
+    pytest.importorskip("dask.distributed")
+    import dask
+
+    from dataprep.build import BuildError
+
+    with dask.config.set({"distributed.comm.timeouts.connect": "1s"}):
+        with pytest.raises(BuildError, match=r"^--scheduler tcp://127\.0\.0\.1:1: cannot reach a dask scheduler there "
+                                             r"\(.*\); check the address"):
+            build(_opts(sample_tree / "300W_LP", tmp_path / "out", backend="dask", scheduler="tcp://127.0.0.1:1"))
+
+
 def test_dask_cluster_of_two_workers_is_byte_identical(sample_tree, tmp_path, reference):
     pytest.importorskip("dask.distributed")
     out = tmp_path / "dask"
