@@ -466,7 +466,8 @@ def test_unknown_device_is_refused(shards, tmp_path, capsys):
 
 def test_convert_fsanet_errors_are_one_line(tmp_path):
     out = tmp_path / "out.pt"
-    what = r"; give an official FSA-Net Keras \.h5 \(save_weights\), or a folder holding the three$"
+    what = (r"; give an official FSA-Net Keras \.h5 \(save_weights\), or a folder holding the three official \.h5 "
+            r"files \(1x1, var, w\/o: converts to fsanet_fusion\)$")
     with pytest.raises(SystemExit, match=r"^error: .*nope\.h5 not found" + what):
         main(["convert-fsanet", str(tmp_path / "nope.h5"), str(out)])
     h5py = pytest.importorskip("h5py")

@@ -464,7 +464,8 @@ def cmd_convert_fsanet(args) -> int:
     from .convert_fsanet import convert  # written alongside the FSA-Net port; imported lazily (h5py)
 
     src = Path(args.h5)
-    what = "give an official FSA-Net Keras .h5 (save_weights), or a folder holding the three"
+    what = ("give an official FSA-Net Keras .h5 (save_weights), or a folder holding the three official .h5 "
+            "files (1x1, var, w/o: converts to fsanet_fusion)")
     if not src.exists():
         raise SystemExit(f"error: {src} not found; {what}")
     try:
