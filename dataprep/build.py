@@ -449,6 +449,10 @@ def build(opts: BuildOptions) -> dict:
     assignment = protocols.assign_splits(proto, refs, split_seed=opts.split_seed, split_file=opts.split_file)
     settings = resolve_settings(opts, proto, assignment)
     if settings.augment:
+        if not assignment.get("train"):
+            raise BuildError(f"--augment writes training variants, and this build has no train split (splits: "
+                             f"{', '.join(sorted(assignment))}); train on it with --protocol none or --split-seed, "
+                             "or drop --augment")
         assignment, refs = _keys_apart_from_variants(assignment, refs, settings.augment)
     if opts.biwi_tracking and settings.detector == "gt":  # the protocol's detector counts too
         raise BuildError("--biwi-tracking applies to detector boxes (--detector mtcnn or retinaface); ground-truth "

@@ -193,12 +193,14 @@ def crop_sample(sample: RawSample, split: str, settings: Settings, decision: dic
 
 # -------------------------------------------------------------------------------------- augment
 def augment_variants(image, record, landmarks, settings: Settings, rng) -> list[tuple[np.ndarray, dict, np.ndarray | None]]:
-    """The original plus one offline variant per ``--augment`` op (own key, same source).
+    """The original plus, in a ``train`` split, one offline variant per ``--augment`` op (own key,
+    same source): variants are training data, and a test split with flipped or blurred copies
+    would score them too.
 
     Variants carry no depth map: the ops transform the RGB crop only, and a flipped image next to
     an unflipped depth crop would be wrong."""
     out = [(image, record, landmarks)]
-    if settings.augment:
+    if settings.augment and record["split"] == "train":
         from .augment import offline_variants
 
         for _suffix, img, rec, pts in offline_variants(image, record, landmarks, list(settings.augment), rng):

@@ -916,9 +916,28 @@ def test_real_samples_build_end_to_end(real_samples, tmp_path):
     assert flip["roll"] == pytest.approx(-orig["roll"], abs=2)
 
 
+def test_augment_variants_are_written_in_the_train_split_only(sample_tree, tmp_path):
+    # protocol 2 trains and tests on BIWI: the test split must stay as the dataset has it
+    manifest = build(opts(sample_tree / "hpdb", tmp_path / "o", "biwi", protocol="2", detector="gt",
+                          augment=("flip", "blur")))
+    records = label_records(tmp_path / "o")
+    by_split = {s: [r for r in records.values() if r["split"] == s] for s in ("train", "test")}
+    assert by_split["train"] and by_split["test"]
+    assert not [r for r in by_split["test"] if r["augment"]]
+    train_variants = [r for r in by_split["train"] if r["augment"]]
+    assert len(train_variants) == 2 * (len(by_split["train"]) - len(train_variants))
+    per_split = manifest["counts"]["per_split"]
+    assert per_split["test"]["samples"] == per_split["test"]["written"]
+    assert per_split["train"]["samples"] == 3 * per_split["train"]["written"]
+    # a build with no train split has nothing to augment: refused, not silently a no-op
+    with pytest.raises(BuildError, match=r"--augment writes training variants, and this build has no train split "
+                                         r"\(splits: test\)"):
+        build(opts(sample_tree / "AFLW2000", tmp_path / "a", "aflw2000", augment=("flip",)))
+
+
 def test_biwi_augment_variants_carry_no_stale_depth(sample_tree, tmp_path):
     split = tmp_path / "split.json"
-    split.write_text(json.dumps({"by": "group", "test": ["01"]}))
+    split.write_text(json.dumps({"by": "group", "train": ["01"]}))
     build(opts(sample_tree / "hpdb", tmp_path / "o", "biwi", protocol="2", detector="gt", split_file=str(split),
                augment=("flip",)))
     samples = {}
