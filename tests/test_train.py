@@ -555,3 +555,26 @@ def test_samples_are_counted_by_their_record_not_by_any_json_member(tmp_path):
             info.size = 2
             tar.addfile(info, io.BytesIO(b"{}"))
     assert shard_samples([str(path)]) == [2]
+
+
+def test_float16_steps_the_scaler_skips_raise_no_scheduler_warning():
+    """float16's GradScaler skips a step whose scaled gradients overflow (its first steps, while it
+    finds its scale); the schedule still steps, and PyTorch's warning about that is not shown."""
+    import warnings
+
+    from train_minimal.engine import TrainStep
+
+    spec = registry.get("fsanet_var")
+    model = spec.build(pretrained=None)
+    opt, sched = spec.make_optimizer(model, 10, 1e-3)
+    step = TrainStep(spec, model, opt, sched, torch.device("cpu"), torch.float16)
+    step.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 120)  # overflows: the step is skipped
+    before = [p.detach().clone() for p in model.parameters()]
+    x = torch.rand(2, 3, 64, 64) * 255
+    targets = {"angles": torch.tensor([[10.0, -5.0, 3.0], [-20.0, 4.0, 0.0]])}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        step(x, targets)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # skipped indeed
+    assert step.scaler.get_scale() < 2.0 ** 120
+    assert not [w for w in caught if "lr_scheduler.step()" in str(w.message)], [str(w.message) for w in caught]

@@ -4,6 +4,7 @@ learning rates a run records."""
 from __future__ import annotations
 
 import inspect
+import warnings
 from contextlib import nullcontext
 
 import torch
@@ -110,7 +111,11 @@ class TrainStep:
         else:
             opt.step()
         if self.scheduler is not None:
-            self.scheduler.step()
+            with warnings.catch_warnings():
+                # float16's GradScaler skips the first steps while it finds its scale (inf gradients):
+                # PyTorch then warns that the schedule stepped before the optimiser, which is expected
+                warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+                self.scheduler.step()
         return loss.detach()
 
 
