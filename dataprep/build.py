@@ -25,8 +25,8 @@ from . import boxes as box_rules
 from .datasets import get_reader
 from .devices import parse_device
 from .errors import first_line
-from .pipeline import (DECISIONS_SUFFIX, LOCK_FILE, PROGRESS_DIR, RESULT_SUFFIX, Settings, ShardTask, lock_holder,
-                       progress_file, run_shard)
+from .pipeline import (DECISIONS_SUFFIX, LOCK_FILE, PROGRESS_DIR, RESULT_SUFFIX, Settings, ShardTask, is_test_split,
+                       lock_holder, progress_file, run_shard)
 from .processes import pid_alive, process_start
 from .records import SampleRef, keys_apart_from_variants
 from .shards import (INFO_FILE, MANIFEST, TMP_SUFFIX, dumps_json, final_name, is_shard_file, shard_name, shard_split,
@@ -449,10 +449,10 @@ def build(opts: BuildOptions) -> dict:
     assignment = protocols.assign_splits(proto, refs, split_seed=opts.split_seed, split_file=opts.split_file)
     settings = resolve_settings(opts, proto, assignment)
     if settings.augment:
-        if not assignment.get("train"):
-            raise BuildError(f"--augment writes training variants, and this build has no train split (splits: "
-                             f"{', '.join(sorted(assignment))}); train on it with --protocol none or --split-seed, "
-                             "or drop --augment")
+        if all(is_test_split(split) for split, split_refs in assignment.items() if split_refs):
+            raise BuildError(f"--augment writes training variants, and this build has only test data (splits: "
+                             f"{', '.join(sorted(assignment))}); to train on it, build with --protocol none (one "
+                             "split, all) or --split-file with a train list, or drop --augment")
         assignment, refs = _keys_apart_from_variants(assignment, refs, settings.augment)
     if opts.biwi_tracking and settings.detector == "gt":  # the protocol's detector counts too
         raise BuildError("--biwi-tracking applies to detector boxes (--detector mtcnn or retinaface); ground-truth "

@@ -36,7 +36,7 @@ def _add_build(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of every random choice (crop jitter, augmentation)")
     p.add_argument("--split-seed", type=int, default=None, help="seeded random split by person instead of the fixed one")
     p.add_argument("--split-file", default=None, help='JSON {"by": "group"|"source"|"key", "train": [...], "test": [...]}')
-    p.add_argument("--augment", default="", help="offline variants to add, e.g. flip,blur,downsample")
+    p.add_argument("--augment", default="", help="offline variants to add next to each training sample (not in test splits), e.g. flip,blur,downsample")
     p.add_argument("--jobs", "-j", type=int, default=1, help="parallel workers (-1 or 0: all cores)")
     p.add_argument("--backend", default="loky", choices=("loky", "threading", "dask", "ray"),
                    help="joblib backend; dask and ray spread a build over a cluster")

@@ -172,10 +172,10 @@ def label_record(sample: RawSample, split: str, variants: dict, scores: dict, so
 def crop_sample(sample: RawSample, split: str, settings: Settings, decision: dict | None, rng) -> tuple[np.ndarray, dict, np.ndarray | None, np.ndarray | None]:
     variants, scores, source = choose_box(sample, settings, decision)
     h, w = sample.image.shape[:2]
-    # random crop parameters (Hopenet's k and view) in training splits, as the paper's training
-    # draws them; the rule's fixed test-time window elsewhere
+    # random crop parameters (Hopenet's k and view) where the split is training data, as the
+    # paper's training draws them; the rule's fixed test-time window in a test split
     window = box_rules.crop_window(settings.crop_rule, variants[source], dataset=sample.ref.dataset, image_size=(w, h),
-                                   rng=rng if split == "train" else None, margin=settings.margin)
+                                   rng=None if is_test_split(split) else rng, margin=settings.margin)
     image, crop = crop_and_resize(sample.image, window, settings.crop_size)
     record = label_record(sample, split, variants, scores, source, crop, settings)
     if decision and decision.get("tracking"):
@@ -192,15 +192,21 @@ def crop_sample(sample: RawSample, split: str, settings: Settings, decision: dic
 
 
 # -------------------------------------------------------------------------------------- augment
+def is_test_split(split: str) -> bool:
+    """Whether a split holds evaluation data (the protocols' ``test``; ``train`` and protocol
+    none's ``all`` are training data): no offline variants and no random crop draws there."""
+    return split == "test"
+
+
 def augment_variants(image, record, landmarks, settings: Settings, rng) -> list[tuple[np.ndarray, dict, np.ndarray | None]]:
-    """The original plus, in a ``train`` split, one offline variant per ``--augment`` op (own key,
+    """The original plus, outside test splits, one offline variant per ``--augment`` op (own key,
     same source): variants are training data, and a test split with flipped or blurred copies
     would score them too.
 
     Variants carry no depth map: the ops transform the RGB crop only, and a flipped image next to
     an unflipped depth crop would be wrong."""
     out = [(image, record, landmarks)]
-    if settings.augment and record["split"] == "train":
+    if settings.augment and not is_test_split(record["split"]):
         from .augment import offline_variants
 
         for _suffix, img, rec, pts in offline_variants(image, record, landmarks, list(settings.augment), rng):

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from dataprep import build as build_mod
+from dataprep import boxes as box_rules
 from dataprep import labels
 from dataprep.build import BuildError, BuildOptions, build, summary_table
 from dataprep.cli import main as cli_main
@@ -930,9 +931,27 @@ def test_augment_variants_are_written_in_the_train_split_only(sample_tree, tmp_p
     assert per_split["test"]["samples"] == per_split["test"]["written"]
     assert per_split["train"]["samples"] == 3 * per_split["train"]["written"]
     # a build with no train split has nothing to augment: refused, not silently a no-op
-    with pytest.raises(BuildError, match=r"--augment writes training variants, and this build has no train split "
-                                         r"\(splits: test\)"):
+    with pytest.raises(BuildError, match=r"--augment writes training variants, and this build has only test data "
+                                         r"\(splits: test\); to train on it, build with --protocol none"):
         build(opts(sample_tree / "AFLW2000", tmp_path / "a", "aflw2000", augment=("flip",)))
+    # protocol none's one split, all, is training data: variants, as the message says
+    manifest = build(opts(sample_tree / "AFLW2000", tmp_path / "n", "aflw2000", protocol="none", augment=("flip",)))
+    assert manifest["counts"]["per_split"]["all"]["samples"] == 2 * manifest["counts"]["per_split"]["all"]["written"]
+
+
+def test_hopenet_crops_are_drawn_in_the_train_split_and_fixed_in_the_test_split(sample_tree, tmp_path):
+    from dataprep.crop import rule_window
+
+    build(opts(sample_tree / "hpdb", tmp_path / "o", "biwi", protocol="2", detector="gt", crop_rule="hopenet"))
+    records = label_records(tmp_path / "o")
+    drawn = 0
+    for rec in records.values():
+        fixed = box_rules.integer_window(rule_window(rec, "hopenet"))  # test_hopenet.py's centred square
+        if rec["split"] == "test":
+            assert rec["crop"] == fixed, rec["key"]
+        else:
+            drawn += rec["crop"] != fixed  # train_hopenet.py's random 224/240 square
+    assert drawn == len([r for r in records.values() if r["split"] == "train"]) > 0
 
 
 def test_biwi_augment_variants_carry_no_stale_depth(sample_tree, tmp_path):
