@@ -90,19 +90,22 @@ def test_rotation_round_trip_past_90_degrees_of_yaw_keeps_the_label_triple():
     import torch
 
     for yaw, pitch, roll in ((95.0, 10.0, 5.0), (-97.0, -20.0, 3.0), (120.0, 10.0, 5.0), (-135.0, -20.0, 30.0),
-                             (123.25, 38.09, -3.80), (179.0, -89.0, 89.5)):
+                             (123.25, 38.09, -3.80), (179.0, -89.0, 89.5), (95.0, 90.0, 10.0), (30.0, 100.0, 10.0)):
         r = labels.rotation_from_euler(yaw, pitch, roll)
         assert labels.rotation_to_euler(r) == pytest.approx((yaw, pitch, roll), abs=1e-9)
         got = labels.rotation_to_euler(torch.tensor(r[None], dtype=torch.float64))[0].tolist()
         assert got == pytest.approx([yaw, pitch, roll], abs=1e-9)
+        # float32 (MNN's decode): a pitch of exactly 90 must not flip the triple on rounding noise
+        got = labels.rotation_to_euler(torch.tensor(r[None], dtype=torch.float32))[0].tolist()
+        assert got == pytest.approx([yaw, pitch, roll], abs=1e-3)
     # the README's example, by the formulas alone: the other triple of the same rotation
     r = labels.rotation_from_euler(123.25, 38.09, -3.80)
     formula = (-math.degrees(math.atan2(-r[2, 0], math.hypot(r[2, 1], r[2, 2]))),
                math.degrees(math.atan2(r[2, 1], r[2, 2])), -math.degrees(math.atan2(r[1, 0], r[0, 0])))
     assert formula == pytest.approx((56.75, -141.91, 176.20), abs=1e-9)
-    # a rotation no triple of which has pitch and roll both within 90: the formulas' (|yaw| <= 90)
-    r = labels.rotation_from_euler(30.0, 100.0, 10.0)
-    assert labels.rotation_to_euler(r) == pytest.approx((30.0, 100.0, 10.0), abs=1e-9)
+    # |pitch| + |roll| past 180 (no head pose): the other triple, whose sum is the smaller
+    r = labels.rotation_from_euler(30.0, 100.0, 120.0)
+    assert labels.rotation_to_euler(r) == pytest.approx((150.0, -80.0, -60.0), abs=1e-9)
 
 
 def test_the_sample_writers_conversions_invert_the_readers():
