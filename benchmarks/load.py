@@ -12,7 +12,7 @@ workers together):
   re-crop (the stored 224 crops as they are). ``ours loader, uint8``: uint8 batches, normalising
   left to the device (what ``train_minimal`` asks for). ``ours loader, 64 px``: Hopenet's crop at
   FSA-Net's input size (JPEGs decoded at 1/4 scale in the DCT domain). The default build stores
-  tight square crops, so Hopenet's loose window is ~60% black padding there; ``ours loader,
+  tight square crops, so Hopenet's window is about half black padding there; ``ours loader,
   loose-room shards`` re-crops shards built with room for it (``--margin 0.8 --crop-size 320``:
   the window's pixels are real, as in Hopenet's own loader) and is compared with the bare decode of
   those shards.

@@ -79,7 +79,7 @@ def cut_window(image: np.ndarray, window, size: int, *, interpolation=cv2.INTER_
     part is resized, into its place in a black output. That is the same picture up to the snap
     (a padded edge moves by about an output pixel; the window is returned and recorded, so labels
     stay exact) and the image's edge pixels, which are not blended with the black. About 0.045 ms
-    against 0.11 ms for Hopenet's loose window over a 224 px stored crop, which is 40-60% padding
+    against 0.11 ms for Hopenet's window over a 224 px stored crop, which is about half padding
     (one core). Returns the crop and the window it shows (floats when snapped)."""
     h, w = image.shape[:2]
     x1, y1, x2, y2 = (int(v) for v in window)
@@ -101,7 +101,7 @@ def rule_window(record: dict, rule: str, *, rng=None, margin: float = 0.0, box_n
 
     The box the rule reads: ``box_name`` when given, else ``boxes.rule_box_name`` (the detector's
     box in a detector build, else the ground-truth box the rule's own code used); a name the record
-    has no box for falls back to ``record["box"]``. ``rng`` draws the rule's random parameters (Hopenet's k);
+    has no box for falls back to ``record["box"]``. ``rng`` draws the rule's random parameters (Hopenet's k and view);
     ``None`` takes the rule's fixed value. This is the one place that decides a rule's window over a
     stored record: :func:`recrop`, ``dataprep.loader``, ``train_minimal`` and the audit all call it
     (the build, which has no record yet, calls ``boxes.crop_window`` on the box its box stage chose).

@@ -349,3 +349,28 @@ def test_every_model_trains_under_bfloat16_autocast_and_channels_last(name):
     with torch.no_grad():
         angles = spec.decode(to_float(out))
     assert angles.shape == (2, 3) and torch.isfinite(angles).all()
+
+
+def test_ehpnet_heads_and_schedule_follow_the_code(built):
+    # maskpose models.py: the student's Linear(512, 128) + ReLU; ResNet_60bin(Bottleneck) and Res2Net
+    # Linear(2048, 512) + ReLU; BoTNet50_2 Linear(2048, 512) with no ReLU
+    def hidden(name):
+        return list(built(name).fc_hidden)
+
+    student, resnet, botnet = hidden("ehpnet"), hidden("ehpnet_resnet101"), hidden("ehpnet_botnet")
+    assert [type(m) for m in student] == [torch.nn.Linear, torch.nn.ReLU] and student[0].out_features == 128
+    assert [type(m) for m in resnet] == [torch.nn.Linear, torch.nn.ReLU] and resnet[0].out_features == 512
+    assert [type(m) for m in botnet] == [torch.nn.Linear] and botnet[0].out_features == 512
+    # bottleneck-transformer-pytorch's projection shortcut: conv, BN, activation
+    block = next(m for m in built("ehpnet_botnet").modules() if isinstance(m, ehpnet.BoTBlock))
+    assert [type(m) for m in block.shortcut] == [torch.nn.Conv2d, torch.nn.BatchNorm2d, torch.nn.ReLU]
+    # train_pose.py: linear warm-up over the first epoch (1 of 25), then CosineAnnealingLR(T_max =
+    # all steps, eta_min = lr / 1000) stepped from the end of the warm-up
+    opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    sched = ehpnet.warmup_cosine(opt, 2500)
+    factor = sched.lr_lambdas[0]
+    assert factor(0) == pytest.approx(1 / 100) and factor(99) == pytest.approx(1.0)
+    assert factor(100) == pytest.approx(1.0)
+    t = (2499 - 100) / 2500
+    assert factor(2499) == pytest.approx(0.001 + 0.999 * 0.5 * (1 + math.cos(math.pi * t)))
+    assert factor(2499) > 0.001  # ends short of the floor, as the code's does

@@ -7,7 +7,7 @@ epochs, shuffles, decode, recrop, collate) is :mod:`dataprep.loader`; this modul
 settings for a :class:`~train_minimal.registry.ModelSpec` and a training or evaluation run:
 
 * training: shuffled (shards and a 1000-sample buffer, seeded from ``(seed, epoch, rank, worker)``),
-  Hopenet's random crop factor drawn per sample, full batches only. With ``epoch_length`` (samples
+  Hopenet's random crop factor and view drawn per sample, full batches only. With ``epoch_length`` (samples
   per epoch, all ranks together), or under DDP where it is required (it defaults to the number of
   samples in the shards), shards are resampled with replacement and every rank yields exactly
   ``epoch_length // (world_size * batch_size)`` batches per epoch, so no rank waits for another.
@@ -17,7 +17,7 @@ Images travel as uint8 RGB (a quarter of the bytes of floats: written once by a 
 batch buffer it reuses, lent to this process without a copy, see :mod:`dataprep.loader`) or, with
 ``gpu_decode``, as the stored JPEG bytes plus the crop window; :func:`prepare_batch` moves a batch
 to the device (``non_blocking``), decodes and crops on the GPU when asked, and normalises there
-(``"imagenet"`` or ``"raw_bgr"``, :func:`dataprep.loader.normalize_images`).
+(the spec's ``normalize``, :func:`dataprep.loader.normalize_images`).
 
 Targets: ``angles`` (B, 3) yaw, pitch, roll degrees; ``landmarks`` (B, L, 2) in model-input
 pixels with ``landmarks_mask`` (B,) when any sample of the batch has ``<key>.pts.npy``.

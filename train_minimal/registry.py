@@ -22,7 +22,8 @@ class ModelSpec:
     input_size: int
     #: Crop rule applied at load time (a key of ``dataprep.boxes.CROP_RULES``).
     crop_rule: str
-    #: ``"imagenet"`` (RGB, /255, ImageNet mean/std) or ``"raw_bgr"`` (0-255 BGR floats, FSA-Net).
+    #: ``"imagenet"`` (RGB, /255, ImageNet mean/std), ``"raw_bgr"`` (0-255 BGR floats, FSA-Net) or
+    #: ``"bgr_128"`` (BGR, ``(x - 127.5) / 128``, EHPNet): ``dataprep.loader.NORMALIZATIONS``.
     normalize: str
     #: ``loss(outputs, targets: dict[str, Tensor]) -> Tensor``; targets hold ``angles`` (B, 3)
     #: degrees in yaw, pitch, roll order, and optionally ``landmarks`` (B, 68, 2) in input pixels.

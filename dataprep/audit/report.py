@@ -176,7 +176,8 @@ def _variants_and_rules(ctx: dict) -> list[str]:
     parts.append(table(["variant", "samples", "median aspect (w/h)", "median IoU vs gt", "low IoU vs gt", "outside image"], rows))
     parts.append('<h2 id="rules">Crop rules</h2>')
     parts.append("<p class=\"note\">Each rule's window recomputed from the boxes in the records with "
-                 "<code>boxes.crop_window</code> (Hopenet's k at its mid value on 300W-LP); the box a rule reads is "
+                 "<code>boxes.crop_window</code> (Hopenet's test-time window: k at its mid value on 300W-LP, the centred "
+                 "square); the box a rule reads is "
                  "<code>boxes.RULE_GT_BOX</code> when the record has it (else gt), or the detector's box in a "
                  "detector build. <em>squashed</em> counts windows whose square distortion exceeds the threshold.</p>")
     used = settings.get("crop_rule")

@@ -134,7 +134,8 @@ def rule_box_name(record: dict, rule: str) -> str:
 
 
 def rule_window(record: dict, rule: str) -> list[float]:
-    """``rule``'s crop window for this record (``rng=None``: Hopenet's mid k on 300W-LP), from the
+    """``rule``'s crop window for this record (``rng=None``: Hopenet's test-time window, its mid k
+    on 300W-LP and the centred square), from the
     box :func:`rule_box_name` picks, through ``crop.rule_window``."""
     return crop_ops.rule_window({"boxes": {}, **record}, rule, rng=None, box_name=rule_box_name(record, rule),
                                 margin=float(record.get("crop_margin") or 0.0) if rule == "square" else 0.0)

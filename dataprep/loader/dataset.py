@@ -115,7 +115,7 @@ def make_dataset(
     each stored crop to that rule (``boxes.CROP_RULES``) at ``size`` (default: the stored width);
     what the stored crop does not hold comes out black (``crop.rule_coverage``; build with
     ``--margin boxes.ROOM_MARGIN[rule]``). ``size`` alone resizes. ``random_crop``: draw the
-    rule's random parameters (Hopenet's k) per sample; False takes the rule's fixed values
+    rule's random parameters (Hopenet's k and view) per sample; False takes the rule's fixed values
     (evaluation). ``shuffle``: buffer size (also
     shuffles shard order); 0 or 1 keeps file order; ``True``: the default 1000. ``crop_margin``: the
     ``"square"`` rule's margin (``boxes.square_pad``). ``resampled``: draw shards with replacement

@@ -259,9 +259,9 @@ register(ModelSpec(name="ehpnet", build=build_ehpnet, defaults=dict(DEFAULTS),
                    description="EHPNet student: ResNet-18 @112, 512->128 + three 62-bin heads; KD from --teachers",
                    **_COMMON))
 register(ModelSpec(name="ehpnet_resnet101", build=build_resnet101, defaults=dict(DEFAULTS),
-                   description="EHPNet teacher: ResNet-101 + EHPNet head", **_COMMON))
+                   description="EHPNet teacher: ResNet-101, 2048->512 + three 62-bin heads", **_COMMON))
 register(ModelSpec(name="ehpnet_res2net101", build=build_res2net101, defaults=dict(DEFAULTS),
-                   description="EHPNet teacher: Res2Net-101 (timm res2net101_26w_4s) + EHPNet head", **_COMMON))
+                   description="EHPNet teacher: Res2Net-101 (timm res2net101_26w_4s), 2048->512 + three 62-bin heads", **_COMMON))
 register(ModelSpec(name="ehpnet_botnet", build=build_botnet, defaults=dict(DEFAULTS),
-                   description="EHPNet teacher: ResNet-101 layers 1-3 + BoT stack (MHSA, rel. pos.) + EHPNet head",
+                   description="EHPNet teacher: ResNet-101 layers 1-3 + BoT stack (MHSA, rel. pos.), 2048->512 (no ReLU) + 62-bin heads",
                    **_COMMON))
