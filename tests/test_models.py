@@ -374,3 +374,20 @@ def test_ehpnet_heads_and_schedule_follow_the_code(built):
     t = (2499 - 100) / 2500
     assert factor(2499) == pytest.approx(0.001 + 0.999 * 0.5 * (1 + math.cos(math.pi * t)))
     assert factor(2499) > 0.001  # ends short of the floor, as the code's does
+
+
+def test_hopenet_trains_with_the_batch_norms_its_code_leaves_in_eval_mode(built):
+    # train_hopenet.py: `.eval()` on modules named *bn* in layer1-4; the stem's bn1 and the
+    # downsample BNs train; running statistics of the frozen ones do not move in a training pass
+    model = registry.get("hopenet").build(None)
+    model.train()
+    registry.get("hopenet").train_mode(model)
+    trunk = model.backbone
+    assert trunk.bn1.training and trunk.layer1[0].downsample[1].training
+    frozen = [m for layer in (trunk.layer1, trunk.layer2, trunk.layer3, trunk.layer4)
+              for n, m in layer.named_modules() if isinstance(m, torch.nn.BatchNorm2d) and "bn" in n]
+    assert len(frozen) == 3 * (3 + 4 + 6 + 3) and not any(m.training for m in frozen)
+    before = trunk.layer2[1].bn2.running_mean.clone()
+    model(torch.randn(2, 3, 64, 64))
+    torch.testing.assert_close(trunk.layer2[1].bn2.running_mean, before)
+    assert model.fc_yaw.training

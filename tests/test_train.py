@@ -280,6 +280,20 @@ def test_train_hopenet(shards, tmp_path, capsys):
     assert metrics["args"]["alpha"] == 2.0 and metrics["args"]["lr"] == 1e-5  # the paper's Adam lr
     assert metrics["args"]["param_group_lrs"] == [0.0, 1e-5, pytest.approx(5e-5)]  # stem frozen, heads 5 x lr
     check_run(out, metrics, capsys, shards.val, "hopenet")
+    # from scratch every batch norm trains (no ImageNet statistics to keep)
+    state = torch.load(out / "checkpoint.pt", weights_only=True)["state_dict"]
+    assert int(state["backbone.layer1.0.bn1.num_batches_tracked"]) > 0
+    # from weights (this checkpoint's), the ones train_hopenet.py leaves in eval mode count no
+    # batch and keep their statistics; the stem's and the downsample ones train
+    again = tmp_path / "hopenet_pretrained"
+    train(again, "hopenet", "--train", shards.four, "--steps", "2", "--input-size", "112",
+          "--pretrained", str(out / "checkpoint.pt"))
+    after = torch.load(again / "checkpoint.pt", weights_only=True)["state_dict"]
+    for frozen in ("backbone.layer1.0.bn1", "backbone.layer4.2.bn3"):
+        assert int(after[f"{frozen}.num_batches_tracked"]) == int(state[f"{frozen}.num_batches_tracked"])
+        torch.testing.assert_close(after[f"{frozen}.running_mean"], state[f"{frozen}.running_mean"])
+    for trained in ("backbone.bn1", "backbone.layer1.0.downsample.1"):
+        assert int(after[f"{trained}.num_batches_tracked"]) == int(state[f"{trained}.num_batches_tracked"]) + 2
 
 
 @pytest.mark.slow

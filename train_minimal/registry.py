@@ -43,6 +43,10 @@ class ModelSpec:
     distill: Callable[..., torch.Tensor] | None = None
     #: The architecture only works at ``input_size`` (dense layers sized from it: FSA-Net, SSR-Net-MD).
     fixed_input_size: bool = False
+    #: Optional ``train_mode(model)``, called after ``model.train()`` at each epoch's start when the
+    #: weights are pretrained: the modules the paper's code keeps in evaluation mode while training
+    #: (Hopenet's batch norms keep ImageNet's statistics; from scratch every module trains).
+    train_mode: Callable[[nn.Module], None] | None = None
 
 
 _REGISTRY: dict[str, ModelSpec] = {}

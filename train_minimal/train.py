@@ -261,6 +261,9 @@ class _Model:
     input_size: int
     amp_dtype: object
     channels_last: bool
+    #: The spec's ``train_mode`` when the weights are pretrained (the modules it keeps in evaluation
+    #: mode keep ImageNet's statistics; from scratch there are none to keep, so all train), else None.
+    train_mode: object = None
 
     def batch(self, batch: dict):
         return prepare_batch(batch, self.spec.normalize, self.device, size=self.input_size,
@@ -294,6 +297,8 @@ def _train_epoch(model: _Model, loader, train_step, step: int, max_steps: int | 
     """One pass over ``loader`` (stopping at ``max_steps``): the step losses, the step reached, and
     whether ``max_steps`` ended the run."""
     model.module.train()
+    if model.train_mode is not None:
+        model.train_mode(model.module)
     losses = []
     for batch in loader:
         x, targets = model.batch(batch)
@@ -354,7 +359,10 @@ def cmd_train(args) -> int:
     module = build_model(spec, args.pretrained, input_size).to(device)
     if channels_last:
         module = module.to(memory_format=torch.channels_last)
-    model = _Model(spec, module, device, input_size, amp_dtype, channels_last)
+    from .models._pretrained import normalize_pretrained
+
+    model = _Model(spec, module, device, input_size, amp_dtype, channels_last,
+                   train_mode=spec.train_mode if normalize_pretrained(args.pretrained) is not None else None)
     total_steps = _total_steps(args, train_loader, batch_size)
 
     made_out = ranks.is_main and not out_dir.exists()

@@ -16,7 +16,10 @@ As in the official ``code/train_hopenet.py``:
   here (the paper reports alpha = 1 and 2; the code's argparse default is 0.001); pass
   ``--alpha 2`` to the trainer for the other published setting.
 * Adam (betas 0.9/0.999, eps 1e-8), lr 1e-5 with three parameter groups: ``conv1``/``bn1`` at
-  lr 0 (frozen stem), the rest of the trunk at lr, the three heads at 5 x lr; no schedule.
+  lr 0 (frozen stem), the rest of the trunk at lr, the three heads at 5 x lr; no schedule. The
+  batch norms inside layers 1-4 stay in evaluation mode while training, as the code leaves them
+  (:func:`hopenet_train_mode`), when training starts from ImageNet (or file) weights; from
+  scratch (``--pretrained none``) there are no statistics to keep and they train.
 * input 224 x 224, ImageNet RGB normalisation, the square of Hopenet's loose crop its
   transforms cut (``crop_rule="hopenet"``: in training ``Scale(240)``, ``RandomCrop(224)``, in
   evaluation the centre square; ``boxes.hopenet_view``).
@@ -61,6 +64,18 @@ def hopenet_decode(outputs):
     return decode_bins(outputs, HOPENET_ALL_BINS)
 
 
+def hopenet_train_mode(model: nn.Module) -> None:
+    """``train_hopenet.py``'s parameter generators call ``.eval()`` on every module named ``*bn*``
+    inside ``layer1``-``layer4`` (the Bottlenecks' ``bn1``-``bn3``; not the ``downsample`` batch
+    norms, nor the stem's ``bn1``) and the script never calls ``model.train()``: those keep
+    ImageNet's running statistics through training (their weights still learn)."""
+    trunk = model.backbone
+    for layer in (trunk.layer1, trunk.layer2, trunk.layer3, trunk.layer4):
+        for name, module in layer.named_modules():
+            if "bn" in name:
+                module.eval()
+
+
 def hopenet_optimizer(model: nn.Module, total_steps: int, lr: float | None = None):
     lr = 1e-5 if lr is None else lr
     stem = [p for m in (model.backbone.conv1, model.backbone.bn1) for p in m.parameters()]
@@ -83,6 +98,7 @@ register(ModelSpec(
     loss=hopenet_loss,
     decode=hopenet_decode,
     make_optimizer=hopenet_optimizer,
+    train_mode=hopenet_train_mode,
     description="Hopenet: ResNet-50 + three 66-bin heads (3 deg over +-99), CE + alpha*MSE, Adam 1e-5",
     defaults={"batch_size": 128, "epochs": 25, "lr": 1e-5, "alpha": 1.0},
 ))
