@@ -39,6 +39,7 @@ __all__ = [
     "HorizontalFlip",
     "GaussianBlur",
     "BoxBlur",
+    "RingBlur",
     "DownUpSample",
     "Brightness",
     "Contrast",
@@ -246,6 +247,24 @@ class BoxBlur(Transform):
         k = lo if lo == hi else int(_rng(rng).integers(lo, hi + 1))
         out_img = cv2.blur(image, (k, k)) if k > 1 else image.copy()
         return out_img, _new_record(record, {"op": self.name, "kernel": k}), _copy(landmarks)
+
+
+#: PIL's ``ImageFilter.BLUR``: the 16 pixels of a 5 x 5 window's ring, averaged.
+_RING_KERNEL = np.ones((5, 5), np.float32)
+_RING_KERNEL[1:4, 1:4] = 0.0
+_RING_KERNEL /= _RING_KERNEL.sum()
+
+
+class RingBlur(Transform):
+    """PIL's ``ImageFilter.BLUR`` (Hopenet's training blur): each pixel the mean of the 16 pixels
+    of the ring around it in a 5 x 5 window, the image's edge pixels repeated past it."""
+
+    name = "ringblur"
+
+    def __call__(self, image, record, landmarks=None, rng=None):
+        _check_image(image)
+        out_img = cv2.filter2D(image, -1, _RING_KERNEL, borderType=cv2.BORDER_REPLICATE)
+        return out_img, _new_record(record, {"op": self.name}), _copy(landmarks)
 
 
 #: Factor sets for :class:`DownUpSample`. ``hopenet``: the factors of the Hopenet paper;

@@ -391,3 +391,19 @@ def test_bin_edges_do_not_overflow():
 def test_flipped_angle_bins_stay_in_range(yaw):
     fy, _, _ = labels.flip_euler(yaw, 0.0, 0.0)
     assert 0 <= labels.HOPENET_BINS.to_bin(fy) <= 65
+
+
+def test_ring_blur_is_pils_blur_filter():
+    import PIL.Image
+    import PIL.ImageFilter
+
+    from dataprep.augment import RingBlur
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (40, 30, 3), dtype=np.uint8)
+    record = {"augment": []}
+    out, rec, _ = RingBlur()(image, record, None, rng)
+    pil = np.asarray(PIL.Image.fromarray(image).filter(PIL.ImageFilter.BLUR))
+    inner = (slice(2, -2), slice(2, -2))  # PIL's border handling aside
+    assert np.abs(out[inner].astype(int) - pil[inner].astype(int)).max() <= 1
+    assert rec["augment"] == [{"op": "ringblur"}] and record == {"augment": []}

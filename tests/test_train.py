@@ -592,3 +592,24 @@ def test_float16_steps_the_scaler_skips_raise_no_scheduler_warning():
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # skipped indeed
     assert step.scaler.get_scale() < 2.0 ** 120
     assert not [w for w in caught if "lr_scheduler.step()" in str(w.message)], [str(w.message) for w in caught]
+
+
+def test_hopenet_trains_on_its_online_augmentation_and_evaluates_without(shards, capsys):
+    """Hopenet's ``Pose_300W_LP``: flip half the time (yaw and roll negated), blur one in 20; in
+    training only. Without a spec's transforms (FSA-Net here) the records carry none."""
+    spec = registry.get("hopenet")
+    train_loader = make_loader(shards.train, spec, 4, train=True, input_size=64, seed=3)
+    ops = [tuple(a["op"] for a in rec["augment"]) for b in train_loader for rec in b["record"]]
+    flips = sum("flip" in o for o in ops)
+    assert ops and 0 < flips < len(ops) and set(o for t in ops for o in t) <= {"flip", "ringblur"}
+    for b in make_loader(shards.train, spec, 4, train=True, input_size=64, seed=3):
+        for rec, angles in zip(b["record"], b["angles"]):
+            if any(a["op"] == "flip" for a in rec["augment"]):  # the angles the model learns are flipped
+                assert float(angles[0]) == pytest.approx(rec["yaw"]) and float(angles[2]) == pytest.approx(rec["roll"])
+    evaluation = make_loader(shards.val, spec, 4, train=False, input_size=64)
+    assert all(not rec["augment"] for b in evaluation for rec in b["record"])
+    fsa = make_loader(shards.train, registry.get("fsanet_var"), 4, train=True)
+    assert all(not rec["augment"] for b in fsa for rec in b["record"])
+    # the GPU path decodes on the device, after the CPU transforms would have run: said, and left out
+    make_loader(shards.train, spec, 4, train=True, input_size=64, gpu_decode=True)
+    assert "online augmentation" in capsys.readouterr().err

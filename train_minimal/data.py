@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tarfile
 from contextlib import contextmanager
 
@@ -152,6 +153,11 @@ def make_loader(urls, spec, batch_size: int, *, train: bool, workers: int = 0, s
             raise ValueError("distributed training needs --epoch-length (samples per epoch) for remote shards")
         epoch_length = samples
     nworkers = max(0, int(workers))
+    transforms = spec.train_transforms() if train and spec.train_transforms is not None else None
+    if transforms is not None and gpu_decode:
+        print(f"[train] note: --gpu-decode decodes on the GPU, so {spec.name}'s online augmentation "
+              "(applied to decoded images on the CPU) is left out", file=sys.stderr)
+        transforms = None
     loader = loaders.make_loader(
         url_list, batch_size, workers=nworkers, drop_last=train,
         pin_memory=torch.cuda.is_available() if pin_memory is None else bool(pin_memory),
@@ -159,7 +165,7 @@ def make_loader(urls, spec, batch_size: int, *, train: bool, workers: int = 0, s
         crop_rule=spec.crop_rule, size=int(input_size or spec.input_size), random_crop=train,
         shuffle=SHUFFLE_BUFFER if train else 0, seed=seed, resampled=resampled,
         samples_per_epoch=int(epoch_length) if resampled else None, distributed=bool(distributed and train),
-        image_format="jpeg" if gpu_decode else "uint8",
+        image_format="jpeg" if gpu_decode else "uint8", transforms=transforms,
     )
     loader.shard_samples = counts
     if train and not resampled:

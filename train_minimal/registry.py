@@ -43,6 +43,9 @@ class ModelSpec:
     distill: Callable[..., torch.Tensor] | None = None
     #: The architecture only works at ``input_size`` (dense layers sized from it: FSA-Net, SSR-Net-MD).
     fixed_input_size: bool = False
+    #: Optional ``train_transforms() -> dataprep.augment.Transform``: the paper's online
+    #: augmentation, applied per sample after the crop in training (not to evaluation data).
+    train_transforms: Callable[[], Any] | None = None
     #: Optional ``train_mode(model)``, called after ``model.train()`` at each epoch's start when the
     #: weights are pretrained: the modules the paper's code keeps in evaluation mode while training
     #: (Hopenet's batch norms keep ImageNet's statistics; from scratch every module trains).

@@ -20,6 +20,9 @@ As in the official ``code/train_hopenet.py``:
   batch norms inside layers 1-4 stay in evaluation mode while training, as the code leaves them
   (:func:`hopenet_train_mode`), when training starts from ImageNet (or file) weights; from
   scratch (``--pretrained none``) there are no statistics to keep and they train.
+* online augmentation as its ``Pose_300W_LP`` class does it: a flip half the time (yaw and roll
+  negated), PIL's ``ImageFilter.BLUR`` one time in 20 (:func:`hopenet_train_transforms`; applied
+  to the 224 px crop, where the code blurs the loose crop before its resize).
 * input 224 x 224, ImageNet RGB normalisation, the square of Hopenet's loose crop its
   transforms cut (``crop_rule="hopenet"``: in training ``Scale(240)``, ``RandomCrop(224)``, in
   evaluation the centre square; ``boxes.hopenet_view``).
@@ -64,6 +67,14 @@ def hopenet_decode(outputs):
     return decode_bins(outputs, HOPENET_ALL_BINS)
 
 
+def hopenet_train_transforms():
+    """``Pose_300W_LP.__getitem__``: a horizontal flip half the time (yaw and roll negated), then
+    PIL's ``ImageFilter.BLUR`` one time in 20."""
+    from dataprep.augment import Compose, HorizontalFlip, RandomApply, RingBlur
+
+    return Compose([RandomApply(HorizontalFlip(), 0.5), RandomApply(RingBlur(), 0.05)])
+
+
 def hopenet_train_mode(model: nn.Module) -> None:
     """``train_hopenet.py``'s parameter generators call ``.eval()`` on every module named ``*bn*``
     inside ``layer1``-``layer4`` (the Bottlenecks' ``bn1``-``bn3``; not the ``downsample`` batch
@@ -99,6 +110,7 @@ register(ModelSpec(
     decode=hopenet_decode,
     make_optimizer=hopenet_optimizer,
     train_mode=hopenet_train_mode,
+    train_transforms=hopenet_train_transforms,
     description="Hopenet: ResNet-50 + three 66-bin heads (3 deg over +-99), CE + alpha*MSE, Adam 1e-5",
     defaults={"batch_size": 128, "epochs": 25, "lr": 1e-5, "alpha": 1.0},
 ))
