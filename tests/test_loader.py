@@ -439,6 +439,16 @@ def _fake_world(monkeypatch, how: str, rank: int, world: int = 2) -> dict:
 
 
 @pytest.mark.parametrize("how", ["dist", "env"])
+def test_ddp_with_fewer_shards_than_ranks_is_refused_without_resampling(tmp_path, monkeypatch, how):
+    # rank 1 of 2 would get no shard, and its DDP peers would wait for it for ever
+    pattern, _ = write_synthetic_shards(tmp_path, n_shards=1, per_shard=4, crop_size=32)
+    extra = _fake_world(monkeypatch, how, rank=0)
+    with pytest.raises(ValueError, match=r"^1 shard\(s\) for 2 ranks: .*so rank 1 would get none.*resampled=True"):
+        make_dataset(pattern, **extra)
+    assert len(keys_of(make_dataset(pattern, resampled=True, samples_per_epoch=4, **extra))) == 2
+
+
+@pytest.mark.parametrize("how", ["dist", "env"])
 def test_ddp_ranks_resampled_same_batches_split_disjoint_shards(tmp_path, monkeypatch, how):
     per_shard = 2
     pattern, samples = write_synthetic_shards(tmp_path, n_shards=5, per_shard=per_shard, crop_size=32)
@@ -794,3 +804,28 @@ def test_reduced_jpeg_decoding_cuts_the_same_window(tmp_path):
         torch.testing.assert_close(r["landmarks"], f["landmarks"])
         diff = (r["image"].float() - a["image"].float()).abs().mean()
         assert float(diff) < 6.0, float(diff)  # the same window, a different (box-filtered) downscale
+
+
+def test_a_damaged_shard_keeps_the_samples_read_whole_before_the_damage(tmp_path):
+    pattern, _ = write_synthetic_shards(tmp_path, n_shards=1, per_shard=3)
+    path = Path(pattern.replace("{000000..000000}", "000000"))
+    with tarfile.open(path) as tar:
+        members = tar.getmembers()
+    keys = sorted({m.name.split(".", 1)[0] for m in members})
+    third = next(m for m in members if m.name.startswith(keys[2] + "."))
+    cut = tmp_path / "cut-000000.tar"
+    cut.write_bytes(path.read_bytes()[:third.offset_data + 10])  # inside the third sample's first member
+    assert keys_of(make_dataset(str(cut), shuffle=0, handler=wds.ignore_and_continue)) == keys[:2]
+    assert [s["__key__"] for s in wds.WebDataset(str(cut), shardshuffle=False, handler=wds.ignore_and_continue)] == keys[:2]
+
+
+def test_a_resampled_stream_over_unreadable_shards_stops(tmp_path):
+    """With a handler that passes over bad shards, a resampled stream whose shards all fail to open
+    or to read would draw them forever: it stops, saying so."""
+    from dataprep.loader import NoSamples
+
+    (tmp_path / "garbage-000000.tar").write_bytes(b"not a tar file at all" * 50)
+    for url in (str(tmp_path / "missing-000000.tar"), str(tmp_path / "garbage-000000.tar")):
+        ds = make_dataset(url, resampled=True, samples_per_epoch=8, handler=wds.ignore_and_continue)
+        with pytest.raises(NoSamples, match=r"shards in a row gave no sample .*unreadable"):
+            keys_of(ds)

@@ -439,7 +439,7 @@ def test_broken_shards_are_one_error_line(shards, tmp_path, capsys):
     with pytest.raises(SystemExit, match=r"^error: .*test-000000\.tar hold no samples"):
         main(["train", "--train", str(empty), *run])
     # resampled with --epoch-length (shards not counted up front): the stream stops, it does not spin
-    with pytest.raises(SystemExit, match=r"^error: 1000 shards in a row held no sample \(the last: .*test-000000\.tar\)"):
+    with pytest.raises(SystemExit, match=r"^error: 1000 shards in a row gave no sample \(the last: .*test-000000\.tar\)"):
         main(["train", "--train", str(empty), *run[:-4], "--workers", "0", "--device", "cpu", "--epoch-length", "8"])
     # resampled shards are not read up front: a worker meets the break while streaming
     with pytest.MonkeyPatch.context() as mp:

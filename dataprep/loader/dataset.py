@@ -7,6 +7,7 @@ from typing import Callable
 import cv2
 import torch
 import webdataset as wds
+from webdataset.utils import pytorch_worker_info
 
 from .. import boxes as box_rules
 from ..augment import Compose
@@ -174,6 +175,15 @@ def make_dataset(
     handler = handler or wds.reraise_exception
     if distributed is None:
         distributed = _distributed_world() > 1
+    if distributed and not resampled:
+        world = pytorch_worker_info()[1]
+        if len(url_list) < world:
+            idle = f"rank {world - 1}" if len(url_list) == world - 1 else f"ranks {len(url_list)}-{world - 1}"
+            raise ValueError(
+                f"{len(url_list)} shard(s) for {world} ranks: without resampling each rank reads whole shards "
+                f"(rank r: shards r, r + {world}, ...), so {idle} would get none and "
+                "DDP would wait on them for ever; pass resampled=True with samples_per_epoch (every rank the same "
+                "number of samples), or build more, smaller shards (--shard-size)")
     state = _State(seed, shuffle, resampled, samples_per_epoch, bool(distributed), auto_epoch)
     if resampled:
         # every rank and worker draws its own shards (seeded apart): nothing to split

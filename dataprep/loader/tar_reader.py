@@ -250,24 +250,31 @@ def _tar_samples(stream, url: str, handler: Callable[[Exception], bool]):
     """Samples ``{"__key__", "__url__", suffix: bytes}`` of one shard: consecutive members with the
     same key, suffixes lower-cased (webdataset's ``group_by_keys``)."""
     current: dict | None = None
-    for name, data in _tar_files(stream, _wanted_member):
-        try:
-            key, suffix = _split_key(name)
-            if key is None:
-                continue
-            suffix = suffix.lower()
-            if current is None or key != current["__key__"]:
-                if current is not None and len(current) > 2:
-                    yield current
-                current = {"__key__": key, "__url__": url}
-            if suffix in current:
-                raise ValueError(f"{name}: duplicate file name in tar file {suffix} {current.keys()}")
-            current[suffix] = data
-        except Exception as exn:  # noqa: BLE001 - the handler decides
-            exn.args = exn.args + (url,)
-            if handler(exn):
-                continue
-            raise
+    try:
+        for name, data in _tar_files(stream, _wanted_member):
+            try:
+                key, suffix = _split_key(name)
+                if key is None:
+                    continue
+                suffix = suffix.lower()
+                if current is None or key != current["__key__"]:
+                    if current is not None and len(current) > 2:
+                        yield current
+                    current = {"__key__": key, "__url__": url}
+                if suffix in current:
+                    raise ValueError(f"{name}: duplicate file name in tar file {suffix} {current.keys()}")
+                current[suffix] = data
+            except Exception as exn:  # noqa: BLE001 - the handler decides
+                exn.args = exn.args + (url,)
+                if handler(exn):
+                    continue
+                raise
+    except Exception:
+        # a shard damaged further on: the sample read whole before the damage still counts (as in
+        # webdataset); the error goes on to the caller's handler
+        if current is not None and len(current) > 2:
+            yield current
+        raise
     if current is not None and len(current) > 2:
         yield current
 
@@ -284,35 +291,40 @@ class _TarSamples(PipelineStage):
         self.handler = handler
 
     def run(self, src):
-        empty = 0  # shards in a row that held no sample: a resampled stream over empty shards never ends
+        # shards in a row that gave no sample (empty, or unreadable and passed over by the handler):
+        # a resampled stream over such shards would never end
+        empty = 0
         for item in src:
             url = item["url"]
-            try:
-                stream = open_url(url)
-            except Exception as exn:  # noqa: BLE001 - the handler decides
+            got = 0
+            for sample in self._shard_samples(url):
+                got += 1
+                yield sample
+            empty = 0 if got else empty + 1
+            if empty >= EMPTY_SHARDS_IN_A_ROW:
+                raise NoSamples(f"{empty} shards in a row gave no sample (the last: {url}): are the shards empty "
+                                "(every sample rejected when they were built: see the build's manifest.json), or "
+                                "unreadable (the handler's warnings say why; dataprep verify checks them)?")
+
+    def _shard_samples(self, url: str):
+        """One shard's samples; an error opening or reading it goes to the handler."""
+        try:
+            stream = open_url(url)
+        except Exception as exn:  # noqa: BLE001 - the handler decides
+            exn.args = exn.args + (url,)
+            if self.handler(exn):
+                return
+            raise
+        try:
+            yield from _tar_samples(stream, url, self.handler)
+        except Exception as exn:  # noqa: BLE001 - a broken shard: the handler decides
+            if isinstance(exn, SHARD_READ_ERRORS) and not isinstance(exn, UnreadableShard):
+                err = unreadable_shard(url, exn)  # one line naming the shard, whatever reports it
+                err.__cause__ = exn
+                exn = err
+            else:
                 exn.args = exn.args + (url,)
-                if self.handler(exn):
-                    continue
-                raise
-            try:
-                got = 0
-                for sample in _tar_samples(stream, url, self.handler):
-                    got += 1
-                    yield sample
-                empty = 0 if got else empty + 1
-                if empty >= EMPTY_SHARDS_IN_A_ROW:
-                    raise NoSamples(f"{empty} shards in a row held no sample (the last: {url}): are the shards empty? "
-                                    "(every sample rejected when they were built: see the build's manifest.json)")
-            except NoSamples:
-                raise
-            except Exception as exn:  # noqa: BLE001 - a broken shard: the handler decides
-                if isinstance(exn, SHARD_READ_ERRORS) and not isinstance(exn, UnreadableShard):
-                    err = unreadable_shard(url, exn)  # one line naming the shard, whatever reports it
-                    err.__cause__ = exn
-                    exn = err
-                else:
-                    exn.args = exn.args + (url,)
-                if not self.handler(exn):
-                    raise exn
-            finally:
-                stream.close()
+            if not self.handler(exn):
+                raise exn
+        finally:
+            stream.close()
