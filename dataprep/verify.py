@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import posixpath
 import tarfile
 from collections import Counter
@@ -75,6 +76,13 @@ def check_shard(fileobj, decode: bool = True) -> tuple[list[str], list[str]]:
     seen: set[str] = set()
     exts: set[str] = set()  # the current sample's member extensions
     problems: list[str] = []
+
+    def sample_done() -> None:
+        if keys and not exts >= REQUIRED_MEMBERS:
+            missing = " and ".join(f".{e}" for e in sorted(REQUIRED_MEMBERS - exts))
+            problems.append(f"sample {keys[-1]!r} has no {missing} member (readers that expect the image and its "
+                            "label record fail on it)")
+
     try:
         with tarfile.open(fileobj=fileobj, mode="r|") as tar:
             for member in tar:
@@ -88,6 +96,7 @@ def check_shard(fileobj, decode: bool = True) -> tuple[list[str], list[str]]:
                     problems.append(f"member {name!r} has no extension: webdataset readers skip it")
                     continue
                 if not keys or keys[-1] != key:
+                    sample_done()
                     if key in seen:  # readers group adjacent members only: this sample comes out twice
                         problems.append(f"sample {key!r} appears again after other samples ({name})")
                     seen.add(key)
@@ -101,13 +110,30 @@ def check_shard(fileobj, decode: bool = True) -> tuple[list[str], list[str]]:
                 try:
                     data = tar.extractfile(member).read()
                     _decode_member(ext, data)
-                    if ext == "json" and json.loads(data)["key"] != key:
-                        raise ValueError("record key differs from the member name")
+                    if ext == "json":
+                        _check_record(json.loads(data), key)
                 except Exception as err:  # noqa: BLE001 - report any decode failure
                     problems.append(f"sample {key!r} ({name}): {err}")
+            sample_done()
     except Exception as err:  # noqa: BLE001 - a damaged archive is a finding, not a crash
         problems.append(f"not a readable tar after {len(keys)} sample(s): {err}")
     return keys, problems
+
+
+#: The members every sample has: its image and its label record.
+REQUIRED_MEMBERS = frozenset({"jpg", "json"})
+
+
+def _check_record(record, key: str) -> None:
+    """What a reader takes from every record: its key, and the angles as finite numbers."""
+    if not isinstance(record, dict):
+        raise ValueError("the label record is not a JSON object")
+    if record.get("key") != key:
+        raise ValueError("record key differs from the member name")
+    for angle in ("yaw", "pitch", "roll"):
+        value = record.get(angle)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"record {angle} is {value!r}, not a finite number of degrees")
 
 
 def _folder_problems(fs, base: str, listed: set[str] | None, command: str | None) -> list[str]:
@@ -176,16 +202,19 @@ def _info_problems(fs, base: str, shards: list[dict]) -> list[str]:
             continue
         for key in ("num_samples", "filenames", "shard_lengths"):
             if got.get(key) != exp[key]:
-                problems.append(f"{INFO}: split {split!r} {key} is {_short(got.get(key))}, "
-                                f"the manifest's shards give {_short(exp[key])}")
+                problems.append(f"{INFO}: split {split!r} {key} {_difference(got.get(key), exp[key])}")
     return problems
 
 
-def _short(value, n: int = 3) -> str:
-    """A list shortened for a one-line message."""
-    if isinstance(value, list) and len(value) > n:
-        return f"[{', '.join(map(repr, value[:n]))}, ... ({len(value)} in all)]"
-    return repr(value)
+def _difference(got, want) -> str:
+    """How ``got`` differs from ``want``, for a one-line message: lists by their first differing
+    entry (their heads alone can be the same)."""
+    if isinstance(got, list) and isinstance(want, list):
+        i = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+        at = (f"entry {i} is {got[i]!r} where the manifest's shards give {want[i]!r}" if i < min(len(got), len(want))
+              else "the entries agree as far as both go")
+        return f"differs from the manifest's shards: {at} ({len(got)} entries against {len(want)})"
+    return f"is {got!r}, the manifest's shards give {want!r}"
 
 
 def verify(out: str, decode: bool = True) -> VerifyReport:

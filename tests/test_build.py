@@ -1113,3 +1113,77 @@ def test_a_label_file_named_in_upper_case_is_read_and_watched_on_resume(sample_t
     monkeypatch.setattr(build_mod, "run_shard", lambda task, *a: calls.append(task.name) or real_run_shard(task, *a))
     build(opts(root, out, "aflw2000", protocol="none", shard_size=4))
     assert calls == ["all-000000.tar"]
+
+
+def _rewrite_shard(copy: Path, name: str, change) -> None:
+    """Rewrite shard ``name`` member by member through ``change(member_name, data) -> data | None``
+    (None drops the member), and record its new hash and size in the manifest, as a build that
+    wrote it that way would have: only verify's own checks can tell."""
+    import hashlib
+    import io
+    import tarfile
+
+    members = []
+    with tarfile.open(copy / name) as tar:
+        for m in tar.getmembers():
+            data = change(m.name, tar.extractfile(m).read())
+            if data is not None:
+                members.append((m.name, data))
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for member_name, data in members:
+            info = tarfile.TarInfo(member_name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    (copy / name).write_bytes(buf.getvalue())
+    manifest = json.loads((copy / "manifest.json").read_text())
+    for shard in manifest["shards"]:
+        if shard["name"] == name:
+            shard["sha256"] = hashlib.sha256(buf.getvalue()).hexdigest()
+            shard["bytes"] = len(buf.getvalue())
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_verify_checks_every_sample_has_its_image_and_a_sound_record(aflw_build, tmp_path):
+    copy, manifest = _copy_build(aflw_build, tmp_path)
+    name = manifest["shards"][0]["name"]
+    keys = sorted(label_records(copy))
+    first, second = keys[0], keys[1]
+
+    def change(member, data):
+        if member == f"{first}.json":
+            return None  # the label record gone
+        if member == f"{second}.json":
+            record = json.loads(data)
+            record["yaw"] = "abc"
+            return json.dumps(record).encode()
+        return data
+
+    _rewrite_shard(copy, name, change)
+    problems = verify(str(copy)).problems
+    assert f"{name}: sample {first!r} has no .json member (readers that expect the image and its label record " \
+           "fail on it)" in problems
+    assert f"{name}: sample {second!r} ({second}.json): record yaw is 'abc', not a finite number of degrees" in problems
+    assert len(problems) == 2, problems
+
+
+def test_verify_names_where_info_json_lists_differ(aflw_build, tmp_path):
+    copy, manifest = _copy_build(aflw_build, tmp_path)
+    info_path = copy / "_info.json"
+    info = json.loads(info_path.read_text())
+    split = manifest["shards"][0]["split"]
+    lengths = info["splits"][split]["shard_lengths"]
+    want = info_path.read_text()
+    # the last entry off by one: the heads of both lists alike, the message names where they part
+    info["splits"][split]["shard_lengths"] = lengths[:-1] + [lengths[-1] + 1]
+    info_path.write_text(json.dumps(info))
+    (problem,) = [p for p in verify(str(copy), decode=False).problems if "shard_lengths" in p]
+    n = len(lengths)
+    assert problem == (f"_info.json: split {split!r} shard_lengths differs from the manifest's shards: entry {n - 1} "
+                       f"is {lengths[-1] + 1} where the manifest's shards give {lengths[-1]} ({n} entries against {n})")
+    info["splits"][split]["shard_lengths"] = lengths + [3]
+    info_path.write_text(json.dumps(info))
+    (problem,) = [p for p in verify(str(copy), decode=False).problems if "shard_lengths" in p]
+    assert problem.endswith(f"the entries agree as far as both go ({n + 1} entries against {n})")
+    info_path.write_text(want)
+    assert verify(str(copy), decode=False).problems == []
