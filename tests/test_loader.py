@@ -657,6 +657,10 @@ def test_a_shard_folder_is_answered_with_its_brace_patterns(tmp_path):
         require_local_shards([str(bare)])
     with pytest.raises(FileNotFoundError, match=r"^1 of 2 shard\(s\) not found: .*gone.tar; check .*; .*bare is a folder"):
         require_local_shards([str(tmp_path / "gone.tar"), str(bare)])
+    # a shell-style wildcard is no pattern here: said so, with what to give instead
+    with pytest.raises(FileNotFoundError, match=re.escape(f"{built}/*.tar: wildcards are not expanded (webdataset's "
+                                                          "URLs neither); give a brace pattern")):
+        make_dataset(f"{built}/*.tar")
 
 
 @pytest.mark.parametrize("image_format,normalize", [("float", None), ("float", "imagenet"), ("float", "raw_bgr"),
@@ -829,3 +833,25 @@ def test_a_resampled_stream_over_unreadable_shards_stops(tmp_path):
         ds = make_dataset(url, resampled=True, samples_per_epoch=8, handler=wds.ignore_and_continue)
         with pytest.raises(NoSamples, match=r"shards in a row gave no sample .*unreadable"):
             keys_of(ds)
+
+
+def test_a_bad_sample_is_named_in_one_line_with_what_to_do(tmp_path):
+    from dataprep.loader import BadSample
+
+    pattern, samples = write_synthetic_shards(tmp_path, n_shards=1, per_shard=2)
+    path = Path(pattern.replace("{000000..000000}", "000000"))
+    first = sorted(samples)[0]
+    with tarfile.open(path) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers() if m.name != f"{first}.json"]
+    broken = tmp_path / "broken-000000.tar"
+    with tarfile.open(broken, "w") as tar:
+        for m, data in members:
+            tar.addfile(m, io.BytesIO(data))
+    with pytest.raises(BadSample) as exc:
+        list(make_dataset(str(broken), shuffle=0))
+    assert str(exc.value) == (f"sample {first!r} in {broken}: ValueError: sample {first!r} has no json member; check "
+                              "the shards with `dataprep verify` on their folder, or pass "
+                              "handler=webdataset.warn_and_continue to skip such samples")
+    assert isinstance(exc.value, ValueError) and isinstance(exc.value.__cause__, ValueError)
+    with pytest.warns(UserWarning, match=re.escape(f"sample {first!r} in {broken}")):
+        assert keys_of(make_dataset(str(broken), shuffle=0, handler=wds.warn_and_continue)) == sorted(samples)[1:]

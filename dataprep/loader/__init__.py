@@ -73,7 +73,7 @@ from .batches import collate
 from .dataloader import HeadPoseLoader, make_loader
 from .dataset import HeadPoseDataset, make_dataset
 from .images import IMAGE_FORMATS, IMAGENET_MEAN, IMAGENET_STD, NORMALIZATIONS, decode_image, normalize_images
-from .tar_reader import NoSamples, UnreadableShard, shard_error_line
+from .tar_reader import BadSample, NoSamples, UnreadableShard, shard_error_line
 from .urls import brace_pattern, expand_shard_urls, local_path, open_url, require_local_shards
 
 __all__ = [
@@ -83,6 +83,7 @@ __all__ = [
     "NORMALIZATIONS",
     "HeadPoseDataset",
     "HeadPoseLoader",
+    "BadSample",
     "NoSamples",
     "UnreadableShard",
     "make_dataset",

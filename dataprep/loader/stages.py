@@ -19,9 +19,11 @@ from webdataset.shardlists import ResampledShards, SimpleShardList
 from webdataset.utils import PipelineStage, pytorch_worker_info
 
 from .. import codec
+from ..errors import first_line
 from .. import crop as crop_ops
 from .batches import _BufferPool, _Item
 from .images import _decode_bgr, _reduction, _warp_reduced, _write_image
+from .tar_reader import BadSample
 
 
 class _State:
@@ -211,11 +213,16 @@ class _Decode(PipelineStage):
         for index, raw in enumerate(src):
             try:
                 yield self.prepare(raw, rank, worker, index)
-            except Exception as exn:  # noqa: BLE001 - the handler decides
-                exn.args = exn.args + (f"sample {raw.get('__key__')!r} in {raw.get('__url__')!r}",)
-                if self.handler(exn):
-                    continue
+            except MemoryError:
                 raise
+            except Exception as exn:  # noqa: BLE001 - the handler decides
+                err = BadSample(f"sample {raw.get('__key__')!r} in {raw.get('__url__')}: {type(exn).__name__}: "
+                                f"{first_line(exn)}; check the shards with `dataprep verify` on their folder, or "
+                                "pass handler=webdataset.warn_and_continue to skip such samples")
+                err.__cause__ = exn
+                if self.handler(err):
+                    continue
+                raise err from exn
 
     def prepare(self, raw: dict, rank: int, worker: int, index: int) -> _Item:
         """One raw sample -> an :class:`_Item` (image H x W x 3 uint8, BGR or RGB as ``bgr`` says)."""

@@ -38,6 +38,12 @@ class UnreadableShard(tarfile.ReadError):
     the worker's traceback text, whose last line is that message: :func:`shard_error_line`."""
 
 
+class BadSample(ValueError):
+    """A sample the loader cannot use (no image or record, an image that does not decode, a record
+    without a field it needs): one line naming the sample and its shard and saying what to do; the
+    original error is its ``__cause__``."""
+
+
 class NoSamples(ValueError):
     """Shards that hold no sample at all (a build writes an empty shard where every sample was
     rejected). One line naming them, as :class:`UnreadableShard`'s."""

@@ -63,8 +63,10 @@ def require_local_shards(urls: list[str]) -> None:
     if not missing:
         return
     folders = [u for u in missing if os.path.isdir(local_path(u))]
-    parts = []
-    files = [u for u in missing if u not in folders]
+    globs = [u for u in missing if u not in folders and any(c in u for c in "*?[")]
+    parts = [f"{u}: wildcards are not expanded (webdataset's URLs neither); give a brace pattern (e.g. "
+             "train-{000000..000003}.tar) or a list such as sorted(glob.glob(...))" for u in globs[:3]]
+    files = [u for u in missing if u not in folders and u not in globs]
     if files:
         shown = ", ".join(files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
         parts.append(f"{len(files)} of {len(urls)} shard(s) not found: {shown}; check the folder and the brace "
