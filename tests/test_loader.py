@@ -459,9 +459,11 @@ def test_ddp_ranks_resampled_same_batches_split_disjoint_shards(tmp_path, monkey
             extra = _fake_world(mp, how, rank)
             loader = make_loader(pattern, batch_size=2, workers=2, persistent_workers=True, resampled=True,
                                  samples_per_epoch=20, seed=1, **extra)
-            assert loader.batches_per_epoch == 5  # 20 samples // (2 ranks x 2 per batch)
+            assert loader.batches_per_epoch == len(loader) == 5  # 20 samples // (2 ranks x 2 per batch)
             resampled[rank] = [[b["key"] for b in loader] for _ in range(2)]
             plain = make_loader(pattern, batch_size=2, workers=2, shuffle=4, seed=1, **extra)
+            with pytest.raises(TypeError, match="no fixed length: count one with batches_in_epoch"):
+                len(plain)
             split[rank] = [k for b in plain for k in b["key"]]
     for rank, epochs in resampled.items():
         assert [len(e) for e in epochs] == [5, 5] and all(len(b) == 2 for e in epochs for b in e)

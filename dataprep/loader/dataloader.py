@@ -116,6 +116,16 @@ class HeadPoseLoader(DataLoader):
             total += n // batch + (0 if self.drop_last or n % batch == 0 else 1)
         return total
 
+    def __len__(self) -> int:
+        """Batches per epoch where that is fixed (resampled with ``samples_per_epoch``: what
+        schedulers and progress bars ask ``len()`` for); a loader reading each shard once has no
+        fixed length (:meth:`batches_in_epoch` counts an epoch's)."""
+        if self.batches_per_epoch is None:
+            raise TypeError("this loader reads each shard once, so its epochs have no fixed length: "
+                            "count one with batches_in_epoch(epoch, shard_samples), or make it with "
+                            "resampled=True and samples_per_epoch")
+        return self.batches_per_epoch
+
     def _workers_follow_themselves(self) -> bool:
         return bool(self.persistent_workers and self.num_workers > 0 and self._iterator is not None)
 
