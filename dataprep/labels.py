@@ -19,9 +19,8 @@ that same convention (for BIWI it is ``M.T`` itself), and ``rotation_to_euler(re
 gives back the record's angles (below: for every head pose). The formulas above return |yaw| <= 90; a rotation
 with |yaw| > 90 (AFLW2000 and 300W-LP hold a few; protocol 1 keeps yaw up to 99) comes out of them
 as the other angle triple of the same rotation, ``(±180 - yaw, pitch ∓ 180, roll ∓ 180)``, pitch
-and roll both past 90. ``rotation_to_euler`` returns the triple with the smaller
-``|pitch| + |roll|`` instead: the label's, for any label with ``|pitch| + |roll| < 180`` (every
-head pose; BIWI's angles are the formulas' exactly).
+and roll both past 90. ``rotation_to_euler`` returns the triple whose largest angle is smaller
+instead: the label's, for every head pose (BIWI's angles are the formulas' exactly).
 
 A horizontal image flip negates yaw and roll and keeps pitch; on the matrix it is the conjugation
 ``S @ R @ S`` with ``S = diag(-1, 1, 1)``. Points and boxes mirror as ``x -> W + c - x`` where ``c``
@@ -60,28 +59,28 @@ def euler_to_pose_para(yaw: float, pitch: float, roll: float) -> np.ndarray:
 def rotation_to_euler(rotation):
     """Rotation matrix ``R`` in our convention -> ``(yaw, pitch, roll)`` degrees: of the rotation's
     two angle triples, the Z-Y-X formulas above (|yaw| <= 90) and ``(±180 - yaw, pitch ∓ 180,
-    roll ∓ 180)``, the one with the smaller ``|pitch| + |roll|``, so every label with
-    ``|pitch| + |roll| < 180`` (any head pose) comes back exactly, past 90 degrees of yaw too
-    (ties at 180: the formulas'). A torch tensor of matrices ``(..., 3, 3)`` gives a tensor
-    ``(..., 3)`` (the trainer's MNN decode)."""
+    roll ∓ 180)``, the one whose largest angle is smaller (ties: the formulas'). A label comes back
+    exactly unless all three of its angles are past ``180 - its largest`` (for labels within ±99,
+    all three past 81 degrees: no head pose). A torch tensor of matrices ``(..., 3, 3)`` gives a
+    tensor ``(..., 3)`` (the trainer's MNN decode)."""
     if _is_tensor(rotation):
         torch = _torch()
         r = rotation
         roll = torch.rad2deg(-torch.atan2(r[..., 1, 0], r[..., 0, 0]))
         yaw = torch.rad2deg(-torch.atan2(-r[..., 2, 0], torch.hypot(r[..., 2, 1], r[..., 2, 2])))
         pitch = torch.rad2deg(torch.atan2(r[..., 2, 1], r[..., 2, 2]))
-        other = pitch.abs() + roll.abs() > 180.0
         half = torch.full_like(yaw, 180.0)
-        yaw = torch.where(other, torch.copysign(half, yaw) - yaw, yaw)
-        pitch = torch.where(other, pitch - torch.copysign(half, pitch), pitch)
-        roll = torch.where(other, roll - torch.copysign(half, roll), roll)
-        return torch.stack([yaw, pitch, roll], dim=-1)
+        alt = (torch.copysign(half, yaw) - yaw, pitch - torch.copysign(half, pitch), roll - torch.copysign(half, roll))
+        largest = torch.stack([yaw, pitch, roll], dim=-1).abs().amax(dim=-1)
+        other = torch.stack(alt, dim=-1).abs().amax(dim=-1) < largest
+        return torch.stack([torch.where(other, a, f) for a, f in zip(alt, (yaw, pitch, roll))], dim=-1)
     r = np.asarray(rotation, dtype=np.float64)
     roll = -math.atan2(r[1, 0], r[0, 0]) * RAD2DEG
     yaw = -math.atan2(-r[2, 0], math.hypot(r[2, 1], r[2, 2])) * RAD2DEG
     pitch = math.atan2(r[2, 1], r[2, 2]) * RAD2DEG
-    if abs(pitch) + abs(roll) > 180.0:
-        yaw, pitch, roll = math.copysign(180.0, yaw) - yaw, pitch - math.copysign(180.0, pitch), roll - math.copysign(180.0, roll)
+    alt = (math.copysign(180.0, yaw) - yaw, pitch - math.copysign(180.0, pitch), roll - math.copysign(180.0, roll))
+    if max(map(abs, alt)) < max(abs(yaw), abs(pitch), abs(roll)):
+        return alt
     return yaw, pitch, roll
 
 

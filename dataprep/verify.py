@@ -38,6 +38,10 @@ def _decode_member(ext: str, data: bytes) -> None:
         for k in ("key", "yaw", "pitch", "roll", "rotation", "box", "crop", "source"):
             if k not in record:
                 raise ValueError(f"label record lacks {k!r}")
+        for angle in ("yaw", "pitch", "roll"):  # what every reader takes from a record
+            value = record[angle]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"record {angle} is {value!r}, not a finite number of degrees")
     elif ext == "jpg":
         image, damage = codec.decode_rgb_checked(data)
         if damage is not None:
@@ -67,6 +71,10 @@ class _Hashing:
         while self.read(1 << 22):  # the rest: tar end padding, or all of it after a parse error
             pass
         return self.sha256.hexdigest()
+
+
+#: The members every sample has: its image and its label record.
+REQUIRED_MEMBERS = frozenset({"jpg", "json"})
 
 
 def check_shard(fileobj, decode: bool = True) -> tuple[list[str], list[str]]:
@@ -110,30 +118,14 @@ def check_shard(fileobj, decode: bool = True) -> tuple[list[str], list[str]]:
                 try:
                     data = tar.extractfile(member).read()
                     _decode_member(ext, data)
-                    if ext == "json":
-                        _check_record(json.loads(data), key)
+                    if ext == "json" and json.loads(data)["key"] != key:
+                        raise ValueError("record key differs from the member name")
                 except Exception as err:  # noqa: BLE001 - report any decode failure
                     problems.append(f"sample {key!r} ({name}): {err}")
             sample_done()
     except Exception as err:  # noqa: BLE001 - a damaged archive is a finding, not a crash
         problems.append(f"not a readable tar after {len(keys)} sample(s): {err}")
     return keys, problems
-
-
-#: The members every sample has: its image and its label record.
-REQUIRED_MEMBERS = frozenset({"jpg", "json"})
-
-
-def _check_record(record, key: str) -> None:
-    """What a reader takes from every record: its key, and the angles as finite numbers."""
-    if not isinstance(record, dict):
-        raise ValueError("the label record is not a JSON object")
-    if record.get("key") != key:
-        raise ValueError("record key differs from the member name")
-    for angle in ("yaw", "pitch", "roll"):
-        value = record.get(angle)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ValueError(f"record {angle} is {value!r}, not a finite number of degrees")
 
 
 def _folder_problems(fs, base: str, listed: set[str] | None, command: str | None) -> list[str]:

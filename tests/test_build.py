@@ -723,6 +723,12 @@ def test_verify_checks_the_rejected_list_against_the_counts(aflw_build, tmp_path
     assert "manifest.json: counts.rejected_by_reason does not match its rejected list" in problems
 
 
+def _record(key: str) -> bytes:
+    """The least label record verify accepts: the fields every reader takes, angles finite."""
+    return json.dumps({"key": key, "yaw": 1.0, "pitch": 2.0, "roll": 3.0, "rotation": [[1, 0, 0], [0, 1, 0], [0, 0, 1]],
+                       "box": [0, 0, 8, 8], "crop": [0, 0, 8, 8], "source": f"{key}.jpg"}).encode()
+
+
 def test_check_shard_flags_a_key_seen_again_later(tmp_path):
     import fsspec
 
@@ -730,7 +736,8 @@ def test_check_shard_flags_a_key_seen_again_later(tmp_path):
     from dataprep.verify import check_shard
 
     path = str(tmp_path / "test-000000.tar")
-    write_shard(fsspec.filesystem("file"), path, [{"__key__": k, "jpg": b"not a jpeg"} for k in ("a", "b", "a")])
+    write_shard(fsspec.filesystem("file"), path, [{"__key__": k, "jpg": b"not a jpeg", "json": _record(k)}
+                                                  for k in ("a", "b", "a")])
     with open(path, "rb") as f:
         keys, problems = check_shard(f, decode=False)  # no decoding: the bad JPEG goes unnoticed
     assert keys == ["a", "b", "a"]
@@ -780,7 +787,8 @@ def test_check_shard_flags_a_damaged_jpeg_that_still_decodes(tmp_path):
     middle = (good.index(b"\xff\xda") + len(good)) // 2
     damaged = good[:middle] + b"\xff\xd9" + good[middle + 2:]  # a stray marker in the picture data
     path = str(tmp_path / "test-000000.tar")
-    write_shard(fsspec.filesystem("file"), path, [{"__key__": "a", "jpg": good}, {"__key__": "b", "jpg": damaged}])
+    write_shard(fsspec.filesystem("file"), path, [{"__key__": "a", "jpg": good, "json": _record("a")},
+                                                  {"__key__": "b", "jpg": damaged, "json": _record("b")}])
     with open(path, "rb") as f:
         _, problems = check_shard(f)
     assert len(problems) == 1 and problems[0].startswith("sample 'b' (b.jpg): JPEG data damaged (libjpeg: ")

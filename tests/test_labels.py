@@ -90,7 +90,7 @@ def test_rotation_round_trip_past_90_degrees_of_yaw_keeps_the_label_triple():
     import torch
 
     for yaw, pitch, roll in ((95.0, 10.0, 5.0), (-97.0, -20.0, 3.0), (120.0, 10.0, 5.0), (-135.0, -20.0, 30.0),
-                             (123.25, 38.09, -3.80), (179.0, -89.0, 89.5), (95.0, 90.0, 10.0), (30.0, 100.0, 10.0)):
+                             (123.25, 38.09, -3.80), (150.0, -20.0, 10.0), (95.0, 90.0, 10.0), (30.0, 100.0, 10.0)):
         r = labels.rotation_from_euler(yaw, pitch, roll)
         assert labels.rotation_to_euler(r) == pytest.approx((yaw, pitch, roll), abs=1e-9)
         got = labels.rotation_to_euler(torch.tensor(r[None], dtype=torch.float64))[0].tolist()
@@ -103,9 +103,12 @@ def test_rotation_round_trip_past_90_degrees_of_yaw_keeps_the_label_triple():
     formula = (-math.degrees(math.atan2(-r[2, 0], math.hypot(r[2, 1], r[2, 2]))),
                math.degrees(math.atan2(r[2, 1], r[2, 2])), -math.degrees(math.atan2(r[1, 0], r[0, 0])))
     assert formula == pytest.approx((56.75, -141.91, 176.20), abs=1e-9)
-    # |pitch| + |roll| past 180 (no head pose): the other triple, whose sum is the smaller
-    r = labels.rotation_from_euler(30.0, 100.0, 120.0)
-    assert labels.rotation_to_euler(r) == pytest.approx((150.0, -80.0, -60.0), abs=1e-9)
+    # pitch and roll near the protocols' 99 limit: still the label (the other triple's largest is 180)
+    r = labels.rotation_from_euler(0.0, 82.0, 99.0)
+    assert labels.rotation_to_euler(r) == pytest.approx((0.0, 82.0, 99.0), abs=1e-9)
+    # all three past 180 - the largest (no head pose): the other triple, whose largest is smaller
+    r = labels.rotation_from_euler(95.0, 100.0, 120.0)
+    assert labels.rotation_to_euler(r) == pytest.approx((85.0, -80.0, -60.0), abs=1e-9)
 
 
 def test_the_sample_writers_conversions_invert_the_readers():
