@@ -240,3 +240,17 @@ def test_square_windows_stay_square_in_whole_pixels():
         assert x2 - x1 == y2 - y1
     assert boxes.integer_window([10.4, 20.6, 10.45, 20.61]) == [10, 21, 11, 22]  # never empty
     assert boxes.integer_window([135.2, 156.4, 296.5, 318.1]) == [135, 156, 296, 318]
+
+
+def test_landmarks_land_on_the_model_input_pixels_they_mark():
+    # MATLAB coordinates (300W-LP, AFLW2000): source pixel i's centre at i + 1
+    whole = [0.0, 0.0, 10.0, 10.0]
+    got = boxes.points_to_input_pixels([[[1.0, 1.0], [10.0, 4.0]]], [whole], [(10, 10)], [1.0])[0]
+    np.testing.assert_allclose(got, [[0.0, 0.0], [9.0, 3.0]])  # same size: the same pixels, 0-based
+    got = boxes.points_to_input_pixels([[[1.0, 1.0], [10.0, 10.0]]], [whole], [(20, 20)], [1.0])[0]
+    np.testing.assert_allclose(got, [[0.5, 0.5], [18.5, 18.5]])  # twice the size: between the two it became
+    got = boxes.points_to_input_pixels([[[5.0, 3.0]]], [[2.0, 1.0, 12.0, 11.0]], [(10, 10)], [1.0])[0]
+    np.testing.assert_allclose(got, [[2.0, 1.0]])  # source pixel (4, 2) in a window from (2, 1)
+    # continuous coordinates (pixel i spans [i, i + 1)): its centre i + 0.5
+    got = boxes.points_to_input_pixels([[[0.5, 9.5]]], [whole], [(10, 10)], [0.0])[0]
+    np.testing.assert_allclose(got, [[0.0, 9.0]])

@@ -134,9 +134,11 @@ def test_batches_shapes_and_labels(shards):
             bgr = cv2.imdecode(np.frombuffer(sample_members(samples[key])["jpg"], np.uint8), cv2.IMREAD_COLOR)
             np.testing.assert_array_equal(got, bgr[:, :, ::-1])
             np.testing.assert_array_equal(lm_src, samples[key]["landmarks"])
-            # mapped a batch at a time, to exactly the values one sample's mapping gives
-            np.testing.assert_array_equal(lm.numpy(), box_rules.to_crop_coords(lm_src, rec["crop"], (CROP, CROP))
-                                          .astype(np.float32))
+            # into model-input pixels (pixel j's centre at j) from 300W-LP's MATLAB coordinates (pixel
+            # i's centre at i + 1): continuous x - 0.5, through the crop, less half an output pixel
+            c = np.asarray(rec["crop"], np.float64)
+            want = (np.asarray(lm_src, np.float64) - 0.5 - c[:2]) * (CROP / (c[2:] - c[:2])) - 0.5
+            np.testing.assert_allclose(lm.numpy(), want, rtol=0, atol=1e-4)
 
 
 def test_batch_landmarks_masks_missing_and_odd_shapes_and_map_each_sample_exactly():
@@ -146,15 +148,21 @@ def test_batch_landmarks_masks_missing_and_odd_shapes_and_map_each_sample_exactl
     sources = [rng.uniform(-50, 400, (68, 2)).astype(np.float32), None, rng.uniform(0, 300, (5, 2)),
                rng.uniform(0, 300, (136,))]  # float32, missing, another shape, float64 pairs in a row
     crops = [[10.5, -20.25, 310.0, 279.75], [0, 0, 1, 1], [0, 0, 9, 9], [-3, 7, 197, 207]]
+    datasets = ["300w_lp", "aflw2000", "300w_lp", "biwi"]  # MATLAB coordinates, and continuous ones
+    records = [{"crop": c, "dataset": d} for c, d in zip(crops, datasets)]
     sizes = [(224, 224), (64, 64), (64, 64), (64, 48)]
-    got = _batch_landmarks(sources, crops, sizes)
+    got = _batch_landmarks(sources, records, sizes)
     assert got["landmarks"].dtype == np.float32 and got["landmarks"].shape == (4, 68, 2)
     assert got["landmarks_mask"].tolist() == [True, False, False, True]
-    for i in (0, 3):
-        want = box_rules.to_crop_coords(sources[i], crops[i], sizes[i]).astype(np.float32)
-        np.testing.assert_array_equal(got["landmarks"][i], want)
+    for i, origin in ((0, 1.0), (3, 0.0)):  # labels.mirror_offset: where pixel 0's centre is, less 0.5
+        single = _batch_landmarks([sources[i]], [records[i]], [sizes[i]])["landmarks"][0]
+        np.testing.assert_array_equal(got["landmarks"][i], single)  # a batch maps as one sample does
+        c = np.asarray(crops[i], np.float64)
+        want = (np.asarray(sources[i], np.float64).reshape(-1, 2) - 0.5 * origin - c[:2]) * (
+            np.asarray(sizes[i], np.float64) / (c[2:] - c[:2])) - 0.5
+        np.testing.assert_allclose(got["landmarks"][i], want, rtol=0, atol=1e-4)
     assert not got["landmarks"][1:3].any()
-    assert _batch_landmarks([None, None], crops[:2], sizes[:2]) == {}
+    assert _batch_landmarks([None, None], records[:2], sizes[:2]) == {}
 
 
 def test_brace_list_file_url_and_fsspec_urls(shards, tmp_path):
@@ -384,8 +392,8 @@ def test_padded_windows_are_snapped_and_recorded_as_cut(shards):
         out_px = (ec[2:] - ec[:2]) / 48  # source pixels per output pixel
         assert (np.abs(fc - ec) <= 1.5 * np.tile(out_px, 2)).all(), (fc, ec)
         snapped += not np.allclose(fc, ec)
-        np.testing.assert_allclose(f["landmarks"], box_rules.to_crop_coords(
-            f["landmarks_source"], f["record"]["crop"], (48, 48)), rtol=1e-5, atol=1e-4)
+        np.testing.assert_allclose(f["landmarks"], box_rules.points_to_input_pixels(
+            f["landmarks_source"][None], [f["record"]["crop"]], [(48, 48)], [1.0])[0], rtol=1e-5, atol=1e-4)
         diff = (f["image"].float() - e["image"].float()).abs()
         assert float(diff.mean()) < 8.0, float(diff.mean())
         # what the picture shows is the stored crop where the record says it is

@@ -13,7 +13,8 @@ import numpy as np
 import torch
 from torch.utils.data import get_worker_info
 
-from ..boxes import stacked_to_crop_coords, to_crop_coords
+from ..boxes import points_to_input_pixels
+from ..labels import mirror_offset
 from ..processes import pid_alive
 
 
@@ -34,10 +35,10 @@ class _Item:
         self.buffer, self.slot = None, 0
 
     def landmarks(self) -> np.ndarray | None:
-        """The landmarks in model-input pixels (float32), or None."""
+        """The landmarks in model-input pixels (float32; pixel j's centre at j), or None."""
         if self.landmarks_source is None:
             return None
-        return to_crop_coords(self.landmarks_source, self.record["crop"], self.out_size).astype(np.float32)
+        return _batch_landmarks([self.landmarks_source], [self.record], [self.out_size])["landmarks"][0]
 
 
 def _common_shape(arrays: list) -> tuple[tuple[int, ...], np.ndarray] | None:
@@ -50,11 +51,11 @@ def _common_shape(arrays: list) -> tuple[tuple[int, ...], np.ndarray] | None:
     return shape, np.array([a is not None and a.shape == shape for a in arrays], bool)
 
 
-def _batch_landmarks(sources: list, crops: list, sizes: list) -> dict:
-    """``landmarks`` (B, L, 2) float32 model-input pixels (zeros where missing) and ``landmarks_mask``
-    (B,) of the samples whose source landmarks have the batch's most common shape; {} when none has
-    any. All mapped at once (:func:`boxes.stacked_to_crop_coords`); points as rows of 2, as
-    :func:`boxes.to_crop_coords` reads them."""
+def _batch_landmarks(sources: list, records: list, sizes: list) -> dict:
+    """``landmarks`` (B, L, 2) float32 model-input pixels (pixel j's centre at j; zeros where
+    missing) and ``landmarks_mask`` (B,) of the samples whose source landmarks have the batch's most
+    common shape; {} when none has any. All mapped at once through each record's ``crop``, from its
+    dataset's coordinates (:func:`boxes.points_to_input_pixels`); points as rows of 2."""
     sources = [None if s is None else np.asarray(s).reshape(-1, 2) for s in sources]
     common = _common_shape(sources)
     if common is None:
@@ -62,8 +63,9 @@ def _batch_landmarks(sources: list, crops: list, sizes: list) -> dict:
     shape, mask = common
     rows = np.flatnonzero(mask)
     landmarks = np.zeros((len(sources),) + shape, np.float32)
-    landmarks[rows] = stacked_to_crop_coords(np.stack([sources[i] for i in rows]), [crops[i] for i in rows],
-                                             [sizes[i] for i in rows])
+    landmarks[rows] = points_to_input_pixels(np.stack([sources[i] for i in rows]), [records[i]["crop"] for i in rows],
+                                             [sizes[i] for i in rows],
+                                             [mirror_offset(records[i].get("dataset", "")) for i in rows])
     return {"landmarks": landmarks, "landmarks_mask": mask}
 
 
@@ -184,7 +186,7 @@ def _collate_items(items: Sequence, loader_id: int = 0) -> dict:
         batch["_jpeg"] = np.frombuffer(bytearray(b"".join(data)), np.uint8)
         batch["_jpeg_ends"] = np.cumsum([len(d) for d in data]).tolist()
         batch["window"] = np.array([it.window for it in items], np.int64).reshape(n, 4)
-    batch.update(_batch_landmarks([it.landmarks_source for it in items], [it.record["crop"] for it in items],
+    batch.update(_batch_landmarks([it.landmarks_source for it in items], [it.record for it in items],
                                   [it.out_size for it in items]))
     return batch
 

@@ -146,7 +146,9 @@ def make_dataset(
     crop to cut from the decoded stored image, pixels outside it black, then resize to ``size``);
     ``angles`` float tensor (yaw, pitch, roll) degrees, ``key``, ``record`` (after recrop/transforms;
     ``crop`` is the source window the image covers, floats after a recrop), ``landmarks`` (68, 2)
-    float32 in model-input pixels or None, ``landmarks_source`` (68, 2) in source pixels or None.
+    float32 in model-input pixels, pixel ``j``'s centre at ``j`` (converted from the dataset's own
+    coordinates: :func:`boxes.points_to_input_pixels`), or None, ``landmarks_source`` (68, 2) in
+    source pixels as the record has them, or None.
     """
     if normalize not in NORMALIZATIONS:
         raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
