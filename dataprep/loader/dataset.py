@@ -122,7 +122,9 @@ def make_dataset(
     ``"square"`` rule's margin (``boxes.square_pad``). ``resampled``: draw shards with replacement
     forever (bound an epoch with ``samples_per_epoch``). ``samples_per_epoch``: samples per epoch,
     all ranks together (each rank yields ``samples_per_epoch // world_size``; through
-    :class:`HeadPoseLoader`, ``max(1, samples_per_epoch // (world_size * batch_size))`` whole batches). ``normalize``: one of
+    :class:`HeadPoseLoader`, ``max(1, samples_per_epoch // (world_size * batch_size))`` whole batches);
+    without ``resampled`` it is a cap, each worker stopping at its share or at the end of its shards,
+    so an epoch can come out shorter (resample for an exact count). ``normalize``: one of
     :data:`NORMALIZATIONS`. ``image_format``: one of :data:`IMAGE_FORMATS` (``"uint8"`` and
     ``"jpeg"`` leave ``normalize`` to the caller; ``"jpeg"`` takes no transforms and needs
     ``size``). ``distributed``: split the shards by rank (``wds.split_by_node``); None: when
