@@ -44,6 +44,7 @@ __all__ = [
     "Brightness",
     "Contrast",
     "RandomCropScale",
+    "FsanetAugment",
     "Compose",
     "RandomApply",
     "SPEC_NAMES",
@@ -209,6 +210,62 @@ class RandomCropScale(Transform):
         out = _new_record(record, {"op": self.name, "scale": s, "shift": [dx, dy], "window": window})
         out["crop"] = window
         return out_img, out, None if landmarks is None else np.array(landmarks, copy=True)
+
+
+class FsanetAugment(Transform):
+    """FSA-Net's training augmentation (``TYY_generators.augment_data``, which its
+    ``data_generator_pose`` applies to every training batch), on the model-input crop:
+
+    * one of, a quarter of the time each: trim ``dn ~ 1..15`` pixels off each axis at a random
+      offset and resize back (bicubic); move the crop's content by up to ``dn`` pixels over a black
+      canvas; the same over a white one; nothing;
+    * then, 70% of the time, zoom each axis by its own factor in [0.8, 1.2] about the centre
+      (above 1 shows more; edge pixels repeated; Keras' ``random_zoom``).
+
+    The record's ``crop`` becomes the source window the new image shows (where it is filled,
+    black, white or repeated edges, not the source's pixels); angles and landmarks (source pixels)
+    do not change.
+    """
+
+    name = "fsanet_augment"
+
+    def __call__(self, image, record, landmarks=None, rng=None):
+        _check_image(image)
+        rng = _rng(rng)
+        h, w = image.shape[:2]
+        out, window, ops = image.copy(), [0.0, 0.0, float(w), float(h)], []
+        r = rng.random()
+        if r < 0.75:
+            dn = int(rng.integers(15)) + 1
+            dx, dy = int(rng.integers(dn)), int(rng.integers(dn))
+            part = image[dy:h - (dn - dy), dx:w - (dn - dx)]
+            if r < 0.25:  # random_crop
+                out = cv2.resize(part, (w, h), interpolation=cv2.INTER_CUBIC)
+                window = [float(dx), float(dy), float(w - (dn - dx)), float(h - (dn - dy))]
+                ops.append({"trim": dn, "at": [dx, dy]})
+            else:  # random_crop_black / random_crop_white
+                fill = 0 if r < 0.5 else 255
+                sx, sy = int(rng.integers(dn)), int(rng.integers(dn))
+                out = np.full_like(image, fill)
+                out[sy:h - (dn - sy), sx:w - (dn - sx)] = part
+                window = [float(dx - sx), float(dy - sy), float(dx - sx + w), float(dy - sy + h)]
+                ops.append({"shift": [dx - sx, dy - sy], "trim": dn, "fill": fill})
+        if rng.random() > 0.3:  # random_zoom
+            zx, zy = (float(z) for z in rng.uniform(0.8, 1.2, 2))
+            cx, cy = (w - 1) / 2.0, (h - 1) / 2.0  # pixel-centre coordinates of the middle
+            matrix = np.array([[zx, 0.0, cx * (1 - zx)], [0.0, zy, cy * (1 - zy)]])
+            out = cv2.warpAffine(out, matrix, (w, h), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                                 borderMode=cv2.BORDER_REPLICATE)
+            mx, my = (window[0] + window[2]) / 2.0, (window[1] + window[3]) / 2.0
+            ww, wh = (window[2] - window[0]) * zx, (window[3] - window[1]) * zy
+            window = [mx - ww / 2.0, my - wh / 2.0, mx + ww / 2.0, my + wh / 2.0]
+            ops.append({"zoom": [zx, zy]})
+        cur = [float(v) for v in record["crop"]]
+        sx_, sy_ = (cur[2] - cur[0]) / w, (cur[3] - cur[1]) / h
+        new = _new_record(record, {"op": self.name, "steps": ops})
+        new["crop"] = [cur[0] + window[0] * sx_, cur[1] + window[1] * sy_, cur[0] + window[2] * sx_,
+                       cur[1] + window[3] * sy_]
+        return out, new, _copy(landmarks)
 
 
 # --------------------------------------------------------------------------------------------

@@ -407,3 +407,32 @@ def test_ring_blur_is_pils_blur_filter():
     inner = (slice(2, -2), slice(2, -2))  # PIL's border handling aside
     assert np.abs(out[inner].astype(int) - pil[inner].astype(int)).max() <= 1
     assert rec["augment"] == [{"op": "ringblur"}] and record == {"augment": []}
+
+
+def test_fsanet_augment_records_the_window_its_image_shows():
+    """FSA-Net's augment_data (trim and resize, shift over black or white, per-axis zoom): on an
+    image whose pixels encode their own source coordinates, the record's new ``crop`` predicts
+    every central pixel (the content there is the source's, whatever was drawn)."""
+    from dataprep.augment import FsanetAugment
+
+    w = h = 64
+    xs = np.arange(w, dtype=np.float64) + 0.5  # continuous pixel centres
+    image = np.zeros((h, w, 3), np.uint8)
+    image[..., 0] = np.round(2 * xs)[None, :]
+    image[..., 1] = np.round(2 * xs)[:, None]
+    record = {"crop": [100.0, 50.0, 164.0, 114.0], "augment": []}  # the source window: 1 source px a pixel
+    seen = set()
+    for seed in range(60):
+        out, rec, _ = FsanetAugment()(image, record, None, np.random.default_rng(seed))
+        assert out.shape == image.shape and out.dtype == np.uint8 and record["augment"] == []
+        (entry,) = rec["augment"]
+        seen.update(next(iter(s)) for s in entry["steps"])
+        x1, y1, x2, y2 = rec["crop"]
+        sx, sy = (x2 - x1) / w, (y2 - y1) / h
+        u = np.arange(20, 44) + 0.5
+        want_x = 2 * (x1 + u * sx - 100.0)  # the source x each output column shows, as the ramp encodes it
+        want_y = 2 * (y1 + u * sy - 50.0)
+        centre = out[20:44, 20:44].astype(np.float64)
+        assert np.abs(centre[..., 0] - want_x[None, :]).max() <= 2.0, (seed, entry)
+        assert np.abs(centre[..., 1] - want_y[:, None]).max() <= 2.0, (seed, entry)
+    assert seen == {"trim", "shift", "zoom"}

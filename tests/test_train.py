@@ -75,8 +75,9 @@ def check_run(out: Path, metrics: dict, capsys, data: str, model: str, *, falls:
               eval_extra: tuple[str, ...] = (), eval_warns: bool | None = None) -> dict:
     losses = [s["loss"] for s in metrics["steps"]]
     assert losses and all(math.isfinite(v) for v in losses)
-    if falls:
-        assert losses[-1] < 0.9 * losses[0], losses
+    if falls:  # thirds, not single steps: the papers' online augmentation makes steps noisy
+        third = max(1, len(losses) // 3)
+        assert sum(losses[-third:]) / third < 0.9 * sum(losses[:third]) / third, losses
     assert [s["step"] for s in metrics["steps"]] == list(range(1, len(losses) + 1))
     assert (out / "curves.png").stat().st_size > 5000
     ckpt = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
@@ -599,7 +600,8 @@ def test_float16_steps_the_scaler_skips_raise_no_scheduler_warning():
 
 def test_hopenet_trains_on_its_online_augmentation_and_evaluates_without(shards, capsys):
     """Hopenet's ``Pose_300W_LP``: flip half the time (yaw and roll negated), blur one in 20; in
-    training only. Without a spec's transforms (FSA-Net here) the records carry none."""
+    training only. FSA-Net's spec brings its augment_data; without a spec's transforms (EHPNet's
+    are not reproduced) the records carry none."""
     spec = registry.get("hopenet")
     train_loader = make_loader(shards.train, spec, 4, train=True, input_size=64, seed=3)
     ops = [tuple(a["op"] for a in rec["augment"]) for b in train_loader for rec in b["record"]]
@@ -611,8 +613,10 @@ def test_hopenet_trains_on_its_online_augmentation_and_evaluates_without(shards,
                 assert float(angles[0]) == pytest.approx(rec["yaw"]) and float(angles[2]) == pytest.approx(rec["roll"])
     evaluation = make_loader(shards.val, spec, 4, train=False, input_size=64)
     assert all(not rec["augment"] for b in evaluation for rec in b["record"])
-    fsa = make_loader(shards.train, registry.get("fsanet_var"), 4, train=True)
-    assert all(not rec["augment"] for b in fsa for rec in b["record"])
+    fsa = make_loader(shards.train, registry.get("fsanet_var"), 4, train=True)  # augment_data, FSA-Net's own
+    assert all([a["op"] for a in rec["augment"]] == ["fsanet_augment"] for b in fsa for rec in b["record"])
+    plain = make_loader(shards.train, registry.get("ehpnet"), 4, train=True, input_size=64)  # none of its code's
+    assert all(not rec["augment"] for b in plain for rec in b["record"])
     # the GPU path decodes on the device, after the CPU transforms would have run: said, and left out
     make_loader(shards.train, spec, 4, train=True, input_size=64, gpu_decode=True)
     assert "online augmentation" in capsys.readouterr().err

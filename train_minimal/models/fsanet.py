@@ -31,7 +31,8 @@ one-to-one (``train_minimal/convert_fsanet.py``):
   are ``[yaw, pitch, roll]``).
 
 Training follows the paper / ``FSANET_train.py``: L1 (mean absolute error) on the three angles,
-Adam lr 1e-3, x0.1 at epochs 30 and 60 of 90, batch 16.
+Adam lr 1e-3, x0.1 at epochs 30 and 60 of 90, batch 16, and its online augmentation
+(``TYY_generators.augment_data``: :class:`dataprep.augment.FsanetAugment`, training only).
 
 ``fsanet_fusion`` in eval mode returns the mean of its members' predictions ``(B, 3)``. In train
 mode it returns the members' predictions stacked ``(B, 3 members, 3)`` so that ``loss`` can train
@@ -402,8 +403,16 @@ def build_fusion(pretrained=None, **_):
     return _load_into(FSANetFusion(), "fsanet_fusion", pretrained)
 
 
+def train_transforms():
+    """``TYY_generators.augment_data``, which ``FSANET_train.py``'s ``data_generator_pose`` applies
+    to every training batch (SSR-Net-MD is trained by the same script)."""
+    from dataprep.augment import FsanetAugment
+
+    return FsanetAugment()
+
+
 _COMMON = dict(input_size=64, fixed_input_size=True, crop_rule="fsanet", normalize="raw_bgr", loss=l1_loss, decode=decode,
-               make_optimizer=make_optimizer)
+               make_optimizer=make_optimizer, train_transforms=train_transforms)
 
 register(ModelSpec(name="fsanet_1x1", build=build_fsanet("1x1"), defaults=dict(DEFAULTS),
                    description="FSA-Net, 1x1-conv scoring (official fsanet_capsule_3_16_2_21_5)", **_COMMON))

@@ -34,7 +34,7 @@ from dataprep.errors import first_line
 from ..registry import ModelSpec, register
 from ._pretrained import PretrainedFileError, normalize_pretrained, read_weights
 from .fsanet import (
-    DEFAULTS, STAGE_NUM, TwoStreamBackbone, decode, init_keras_, l1_loss, make_optimizer,
+    DEFAULTS, STAGE_NUM, TwoStreamBackbone, decode, init_keras_, l1_loss, make_optimizer, train_transforms,
     soft_stagewise_regression,
 )
 
@@ -100,5 +100,6 @@ def build(pretrained=None, **_):
 register(ModelSpec(
     name="ssrnet_md", build=build, input_size=64, fixed_input_size=True, crop_rule="fsanet", normalize="raw_bgr",
     loss=l1_loss, decode=decode, make_optimizer=make_optimizer, defaults=dict(DEFAULTS, batch_size=8),
+    train_transforms=train_transforms,
     description="SSR-Net-MD (FSA-Net's baseline; official SSR_net_MT), soft stagewise regression",
 ))
