@@ -144,6 +144,12 @@ MIN_BOX_SIDE = 2.0
 MIN_BOX_INSIDE = 0.25
 
 
+def inside_fraction(box, image_size) -> float:
+    """The share of ``box``'s area inside a ``(w, h)`` image (1.0 for a box without area)."""
+    total = area(box)
+    return area(clip_to_image(box, image_size)) / total if total > 0 else 1.0
+
+
 def box_problem(box, image_size) -> str | None:
     """Why ``box`` cannot be a face box of a ``(w, h)`` image, or None: non-finite coordinates,
     degenerate (a side under :data:`MIN_BOX_SIDE`), or mostly outside the image (under
@@ -154,7 +160,7 @@ def box_problem(box, image_size) -> str | None:
     bw, bh = width_height(box)
     if bw < MIN_BOX_SIDE or bh < MIN_BOX_SIDE:
         return f"is degenerate ({bw:g} x {bh:g} px)"
-    inside = area(clip_to_image(box, image_size)) / area(box)
+    inside = inside_fraction(box, image_size)
     if inside < MIN_BOX_INSIDE:
         w, h = image_size
         return f"lies mostly outside the {w} x {h} image ({inside:.0%} of it inside)"

@@ -31,13 +31,16 @@ class VerifyReport:
         return not self.problems
 
 
-def _decode_member(ext: str, data: bytes) -> None:
-    """Decode one member by its extension (as webdataset splits names); others are not checked."""
+def _decode_member(ext: str, data: bytes, key: str) -> None:
+    """Decode one member of sample ``key`` by its extension (as webdataset splits names); others
+    are not checked."""
     if ext == "json":
         record = json.loads(data)
         for k in ("key", "yaw", "pitch", "roll", "rotation", "box", "crop", "source"):
             if k not in record:
                 raise ValueError(f"label record lacks {k!r}")
+        if record["key"] != key:
+            raise ValueError("record key differs from the member name")
         for angle in ("yaw", "pitch", "roll"):  # what every reader takes from a record
             value = record[angle]
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -117,9 +120,7 @@ def check_shard(fileobj, decode: bool = True) -> tuple[list[str], list[str]]:
                     continue
                 try:
                     data = tar.extractfile(member).read()
-                    _decode_member(ext, data)
-                    if ext == "json" and json.loads(data)["key"] != key:
-                        raise ValueError("record key differs from the member name")
+                    _decode_member(ext, data, key)
                 except Exception as err:  # noqa: BLE001 - report any decode failure
                     problems.append(f"sample {key!r} ({name}): {err}")
             sample_done()

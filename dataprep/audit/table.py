@@ -143,8 +143,7 @@ def rule_window(record: dict, rule: str) -> list[float]:
 
 def outside_fraction(box, image_size) -> float:
     """Fraction of ``box``'s area outside the image (0 when inside)."""
-    area = box_rules.area(box)
-    return 1.0 - box_rules.area(box_rules.clip_to_image(box, image_size)) / area if area > 0 else 0.0
+    return 1.0 - box_rules.inside_fraction(box, image_size)
 
 
 def augment_ops(record: dict) -> list[str]:
