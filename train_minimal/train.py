@@ -444,7 +444,7 @@ def cmd_eval(args) -> int:
         loader = make_loader(args.data, spec, batch_size, train=False, workers=args.workers, seed=0,
                              input_size=input_size, gpu_decode=bool(args.gpu_decode and cuda))
     with _samples_found(args.data):
-        res = evaluate(model, loader, spec, device, amp_dtype=amp_dtype, channels_last=cuda, input_size=input_size)
+        res = _Model(spec, model, device, input_size, amp_dtype, channels_last=cuda).evaluate(loader)
     print(f"{spec.name} on {args.data}: {res['samples']} samples")
     for k in ("yaw", "pitch", "roll", "mean"):
         print(f"  MAE {k:<5} {res[k]:.4f}")
