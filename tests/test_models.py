@@ -59,7 +59,7 @@ def test_mnn_parameter_counts_within_2_percent_of_the_supplementary(built):
     ("ehpnet", 11_266_170),            # ResNet-18 trunk 11,176,512 + 512->128 + 3 x (128->62)
     ("whenet", 4_330_360),             # EfficientNet-B0 trunk 4,007,548 + 1280->120 + 2 x (1280->66)
     ("ehpnet_resnet101", 43_644_666),
-    ("ehpnet_res2net101", 44_302_194),
+    ("ehpnet_res2net101", 44_321_426),  # Res2Net-101-v1b trunk 43,176,920 + 2048->512 + 3 x (512->62)
     ("ehpnet_botnet", 38_936_058),
 ])
 def test_other_parameter_counts(built, name, count):
@@ -367,6 +367,16 @@ def test_ehpnet_heads_and_schedule_follow_the_code(built):
     # bottleneck-transformer-pytorch's projection shortcut: conv, BN, activation
     block = next(m for m in built("ehpnet_botnet").modules() if isinstance(m, ehpnet.BoTBlock))
     assert [type(m) for m in block.shortcut] == [torch.nn.Conv2d, torch.nn.BatchNorm2d, torch.nn.ReLU]
+    # models.py's Res2Net is v1b: a stem of three 3x3 convolutions (32, 32, 64 channels, the first
+    # with stride 2), and projection shortcuts that average-pool (ceil mode, padding not counted)
+    # before a stride-1 1x1 convolution
+    res2net = built("ehpnet_res2net101")
+    stem = [m for m in res2net.backbone.conv1 if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.out_channels, c.kernel_size, c.stride) for c in stem] == [(32, (3, 3), (2, 2)), (32, (3, 3), (1, 1)),
+                                                                         (64, (3, 3), (1, 1))]
+    pool, conv = res2net.backbone.layer2[0].downsample[:2]
+    assert isinstance(pool, torch.nn.AvgPool2d) and (pool.kernel_size, pool.stride) == (2, 2)
+    assert pool.ceil_mode and not pool.count_include_pad and conv.stride == (1, 1)
     # train_pose.py: linear warm-up over the first epoch (1 of 25), then CosineAnnealingLR(T_max =
     # all steps, eta_min = lr / 1000) stepped from the end of the warm-up
     opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
