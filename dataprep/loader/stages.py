@@ -225,7 +225,8 @@ class _Decode(PipelineStage):
                 raise err from exn
 
     def prepare(self, raw: dict, rank: int, worker: int, index: int) -> _Item:
-        """One raw sample -> an :class:`_Item` (image H x W x 3 uint8, BGR or RGB as ``bgr`` says)."""
+        """One raw sample -> an :class:`_Item` (image H x W x 3 uint8, BGR or RGB as ``bgr`` says):
+        parse the record, decode and cut the image to the crop rule, then the user's transforms."""
         st = self.state
         if "json" not in raw or "jpg" not in raw:
             missing = [s for s in ("jpg", "json") if s not in raw]
@@ -239,52 +240,12 @@ class _Decode(PipelineStage):
         entropy = [st.seed, st.current, _key_hash(key)]
         if st.resampled:
             entropy += [rank, worker, index]
-        # two streams per sample (crop draws, augmentation), made only when used; the crop's is a
-        # stdlib Random (a numpy Generator costs ~10 us to seed, per sample)
-        source = record
-
-        def window(w: int, h: int) -> tuple[list[int], int]:
-            """The integer window to cut from a w x h stored image, and the output size."""
-            if self.crop_rule is None:
-                return [0, 0, w, h], self.size or w
-            rng = random.Random(_seed(*entropy, 0)) if self.random_crop else None
-            taken = crop_ops.recrop_window(source, self.crop_rule, (w, h), rng=rng, margin=self.crop_margin)
-            return taken, self.size or w
-
-        def record_of(taken, w: int, h: int, size: int) -> dict:
-            """The record of the ``taken`` window of a w x h stored image, cut at ``size``."""
-            if self.crop_rule is not None:
-                return _cropped_record(source, taken, (w, h), self.crop_rule, size)
-            return source if (w, h) == (size, size) else dict(source, crop_size=[size, size])
-
-        image = None
-        if self.image_format == "jpeg":
-            w, h = (int(v) for v in record["crop_size"])
-            taken, size = window(w, h)
+        if self.image_format == "jpeg":  # left to the device: only the window is decided here
+            image, (w, h) = None, (int(v) for v in record["crop_size"])
+            taken, size = self._window(record, w, h, entropy)
         else:
-            stored, planned = record.get("crop_size"), None
-            if self.size is not None and not self.exact_cut and stored is not None and codec.is_jpeg(raw["jpg"]):
-                # a window at least twice the output size each way: decode at reduced scale
-                w, h = stored = (int(stored[0]), int(stored[1]))
-                planned = window(w, h)
-                f = _reduction(planned[0], planned[1], self.interpolation)
-                if f > 1:
-                    image = _decode_bgr(raw["jpg"], f)
-                    if image.shape[:2] == (-(-h // f), -(-w // f)):
-                        taken, size = planned
-                        image = _warp_reduced(image, taken, size, f, self.interpolation)
-                    else:
-                        image = None  # the record's crop_size is not the image's: decode it whole
-            if image is None:
-                image = _decode_bgr(raw["jpg"])
-                h, w = image.shape[:2]
-                taken, size = planned if planned is not None and stored == (w, h) else window(w, h)
-                if taken != [0, 0, w, h] or (w, h) != (size, size):
-                    if self.exact_cut or self.interpolation is None:
-                        image, _ = crop_ops.crop_and_resize(image, taken, size, interpolation=self.interpolation)
-                    else:
-                        image, taken = crop_ops.cut_window(image, taken, size, interpolation=self.interpolation)
-        record = record_of(taken, w, h, size)
+            image, taken, size, (w, h) = self._decode_and_cut(raw["jpg"], record, entropy)
+        record = self._record_of(record, taken, w, h, size)
         bgr = True
         if self.transforms is not None:
             image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
@@ -297,6 +258,47 @@ class _Decode(PipelineStage):
             record=record, angles=(record["yaw"], record["pitch"], record["roll"]), landmarks_source=landmarks,
             out_size=(out_w, out_h),
         )
+
+    def _window(self, record: dict, w: int, h: int, entropy: list) -> tuple[list[int], int]:
+        """The integer window to cut from a w x h stored image, and the output size. Random crop
+        draws come from their own stream of the sample's ``entropy`` (a stdlib Random: a numpy
+        Generator costs ~10 us to seed, per sample)."""
+        if self.crop_rule is None:
+            return [0, 0, w, h], self.size or w
+        rng = random.Random(_seed(*entropy, 0)) if self.random_crop else None
+        taken = crop_ops.recrop_window(record, self.crop_rule, (w, h), rng=rng, margin=self.crop_margin)
+        return taken, self.size or w
+
+    def _decode_and_cut(self, data: bytes, record: dict, entropy: list):
+        """The stored image decoded and cut to its window: ``(image, window taken, output size,
+        stored (w, h))``. A JPEG whose window is at least twice the output size each way is decoded
+        at reduced scale and warped; otherwise decoded whole and cut (:func:`crop.cut_window`)."""
+        stored, planned = record.get("crop_size"), None
+        if self.size is not None and not self.exact_cut and stored is not None and codec.is_jpeg(data):
+            w, h = stored = (int(stored[0]), int(stored[1]))
+            planned = self._window(record, w, h, entropy)
+            f = _reduction(planned[0], planned[1], self.interpolation)
+            if f > 1:
+                image = _decode_bgr(data, f)
+                if image.shape[:2] == (-(-h // f), -(-w // f)):
+                    taken, size = planned
+                    return _warp_reduced(image, taken, size, f, self.interpolation), taken, size, (w, h)
+                # else the record's crop_size is not the image's: decode it whole
+        image = _decode_bgr(data)
+        h, w = image.shape[:2]
+        taken, size = planned if planned is not None and stored == (w, h) else self._window(record, w, h, entropy)
+        if taken != [0, 0, w, h] or (w, h) != (size, size):
+            if self.exact_cut or self.interpolation is None:
+                image, _ = crop_ops.crop_and_resize(image, taken, size, interpolation=self.interpolation)
+            else:
+                image, taken = crop_ops.cut_window(image, taken, size, interpolation=self.interpolation)
+        return image, taken, size, (w, h)
+
+    def _record_of(self, record: dict, taken, w: int, h: int, size: int) -> dict:
+        """The record of the ``taken`` window of a w x h stored image, cut at ``size``."""
+        if self.crop_rule is not None:
+            return _cropped_record(record, taken, (w, h), self.crop_rule, size)
+        return record if (w, h) == (size, size) else dict(record, crop_size=[size, size])
 
     def sample_dict(self, item: _Item) -> dict:
         sample = {
