@@ -188,7 +188,18 @@ def columns(variants: list[str]) -> list[str]:
 
 
 def sample_row(sample: Sample, variants: list[str], th: Thresholds) -> Row:
-    rec = sample.record
+    """A written sample's row: its measurements (:func:`_measurements`) and the flags its
+    thresholds raise (:func:`_flags`), with a severity per flag."""
+    v = _measurements(sample.record, variants)
+    flags, severity = _flags(sample.record, variants, v, th)
+    v["flags"] = ";".join(flags)
+    v["reason"] = v["message"] = ""
+    return Row(v, flags, severity, sample)
+
+
+def _measurements(rec: dict, variants: list[str]) -> dict:
+    """The table's columns for one label record: its labels, each box variant and rule window
+    (corners, aspect, distortion), IoUs and centre shifts between them, and its bookkeeping."""
     boxes = rec.get("boxes", {})
     size = rec["image_size"]
     v: dict = {
@@ -219,19 +230,22 @@ def sample_row(sample: Sample, variants: list[str], th: Thresholds) -> Row:
             v[f"shift_{a}_{b}"] = box_rules.center_distance(boxes[a], boxes[b])
     for a, b in _pairs(list(RULES)):
         v[f"iou_{a}_{b}"] = box_rules.iou(windows[a], windows[b])
-    missing = int((rec.get("extra") or {}).get("pt2d_missing") or 0)
-    v["pt2d_missing"] = missing
+    v["pt2d_missing"] = int((rec.get("extra") or {}).get("pt2d_missing") or 0)
     tracking = rec.get("tracking") or {}
-    reused = bool(tracking.get("reused"))
-    v["tracking_reused"] = int(reused) if tracking else ""
+    v["tracking_reused"] = int(bool(tracking.get("reused"))) if tracking else ""
+    return v
 
+
+def _flags(rec: dict, variants: list[str], v: dict, th: Thresholds) -> tuple[list[str], dict[str, float]]:
+    """The flags a record's measurements ``v`` raise under ``th``, and each flag's severity (adds
+    the ``outside_boxes`` column: which boxes leave the image depends on ``th``)."""
     flags, severity = [], {}
+    boxes, size = rec.get("boxes", {}), rec["image_size"]
     gt = boxes.get("gt")
-    # placeholder_box
     placeholder = False
     if "pt2d" in boxes:
         iou_pt2d = box_rules.iou(gt, boxes["pt2d"]) if gt is not None else 1.0
-        if missing > 0 or iou_pt2d < th.placeholder_iou:
+        if v["pt2d_missing"] > 0 or iou_pt2d < th.placeholder_iou:
             placeholder = True
             flags.append("placeholder_box")
             severity["placeholder_box"] = 1.0 - iou_pt2d
@@ -239,13 +253,11 @@ def sample_row(sample: Sample, variants: list[str], th: Thresholds) -> Row:
     if v["crop_distortion"] > th.squash:
         flags.append("squashed")
         severity["squashed"] = v["crop_distortion"]
-    # detector_disagrees
     if gt is not None:
         ious = [box_rules.iou(gt, boxes[d]) for d in DETECTOR_BOXES if d in boxes]
         if ious and min(ious) < th.detector_iou:
             flags.append("detector_disagrees")
             severity["detector_disagrees"] = 1.0 - min(ious)
-    # outside_image
     outside = [n for n in variants if n in boxes
                and not box_rules.is_inside_image(boxes[n], size, tolerance=th.outside_tolerance)]
     v["outside_boxes"] = ";".join(outside)
@@ -253,14 +265,11 @@ def sample_row(sample: Sample, variants: list[str], th: Thresholds) -> Row:
     if counted:
         flags.append("outside_image")
         severity["outside_image"] = max(outside_fraction(boxes[n], size) for n in counted)
-    # reused_box
-    if reused:
+    if v["tracking_reused"]:
         flags.append("reused_box")
         used = rec.get("box") or boxes.get(rec.get("box_source"))
         severity["reused_box"] = 1.0 - box_rules.iou(gt, used) if gt is not None and used else 0.0
-    v["flags"] = ";".join(flags)
-    v["reason"] = v["message"] = ""
-    return Row(v, flags, severity, sample)
+    return flags, severity
 
 
 def rejected_row(entry: dict) -> Row:
