@@ -132,6 +132,19 @@ def test_damaged_jpeg_data_is_named_while_opencv_decodes_it_anyway():
     assert _cv2(damaged) is not None  # OpenCV decodes it, printing libjpeg's warning without a file name
     image, damage = codec.decode_rgb_checked(damaged)
     assert image is None and damage.startswith(("Corrupt JPEG data", "Premature end"))
+    # a stray unknown marker in the picture data: an error for libjpeg (TurboJPEG refuses the file),
+    # yet OpenCV returns a picture, its lower part gray
+    middle = (data.index(b"\xff\xda") + len(data)) // 2
+    stray = data[:middle] + b"\xff\x3c" + data[middle + 2:]
+    assert _cv2(stray) is not None and not np.array_equal(_cv2(stray), _cv2(data))
+    image, damage = codec.decode_rgb_checked(stray)
+    assert image is None and damage.startswith("Unsupported marker type")
+    # a warning about metadata only (a JFIF version libjpeg does not know): the picture is intact,
+    # and is decoded as OpenCV decodes it
+    at = data.index(b"JFIF\x00") + 5
+    odd_version = data[:at] + b"\x02" + data[at + 1:]
+    image, damage = codec.decode_rgb_checked(odd_version)
+    assert damage is None and np.array_equal(image, cv2.cvtColor(_cv2(data), cv2.COLOR_BGR2RGB))
     # the same through OpenCV's path (an Exif JPEG) is checked too
     image, damage = codec.decode_rgb_checked(_with_exif_orientation(damaged, 1))
     assert image is None and damage is not None

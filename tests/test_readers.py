@@ -426,7 +426,8 @@ def test_keys_that_still_coincide_are_made_unique(sample_tree, tmp_path):
 
 
 @pytest.mark.parametrize("problem,reason", [("no_pose", "missing_key"), ("bad_pt2d", "bad_shape"),
-                                            ("nan_pose", "nan_label"), ("text_pose", "bad_shape")])
+                                            ("nan_pose", "nan_label"), ("text_pose", "bad_shape"),
+                                            ("inf_scale", "nan_label"), ("nan_translation", "nan_label")])
 def test_bad_mat_content(sample_tree, tmp_path, aflw_source, problem, reason):
     import scipy.io
 
@@ -439,10 +440,15 @@ def test_bad_mat_content(sample_tree, tmp_path, aflw_source, problem, reason):
         arrays["pt2d"] = arrays["pt2d"][:, :20]
     elif problem == "nan_pose":
         arrays["Pose_Para"][0, 1] = np.nan
+    elif problem == "inf_scale":  # not an angle, but written into the record (JSON has no inf)
+        arrays["Pose_Para"][0, 6] = np.inf
+    elif problem == "nan_translation":
+        arrays["Pose_Para"][0, 4] = np.nan
     else:
         arrays["Pose_Para"] = np.array(["abc"])
     matfile.write_mat(mat_path, arrays)
-    _expect_error(AFLW_NAME, root, ref, reason, mat_path.name)
+    err = _expect_error(AFLW_NAME, root, ref, reason, mat_path.name)
+    assert "re-download or re-extract" in err.message or reason == "missing_key"
 
 
 def test_unreadable_and_wrong_size_image(sample_tree, tmp_path, capfd):
@@ -560,6 +566,17 @@ def test_raw_files_that_are_not_regular_files_are_rejected_not_read(sample_tree,
     other = root / Path(aflw_source).with_name(Path(aflw_source).stem.upper() + ".jpg")
     (root / upper).rename(other.with_suffix(".mat"))  # IMAGE00111.mat: another sample's label, not this one's
     assert _expect_error(AFLW_NAME, root, ref, "missing_mat", aflw_source.replace(".jpg", ".mat"))
+    # the same kinds of path with no .mat beside them are still samples: listed, then rejected
+    (root / "pipe.jpg").unlink(missing_ok=True)
+    os.mkfifo(root / "pipe.jpg")
+    (root / "folder.jpg").mkdir()
+    (root / "dangling.jpg").symlink_to(tmp_path / "gone.jpg")
+    (root / "loop.jpg").symlink_to(root / "loop.jpg")
+    listed = {r.source: r for r in aflw2000.list_samples(root)}
+    assert {"pipe.jpg", "folder.jpg", "dangling.jpg", "loop.jpg"} <= set(listed)
+    for name in ("pipe.jpg", "folder.jpg", "dangling.jpg", "loop.jpg"):
+        err = _rejected_within(20, aflw2000.read_sample, root, listed[name])
+        assert err.reason in ("missing_mat", "missing_image", "unreadable_image") and name.split(".")[0] in err.message
 
     root, ref = _copy_sample(sample_tree, tmp_path, "biwi", BIWI_SOURCE)
     for name, reason in (("frame_00004_pose.txt", "bad_pose"), ("frame_00004_depth.bin", "corrupt_depth")):

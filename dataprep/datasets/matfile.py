@@ -44,12 +44,14 @@ SAMPLE_MAT_HEADER = b"MATLAB 5.0 MAT-file, Platform: PCWIN64, Created on: Thu Ja
 
 
 def mat_sample_stem(path: Path) -> str | None:
-    """A 300W-LP / AFLW2000 sample's image: ``NAME.jpg`` (any case)."""
-    return path.stem if path.suffix.lower() == ".jpg" and path.is_file() else None
+    """A 300W-LP / AFLW2000 sample's image: ``NAME.jpg`` (any case). By name only: a ``.jpg`` that
+    is a folder, pipe or dangling link is a sample too, rejected when read, so the counts show it."""
+    return path.stem if path.suffix.lower() == ".jpg" else None
 
 
 def mat_label_stem(path: Path) -> str | None:
-    return path.stem if path.suffix.lower() == ".mat" and path.is_file() else None
+    """A sample's label file ``NAME.mat`` (any case), by name only as :func:`mat_sample_stem`."""
+    return path.stem if path.suffix.lower() == ".mat" else None
 
 
 def list_mat_refs(dataset: str, root: Path, folders: Sequence[str], group: str | None = None) -> list[SampleRef]:
@@ -83,6 +85,10 @@ def load_mat(path: Path, display: str) -> dict[str, Any]:
         ) from exc
 
 
+#: What to do about a label file whose values are wrong (the dataset's own files never are).
+REFETCH = "the file is damaged or not the dataset's: re-download or re-extract it"
+
+
 def require_array(mat: Mapping[str, Any], key: str, shape: tuple[int, ...], display: str,
                   *, size_only: bool = False) -> np.ndarray:
     """``mat[key]`` as a float64 array of ``shape``.
@@ -95,20 +101,20 @@ def require_array(mat: Mapping[str, Any], key: str, shape: tuple[int, ...], disp
         raise SampleError("missing_key", f"{display}: no '{key}' in the MAT file (keys: {present})")
     arr = np.asarray(mat[key])
     if arr.dtype.kind not in "fiu":
-        raise SampleError("bad_shape", f"{display}: '{key}' is {arr.dtype} data, expected numbers")
+        raise SampleError("bad_shape", f"{display}: '{key}' is {arr.dtype} data, expected numbers; {REFETCH}")
     if size_only:
         if arr.size != int(np.prod(shape)):
             raise SampleError("bad_shape", f"{display}: '{key}' has {arr.size} values {arr.shape}, "
-                                           f"expected {int(np.prod(shape))}")
+                                           f"expected {int(np.prod(shape))}; {REFETCH}")
         return arr.astype(np.float64).reshape(-1)
     if arr.shape != tuple(shape):
-        raise SampleError("bad_shape", f"{display}: '{key}' has shape {arr.shape}, expected {tuple(shape)}")
+        raise SampleError("bad_shape", f"{display}: '{key}' has shape {arr.shape}, expected {tuple(shape)}; {REFETCH}")
     return arr.astype(np.float64)
 
 
 def require_finite(arr: np.ndarray, what: str, display: str) -> np.ndarray:
     if not np.all(np.isfinite(arr)):
-        raise SampleError("nan_label", f"{display}: {what} contains NaN or infinite values")
+        raise SampleError("nan_label", f"{display}: {what} contains NaN or infinite values; {REFETCH}")
     return arr
 
 
@@ -116,7 +122,8 @@ def pose_labels(mat: Mapping[str, Any], display: str) -> tuple[float, float, flo
     """``Pose_Para`` -> ``(yaw, pitch, roll, pose_para)``: degrees (labels.pose_para_to_euler) and
     the 7 raw values as Python floats (kept in the record's extras)."""
     pose = require_array(mat, "Pose_Para", (1, 7), display, size_only=True)
-    require_finite(pose[:3], "Pose_Para angles", display)
+    # all 7: the translation and scale go into the record too, and JSON has no NaN
+    require_finite(pose, "Pose_Para (pitch, yaw, roll, tx, ty, tz, scale)", display)
     yaw, pitch, roll = labels.pose_para_to_euler(pose)
     return yaw, pitch, roll, [float(v) for v in pose]
 
