@@ -15,7 +15,6 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-import fsspec
 from fsspec.implementations.local import LocalFileSystem
 from joblib import Parallel, delayed, parallel_config
 from tqdm.auto import tqdm
@@ -29,8 +28,8 @@ from .pipeline import (DECISIONS_SUFFIX, LOCK_FILE, PROGRESS_DIR, RESULT_SUFFIX,
                        lock_holder, progress_file, run_shard)
 from .processes import pid_alive, process_start
 from .records import SampleRef, keys_apart_from_variants
-from .shards import (INFO_FILE, MANIFEST, TMP_SUFFIX, dumps_json, final_name, is_shard_file, shard_name, shard_split,
-                     write_info, write_json)
+from .shards import (INFO_FILE, MANIFEST, TMP_SUFFIX, dumps_json, final_name, folder_filesystem, is_shard_file,
+                     shard_name, shard_split, unreachable, write_info, write_json)
 
 
 def _is_build_output(name: str) -> bool:
@@ -181,15 +180,15 @@ def _load_progress(fs, base: str, tasks: list[ShardTask], fingerprint: str, prog
 _DIGEST_SETTINGS = {"split_assignment": "the split lists", "detector_fingerprint": "the detector's weights or thresholds"}
 
 
-def _settings_differences(old, settings: Settings | None) -> str:
+def _settings_differences(old, settings: Settings | None, ignore: tuple[str, ...] = ()) -> str:
     """`` (crop_size 224 there, 112 now; ...)``: what differs between a manifest's settings and this
-    build's, for the refusal message; "" when it cannot tell."""
+    build's (but the ``ignore`` keys), for the refusal message; "" when it cannot tell."""
     if not isinstance(old, dict) or settings is None:
         return ""
     new = {**asdict(settings), "augment": list(settings.augment)}
     parts = []
     for key in sorted(set(old) | set(new)):
-        if old.get(key) != new.get(key):
+        if key not in ignore and old.get(key) != new.get(key):
             parts.append(f"{_DIGEST_SETTINGS[key]} differ" if key in _DIGEST_SETTINGS
                          else f"{key} {old.get(key)!r} there, {new.get(key)!r} now")
     return f" ({'; '.join(parts)})" if parts else ""
@@ -214,6 +213,28 @@ def _shard_intact(fs, path: str, result: dict) -> bool:
     return digest.hexdigest() == result.get("sha256")
 
 
+def _refuse_other_build_early(out: str, settings: Settings, overwrite: bool) -> None:
+    """:func:`_check_out_dir`'s refusal of a folder holding a build made with other options, when
+    a setting known before the detector loads differs (loading MTCNN takes seconds; its weights'
+    digest is the one setting left for the full check). Anything unclear is left to that check."""
+    if overwrite:
+        return
+    try:
+        fs, base = folder_filesystem(out)
+        old = json.loads(fs.cat_file(posixpath.join(base, MANIFEST)))
+    except Exception:  # noqa: BLE001 - no manifest, unreadable, unreachable: _check_out_dir says which
+        return
+    if isinstance(old, dict):
+        differ = _settings_differences(old.get("settings"), settings, ignore=("detector_fingerprint",))
+        if differ:
+            raise _other_build(base, differ)
+
+
+def _other_build(base: str, differ: str) -> BuildError:
+    return BuildError(f"{base} already holds a build made with other options{differ}; pass --overwrite to replace "
+                      "it, or choose another --out")
+
+
 def _check_out_dir(fs, base: str, fingerprint: str, overwrite: bool, progress: dict[str, dict],
                    splits: set[str], settings: Settings | None = None) -> None:
     """Refuse a folder holding another build (finished: its manifest; interrupted before it wrote
@@ -232,11 +253,7 @@ def _check_out_dir(fs, base: str, fingerprint: str, overwrite: bool, progress: d
             raise BuildError(f"{manifest_path} is not a readable build manifest (damaged, or not dataprep's); pass "
                              "--overwrite to replace the build in that folder, or choose another --out")
         if isinstance(old, dict) and old.get("settings_fingerprint") != fingerprint and not overwrite:
-            differ = _settings_differences(old.get("settings"), settings)
-            raise BuildError(
-                f"{base} already holds a build made with other options{differ}; pass --overwrite to "
-                "replace it, or choose another --out"
-            )
+            raise _other_build(base, _settings_differences(old.get("settings"), settings))
     elif not overwrite and any(entry.get("settings") != fingerprint for entry in progress.values()):
         raise BuildError(f"{base} holds shards of an interrupted build made with other options, inputs or dataprep "
                          "version; run that command again to finish it, or pass --overwrite to replace it, or choose "
@@ -384,7 +401,7 @@ def _keys_apart_from_variants(assignment: dict, refs: list[SampleRef], augment) 
 def _open_out(out: str):
     """``--out`` as ``(filesystem, path)``, made if it is not there; BuildError saying what to do
     when it is a file, cannot be written or cannot be reached."""
-    fs, base = fsspec.core.url_to_fs(out)
+    fs, base = folder_filesystem(out)
     try:  # fs.info, not fs.isfile: isfile answers False for a store it cannot reach
         out_is_file = fs.info(base).get("type") == "file"
     except FileNotFoundError:
@@ -393,8 +410,7 @@ def _open_out(out: str):
         if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
             raise BuildError(f"--out {out}: cannot use it ({type(err).__name__}: {err}); give a folder you "
                              "can write to") from None
-        raise BuildError(f"--out {out}: cannot reach it ({type(err).__name__}: {err}); check the URL, "
-                         "the endpoint and the credentials") from None
+        raise BuildError(str(unreachable(out, err))) from None
     if out_is_file:
         raise BuildError(f"--out {out} is a file; give a folder (new, or one an earlier build of this dataset wrote)")
     fs.makedirs(base, exist_ok=True)
@@ -439,6 +455,9 @@ def build(opts: BuildOptions) -> dict:
     root = Path(opts.root)
     if not root.is_dir():
         raise BuildError(f"--root {root} is not a folder; point it at the unpacked dataset folder")
+    if "://" not in opts.out and Path(opts.out).resolve() == root.resolve():
+        raise BuildError(f"--out {opts.out} is the --root folder: the shards would go among the raw files; give "
+                         "another folder")
     proto = protocols.load(opts.protocol, opts.dataset)
     refs = reader.list_samples(root)
     if not refs:
@@ -467,6 +486,7 @@ def build(opts: BuildOptions) -> dict:
 
     box_stage = None
     if settings.detector != "gt":
+        _refuse_other_build_early(opts.out, settings, opts.overwrite)
         from .box_stage import BoxStage
 
         box_stage = BoxStage(settings, opts)

@@ -25,7 +25,8 @@ def _add_build(sub) -> None:
     p.add_argument("--out", required=True, help="output folder or fsspec URL")
     p.add_argument("--protocol", default="1", help="benchmark protocol from manifests/: 1, 2 or none (default 1)")
     p.add_argument("--detector", choices=("gt", "mtcnn", "retinaface"), default=None,
-                   help="face boxes: gt (from the labels) or a detector; default: the protocol's (BIWI: mtcnn)")
+                   help="face boxes: gt (from the labels) or a detector; default: the protocol's (mtcnn for BIWI in "
+                        "protocols 1 and 2, gt otherwise)")
     p.add_argument("--biwi-tracking", choices=("none", "previous"), default=None,
                    help="BIWI detector box rules of FSA-Net; default: protocol 1 none, protocol 2 previous")
     p.add_argument("--crop-rule", choices=sorted(CROP_RULES), default="square", help="crop window rule (default square)")
@@ -109,9 +110,14 @@ VERIFY_SHOWN = 50
 
 
 def cmd_verify(args) -> int:
+    from .shards import FolderURLError
     from .verify import verify
 
-    report = verify(args.out, decode=not args.hash_only)
+    try:
+        report = verify(args.out, decode=not args.hash_only)
+    except FolderURLError as err:  # a URL that cannot be opened or reached
+        print(f"dataprep verify: error: {err}", file=sys.stderr)
+        return 2
     if report.ok:
         done = "listed" if args.hash_only else "decoded"
         print(f"OK: {report.shards_checked} shard(s), {report.samples_checked} sample(s) {done}, hashes match {args.out}/manifest.json")
@@ -121,6 +127,8 @@ def cmd_verify(args) -> int:
     hidden = len(report.problems) - VERIFY_SHOWN
     more = f" (first {VERIFY_SHOWN} shown, {hidden} more not)" if hidden > 0 else ""
     print(f"{len(report.problems)} problem(s) in {args.out}{more}; {report.shards_checked} shard(s) checked", file=sys.stderr)
+    if report.repair:
+        print(report.repair, file=sys.stderr)
     return 1
 
 
@@ -164,6 +172,7 @@ _OS_ADVICE = {
                   "permissions)",
     errno.EPERM: "not permitted: choose an --out you can write to, and a --root you can read",
     errno.EROFS: "a read-only file system: choose another --out",
+    errno.ENOTDIR: "a part of that path is a file, not a folder: check --out, --root and --cache-dir",
 }
 
 

@@ -137,7 +137,9 @@ def assign_splits(
             raise ValueError(f"{split_file}: 'by' must be group, source or key, not {spec['by']!r}")
     elif split_seed is not None:
         if spec.get("by") != "group":
-            raise ValueError(f"--split-seed needs a protocol split by group; protocol {proto.protocol} splits {proto.dataset} as {spec}")
+            raise ValueError(f"--split-seed needs a protocol split by group; protocol {proto.protocol} splits "
+                             f"{proto.dataset} as {spec}: use it with --dataset biwi --protocol 2, or give your own "
+                             "split with --split-file")
         groups = sorted({r.group for r in refs})
         test_count = len(spec["test"])
         spec = {"by": "group", **random_group_split(groups, proto.same_person, split_seed, test_count)}
@@ -153,7 +155,8 @@ def assign_splits(
     for split, members in spec.items():
         for m in members:
             if m in lookup:
-                raise ValueError(f"{m!r} is in both {lookup[m]!r} and {split!r}")
+                where = f"--split-file {split_file}: " if split_file is not None else ""
+                raise ValueError(f"{where}{m!r} is in both {lookup[m]!r} and {split!r}; keep it in one split")
             lookup[m] = split
         out[split] = []
     for r in refs:

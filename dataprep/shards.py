@@ -47,6 +47,31 @@ _TMP_PART = r"(\.[0-9a-f]{5,})?" + re.escape(TMP_SUFFIX)  # [.<writer>].tmp (old
 _SHARD_FILE = re.compile(r"[^/]+-[0-9]{6}\.tar(" + _TMP_PART + ")?")
 
 
+class FolderURLError(ValueError):
+    """A folder or URL that cannot be opened as one; the message says what to do."""
+
+
+def folder_filesystem(url: str, option: str = "--out") -> tuple[fsspec.AbstractFileSystem, str]:
+    """``fsspec.core.url_to_fs(url)``: the filesystem and path of a local folder or URL, or
+    :class:`FolderURLError` naming ``option`` for a URL scheme fsspec does not know or whose package
+    is not installed (``gs://`` needs ``gcsfs``, ``az://`` ``adlfs``)."""
+    try:
+        return fsspec.core.url_to_fs(url)
+    except ImportError as err:
+        raise FolderURLError(f"{option} {url}: {err} (the package of that URL scheme is not installed); install "
+                             "it, or give a local folder") from None
+    except ValueError as err:
+        raise FolderURLError(f"{option} {url}: not a URL scheme fsspec knows ({err}); give a local folder or a URL "
+                             "such as s3://bucket/path") from None
+
+
+def unreachable(url: str, err: BaseException, option: str = "--out") -> FolderURLError:
+    """The error for a folder URL whose store did not answer (remote stores raise their own types:
+    botocore's NoCredentialsError, aiohttp's, ...)."""
+    return FolderURLError(f"{option} {url}: cannot reach it ({type(err).__name__}: {err}); check the URL, the "
+                          "endpoint and the credentials")
+
+
 def tmp_name(path: str) -> str:
     """The temporary name this process writes ``path`` under (renamed to ``path`` when complete)."""
     return f"{path}.{os.getpid():x}{threading.get_ident() % 65536:04x}{TMP_SUFFIX}"

@@ -12,12 +12,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import cv2
-import fsspec
 import numpy as np
 
 from . import codec
 from .shards import INFO_FILE as INFO
-from .shards import MANIFEST, TMP_SUFFIX, info_splits, is_shard_file, split_member
+from .shards import MANIFEST, TMP_SUFFIX, folder_filesystem, info_splits, is_shard_file, split_member, unreachable
 
 
 @dataclass
@@ -25,6 +24,8 @@ class VerifyReport:
     shards_checked: int = 0
     samples_checked: int = 0
     problems: list[str] = field(default_factory=list)
+    #: What to do about shards that are missing or damaged (None when none is).
+    repair: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -213,11 +214,15 @@ def _difference(got, want) -> str:
 def verify(out: str, decode: bool = True) -> VerifyReport:
     """Check a build folder; ``decode=False`` (``--hash-only``) compares hashes and metadata and
     lists each shard's sample keys, but decodes no record."""
-    fs, base = fsspec.core.url_to_fs(out)
+    fs, base = folder_filesystem(out, "verify")
     report = VerifyReport()
     problems = report.problems
     manifest_path = posixpath.join(base, MANIFEST)
-    if not fs.exists(base):
+    try:
+        there = fs.exists(base)
+    except Exception as err:  # noqa: BLE001 - remote stores raise their own types (botocore, aiohttp, ...)
+        raise unreachable(out, err, "verify") from None
+    if not there:
         problems.append(f"{base}: no such folder; give the --out folder of a dataprep build")
         return report
     if not fs.exists(manifest_path):
@@ -235,6 +240,7 @@ def verify(out: str, decode: bool = True) -> VerifyReport:
     problems += _folder_problems(fs, base, {s["name"] for s in shards}, manifest.get("command"))
 
     first_shard: dict[str, str] = {}  # sample key -> the shard it was first seen in
+    before = len(problems)
     for shard in shards:
         name = shard["name"]
         path = posixpath.join(base, name)
@@ -257,4 +263,9 @@ def verify(out: str, decode: bool = True) -> VerifyReport:
         for key in dict.fromkeys(keys):
             if first_shard.setdefault(key, name) != name:
                 problems.append(f"{name}: sample key {key!r} is also in {first_shard[key]}")
+    if len(problems) > before:
+        command = manifest.get("command")
+        again = f" (`{command}`)" if isinstance(command, str) and command else ""
+        report.repair = (f"to rewrite missing or damaged shards, run the build again{again}: it keeps the intact "
+                         "ones (checked by size and sha256 on a local folder, by size alone on a remote store)")
     return report

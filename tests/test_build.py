@@ -328,6 +328,16 @@ def test_other_options_refuse_to_mix_into_a_build(aflw_build, tmp_path, sample_t
     build(opts(sample_tree / "AFLW2000", out, "aflw2000"))
     with pytest.raises(BuildError, match=r"other options \(crop_size 224 there, 112 now\); pass --overwrite"):
         build(opts(sample_tree / "AFLW2000", out, "aflw2000", crop_size=112))
+    # with a detector, refused before the detector loads (seconds for MTCNN)
+    import dataprep.box_stage
+
+    def no_detector(*_args, **_kwargs):
+        raise AssertionError("the detector was loaded before the folder was refused")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(dataprep.box_stage, "BoxStage", no_detector)
+        with pytest.raises(BuildError, match=r"other options \(.*detector 'gt' there, 'mtcnn' now.*\); pass --overwrite"):
+            build(opts(sample_tree / "AFLW2000", out, "aflw2000", detector="mtcnn"))
     old_shards = {p.name for p in out.glob("*.tar")}
     # the user's own files in --out survive --overwrite and the build's clean-up
     mine = {"my_backup.tar": b"backup", "notes.tmp": b"notes", "test-000000.tar.bak": b"bak"}
@@ -554,6 +564,16 @@ def test_split_file_names_must_be_usable_in_file_names(sample_tree, tmp_path):
                    split_file=str(tmp_path / "nope.json")))
 
 
+def test_split_choices_that_cannot_work_say_what_to_do(sample_tree, tmp_path):
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps({"by": "group", "train": ["01", "02"], "test": ["02"]}))
+    with pytest.raises(ValueError, match=r"--split-file .*split.json: '02' is in both 'train' and 'test'; keep it in one"):
+        build(opts(sample_tree / "hpdb", tmp_path / "o", "biwi", protocol="2", detector="gt", split_file=str(split)))
+    with pytest.raises(ValueError, match=r"--split-seed needs a protocol split by group.*use it with --dataset biwi "
+                                         r"--protocol 2, or give your own split with --split-file"):
+        build(opts(sample_tree / "AFLW2000", tmp_path / "o", "aflw2000", split_seed=3))
+
+
 def test_split_seed_keeps_people_together(sample_tree, tmp_path):
     build(opts(sample_tree / "hpdb", tmp_path, "biwi", protocol="2", detector="gt", split_seed=7))
     records = label_records(tmp_path)
@@ -647,6 +667,7 @@ def test_verify_detects_tampering(aflw_build, tmp_path, capsys):
     assert cli_main(["verify", str(copy)]) == 1
     err = capsys.readouterr().err
     assert f"FAIL: {first}: sha256" in err and f"FAIL: {second}: sha256" in err
+    assert "to rewrite missing or damaged shards, run the build again (`" in err  # the manifest's command
     report = verify(str(copy), decode=False)
     assert report.shards_checked == len(manifest["shards"])
     assert {p.split(":")[0] for p in report.problems} == {first, second}
@@ -987,6 +1008,32 @@ def test_cli_says_what_to_do_instead_of_a_traceback(sample_tree, tmp_path, capsy
     assert "cannot use it (NotADirectoryError" in capsys.readouterr().err  # not "check the URL, the endpoint"
     assert cli_main(["verify", str(tmp_path / "nowhere")]) == 1
     assert "nowhere: no such folder; give the --out folder of a dataprep build" in capsys.readouterr().err
+    # URLs fsspec cannot open: a scheme whose package is not installed, one it does not know
+    import importlib.util
+
+    if importlib.util.find_spec("gcsfs") is None:  # not a dependency: gs:// needs it installed
+        for argv in (["build", "--dataset", "aflw2000", "--root", root, "--out", "gs://bucket/x", "--no-progress"],
+                     ["verify", "gs://bucket/x"]):
+            assert cli_main(argv) == 2, argv
+            assert "gs://bucket/x: " in (err := capsys.readouterr().err) and "not installed); install it" in err, err
+    for argv in (["build", "--dataset", "aflw2000", "--root", root, "--out", "nosuch://x", "--no-progress"],
+                 ["verify", "nosuch://x"]):
+        assert cli_main(argv) == 2, argv
+        assert "nosuch://x: not a URL scheme fsspec knows" in capsys.readouterr().err
+    # a store that does not answer
+    from fsspec.implementations.local import LocalFileSystem
+
+    def down(self, path, **kwargs):
+        raise ConnectionError("store down")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(LocalFileSystem, "exists", down)
+        assert cli_main(["verify", str(tmp_path / "x")]) == 2
+    assert "cannot reach it (ConnectionError: store down); check the URL, the endpoint" in capsys.readouterr().err
+    # the raw folder itself as --out
+    assert cli_main(["build", "--dataset", "aflw2000", "--root", root, "--out", root + "/", "--no-progress"]) == 2
+    assert "is the --root folder" in capsys.readouterr().err
+    assert not any(p.suffix == ".tar" for p in (sample_tree / "AFLW2000").iterdir())
     assert cli_main(["build", "--dataset", "biwi", "--root", str(sample_tree / "hpdb"), "--out", str(tmp_path / "b"),
                      "--detector", "gt", "--biwi-tracking", "none", "--no-progress"]) == 2
     assert "--biwi-tracking applies to detector boxes" in capsys.readouterr().err  # was accepted and ignored

@@ -390,6 +390,33 @@ def test_cli_errors_are_clear(shards, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["train", "--model", "hopnet", "--train", shards.four, "--epochs", "1", "--out", str(ckpt)])
     assert exc.value.code == 2 and "invalid choice: 'hopnet'" in capsys.readouterr().err
+    # --out that cannot take a run: a file, a path under one; refused before any data is read
+    a_file = tmp_path / "a_file"
+    a_file.write_text("mine")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train_mod, "_open_loaders", lambda *a, **k: pytest.fail("data read before --out was checked"))
+        for out, says in ((a_file, "is a file; give a folder"), (a_file / "sub", "is under .*a_file, which is a file")):
+            with pytest.raises(SystemExit, match=rf"^error: --out .*{says}"):
+                main(["train", "--model", "ehpnet", "--train", shards.four, "--steps", "1", "--out", str(out)])
+    assert a_file.read_text() == "mine"
+
+
+def test_a_run_folder_of_another_model_is_not_overwritten(shards, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["--train", shards.four, "--steps", "1", "--batch-size", "2", "--out", str(out), "--pretrained", "none",
+            "--workers", "0", "--device", "cpu"]
+    main(["train", "--model", "ssrnet_md", *args])
+    before = (out / "checkpoint.pt").read_bytes()
+    with pytest.raises(SystemExit, match=r"^error: --out .*run holds a ssrnet_md run .*training fsanet_var there would "
+                                         r"replace it: give another --out"):
+        main(["train", "--model", "fsanet_var", *args])
+    assert (out / "checkpoint.pt").read_bytes() == before
+    capsys.readouterr()
+    main(["train", "--model", "ssrnet_md", *args])  # the same model again: a rerun replaces its run, and says so
+    assert "holds an earlier ssrnet_md run: this run replaces it" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match=r"checkpoint holds model 'ssrnet_md', not 'hopenet': drop --model .*or "
+                                         r"pass --model ssrnet_md"):
+        main(["eval", "--model", "hopenet", "--ckpt", str(out / "checkpoint.pt"), "--data", shards.val, "--device", "cpu"])
 
 
 def test_python_m_train_minimal_params():

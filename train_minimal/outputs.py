@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -27,6 +28,28 @@ def load_checkpoint(path: str) -> dict:
     if isinstance(ckpt, dict) and all(torch.is_tensor(v) for v in ckpt.values()):
         return {"state_dict": ckpt, "model": None, "args": {}}  # a bare state dict
     raise SystemExit(f"error: {path} is not a train_minimal checkpoint nor a state dict")
+
+
+def check_run_folder(out: Path, model_name: str) -> None:
+    """Refuse an ``--out`` a training run cannot use, before any data is read: a file (or a path
+    under one), or a folder holding another model's run (its ``metrics.json``), which this run's
+    files would replace. A run of the same model there is replaced, as a rerun expects (said so)."""
+    for path in (out, *out.parents):
+        if path.exists():
+            if not path.is_dir():
+                where = "is a file" if path == out else f"is under {path}, which is a file"
+                raise SystemExit(f"error: --out {out} {where}; give a folder for the run's checkpoint.pt, "
+                                 "metrics.json and curves.png")
+            break
+    try:
+        held = json.loads((out / "metrics.json").read_text()).get("model")
+    except (OSError, ValueError, AttributeError):
+        return
+    if held and held != model_name:
+        raise SystemExit(f"error: --out {out} holds a {held} run (checkpoint.pt, metrics.json); training {model_name} "
+                         "there would replace it: give another --out, or move those files away first")
+    if held:
+        print(f"[train] --out {out} holds an earlier {held} run: this run replaces it", file=sys.stderr)
 
 
 def atomic_json(obj, path: Path) -> None:

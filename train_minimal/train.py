@@ -55,7 +55,7 @@ from dataprep.loader import NoSamples, UnreadableShard, shard_error_line
 from . import registry
 from .data import crop_room_warning, epoch_steps, make_loader, prepare_batch
 from .engine import AMP_CHOICES, EmptyEvaluation, TrainStep, accepts, amp_dtype_for, evaluate, learning_rates
-from .outputs import load_checkpoint, save_epoch
+from .outputs import check_run_folder, load_checkpoint, save_epoch
 
 # --------------------------------------------------------------------------------------------
 # helpers
@@ -129,7 +129,8 @@ def parse_val(items: list[str] | None) -> dict[str, str]:
 def model_from_checkpoint(ckpt: dict, name: str | None = None, device=torch.device("cpu")):
     ck_name = ckpt.get("model")
     if name and ck_name and name != ck_name:
-        raise SystemExit(f"error: checkpoint holds model {ck_name!r}, not {name!r}")
+        raise SystemExit(f"error: checkpoint holds model {ck_name!r}, not {name!r}: drop --model (the checkpoint "
+                         f"names its model), or pass --model {ck_name}")
     name = name or ck_name
     if not name:
         raise SystemExit("error: the checkpoint does not name its model; pass --model")
@@ -334,6 +335,8 @@ def cmd_train(args) -> int:
         raise SystemExit("error: give exactly one of --epochs N or --steps N")
 
     spec = registry.get(args.model)
+    if ranks.is_main:
+        check_run_folder(out_dir, spec.name)
     input_size = int(args.input_size or spec.input_size)
     if spec.fixed_input_size and input_size != spec.input_size:
         raise SystemExit(f"error: {spec.name} takes {spec.input_size} px inputs only (its dense layers are sized "
