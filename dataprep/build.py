@@ -604,6 +604,9 @@ def make_manifest(opts, settings: Settings, proto, root: Path, refs, results: li
     }
     options = {k: v for k, v in asdict(opts).items() if k not in ("command", "progress")}
     options["augment"] = list(opts.augment)
+    # which groups (BIWI sequences, 300W-LP subsets) each split holds: a seeded or user split can be
+    # reported as it was, not only as the digest in settings
+    split_groups = {split: sorted({r.group for r in split_refs}) for split, split_refs in sorted((assignment or {}).items())}
     return {
         "format": "headpose-dataprep/manifest-1",
         "tool": "headpose-dataprep",
@@ -619,6 +622,7 @@ def make_manifest(opts, settings: Settings, proto, root: Path, refs, results: li
         "expected": expected,  # the protocol's counts (not a split file's)
         "shards": shards,
         "counts": counts,
+        "split_groups": split_groups,
         "rejected": rejected,
     }
 
@@ -643,7 +647,7 @@ def summary_table(manifest: dict) -> str:
     out = [line(rows[0]), "  ".join("-" * w for w in widths)] + [line(r) for r in rows[1:]]
     if counts["rejected_by_reason"]:
         out.append("")
-        out.append("rejected by reason:")
+        out.append("rejected by reason (each sample in manifest.json's rejected list):")
         for reason, n in counts["rejected_by_reason"].items():
             example = next(e for e in manifest["rejected"] if e["reason"] == reason)
             out.append(f"  {reason:<22} {n:>7}   e.g. {example['message']}")
@@ -656,6 +660,10 @@ def summary_table(manifest: dict) -> str:
         source = "the --split-file" if manifest.get("options", {}).get("split_file") else f"protocol {manifest['protocol']}"
         out.append(f"note: {counts['in_no_split']} of the {manifest['input']['files']} samples under --root are in no split "
                    f"of {source}, so they were not read (in_no_split in manifest.json).")
+    groups = manifest.get("split_groups") or {}
+    if len(groups) > 1:  # which sequences went where (a seeded split is known only from here)
+        out.append("")
+        out.append("groups per split: " + "; ".join(f"{split} {len(g)} ({', '.join(g)})" for split, g in groups.items()))
     expected = manifest.get("expected", {})
     if expected.get("read") and expected["read"] != counts["read"]:
         out.append("")

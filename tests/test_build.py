@@ -12,6 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import cv2
+import fsspec
 import numpy as np
 import pytest
 
@@ -252,8 +253,8 @@ def test_one_build_at_a_time_per_out_folder(sample_tree, tmp_path, monkeypatch):
     with pytest.raises(LockLost, match=r"no longer holds .*\.dataprep\.lock .* not written"):
         run_shard(replace(task, owner="old-build"), settings, str(root), str(out))
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
-    assert lock_holder(build_mod.fsspec.filesystem("file"), str(out)) == "new-build"
-    assert not build_mod._create_lock(build_mod.fsspec.filesystem("file"), str(out), "mine")  # two at once: one wins
+    assert lock_holder(fsspec.filesystem("file"), str(out)) == "new-build"
+    assert not build_mod._create_lock(fsspec.filesystem("file"), str(out), "mine")  # two at once: one wins
     # ... and one that loses the folder while writing a shard publishes neither the shard nor its progress
     (out / LOCK_FILE).write_text("old-build")
     real_process_ref = build_mod.run_shard.__globals__["process_ref"]
@@ -575,10 +576,13 @@ def test_split_choices_that_cannot_work_say_what_to_do(sample_tree, tmp_path):
 
 
 def test_split_seed_keeps_people_together(sample_tree, tmp_path):
-    build(opts(sample_tree / "hpdb", tmp_path, "biwi", protocol="2", detector="gt", split_seed=7))
+    manifest = build(opts(sample_tree / "hpdb", tmp_path, "biwi", protocol="2", detector="gt", split_seed=7))
     records = label_records(tmp_path)
     test = {r["group"] for r in records.values() if r["split"] == "test"}
     assert len(test) == 8
+    # the drawn split can be reported: the manifest and the summary name each split's sequences
+    assert manifest["split_groups"]["test"] == sorted(test) and len(manifest["split_groups"]["train"]) == 16
+    assert f"test 8 ({', '.join(sorted(test))})" in summary_table(manifest)
     for a, b in (("02", "21"), ("03", "15"), ("05", "18"), ("07", "22")):
         assert (a in test) == (b in test)
 
