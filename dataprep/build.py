@@ -454,7 +454,8 @@ def build(opts: BuildOptions) -> dict:
     check_options(opts)
     root = Path(opts.root)
     if not root.is_dir():
-        raise BuildError(f"--root {root} is not a folder; point it at the unpacked dataset folder")
+        what = "is not a folder" if root.exists() else "does not exist"
+        raise BuildError(f"--root {root} {what}; point it at the unpacked dataset folder")
     if "://" not in opts.out and Path(opts.out).resolve() == root.resolve():
         raise BuildError(f"--out {opts.out} is the --root folder: the shards would go among the raw files; give "
                          "another folder")

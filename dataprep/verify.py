@@ -15,6 +15,7 @@ import cv2
 import numpy as np
 
 from . import codec
+from .pipeline import PROGRESS_DIR
 from .shards import INFO_FILE as INFO
 from .shards import MANIFEST, TMP_SUFFIX, folder_filesystem, info_splits, is_shard_file, split_member, unreachable
 
@@ -226,7 +227,11 @@ def verify(out: str, decode: bool = True) -> VerifyReport:
         problems.append(f"{base}: no such folder; give the --out folder of a dataprep build")
         return report
     if not fs.exists(manifest_path):
-        problems.append(f"{manifest_path}: no manifest; is this a dataprep build folder?")
+        if fs.exists(posixpath.join(base, PROGRESS_DIR)):  # a build made it before its first shard
+            problems.append(f"{manifest_path}: no manifest yet: a build is running here or was interrupted; let it "
+                            "finish, or run its command again to finish it (it resumes), then verify")
+        else:
+            problems.append(f"{manifest_path}: no manifest; is this a dataprep build folder?")
         problems += _folder_problems(fs, base, None, None)
         return report
     try:

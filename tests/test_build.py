@@ -1034,6 +1034,13 @@ def test_cli_says_what_to_do_instead_of_a_traceback(sample_tree, tmp_path, capsy
         mp.setattr(LocalFileSystem, "exists", down)
         assert cli_main(["verify", str(tmp_path / "x")]) == 2
     assert "cannot reach it (ConnectionError: store down); check the URL, the endpoint" in capsys.readouterr().err
+    # a folder a build started in and has not finished: said so, not "is this a build folder?"
+    (tmp_path / "started" / ".dataprep-progress").mkdir(parents=True)
+    assert cli_main(["verify", str(tmp_path / "started")]) == 1
+    assert "no manifest yet: a build is running here or was interrupted" in capsys.readouterr().err
+    assert cli_main(["build", "--dataset", "aflw2000", "--root", str(tmp_path / "nope"), "--out", str(tmp_path / "o"),
+                     "--no-progress"]) == 2
+    assert "--root " + str(tmp_path / "nope") + " does not exist; point it at" in capsys.readouterr().err
     # the raw folder itself as --out
     assert cli_main(["build", "--dataset", "aflw2000", "--root", root, "--out", root + "/", "--no-progress"]) == 2
     assert "is the --root folder" in capsys.readouterr().err
