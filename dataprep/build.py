@@ -590,10 +590,13 @@ def make_manifest(opts, settings: Settings, proto, root: Path, refs, results: li
         c["written"] += r["written"]
         c["rejected"] += len(r["rejected"])
         c["samples"] += r["samples"]
+    # which groups (BIWI sequences, 300W-LP subsets) each split holds: a seeded or user split can be
+    # reported as it was, not only as the digest in settings
+    split_groups = {split: sorted({r.group for r in split_refs}) for split, split_refs in sorted((assignment or {}).items())}
     expected = {} if opts.split_file else proto.expected
-    if expected.get("groups") and assignment:  # the protocol counts sequences (BIWI): how many are here
-        for split, split_refs in assignment.items():
-            per_split.setdefault(split, Counter())["groups"] = len({r.group for r in split_refs})
+    if expected.get("groups"):  # the protocol counts sequences (BIWI): how many are here
+        for split, groups in split_groups.items():
+            per_split.setdefault(split, Counter())["groups"] = len(groups)
     counts = {
         "read": sum(c["read"] for c in per_split.values()),
         "written": sum(c["written"] for c in per_split.values()),
@@ -605,9 +608,6 @@ def make_manifest(opts, settings: Settings, proto, root: Path, refs, results: li
     }
     options = {k: v for k, v in asdict(opts).items() if k not in ("command", "progress")}
     options["augment"] = list(opts.augment)
-    # which groups (BIWI sequences, 300W-LP subsets) each split holds: a seeded or user split can be
-    # reported as it was, not only as the digest in settings
-    split_groups = {split: sorted({r.group for r in split_refs}) for split, split_refs in sorted((assignment or {}).items())}
     return {
         "format": "headpose-dataprep/manifest-1",
         "tool": "headpose-dataprep",
