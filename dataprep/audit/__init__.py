@@ -99,8 +99,8 @@ def run_audit(out, report, *, compare=None, raw_root=None, thresholds: Threshold
     rows = audit_rows(build, thresholds)
     write_csv(report / "boxes.csv", columns(variants), [r.values for r in rows])
     splits, counts = flag_counts(rows)
-    sheets = _flag_sheets(build, rows, counts, root, report, per_flag, pictures)
-    rules_sheet = _rules_sheet(build, rows, root, report, per_flag) if pictures else None
+    sheets = _flag_sheets(build, rows, counts, root, report, per_flag, pictures, variants)
+    rules_sheet = _rules_sheet(build, rows, root, report, per_flag, variants) if pictures else None
     hists = {}
     if pictures:
         from . import pictures as pics
@@ -132,12 +132,20 @@ def _load_compared(build: Build, out, compare) -> Build:
     return other
 
 
-def _flag_sheets(build: Build, rows: list[Row], counts, root, report: Path, per_flag: int, pictures: bool) -> dict:
+def _sheet_legend(variants: list[str]) -> list:
+    """The legend of a contact sheet of samples: each box variant's colour and the stored crop's."""
+    from . import pictures as pics
+
+    return pics.legend_for(variants, [("stored crop", pics.CROP_COLOUR, "dashed")])
+
+
+def _flag_sheets(build: Build, rows: list[Row], counts, root, report: Path, per_flag: int, pictures: bool,
+                 variants: list[str]) -> dict:
     """Per flag that any sample has: its count, its worst ``per_flag`` samples as table rows, and
     (with ``pictures``) their contact sheet ``sheets/<flag>.png``."""
     from . import pictures as pics
 
-    legend = pics.legend_for(build.variants(), [("stored crop", pics.CROP_COLOUR, "dashed")]) if pictures else None
+    legend = _sheet_legend(variants) if pictures else None
     sheets: dict[str, dict] = {}
     for flag in FLAGS:
         worst = _worst(rows, flag, per_flag)
@@ -165,7 +173,7 @@ def _flag_sheets(build: Build, rows: list[Row], counts, root, report: Path, per_
     return sheets
 
 
-def _rules_sheet(build: Build, rows: list[Row], root, report: Path, per_flag: int) -> str | None:
+def _rules_sheet(build: Build, rows: list[Row], root, report: Path, per_flag: int, variants: list[str]) -> str | None:
     """What every rule would do, whatever this build used: a contact sheet of the written samples
     with the most distorted windows (``sheets/rules.png``, relative to ``report``; None without any)."""
     from . import pictures as pics
@@ -175,9 +183,8 @@ def _rules_sheet(build: Build, rows: list[Row], root, report: Path, per_flag: in
     if not rule_rows:
         return None
     sheet_rows = [pics.flag_sheet_row(build, r, root, _rule_caption(r)) for r in rule_rows]
-    legend = pics.legend_for(build.variants(), [("stored crop", pics.CROP_COLOUR, "dashed")])
     path = pics.contact_sheet(sheet_rows, report / "sheets" / "rules.png",
-                              f"most distorted crop windows over the rules {', '.join(RULES)}", legend)
+                              f"most distorted crop windows over the rules {', '.join(RULES)}", _sheet_legend(variants))
     return path.relative_to(report).as_posix()
 
 
