@@ -260,11 +260,8 @@ class FsanetAugment(Transform):
             ww, wh = (window[2] - window[0]) * zx, (window[3] - window[1]) * zy
             window = [mx - ww / 2.0, my - wh / 2.0, mx + ww / 2.0, my + wh / 2.0]
             ops.append({"zoom": [zx, zy]})
-        cur = [float(v) for v in record["crop"]]
-        sx_, sy_ = (cur[2] - cur[0]) / w, (cur[3] - cur[1]) / h
         new = _new_record(record, {"op": self.name, "steps": ops})
-        new["crop"] = [cur[0] + window[0] * sx_, cur[1] + window[1] * sy_, cur[0] + window[2] * sx_,
-                       cur[1] + window[3] * sy_]
+        new["crop"] = box_rules.box_from_crop_coords(window, record["crop"], (w, h))
         return out, new, _copy(landmarks)
 
 

@@ -309,6 +309,15 @@ def points_to_input_pixels(points, crops, sizes, origins) -> np.ndarray:
     return stacked_to_crop_coords(p, crops, sizes) - 0.5
 
 
+def box_from_crop_coords(box, crop, size) -> Box:
+    """A box in the pixels of a ``size`` = ``(w, h)`` image cut from the source window ``crop``
+    -> source pixels (the inverse of :func:`box_to_crop_coords`; plain floats): the source window a
+    part of a stored crop shows."""
+    crop = [float(v) for v in crop]
+    sx, sy = (crop[2] - crop[0]) / size[0], (crop[3] - crop[1]) / size[1]
+    return [crop[0] + box[0] * sx, crop[1] + box[1] * sy, crop[0] + box[2] * sx, crop[1] + box[3] * sy]
+
+
 def box_to_crop_coords(box, crop, size) -> Box:
     """``to_crop_coords`` for one box, in plain floats (the same float64 operations, no NumPy:
     this runs per sample in the loader)."""

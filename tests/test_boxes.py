@@ -254,3 +254,13 @@ def test_landmarks_land_on_the_model_input_pixels_they_mark():
     # continuous coordinates (pixel i spans [i, i + 1)): its centre i + 0.5
     got = boxes.points_to_input_pixels([[[0.5, 9.5]]], [whole], [(10, 10)], [0.0])[0]
     np.testing.assert_allclose(got, [[0.0, 9.0]])
+
+
+def test_box_from_crop_coords_inverts_box_to_crop_coords():
+    crop, size = [37.25, -12.5, 301.75, 252.0], (224, 224)
+    window = [-10, 5, 180, 230]  # stored-crop pixels, reaching past its edge
+    source = boxes.box_from_crop_coords(window, crop, size)
+    sx, sy = (crop[2] - crop[0]) / 224, (crop[3] - crop[1]) / 224
+    assert source == [crop[0] - 10 * sx, crop[1] + 5 * sy, crop[0] + 180 * sx, crop[1] + 230 * sy]
+    assert boxes.box_to_crop_coords(source, crop, size) == pytest.approx(window, abs=1e-9)
+    assert boxes.box_from_crop_coords([0, 0, 224, 224], crop, size) == pytest.approx(crop)

@@ -18,9 +18,10 @@ import webdataset as wds
 from webdataset.shardlists import ResampledShards, SimpleShardList
 from webdataset.utils import PipelineStage, pytorch_worker_info
 
+from .. import boxes as box_rules
 from .. import codec
-from ..errors import first_line
 from .. import crop as crop_ops
+from ..errors import first_line
 from .batches import _BufferPool, _Item
 from .images import _decode_bgr, _reduction, _warp_reduced, _write_image
 from .tar_reader import BadSample
@@ -132,11 +133,8 @@ class _Shuffle(PipelineStage):
 
 def _cropped_record(record: dict, taken: list[int], stored_size, rule: str, size: int) -> dict:
     """The record of a crop of ``taken`` (stored-crop pixels) out of a ``stored_size`` stored crop."""
-    w, h = stored_size
-    crop = [float(v) for v in record["crop"]]
-    sx, sy = (crop[2] - crop[0]) / w, (crop[3] - crop[1]) / h
     new = dict(record)
-    new["crop"] = [crop[0] + taken[0] * sx, crop[1] + taken[1] * sy, crop[0] + taken[2] * sx, crop[1] + taken[3] * sy]
+    new["crop"] = box_rules.box_from_crop_coords(taken, record["crop"], stored_size)
     new["crop_rule"] = rule
     new["crop_size"] = [size, size]
     return new
