@@ -50,7 +50,7 @@ def _read(path: Path) -> tuple[str | None, bytes | None]:
 
 
 def _decode(data: bytes) -> np.ndarray | None:
-    """RGB image, or None when the bytes do not decode or are a damaged JPEG (the shard worker
+    """RGB image, or None when the bytes do not decode or are a damaged JPEG or PNG (the shard worker
     reads such files and rejects them for what they are)."""
     return codec.decode_rgb_checked(data)[0]
 
@@ -146,7 +146,7 @@ def detect_all(refs: list[SampleRef], root: Path, detector, cache: DetectionCach
 def biwi_decisions(refs: list[SampleRef], detections: dict[str, list], mode: str, image_size=(640, 480)) -> dict[str, dict]:
     """Apply FSA-Net's BIWI rules sequence by sequence (refs are in frame order). A frame without
     detections (its image could not be read or decoded) gets no decision and is no frame to the
-    tracking: the shard worker reads it and rejects it for what it is (``unreadable_image``), not as
+    tracking: the shard worker reads it and rejects it for what it is (``unreadable_image``, ``corrupt_image``), not as
     a frame without a face."""
     decisions = {}
     for group, frames in groupby(refs, key=lambda r: r.group):

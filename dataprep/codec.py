@@ -20,11 +20,14 @@ read with ``cv2.IMREAD_UNCHANGED`` where they are used).
 """
 from __future__ import annotations
 
+import zlib
+
 import cv2
 import numpy as np
 import simplejpeg
 
-__all__ = ["decode_bgr", "decode_rgb", "decode_rgb_checked", "decode_cv2", "encode_jpeg_rgb", "encode_png", "is_jpeg"]
+__all__ = ["decode_bgr", "decode_rgb", "decode_rgb_checked", "decode_cv2", "encode_jpeg_rgb", "encode_png", "is_jpeg",
+           "png_damage"]
 
 _SOI = b"\xff\xd8"
 _CV2_FLAGS = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
@@ -34,6 +37,36 @@ _CV2_FLAGS = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_
 def is_jpeg(data: bytes) -> bool:
     """Whether the bytes start as a JPEG does (the SOI marker)."""
     return data[:2] == _SOI
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def png_damage(data: bytes) -> str | None:
+    """What is broken in a PNG's chunks (one short phrase), or None: every chunk whole, its CRC
+    right, IHDR first and IEND reached (or the bytes are not a PNG). libpng finds the same damage
+    while decoding, but prints it (``libpng error: IDAT: CRC error``) with no file name and gives
+    OpenCV nothing to say; this walk names the chunk and its byte offset first. About 0.2 ms for a
+    BIWI frame (zlib's CRC-32), against ~10 ms to decode it (one core)."""
+    if data[:8] != _PNG_SIGNATURE:
+        return None
+    view, i, n = memoryview(data), 8, len(data)
+    while True:
+        if i + 12 > n:
+            return f"the file ends at byte {n} before the IEND chunk (truncated)"
+        length = int.from_bytes(view[i:i + 4], "big")
+        kind = bytes(view[i + 4:i + 8])
+        name = kind.decode("ascii") if kind.isalpha() else repr(kind)
+        end = i + 12 + length
+        if length >= 2 ** 31 or end > n:
+            return f"chunk {name} at byte {i} runs past the end of the file at byte {n}: truncated"
+        if zlib.crc32(view[i + 4:end - 4]) != int.from_bytes(view[end - 4:end], "big"):
+            return f"chunk {name} at byte {i}: CRC mismatch"
+        if i == 8 and kind != b"IHDR":
+            return f"the first chunk is {name}, not IHDR"
+        if kind == b"IEND":
+            return None
+        i = end
 
 
 def _has_exif(data: bytes) -> bool:
@@ -84,11 +117,13 @@ _NOT_DAMAGE = ("tjDecompressHeader3(): Could not determine subsampling", "Unsupp
 
 
 def decode_rgb_checked(data: bytes) -> tuple[np.ndarray | None, str | None]:
-    """``(decode_rgb(data), None)``, or ``(None, libjpeg's words)`` for a JPEG whose picture data is
-    damaged (any refusal of the TurboJPEG API but those in ``_NOT_DAMAGE``): it would decode with
-    gray or garbled parts, or not at all (the dataset readers reject it), and OpenCV would print
-    libjpeg's warning without a file name, so it is not decoded. Costs nothing extra for a JPEG the
-    fast path decodes; an Exif JPEG is decoded a second time, for the check."""
+    """``(decode_rgb(data), None)``, or ``(None, what is damaged)`` for an image whose data is
+    damaged: a JPEG the TurboJPEG API refuses (any refusal but those in ``_NOT_DAMAGE``: it would
+    decode with gray or garbled parts, or not at all; ``"damaged JPEG data (libjpeg: ...)"``), a
+    PNG with a broken chunk (:func:`png_damage`; ``"damaged PNG data (...)"``). The dataset readers
+    reject such files; OpenCV would print the library's complaint without a file name, so they are
+    not decoded. Costs nothing extra for a JPEG the fast path decodes; an Exif JPEG is decoded a
+    second time, for the check."""
     image, refusal = _turbo_or_refusal(data, "RGB")
     if image is not None:
         return image, None
@@ -98,7 +133,10 @@ def decode_rgb_checked(data: bytes) -> tuple[np.ndarray | None, str | None]:
         except ValueError as exc:
             refusal = str(exc)
     if refusal is not None and not refusal.startswith(_NOT_DAMAGE):
-        return None, refusal
+        return None, f"damaged JPEG data (libjpeg: {refusal})"
+    damage = png_damage(data)
+    if damage is not None:
+        return None, f"damaged PNG data ({damage})"
     return _decode_cv2_rgb(data), None
 
 

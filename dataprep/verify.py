@@ -50,12 +50,15 @@ def _decode_member(ext: str, data: bytes, key: str) -> None:
     elif ext == "jpg":
         image, damage = codec.decode_rgb_checked(data)
         if damage is not None:
-            raise ValueError(f"JPEG data damaged (libjpeg: {damage})")
+            raise ValueError(damage)
         if image is None:
             raise ValueError("JPEG does not decode")
     elif ext == "pts.npy":
         np.load(io.BytesIO(data), allow_pickle=False)
     elif ext == "depth.png":
+        damage = codec.png_damage(data)
+        if damage is not None:
+            raise ValueError(f"damaged PNG data ({damage})")
         depth = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
         if depth is None or depth.dtype != np.uint16:
             raise ValueError("depth PNG does not decode to 16 bits")

@@ -113,16 +113,19 @@ def test_biwi_unreadable_frame_is_rejected_as_unreadable_not_as_no_face(sample_t
     root = tmp_path / "hpdb"
     shutil.copytree(sample_tree / "hpdb", root)
     frames = sorted((root / "01").glob("*_rgb.png"))
-    frames[1].write_bytes(frames[1].read_bytes()[:200])  # a truncated download
+    frames[1].write_bytes(frames[1].read_bytes()[:200])  # a truncated download (its header whole)
+    frames[2].write_bytes(b"")  # an empty file
     split = tmp_path / "split.json"
     split.write_text(json.dumps({"by": "group", "test": ["01"]}))
     a = Detection((400, 300, 480, 400), 0.99)
     monkeypatch.setattr(box_stage, "create_detector", lambda *a_, **k: ScriptedDetector([[a], [a]]))
     m = build(_opts(root, tmp_path / "o", "biwi", tmp_path / "c", protocol="1", split_file=str(split),
                     biwi_tracking="none"))
-    assert m["counts"]["written"] == 2
-    (rejected,) = m["rejected"]
-    assert rejected["reason"] == "unreadable_image" and frames[1].name in rejected["message"]
+    assert m["counts"]["written"] == len(frames) - 2
+    truncated, empty = sorted(m["rejected"], key=lambda r: r["key"])
+    assert truncated["reason"] == "corrupt_image" and frames[1].name in truncated["message"]
+    assert "truncated" in truncated["message"]
+    assert empty["reason"] == "unreadable_image" and frames[2].name in empty["message"]
 
 
 def test_resumed_tracking_build_follows_a_fixed_frame_through_its_sequence(sample_tree, tmp_path):

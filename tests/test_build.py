@@ -816,7 +816,7 @@ def test_check_shard_flags_a_damaged_jpeg_that_still_decodes(tmp_path):
                                                   {"__key__": "b", "jpg": damaged, "json": _record("b")}])
     with open(path, "rb") as f:
         _, problems = check_shard(f)
-    assert len(problems) == 1 and problems[0].startswith("sample 'b' (b.jpg): JPEG data damaged (libjpeg: ")
+    assert len(problems) == 1 and problems[0].startswith("sample 'b' (b.jpg): damaged JPEG data (libjpeg: ")
 
 
 def test_verify_prints_a_capped_list_and_counts_all(aflw_build, tmp_path, capsys, monkeypatch):

@@ -3,6 +3,7 @@ file it is not sure of (Exif orientation, corrupt data, PNG, CMYK)."""
 from __future__ import annotations
 
 import struct
+import zlib
 from pathlib import Path
 
 import cv2
@@ -131,14 +132,15 @@ def test_damaged_jpeg_data_is_named_while_opencv_decodes_it_anyway():
     damaged = _damaged_scan(data)
     assert _cv2(damaged) is not None  # OpenCV decodes it, printing libjpeg's warning without a file name
     image, damage = codec.decode_rgb_checked(damaged)
-    assert image is None and damage.startswith(("Corrupt JPEG data", "Premature end"))
+    assert image is None and damage.startswith(("damaged JPEG data (libjpeg: Corrupt JPEG data",
+                                                "damaged JPEG data (libjpeg: Premature end"))
     # a stray unknown marker in the picture data: an error for libjpeg (TurboJPEG refuses the file),
     # yet OpenCV returns a picture, its lower part gray
     middle = (data.index(b"\xff\xda") + len(data)) // 2
     stray = data[:middle] + b"\xff\x3c" + data[middle + 2:]
     assert _cv2(stray) is not None and not np.array_equal(_cv2(stray), _cv2(data))
     image, damage = codec.decode_rgb_checked(stray)
-    assert image is None and damage.startswith("Unsupported marker type")
+    assert image is None and damage.startswith("damaged JPEG data (libjpeg: Unsupported marker type")
     # a warning about metadata only (a JFIF version libjpeg does not know): the picture is intact,
     # and is decoded as OpenCV decodes it
     at = data.index(b"JFIF\x00") + 5
@@ -158,8 +160,45 @@ def test_damaged_jpeg_data_is_named_while_opencv_decodes_it_anyway():
     assert codec.decode_rgb_checked(b"not a picture") == (None, None)
 
 
+def _png_chunks(data: bytes) -> list[tuple[int, bytes]]:
+    """(offset, type) of each chunk of a PNG."""
+    out, i = [], 8
+    while i < len(data):
+        length = struct.unpack(">I", data[i:i + 4])[0]
+        out.append((i, data[i + 4:i + 8]))
+        i += 12 + length
+    return out
+
+
+def test_damaged_png_is_named_by_chunk_and_offset_without_libpngs_nameless_line(capfd):
+    img = _picture(160, 120, 12)
+    data = codec.encode_png(img)
+    chunks = _png_chunks(data)
+    idat = next(at for at, kind in chunks if kind == b"IDAT")
+    assert codec.png_damage(data) is None and _same(codec.decode_rgb_checked(data)[0], codec.decode_rgb(data))
+    flipped = bytearray(data)
+    flipped[idat + 8 + 100] ^= 0x10  # a flipped bit in the compressed picture data
+    flipped = bytes(flipped)
+    assert codec.png_damage(flipped) == f"chunk IDAT at byte {idat}: CRC mismatch"
+    capfd.readouterr()
+    assert _cv2(flipped) is None and "libpng error" in capfd.readouterr().err  # what OpenCV does: a nameless line
+    assert codec.decode_rgb_checked(flipped) == (None, f"damaged PNG data (chunk IDAT at byte {idat}: CRC mismatch)")
+    assert capfd.readouterr().err == ""  # not decoded, so libpng prints nothing
+    cut = data[:idat + 50]
+    assert codec.png_damage(cut) == f"chunk IDAT at byte {idat} runs past the end of the file at byte {len(cut)}: truncated"
+    no_end = data[:chunks[-1][0]]  # every chunk whole, IEND missing
+    assert codec.png_damage(no_end) == f"the file ends at byte {len(no_end)} before the IEND chunk (truncated)"
+    text = b"tEXt" + b"Comment\x00before the header"
+    text_first = data[:8] + struct.pack(">I", len(text) - 4) + text + struct.pack(">I", zlib.crc32(text)) + data[8:]
+    assert codec.png_damage(text_first) == "the first chunk is tEXt, not IHDR"
+    # a 16-bit depth PNG is checked the same way; JPEGs and other bytes are not PNGs
+    depth = codec.encode_png(np.arange(64 * 48, dtype=np.uint16).reshape(48, 64))
+    assert codec.png_damage(depth) is None and codec.png_damage(depth[:-5]) is not None
+    assert codec.png_damage(_jpeg(img)) is None and codec.png_damage(b"") is None
+
+
 def test_real_dataset_images_are_not_damaged(real_samples: Path):
-    files = sorted(real_samples.rglob("*.jpg"))
+    files = sorted(real_samples.rglob("*.jpg")) + sorted(real_samples.rglob("*.png"))
     assert files
     for path in files:
         assert codec.decode_rgb_checked(path.read_bytes())[1] is None, path

@@ -354,6 +354,19 @@ def test_corrupt_mat(sample_tree, tmp_path):
         assert "re-download" in err.message
 
 
+
+def test_biwi_damaged_frame_is_named_without_libpngs_nameless_line(sample_tree, tmp_path, capfd):
+    root, ref = _copy_sample(sample_tree, tmp_path, "biwi", BIWI_SOURCE)
+    frame = root / BIWI_SOURCE
+    damaged = bytearray(frame.read_bytes())
+    damaged[len(damaged) // 2] ^= 0x10  # one flipped bit, inside the picture data
+    frame.write_bytes(bytes(damaged))
+    capfd.readouterr()
+    err = _expect_error("biwi", root, ref, "corrupt_image", "hpdb/" + BIWI_SOURCE)
+    assert "damaged PNG data (chunk IDAT at byte " in err.message and "CRC mismatch" in err.message
+    assert "re-download" in err.message
+    assert "libpng" not in capfd.readouterr().err
+
 def test_missing_mat_is_listed_then_rejected(sample_tree, tmp_path, aflw_source):
     root, ref = _copy_sample(sample_tree, tmp_path, AFLW_NAME, aflw_source)
     (root / aflw_source).with_suffix(".mat").unlink()

@@ -126,7 +126,8 @@ def read_image(path: Path, display: str, expected_size: tuple[int, int] | None =
     """Read an image file as H x W x 3 uint8 RGB.
 
     Raises ``SampleError`` ``missing_image`` / ``unreadable_image`` / ``corrupt_image`` (a JPEG
-    whose picture data libjpeg finds damaged: it would decode with gray or garbled blocks) /
+    whose picture data libjpeg finds damaged: it would decode with gray or garbled blocks; a PNG
+    with a broken chunk) /
     ``wrong_image_size``
     (``expected_size`` is ``(width, height)``; the labels are in those pixels; ``size_from`` names
     the file that says so, when it is not the dataset's fixed size).
@@ -142,7 +143,7 @@ def read_image(path: Path, display: str, expected_size: tuple[int, int] | None =
     if damage is not None:  # it would decode with gray or garbled blocks: not a sample to train on
         raise SampleError(
             "corrupt_image",
-            f"{display}: damaged JPEG data (libjpeg: {damage}); re-download or re-extract the file",
+            f"{display}: {damage}; re-download or re-extract the file",
         )
     if image is None:
         raise SampleError(
