@@ -819,6 +819,28 @@ def test_check_shard_flags_a_damaged_jpeg_that_still_decodes(tmp_path):
     assert len(problems) == 1 and problems[0].startswith("sample 'b' (b.jpg): damaged JPEG data (libjpeg: ")
 
 
+
+def test_check_shard_names_a_damaged_depth_png(tmp_path, capfd):
+    import fsspec
+
+    from dataprep import codec
+    from dataprep.shards import write_shard
+    from dataprep.verify import check_shard
+
+    depth = codec.encode_png(np.arange(64 * 48, dtype=np.uint16).reshape(48, 64))
+    damaged = bytearray(depth)
+    damaged[len(depth) // 2] ^= 0x10
+    jpg = codec.encode_jpeg_rgb(np.zeros((32, 32, 3), np.uint8), 90)
+    path = str(tmp_path / "test-000000.tar")
+    write_shard(fsspec.filesystem("file"), path, [
+        {"__key__": "a", "jpg": jpg, "json": _record("a"), "depth.png": depth},
+        {"__key__": "b", "jpg": jpg, "json": _record("b"), "depth.png": bytes(damaged)}])
+    capfd.readouterr()
+    with open(path, "rb") as f:
+        _, problems = check_shard(f)
+    assert len(problems) == 1 and problems[0].startswith("sample 'b' (b.depth.png): damaged PNG data (chunk IDAT at byte ")
+    assert "libpng" not in capfd.readouterr().err
+
 def test_verify_prints_a_capped_list_and_counts_all(aflw_build, tmp_path, capsys, monkeypatch):
     from dataprep import cli
 
