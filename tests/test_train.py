@@ -336,7 +336,7 @@ def test_cli_errors_are_clear(shards, tmp_path, capsys):
     with pytest.raises(SystemExit, match="no distillation loss"):
         main(["train", "--model", "whenet", "--train", shards.four, "--steps", "1", "--out", str(ckpt),
               "--pretrained", "none", "--workers", "0", "--device", "cpu", "--teachers", "x.pt"])
-    with pytest.MonkeyPatch.context() as mp, pytest.raises(SystemExit, match=r"^error: checkpoint .*nope\.pt not found"):
+    with pytest.MonkeyPatch.context() as mp, pytest.raises(SystemExit, match=r"^python -m train_minimal [a-z-]+: error: checkpoint .*nope\.pt not found"):
         # a wrong teacher path fails before the student is built (and its pretrained weights fetched)
         mp.setattr(train_mod, "build_model", lambda *a, **k: pytest.fail("student built before the teachers were read"))
         main(["train", "--model", "ehpnet", "--train", shards.four, "--steps", "1", "--out", str(ckpt),
@@ -348,13 +348,18 @@ def test_cli_errors_are_clear(shards, tmp_path, capsys):
         with pytest.raises(SystemExit) as exc:
             main(["train", "--model", "ehpnet", "--train", shards.four, *zero, "--out", str(ckpt)])
         assert exc.value.code == 2 and "give 1 or more" in capsys.readouterr().err
+    for command in (["train", "--model", "ehpnet", "--train", shards.four, "--steps", "1", "--out", str(ckpt)],
+                    ["eval", "--ckpt", str(ckpt), "--data", shards.val]):
+        with pytest.raises(SystemExit) as exc:
+            main(command + ["--workers", "-1"])  # DataLoader would refuse it only after the model is built
+        assert exc.value.code == 2 and "--workers: -1: give 0 (read in the main process) or more" in capsys.readouterr().err
     for fixed in ("fsanet_var", "ssrnet_md"):  # dense layers sized for 64 px: refused before anything runs
-        with pytest.raises(SystemExit, match=f"^error: {fixed} takes 64 px inputs only"):
+        with pytest.raises(SystemExit, match=f"^python -m train_minimal [a-z-]+: error: {fixed} takes 64 px inputs only"):
             main(["train", "--model", fixed, "--train", shards.four, "--steps", "1", "--input-size", "32",
                   "--out", str(ckpt), "--pretrained", "none", "--workers", "0", "--device", "cpu"])
     not_a_checkpoint = tmp_path / "not_a_checkpoint.pt"
     not_a_checkpoint.write_bytes(Path(shards.four).read_bytes()[:4096])
-    with pytest.raises(SystemExit, match=r"^error: .*not_a_checkpoint\.pt is not a checkpoint torch can read"):
+    with pytest.raises(SystemExit, match=r"^python -m train_minimal [a-z-]+: error: .*not_a_checkpoint\.pt is not a checkpoint torch can read"):
         main(["eval", "--ckpt", str(not_a_checkpoint), "--data", shards.val, "--device", "cpu"])
     with pytest.raises(SystemExit, match=r"is a folder; give its checkpoint\.pt"):
         main(["eval", "--ckpt", str(tmp_path), "--data", shards.val, "--device", "cpu"])
@@ -364,12 +369,12 @@ def test_cli_errors_are_clear(shards, tmp_path, capsys):
     for model in ("hopenet", "mnn", "ssrnet_md", "fsanet_var"):
         for path, says in ((text_file, "neither a zip archive torch.save writes nor a pickle"),
                            (tmp_path / "nope.pth", "no such file")):
-            with pytest.raises(SystemExit, match=rf"^error: --pretrained {re.escape(str(path))}: .*{says}"):
+            with pytest.raises(SystemExit, match=rf"^python -m train_minimal [a-z-]+: error: --pretrained {re.escape(str(path))}: .*{says}"):
                 main(["train", "--model", model, "--train", shards.four, "--steps", "1", "--out", str(ckpt),
                       "--pretrained", str(path), "--workers", "0", "--device", "cpu"])
     other = tmp_path / "other.pth"
     torch.save({"fc.weight": torch.zeros(2, 2)}, other)
-    with pytest.raises(SystemExit, match=r"^error: --pretrained .*other\.pth: not ssrnet_md's weights \(Error"):
+    with pytest.raises(SystemExit, match=r"^python -m train_minimal [a-z-]+: error: --pretrained .*other\.pth: not ssrnet_md's weights \(Error"):
         main(["train", "--model", "ssrnet_md", "--train", shards.four, "--steps", "1", "--out", str(ckpt),
               "--pretrained", str(other), "--workers", "0", "--device", "cpu"])
     for length in (["--epochs", "1"], ["--steps", "1"]):
@@ -383,7 +388,7 @@ def test_cli_errors_are_clear(shards, tmp_path, capsys):
     missing = str(tmp_path / "nowhere" / "train-{000000..000001}.tar")
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(train_mod, "build_model", lambda *a, **k: pytest.fail("model built before the data was checked"))
-        with pytest.raises(SystemExit, match=r"^error: 2 of 2 shard\(s\) not found: .*nowhere/train-000000.tar"):
+        with pytest.raises(SystemExit, match=r"^python -m train_minimal [a-z-]+: error: 2 of 2 shard\(s\) not found: .*nowhere/train-000000.tar"):
             main(["train", "--model", "hopenet", "--train", missing, "--epochs", "1",
                   "--out", str(tmp_path / "never"), "--workers", "0", "--device", "cpu"])
     assert not (tmp_path / "never").exists()  # no empty output folder left behind
@@ -396,7 +401,7 @@ def test_cli_errors_are_clear(shards, tmp_path, capsys):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(train_mod, "_open_loaders", lambda *a, **k: pytest.fail("data read before --out was checked"))
         for out, says in ((a_file, "is a file; give a folder"), (a_file / "sub", "is under .*a_file, which is a file")):
-            with pytest.raises(SystemExit, match=rf"^error: --out .*{says}"):
+            with pytest.raises(SystemExit, match=rf"^python -m train_minimal [a-z-]+: error: --out .*{says}"):
                 main(["train", "--model", "ehpnet", "--train", shards.four, "--steps", "1", "--out", str(out)])
     assert a_file.read_text() == "mine"
 
@@ -407,7 +412,7 @@ def test_a_run_folder_of_another_model_is_not_overwritten(shards, tmp_path, caps
             "--workers", "0", "--device", "cpu"]
     main(["train", "--model", "ssrnet_md", *args])
     before = (out / "checkpoint.pt").read_bytes()
-    with pytest.raises(SystemExit, match=r"^error: --out .*run holds a ssrnet_md run .*training fsanet_var there would "
+    with pytest.raises(SystemExit, match=r"^python -m train_minimal [a-z-]+: error: --out .*run holds a ssrnet_md run .*training fsanet_var there would "
                                          r"replace it: give another --out"):
         main(["train", "--model", "fsanet_var", *args])
     assert (out / "checkpoint.pt").read_bytes() == before
@@ -439,7 +444,7 @@ def test_broken_shards_are_one_error_line(shards, tmp_path, capsys):
            "--workers", "0", "--device", "cpu"]
 
     def one_line(bad: Path) -> str:
-        return (rf"^error: {re.escape(str(bad))} is not a readable tar shard \(truncated or not a tar file\? [^\n]*\); "
+        return (rf"^python -m train_minimal [a-z-]+: error: {re.escape(str(bad))} is not a readable tar shard \(truncated or not a tar file\? [^\n]*\); "
                 rf"rebuild it or run `dataprep verify {re.escape(str(tmp_path))}`$")
 
     for bad in (cut, not_tar):
@@ -460,14 +465,14 @@ def test_broken_shards_are_one_error_line(shards, tmp_path, capsys):
 
     empty = tmp_path / "test-000000.tar"
     write_shard(fsspec.filesystem("file"), str(empty), [])
-    with pytest.raises(SystemExit, match=rf"^error: {re.escape(str(empty))} hold no samples \(empty shards"):
+    with pytest.raises(SystemExit, match=rf"^python -m train_minimal [a-z-]+: error: {re.escape(str(empty))} hold no samples \(empty shards"):
         main(["eval", "--ckpt", str(ckpt), "--data", str(empty), "--device", "cpu"])
-    with pytest.raises(SystemExit, match=r"^error: .*test-000000\.tar hold no samples"):  # before any step
+    with pytest.raises(SystemExit, match=r"^python -m train_minimal [a-z-]+: error: .*test-000000\.tar hold no samples"):  # before any step
         main(["train", "--train", shards.four, "--val", f"v={empty}", *run])
-    with pytest.raises(SystemExit, match=r"^error: .*test-000000\.tar hold no samples"):
+    with pytest.raises(SystemExit, match=r"^python -m train_minimal [a-z-]+: error: .*test-000000\.tar hold no samples"):
         main(["train", "--train", str(empty), *run])
     # resampled with --epoch-length (shards not counted up front): the stream stops, it does not spin
-    with pytest.raises(SystemExit, match=r"^error: 1000 shards in a row gave no sample \(the last: .*test-000000\.tar\)"):
+    with pytest.raises(SystemExit, match=r"^python -m train_minimal [a-z-]+: error: 1000 shards in a row gave no sample \(the last: .*test-000000\.tar\)"):
         main(["train", "--train", str(empty), *run[:-4], "--workers", "0", "--device", "cpu", "--epoch-length", "8"])
     # resampled shards are not read up front: a worker meets the break while streaming
     with pytest.MonkeyPatch.context() as mp:
@@ -490,7 +495,7 @@ def test_a_shard_cut_between_members_is_caught_by_its_info_json(shards, tmp_path
     shard.write_bytes(shard.read_bytes()[:end] + b"\0" * 1024)
     with tarfile.open(shard) as tar:
         assert len(tar.getmembers()) == len(members) // 2  # tarfile reads it without complaint
-    with pytest.raises(SystemExit, match=rf"^error: {re.escape(str(shard))} is not a readable tar shard .* it holds "
+    with pytest.raises(SystemExit, match=rf"^python -m train_minimal [a-z-]+: error: {re.escape(str(shard))} is not a readable tar shard .* it holds "
                                          r"\d+ samples, the folder's _info.json says 20\)"):
         main(["train", "--model", "ehpnet", "--train", str(shard), "--steps", "1", "--out", str(tmp_path / "o"),
               "--pretrained", "none", "--workers", "0", "--device", "cpu"])
@@ -513,19 +518,19 @@ def test_convert_fsanet_errors_are_one_line(tmp_path):
     out = tmp_path / "out.pt"
     what = (r"; give an official FSA-Net Keras \.h5 \(save_weights\), or a folder holding the three official \.h5 "
             r"files \(1x1, var, w\/o: converts to fsanet_fusion\)$")
-    with pytest.raises(SystemExit, match=r"^error: .*nope\.h5 not found" + what):
+    with pytest.raises(SystemExit, match=r"^python -m train_minimal [a-z-]+: error: .*nope\.h5 not found" + what):
         main(["convert-fsanet", str(tmp_path / "nope.h5"), str(out)])
     h5py = pytest.importorskip("h5py")
     fake = tmp_path / "fake.h5"
     fake.write_text("not an HDF5 file\n")
-    with pytest.raises(SystemExit, match=r"^error: .*fake\.h5 is not an HDF5 file h5py can read \([^\n]*\)" + what):
+    with pytest.raises(SystemExit, match=r"^python -m train_minimal [a-z-]+: error: .*fake\.h5 is not an HDF5 file h5py can read \([^\n]*\)" + what):
         main(["convert-fsanet", str(fake), str(out)])
     other = tmp_path / "other.h5"
     with h5py.File(other, "w") as f:
         f.create_dataset("group/layer/weight:0", data=[1.0, 2.0])
-    with pytest.raises(SystemExit, match=r"^error: cannot convert .*other\.h5 \([^\n]*\)" + what):
+    with pytest.raises(SystemExit, match=r"^python -m train_minimal [a-z-]+: error: cannot convert .*other\.h5 \([^\n]*\)" + what):
         main(["convert-fsanet", str(other), str(out)])
-    with pytest.raises(SystemExit, match=r"^error: .*: no official \.h5 for fsanet_1x1, fsanet_var, fsanet_wo" + what):
+    with pytest.raises(SystemExit, match=r"^python -m train_minimal [a-z-]+: error: .*: no official \.h5 for fsanet_1x1, fsanet_var, fsanet_wo" + what):
         main(["convert-fsanet", str(tmp_path), str(out)])
     assert not out.exists()
 
@@ -550,7 +555,7 @@ def test_a_shard_folder_gets_its_brace_patterns(shards, tmp_path):
         main(["train", "--model", "ehpnet", "--train", str(folder), "--steps", "1", "--out", str(tmp_path / "o"),
               "--pretrained", "none", "--workers", "0", "--device", "cpu"])
     msg = str(exc.value.code)
-    assert msg.startswith(f"error: {folder} is a shard folder, not a shard: ") and "\n" not in msg, msg
+    assert msg.startswith(f"python -m train_minimal train: error: {folder} is a shard folder, not a shard: ") and "\n" not in msg, msg
     assert test_pattern in msg and train_pattern in msg, msg
     assert sum(shard_samples(train_pattern.split(" ")[0])) == 8  # the pattern it gives reads the split
 

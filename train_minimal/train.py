@@ -60,6 +60,17 @@ from .outputs import check_run_folder, load_checkpoint, save_epoch
 # --------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------
+def _non_negative_int(text: str) -> int:
+    """argparse type: an integer of 0 or more (DataLoader workers: 0 reads in the main process)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value}: give 0 (read in the main process) or more")
+    return value
+
+
 def _positive_int(text: str) -> int:
     """argparse type: an integer of 1 or more (0 steps, 0 epochs or batches of 0 are mistakes)."""
     try:
@@ -518,7 +529,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--teachers", help="comma-separated teacher checkpoints (knowledge distillation)")
     t.add_argument("--kd-weight", type=float, help="distillation weight (default: the model's)")
     t.add_argument("--pretrained", default="auto", help="none | auto (ImageNet via torchvision/timm) | PATH")
-    t.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="DataLoader workers")
+    t.add_argument("--workers", type=_non_negative_int, default=min(4, os.cpu_count() or 1),
+                   help="DataLoader workers (default: min(4, cores); 0: read in the main process)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--gpu-decode", action="store_true", help="decode JPEGs on the GPU (torchvision.io.decode_jpeg)")
     t.add_argument("--epoch-length", type=_positive_int, help="samples per epoch (all ranks): resampled shards")
@@ -533,7 +545,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", required=True, help="shards: path, brace pattern or URL")
     e.add_argument("--batch-size", type=_positive_int, help="default: the training batch size")
     e.add_argument("--device", type=_device, default="auto", help="auto | cpu | cuda | cuda:N | mps")
-    e.add_argument("--workers", type=int, default=0)
+    e.add_argument("--workers", type=_non_negative_int, default=0, help="DataLoader workers (default 0: the main process)")
     e.add_argument("--gpu-decode", action="store_true")
     e.add_argument("--amp", choices=AMP_CHOICES, default="auto", help="as for train")
     e.set_defaults(func=cmd_eval)
@@ -551,11 +563,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except (UnreadableShard, NoSamples) as exc:  # a broken or empty shard, up front or while streaming: one line
-        raise SystemExit(f"error: {shard_error_line(exc)}") from None
+        raise SystemExit(f"{parser.prog} {args.command}: error: {shard_error_line(exc)}") from None
+    except SystemExit as exc:  # our one-line errors ("error: ..."), named as argparse names its own
+        if isinstance(exc.code, str) and exc.code.startswith("error: "):
+            raise SystemExit(f"{parser.prog} {args.command}: {exc.code}") from None
+        raise
 
 
 if __name__ == "__main__":
