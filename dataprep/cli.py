@@ -16,11 +16,20 @@ from .errors import first_line
 from .records import DATASETS
 
 
+def _dataset_name(text: str) -> str:
+    """argparse type of ``--dataset``: the names as papers and download pages write them are taken
+    too (``300W-LP``, ``AFLW2000-3D``, ``BIWI``), any case, ``-`` for ``_``; argparse's choices then
+    refuse anything else."""
+    name = text.strip().lower().replace("-", "_")
+    return {"300wlp": "300w_lp", "aflw2000_3d": "aflw2000"}.get(name, name)
+
+
 def _add_build(sub) -> None:
     p = sub.add_parser("build", help="raw dataset -> WebDataset shards", description=(
         "Read a raw dataset, box, crop and augment every sample, and write tar shards plus "
         "manifest.json and _info.json. Example: dataprep build --dataset biwi --protocol 2 --root hpdb --out shards/biwi-p2"))
-    p.add_argument("--dataset", required=True, choices=DATASETS)
+    p.add_argument("--dataset", required=True, type=_dataset_name, choices=DATASETS,
+                   help="300w_lp, aflw2000 or biwi (any case; 300W-LP and AFLW2000-3D are taken too)")
     p.add_argument("--root", required=True, help="the dataset's folder as unpacked: 300W_LP/, AFLW2000/ or hpdb/")
     p.add_argument("--out", required=True, help="output folder or fsspec URL")
     p.add_argument("--protocol", default="1", help="benchmark protocol from manifests/: 1, 2 or none (default 1)")
@@ -30,20 +39,21 @@ def _add_build(sub) -> None:
     p.add_argument("--biwi-tracking", choices=("none", "previous"), default=None,
                    help="BIWI detector box rules of FSA-Net; default: protocol 1 none, protocol 2 previous")
     p.add_argument("--crop-rule", choices=sorted(CROP_RULES), default="square", help="crop window rule (default square)")
-    p.add_argument("--margin", type=float, default=0.0, help="extra context around a square crop, fraction of its side per side")
-    p.add_argument("--crop-size", type=int, default=224)
-    p.add_argument("--jpeg-quality", type=int, default=95)
-    p.add_argument("--shard-size", type=int, default=1000, help="raw samples per shard")
-    p.add_argument("--seed", type=int, default=0, help="seed of every random choice (crop jitter, augmentation)")
+    p.add_argument("--margin", type=float, default=0.0,
+                   help="extra context around a square crop, fraction of its side per side (default 0)")
+    p.add_argument("--crop-size", type=int, default=224, help="side of the stored square crops, in pixels (default 224)")
+    p.add_argument("--jpeg-quality", type=int, default=95, help="JPEG quality of the stored crops, 1-100 (default 95)")
+    p.add_argument("--shard-size", type=int, default=1000, help="raw samples per shard (default 1000)")
+    p.add_argument("--seed", type=int, default=0, help="seed of every random choice (crop jitter, augmentation; default 0)")
     p.add_argument("--split-seed", type=int, default=None, help="seeded random split by person instead of the fixed one")
     p.add_argument("--split-file", default=None, help='JSON {"by": "group"|"source"|"key", "train": [...], "test": [...]}')
     p.add_argument("--augment", default="", help="offline variants to add next to each training sample (not in test splits), e.g. flip,blur,downsample")
-    p.add_argument("--jobs", "-j", type=int, default=1, help="parallel workers (-1 or 0: all cores)")
+    p.add_argument("--jobs", "-j", type=int, default=1, help="parallel workers (default 1; -1 or 0: all cores)")
     p.add_argument("--backend", default="loky", choices=("loky", "threading", "dask", "ray"),
                    help="joblib backend; dask and ray spread a build over a cluster")
     p.add_argument("--scheduler", default=None, help="dask scheduler or ray cluster address (default: a local cluster of --jobs workers)")
     p.add_argument("--device", default="auto", help="detector device: auto, cpu, cuda, cuda:1 ...")
-    p.add_argument("--batch-size", type=int, default=16, help="detector batch size")
+    p.add_argument("--batch-size", type=int, default=16, help="detector batch size (default 16)")
     p.add_argument("--retinaface-weights", default=None, help="retinaface_resnet50_2020-07-20 file (.zip or .pth)")
     p.add_argument("--cache-dir", default=None, help="detection cache folder (default ~/.cache/headpose-dataprep/detections)")
     p.add_argument("--overwrite", action="store_true", help="replace a build made with other options in --out")

@@ -856,12 +856,14 @@ def test_verify_prints_a_capped_list_and_counts_all(aflw_build, tmp_path, capsys
 
 
 def test_cli_build_prints_summary(sample_tree, tmp_path, capsys):
-    rc = cli_main(["build", "--dataset", "aflw2000", "--root", str(sample_tree / "AFLW2000"), "--out", str(tmp_path),
+    # the dataset as its download page names it
+    rc = cli_main(["build", "--dataset", "AFLW2000-3D", "--root", str(sample_tree / "AFLW2000"), "--out", str(tmp_path),
                    "--no-progress", "--strict"])
     text = capsys.readouterr().out
     assert rc == 3  # --strict: the protocol filter rejected samples
     assert "angle_out_of_range" in text and "read" in text and "written" in text
     manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["dataset"] == "aflw2000" and text.lstrip().startswith("aflw2000, protocol 1")
     assert manifest["command"].startswith("dataprep")
     assert manifest["input"]["fingerprint"]
     # default square crops: the summary says which load-time re-crops they cannot fill, and the fix
@@ -877,6 +879,12 @@ def test_cli_build_prints_summary(sample_tree, tmp_path, capsys):
 
 
 def test_cli_errors_say_what_to_do(tmp_path, capsys):
+    for name in ("BIWI", "300W-LP", "300W_LP"):  # taken: the next complaint is about --root
+        assert cli_main(["build", "--dataset", name, "--root", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
+        assert "--root" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["build", "--dataset", "bwi", "--root", str(tmp_path), "--out", str(tmp_path / "o")])
+    assert exc.value.code == 2 and "invalid choice: 'bwi' (choose from" in capsys.readouterr().err
     assert cli_main(["build", "--dataset", "aflw2000", "--root", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
     assert "--root" in capsys.readouterr().err
     assert cli_main(["build", "--dataset", "aflw2000", "--protocol", "2", "--root", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
