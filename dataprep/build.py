@@ -467,6 +467,9 @@ def build(opts: BuildOptions) -> dict:
             f"as unpacked ({reader.DEFAULT_ROOT_NAME}/)"
         )
     assignment = protocols.assign_splits(proto, refs, split_seed=opts.split_seed, split_file=opts.split_file)
+    leaks = protocols.person_leaks(_split_groups(assignment), proto.same_person)
+    if leaks:  # said now, not only in the summary at the end of a long build
+        print(protocols.leak_line(leaks), file=sys.stderr)
     settings = resolve_settings(opts, proto, assignment)
     if settings.augment:
         if all(is_test_split(split) for split, split_refs in assignment.items() if split_refs):
@@ -576,6 +579,11 @@ def _build_alive(pid: int, start: str) -> bool:
     return not start or process_start(pid) in ("", start)
 
 
+def _split_groups(assignment: dict) -> dict[str, list[str]]:
+    """Split -> the groups (BIWI sequences, 300W-LP subsets) its samples come from."""
+    return {split: sorted({r.group for r in split_refs}) for split, split_refs in sorted(assignment.items())}
+
+
 def make_manifest(opts, settings: Settings, proto, root: Path, refs, results: list[dict], fingerprint: str,
                   inputs: str, assignment: dict | None = None) -> dict:
     shards = [
@@ -592,7 +600,8 @@ def make_manifest(opts, settings: Settings, proto, root: Path, refs, results: li
         c["samples"] += r["samples"]
     # which groups (BIWI sequences, 300W-LP subsets) each split holds: a seeded or user split can be
     # reported as it was, not only as the digest in settings
-    split_groups = {split: sorted({r.group for r in split_refs}) for split, split_refs in sorted((assignment or {}).items())}
+    split_groups = _split_groups(assignment or {})
+    leaks = protocols.person_leaks(split_groups, proto.same_person)
     expected = {} if opts.split_file else proto.expected
     if expected.get("groups"):  # the protocol counts sequences (BIWI): how many are here
         for split, groups in split_groups.items():
@@ -624,6 +633,7 @@ def make_manifest(opts, settings: Settings, proto, root: Path, refs, results: li
         "shards": shards,
         "counts": counts,
         "split_groups": split_groups,
+        "person_leaks": leaks,
         "rejected": rejected,
     }
 
@@ -665,6 +675,9 @@ def summary_table(manifest: dict) -> str:
     if len(groups) > 1:  # which sequences went where (a seeded split is known only from here)
         out.append("")
         out.append("groups per split: " + "; ".join(f"{split} {len(g)} ({', '.join(g)})" for split, g in groups.items()))
+    if manifest.get("person_leaks"):
+        out.append("")
+        out.append(protocols.leak_line(manifest["person_leaks"]))
     expected = manifest.get("expected", {})
     if expected.get("read") and expected["read"] != counts["read"]:
         out.append("")

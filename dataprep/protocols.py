@@ -76,8 +76,46 @@ def load(protocol: str, dataset: str) -> DatasetProtocol:
         detector=entry.get("detector", "gt"),
         biwi_tracking=entry.get("biwi_tracking"),
         expected=entry.get("expected", {}),
-        same_person=tuple(tuple(p) for p in entry.get("same_person", ())),
+        same_person=tuple(tuple(p) for p in entry.get("same_person") or _same_person_of(dataset)),
     )
+
+
+def _same_person_of(dataset: str) -> list:
+    """The dataset's groups that show one person, as any protocol manifest lists them (BIWI's are
+    in protocol 2's entry; a build under protocol 1 with a ``--split-file`` needs them too)."""
+    for data in manifests():
+        listed = data["datasets"].get(dataset, {}).get("same_person")
+        if listed:
+            return listed
+    return []
+
+
+def person_leaks(split_groups: dict[str, list[str]], same_person) -> list[dict]:
+    """The people a build shows on both sides of its splits: ``{"groups": [...], "splits": [...]}``
+    for each person (a group, or the groups ``same_person`` lists together) with samples in more
+    than one split, so a model is tested on a face it trained on. Only for datasets whose groups
+    are people (``same_person`` given: BIWI's sequences); 300W-LP's groups are photo collections.
+    A protocol's own split has none; a ``--split-file`` (by group, or by key within a sequence) can."""
+    if not same_person:
+        return []
+    splits_of: dict[str, set] = {}
+    for split, groups in split_groups.items():
+        for g in groups:
+            splits_of.setdefault(g, set()).add(split)
+    leaks = []
+    for person in person_groups(list(splits_of), same_person):
+        splits = sorted(set().union(*(splits_of[g] for g in person)))
+        if len(splits) > 1:
+            leaks.append({"groups": person, "splits": splits})
+    return leaks
+
+
+def leak_line(leaks: list[dict]) -> str:
+    """One warning line for :func:`person_leaks`' findings."""
+    shown = "; ".join(f"{'sequences ' + ' and '.join(x['groups']) if len(x['groups']) > 1 else 'sequence ' + x['groups'][0]}"
+                      f" in {' and '.join(x['splits'])}" for x in leaks)
+    return (f"warning: {len(leaks)} person(s) in more than one split ({shown}): a model is tested on faces it "
+            "trained on. Put each person's sequences in one split (person_leaks in manifest.json)")
 
 
 def person_groups(groups: list[str], same_person) -> list[list[str]]:

@@ -598,6 +598,7 @@ def test_split_file(sample_tree, tmp_path):
     counts = manifest["counts"]
     assert counts["read"] + counts["in_no_split"] == manifest["input"]["files"] and counts["in_no_split"] > 0
     assert manifest["expected"] == {}  # protocol 2's counts are not this split's
+    assert manifest["person_leaks"] == [] and "person(s) in more than one split" not in summary_table(manifest)
     assert f"note: {counts['in_no_split']} of the {manifest['input']['files']} samples" in summary_table(manifest)
     # a name that matches no sample (a typo) and a file that is not JSON stop the build, naming the file
     split.write_text(json.dumps({"by": "group", "train": ["01", "24x"], "test": ["03"]}))
@@ -610,6 +611,33 @@ def test_split_file(sample_tree, tmp_path):
     with pytest.raises(ValueError, match=r"split.json: expected .* each split a list of names"):
         build(opts(sample_tree / "hpdb", tmp_path / "o2", "biwi", protocol="2", detector="gt", split_file=str(split)))
 
+
+
+def test_a_split_file_that_puts_one_person_on_both_sides_is_warned_about(sample_tree, tmp_path, capsys):
+    from dataprep.datasets import get_reader
+
+    # sequences 02 and 21 show the same person (protocol 2's manifest says so; the default protocol
+    # 1 has no split of BIWI to say it, the fact is found there)
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps({"by": "group", "train": ["02", "03"], "test": ["21"]}))
+    manifest = build(opts(sample_tree / "hpdb", tmp_path / "o", "biwi", detector="gt", split_file=str(split)))
+    line = ("warning: 1 person(s) in more than one split (sequences 02 and 21 in test and train): a model is tested "
+            "on faces it trained on")
+    assert line in capsys.readouterr().err  # said as the build starts
+    assert manifest["person_leaks"] == [{"groups": ["02", "21"], "splits": ["test", "train"]}]
+    assert line in summary_table(manifest)  # and again at its end
+    # frames of one sequence split by key: that person is on both sides too
+    keys = [r.key for r in get_reader("biwi").list_samples(sample_tree / "hpdb") if r.group == "01"]
+    split.write_text(json.dumps({"by": "key", "train": keys[:1], "test": keys[1:]}))
+    manifest = build(opts(sample_tree / "hpdb", tmp_path / "o2", "biwi", detector="gt", split_file=str(split)))
+    assert manifest["person_leaks"] == [{"groups": ["01"], "splits": ["test", "train"]}]
+    assert "(sequence 01 in test and train)" in capsys.readouterr().err
+    # 300W-LP's groups are photo collections, not people: a subset on both sides is no leak
+    keys = [r.key for r in get_reader("300w_lp").list_samples(sample_tree / "300W_LP") if r.group == "AFW"]
+    assert len(keys) > 1
+    split.write_text(json.dumps({"by": "key", "train": keys[:1], "test": keys[1:]}))
+    manifest = build(opts(sample_tree / "300W_LP", tmp_path / "o3", "300w_lp", split_file=str(split)))
+    assert manifest["person_leaks"] == [] and "warning: " not in capsys.readouterr().err
 
 @pytest.mark.parametrize("bad, message", [
     (dict(crop_size=0), "--crop-size 0"), (dict(margin=-1.0), "--margin -1.0"), (dict(margin=float("inf")), "--margin inf"), (dict(jpeg_quality=500), "--jpeg-quality 500"),
