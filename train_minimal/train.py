@@ -60,26 +60,22 @@ from .outputs import check_run_folder, load_checkpoint, save_epoch
 # --------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------
-def _non_negative_int(text: str) -> int:
-    """argparse type: an integer of 0 or more (DataLoader workers: 0 reads in the main process)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value}: give 0 (read in the main process) or more")
-    return value
+def _int_at_least(low: int, advice: str):
+    """An argparse type: an integer of ``low`` or more; ``advice`` says what to give instead."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value}: {advice}")
+        return value
+    return parse
 
 
-def _positive_int(text: str) -> int:
-    """argparse type: an integer of 1 or more (0 steps, 0 epochs or batches of 0 are mistakes)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value}: give 1 or more")
-    return value
+#: 0 steps, 0 epochs or batches of 0 are mistakes; 0 DataLoader workers read in the main process.
+_positive_int = _int_at_least(1, "give 1 or more")
+_non_negative_int = _int_at_least(0, "give 0 (read in the main process) or more")
 
 
 def _device(text: str) -> str:
