@@ -471,7 +471,16 @@ def test_broken_shards_are_one_error_line(shards, tmp_path, capsys):
         main(["train", "--train", shards.four, "--val", f"v={empty}", *run])
     with pytest.raises(SystemExit, match=r"^python -m train_minimal [a-z-]+: error: .*test-000000\.tar hold no samples"):
         main(["train", "--train", str(empty), *run])
-    # resampled with --epoch-length (shards not counted up front): the stream stops, it does not spin
+    # shards that cannot be counted up front (remote ones): the empty evaluation ends in one line too
+    import train_minimal.data as data_mod
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(data_mod, "shard_samples", lambda urls: None)
+        with pytest.raises(SystemExit) as exc:
+            main(["eval", "--ckpt", str(ckpt), "--data", str(empty), "--device", "cpu"])
+    message = str(exc.value.code)
+    assert message.startswith("python -m train_minimal eval: error: ") and str(empty) in message, message
+    assert "empty shards: every sample rejected when they were built?" in message and "\n" not in message
     with pytest.raises(SystemExit, match=r"^python -m train_minimal [a-z-]+: error: 1000 shards in a row gave no sample \(the last: .*test-000000\.tar\)"):
         main(["train", "--train", str(empty), *run[:-4], "--workers", "0", "--device", "cpu", "--epoch-length", "8"])
     # resampled shards are not read up front: a worker meets the break while streaming

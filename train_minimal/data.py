@@ -41,6 +41,9 @@ from dataprep.loader.tar_reader import SHARD_READ_ERRORS, unreadable_shard
 from dataprep.shards import read_info_splits, split_member
 
 SHUFFLE_BUFFER = 1000
+#: Why shards can hold no sample, and where to look (a build writes an empty shard where every
+#: sample was rejected).
+EMPTY_SHARDS_HINT = "empty shards: every sample rejected when they were built? see the build's manifest.json"
 
 
 @contextmanager
@@ -146,8 +149,7 @@ def make_loader(urls, spec, batch_size: int, *, train: bool, workers: int = 0, s
         counts = shard_samples(url_list)
         samples = None if counts is None else sum(counts)
         if samples == 0:  # empty shards: a build writes one where every sample was rejected
-            raise NoSamples(f"{urls} hold no samples (empty shards: every sample rejected when they were built? "
-                            "see the build's manifest.json)")
+            raise NoSamples(f"{urls} hold no samples ({EMPTY_SHARDS_HINT})")
     if resampled and not epoch_length:
         if samples is None:
             raise ValueError("distributed training needs --epoch-length (samples per epoch) for remote shards")

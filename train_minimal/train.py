@@ -53,7 +53,7 @@ from dataprep.errors import first_line
 from dataprep.loader import NoSamples, UnreadableShard, shard_error_line
 
 from . import registry
-from .data import crop_room_warning, epoch_steps, make_loader, prepare_batch
+from .data import EMPTY_SHARDS_HINT, crop_room_warning, epoch_steps, make_loader, prepare_batch
 from .engine import AMP_CHOICES, EmptyEvaluation, TrainStep, accepts, amp_dtype_for, evaluate, learning_rates
 from .outputs import check_run_folder, load_checkpoint, save_epoch
 
@@ -155,8 +155,7 @@ def _samples_found(data: str):
     try:
         yield
     except EmptyEvaluation:
-        raise SystemExit(f"error: {data} gave no samples to evaluate (empty shards: were all their samples "
-                         "rejected when they were built? see the build's manifest.json)") from None
+        raise SystemExit(f"error: {data} gave no samples to evaluate ({EMPTY_SHARDS_HINT})") from None
 
 
 @contextmanager
