@@ -59,7 +59,8 @@ def test_mnn_parameter_counts_within_2_percent_of_the_supplementary(built):
     ("ehpnet", 11_266_170),            # ResNet-18 trunk 11,176,512 + 512->128 + 3 x (128->62)
     ("whenet", 4_330_360),             # EfficientNet-B0 trunk 4,007,548 + 1280->120 + 2 x (1280->66)
     ("ehpnet_resnet101", 43_644_666),
-    ("ehpnet_res2net101", 44_321_426),  # Res2Net-101-v1b trunk 43,176,920 + 2048->512 + 3 x (512->62)
+    ("ehpnet_res2net101", 44_302_194),  # Res2Net-101 26w4s trunk 43,157,688 + 2048->512 + 3 x (512->62)
+    ("ehpnet_res2net101d", 44_321_426),  # Res2Net-101-v1b trunk 43,176,920 + the same head
     ("ehpnet_botnet", 38_936_058),
 ])
 def test_other_parameter_counts(built, name, count):
@@ -97,7 +98,7 @@ def test_specs_follow_the_papers():
     expect = {
         "hopenet": (224, "hopenet", "imagenet"), "ehpnet": (112, "square", "bgr_128"),
         "ehpnet_resnet101": (112, "square", "bgr_128"), "ehpnet_res2net101": (112, "square", "bgr_128"),
-        "ehpnet_botnet": (112, "square", "bgr_128"), "whenet": (224, "square", "imagenet"),
+        "ehpnet_res2net101d": (112, "square", "bgr_128"), "ehpnet_botnet": (112, "square", "bgr_128"), "whenet": (224, "square", "imagenet"),
         "mnn": (256, "square", "imagenet"),
     }
     for name, (size, rule, norm) in expect.items():
@@ -318,7 +319,7 @@ class _Unsafe:
 # mixed precision and channels_last (what the trainer turns on on CUDA)
 # --------------------------------------------------------------------------------------------
 MODEL_INPUTS = {"hopenet": 64, "whenet": 64, "ehpnet": 64, "ehpnet_resnet101": 64, "ehpnet_res2net101": 64,
-                "ehpnet_botnet": 64, "mnn": 64, "mnn_pose": 64}
+                "ehpnet_res2net101d": 64, "ehpnet_botnet": 64, "mnn": 64, "mnn_pose": 64}
 
 
 @pytest.mark.parametrize("name", registry.names())
@@ -367,10 +368,14 @@ def test_ehpnet_heads_and_schedule_follow_the_code(built):
     # bottleneck-transformer-pytorch's projection shortcut: conv, BN, activation
     block = next(m for m in built("ehpnet_botnet").modules() if isinstance(m, ehpnet.BoTBlock))
     assert [type(m) for m in block.shortcut] == [torch.nn.Conv2d, torch.nn.BatchNorm2d, torch.nn.ReLU]
-    # models.py's Res2Net is v1b: a stem of three 3x3 convolutions (32, 32, 64 channels, the first
-    # with stride 2), and projection shortcuts that average-pool (ceil mode, padding not counted)
-    # before a stride-1 1x1 convolution
-    res2net = built("ehpnet_res2net101")
+    # models.py's Res2Net is v1b (ehpnet_res2net101d): a stem of three 3x3 convolutions (32, 32, 64
+    # channels, the first with stride 2), and projection shortcuts that average-pool (ceil mode,
+    # padding not counted) before a stride-1 1x1 convolution; the paper's name (ehpnet_res2net101)
+    # is the original Res2Net: one 7x7 stem convolution, strided 1x1 shortcuts
+    original = built("ehpnet_res2net101").backbone
+    assert isinstance(original.conv1, torch.nn.Conv2d) and original.conv1.kernel_size == (7, 7)
+    assert isinstance(original.layer2[0].downsample[0], torch.nn.Conv2d) and original.layer2[0].downsample[0].stride == (2, 2)
+    res2net = built("ehpnet_res2net101d")
     stem = [m for m in res2net.backbone.conv1 if isinstance(m, torch.nn.Conv2d)]
     assert [(c.out_channels, c.kernel_size, c.stride) for c in stem] == [(32, (3, 3), (2, 2)), (32, (3, 3), (1, 1)),
                                                                          (64, (3, 3), (1, 1))]

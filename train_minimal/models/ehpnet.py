@@ -8,9 +8,13 @@ Registered models
                         11,176,512 + 65,664 + 3 x 7,998 = 11,266,170 parameters.
 ``ehpnet_resnet101``    teacher: torchvision ResNet-101 trunk (2048 features), ``Linear(2048, 512)``
                         + ReLU (the code's ``ResNet_60bin`` with Bottleneck), three 62-bin heads.
-``ehpnet_res2net101``   teacher: timm ``res2net101d`` trunk + the same head: the code's Res2Net is
+``ehpnet_res2net101``   teacher: timm ``res2net101_26w_4s`` trunk (Res2Net-101 as the paper names it:
+                        the original Res2Net, one 7x7 stem convolution, strided 1x1 projection
+                        shortcuts) + the same head.
+``ehpnet_res2net101d``  teacher as the authors' code builds it: ``models.py``'s Res2Net is
                         Res2Net-v1b (deep stem of three 3x3 convolutions 32-32-64, average-pooled
-                        projection shortcuts), which is timm's ``d`` variant, not ``res2net101_26w_4s``.
+                        projection shortcuts), which is timm's ``res2net101d``. Either serves as a
+                        ``--teachers`` checkpoint; the d variant reproduces the code.
 ``ehpnet_botnet``       teacher: ResNet-101 stem and layers 1-3 (torchvision) followed by a
                         bottleneck-transformer stack (3 blocks, 1024 -> 512 -> 2048 channels, the
                         3x3 convolution replaced by 4-head self-attention with 2D relative position
@@ -192,12 +196,20 @@ def build_resnet101(pretrained=None, **_):
     return build_with_pretrained(make, pretrained)
 
 
-def build_res2net101(pretrained=None, **_):
-    def make(p):
-        trunk = timm_model("res2net101d", p, num_classes=0)
-        return _head(trunk, trunk.num_features, TEACHER_HIDDEN)
+def _res2net_builder(timm_name: str):
+    """The builder of a Res2Net-101 teacher: timm's ``timm_name`` trunk and the teachers' head."""
+    def build(pretrained=None, **_):
+        def make(p):
+            trunk = timm_model(timm_name, p, num_classes=0)
+            return _head(trunk, trunk.num_features, TEACHER_HIDDEN)
 
-    return build_with_pretrained(make, pretrained)
+        return build_with_pretrained(make, pretrained)
+
+    return build
+
+
+build_res2net101 = _res2net_builder("res2net101_26w_4s")
+build_res2net101d = _res2net_builder("res2net101d")
 
 
 def build_botnet(pretrained=None, input_size: int = INPUT_SIZE, **_):
@@ -262,7 +274,11 @@ register(ModelSpec(name="ehpnet", build=build_ehpnet, defaults=dict(DEFAULTS),
 register(ModelSpec(name="ehpnet_resnet101", build=build_resnet101, defaults=dict(DEFAULTS),
                    description="EHPNet teacher: ResNet-101, 2048->512 + three 62-bin heads", **_COMMON))
 register(ModelSpec(name="ehpnet_res2net101", build=build_res2net101, defaults=dict(DEFAULTS),
-                   description="EHPNet teacher: Res2Net-101-v1b (timm res2net101d), 2048->512 + three 62-bin heads", **_COMMON))
+                   description="EHPNet teacher: Res2Net-101 (timm res2net101_26w_4s), 2048->512 + three 62-bin heads",
+                   **_COMMON))
+register(ModelSpec(name="ehpnet_res2net101d", build=build_res2net101d, defaults=dict(DEFAULTS),
+                   description="EHPNet teacher as its code builds it: Res2Net-101-v1b (timm res2net101d), 2048->512 + "
+                               "three 62-bin heads", **_COMMON))
 register(ModelSpec(name="ehpnet_botnet", build=build_botnet, defaults=dict(DEFAULTS),
                    description="EHPNet teacher: ResNet-101 layers 1-3 + BoT stack (MHSA, rel. pos.), 2048->512 (no ReLU) + 62-bin heads",
                    **_COMMON))
