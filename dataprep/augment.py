@@ -45,6 +45,7 @@ __all__ = [
     "Contrast",
     "RandomCropScale",
     "FsanetAugment",
+    "EhpnetAugment",
     "Compose",
     "RandomApply",
     "SPEC_NAMES",
@@ -263,6 +264,91 @@ class FsanetAugment(Transform):
         new = _new_record(record, {"op": self.name, "steps": ops})
         new["crop"] = box_rules.box_from_crop_coords(window, record["crop"], (w, h))
         return out, new, _copy(landmarks)
+
+
+#: EHPNet's sharpening kernel (``datasets.py``: ``cv2.filter2D`` with it).
+_SHARPEN_KERNEL = np.array([[-1, -1, -1], [-1, 9, -1], [-1, -1, -1]], np.float32)
+
+
+def _sharpness(image: np.ndarray) -> float:
+    """EHPNet's ``is_blur``: the variance of the colour image's Laplacian (64-bit floats, all
+    channels together); its augmentation changes only images sharper than 120."""
+    return float(cv2.Laplacian(image, cv2.CV_64F).var())
+
+
+class EhpnetAugment(Transform):
+    """EHPNet's training augmentation (``transform`` in maskpose's ``datasets.py``, which
+    ``Pose_300W_LPA_60bin`` applies after its flip), on the model-input crop (112 x 112), each
+    step drawing as the code does:
+
+    * half the time, brightness and contrast ``cv2.convertScaleAbs(alpha ~ U[0.75, 1.25), beta in
+      {-15, -13, ..., 13})``; a darkening pair (``alpha < 1.05`` and ``beta < 0``) only on images
+      whose mean grey is above 200;
+    * then, each only while the image is sharp (:func:`_sharpness` > 120, measured again before
+      each step): half the time trim ``r in 5..10`` pixels off every side and resize back; 70% of
+      the time resize down to ``n in {30, 33, ..., 99}`` pixels square and back up; 40% of the time
+      a Gaussian blur (kernel 3, 5, 7 or 9), else 70% of the time a 3 x 3 sharpening; half the time
+      shrink by ``2 p`` pixels (``p in 2..5``) inside a black border of ``p``;
+    * 30% of the time grey. The code converts its BGR image with ``COLOR_RGB2GRAY`` (so blue weighs
+      0.299 and red 0.114) and feeds the grey as the first (blue) plane with the other two at the
+      normalisation's zero (pixel 127.5): here the blue plane is that grey and red and green are 128
+      (the nearest 8-bit level, 1/256 off in the model input).
+
+    The code's fixed 112 is the input size here (the same for EHPNet's 112 px input). The record's
+    ``crop`` follows the trim and the border (the source window the image shows); angles and
+    landmarks (source pixels) do not change.
+    """
+
+    name = "ehpnet_augment"
+
+    def __call__(self, image, record, landmarks=None, rng=None):
+        _check_image(image)
+        rng = _rng(rng)
+        h, w = image.shape[:2]
+        out, window, steps = image.copy(), [0.0, 0.0, float(w), float(h)], []
+        if rng.random() > 0.5:
+            alpha, beta = 0.75 + 0.5 * float(rng.random()), int(rng.choice(np.arange(-15, 15, 2)))
+            if not (alpha < 1.05 and beta < 0) or float(np.mean(cv2.cvtColor(out, cv2.COLOR_RGB2GRAY))) > 200:
+                out = cv2.convertScaleAbs(out, alpha=alpha, beta=beta)
+                steps.append({"contrast": alpha, "brightness": beta})
+        if _sharpness(out) > 120 and rng.random() > 0.5:
+            r = int(rng.choice(np.arange(5, 11)))
+            out = cv2.resize(out[r:h - r, r:w - r], (w, h))
+            window = _inner_window(window, [r, r, w - r, h - r], (w, h))
+            steps.append({"trim": r})
+        if _sharpness(out) > 120 and rng.random() > 0.3:
+            n = int(rng.choice(np.arange(30, 100, 3)))
+            out = cv2.resize(cv2.resize(out, (n, n)), (w, h))
+            steps.append({"down_up": n})
+        if _sharpness(out) > 120:
+            if rng.random() > 0.6:
+                k = int(rng.choice(np.arange(3, 10, 2)))
+                out = cv2.GaussianBlur(out, (k, k), 0)
+                steps.append({"blur": k})
+            elif rng.random() > 0.3:
+                out = cv2.filter2D(out, -1, _SHARPEN_KERNEL)
+                steps.append({"sharpen": True})
+        if _sharpness(out) > 120 and rng.random() > 0.5:
+            p = int(rng.choice(np.arange(2, 6)))
+            out = cv2.copyMakeBorder(cv2.resize(out, (w - 2 * p, h - 2 * p)), p, p, p, p, cv2.BORDER_CONSTANT, value=0)
+            # the shrunk image fills [p, size - p]: the window it showed spreads over that
+            sx, sy = (window[2] - window[0]) / (w - 2 * p), (window[3] - window[1]) / (h - 2 * p)
+            window = [window[0] - p * sx, window[1] - p * sy, window[2] + p * sx, window[3] + p * sy]
+            steps.append({"border": p})
+        if rng.random() > 0.7:
+            grey = cv2.cvtColor(out, cv2.COLOR_BGR2GRAY)  # the code's RGB2GRAY on a BGR image
+            out = np.full_like(out, 128)
+            out[:, :, 2] = grey
+            steps.append({"grey": True})
+        new = _new_record(record, {"op": self.name, "steps": steps})
+        new["crop"] = box_rules.box_from_crop_coords(window, record["crop"], (w, h))
+        return out, new, _copy(landmarks)
+
+
+def _inner_window(window, part, size) -> list[float]:
+    """The part ``part`` (pixels of a ``size`` = (w, h) image showing ``window``) as a window."""
+    sx, sy = (window[2] - window[0]) / size[0], (window[3] - window[1]) / size[1]
+    return [window[0] + part[0] * sx, window[1] + part[1] * sy, window[0] + part[2] * sx, window[1] + part[3] * sy]
 
 
 # --------------------------------------------------------------------------------------------

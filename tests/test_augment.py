@@ -436,3 +436,114 @@ def test_fsanet_augment_records_the_window_its_image_shows():
         assert np.abs(centre[..., 0] - want_x[None, :]).max() <= 2.0, (seed, entry)
         assert np.abs(centre[..., 1] - want_y[:, None]).max() <= 2.0, (seed, entry)
     assert seen == {"trim", "shift", "zoom"}
+
+
+class _ScriptedDraws:
+    """A stand-in for the generator that answers EhpnetAugment's draws from two lists, so a test
+    picks the path: ``random()`` from ``randoms``, ``choice(options)`` from ``choices`` (each
+    checked to be one of the options the code offers)."""
+
+    def __init__(self, randoms, choices=()):
+        self.randoms, self.choices = list(randoms), list(choices)
+
+    def random(self):
+        return self.randoms.pop(0)
+
+    def choice(self, options):
+        value = self.choices.pop(0)
+        assert value in list(options), (value, list(options))
+        return value
+
+
+def _sharp_ramp(size: int = 112) -> np.ndarray:
+    """Red and green encode each pixel's x and y (2 levels a pixel); blue a checkerboard, so the
+    image is sharp (EHPNet changes only images whose Laplacian variance is above 120)."""
+    xs = np.arange(size, dtype=np.float64) + 0.5
+    image = np.zeros((size, size, 3), np.uint8)
+    image[..., 0] = np.round(2 * xs)[None, :]
+    image[..., 1] = np.round(2 * xs)[:, None]
+    image[..., 2] = 255 * ((np.arange(size)[:, None] + np.arange(size)[None, :]) % 2)
+    return image
+
+
+def test_ehpnet_augment_trim_and_border_record_the_window_their_image_shows():
+    from dataprep.augment import EhpnetAugment, _sharpness
+
+    image = _sharp_ramp()
+    assert _sharpness(image) > 120
+    record = {"crop": [100.0, 50.0, 212.0, 162.0], "augment": []}  # 1 source px a pixel
+    # no brightness (0.1), trim 7 (0.9), no down-up (0.1), neither blur (0.1) nor sharpening (0.1),
+    # border 3 (0.9), no grey (0.1)
+    draws = _ScriptedDraws([0.1, 0.9, 0.1, 0.1, 0.1, 0.9, 0.1], [7, 3])
+    out, rec, _ = EhpnetAugment()(image, record, None, draws)
+    assert not draws.randoms and not draws.choices and record["augment"] == []
+    assert rec["augment"] == [{"op": "ehpnet_augment", "steps": [{"trim": 7}, {"border": 3}]}]
+    assert out.shape == image.shape and out.dtype == np.uint8
+    assert not out[:3].any() and not out[-3:].any() and not out[:, :3].any() and not out[:, -3:].any()
+    x1, y1, x2, y2 = rec["crop"]
+    s = (x2 - x1) / 112
+    u = np.arange(30, 82) + 0.5
+    want_x, want_y = 2 * (x1 + u * s - 100.0), 2 * (y1 + u * s - 50.0)
+    centre = out[30:82, 30:82].astype(np.float64)
+    assert np.abs(centre[..., 0] - want_x[None, :]).max() <= 2.0
+    assert np.abs(centre[..., 1] - want_y[:, None]).max() <= 2.0
+    # the trim shows less (7 px off each side of 112), the border more (3 px of black each side)
+    side = 98 * 112 / 106
+    assert rec["crop"] == pytest.approx([156 - side / 2, 106 - side / 2, 156 + side / 2, 106 + side / 2])
+
+
+def test_ehpnet_augment_grey_is_fed_as_its_code_feeds_it():
+    import cv2
+
+    from dataprep.augment import EhpnetAugment
+
+    image = np.random.default_rng(0).integers(0, 256, (112, 112, 3), dtype=np.uint8)
+    record = {"crop": [0.0, 0.0, 112.0, 112.0], "augment": []}
+    out, rec, _ = EhpnetAugment()(image, record, None, _ScriptedDraws([0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.9]))
+    assert rec["augment"][0]["steps"] == [{"grey": True}] and rec["crop"] == record["crop"]
+    # the code's COLOR_RGB2GRAY of its BGR image: blue weighs 0.299, red 0.114; the grey is its
+    # first (blue) plane, the others the normalisation's zero (127.5; 128 here)
+    bgr = image[..., ::-1]
+    assert np.array_equal(out[..., 2], cv2.cvtColor(np.ascontiguousarray(bgr), cv2.COLOR_RGB2GRAY))
+    assert (out[..., :2] == 128).all()
+
+
+def test_ehpnet_augment_darkens_only_bright_images_and_leaves_blurry_ones_mostly_alone():
+    import cv2
+
+    from dataprep.augment import EhpnetAugment
+
+    record = {"crop": [0.0, 0.0, 112.0, 112.0], "augment": []}
+    dark, bright = np.full((112, 112, 3), 90, np.uint8), np.full((112, 112, 3), 230, np.uint8)
+    # alpha 0.75 + 0.5 * 0.2 = 0.85 with beta -5: a darkening pair, applied to bright images only;
+    # flat images are not sharp, so only the grey draw follows (0.1: none)
+    for image, applied in ((dark, False), (bright, True)):
+        out, rec, _ = EhpnetAugment()(image, record, None, _ScriptedDraws([0.9, 0.2, 0.1], [-5]))
+        steps = rec["augment"][0]["steps"]
+        assert steps == ([{"contrast": 0.85, "brightness": -5}] if applied else [])
+        assert np.array_equal(out, cv2.convertScaleAbs(image, alpha=0.85, beta=-5) if applied else image)
+    # a brightening pair applies to any image
+    out, rec, _ = EhpnetAugment()(dark, record, None, _ScriptedDraws([0.9, 0.8, 0.1], [3]))
+    assert rec["augment"][0]["steps"] == [{"contrast": 1.15, "brightness": 3}]
+    assert np.array_equal(out, cv2.convertScaleAbs(dark, alpha=1.15, beta=3))
+    # drawn with a real generator: a blurry image gets only the colour steps, a sharp one all kinds
+    seen = {"blurry": set(), "sharp": set()}
+    for seed in range(80):
+        for kind, image in (("blurry", np.full((112, 112, 3), 120, np.uint8)), ("sharp", _sharp_ramp())):
+            out, rec, _ = EhpnetAugment()(image, record, None, np.random.default_rng(seed))
+            assert out.shape == image.shape and out.dtype == np.uint8
+            seen[kind].update(next(iter(step)) for step in rec["augment"][0]["steps"])
+    assert seen["blurry"] == {"contrast", "grey"}
+    assert seen["sharp"] == {"contrast", "trim", "down_up", "blur", "sharpen", "border", "grey"}
+
+
+def test_ehpnet_and_its_teachers_train_with_its_flip_and_augmentation():
+    import train_minimal.models  # noqa: F401 - registers the models
+    from train_minimal import registry
+
+    from dataprep.augment import EhpnetAugment, HorizontalFlip
+
+    for name in ("ehpnet", "ehpnet_resnet101", "ehpnet_res2net101", "ehpnet_res2net101d", "ehpnet_botnet"):
+        flip, augment = registry.get(name).train_transforms().transforms
+        assert isinstance(flip.transform, HorizontalFlip) and flip.p == 0.5, name
+        assert isinstance(augment, EhpnetAugment), name

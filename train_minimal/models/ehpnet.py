@@ -28,9 +28,10 @@ decode ``3 * E[idx] - 93``, loss per angle = CE + MSE (alpha 1), summed. Adam lr
 warm-up over the first epoch (4% of the steps: 1 of the code's 25 epochs) then cosine annealing
 towards lr / 1000 (:func:`warmup_cosine`), gradient clipping by value at 0.5
 (``defaults["clip_grad_value"]``; the code calls ``clip_grad_value_(..., 0.5)``; the trainer
-applies it), batch 16. Not reproduced: ``datasets.py``'s online augmentation (flip, brightness and
-contrast, crops, down-sampling, blur or sharpening, borders, grey): ``train_minimal`` trains on the
-shards as they are (build with ``--augment`` for offline variants).
+applies it), batch 16. Training images get ``datasets.py``'s online augmentation
+(:func:`ehpnet_train_transforms`): a flip half the time (yaw and roll negated), then its
+``transform`` (``dataprep.augment.EhpnetAugment``: brightness and contrast, trims, down-sampling,
+blur or sharpening, borders, grey).
 
 Knowledge distillation (``train_minimal train --teachers c1,c2,...``): the trainer runs the frozen
 teachers on the same batch; per angle, ``KLDivLoss()(log_softmax(student), mean_t softmax(teacher_t))``
@@ -263,10 +264,19 @@ def ehpnet_distill(student_outputs, teacher_outputs: list, weight: float = KD_WE
     return weight * loss
 
 
+def ehpnet_train_transforms():
+    """``Pose_300W_LPA_60bin.__getitem__``: ``cv2.flip`` half the time (yaw and roll negated), then
+    ``datasets.transform`` (:class:`dataprep.augment.EhpnetAugment`)."""
+    from dataprep.augment import Compose, EhpnetAugment, HorizontalFlip, RandomApply
+
+    return Compose([RandomApply(HorizontalFlip(), 0.5), EhpnetAugment()])
+
+
 DEFAULTS = {"batch_size": 16, "epochs": 25, "lr": 1e-3, "alpha": 1.0, "clip_grad_value": 0.5, "kd_weight": KD_WEIGHT}
 
 _COMMON = dict(input_size=INPUT_SIZE, crop_rule="square", normalize="bgr_128", loss=ehpnet_loss,
-               decode=ehpnet_decode, make_optimizer=ehpnet_optimizer, distill=ehpnet_distill)
+               decode=ehpnet_decode, make_optimizer=ehpnet_optimizer, distill=ehpnet_distill,
+               train_transforms=ehpnet_train_transforms)
 
 register(ModelSpec(name="ehpnet", build=build_ehpnet, defaults=dict(DEFAULTS),
                    description="EHPNet student: ResNet-18 @112, 512->128 + three 62-bin heads; KD from --teachers",
