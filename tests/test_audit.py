@@ -78,6 +78,36 @@ def test_rejected_rows(audited):
         assert row["reason"] == "angle_out_of_range" and row["message"]
 
 
+
+def test_padded_flag_counts_the_black_share_of_each_stored_crop(audited, sample_tree, tmp_path, capsys):
+    """A --margin 0.8 build's crops reach past the image for faces near a border: the share of each
+    stored crop outside the image (black in its JPEG) is in boxes.csv as crop_padding, by hand
+    arithmetic here, and over --padding-threshold it is flagged."""
+    out = tmp_path / "m08"
+    build(BuildOptions(dataset="aflw2000", root=str(sample_tree / "AFLW2000"), out=str(out), margin=0.8, progress=False))
+    shares = {}
+    for key, rec in label_records(out).items():
+        x1, y1, x2, y2 = rec["crop"]
+        w, h = rec["image_size"]
+        inside = max(0, min(x2, w) - max(x1, 0)) * max(0, min(y2, h) - max(y1, 0))
+        shares[key] = 1.0 - inside / ((x2 - x1) * (y2 - y1))
+    assert max(shares.values()) > 0.25 and min(shares.values()) < 0.25  # the sample data has both kinds
+    report = tmp_path / "report"
+    assert cli_main(["audit", str(out), "--report", str(report), "--padding-threshold", "0.25"]) == 0
+    assert re.search(r"padded\s+" + str(sum(v > 0.25 for v in shares.values())) + "\n", capsys.readouterr().out)
+    rows = read_csv(report / "boxes.csv")
+    for key, share in shares.items():
+        assert float(rows[key]["crop_padding"]) == pytest.approx(share, abs=1e-6), key
+        assert ("padded" in flags(rows[key])) == (share > 0.25), key
+    html = (report / "report.html").read_text()
+    assert 'id="flag-padded"' in html and "outside the image" in html
+    # the tight square build's crops are far less padded, and its table says what the rules would give
+    square = read_csv(audited["report_sq"] / "boxes.csv")
+    written = [r for r in square.values() if r["status"] == "written"]
+    assert max(float(r["crop_padding"]) for r in written) < max(shares.values())
+    for r in written:
+        assert 0.0 <= float(r["hopenet_padding"]) <= 1.0 and 0.0 <= float(r["fsanet_padding"]) <= 1.0
+
 def test_fsanet_build_is_squashed_square_and_hopenet_builds_are_not(audited, tmp_path):
     # FSA-Net resizes its margin window straight to 64 x 64; Hopenet's transforms cut a square
     th = Thresholds().squash
@@ -202,6 +232,25 @@ def test_compare_reports_box_changes_and_no_label_changes(audited):
     assert 'id="compare"' in page and "sheets/compare_changed.png" in page and "compare.csv" in page
 
 
+def test_compare_names_the_settings_no_record_shows(audited, sample_tree, tmp_path, capsys):
+    """Crops of another size and JPEG quality over the same windows: every sample changes its
+    crop_size, and the settings that differ are said (the JPEG quality is in no record)."""
+    other = tmp_path / "big"
+    build(BuildOptions(dataset="aflw2000", root=str(sample_tree / "AFLW2000"), out=str(other), crop_size=320,
+                       jpeg_quality=80, progress=False))
+    report = tmp_path / "report"
+    capsys.readouterr()
+    assert cli_main(["audit", str(other), "--report", str(report), "--compare", str(audited["outs"]["square"])]) == 0
+    out = capsys.readouterr().out
+    assert "compare: settings differ (A vs B): crop_size 320 vs 224, jpeg_quality 80 vs 95" in out
+    with open(report / "compare.csv", newline="") as f:
+        matched = [r for r in csv.DictReader(f) if r["key_a"] and r["key_b"]]
+    assert matched and all(r["changes"] == "crop_size" and (r["crop_size_a"], r["crop_size_b"]) == ("320x320", "224x224")
+                           for r in matched)
+    page = (report / "report.html").read_text()
+    assert "setting (differs)" in page and "jpeg_quality" in page
+
+
 def test_pictures_fall_back_to_stored_crops(audited, tmp_path):
     # the raw tree the build read has moved away (a --raw-root given by hand must exist: tested above)
     import shutil
@@ -280,6 +329,17 @@ def test_audit_mistakes_are_one_line_and_reports_do_not_mix(audited, tmp_path, c
     shutil.copytree(square, bad_manifest)
     (bad_manifest / "manifest.json").write_text("{not json")
     cases.append((["audit", str(bad_manifest), "--report", str(tmp_path / "r3")], "is not valid JSON"))
+    for n, text in enumerate(("[]", '{"counts": {}}', '{"shards": [3]}')):  # JSON, but no build's manifest
+        odd = tmp_path / f"odd_manifest{n}"
+        shutil.copytree(square, odd)
+        (odd / "manifest.json").write_text(text)
+        cases.append((["audit", str(odd), "--report", str(tmp_path / f"r4{n}")], "is not a dataprep build manifest"))
+    missing = tmp_path / "missing_shard"
+    shutil.copytree(square, missing)
+    next(missing.glob("*.tar")).unlink()
+    cases.append((["audit", str(missing), "--report", str(tmp_path / "r5")],
+                  r"is listed in .* but missing; run `dataprep verify .*` and rerun the build"))
+    cases.append((["audit", str(tmp_path / "nowhere"), "--report", str(tmp_path / "r6")], "nowhere does not exist"))
     for argv, message in cases:
         capsys.readouterr()
         assert cli_main(argv) == 2, argv

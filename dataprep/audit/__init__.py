@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from .. import boxes as box_rules
-from .compare import COMPARE_COLUMNS, CompareTolerances, compare_builds, compare_summary
+from .compare import COMPARE_COLUMNS, CompareTolerances, compare_builds, compare_summary, settings_differences
 from .table import (FLAG_HELP, FLAGS, RULES, AuditError, Build, Row, Thresholds, audit_rows, columns, flag_counts, load_build,
                     rule_summary, variant_summary, write_csv)
 
@@ -37,6 +37,8 @@ def _metric(row: Row, flag: str) -> str:
         return f"IoU(gt,pt2d) {v.get('iou_gt_pt2d', 0):.2f}, {v.get('pt2d_missing', 0)} placeholder pt(s)"
     if flag == "squashed":
         return f"crop {v['crop_x2'] - v['crop_x1']}x{v['crop_y2'] - v['crop_y1']}, distortion {v['crop_distortion']:.2f}"
+    if flag == "padded":
+        return f"crop {v['crop_x2'] - v['crop_x1']}x{v['crop_y2'] - v['crop_y1']}, {v['crop_padding']:.0%} outside the image"
     if flag == "detector_disagrees":
         ious = [f"IoU(gt,{d}) {v[f'iou_gt_{d}']:.2f}" for d in ("mtcnn", "retinaface") if v.get(f"iou_gt_{d}") is not None]
         return ", ".join(ious)
@@ -197,6 +199,11 @@ def _rejected_by_reason(build: Build) -> dict[str, tuple[int, str]]:
     return by_reason
 
 
+def _settings_line(differ: dict) -> str:
+    """``{name: [a, b]}`` -> ``"crop_size 320 vs 224, jpeg_quality 95 vs 80"``."""
+    return ", ".join(f"{name} {a} vs {b}" for name, (a, b) in differ.items())
+
+
 def _compare_section(build: Build, other: Build, compare, root, report: Path, per_flag: int,
                      tolerances: CompareTolerances, pictures: bool) -> tuple[dict, dict]:
     """``--compare``: writes ``compare.csv`` (and ``sheets/compare_changed.png``); returns the
@@ -205,6 +212,7 @@ def _compare_section(build: Build, other: Build, compare, root, report: Path, pe
     write_csv(report / "compare.csv", COMPARE_COLUMNS, [r.values for r in crows])
     csum = compare_summary(crows)
     csum["same_inputs"] = _same_inputs(build.manifest, other.manifest)
+    csum["settings_differ"] = settings_differences(build.manifest, other.manifest)
     changed = sorted((r for r in crows if r.status == "changed"), key=lambda r: (-r.severity, r.values["match"]))
     moved = [r for r in crows if r.status in ("added", "dropped")]
     listed = changed[:COMPARE_LISTED] + moved[:COMPARE_LISTED]
@@ -301,6 +309,8 @@ def add_parser(subparsers) -> None:
                         "pictures are drawn on the stored crops)")
     p.add_argument("--squash-threshold", type=float, default=d.squash,
                    help=f"flag 'squashed' when the stored crop's square distortion exceeds this ({d.squash})")
+    p.add_argument("--padding-threshold", type=float, default=d.padding,
+                   help=f"flag 'padded' when more of the stored crop than this share lies outside the image ({d.padding:g})")
     p.add_argument("--detector-iou", type=float, default=d.detector_iou,
                    help=f"flag 'detector_disagrees' when IoU(gt, detector box) is below this ({d.detector_iou})")
     p.add_argument("--placeholder-iou", type=float, default=d.placeholder_iou,
@@ -314,7 +324,7 @@ def add_parser(subparsers) -> None:
 
 
 def cmd_audit(args) -> int:
-    th = Thresholds(squash=args.squash_threshold, detector_iou=args.detector_iou,
+    th = Thresholds(squash=args.squash_threshold, padding=args.padding_threshold, detector_iou=args.detector_iou,
                     placeholder_iou=args.placeholder_iou, outside_tolerance=args.outside_tolerance)
     try:
         summary = run_audit(args.out, args.report, compare=args.compare, raw_root=args.raw_root, thresholds=th,
@@ -331,6 +341,8 @@ def cmd_audit(args) -> int:
         print("compare: " + ", ".join(f"{k} {v}" for k, v in c["status"].items())
               + "; changes: " + ", ".join(f"{k} {v}" for k, v in c["changes"].items() if v)
               + f"; max angle difference {c['max_angle_diff']:.3g} deg")
+        if c.get("settings_differ"):
+            print("compare: settings differ (A vs B): " + _settings_line(c["settings_differ"]))
         if c.get("same_inputs") is False:
             print(f"compare: note: {INPUTS_NOTE}")
     return 0

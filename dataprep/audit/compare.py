@@ -18,12 +18,16 @@ COMPARE_COLUMNS = [
     "box_a_x1", "box_a_y1", "box_a_x2", "box_a_y2", "box_b_x1", "box_b_y1", "box_b_x2", "box_b_y2", "box_max_diff",
     "box_iou", "crop_rule_a", "crop_rule_b",
     "crop_a_x1", "crop_a_y1", "crop_a_x2", "crop_a_y2", "crop_b_x1", "crop_b_y1", "crop_b_x2", "crop_b_y2",
-    "crop_iou", "crop_distortion_a", "crop_distortion_b", "variants_changed",
+    "crop_iou", "crop_distortion_a", "crop_distortion_b", "crop_size_a", "crop_size_b", "variants_changed",
 ]
 #: ``added`` / ``dropped``: written only by the other / this build; ``rejected_in_a`` / ``_b``:
 #: rejected by one build and not in the other at all (a different raw tree or split).
 STATUSES = ("same", "changed", "added", "dropped", "rejected_in_both", "rejected_in_a", "rejected_in_b")
-CHANGE_KINDS = ("label", "split", "box_source", "box", "crop_rule", "crop", "box_variants")
+CHANGE_KINDS = ("label", "split", "box_source", "box", "crop_rule", "crop", "crop_size", "box_variants")
+#: Build settings that change the stored images or boxes of every sample (manifest ``settings``):
+#: the audit names those that differ between the two builds, since no per-sample field shows
+#: a JPEG quality.
+IMAGE_SETTINGS = ("crop_rule", "margin", "crop_size", "jpeg_quality", "detector", "biwi_tracking", "augment")
 
 
 @dataclass(frozen=True)
@@ -83,7 +87,8 @@ def compare_builds(a: Build, b: Build, tol: CompareTolerances = CompareTolerance
             v.update({f"key_{side}": rec["key"], f"split_{side}": rec.get("split", ""), f"yaw_{side}": rec["yaw"],
                       f"pitch_{side}": rec["pitch"], f"roll_{side}": rec["roll"],
                       f"box_source_{side}": rec.get("box_source", ""), f"crop_rule_{side}": rec.get("crop_rule", ""),
-                      f"crop_distortion_{side}": box_rules.square_distortion(rec["crop"])})
+                      f"crop_distortion_{side}": box_rules.square_distortion(rec["crop"]),
+                      f"crop_size_{side}": "x".join(str(n) for n in rec.get("crop_size") or [])})
             for i, c in enumerate(("x1", "y1", "x2", "y2")):
                 v[f"box_{side}_{c}"] = rec["box"][i]
                 v[f"crop_{side}_{c}"] = rec["crop"][i]
@@ -110,6 +115,8 @@ def compare_builds(a: Build, b: Build, tol: CompareTolerances = CompareTolerance
                 changes.append("crop_rule")
             if list(A["crop"]) != list(B["crop"]):
                 changes.append("crop")
+            if v.get("crop_size_a") != v.get("crop_size_b"):
+                changes.append("crop_size")
             if changed_variants:
                 changes.append("box_variants")
             if changes:
@@ -126,6 +133,12 @@ def compare_builds(a: Build, b: Build, tol: CompareTolerances = CompareTolerance
         v["changes"] = ";".join(changes)
         rows.append(CompareRow(v, status, changes, sa, sb))
     return rows
+
+
+def settings_differences(a: dict, b: dict) -> dict[str, list]:
+    """The :data:`IMAGE_SETTINGS` whose values differ between two manifests: name -> [A's, B's]."""
+    sa, sb = a.get("settings") or {}, b.get("settings") or {}
+    return {name: [sa.get(name), sb.get(name)] for name in IMAGE_SETTINGS if sa.get(name) != sb.get(name)}
 
 
 def compare_summary(rows: list[CompareRow]) -> dict:

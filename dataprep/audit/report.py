@@ -125,7 +125,7 @@ def _summary(ctx: dict) -> list[str]:
     rows.append(["total", counts.get("read", 0), counts.get("written", 0), counts.get("rejected", 0), counts.get("samples_in_shards", 0)])
     parts.append(table(["split", "read", "written", "rejected", "records in shards"], rows))
     parts.append("<p>Samples per flag and split (a sample can carry several flags; thresholds: "
-                 f"squash &gt; {th.squash:g}, detector IoU &lt; {th.detector_iou:g}, placeholder IoU &lt; {th.placeholder_iou:g}, "
+                 f"squash &gt; {th.squash:g}, padding &gt; {th.padding:g}, detector IoU &lt; {th.detector_iou:g}, placeholder IoU &lt; {th.placeholder_iou:g}, "
                  f"outside tolerance {th.outside_tolerance:g} px):</p>")
     flag_counts = ctx["flag_counts"]
     rows = []
@@ -179,12 +179,16 @@ def _variants_and_rules(ctx: dict) -> list[str]:
                  "<code>boxes.crop_window</code> (Hopenet's test-time window: k at its mid value on 300W-LP, the centred "
                  "square); the box a rule reads is "
                  "<code>boxes.RULE_GT_BOX</code> when the record has it (else gt), or the detector's box in a "
-                 "detector build. <em>squashed</em> counts windows whose square distortion exceeds the threshold.</p>")
+                 "detector build. <em>squashed</em> counts windows whose square distortion exceeds the threshold; "
+                 "<em>padding</em> is the share of a window outside the source image (black in its crop), "
+                 "<em>padded</em> counts windows over the padding threshold.</p>")
     used = settings.get("crop_rule")
     rows = [[(r["rule"] + (" (this build)" if r["rule"] == used else "")), r["box"], r["median_aspect"],
-             r["median_distortion"], r["max_distortion"], r["squashed"]] for r in ctx["rules"]]
-    parts.append(table(["rule", "box read (samples)", "median aspect", "median distortion", "max distortion", "squashed"],
-                       rows, left=2, hot=lambda i, j, v: j == 5 and isinstance(v, int) and v > 0))
+             r["median_distortion"], r["max_distortion"], r["squashed"], r["median_padding"], r["max_padding"],
+             r["padded"]] for r in ctx["rules"]]
+    parts.append(table(["rule", "box read (samples)", "median aspect", "median distortion", "max distortion", "squashed",
+                        "median padding", "max padding", "padded"],
+                       rows, left=2, hot=lambda i, j, v: j in (5, 8) and isinstance(v, int) and v > 0))
 
     if ctx.get("rules_sheet"):
         parts.append("<h3>Most distorted windows over all rules</h3><p class=\"note\">Whatever rule this build used: "
@@ -217,6 +221,9 @@ def _compare(ctx: dict) -> list[str]:
                  f"<code>{esc(cmp['other_settings'].get('detector'))}</code>)<br>samples matched by <code>source</code>; "
                  "added = written in A only, dropped = written in B only; rejected_in_a / _b: rejected by one "
                  "build and not in the other at all</div>")
+    if s.get("settings_differ"):
+        parts.append(table(["setting (differs)", "A", "B"], [[k, str(a), str(b)] for k, (a, b) in s["settings_differ"].items()],
+                           left=3))
     if cmp.get("inputs_note"):
         parts.append(f'<div class="note"><b>Note:</b> {esc(cmp["inputs_note"])}</div>')
     parts.append(table(["status", "samples"], [[k, v] for k, v in s["status"].items()]))

@@ -24,12 +24,14 @@ DETECTOR_BOXES = ("mtcnn", "retinaface")
 #: The crop rules whose windows the audit recomputes (``box`` is the face box itself).
 RULES = ("square", "hopenet", "fsanet")
 
-FLAGS = ("placeholder_box", "squashed", "detector_disagrees", "outside_image", "reused_box", "rejected")
+FLAGS = ("placeholder_box", "squashed", "padded", "detector_disagrees", "outside_image", "reused_box", "rejected")
 FLAG_HELP = {
     "placeholder_box": "pt2d box polluted by AFLW2000's missing-landmark placeholders (x=-1, y=452): "
                        "extra.pt2d_missing > 0 or IoU(gt, pt2d) below --placeholder-iou",
     "squashed": "the stored crop window is not square and resizing it to the square crop distorts it by "
                 "more than --squash-threshold (max(w,h)/min(w,h) - 1)",
+    "padded": "more of the stored crop than --padding-threshold lies outside the source image, so it is black in "
+              "the JPEG (a --margin, a loose rule or a face near the border)",
     "detector_disagrees": "a detector box (mtcnn, retinaface) has IoU with the gt box below --detector-iou",
     "outside_image": "a face box extends past the image by more than --outside-tolerance px "
                      "(placeholder-polluted pt2d boxes are left to placeholder_box)",
@@ -40,6 +42,7 @@ FLAG_HELP = {
 SEVERITY_HELP = {
     "placeholder_box": "1 - IoU(gt, pt2d)",
     "squashed": "square distortion of the stored crop",
+    "padded": "share of the stored crop outside the image",
     "detector_disagrees": "1 - lowest IoU(gt, detector)",
     "outside_image": "fraction of the box area outside the image (largest over boxes)",
     "reused_box": "1 - IoU(gt, reused box)",
@@ -50,6 +53,7 @@ SEVERITY_HELP = {
 @dataclass(frozen=True)
 class Thresholds:
     squash: float = 0.15
+    padding: float = 0.25
     detector_iou: float = 0.5
     placeholder_iou: float = 0.7
     outside_tolerance: float = 0.0
@@ -100,16 +104,22 @@ def load_build(out) -> Build:
     out = Path(out)
     manifest_path = out / MANIFEST
     if not manifest_path.is_file():
-        raise AuditError(f"{out} holds no {MANIFEST}: pass the --out folder of a finished dataprep build")
+        what = "holds no " + MANIFEST if out.is_dir() else "does not exist" if not out.exists() else "is not a folder"
+        raise AuditError(f"{out} {what}: pass the --out folder of a finished dataprep build")
     try:
         manifest = json.loads(manifest_path.read_text())
     except ValueError as err:
         raise AuditError(f"{manifest_path} is not valid JSON ({err}); rerun the build to write it again") from None
+    shards = manifest.get("shards") if isinstance(manifest, dict) else None
+    if not isinstance(shards, list) or not all(isinstance(s, dict) and isinstance(s.get("name"), str) for s in shards):
+        raise AuditError(f"{manifest_path} is not a dataprep build manifest (it needs a \"shards\" list of "
+                         "{\"name\": ...}); rerun the build to write it again")
     samples: list[Sample] = []
-    for shard in manifest.get("shards", []):
+    for shard in shards:
         path = out / shard["name"]
         if not path.is_file():
-            raise AuditError(f"{path} is listed in {manifest_path} but missing")
+            raise AuditError(f"{path} is listed in {manifest_path} but missing; run `dataprep verify {out}` and "
+                             "rerun the build (it writes missing shards again)")
         by_key: dict[str, Sample] = {}
         try:
             with tarfile.open(path) as tar:
@@ -176,9 +186,10 @@ def columns(variants: list[str]) -> list[str]:
         cols += [f"{v}_x1", f"{v}_y1", f"{v}_x2", f"{v}_y2", f"{v}_aspect"]
         if v in DETECTOR_BOXES:
             cols.append(f"{v}_score")
-    cols += ["crop_x1", "crop_y1", "crop_x2", "crop_y2", "crop_aspect", "crop_distortion"]
+    cols += ["crop_x1", "crop_y1", "crop_x2", "crop_y2", "crop_aspect", "crop_distortion", "crop_padding"]
     for r in RULES:
-        cols += [f"{r}_box", f"{r}_x1", f"{r}_y1", f"{r}_x2", f"{r}_y2", f"{r}_aspect", f"{r}_distortion"]
+        cols += [f"{r}_box", f"{r}_x1", f"{r}_y1", f"{r}_x2", f"{r}_y2", f"{r}_aspect", f"{r}_distortion",
+                 f"{r}_padding"]
     for a, b in _pairs(variants):
         cols += [f"iou_{a}_{b}", f"shift_{a}_{b}"]
     for a, b in _pairs(list(RULES)):
@@ -218,12 +229,14 @@ def _measurements(rec: dict, variants: list[str]) -> dict:
             v[f"{name}_score"] = rec["box_scores"][name]
     crop = rec["crop"]
     v.update({"crop_x1": crop[0], "crop_y1": crop[1], "crop_x2": crop[2], "crop_y2": crop[3],
-              "crop_aspect": box_rules.aspect_ratio(crop), "crop_distortion": box_rules.square_distortion(crop)})
+              "crop_aspect": box_rules.aspect_ratio(crop), "crop_distortion": box_rules.square_distortion(crop),
+              "crop_padding": outside_fraction(crop, size)})
     windows = {}
     for r in RULES:
         w = windows[r] = rule_window(rec, r)
         v.update({f"{r}_box": rule_box_name(rec, r), f"{r}_x1": w[0], f"{r}_y1": w[1], f"{r}_x2": w[2], f"{r}_y2": w[3],
-                  f"{r}_aspect": box_rules.aspect_ratio(w), f"{r}_distortion": box_rules.square_distortion(w)})
+                  f"{r}_aspect": box_rules.aspect_ratio(w), f"{r}_distortion": box_rules.square_distortion(w),
+                  f"{r}_padding": outside_fraction(w, size)})
     for a, b in _pairs(variants):
         if a in boxes and b in boxes:
             v[f"iou_{a}_{b}"] = box_rules.iou(boxes[a], boxes[b])
@@ -253,6 +266,9 @@ def _flags(rec: dict, variants: list[str], v: dict, th: Thresholds) -> tuple[lis
     if v["crop_distortion"] > th.squash:
         flags.append("squashed")
         severity["squashed"] = v["crop_distortion"]
+    if v["crop_padding"] > th.padding:
+        flags.append("padded")
+        severity["padded"] = v["crop_padding"]
     if gt is not None:
         ious = [box_rules.iou(gt, boxes[d]) for d in DETECTOR_BOXES if d in boxes]
         if ious and min(ious) < th.detector_iou:
@@ -330,7 +346,8 @@ def _median(values: list[float]) -> float | None:
 
 
 def rule_summary(rows: list[Row], th: Thresholds) -> list[dict]:
-    """Per crop rule: which box it reads, median aspect/distortion, windows over the threshold."""
+    """Per crop rule: which box it reads, median aspect/distortion, windows over the squash
+    threshold, median and largest share outside the image, windows over the padding threshold."""
     written = [r for r in rows if r.sample is not None]
     out = []
     for rule in RULES:
@@ -342,6 +359,9 @@ def rule_summary(rows: list[Row], th: Thresholds) -> list[dict]:
             "median_distortion": _median(dist),
             "max_distortion": max((d for d in dist if math.isfinite(d)), default=None),
             "squashed": sum(1 for d in dist if d > th.squash),
+            "median_padding": _median(padding := [r.values[f"{rule}_padding"] for r in written]),
+            "max_padding": max(padding, default=None),
+            "padded": sum(1 for p in padding if p > th.padding),
             "samples": len(written),
         })
     return out
