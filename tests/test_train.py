@@ -642,8 +642,8 @@ def test_float16_steps_the_scaler_skips_raise_no_scheduler_warning():
 
 def test_hopenet_trains_on_its_online_augmentation_and_evaluates_without(shards, capsys):
     """Hopenet's ``Pose_300W_LP``: flip half the time (yaw and roll negated), blur one in 20; in
-    training only. FSA-Net's spec brings its augment_data; without a spec's transforms (EHPNet's
-    are not reproduced) the records carry none."""
+    training only. FSA-Net's spec brings its augment_data, EHPNet's its flip and datasets.transform;
+    without a spec's transforms (WHENet: no public training code) the records carry none."""
     spec = registry.get("hopenet")
     train_loader = make_loader(shards.train, spec, 4, train=True, input_size=64, seed=3)
     ops = [tuple(a["op"] for a in rec["augment"]) for b in train_loader for rec in b["record"]]
@@ -657,7 +657,11 @@ def test_hopenet_trains_on_its_online_augmentation_and_evaluates_without(shards,
     assert all(not rec["augment"] for b in evaluation for rec in b["record"])
     fsa = make_loader(shards.train, registry.get("fsanet_var"), 4, train=True)  # augment_data, FSA-Net's own
     assert all([a["op"] for a in rec["augment"]] == ["fsanet_augment"] for b in fsa for rec in b["record"])
-    plain = make_loader(shards.train, registry.get("ehpnet"), 4, train=True, input_size=64)  # none of its code's
+    ehpnet = [[a["op"] for a in rec["augment"]] for b in make_loader(shards.train, registry.get("ehpnet"), 4, train=True,
+                                                                      input_size=64) for rec in b["record"]]
+    assert all(ops in (["ehpnet_augment"], ["flip", "ehpnet_augment"]) for ops in ehpnet)
+    assert 0 < sum(ops[0] == "flip" for ops in ehpnet) < len(ehpnet)
+    plain = make_loader(shards.train, registry.get("whenet"), 4, train=True, input_size=64)
     assert all(not rec["augment"] for b in plain for rec in b["record"])
     # the GPU path decodes on the device, after the CPU transforms would have run: said, and left out
     make_loader(shards.train, spec, 4, train=True, input_size=64, gpu_decode=True)
