@@ -314,7 +314,7 @@ class EhpnetAugment(Transform):
         if _sharpness(out) > 120 and rng.random() > 0.5:
             r = int(rng.choice(np.arange(5, 11)))
             out = cv2.resize(out[r:h - r, r:w - r], (w, h))
-            window = _inner_window(window, [r, r, w - r, h - r], (w, h))
+            window = box_rules.box_from_crop_coords([r, r, w - r, h - r], window, (w, h))
             steps.append({"trim": r})
         if _sharpness(out) > 120 and rng.random() > 0.3:
             n = int(rng.choice(np.arange(30, 100, 3)))
@@ -331,9 +331,9 @@ class EhpnetAugment(Transform):
         if _sharpness(out) > 120 and rng.random() > 0.5:
             p = int(rng.choice(np.arange(2, 6)))
             out = cv2.copyMakeBorder(cv2.resize(out, (w - 2 * p, h - 2 * p)), p, p, p, p, cv2.BORDER_CONSTANT, value=0)
-            # the shrunk image fills [p, size - p]: the window it showed spreads over that
-            sx, sy = (window[2] - window[0]) / (w - 2 * p), (window[3] - window[1]) / (h - 2 * p)
-            window = [window[0] - p * sx, window[1] - p * sy, window[2] + p * sx, window[3] + p * sy]
+            # the shrunk image fills [p, size - p]: the border is ex, ey pixels of the image before
+            ex, ey = p * w / (w - 2 * p), p * h / (h - 2 * p)
+            window = box_rules.box_from_crop_coords([-ex, -ey, w + ex, h + ey], window, (w, h))
             steps.append({"border": p})
         if rng.random() > 0.7:
             grey = cv2.cvtColor(out, cv2.COLOR_BGR2GRAY)  # the code's RGB2GRAY on a BGR image
@@ -343,12 +343,6 @@ class EhpnetAugment(Transform):
         new = _new_record(record, {"op": self.name, "steps": steps})
         new["crop"] = box_rules.box_from_crop_coords(window, record["crop"], (w, h))
         return out, new, _copy(landmarks)
-
-
-def _inner_window(window, part, size) -> list[float]:
-    """The part ``part`` (pixels of a ``size`` = (w, h) image showing ``window``) as a window."""
-    sx, sy = (window[2] - window[0]) / size[0], (window[3] - window[1]) / size[1]
-    return [window[0] + part[0] * sx, window[1] + part[1] * sy, window[0] + part[2] * sx, window[1] + part[3] * sy]
 
 
 # --------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ import numpy as np
 import simplejpeg
 
 __all__ = ["decode_bgr", "decode_rgb", "decode_rgb_checked", "decode_cv2", "encode_jpeg_rgb", "encode_png", "is_jpeg",
-           "png_damage"]
+           "damaged_png", "png_damage"]
 
 _SOI = b"\xff\xd8"
 _CV2_FLAGS = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
@@ -67,6 +67,13 @@ def png_damage(data: bytes) -> str | None:
         if kind == b"IEND":
             return None
         i = end
+
+
+def damaged_png(data: bytes) -> str | None:
+    """``"damaged PNG data (...)"`` saying what :func:`png_damage` found, or None: the phrase the
+    dataset readers and ``verify`` give, for pictures and depth maps alike."""
+    damage = png_damage(data)
+    return None if damage is None else f"damaged PNG data ({damage})"
 
 
 def _has_exif(data: bytes) -> bool:
@@ -120,7 +127,7 @@ def decode_rgb_checked(data: bytes) -> tuple[np.ndarray | None, str | None]:
     """``(decode_rgb(data), None)``, or ``(None, what is damaged)`` for an image whose data is
     damaged: a JPEG the TurboJPEG API refuses (any refusal but those in ``_NOT_DAMAGE``: it would
     decode with gray or garbled parts, or not at all; ``"damaged JPEG data (libjpeg: ...)"``), a
-    PNG with a broken chunk (:func:`png_damage`; ``"damaged PNG data (...)"``). The dataset readers
+    PNG with a broken chunk (:func:`damaged_png`). The dataset readers
     reject such files; OpenCV would print the library's complaint without a file name, so they are
     not decoded. Costs nothing extra for a JPEG the fast path decodes; an Exif JPEG is decoded a
     second time, for the check."""
@@ -134,9 +141,9 @@ def decode_rgb_checked(data: bytes) -> tuple[np.ndarray | None, str | None]:
             refusal = str(exc)
     if refusal is not None and not refusal.startswith(_NOT_DAMAGE):
         return None, f"damaged JPEG data (libjpeg: {refusal})"
-    damage = png_damage(data)
+    damage = damaged_png(data)
     if damage is not None:
-        return None, f"damaged PNG data ({damage})"
+        return None, damage
     return _decode_cv2_rgb(data), None
 
 

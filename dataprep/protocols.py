@@ -112,8 +112,10 @@ def person_leaks(split_groups: dict[str, list[str]], same_person) -> list[dict]:
 
 def leak_line(leaks: list[dict]) -> str:
     """One warning line for :func:`person_leaks`' findings."""
-    shown = "; ".join(f"{'sequences ' + ' and '.join(x['groups']) if len(x['groups']) > 1 else 'sequence ' + x['groups'][0]}"
-                      f" in {' and '.join(x['splits'])}" for x in leaks)
+    def who(groups: list[str]) -> str:
+        return f"sequences {' and '.join(groups)}" if len(groups) > 1 else f"sequence {groups[0]}"
+
+    shown = "; ".join(f"{who(x['groups'])} in {' and '.join(x['splits'])}" for x in leaks)
     return (f"warning: {len(leaks)} person(s) in more than one split ({shown}): a model is tested on faces it "
             "trained on. Put each person's sequences in one split (person_leaks in manifest.json)")
 

@@ -56,9 +56,9 @@ def _decode_member(ext: str, data: bytes, key: str) -> None:
     elif ext == "pts.npy":
         np.load(io.BytesIO(data), allow_pickle=False)
     elif ext == "depth.png":
-        damage = codec.png_damage(data)
+        damage = codec.damaged_png(data)
         if damage is not None:
-            raise ValueError(f"damaged PNG data ({damage})")
+            raise ValueError(damage)
         depth = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
         if depth is None or depth.dtype != np.uint16:
             raise ValueError("depth PNG does not decode to 16 bits")
