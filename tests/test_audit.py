@@ -340,12 +340,18 @@ def test_audit_mistakes_are_one_line_and_reports_do_not_mix(audited, tmp_path, c
     cases.append((["audit", str(missing), "--report", str(tmp_path / "r5")],
                   r"is listed in .* but missing; run `dataprep verify .*` and rerun the build"))
     cases.append((["audit", str(tmp_path / "nowhere"), "--report", str(tmp_path / "r6")], "nowhere does not exist"))
+    # the report written into the shards' folder, or a --raw-root that exists but is another folder
+    cases.append((["audit", str(square), "--report", str(square)], r"is the build's folder; give a folder of its own"))
+    cases.append((["audit", str(hopenet), "--report", str(square), "--compare", str(square)], r"is --compare's folder"))
+    cases.append((["audit", str(square), "--report", str(tmp_path / "r7"), "--raw-root", str(tmp_path)],
+                  r"holds none of the build's raw files \(no .*\.jpg\); give the dataset folder the build read \(its --root was .*AFLW2000\)"))
     for argv, message in cases:
         capsys.readouterr()
         assert cli_main(argv) == 2, argv
         err = capsys.readouterr().err
         assert re.search(message, err) and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
-    assert not (tmp_path / "r1").exists()  # nothing written for a wrong --raw-root
+    assert not (tmp_path / "r1").exists() and not (tmp_path / "r7").exists()  # nothing written for a wrong --raw-root
+    assert not (square / "report.html").exists() and not (square / "boxes.csv").exists()
 
     # A report folder reused for a build without --compare keeps nothing of the earlier compare.
     report = tmp_path / "reused"
@@ -405,3 +411,66 @@ def test_compare_of_another_dataset_is_refused_before_anything_is_written(audite
     err = capsys.readouterr().err
     assert "--compare diffs two builds of the same raw data" in err and "aflw2000" in err and "300w_lp" in err
     assert not report.exists()  # no half-written report of the build alone
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--padding-threshold", "1.5", "give a value from 0 to 1"),
+    ("--detector-iou", "-0.1", "give 0 or more"),
+    ("--placeholder-iou", "2", "give a value from 0 to 1"),
+    ("--squash-threshold", "nan", "give 0 or more"),
+    ("--outside-tolerance", "-3", "give 0 or more"),
+    ("--label-tolerance", "x", "is not a number"),
+    ("--box-tolerance", "-1", "give 0 or more"),
+    ("--per-flag", "-1", r"give 0 \(counts only\) or more"),
+    ("--per-flag", "2.5", "is not a whole number"),
+])
+def test_audit_thresholds_out_of_range_are_refused(audited, tmp_path, capsys, option, value, message):
+    report = tmp_path / "r"
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["audit", str(audited["outs"]["square"]), "--report", str(report), option, value])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert re.search(f"argument {option}: .*{message}", err), err
+    assert not report.exists()
+
+
+def test_per_flag_zero_gives_the_counts_without_tables_or_sheets(audited, tmp_path):
+    report = tmp_path / "r"
+    summary = run_audit(audited["outs"]["square"], report, per_flag=0)
+    assert summary["flags"] == audited["summary_sq"]["flags"] and summary["flags"]["placeholder_box"] > 0
+    page = (report / "report.html").read_text()
+    assert re.search(r"placeholder_box</span> &mdash; \d+ sample\(s\)", page)
+    assert "Not listed (--per-flag 0)" in page
+    assert not list(report.glob("sheets/*.png"))
+    assert read_csv(report / "boxes.csv") == read_csv(audited["report_sq"] / "boxes.csv")
+
+
+def test_compare_box_tolerance(audited, tmp_path):
+    from dataprep.audit.compare import CompareTolerances, compare_builds
+    from dataprep.audit.table import load_build
+
+    a = load_build(audited["outs"]["square"])
+    b = load_build(audited["outs"]["square"])
+    for sample in b.samples:  # every box 0.01 px to the right
+        sample.record["box"] = [v + 0.01 for v in sample.record["box"]]
+    changed = [r for r in compare_builds(a, b) if "box" in r.changes]
+    assert len(changed) == len(a.samples) > 0
+    assert not [r for r in compare_builds(a, b, CompareTolerances(box=0.05)) if r.changes]
+    assert cli_main(["audit", str(audited["outs"]["hopenet"]), "--report", str(tmp_path / "r"), "--compare",
+                     str(audited["outs"]["square"]), "--box-tolerance", "0.05", "--per-flag", "0"]) == 0
+
+
+def test_histograms_show_series_with_equal_values_side_by_side():
+    import matplotlib.pyplot as plt
+
+    from dataprep.audit import pictures as pics
+
+    fig, ax = plt.subplots()
+    pics._hist(ax, {"square window": np.ones(4), "stored crop": np.ones(4), "fsanet": np.linspace(0.8, 1.2, 4)}, "t", "w / h")
+    bars = [[(p.get_x(), p.get_x() + p.get_width()) for p in c.patches if p.get_height() > 0] for c in ax.containers]
+    plt.close(fig)
+    assert len(bars) == 3 and all(bars)
+    # no bar of one series covers a bar of another: each is visible
+    spans = [span for series in bars for span in series]
+    spans.sort()
+    assert all(b[0] >= a[1] - 1e-9 for a, b in zip(spans, spans[1:]))

@@ -14,6 +14,7 @@ label records) and writes into ``DIR``:
 """
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -70,12 +71,25 @@ def _rule_caption(row: Row) -> str:
 COMPARE_LISTED = 50
 
 
-def _resolve_raw_root(manifest: dict, raw_root) -> Path | None:
+#: Sources ``--raw-root`` is checked against: enough to tell a wrong folder, few enough to be instant.
+RAW_ROOT_PROBES = 50
+
+
+def _resolve_raw_root(build: Build, raw_root) -> Path | None:
     """Where the raw images are: ``--raw-root``, else the build's ``--root`` (None: not found, the
-    pictures fall back to the stored crops)."""
-    if raw_root and not Path(raw_root).is_dir():
-        raise AuditError(f"--raw-root {raw_root} is not a folder; give the dataset folder the build read")
-    root = Path(raw_root) if raw_root else Path(manifest.get("input", {}).get("root", "") or "/nonexistent")
+    pictures fall back to the stored crops). A ``--raw-root`` given by hand must hold the build's
+    raw files (any of the first :data:`RAW_ROOT_PROBES` sources): a wrong folder would otherwise
+    only show in the pictures' captions."""
+    given = build.manifest.get("input", {}).get("root", "")
+    if raw_root:
+        if not Path(raw_root).is_dir():
+            raise AuditError(f"--raw-root {raw_root} is not a folder; give the dataset folder the build read")
+        sources = [s for s in ([x.record.get("source", "") for x in build.samples]
+                               + [e.get("source", "") for e in build.rejected]) if s][:RAW_ROOT_PROBES]
+        if sources and not any((Path(raw_root) / s).is_file() for s in sources):
+            raise AuditError(f"--raw-root {raw_root} holds none of the build's raw files (no {Path(raw_root) / sources[0]}); "
+                             f"give the dataset folder the build read (its --root was {given or 'not recorded'})")
+    root = Path(raw_root) if raw_root else Path(given or "/nonexistent")
     return root if root.is_dir() else None
 
 
@@ -87,11 +101,15 @@ def run_audit(out, report, *, compare=None, raw_root=None, thresholds: Threshold
     report = Path(report)
     if report.exists() and not report.is_dir():
         raise AuditError(f"--report {report} is a file; give a folder")
+    for name, folder in (("the build", out), ("--compare", compare)):
+        if folder is not None and "://" not in str(folder) and report.resolve() == Path(folder).resolve():
+            raise AuditError(f"--report {report} is {name}'s folder; give a folder of its own "
+                             "(the report's files would mix with the shards)")
     if "://" in str(out) or (compare and "://" in str(compare)):
         raise AuditError("the audit reads local build folders; copy the build here first")
     build = load_build(out)
     # a wrong --raw-root or --compare stops here, before anything is written
-    root = _resolve_raw_root(build.manifest, raw_root)
+    root = _resolve_raw_root(build, raw_root)
     other = None if compare is None else _load_compared(build, out, compare)
     report.mkdir(parents=True, exist_ok=True)
     # a report of another build or --compare written here before must not show through this one
@@ -150,10 +168,11 @@ def _flag_sheets(build: Build, rows: list[Row], counts, root, report: Path, per_
     legend = _sheet_legend(variants) if pictures else None
     sheets: dict[str, dict] = {}
     for flag in FLAGS:
-        worst = _worst(rows, flag, per_flag)
-        if not worst:
+        count = sum(counts[flag].values())
+        if not count:
             continue
-        entry = {"count": sum(counts[flag].values()), "image": None}
+        worst = _worst(rows, flag, per_flag)  # none with --per-flag 0: the count alone
+        entry = {"count": count, "image": None}
         path = None
         if flag == "rejected":
             entry["header"] = ["key", "split", "source", "reason", "message"]
@@ -165,7 +184,7 @@ def _flag_sheets(build: Build, rows: list[Row], counts, root, report: Path, per_
             entry["header"] = ["key", "split", "source", "severity", "details", "flags"]
             entry["rows"] = [[r.key, r.values["split"], r.values["source"], float(r.severity.get(flag, 0.0)),
                               _metric(r, flag), r.values["flags"]] for r in worst]
-            if pictures:
+            if pictures and worst:
                 sheet_rows = [pics.flag_sheet_row(build, r, root, _caption(r, flag)) for r in worst]
                 path = pics.contact_sheet(sheet_rows, report / "sheets" / f"{flag}.png",
                                           f"{flag}: {entry['count']} sample(s), worst {len(worst)} shown", legend)
@@ -307,20 +326,55 @@ def add_parser(subparsers) -> None:
     p.add_argument("--raw-root", default=None,
                    help="the raw dataset folder for the pictures (default: the build's input root; without it the "
                         "pictures are drawn on the stored crops)")
-    p.add_argument("--squash-threshold", type=float, default=d.squash,
+    t = CompareTolerances()
+    p.add_argument("--squash-threshold", type=_number_at_least(0.0), default=d.squash,
                    help=f"flag 'squashed' when the stored crop's square distortion exceeds this ({d.squash})")
-    p.add_argument("--padding-threshold", type=float, default=d.padding,
-                   help=f"flag 'padded' when more of the stored crop than this share lies outside the image ({d.padding:g})")
-    p.add_argument("--detector-iou", type=float, default=d.detector_iou,
-                   help=f"flag 'detector_disagrees' when IoU(gt, detector box) is below this ({d.detector_iou})")
-    p.add_argument("--placeholder-iou", type=float, default=d.placeholder_iou,
-                   help=f"flag 'placeholder_box' when IoU(gt, pt2d) is below this ({d.placeholder_iou})")
-    p.add_argument("--outside-tolerance", type=float, default=d.outside_tolerance,
+    p.add_argument("--padding-threshold", type=_share, default=d.padding,
+                   help=f"flag 'padded' when more of the stored crop than this share lies outside the image, 0-1 ({d.padding:g})")
+    p.add_argument("--detector-iou", type=_share, default=d.detector_iou,
+                   help=f"flag 'detector_disagrees' when IoU(gt, detector box) is below this, 0-1 ({d.detector_iou})")
+    p.add_argument("--placeholder-iou", type=_share, default=d.placeholder_iou,
+                   help=f"flag 'placeholder_box' when IoU(gt, pt2d) is below this, 0-1 ({d.placeholder_iou})")
+    p.add_argument("--outside-tolerance", type=_number_at_least(0.0), default=d.outside_tolerance,
                    help=f"pixels a box may extend past the image before 'outside_image' ({d.outside_tolerance:g})")
-    p.add_argument("--per-flag", type=int, default=6, help="worst cases shown per flag (6)")
-    p.add_argument("--label-tolerance", type=float, default=CompareTolerances().label,
-                   help="--compare: angle difference in degrees that counts as a label change (1e-6)")
+    p.add_argument("--per-flag", type=_count, default=6,
+                   help="worst cases listed and drawn per flag (6; 0: counts only, no tables or contact sheets)")
+    p.add_argument("--label-tolerance", type=_number_at_least(0.0), default=t.label,
+                   help=f"--compare: angle difference in degrees that counts as a label change ({t.label:g})")
+    p.add_argument("--box-tolerance", type=_number_at_least(0.0), default=t.box,
+                   help=f"--compare: box corner difference in pixels that counts as a box change ({t.box:g})")
     p.set_defaults(handler=cmd_audit)
+
+
+def _number_at_least(low: float):
+    """An argparse type: a number of ``low`` or more."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not value >= low:  # NaN too
+            raise argparse.ArgumentTypeError(f"{text}: give {low:g} or more")
+        return value
+    return parse
+
+
+def _share(text: str) -> float:
+    """An argparse type: a share or an IoU, 0 to 1."""
+    value = _number_at_least(0.0)(text)
+    if value > 1.0:
+        raise argparse.ArgumentTypeError(f"{text}: give a value from 0 to 1")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value}: give 0 (counts only) or more")
+    return value
 
 
 def cmd_audit(args) -> int:
@@ -328,7 +382,8 @@ def cmd_audit(args) -> int:
                     placeholder_iou=args.placeholder_iou, outside_tolerance=args.outside_tolerance)
     try:
         summary = run_audit(args.out, args.report, compare=args.compare, raw_root=args.raw_root, thresholds=th,
-                            per_flag=max(1, args.per_flag), tolerances=CompareTolerances(label=args.label_tolerance))
+                            per_flag=args.per_flag,
+                            tolerances=CompareTolerances(label=args.label_tolerance, box=args.box_tolerance))
     except (AuditError, OSError) as err:
         print(f"dataprep audit: error: {err}", file=sys.stderr)
         return 2

@@ -319,8 +319,10 @@ def _hist(ax, series: dict[str, np.ndarray], title: str, xlabel: str, bins=30, r
             if hi - lo < 1e-9:
                 lo, hi = lo - 0.5, hi + 0.5
             range_ = (lo, hi)
-        for name, values in data.items():
-            ax.hist(values, bins=bins, range=range_, histtype="stepfilled", alpha=0.45, label=f"{name} (n={len(values)})")
+        # side by side within each bin: overlaid bars hid series with the same values (the square
+        # rules' windows and the stored crops all at w/h 1)
+        ax.hist(list(data.values()), bins=bins, range=range_, histtype="bar",
+                label=[f"{name} (n={len(values)})" for name, values in data.items()])
         ax.legend(fontsize=7)
     ax.set_title(title, fontsize=9)
     ax.set_xlabel(xlabel, fontsize=8)

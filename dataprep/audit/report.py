@@ -161,7 +161,11 @@ def _flags(ctx: dict) -> list[str]:
         parts.append(f"<p class=\"note\">{esc(FLAG_HELP[f])}. {order}</p>")
         if entry.get("image"):
             parts.append(f'<img class="sheet" src="{esc(entry["image"])}" alt="worst {esc(f)} samples">')
-        parts.append(table(entry["header"], entry["rows"], left=3))
+        if entry["rows"]:
+            parts.append(table(entry["header"], entry["rows"], left=3))
+        else:
+            parts.append(f'<p class="note">Not listed (--per-flag 0); <a href="{esc(ctx["csv"])}">{esc(ctx["csv"])}</a> '
+                         "has every sample and its flags.</p>")
     return parts
 
 
