@@ -24,7 +24,7 @@ from . import boxes as box_rules
 from .datasets import get_reader
 from .devices import parse_device
 from .errors import first_line
-from .pipeline import (DECISIONS_SUFFIX, LOCK_FILE, PROGRESS_DIR, RESULT_SUFFIX, Settings, ShardTask, is_test_split,
+from .pipeline import (DECISIONS_SUFFIX, LOCK_FILE, PROGRESS_DIR, RESULT_SUFFIX, Settings, ShardTask, TRAINING_SPLITS, is_eval_split,
                        lock_holder, progress_file, run_shard)
 from .processes import pid_alive, process_start
 from .records import SampleRef, keys_apart_from_variants
@@ -470,10 +470,14 @@ def build(opts: BuildOptions) -> dict:
     leaks = protocols.person_leaks(_split_groups(assignment), proto.same_person)
     if leaks:  # said now, not only in the summary at the end of a long build
         print(protocols.leak_line(leaks), file=sys.stderr)
+    held_out = sorted(split for split in assignment if split != "test" and is_eval_split(split))
+    if held_out:  # a --split-file's own names: say which side they are on
+        print(f"note: split(s) {', '.join(held_out)} are evaluation data like test (no --augment variants, no random "
+              f"crop draws); the training splits are {' and '.join(TRAINING_SPLITS)}", file=sys.stderr)
     settings = resolve_settings(opts, proto, assignment)
     if settings.augment:
-        if all(is_test_split(split) for split, split_refs in assignment.items() if split_refs):
-            raise BuildError(f"--augment writes training variants, and this build has only test data (splits: "
+        if all(is_eval_split(split) for split, split_refs in assignment.items() if split_refs):
+            raise BuildError(f"--augment writes training variants, and this build has only evaluation data (splits: "
                              f"{', '.join(sorted(assignment))}); to train on it, build with --protocol none (one "
                              "split, all) or --split-file with a train list, or drop --augment")
         assignment, refs = _keys_apart_from_variants(assignment, refs, settings.augment)
@@ -591,9 +595,11 @@ def make_manifest(opts, settings: Settings, proto, root: Path, refs, results: li
         for r in results
     ]
     rejected = [entry for r in results for entry in r["rejected"]]
-    per_split: dict[str, Counter] = {}
+    # every split of the assignment, read or not: a split none of whose samples are under --root
+    # shows as zeros, not missing
+    per_split: dict[str, Counter] = {split: Counter(read=0, written=0, rejected=0, samples=0) for split in assignment or {}}
     for r in results:
-        c = per_split.setdefault(r["split"], Counter())
+        c = per_split.setdefault(r["split"], Counter(read=0, written=0, rejected=0, samples=0))
         c["read"] += r["read"]
         c["written"] += r["written"]
         c["rejected"] += len(r["rejected"])

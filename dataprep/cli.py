@@ -11,6 +11,7 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 from . import __version__
+from .augment import SPEC_NAMES
 from .boxes import CROP_RULES
 from .errors import first_line
 from .records import DATASETS
@@ -32,7 +33,8 @@ def _add_build(sub) -> None:
                    help="300w_lp, aflw2000 or biwi (any case; 300W-LP and AFLW2000-3D are taken too)")
     p.add_argument("--root", required=True, help="the dataset's folder as unpacked: 300W_LP/, AFLW2000/ or hpdb/")
     p.add_argument("--out", required=True, help="output folder or fsspec URL")
-    p.add_argument("--protocol", default="1", help="benchmark protocol from manifests/: 1, 2 or none (default 1)")
+    p.add_argument("--protocol", default="1", type=str.lower,
+                   help="benchmark protocol (dataprep/manifests/; `dataprep protocols` lists them): 1, 2 or none (default 1)")
     p.add_argument("--detector", choices=("gt", "mtcnn", "retinaface"), default=None,
                    help="face boxes: gt (from the labels) or a detector; default: the protocol's (mtcnn for BIWI in "
                         "protocols 1 and 2, gt otherwise)")
@@ -47,18 +49,22 @@ def _add_build(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of every random choice (crop jitter, augmentation; default 0)")
     p.add_argument("--split-seed", type=int, default=None, help="seeded random split by person instead of the fixed one")
     p.add_argument("--split-file", default=None, help='JSON {"by": "group"|"source"|"key", "train": [...], "test": [...]}')
-    p.add_argument("--augment", default="", help="offline variants to add next to each training sample (not in test splits), e.g. flip,blur,downsample")
+    p.add_argument("--augment", default="",
+                   help=("offline variants to add next to each sample of the training splits (train, all; not test, "
+                         f"val or other held-out splits), comma-separated from: {', '.join(SPEC_NAMES)}"))
     p.add_argument("--jobs", "-j", type=int, default=1, help="parallel workers (default 1; -1 or 0: all cores)")
     p.add_argument("--backend", default="loky", choices=("loky", "threading", "dask", "ray"),
-                   help="joblib backend; dask and ray spread a build over a cluster")
+                   help="joblib backend (default loky: local processes); dask and ray spread a build over a cluster")
     p.add_argument("--scheduler", default=None, help="dask scheduler or ray cluster address (default: a local cluster of --jobs workers)")
-    p.add_argument("--device", default="auto", help="detector device: auto, cpu, cuda, cuda:1 ...")
+    p.add_argument("--device", default="auto", help="detector device: auto (a GPU when torch sees one, else cpu), cpu, cuda, cuda:1 ... (default auto)")
     p.add_argument("--batch-size", type=int, default=16, help="detector batch size (default 16)")
-    p.add_argument("--retinaface-weights", default=None, help="retinaface_resnet50_2020-07-20 file (.zip or .pth)")
+    p.add_argument("--retinaface-weights", default=None,
+                   help="retinaface_resnet50_2020-07-20 file (.zip or .pth); default: the one in the torch hub checkpoint "
+                        "cache (TORCH_HOME/hub/checkpoints)")
     p.add_argument("--cache-dir", default=None, help="detection cache folder (default ~/.cache/headpose-dataprep/detections)")
     p.add_argument("--overwrite", action="store_true", help="replace a build made with other options in --out")
     p.add_argument("--strict", action="store_true", help="exit with status 3 when any sample is rejected")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (logs, CI); the summary table still prints")
 
 
 def _interrupt(signum, frame) -> None:
@@ -148,7 +154,9 @@ def cmd_sample(args) -> int:
     try:
         expected = write_sample_tree(Path(args.out), seed=args.seed)
     except OSError as err:
-        print(f"dataprep sample: error: {err}; give --out a new or empty folder", file=sys.stderr)
+        what = f"{err.strerror}: {err.filename}" if err.strerror and err.filename else str(err)
+        print(f"dataprep sample: error: cannot write the sample tree ({what}); give --out a new or empty folder",
+              file=sys.stderr)
         return 2
     counts = {k: len(v) for k, v in expected.items() if isinstance(v, list)}
     print(f"sample raw data written to {args.out}: " + ", ".join(f"{k} {n}" for k, n in counts.items()))
@@ -164,7 +172,9 @@ def cmd_protocols(args) -> int:
         print(f"dataprep protocols: error: {err}", file=sys.stderr)
         return 2
     for data in found:
-        print(f"{data['name']:>5}  {data.get('title', '')}")
+        limit = data.get("angle_limit")
+        print(f"{data['name']:>5}  {data.get('title', '')}"
+              + (f" (samples with an angle outside [-{limit:g}, {limit:g}] dropped)" if limit else ""))
         for dataset, entry in data["datasets"].items():
             splits = {k: (v if isinstance(v, str) else len(v)) for k, v in entry["splits"].items() if k != "by"}
             print(f"         {dataset:<9} splits {splits}  boxes: {entry.get('detector', 'gt')}"
@@ -212,12 +222,12 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_build(sub)
     p = sub.add_parser("verify", help="re-hash shards against the manifest and decode every record")
-    p.add_argument("out")
+    p.add_argument("out", help="the --out folder (or URL) of a dataprep build")
     p.add_argument("--hash-only", action="store_true", help="skip decoding records: compare sha256, sample keys and metadata only")
     p = sub.add_parser("sample", help="write a small raw tree of all three datasets in their real formats")
-    p.add_argument("--out", required=True)
-    p.add_argument("--seed", type=int, default=0)
-    sub.add_parser("protocols", help="list the benchmark protocols in manifests/")
+    p.add_argument("--out", required=True, help="a new or empty folder; gets 300W_LP/, AFLW2000/ and hpdb/")
+    p.add_argument("--seed", type=int, default=0, help="seed of the generated faces and labels (default 0)")
+    sub.add_parser("protocols", help="list the benchmark protocols (dataprep/manifests/)")
     from .audit import add_parser as add_audit
 
     add_audit(sub)

@@ -11,7 +11,8 @@ read with ``cv2.IMREAD_UNCHANGED`` where they are used).
   cost there depends on the allocator's state).
   Tests check that both give the same arrays (``tests/test_codec.py``).
 * Everything else goes to ``cv2.imdecode``, whose behaviour is the reference: PNG (BIWI's frames,
-  depth maps), JPEGs with an Exif block (OpenCV turns the picture as its Orientation tag says),
+  depth maps), JPEGs with an Exif block (OpenCV turns the picture as its Orientation tag says; raw
+  dataset images, read with :func:`decode_rgb_checked`, keep their stored grid, where their labels are),
   CMYK JPEGs, and any JPEG the TurboJPEG API refuses, such as one with corrupt data that OpenCV
   still decodes with a warning (or not at all: None, as OpenCV says). The dataset readers decode
   with :func:`decode_rgb_checked`, which names such damage instead, so they can reject the file.
@@ -124,19 +125,23 @@ _NOT_DAMAGE = ("tjDecompressHeader3(): Could not determine subsampling", "Unsupp
 
 
 def decode_rgb_checked(data: bytes) -> tuple[np.ndarray | None, str | None]:
-    """``(decode_rgb(data), None)``, or ``(None, what is damaged)`` for an image whose data is
-    damaged: a JPEG the TurboJPEG API refuses (any refusal but those in ``_NOT_DAMAGE``: it would
-    decode with gray or garbled parts, or not at all; ``"damaged JPEG data (libjpeg: ...)"``), a
-    PNG with a broken chunk (:func:`damaged_png`). The dataset readers
-    reject such files; OpenCV would print the library's complaint without a file name, so they are
-    not decoded. Costs nothing extra for a JPEG the fast path decodes; an Exif JPEG is decoded a
-    second time, for the check."""
+    """A raw dataset image: ``(H x W x 3 uint8 RGB, None)`` in the file's stored pixel grid, or
+    ``(None, what is damaged)`` for an image whose data is damaged: a JPEG the TurboJPEG API
+    refuses (any refusal but those in ``_NOT_DAMAGE``: it would decode with gray or garbled parts,
+    or not at all; ``"damaged JPEG data (libjpeg: ...)"``), a PNG with a broken chunk
+    (:func:`damaged_png`). The dataset readers reject such files; OpenCV would print the library's
+    complaint without a file name, so they are not decoded.
+
+    Unlike :func:`decode_rgb`, an Exif Orientation tag is not applied: the dataset's labels
+    (landmarks, boxes, the pose's image axes) were made in the stored grid, as MATLAB's and PIL's
+    ``open`` read it, and a picture turned by its tag would no longer match them. Otherwise the same
+    pixels as :func:`decode_rgb`."""
     image, refusal = _turbo_or_refusal(data, "RGB")
     if image is not None:
         return image, None
-    if refusal is None and len(data) > 2 and is_jpeg(data):  # Exif: left to OpenCV, checked here
+    if refusal is None and len(data) > 2 and is_jpeg(data):  # Exif: TurboJPEG applies no orientation
         try:
-            simplejpeg.decode_jpeg(data, "RGB")
+            return simplejpeg.decode_jpeg(data, "RGB"), None
         except ValueError as exc:
             refusal = str(exc)
     if refusal is not None and not refusal.startswith(_NOT_DAMAGE):
@@ -144,7 +149,7 @@ def decode_rgb_checked(data: bytes) -> tuple[np.ndarray | None, str | None]:
     damage = damaged_png(data)
     if damage is not None:
         return None, damage
-    return _decode_cv2_rgb(data), None
+    return _decode_cv2_rgb(data, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION), None
 
 
 def decode_cv2(data: bytes, reduction: int = 1) -> np.ndarray | None:
@@ -168,9 +173,11 @@ def decode_rgb(data: bytes) -> np.ndarray | None:
     return _decode_cv2_rgb(data) if image is None else image
 
 
-def _decode_cv2_rgb(data: bytes) -> np.ndarray | None:
-    """:func:`decode_cv2`'s pixels as RGB, or None."""
-    image = decode_cv2(data)
+def _decode_cv2_rgb(data: bytes, flags: int = cv2.IMREAD_COLOR) -> np.ndarray | None:
+    """``cv2.imdecode``'s pixels (:func:`decode_cv2`'s with the default ``flags``) as RGB, or None."""
+    if not data:
+        return None
+    image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), flags)
     return None if image is None else cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 

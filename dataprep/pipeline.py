@@ -175,7 +175,7 @@ def crop_sample(sample: RawSample, split: str, settings: Settings, decision: dic
     # random crop parameters (Hopenet's k and view) where the split is training data, as the
     # paper's training draws them; the rule's fixed test-time window in a test split
     window = box_rules.crop_window(settings.crop_rule, variants[source], dataset=sample.ref.dataset, image_size=(w, h),
-                                   rng=None if is_test_split(split) else rng, margin=settings.margin)
+                                   rng=None if is_eval_split(split) else rng, margin=settings.margin)
     image, crop = crop_and_resize(sample.image, window, settings.crop_size)
     record = label_record(sample, split, variants, scores, source, crop, settings)
     if decision and decision.get("tracking"):
@@ -192,21 +192,27 @@ def crop_sample(sample: RawSample, split: str, settings: Settings, decision: dic
 
 
 # -------------------------------------------------------------------------------------- augment
-def is_test_split(split: str) -> bool:
-    """Whether a split holds evaluation data (the protocols' ``test``; ``train`` and protocol
-    none's ``all`` are training data): no offline variants and no random crop draws there."""
-    return split == "test"
+#: The splits that hold training data: the protocols' ``train`` and protocol none's ``all``. Every
+#: other split (``test``, a ``--split-file``'s ``val`` ...) is evaluation data.
+TRAINING_SPLITS = ("train", "all")
+
+
+def is_eval_split(split: str) -> bool:
+    """Whether a split holds evaluation data (any split but :data:`TRAINING_SPLITS`): no offline
+    variants and no random crop draws there, since an evaluation must not score flipped copies or
+    jittered crops. A ``--split-file``'s ``val`` is held out like ``test``."""
+    return split not in TRAINING_SPLITS
 
 
 def augment_variants(image, record, landmarks, settings: Settings, rng) -> list[tuple[np.ndarray, dict, np.ndarray | None]]:
-    """The original plus, outside test splits, one offline variant per ``--augment`` op (own key,
+    """The original plus, in training splits, one offline variant per ``--augment`` op (own key,
     same source): variants are training data, and a test split with flipped or blurred copies
     would score them too.
 
     Variants carry no depth map: the ops transform the RGB crop only, and a flipped image next to
     an unflipped depth crop would be wrong."""
     out = [(image, record, landmarks)]
-    if settings.augment and not is_test_split(record["split"]):
+    if settings.augment and not is_eval_split(record["split"]):
         from .augment import offline_variants
 
         for _suffix, img, rec, pts in offline_variants(image, record, landmarks, list(settings.augment), rng):

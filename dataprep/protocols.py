@@ -1,4 +1,5 @@
-"""Benchmark protocols as data: ``manifests/protocol*.json`` read here, splits assigned here."""
+"""Benchmark protocols as data: ``dataprep/manifests/protocol*.json`` (package data, so an installed
+wheel has them; ``manifests/`` at the project's root links there) read here, splits assigned here."""
 from __future__ import annotations
 
 import json
@@ -14,7 +15,9 @@ from .shards import NAME_CHARS
 
 #: A usable split name: it becomes the start of shard file names (``<split>-NNNNNN.tar``).
 SPLIT_NAME = re.compile(f"[{NAME_CHARS}]+")
-MANIFESTS_DIR = Path(os.environ.get("DATAPREP_MANIFESTS", Path(__file__).resolve().parent.parent / "manifests"))
+MANIFESTS_DIR = Path(os.environ.get("DATAPREP_MANIFESTS", Path(__file__).resolve().parent / "manifests"))
+#: Where a broken or missing manifest comes back from.
+RESTORE = "restore it from the project (dataprep/manifests/) or reinstall headpose-dataprep"
 
 
 @dataclass(frozen=True)
@@ -29,38 +32,47 @@ class DatasetProtocol:
     same_person: tuple = ()
 
 
+def _manifest_paths() -> list[Path]:
+    """The protocol manifests' files; ValueError when there are none (an install without its
+    package data, or a wrong ``DATAPREP_MANIFESTS``): no protocol would be there to choose."""
+    paths = sorted(MANIFESTS_DIR.glob("*.json"))
+    if not paths:
+        where = "DATAPREP_MANIFESTS" if "DATAPREP_MANIFESTS" in os.environ else "the installed package"
+        raise ValueError(f"no protocol manifests in {MANIFESTS_DIR} ({where}); {RESTORE}")
+    return paths
+
+
 def available() -> list[str]:
-    return sorted(p.stem.removeprefix("protocol") for p in MANIFESTS_DIR.glob("*.json"))
+    return sorted(p.stem.removeprefix("protocol") for p in _manifest_paths())
 
 
 def read_manifest(path: Path) -> dict:
     """A protocol manifest's contents; ValueError naming the file when it is not one (the one
-    reader of ``manifests/*.json``, for builds and ``dataprep protocols``)."""
+    reader of the manifests, for builds and ``dataprep protocols``)."""
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
-        raise ValueError(f"{path}: not a readable protocol manifest ({err}); restore it from the "
-                         "project (manifests/) or fix the file") from None
+        raise ValueError(f"{path}: not a readable protocol manifest ({err}); {RESTORE}, or fix the file") from None
     if not isinstance(data, dict) or not isinstance(data.get("datasets"), dict) or "name" not in data:
-        raise ValueError(f"{path}: not a protocol manifest (it needs \"name\" and \"datasets\"); restore it "
-                         "from the project (manifests/) or fix the file")
+        raise ValueError(f"{path}: not a protocol manifest (it needs \"name\" and \"datasets\"); {RESTORE}, "
+                         "or fix the file")
     for dataset, entry in data["datasets"].items():
         if not isinstance(entry, dict) or not isinstance(entry.get("splits"), dict):
-            raise ValueError(f"{path}: dataset {dataset!r} needs an object with \"splits\"; restore the file from "
-                             "the project (manifests/) or fix it")
+            raise ValueError(f"{path}: dataset {dataset!r} needs an object with \"splits\"; {RESTORE}, or fix it")
     return data
 
 
 def manifests() -> list[dict]:
     """Every protocol manifest, in file name order."""
-    return [read_manifest(p) for p in sorted(MANIFESTS_DIR.glob("*.json"))]
+    return [read_manifest(p) for p in _manifest_paths()]
 
 
 def load(protocol: str, dataset: str) -> DatasetProtocol:
     name = protocol if protocol == "none" else f"protocol{protocol}"
     path = MANIFESTS_DIR / f"{name}.json"
     if not path.exists():
-        raise ValueError(f"unknown protocol {protocol!r}: no {path}; choose one of {', '.join(available())}")
+        raise ValueError(f"unknown protocol {protocol!r}; choose one of {', '.join(available())} "
+                         "(`dataprep protocols` lists them)")
     data = read_manifest(path)
     entry = data["datasets"].get(dataset)
     if entry is None:

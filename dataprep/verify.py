@@ -229,6 +229,11 @@ def verify(out: str, decode: bool = True) -> VerifyReport:
     if not there:
         problems.append(f"{base}: no such folder; give the --out folder of a dataprep build")
         return report
+    if fs.isfile(base):  # a shard, or the manifest, given instead of its folder
+        parent = posixpath.dirname(base.rstrip("/")) or "."
+        hint = (f" (the build's folder is {parent})" if fs.exists(posixpath.join(parent, MANIFEST)) else "")
+        problems.append(f"{base}: a file, not a folder; give the --out folder of a dataprep build{hint}")
+        return report
     if not fs.exists(manifest_path):
         if fs.exists(posixpath.join(base, PROGRESS_DIR)):  # a build made it before its first shard
             problems.append(f"{manifest_path}: no manifest yet: a build is running here or was interrupted; let it "
@@ -273,7 +278,8 @@ def verify(out: str, decode: bool = True) -> VerifyReport:
                 problems.append(f"{name}: sample key {key!r} is also in {first_shard[key]}")
     if len(problems) > before:
         command = manifest.get("command")
-        again = f" (`{command}`)" if isinstance(command, str) and command else ""
+        # the recorded command names the folder it was run with, which may have moved since
+        again = f" (`{command}`, with --out {base})" if isinstance(command, str) and command else f" with --out {base}"
         report.repair = (f"to rewrite missing or damaged shards, run the build again{again}: it keeps the intact "
                          "ones (checked by size and sha256 on a local folder, by size alone on a remote store)")
     return report

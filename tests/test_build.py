@@ -612,6 +612,23 @@ def test_split_file(sample_tree, tmp_path):
         build(opts(sample_tree / "hpdb", tmp_path / "o2", "biwi", protocol="2", detector="gt", split_file=str(split)))
 
 
+def test_a_split_file_val_split_is_held_out_like_test(sample_tree, tmp_path, capsys):
+    """Only ``train`` and ``all`` are training data: a ``val`` split gets no --augment variants (it
+    got flipped copies when only ``test`` was held out), and the build says so. A split with
+    nothing in it is counted as zeros in the manifest, not left out."""
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps({"by": "group", "train": ["01", "03"], "val": ["02"], "test": []}))
+    manifest = build(opts(sample_tree / "hpdb", tmp_path / "o", "biwi", protocol="2", detector="gt",
+                          split_file=str(split), augment=("flip",)))
+    assert "note: split(s) val are evaluation data like test" in capsys.readouterr().err
+    records = label_records(tmp_path / "o").values()
+    by_split = {s: [r for r in records if r["split"] == s] for s in ("train", "val")}
+    assert by_split["val"] and not [r for r in by_split["val"] if r.get("augment")]
+    assert [r for r in by_split["train"] if r.get("augment")]
+    assert manifest["counts"]["per_split"]["test"] == {"read": 0, "written": 0, "rejected": 0, "samples": 0}
+    val = manifest["counts"]["per_split"]["val"]
+    assert val["read"] == val["written"] == val["samples"] == len(by_split["val"])
+
 
 def test_a_split_file_that_puts_one_person_on_both_sides_is_warned_about(sample_tree, tmp_path, capsys):
     from dataprep.datasets import get_reader
@@ -699,10 +716,18 @@ def test_verify_detects_tampering(aflw_build, tmp_path, capsys):
     assert cli_main(["verify", str(copy)]) == 1
     err = capsys.readouterr().err
     assert f"FAIL: {first}: sha256" in err and f"FAIL: {second}: sha256" in err
-    assert "to rewrite missing or damaged shards, run the build again (`" in err  # the manifest's command
+    # the manifest's command, run on the folder verified (the copy), not the one it names
+    assert re.search(r"to rewrite missing or damaged shards, run the build again \(`.*`, with --out .*copy\)", err)
     report = verify(str(copy), decode=False)
     assert report.shards_checked == len(manifest["shards"])
     assert {p.split(":")[0] for p in report.problems} == {first, second}
+    # a shard or the manifest given instead of the folder: said so, and where the folder is
+    for given in (copy / first, copy / "manifest.json"):
+        capsys.readouterr()
+        assert cli_main(["verify", str(given)]) == 1
+        err = capsys.readouterr().err
+        assert f"{given}: a file, not a folder; give the --out folder of a dataprep build (the build's folder is {copy})" in err
+        assert "no manifest" not in err
 
 
 def test_verify_clean_build_has_no_problems(aflw_build, capsys):
@@ -1022,7 +1047,7 @@ def test_augment_variants_are_written_in_the_train_split_only(sample_tree, tmp_p
     assert per_split["test"]["samples"] == per_split["test"]["written"]
     assert per_split["train"]["samples"] == 3 * per_split["train"]["written"]
     # a build with no train split has nothing to augment: refused, not silently a no-op
-    with pytest.raises(BuildError, match=r"--augment writes training variants, and this build has only test data "
+    with pytest.raises(BuildError, match=r"--augment writes training variants, and this build has only evaluation data "
                                          r"\(splits: test\); to train on it, build with --protocol none"):
         build(opts(sample_tree / "AFLW2000", tmp_path / "a", "aflw2000", augment=("flip",)))
     # protocol none's one split, all, is training data: variants, as the message says
@@ -1111,7 +1136,9 @@ def test_cli_says_what_to_do_instead_of_a_traceback(sample_tree, tmp_path, capsy
     assert "--biwi-tracking applies to detector boxes" in capsys.readouterr().err
 
     assert cli_main(["sample", "--out", str(a_file)]) == 2
-    assert "dataprep sample: error: " in capsys.readouterr().err and a_file.read_text() == "not a folder"
+    err = capsys.readouterr().err
+    assert f"dataprep sample: error: cannot write the sample tree (File exists: {a_file}); give --out a new or empty" in err
+    assert "Errno" not in err and a_file.read_text() == "not a folder"
     real = tmp_path / "data" / "hpdb" / "01"  # a real download: the sample tree would write over it
     real.mkdir(parents=True)
     (real / "frame_00003_pose.txt").write_text("real")
@@ -1218,6 +1245,45 @@ def test_a_damaged_protocol_manifest_is_named(sample_tree, tmp_path, monkeypatch
     assert cli_main(["build", "--dataset", "aflw2000", "--root", str(sample_tree / "AFLW2000"),
                      "--out", str(tmp_path / "o"), "--no-progress"]) == 2
     assert "protocol1.json: dataset 'aflw2000' needs an object with \"splits\"" in capsys.readouterr().err
+
+
+def test_protocol_manifests_ship_inside_the_package(sample_tree, tmp_path, monkeypatch, capsys):
+    """The manifests are package data (an installed wheel has them; it had none when they lived
+    only at the project's root), and an install without them says so instead of offering no
+    protocol to choose."""
+    import tomllib
+    from fnmatch import fnmatch
+
+    from dataprep import protocols
+
+    package = Path(protocols.__file__).resolve().parent
+    files = sorted(p.relative_to(package).as_posix() for p in protocols.MANIFESTS_DIR.resolve().glob("*.json"))
+    assert {"manifests/protocol1.json", "manifests/protocol2.json", "manifests/none.json"} <= set(files)
+    config = tomllib.loads((package.parent / "pyproject.toml").read_text())
+    globs = config["tool"]["setuptools"]["package-data"]["dataprep"]
+    assert all(any(fnmatch(f, g) for g in globs) for f in files)
+    assert (package.parent / "manifests").resolve() == package / "manifests"  # the root's link
+
+    monkeypatch.setattr(protocols, "MANIFESTS_DIR", tmp_path / "nothing_here")
+    assert cli_main(["protocols"]) == 2
+    assert f"no protocol manifests in {tmp_path / 'nothing_here'}" in capsys.readouterr().err
+    assert cli_main(["build", "--dataset", "aflw2000", "--protocol", "3", "--root", str(sample_tree / "AFLW2000"),
+                     "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    assert "no protocol manifests in" in capsys.readouterr().err
+
+
+def test_protocol_names_any_case_and_unknown_ones_listed(sample_tree, tmp_path, capsys):
+    assert cli_main(["protocols"]) == 0
+    listed = capsys.readouterr().out
+    assert "(samples with an angle outside [-99, 99] dropped)" in listed and listed.count("dropped") == 1
+    assert cli_main(["build", "--dataset", "aflw2000", "--protocol", "7", "--root", str(sample_tree / "AFLW2000"),
+                     "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown protocol '7'; choose one of 1, 2, none (`dataprep protocols` lists them)" in err
+    assert ".json" not in err
+    assert cli_main(["build", "--dataset", "aflw2000", "--protocol", "NONE", "--root", str(sample_tree / "AFLW2000"),
+                     "--out", str(tmp_path / "o"), "--no-progress"]) == 0
+    assert json.loads((tmp_path / "o" / "manifest.json").read_text())["protocol"] == "none"
 
 
 def test_a_label_file_named_in_upper_case_is_read_and_watched_on_resume(sample_tree, tmp_path, monkeypatch):

@@ -93,6 +93,13 @@ def test_exif_orientation_is_applied_as_opencv_does():
     assert want.shape[:2] == (80, 40)  # OpenCV read the tag: the picture stands upright
     assert np.array_equal(codec.decode_bgr(data), want)
     assert np.array_equal(codec.decode_rgb(data), cv2.cvtColor(want, cv2.COLOR_BGR2RGB))
+    # a raw dataset image keeps its stored grid, where its labels are (the face turned by the tag
+    # would no longer match its landmarks and box): the pixels as if there were no tag
+    stored, damage = codec.decode_rgb_checked(data)
+    assert damage is None and stored.shape[:2] == (40, 80)
+    assert np.array_equal(stored, codec.decode_rgb(_jpeg(img)))
+    unturned = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+    assert np.array_equal(stored, cv2.cvtColor(unturned, cv2.COLOR_BGR2RGB))
 
 
 def test_damaged_and_foreign_bytes_get_opencvs_answer(tmp_path: Path):

@@ -119,7 +119,7 @@ def raw_image(raw_root: Path | None, source: str) -> np.ndarray | None:
     if raw_root is None or not source:
         return None
     try:
-        return decode_rgb(read_file_bytes(Path(raw_root) / source))
+        return codec.decode_rgb_checked(read_file_bytes(Path(raw_root) / source))[0]  # as the build read it
     except OSError:  # missing, unreadable, not a regular file: the stored crop is shown instead
         return None
 
