@@ -49,9 +49,18 @@ def _read(path: Path) -> tuple[str | None, bytes | None]:
     return image_key_from_bytes(data), data
 
 
+#: Pictures past this many pixels are not decoded for detection (the datasets' are 640 x 480 at
+#: most): a huge picture in a small file would take GBs; the shard worker rejects it by its size.
+MAX_DETECT_PIXELS = 64_000_000
+
+
 def _decode(data: bytes) -> np.ndarray | None:
-    """RGB image, or None when the bytes do not decode or are a damaged JPEG or PNG (the shard worker
-    reads such files and rejects them for what they are)."""
+    """RGB image, or None when the bytes do not decode, are a damaged JPEG or PNG, or say they hold
+    more than :data:`MAX_DETECT_PIXELS` (the shard worker reads such files and rejects them for
+    what they are)."""
+    size = codec.header_size(data)
+    if size is not None and size[0] * size[1] > MAX_DETECT_PIXELS:
+        return None
     return codec.decode_rgb_checked(data)[0]
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import posixpath
 import secrets
@@ -344,17 +343,26 @@ def resolve_settings(opts: BuildOptions, proto: protocols.DatasetProtocol, assig
     )
 
 
+#: Bounds of --crop-size and --margin: a crop past them (a window 21 times the face's side, or a
+#: 4096 px JPEG per sample) is a typo, and every sample would fail to allocate it.
+MAX_CROP_SIZE = 4096
+MAX_MARGIN = 10.0
+
+
 def check_options(opts: BuildOptions) -> None:
     """Refuse options no build can use, before anything is read (else every sample would be
     rejected, or the crops would be degenerate, deep inside the run)."""
     problems = []
-    if opts.crop_size < 8:
-        problems.append(f"--crop-size {opts.crop_size}: give the crop side in pixels, at least 8")
-    if not (opts.margin >= 0 and math.isfinite(opts.margin)):
-        problems.append(f"--margin {opts.margin}: give a fraction of the crop side per side, 0 or more")
+    if not 8 <= opts.crop_size <= MAX_CROP_SIZE:  # above: every crop a memory error, sample by sample
+        problems.append(f"--crop-size {opts.crop_size}: give the crop side in pixels, 8 to {MAX_CROP_SIZE}")
+    if not (0 <= opts.margin <= MAX_MARGIN):  # NaN too
+        problems.append(f"--margin {opts.margin}: give a fraction of the crop side per side, 0 to {MAX_MARGIN:g}")
     elif opts.margin and opts.crop_rule != "square":  # the other windows have their own margins
         problems.append(f"--margin {opts.margin} applies to --crop-rule square only, not {opts.crop_rule}: "
                         "build square crops with room (--margin 0.8) and re-crop at load time, or drop --margin")
+    for option, seed in (("--seed", opts.seed), ("--split-seed", opts.split_seed)):
+        if seed is not None and seed < 0:  # numpy's seeding takes none
+            problems.append(f"{option} {seed}: give 0 or more")
     if opts.split_seed is not None and opts.split_file:
         problems.append("--split-seed and --split-file both choose the splits: give one")
     if opts.biwi_tracking and get_reader(opts.dataset).NAME != "biwi":

@@ -193,6 +193,7 @@ _OS_ADVICE = {
     errno.EPERM: "not permitted: choose an --out you can write to, and a --root you can read",
     errno.EROFS: "a read-only file system: choose another --out",
     errno.ENOTDIR: "a part of that path is a file, not a folder: check --out, --root and --cache-dir",
+    errno.EISDIR: "move it out of --out and run the same command again",
 }
 
 

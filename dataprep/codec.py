@@ -21,6 +21,7 @@ read with ``cv2.IMREAD_UNCHANGED`` where they are used).
 """
 from __future__ import annotations
 
+import contextlib
 import zlib
 
 import cv2
@@ -28,7 +29,7 @@ import numpy as np
 import simplejpeg
 
 __all__ = ["decode_bgr", "decode_rgb", "decode_rgb_checked", "decode_cv2", "encode_jpeg_rgb", "encode_png", "is_jpeg",
-           "damaged_png", "png_damage"]
+           "damaged_png", "png_damage", "header_size"]
 
 _SOI = b"\xff\xd8"
 _CV2_FLAGS = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
@@ -94,6 +95,21 @@ def _has_exif(data: bytes) -> bool:
     return False
 
 
+def header_size(data: bytes) -> tuple[int, int] | None:
+    """``(width, height)`` from a JPEG's frame header or a PNG's IHDR, without decoding (a
+    20000 x 20000 picture in a few hundred KB would take GBs to decode); None when the header does
+    not say (another format, or damage the decode will name)."""
+    if data[:8] == _PNG_SIGNATURE and len(data) >= 24 and data[12:16] == b"IHDR":
+        return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    if is_jpeg(data):
+        try:
+            height, width = simplejpeg.decode_jpeg_header(data)[:2]
+        except ValueError:
+            return None
+        return int(width), int(height)
+    return None
+
+
 def _turbo(data: bytes, colorspace: str) -> np.ndarray | None:
     """The TurboJPEG decode of a JPEG without Exif, or None to leave it to OpenCV."""
     return _turbo_or_refusal(data, colorspace)[0]
@@ -149,7 +165,19 @@ def decode_rgb_checked(data: bytes) -> tuple[np.ndarray | None, str | None]:
     damage = damaged_png(data)
     if damage is not None:
         return None, damage
-    return _decode_cv2_rgb(data, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION), None
+    with _opencv_quiet():  # its complaints (a truncated BMP or TIFF) name no file; the reader's message will
+        return _decode_cv2_rgb(data, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION), None
+
+
+@contextlib.contextmanager
+def _opencv_quiet():
+    """OpenCV's log silenced for a call (its level is global: set back after)."""
+    level = cv2.utils.logging.getLogLevel()
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+    try:
+        yield
+    finally:
+        cv2.utils.logging.setLogLevel(level)
 
 
 def decode_cv2(data: bytes, reduction: int = 1) -> np.ndarray | None:

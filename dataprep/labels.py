@@ -41,6 +41,11 @@ DEG2RAD = math.pi / 180.0
 MIRROR_X = np.diag([-1.0, 1.0, 1.0])
 
 
+#: The largest |angle| a label may have, in degrees: Euler angles of a rotation lie within ±180
+#: (:func:`rotation_to_euler`), and the readers reject labels past it.
+MAX_ANGLE = 180.0
+
+
 def pose_para_to_euler(pose_para) -> tuple[float, float, float]:
     """``Pose_Para`` (any shape holding >= 3 values, radians) -> ``(yaw, pitch, roll)`` degrees."""
     p = np.asarray(pose_para, dtype=np.float64).reshape(-1)

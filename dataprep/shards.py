@@ -12,6 +12,7 @@
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -248,7 +249,7 @@ class ShardWriter:
         self._flush()
         self._file.close()
         self._file = None
-        self.fs.mv(self.tmp, self.path)
+        move_into_place(self.fs, self.tmp, self.path)
         return {"sha256": self.sha256.hexdigest(), "bytes": self.size, "samples": self.samples}
 
     def abort(self) -> None:
@@ -291,6 +292,45 @@ def dumps_json(obj) -> bytes:
 
 #: The file beside the shards listing them per split (timm's webdataset reader reads it).
 INFO_FILE = "_info.json"
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def _count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def manifest_shape_problems(manifest) -> list[str]:
+    """What keeps a ``manifest.json`` from being read as a build's (one phrase each; [] for a
+    well-formed one): an object with a ``shards`` list of ``{"name": "<split>-NNNNNN.tar", "split",
+    "samples", "sha256"}``, ``counts`` an object and ``rejected`` a list of objects when present.
+    ``verify`` and ``audit`` check this before trusting any field (an edited or foreign file)."""
+    if not isinstance(manifest, dict):
+        return [f"is a JSON {type(manifest).__name__}, not an object"]
+    shards = manifest.get("shards")
+    if not isinstance(shards, list):
+        return ["has no \"shards\" list"]
+    problems = []
+    for i, shard in enumerate(shards):
+        if not isinstance(shard, dict):
+            problems.append(f"shards[{i}] is not an object")
+            continue
+        name = shard.get("name")
+        if not isinstance(name, str) or not is_shard_file(name) or name.endswith(TMP_SUFFIX):
+            problems.append(f"shards[{i}].name is {name!r}, not a shard file name such as train-000000.tar")
+        if not isinstance(shard.get("split"), str):
+            problems.append(f"shards[{i}].split is {shard.get('split')!r}, not a split name")
+        for field in ("samples", "written"):
+            if field in shard or field == "samples":
+                if not _count(shard.get(field)):
+                    problems.append(f"shards[{i}].{field} is {shard.get(field)!r}, not a count")
+        if not isinstance(shard.get("sha256"), str) or not _SHA256.fullmatch(shard["sha256"]):
+            problems.append(f"shards[{i}].sha256 is {shard.get('sha256')!r}, not a SHA-256 hex digest")
+    if not isinstance(manifest.get("counts", {}), dict):
+        problems.append("counts is not an object")
+    rejected = manifest.get("rejected", [])
+    if not isinstance(rejected, list) or not all(isinstance(e, dict) for e in rejected):
+        problems.append("rejected is not a list of objects")
+    return problems
 
 
 def info_splits(shards: list[dict]) -> dict[str, dict]:
@@ -318,6 +358,15 @@ def write_json(fs: fsspec.AbstractFileSystem, path: str, obj, *, indent: int | N
     tmp = tmp_name(path)
     with fs.open(tmp, "wb") as f:
         f.write(data)
+    move_into_place(fs, tmp, path)
+
+
+def move_into_place(fs: fsspec.AbstractFileSystem, tmp: str, path: str) -> None:
+    """Rename the finished ``tmp`` to ``path``. A folder at ``path`` is an error (IsADirectoryError):
+    fsspec's ``mv`` would put the file inside it, and the build would list a shard that is not there."""
+    if fs.isdir(path):
+        fs.rm(tmp)
+        raise IsADirectoryError(errno.EISDIR, "a folder has the name of a file the build writes", path)
     fs.mv(tmp, path)
 
 

@@ -15,9 +15,11 @@ import cv2
 import numpy as np
 
 from . import codec
+from .labels import MAX_ANGLE
 from .pipeline import PROGRESS_DIR
 from .shards import INFO_FILE as INFO
-from .shards import MANIFEST, TMP_SUFFIX, folder_filesystem, info_splits, is_shard_file, split_member, unreachable
+from .shards import (MANIFEST, TMP_SUFFIX, folder_filesystem, info_splits, is_shard_file, manifest_shape_problems, split_member,
+                     unreachable)
 
 
 @dataclass
@@ -47,6 +49,8 @@ def _decode_member(ext: str, data: bytes, key: str) -> None:
             value = record[angle]
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ValueError(f"record {angle} is {value!r}, not a finite number of degrees")
+            if abs(value) > MAX_ANGLE:
+                raise ValueError(f"record {angle} is {value!r}, past ±{MAX_ANGLE:g} degrees")
     elif ext == "jpg":
         image, damage = codec.decode_rgb_checked(data)
         if damage is not None:
@@ -54,7 +58,12 @@ def _decode_member(ext: str, data: bytes, key: str) -> None:
         if image is None:
             raise ValueError("JPEG does not decode")
     elif ext == "pts.npy":
-        np.load(io.BytesIO(data), allow_pickle=False)
+        try:
+            np.load(io.BytesIO(data), allow_pickle=False)
+        except (ValueError, OSError, EOFError):  # numpy's own words would advise unpickling the bytes
+            kind = ("an array of pickled objects, not numbers" if data[:6] == b"\x93NUMPY" and b"'|O'" in data[:128]
+                    else "damaged or not .npy data")
+            raise ValueError(f"landmarks do not load ({kind})") from None
     elif ext == "depth.png":
         damage = codec.damaged_png(data)
         if damage is not None:
@@ -244,10 +253,15 @@ def verify(out: str, decode: bool = True) -> VerifyReport:
         return report
     try:
         manifest = json.loads(fs.cat_file(manifest_path))
-        shards = manifest["shards"]
-    except (ValueError, KeyError, TypeError) as err:
-        problems.append(f"{manifest_path}: unreadable ({err})")
+    except ValueError as err:
+        problems.append(f"{manifest_path}: unreadable ({err}); rerun the build to write it again")
         return report
+    shape = manifest_shape_problems(manifest)
+    if shape:  # an edited or foreign file: none of its fields can be trusted to check the shards by
+        problems += [f"{MANIFEST}: {p}" for p in shape]
+        report.repair = f"rerun the build (--out {base}) to write the manifest again"
+        return report
+    shards = manifest["shards"]
     problems += _manifest_problems(manifest)
     problems += _info_problems(fs, base, shards)
     problems += _folder_problems(fs, base, {s["name"] for s in shards}, manifest.get("command"))
@@ -260,6 +274,9 @@ def verify(out: str, decode: bool = True) -> VerifyReport:
         report.shards_checked += 1
         if not fs.exists(path):
             problems.append(f"{name}: missing")
+            continue
+        if not fs.isfile(path):  # a folder, a pipe (reading one would wait for ever) ...
+            problems.append(f"{name}: not a regular file ({fs.info(path).get('type', 'other')}); move it out of the way")
             continue
         with fs.open(path, "rb") as f:
             reader = _Hashing(f)

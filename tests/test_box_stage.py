@@ -128,6 +128,29 @@ def test_biwi_unreadable_frame_is_rejected_as_unreadable_not_as_no_face(sample_t
     assert empty["reason"] == "unreadable_image" and frames[2].name in empty["message"]
 
 
+def test_the_box_stage_does_not_decode_a_picture_bigger_than_any_dataset_frame(monkeypatch):
+    """A PNG whose header says 20000 x 20000 (a few hundred KB on disk) is not decoded for
+    detection: that took GBs per image in each process; the shard worker rejects it by its size."""
+    import struct
+    import zlib
+
+    import cv2
+    import numpy as np
+
+    from dataprep import codec
+
+    png = bytearray(cv2.imencode(".png", np.zeros((480, 640, 3), np.uint8))[1].tobytes())
+    assert box_stage._decode(bytes(png)).shape == (480, 640, 3)
+    png[16:24] = struct.pack(">II", 20000, 20000)
+    png[29:33] = struct.pack(">I", zlib.crc32(bytes(png[12:29])))
+
+    def no_decoding(data):
+        raise AssertionError("decoded")
+
+    monkeypatch.setattr(codec, "decode_rgb_checked", no_decoding)
+    assert box_stage._decode(bytes(png)) is None
+
+
 def test_resumed_tracking_build_follows_a_fixed_frame_through_its_sequence(sample_tree, tmp_path):
     import shutil
 

@@ -659,6 +659,11 @@ def test_a_split_file_that_puts_one_person_on_both_sides_is_warned_about(sample_
 @pytest.mark.parametrize("bad, message", [
     (dict(crop_size=0), "--crop-size 0"), (dict(margin=-1.0), "--margin -1.0"), (dict(margin=float("inf")), "--margin inf"), (dict(jpeg_quality=500), "--jpeg-quality 500"),
     (dict(shard_size=0), "--shard-size 0"), (dict(batch_size=0), "--batch-size 0"), (dict(jobs=-2), "--jobs -2"),
+    # past these every sample failed one by one (numpy refuses negative seeds; a memory error per crop)
+    (dict(seed=-1), "--seed -1: give 0 or more"), (dict(split_seed=-1), "--split-seed -1: give 0 or more"),
+    (dict(crop_size=100000), "--crop-size 100000: give the crop side in pixels, 8 to 4096"),
+    (dict(margin=1e6), "--margin 1000000.0: give a fraction of the crop side per side, 0 to 10"),
+    (dict(margin=float("nan")), "--margin nan"),
     (dict(augment=("foo",)), "--augment: unknown augmentation 'foo'"),
     (dict(crop_rule="hopenet", margin=0.8), "--margin 0.8 applies to --crop-rule square only, not hopenet"),
     (dict(split_seed=7, split_file="split.json"), "--split-seed and --split-file both choose the splits"),
@@ -799,6 +804,63 @@ def test_verify_checks_the_rejected_list_against_the_counts(aflw_build, tmp_path
     assert f"manifest.json: counts.rejected is {manifest['counts']['rejected']}, its rejected list names " \
            f"{manifest['counts']['rejected'] - 1} sample(s)" in problems
     assert "manifest.json: counts.rejected_by_reason does not match its rejected list" in problems
+
+
+@pytest.mark.parametrize("edit, says", [
+    (lambda m: m["shards"][0].pop("sha256"), "shards[0].sha256 is None, not a SHA-256 hex digest"),
+    (lambda m: m["shards"][0].update(samples="12"), "shards[0].samples is '12', not a count"),
+    (lambda m: m["shards"][0].update(name=None), "shards[0].name is None, not a shard file name"),
+    (lambda m: m["shards"][0].update(name="../elsewhere-000000.tar"), "shards[0].name is '../elsewhere-000000.tar'"),
+    (lambda m: m.update(shards={"a": 1}), 'has no "shards" list'),
+    (lambda m: m.update(rejected=None), "rejected is not a list of objects"),
+    (lambda m: m.update(counts=[]), "counts is not an object"),
+])
+def test_verify_and_audit_name_an_edited_manifest_instead_of_failing(aflw_build, tmp_path, capsys, edit, says):
+    """Fields of the wrong kind (a hand edit, another tool's file) were tracebacks in verify and
+    audit: now a FAIL line naming the field, and the audit refuses the build in one line."""
+    copy, _ = _copy_build(aflw_build, tmp_path)
+    edited = json.loads((copy / "manifest.json").read_text())
+    edit(edited)
+    (copy / "manifest.json").write_text(json.dumps(edited))
+    assert cli_main(["verify", str(copy)]) == 1
+    err = capsys.readouterr().err
+    assert f"FAIL: manifest.json: {says}" in err and "Traceback" not in err, err
+    assert f"rerun the build (--out {copy}) to write the manifest again" in err
+    assert cli_main(["audit", str(copy), "--report", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "is not a dataprep build manifest (" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_folder_with_a_shards_name_stops_the_resumed_build(sample_tree, tmp_path, capsys):
+    """fsspec's mv put the shard inside such a folder and the build listed it as written."""
+    args = ["build", "--dataset", "aflw2000", "--protocol", "none", "--root", str(sample_tree / "AFLW2000"),
+            "--out", str(tmp_path / "o"), "--no-progress"]
+    assert cli_main(args) == 0
+    shard = tmp_path / "o" / "all-000000.tar"
+    shard.unlink()
+    shard.mkdir()
+    capsys.readouterr()
+    assert cli_main(args) == 2
+    err = capsys.readouterr().err
+    assert (f"dataprep build: error: a folder has the name of a file the build writes ({shard}); move it out of --out "
+            "and run the same command again") in err
+    assert list(shard.iterdir()) == [] and not list((tmp_path / "o").glob("*.tmp"))
+    shard.rmdir()
+    assert cli_main(args) == 0 and shard.is_file()
+
+
+def test_verify_names_a_shard_that_is_not_a_regular_file(aflw_build, tmp_path):
+    import os
+
+    copy, manifest = _copy_build(aflw_build, tmp_path)
+    first, second = (s["name"] for s in manifest["shards"][:2])
+    (copy / first).unlink()
+    (copy / first).mkdir()  # was IsADirectoryError
+    (copy / second).unlink()
+    os.mkfifo(copy / second)  # reading a pipe with no writer waited for ever
+    problems = verify(str(copy), decode=False).problems
+    assert f"{first}: not a regular file (directory); move it out of the way" in problems
+    assert any(p.startswith(f"{second}: not a regular file (") for p in problems)
 
 
 def _record(key: str) -> bytes:
@@ -1337,24 +1399,41 @@ def _rewrite_shard(copy: Path, name: str, change) -> None:
 def test_verify_checks_every_sample_has_its_image_and_a_sound_record(aflw_build, tmp_path):
     copy, manifest = _copy_build(aflw_build, tmp_path)
     name = manifest["shards"][0]["name"]
-    keys = sorted(label_records(copy))
-    first, second = keys[0], keys[1]
+    import tarfile
+
+    def landmark_keys(shard):
+        with tarfile.open(copy / shard) as tar:
+            return sorted({m.name.split(".")[0] for m in tar.getmembers() if m.name.endswith(".pts.npy")})
+
+    first, second, third = landmark_keys(name)[:3]
+    other = manifest["shards"][1]["name"]
+    fourth, fifth = landmark_keys(other)[:2]
+    pickled = io.BytesIO()
+    np.save(pickled, np.array([{"x": 1}], dtype=object), allow_pickle=True)
 
     def change(member, data):
         if member == f"{first}.json":
             return None  # the label record gone
-        if member == f"{second}.json":
+        if member == f"{fourth}.pts.npy":
+            return pickled.getvalue()  # numpy's message advised loading it with allow_pickle
+        if member == f"{fifth}.pts.npy":
+            return b"garbage"
+        if member in (f"{second}.json", f"{third}.json"):
             record = json.loads(data)
-            record["yaw"] = "abc"
+            record["yaw" if member.startswith(second) else "roll"] = "abc" if member.startswith(second) else 1e6
             return json.dumps(record).encode()
         return data
 
     _rewrite_shard(copy, name, change)
+    _rewrite_shard(copy, other, change)
     problems = verify(str(copy)).problems
     assert f"{name}: sample {first!r} has no .json member (readers that expect the image and its label record " \
            "fail on it)" in problems
     assert f"{name}: sample {second!r} ({second}.json): record yaw is 'abc', not a finite number of degrees" in problems
-    assert len(problems) == 2, problems
+    assert f"{name}: sample {third!r} ({third}.json): record roll is 1000000.0, past ±180 degrees" in problems
+    assert f"{other}: sample {fourth!r} ({fourth}.pts.npy): landmarks do not load (an array of pickled objects, not numbers)" in problems
+    assert f"{other}: sample {fifth!r} ({fifth}.pts.npy): landmarks do not load (damaged or not .npy data)" in problems
+    assert len(problems) == 5, problems
 
 
 def test_verify_names_where_info_json_lists_differ(aflw_build, tmp_path):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import time
 from pathlib import Path
@@ -385,6 +386,20 @@ def test_images_named_apart_only_by_case_are_each_read(sample_tree, tmp_path, af
         assert aflw2000.read_sample(root, r).ref == r  # each read, with the one .mat
 
 
+def test_a_biwi_frame_named_in_upper_case_is_read_with_its_companions(sample_tree, tmp_path):
+    """``frame_XXXXX_rgb.PNG`` was listed as a missing ``.png`` beside its pose file."""
+    root, ref = _copy_sample(sample_tree, tmp_path, "biwi", BIWI_SOURCE)
+    want = biwi.read_sample(root, ref)
+    upper = BIWI_SOURCE.replace(".png", ".PNG")
+    (root / BIWI_SOURCE).rename(root / upper)
+    refs = biwi.list_samples(root)
+    assert [(r.source, r.key) for r in refs] == [(upper, ref.key)]
+    got = biwi.read_sample(root, refs[0])
+    assert np.array_equal(got.image, want.image) and np.array_equal(got.depth, want.depth)
+    assert (got.yaw, got.pitch, got.roll) == (want.yaw, want.pitch, want.roll)
+    assert biwi.input_files(root, refs[0])[0] == upper
+
+
 @pytest.mark.parametrize("name,source,label", [
     ("300w_lp", W300_SOURCE, "AFW/AFW_1000207_1_0.mat"),
     ("biwi", BIWI_SOURCE, "03/frame_00004_pose.txt"),
@@ -440,7 +455,8 @@ def test_keys_that_still_coincide_are_made_unique(sample_tree, tmp_path):
 
 @pytest.mark.parametrize("problem,reason", [("no_pose", "missing_key"), ("bad_pt2d", "bad_shape"),
                                             ("nan_pose", "nan_label"), ("text_pose", "bad_shape"),
-                                            ("inf_scale", "nan_label"), ("nan_translation", "nan_label")])
+                                            ("inf_scale", "nan_label"), ("nan_translation", "nan_label"),
+                                            ("huge_pitch", "bad_pose"), ("yaw_past_180", "bad_pose")])
 def test_bad_mat_content(sample_tree, tmp_path, aflw_source, problem, reason):
     import scipy.io
 
@@ -457,11 +473,17 @@ def test_bad_mat_content(sample_tree, tmp_path, aflw_source, problem, reason):
         arrays["Pose_Para"][0, 6] = np.inf
     elif problem == "nan_translation":
         arrays["Pose_Para"][0, 4] = np.nan
+    elif problem == "huge_pitch":  # was written as pitch 5.7e31 beside a rotation of a few degrees
+        arrays["Pose_Para"][0, 0] = 1e30
+    elif problem == "yaw_past_180":
+        arrays["Pose_Para"][0, 1] = np.radians(181.0)
     else:
         arrays["Pose_Para"] = np.array(["abc"])
     matfile.write_mat(mat_path, arrays)
     err = _expect_error(AFLW_NAME, root, ref, reason, mat_path.name)
     assert "re-download or re-extract" in err.message or reason == "missing_key"
+    if reason == "bad_pose":
+        assert re.search(r"Pose_Para gives (pitch 5\.72958e\+31|yaw 181) degrees, past ±180", err.message), err.message
 
 
 def test_unreadable_and_wrong_size_image(sample_tree, tmp_path, capfd):
@@ -480,6 +502,12 @@ def test_unreadable_and_wrong_size_image(sample_tree, tmp_path, capfd):
     assert "Corrupt JPEG" not in capfd.readouterr().err  # no warning without the file's name
     image.write_bytes(b"")
     _expect_error("300w_lp", root, ref, "unreadable_image", "300W_LP/" + W300_SOURCE)
+    for ext in (".bmp", ".tiff"):  # another format under the name, cut short: OpenCV logged lines naming no file
+        data = cv2.imencode(ext, np.full((450, 450, 3), 128, np.uint8))[1].tobytes()
+        image.write_bytes(data[:len(data) // 3])
+        capfd.readouterr()
+        _expect_error("300w_lp", root, ref, "unreadable_image", "300W_LP/" + W300_SOURCE)
+        assert capfd.readouterr().err == "", ext
     cv2.imwrite(str(image), np.zeros((300, 300, 3), np.uint8))
     _expect_error("300w_lp", root, ref, "wrong_image_size", "300W_LP/" + W300_SOURCE)
     image.unlink()
@@ -500,6 +528,8 @@ def test_biwi_missing_pose_is_listed_then_rejected(sample_tree, tmp_path):
     ("-1 0 0 \n0 1 0 \n0 0 1 \n\n10 20 900 \n\n", "not_rotation"),
     ("1 0 0 \n0 1 0 \n0 0 nan \n\n10 20 900 \n\n", "bad_pose"),
     ("1 0 0 \n0 1 0 \n0 0 1 \n\n10 20 -900 \n\n", "bad_pose"),
+    ("1 0 0 \n0 1 0 \n0 0 1 \n\n10 20 9_00 \n\n", "bad_pose"),  # Python's float() reads 900
+    ("1 0 0 \n0 1 0 \n0 0 1 \n\n10 20 0x1p10 \n\n", "bad_pose"),
 ])
 def test_biwi_bad_pose(sample_tree, tmp_path, text, reason):
     root, ref = _copy_sample(sample_tree, tmp_path, "biwi", BIWI_SOURCE)
@@ -518,10 +548,33 @@ def test_biwi_truncated_depth_and_bad_calibration(sample_tree, tmp_path):
     depth.write_bytes(data)
     assert biwi.read_sample(root, ref).depth.shape == (480, 640)
     cal = root / "03" / "rgb.cal"
-    cal.write_text(cal.read_text().replace("640 480", "640"))
+    cal_text = cal.read_text()
+    cal.write_text(cal_text.replace("640 480", "640"))
     _expect_error("biwi", root, ref, "bad_calibration", "hpdb/03/rgb.cal")
+    cal.write_text(cal_text.replace("640 480", "1e300 1e300"))  # was a 301-digit width in the message
+    err = _expect_error("biwi", root, ref, "bad_calibration", "hpdb/03/rgb.cal")
+    assert "image size 1e+300 x 1e+300 is not valid (whole numbers from 1 to 16384" in err.message
+    cal.write_text(cal_text.replace("640 480", "64_0 480"))
+    assert "has a non-number ('64_0')" in _expect_error("biwi", root, ref, "bad_calibration", "hpdb/03/rgb.cal").message
+    cal.write_text(cal_text)
+    assert biwi.read_sample(root, ref).image.shape == (480, 640, 3)  # the usual numbers still read
     cal.unlink()
     _expect_error("biwi", root, ref, "bad_calibration", "hpdb/03/rgb.cal")
+
+
+@pytest.mark.parametrize("edit, says", [
+    (("575.816 0 320", "575.816 0 5000"), "lies mostly outside the 640 x 480 image"),  # an all-black depth crop
+    (("575.816 0 320", "1e9 0 320"), "lies mostly outside"),  # a box of 43 PiB to allocate
+    (("575.816 0 320 \n0 575.816", "1e-9 0 320 \n0 1e-9"), "is degenerate"),  # a one-pixel depth window
+])
+def test_biwi_depth_calibration_that_puts_the_head_off_the_depth_map(sample_tree, tmp_path, edit, says):
+    root, ref = _copy_sample(sample_tree, tmp_path, "biwi", BIWI_SOURCE)
+    cal = root / "03" / "depth.cal"
+    text = cal.read_text()
+    assert edit[0] in text
+    cal.write_text(text.replace(edit[0], edit[1], 1))
+    err = _expect_error("biwi", root, ref, "bad_calibration", "hpdb/03/depth.cal")
+    assert "the head's box in the depth map [" in err.message and says in err.message
 
 
 def _rejected_within(seconds, read, *args):
@@ -563,7 +616,7 @@ def test_raw_files_that_are_not_regular_files_are_rejected_not_read(sample_tree,
     image.rmdir()
     image.symlink_to(tmp_path / "gone.jpg")
     err = _rejected_within(20, aflw2000.read_sample, root, ref)
-    assert err.reason == "missing_image" and "is a symbolic link to" in err.message and "gone.jpg" in err.message
+    assert err.reason == "missing_image" and f"(a symbolic link to {tmp_path / 'gone.jpg'}, which does not exist)" in err.message
     image.unlink()
     shutil.copyfile(sample_tree / ROOTS[AFLW_NAME] / aflw_source, image)
     mat_bytes = mat.read_bytes()
@@ -696,3 +749,69 @@ def test_real_faces_detected_in_gt(real_samples, mtcnn):
     s = biwi.read_sample(root, biwi.list_samples(root)[0])
     boxes, probs = mtcnn.detect(s.image)
     assert _iou(boxes[int(np.argmax(probs))].tolist(), s.boxes["gt"]) > 0.6
+
+
+@pytest.mark.parametrize("name, source, companion, reason", [
+    (AFLW_NAME, None, ".mat", "missing_mat"),
+    ("biwi", BIWI_SOURCE, "03/frame_00004_pose.txt", "missing_pose"),
+    ("biwi", BIWI_SOURCE, "03/frame_00004_depth.bin", "missing_depth"),
+    ("biwi", BIWI_SOURCE, "03/depth.cal", "bad_calibration"),
+])
+def test_a_broken_link_to_a_label_file_is_named_as_one(sample_tree, tmp_path, aflw_source, name, source, companion, reason):
+    """Only images said so: a dangling .mat read "the image has no .mat next to it", a pose or
+    calibration file only "not found"."""
+    source = source or aflw_source
+    root, ref = _copy_sample(sample_tree, tmp_path, name, source)
+    path = (root / source).with_suffix(".mat") if companion == ".mat" else root / companion
+    path.unlink()
+    path.symlink_to(tmp_path / "moved_away")
+    err = _expect_error(name, root, ref, reason, path.name)
+    assert f"not found (a symbolic link to {tmp_path / 'moved_away'}, which does not exist)" in err.message
+    assert "no .mat next to it" not in err.message
+
+
+def test_a_mat_file_holding_a_variable_twice_is_rejected_quietly(sample_tree, tmp_path, aflw_source, capfd):
+    """scipy kept the second ``Pose_Para`` and printed a warning naming no file; the sample was
+    written with whichever came last."""
+    import io
+
+    import scipy.io
+
+    root, ref = _copy_sample(sample_tree, tmp_path, AFLW_NAME, aflw_source)
+    mat_path = (root / aflw_source).with_suffix(".mat")
+    arrays = {k: v for k, v in scipy.io.loadmat(str(mat_path)).items() if not k.startswith("__")}
+    first, again = io.BytesIO(), io.BytesIO()
+    scipy.io.savemat(first, arrays, do_compression=False)
+    scipy.io.savemat(again, {"Pose_Para": arrays["Pose_Para"] * 2}, do_compression=False)
+    mat_path.write_bytes(first.getvalue() + again.getvalue()[128:])  # a second Pose_Para after the first
+    capfd.readouterr()
+    err = _expect_error(AFLW_NAME, root, ref, "corrupt_mat", mat_path.name)
+    assert 'damaged MAT file (scipy: Duplicate variable name "Pose_Para"' in err.message
+    assert capfd.readouterr().err == ""
+
+
+def test_a_picture_of_the_wrong_size_is_refused_before_it_is_decoded(sample_tree, tmp_path, monkeypatch):
+    """The size comes from the file's header: a 20000 x 20000 PNG of a few hundred KB took 2.4 GB to
+    decode before it was refused."""
+    import struct
+    import zlib
+
+    import cv2
+
+    from dataprep import codec
+
+    root, ref = _copy_sample(sample_tree, tmp_path, "300w_lp", W300_SOURCE)
+    png = bytearray(cv2.imencode(".png", np.zeros((8, 8, 3), np.uint8))[1].tobytes())
+    png[16:24] = struct.pack(">II", 20000, 20000)  # what IHDR says is what a decoder would allocate
+    png[29:33] = struct.pack(">I", zlib.crc32(bytes(png[12:29])))
+    (root / W300_SOURCE).write_bytes(bytes(png))
+    jpeg = cv2.imencode(".jpg", np.zeros((900, 700, 3), np.uint8))[1].tobytes()
+
+    def no_decoding(data):
+        raise AssertionError("decoded")
+
+    monkeypatch.setattr(codec, "decode_rgb_checked", no_decoding)
+    err = _expect_error("300w_lp", root, ref, "wrong_image_size", W300_SOURCE)
+    assert "image is 20000x20000, expected 450x450" in err.message
+    (root / W300_SOURCE).write_bytes(jpeg)
+    assert "image is 700x900, expected 450x450" in _expect_error("300w_lp", root, ref, "wrong_image_size", W300_SOURCE).message

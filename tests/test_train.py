@@ -72,7 +72,7 @@ def run_eval(capsys, ckpt: Path, data: str, *extra: str) -> tuple[dict, str]:
 
 
 def check_run(out: Path, metrics: dict, capsys, data: str, model: str, *, falls: bool = True,
-              eval_extra: tuple[str, ...] = (), eval_warns: bool | None = None) -> dict:
+              eval_extra: tuple[str, ...] = (), eval_warns: bool | None = None, eval_says: str = "") -> dict:
     losses = [s["loss"] for s in metrics["steps"]]
     assert losses and all(math.isfinite(v) for v in losses)
     if falls:  # thirds, not single steps: the papers' online augmentation makes steps noisy
@@ -89,6 +89,7 @@ def check_run(out: Path, metrics: dict, capsys, data: str, model: str, *, falls:
     got, err = run_eval(capsys, out / "checkpoint.pt", data, "--model", model, *eval_extra)
     if eval_warns is not None:
         assert ("[eval] warning: the stored crops" in err) == eval_warns, err
+    assert eval_says in err, err
     assert got["model"] == model and got["samples"] == final["samples"] == 10
     for k in ("yaw", "pitch", "roll", "mean"):
         assert got[k] == pytest.approx(final[k], rel=1e-9, abs=1e-9), k
@@ -230,7 +231,10 @@ def test_train_the_64px_models_from_the_cli(shards, tmp_path, capsys, model, ext
     # these shards were built with --margin 0.5: FSA-Net's window (0.6 per side) does not fit
     needs_room = registry.get(model).crop_rule == "fsanet"
     assert ("[train] warning: the stored crops" in capsys.readouterr().err) == needs_room
-    check_run(out, metrics, capsys, shards.val, model, eval_warns=needs_room)
+    # --gpu-decode without a GPU: said, and the CPU's decode gives the recorded metrics
+    gpu = ("--gpu-decode",) if model == "ssrnet_md" else ()
+    check_run(out, metrics, capsys, shards.val, model, eval_warns=needs_room, eval_extra=gpu,
+              eval_says="[eval] --gpu-decode needs a CUDA device; decoding on the CPU" if gpu else "")
 
 
 def test_mixed_precision_training_and_eval(shards, tmp_path, capsys):
@@ -337,7 +341,7 @@ def test_cli_errors_are_clear(shards, tmp_path, capsys):
     with pytest.raises(SystemExit, match="no distillation loss"):
         main(["train", "--model", "whenet", "--train", shards.four, "--steps", "1", "--out", str(ckpt),
               "--pretrained", "none", "--workers", "0", "--device", "cpu", "--teachers", "x.pt"])
-    with pytest.MonkeyPatch.context() as mp, pytest.raises(SystemExit, match=r"^python -m train_minimal [a-z-]+: error: checkpoint .*nope\.pt not found"):
+    with pytest.MonkeyPatch.context() as mp, pytest.raises(SystemExit, match=r"^python -m train_minimal [a-z-]+: error: --teachers checkpoint .*nope\.pt not found"):
         # a wrong teacher path fails before the student is built (and its pretrained weights fetched)
         mp.setattr(train_mod, "build_model", lambda *a, **k: pytest.fail("student built before the teachers were read"))
         main(["train", "--model", "ehpnet", "--train", shards.four, "--steps", "1", "--out", str(ckpt),
@@ -383,8 +387,12 @@ def test_cli_errors_are_clear(shards, tmp_path, capsys):
             main(["train", "--model", "ehpnet", "--train", shards.four, "--batch-size", "8", *length,
                   "--out", str(ckpt), "--pretrained", "none", "--workers", "0", "--device", "cpu"])
     assert not ckpt.exists()  # none of these runs left an output folder behind
-    with pytest.raises(SystemExit, match="not found"):
+    with pytest.raises(SystemExit, match=r"error: checkpoint .*nope\.pt not found"):
         main(["eval", "--ckpt", str(tmp_path / "nope.pt"), "--data", shards.val, "--device", "cpu"])
+    # NAME= with nothing after it was read as a shard path "aflw2000="
+    with pytest.raises(SystemExit, match=r"error: --val aflw2000=: no shards after the '='; give NAME=URL"):
+        main(["train", "--model", "hopenet", "--train", shards.four, "--val", "aflw2000=", "--epochs", "1",
+              "--out", str(tmp_path / "never"), "--workers", "0", "--device", "cpu"])
     # a wrong shard path or model name: one error line, before any model is built or weights fetched
     missing = str(tmp_path / "nowhere" / "train-{000000..000001}.tar")
     with pytest.MonkeyPatch.context() as mp:

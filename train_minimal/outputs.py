@@ -14,11 +14,13 @@ from dataprep.weights import TorchFileError, load_torch_file
 CHECKPOINT_FORMAT = "train_minimal/1"
 
 
-def load_checkpoint(path: str) -> dict:
+def load_checkpoint(path: str, what: str = "checkpoint") -> dict:
+    """A checkpoint (or a bare state dict) as a dict with ``state_dict``; one-line errors that call
+    the file ``what`` (``"--teachers checkpoint"``: which option gave it)."""
     try:
         ckpt = load_torch_file(path)
     except FileNotFoundError:
-        raise SystemExit(f"error: checkpoint {path} not found") from None
+        raise SystemExit(f"error: {what} {path} not found") from None
     except IsADirectoryError:
         raise SystemExit(f"error: {path} is a folder; give its checkpoint.pt") from None
     except (TorchFileError, OSError) as err:

@@ -122,6 +122,8 @@ def parse_val(items: list[str] | None) -> dict[str, str]:
     """``NAME=URL`` (or a bare URL: ``val``, ``val2`` ...) -> {name: url}."""
     out: dict[str, str] = {}
     for i, item in enumerate(items or []):
+        if re.fullmatch(r"[A-Za-z0-9_.\-]+=\s*", item):
+            raise SystemExit(f"error: --val {item}: no shards after the '='; give NAME=URL (a path, brace pattern or URL)")
         m = re.match(r"^([A-Za-z0-9_.\-]+)=(.+)$", item)
         if m and "/" not in m.group(1):
             name, url = m.group(1), m.group(2)
@@ -176,7 +178,7 @@ def _load_teachers(paths: list[str], spec, input_size: int, device: torch.device
         raise SystemExit(f"error: model {spec.name!r} has no distillation loss; --teachers is for ehpnet")
     teachers = []
     for path in paths:
-        ckpt = load_checkpoint(path)
+        ckpt = load_checkpoint(path, "--teachers checkpoint")
         # building a teacher draws initial weights; the student's own must not depend on them
         with torch.random.fork_rng(devices=[]):
             tspec, teacher, t_size = model_from_checkpoint(ckpt, device=device)
@@ -448,6 +450,8 @@ def cmd_eval(args) -> int:
         model = model.to(memory_format=torch.channels_last)
     amp_dtype = amp_dtype_for(device, args.amp)
     batch_size = int(args.batch_size or (ckpt.get("args") or {}).get("batch_size") or 64)
+    if args.gpu_decode and not cuda:
+        print("[eval] --gpu-decode needs a CUDA device; decoding on the CPU", file=sys.stderr)
     _warn_crop_room(args.data, spec, "eval")
     with _shards_found():
         loader = make_loader(args.data, spec, batch_size, train=False, workers=args.workers, seed=0,
@@ -517,16 +521,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--epochs", type=_positive_int)
     g.add_argument("--steps", type=_positive_int, help="optimiser steps in all (evaluates at each epoch end and at the end)")
     t.add_argument("--batch-size", type=_positive_int, help="per process (default: the model's)")
-    t.add_argument("--device", type=_device, default="auto", help="auto | cpu | cuda | cuda:N | mps")
+    t.add_argument("--device", type=_device, default="auto", help="auto (a GPU when torch sees one, else cpu) | cpu | cuda | cuda:N | mps (default auto)")
     t.add_argument("--out", required=True, help="output folder")
     t.add_argument("--lr", type=float, help="learning rate (default: the paper's)")
     t.add_argument("--alpha", type=float, help="regression weight of bin-classification losses (Hopenet: 1 or 2)")
     t.add_argument("--teachers", help="comma-separated teacher checkpoints (knowledge distillation)")
     t.add_argument("--kd-weight", type=float, help="distillation weight (default: the model's)")
-    t.add_argument("--pretrained", default="auto", help="none | auto (ImageNet via torchvision/timm) | PATH")
+    t.add_argument("--pretrained", default="auto", help="none | auto (ImageNet backbone weights via torchvision/timm, for the models with such a backbone) | PATH (default auto)")
     t.add_argument("--workers", type=_non_negative_int, default=min(4, os.cpu_count() or 1),
                    help="DataLoader workers (default: min(4, cores); 0: read in the main process)")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=int, default=0, help="seed of the weights, shuffling and augmentation (default 0)")
     t.add_argument("--gpu-decode", action="store_true", help="decode JPEGs on the GPU (torchvision.io.decode_jpeg)")
     t.add_argument("--epoch-length", type=_positive_int, help="samples per epoch (all ranks): resampled shards")
     t.add_argument("--input-size", type=_positive_int, help="override the model's input size (smoke tests)")
@@ -536,12 +540,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="MAE of a checkpoint on shards; the last line is JSON")
     e.add_argument("--model", choices=registry.names(), metavar="MODEL", help="model name (default: the checkpoint's)")
-    e.add_argument("--ckpt", required=True)
+    e.add_argument("--ckpt", required=True, help="a train_minimal checkpoint (OUT/checkpoint.pt) or a state dict")
     e.add_argument("--data", required=True, help="shards: path, brace pattern or URL")
     e.add_argument("--batch-size", type=_positive_int, help="default: the training batch size")
-    e.add_argument("--device", type=_device, default="auto", help="auto | cpu | cuda | cuda:N | mps")
+    e.add_argument("--device", type=_device, default="auto", help="auto (a GPU when torch sees one, else cpu) | cpu | cuda | cuda:N | mps (default auto)")
     e.add_argument("--workers", type=_non_negative_int, default=0, help="DataLoader workers (default 0: the main process)")
-    e.add_argument("--gpu-decode", action="store_true")
+    e.add_argument("--gpu-decode", action="store_true", help="decode JPEGs on the GPU (torchvision.io.decode_jpeg; CUDA only)")
     e.add_argument("--amp", choices=AMP_CHOICES, default="auto", help="as for train")
     e.set_defaults(func=cmd_eval)
 
@@ -551,8 +555,8 @@ def build_parser() -> argparse.ArgumentParser:
     pa.set_defaults(func=cmd_params)
 
     c = sub.add_parser("convert-fsanet", help="official FSA-Net Keras .h5 weights -> our checkpoint")
-    c.add_argument("h5")
-    c.add_argument("out")
+    c.add_argument("h5", help="FSA-Net's Keras weights file (.h5)")
+    c.add_argument("out", help="the checkpoint to write (.pt)")
     c.set_defaults(func=cmd_convert_fsanet)
     return p
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .. import boxes as box_rules
 from .. import crop as crop_ops
-from ..shards import MANIFEST, split_member
+from ..shards import MANIFEST, manifest_shape_problems, split_member
 
 
 #: Box variants in the order tables and legends list them (others, if any, follow sorted).
@@ -110,10 +110,11 @@ def load_build(out) -> Build:
         manifest = json.loads(manifest_path.read_text())
     except ValueError as err:
         raise AuditError(f"{manifest_path} is not valid JSON ({err}); rerun the build to write it again") from None
-    shards = manifest.get("shards") if isinstance(manifest, dict) else None
-    if not isinstance(shards, list) or not all(isinstance(s, dict) and isinstance(s.get("name"), str) for s in shards):
-        raise AuditError(f"{manifest_path} is not a dataprep build manifest (it needs a \"shards\" list of "
-                         "{\"name\": ...}); rerun the build to write it again")
+    shape = manifest_shape_problems(manifest)
+    if shape:
+        raise AuditError(f"{manifest_path} is not a dataprep build manifest ({shape[0]}); rerun the build to write "
+                         "it again")
+    shards = manifest["shards"]
     samples: list[Sample] = []
     for shard in shards:
         path = out / shard["name"]

@@ -28,6 +28,7 @@ from typing import Callable
 import numpy as np
 
 from .. import labels
+from ..boxes import box_problem
 from ..records import RawSample, SampleError, SampleRef
 from . import common
 
@@ -42,7 +43,7 @@ DEFAULT_ROOT_NAME = "hpdb"
 HEAD_SIZE_MM = 160.0
 
 _SEQUENCE_DIR = re.compile(r"^\d\d$")
-_RGB_NAME = re.compile(r"^frame_(\d+)_rgb\.png$")
+_RGB_NAME = re.compile(r"^frame_(\d+)_rgb\.(?i:png)$")  # the extension in any case, as the other readers take it
 _POSE_NAME = re.compile(r"^frame_(\d+)_pose\.txt$")
 
 
@@ -79,14 +80,21 @@ def _fmt(values) -> str:
     return "".join(f"{float(v):g} " for v in np.asarray(values, dtype=np.float64).reshape(-1)) + "\n"
 
 
+#: A number as the dataset's files write them (and as C's strtod reads them): optional sign,
+#: digits with an optional point, optional exponent; also nan / inf, which the check after names.
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?|[+-]?(nan|inf)", re.IGNORECASE)
+#: The largest image side a .cal may give: the Kinect's frames are 640 x 480.
+MAX_CAL_SIDE = 16384
+
+
 def _numbers(text: str, count: int, what: str, display: str, reason: str) -> np.ndarray:
     tokens = text.split()
     if len(tokens) != count:
         raise SampleError(reason, f"{display}: expected {count} numbers in the {what}, found {len(tokens)}")
-    try:
-        values = np.array([float(t) for t in tokens], dtype=np.float64)
-    except ValueError as exc:
-        raise SampleError(reason, f"{display}: {what} has a non-number ({exc})") from None
+    odd = next((t for t in tokens if not _NUMBER.fullmatch(t)), None)
+    if odd is not None:  # float() also takes "1_0" (10), "infinity", "0x1p3"
+        raise SampleError(reason, f"{display}: {what} has a non-number ({odd!r})")
+    values = np.array([float(t) for t in tokens], dtype=np.float64)
     if not np.all(np.isfinite(values)):
         raise SampleError(reason, f"{display}: {what} has NaN or infinite values")
     return values
@@ -96,7 +104,7 @@ def _read_text(path: Path, display: str, reason: str, what: str, missing_reason:
     try:
         return common.read_file_bytes(path).decode("ascii", errors="strict")
     except FileNotFoundError:
-        raise SampleError(missing_reason or reason, f"{display}: {what} file not found") from None
+        raise SampleError(missing_reason or reason, f"{display}: {what} file not found{common.broken_link_note(path)}") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise SampleError(reason, f"{display}: cannot read the {what} file ({exc})") from exc
 
@@ -123,8 +131,9 @@ def parse_cal_text(text: str, display: str = "cal") -> Calibration:
     """``.cal`` text -> ``Calibration``; ``SampleError("bad_calibration")`` if malformed."""
     v = _numbers(text, 27, "calibration (K, distortion, R, T, width height)", display, "bad_calibration")
     width, height = v[25], v[26]
-    if width != int(width) or height != int(height) or width <= 0 or height <= 0:
-        raise SampleError("bad_calibration", f"{display}: image size {width:g} x {height:g} is not valid")
+    if not (0 < width <= MAX_CAL_SIDE and 0 < height <= MAX_CAL_SIDE) or width != int(width) or height != int(height):
+        raise SampleError("bad_calibration", f"{display}: image size {width:g} x {height:g} is not valid (whole "
+                                             f"numbers from 1 to {MAX_CAL_SIDE}; the Kinect's is 640 x 480)")
     K = v[:9].reshape(3, 3)
     if K[0, 0] <= 0 or K[1, 1] <= 0 or K[2, 2] != 1:
         raise SampleError("bad_calibration", f"{display}: K is not an intrinsics matrix: {K.tolist()}")
@@ -149,7 +158,7 @@ def read_cal(path: Path, display: str | None = None) -> Calibration:
     try:
         st = Path(path).stat()
     except OSError:
-        raise SampleError("bad_calibration", f"{display}: calibration file not found") from None
+        raise SampleError("bad_calibration", f"{display}: calibration file not found{common.broken_link_note(path)}") from None
     return _read_cal_cached(str(path), st.st_mtime_ns, st.st_size, display)
 
 
@@ -225,7 +234,7 @@ def read_depth_bin(path: Path, display: str | None = None) -> np.ndarray:
     try:
         data = common.read_file_bytes(path)
     except FileNotFoundError:
-        raise SampleError("missing_depth", f"{display}: depth file not found") from None
+        raise SampleError("missing_depth", f"{display}: depth file not found{common.broken_link_note(path)}") from None
     except OSError as exc:
         raise SampleError("corrupt_depth", f"{display}: cannot read the file ({exc})") from exc
     return decode_depth_bin(data, display)
@@ -291,7 +300,7 @@ def _frame_of(pattern: re.Pattern) -> Callable[[Path], str | None]:
 def companion_paths(source: str) -> dict[str, str]:
     """Relative paths of a frame's files, from its image path ``NN/frame_XXXXX_rgb.png``."""
     seq, name = source.split("/", 1)
-    frame = name[: -len("_rgb.png")] if name.endswith("_rgb.png") else Path(name).stem
+    frame = name[: -len("_rgb.png")] if name.lower().endswith("_rgb.png") else Path(name).stem  # .PNG too
     return {
         "pose": f"{seq}/{frame}_pose.txt",
         "depth": f"{seq}/{frame}_depth.bin",
@@ -343,6 +352,12 @@ def read_sample(root: Path, ref: SampleRef) -> RawSample:
     if z <= 0:
         raise SampleError("bad_calibration", f"{shown['pose']}: head centre {t.tolist()} lands behind the RGB camera "
                                               f"of {shown['rgb_cal']}; one of the two files is wrong")
+    depth_box = head_box(t, depth_cal)[0]
+    problem = box_problem(depth_box, (depth_cal.width, depth_cal.height))
+    if problem:  # the RGB box passed: the depth camera's numbers are off (a black or huge depth crop)
+        shown_box = ", ".join(f"{v:.6g}" for v in depth_box)
+        raise SampleError("bad_calibration", f"{shown['depth_cal']}: the head's box in the depth map [{shown_box}] "
+                                              f"{problem}; the file's intrinsics or its rotation and translation are off")
     yaw, pitch, roll = labels.biwi_matrix_to_euler(M)
     return RawSample.from_angles(
         ref, image, yaw, pitch, roll,
@@ -353,7 +368,7 @@ def read_sample(root: Path, ref: SampleRef) -> RawSample:
             "head_center_mm": [float(v) for v in t],
             "head_center_depth_px": [float(v) for v in depth_cal.project(t)],
             # The same physical head box in the depth image (the pipeline crops depth with it).
-            "depth_box": head_box(t, depth_cal)[0],
+            "depth_box": depth_box,
             "head_center_rgb_px": [float(v) for v in centre],
             "sequence": ref.group,
         },

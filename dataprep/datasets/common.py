@@ -77,6 +77,14 @@ _FILE_KINDS = ((stat.S_ISFIFO, "a named pipe"), (stat.S_ISDIR, "a folder"), (sta
                (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
 
 
+def broken_link_note(path) -> str:
+    """`` (a symbolic link to TARGET, which does not exist)`` when ``path`` is one, else ``""``: the
+    readers' "file not found" messages say why a file that is listed cannot be found."""
+    if os.path.islink(path) and not os.path.exists(path):
+        return f" (a symbolic link to {os.readlink(path)}, which does not exist)"
+    return ""
+
+
 def read_file_bytes(path) -> bytes:
     """``path``'s bytes, for every raw input file the readers and the box stage read.
     :class:`NotARegularFile` (an ``OSError``) for anything but a regular file, saying what it is;
@@ -134,11 +142,12 @@ def read_image(path: Path, display: str, expected_size: tuple[int, int] | None =
     """
     try:
         data = read_file_bytes(path)
-    except FileNotFoundError as exc:
-        link = f" ({exc})" if os.path.islink(path) else ""
-        raise SampleError("missing_image", f"{display}: image file not found{link}") from None
+    except FileNotFoundError:
+        raise SampleError("missing_image", f"{display}: image file not found{broken_link_note(path)}") from None
     except OSError as exc:
         raise SampleError("unreadable_image", f"{display}: cannot read the file ({exc})") from exc
+    if expected_size is not None:  # before decoding: a huge picture in a small file would take GBs
+        _check_image_size(codec.header_size(data), expected_size, display, size_from)
     image, damage = codec.decode_rgb_checked(data)
     if damage is not None:  # it would decode with gray or garbled blocks: not a sample to train on
         raise SampleError(
@@ -151,12 +160,17 @@ def read_image(path: Path, display: str, expected_size: tuple[int, int] | None =
             f"{display}: not a decodable image ({len(data)} bytes); re-download or re-extract the file",
         )
     if expected_size is not None:
-        h, w = image.shape[:2]
-        if (w, h) != tuple(expected_size):
-            said = f" as {size_from} says" if size_from else ""
-            raise SampleError(
-                "wrong_image_size",
-                f"{display}: image is {w}x{h}, expected {expected_size[0]}x{expected_size[1]}{said} "
-                "(the labels are in the original pixels; do not resize the raw files)",
-            )
+        _check_image_size(image.shape[1::-1], expected_size, display, size_from)
     return image
+
+
+def _check_image_size(size, expected_size, display: str, size_from: str | None) -> None:
+    """``wrong_image_size`` unless ``size`` (w, h; None: not known yet) is ``expected_size``."""
+    if size is None or tuple(size) == tuple(expected_size):
+        return
+    said = f" as {size_from} says" if size_from else ""
+    raise SampleError(
+        "wrong_image_size",
+        f"{display}: image is {size[0]}x{size[1]}, expected {expected_size[0]}x{expected_size[1]}{said} "
+        "(the labels are in the original pixels; do not resize the raw files)",
+    )

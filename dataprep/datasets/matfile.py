@@ -22,15 +22,18 @@ from __future__ import annotations
 import functools
 import io
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 import scipy.io
+from scipy.io.matlab import MatReadWarning
 
 from .. import labels
+from ..errors import first_line
 from ..records import SampleError, SampleRef
-from .common import display_path, list_refs, read_file_bytes, read_image
+from .common import broken_link_note, display_path, list_refs, read_file_bytes, read_image
 from .mat5 import read_numeric_mat
 
 #: Size of every 300W-LP and AFLW2000 image (width, height); ``pt2d`` is in these pixels.
@@ -70,13 +73,23 @@ def load_mat(path: Path, display: str) -> dict[str, Any]:
     try:
         data = read_file_bytes(path)
     except FileNotFoundError:
-        raise SampleError("missing_mat", f"{display}: label file not found (the image has no .mat next to it)") from None
+        raise SampleError("missing_mat", f"{display}: label file not found"
+                          + (broken_link_note(path) or " (the image has no .mat next to it)")) from None
     except OSError as exc:
         raise SampleError("unreadable_mat", f"{display}: cannot read the file ({exc})") from None
     try:
         fast = read_numeric_mat(data)
-        return fast if fast is not None else scipy.io.loadmat(io.BytesIO(data))
-    except MemoryError:
+        if fast is not None:
+            return fast
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always", MatReadWarning)
+            mat = scipy.io.loadmat(io.BytesIO(data))
+        trouble = [w for w in said if issubclass(w.category, MatReadWarning)]
+        if trouble:  # e.g. a variable stored twice: scipy keeps the last one and prints no file name
+            raise SampleError("corrupt_mat", f"{display}: damaged MAT file (scipy: {first_line(trouble[0].message)}); "
+                                             "re-download the file")
+        return mat
+    except (MemoryError, SampleError):
         raise
     except Exception as exc:  # noqa: BLE001 - scipy raises many types for a bad file
         detail = f"{type(exc).__name__}: {exc}".strip()
@@ -125,6 +138,11 @@ def pose_labels(mat: Mapping[str, Any], display: str) -> tuple[float, float, flo
     # all 7: the translation and scale go into the record too, and JSON has no NaN
     require_finite(pose, "Pose_Para (pitch, yaw, roll, tx, ty, tz, scale)", display)
     yaw, pitch, roll = labels.pose_para_to_euler(pose)
+    past = {k: v for k, v in (("yaw", yaw), ("pitch", pitch), ("roll", roll)) if abs(v) > labels.MAX_ANGLE}
+    if past:  # no head turns that far, and no rotation gives such an angle back (labels.rotation_to_euler)
+        shown = ", ".join(f"{k} {v:.6g}" for k, v in past.items())
+        raise SampleError("bad_pose", f"{display}: Pose_Para gives {shown} degrees, past ±{labels.MAX_ANGLE:g} (a "
+                                      f"damaged or hand-made file?); {REFETCH}")
     return yaw, pitch, roll, [float(v) for v in pose]
 
 
