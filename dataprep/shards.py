@@ -319,14 +319,17 @@ def manifest_shape_problems(manifest) -> list[str]:
             problems.append(f"shards[{i}].name is {name!r}, not a shard file name such as train-000000.tar")
         if not isinstance(shard.get("split"), str):
             problems.append(f"shards[{i}].split is {shard.get('split')!r}, not a split name")
-        for field in ("samples", "written"):
-            if field in shard or field == "samples":
-                if not _count(shard.get(field)):
-                    problems.append(f"shards[{i}].{field} is {shard.get(field)!r}, not a count")
+        for field in ("samples", "written"):  # written: not in manifests of older builds
+            if (field == "samples" or field in shard) and not _count(shard.get(field)):
+                problems.append(f"shards[{i}].{field} is {shard.get(field)!r}, not a count")
         if not isinstance(shard.get("sha256"), str) or not _SHA256.fullmatch(shard["sha256"]):
             problems.append(f"shards[{i}].sha256 is {shard.get('sha256')!r}, not a SHA-256 hex digest")
-    if not isinstance(manifest.get("counts", {}), dict):
+    counts = manifest.get("counts", {})
+    if not isinstance(counts, dict):
         problems.append("counts is not an object")
+    elif not (isinstance(counts.get("per_split", {}), dict)
+              and all(isinstance(c, dict) for c in counts.get("per_split", {}).values())):
+        problems.append("counts.per_split is not an object of objects")
     rejected = manifest.get("rejected", [])
     if not isinstance(rejected, list) or not all(isinstance(e, dict) for e in rejected):
         problems.append("rejected is not a list of objects")

@@ -814,6 +814,7 @@ def test_verify_checks_the_rejected_list_against_the_counts(aflw_build, tmp_path
     (lambda m: m.update(shards={"a": 1}), 'has no "shards" list'),
     (lambda m: m.update(rejected=None), "rejected is not a list of objects"),
     (lambda m: m.update(counts=[]), "counts is not an object"),
+    (lambda m: m["counts"].update(per_split={"test": 3}), "counts.per_split is not an object of objects"),
 ])
 def test_verify_and_audit_name_an_edited_manifest_instead_of_failing(aflw_build, tmp_path, capsys, edit, says):
     """Fields of the wrong kind (a hand edit, another tool's file) were tracebacks in verify and
