@@ -865,3 +865,107 @@ def test_a_bad_sample_is_named_in_one_line_with_what_to_do(tmp_path):
     assert isinstance(exc.value, ValueError) and isinstance(exc.value.__cause__, ValueError)
     with pytest.warns(UserWarning, match=re.escape(f"sample {first!r} in {broken}")):
         assert keys_of(make_dataset(str(broken), shuffle=0, handler=wds.warn_and_continue)) == sorted(samples)[1:]
+
+
+def _shard_of(tmp_path, name: str, samples: list[dict]) -> str:
+    """One shard of ``samples`` (members dicts) named ``name``; its path."""
+    path = tmp_path / name
+    with wds.TarWriter(str(path)) as sink:
+        for members in samples:
+            sink.write(members)
+    return str(path)
+
+
+@pytest.mark.parametrize("field, value, says", [
+    ("yaw", None, "record yaw is None, not a finite number of degrees"),
+    ("pitch", float("nan"), "record pitch is nan, not a finite number of degrees"),
+    ("roll", "12.5", "record roll is '12.5', not a finite number of degrees"),
+    ("crop", [0, 0, 64], "record crop is [0, 0, 64], not a window [x1, y1, x2, y2]"),
+    ("crop", None, "record crop is None, not a window"),
+    ("crop_size", [100.5, 100], "record crop_size is [100.5, 100], not [width, height] in pixels"),
+])
+@pytest.mark.parametrize("image_format", ["float", "jpeg"])
+def test_a_record_the_loader_cannot_use_is_a_bad_sample_naming_the_field(tmp_path, field, value, says, image_format):
+    """NaN or null angles went into the batch (training on NaN without an error); a short or
+    missing crop failed while the batch was made, naming no sample, past any handler."""
+    from dataprep.loader import BadSample
+
+    rng = np.random.default_rng(0)
+    good, bad = synthetic_sample(0, CROP, rng), synthetic_sample(1, CROP, rng)
+    record = dict(bad["record"], **{field: value})
+    url = _shard_of(tmp_path, "bad-000000.tar", [sample_members(good), sample_members(bad, {"json": json.dumps(record).encode()})])
+    size = dict(crop_rule="hopenet", size=32) if image_format == "jpeg" else {}
+    with pytest.raises(BadSample, match=re.escape(f"sample {bad['key']!r} in {url}: ValueError: {says}")):
+        list(make_loader(url, 2, workers=0, shuffle=0, image_format=image_format, **size))
+    kept = make_loader(url, 1, workers=0, shuffle=0, image_format=image_format, handler=wds.ignore_and_continue, **size)
+    assert keys_of(kept) == [good["key"]]
+
+
+@pytest.mark.parametrize("landmarks", [np.zeros(3, np.float32), np.zeros((4, 17), np.float32), np.array(["a", "b"])])
+def test_landmarks_that_are_not_points_are_a_bad_sample(tmp_path, landmarks):
+    from dataprep.loader import BadSample
+
+    s = synthetic_sample(0, CROP, np.random.default_rng(0))
+    url = _shard_of(tmp_path, "bad-000000.tar", [sample_members(s, {"pts.npy": _npy_bytes(landmarks)})])
+    with pytest.raises(BadSample, match=r"landmarks \(pts\.npy\) are .* not points as rows of \(x, y\)"):
+        list(make_loader(url, 1, workers=0, shuffle=0))
+
+
+def test_a_resampled_stream_of_nothing_but_bad_samples_stops(tmp_path):
+    """With a handler that skips bad samples, a resampled stream whose every sample is bad drew
+    samples forever (the shard guard counts shards that give no raw sample; these give samples)."""
+    from dataprep.loader import NoSamples
+
+    rng = np.random.default_rng(0)
+    bad = [synthetic_sample(i, CROP, rng) for i in range(3)]
+    url = _shard_of(tmp_path, "bad-000000.tar", [sample_members(s, {"json": b"{not json"}) for s in bad])
+    loader = make_loader(url, 2, workers=0, resampled=True, samples_per_epoch=8, handler=wds.ignore_and_continue)
+    with pytest.raises(NoSamples, match=r"1000 samples in a row were skipped as unusable .*dataprep verify"):
+        keys_of(loader)
+
+
+def test_the_jpeg_format_cuts_by_the_pictures_own_size(tmp_path):
+    """``image_format="jpeg"`` took the window from the record's crop_size, so a record that says
+    another size gave a silently wrong window; a stored image that is not a JPEG is a bad sample
+    here, not a nameless decode error on the device later."""
+    from dataprep.loader import BadSample
+
+    rng = np.random.default_rng(0)
+    s = synthetic_sample(0, CROP, rng)
+    url = _shard_of(tmp_path, "a-000000.tar", [sample_members(s)])
+    want = next(iter(make_loader(url, 1, workers=0, shuffle=0, image_format="jpeg", crop_rule="hopenet", size=32)))
+    wrong = dict(s["record"], crop_size=[100, 100])
+    url = _shard_of(tmp_path, "b-000000.tar", [sample_members(s, {"json": json.dumps(wrong).encode()})])
+    got = next(iter(make_loader(url, 1, workers=0, shuffle=0, image_format="jpeg", crop_rule="hopenet", size=32)))
+    assert got["window"].tolist() == want["window"].tolist()
+    png = cv2.imencode(".png", s["crop"])[1].tobytes()
+    url = _shard_of(tmp_path, "c-000000.tar", [sample_members(s, {"jpg": png})])
+    with pytest.raises(BadSample, match="the stored image is not a JPEG whose header reads"):
+        list(make_loader(url, 1, workers=0, shuffle=0, image_format="jpeg", size=32))
+
+
+def test_damage_inside_a_samples_own_member_drops_that_sample(tmp_path):
+    """A shard cut inside the second member of a sample: that sample (its record cut off) is not
+    passed on as a sample without a record; the shard's damage is what is said."""
+    from dataprep.loader import UnreadableShard
+
+    pattern, samples = write_synthetic_shards(tmp_path, n_shards=1, per_shard=3)
+    path = Path(pattern.replace("{000000..000000}", "000000"))
+    keys = sorted(samples)
+    with tarfile.open(path) as tar:
+        record = next(m for m in tar.getmembers() if m.name == f"{keys[1]}.json")
+    for cut_at in (record.offset + 200, record.offset_data + 10):  # in its header, in its data
+        cut = tmp_path / f"cut{cut_at}-000000.tar"
+        cut.write_bytes(path.read_bytes()[:cut_at])
+        with pytest.raises(UnreadableShard, match=r"is not a readable tar shard"):
+            list(make_dataset(str(cut), shuffle=0))
+        assert keys_of(make_dataset(str(cut), shuffle=0, handler=wds.ignore_and_continue)) == keys[:1]
+
+
+def test_a_batch_of_two_crop_sizes_names_a_sample_of_each(tmp_path):
+    rng = np.random.default_rng(0)
+    small, big = synthetic_sample(0, CROP, rng), synthetic_sample(1, 2 * CROP, rng)
+    url = _shard_of(tmp_path, "mixed-000000.tar", [sample_members(small), sample_members(big)])
+    with pytest.raises(ValueError, match=re.escape(f"images of different sizes in one batch: (3, 64, 64) (e.g. {small['key']}), "
+                                                   f"(3, 128, 128) (e.g. {big['key']}): shards of builds with different --crop-size")):
+        list(make_loader(url, 2, workers=0, shuffle=0))

@@ -8,6 +8,7 @@ distillation) are marked ``slow`` but run in the default suite.
 """
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -389,6 +390,22 @@ def test_cli_errors_are_clear(shards, tmp_path, capsys):
     assert not ckpt.exists()  # none of these runs left an output folder behind
     with pytest.raises(SystemExit, match=r"error: checkpoint .*nope\.pt not found"):
         main(["eval", "--ckpt", str(tmp_path / "nope.pt"), "--data", shards.val, "--device", "cpu"])
+    # a sample the loader cannot use (a null angle: it trained on NaN labels before): one line
+    nulled = tmp_path / "nulled.tar"
+    with tarfile.open(shards.four) as src, tarfile.open(nulled, "w") as dst:
+        for m in src.getmembers():
+            data = src.extractfile(m).read()
+            if m.name.endswith(".json") and not any(d.name.endswith(".json") for d in dst.getmembers()):
+                record = json.loads(data)
+                record["yaw"], bad_key = None, record["key"]
+                data = json.dumps(record).encode()
+                m.size = len(data)
+            dst.addfile(m, io.BytesIO(data))
+    for workers in ("0", "2"):
+        with pytest.raises(SystemExit, match=rf"^python -m train_minimal train: error: sample '{bad_key}' in .*nulled\.tar: "
+                                             r"ValueError: record yaw is None, not a finite number of degrees; check"):
+            main(["train", "--model", "ssrnet_md", "--train", str(nulled), "--epochs", "1", "--batch-size", "2",
+                  "--out", str(tmp_path / "nulled_run"), "--workers", workers, "--device", "cpu", "--pretrained", "none"])
     # NAME= with nothing after it was read as a shard path "aflw2000="
     with pytest.raises(SystemExit, match=r"error: --val aflw2000=: no shards after the '='; give NAME=URL"):
         main(["train", "--model", "hopenet", "--train", shards.four, "--val", "aflw2000=", "--epochs", "1",

@@ -35,7 +35,8 @@ import torch
 from dataprep import boxes as box_rules
 from dataprep import crop as crop_ops
 from dataprep import loader as loaders
-from dataprep.loader import (HeadPoseLoader, NoSamples, expand_shard_urls, local_path, normalize_images,
+from dataprep.errors import first_line
+from dataprep.loader import (BadSample, HeadPoseLoader, NoSamples, expand_shard_urls, local_path, normalize_images,
                              require_local_shards)
 from dataprep.loader.tar_reader import SHARD_READ_ERRORS, unreadable_shard
 from dataprep.shards import read_info_splits, split_member
@@ -214,7 +215,12 @@ def prepare_batch(batch: dict, normalize: str, device: torch.device, *, size: in
         if size is None:
             raise ValueError("GPU-decoded batches need size= (the model's input size)")
         # decode_jpeg takes the (CPU) byte tensors and decodes them on ``device`` (nvjpeg on CUDA).
-        decoded = decode_jpeg(list(batch["jpeg"]), mode=ImageReadMode.RGB, device=device)
+        try:
+            decoded = decode_jpeg(list(batch["jpeg"]), mode=ImageReadMode.RGB, device=device)
+        except RuntimeError as err:  # torchvision's words name no sample: say which batch it was
+            keys = ", ".join(batch["key"][:4]) + (" ..." if len(batch["key"]) > 4 else "")
+            raise BadSample(f"a stored JPEG of the batch of samples {keys} does not decode "
+                            f"({first_line(err)}); check the shards with `dataprep verify` on their folder") from None
         windows = batch["window"].tolist()
         x = torch.stack([_gpu_crop_resize(img, win, size) for img, win in zip(decoded, windows)])  # RGB 0-255
     else:

@@ -50,7 +50,7 @@ from torch import nn
 from dataprep import devices
 from dataprep.devices import DEVICE_FORMS, parse_device
 from dataprep.errors import first_line
-from dataprep.loader import NoSamples, UnreadableShard, shard_error_line
+from dataprep.loader import BadSample, NoSamples, UnreadableShard, shard_error_line
 
 from . import registry
 from .data import EMPTY_SHARDS_HINT, crop_room_warning, epoch_steps, make_loader, prepare_batch
@@ -566,7 +566,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (UnreadableShard, NoSamples) as exc:  # a broken or empty shard, up front or while streaming: one line
+    except (UnreadableShard, NoSamples, BadSample) as exc:  # a broken or empty shard, or a bad sample, up front or while streaming: one line
         raise SystemExit(f"{parser.prog} {args.command}: error: {shard_error_line(exc)}") from None
     except SystemExit as exc:  # our one-line errors ("error: ..."), named as argparse names its own
         if isinstance(exc.code, str) and exc.code.startswith("error: "):

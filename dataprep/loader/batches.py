@@ -176,10 +176,13 @@ def _collate_items(items: Sequence, loader_id: int = 0) -> dict:
             batch["_forget"], buffer.forget = [(loader_id,) + ident for ident in buffer.forget], []
         batch["_shape"], batch["_dtype"] = buffer.images.shape[1:], buffer.images.dtype.str
     elif any(it.buffer is not None or it.image is not None for it in items):
-        sizes = {(it.buffer.images.shape[2:] if it.buffer is not None else it.image.shape[:2]) for it in items}
+        sizes: dict[tuple, str] = {}  # size -> the first sample of that size
+        for it in items:
+            sizes.setdefault(tuple(it.buffer.images.shape[2:] if it.buffer is not None else it.image.shape[:2]), it.key)
         if len(sizes) > 1:
-            raise ValueError(f"images of different sizes {sorted((3,) + s for s in sizes)} in one batch; "
-                             "pass size= (or crop_rule= and size=)")
+            shown = ", ".join(f"{(3,) + s} (e.g. {k})" for s, k in sorted(sizes.items()))
+            raise ValueError(f"images of different sizes in one batch: {shown}: shards of builds with different "
+                             "--crop-size; pass size= (or crop_rule= and size=)")
         raise RuntimeError("batch buffers out of step with the DataLoader's batches")  # pragma: no cover
     if items[0].jpeg is not None:
         data = [it.jpeg for it in items]

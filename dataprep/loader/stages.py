@@ -24,7 +24,7 @@ from .. import crop as crop_ops
 from ..errors import first_line
 from .batches import _BufferPool, _Item
 from .images import _decode_bgr, _reduction, _warp_reduced, _write_image
-from .tar_reader import BadSample
+from .tar_reader import BadSample, NoSamples
 
 
 class _State:
@@ -140,6 +140,34 @@ def _cropped_record(record: dict, taken: list[int], stored_size, rule: str, size
     return new
 
 
+#: Unusable samples in a row after which a stream stops with :class:`NoSamples` although its
+#: handler skips them (a resampled stream over nothing usable would draw samples forever).
+BAD_SAMPLES_IN_A_ROW = 1000
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_record(record) -> None:
+    """ValueError naming the field when a label record lacks what the loader reads, or has it in
+    another form: finite yaw, pitch and roll, the ``crop`` window (four numbers), ``crop_size`` (two
+    positive whole numbers). Checked here, per sample, so that a bad record is a :class:`BadSample`
+    naming it (a handler can skip it) instead of NaN labels or an error while the batch is made."""
+    if not isinstance(record, dict):
+        raise ValueError(f"the label record is a JSON {type(record).__name__}, not an object")
+    for angle in ("yaw", "pitch", "roll"):
+        if not _is_number(record.get(angle)):
+            raise ValueError(f"record {angle} is {record.get(angle)!r}, not a finite number of degrees")
+    crop = record.get("crop")
+    if not (isinstance(crop, list) and len(crop) == 4 and all(map(_is_number, crop))):
+        raise ValueError(f"record crop is {crop!r}, not a window [x1, y1, x2, y2]")
+    size = record.get("crop_size")
+    if size is not None and not (isinstance(size, list) and len(size) == 2
+                                 and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size)):
+        raise ValueError(f"record crop_size is {size!r}, not [width, height] in pixels")
+
+
 def _load_json(data: bytes):
     """A label record: ``orjson`` (7x faster than ``json``, the same values), and ``json`` for what
     only it accepts (``NaN``: our writer never emits it, other tools' might)."""
@@ -208,9 +236,10 @@ class _Decode(PipelineStage):
         return out if limit is None else islice(out, limit)
 
     def _decode_all(self, src, rank, worker):
+        bad_in_a_row = 0
         for index, raw in enumerate(src):
             try:
-                yield self.prepare(raw, rank, worker, index)
+                item = self.prepare(raw, rank, worker, index)
             except MemoryError:
                 raise
             except Exception as exn:  # noqa: BLE001 - the handler decides
@@ -218,9 +247,16 @@ class _Decode(PipelineStage):
                                 f"{first_line(exn)}; check the shards with `dataprep verify` on their folder, or "
                                 "pass handler=webdataset.warn_and_continue to skip such samples")
                 err.__cause__ = exn
-                if self.handler(err):
-                    continue
-                raise err from exn
+                if not self.handler(err):
+                    raise err from exn
+                bad_in_a_row += 1
+                if bad_in_a_row >= BAD_SAMPLES_IN_A_ROW:  # a resampled stream of nothing usable: no end
+                    raise NoSamples(f"{bad_in_a_row} samples in a row were skipped as unusable (the last: "
+                                    f"{raw.get('__key__')!r} in {raw.get('__url__')}: {first_line(exn)}); check "
+                                    "the shards with `dataprep verify` on their folder") from exn
+                continue
+            bad_in_a_row = 0
+            yield item
 
     def prepare(self, raw: dict, rank: int, worker: int, index: int) -> _Item:
         """One raw sample -> an :class:`_Item` (image H x W x 3 uint8, BGR or RGB as ``bgr`` says):
@@ -230,16 +266,24 @@ class _Decode(PipelineStage):
             missing = [s for s in ("jpg", "json") if s not in raw]
             raise ValueError(f"sample {raw.get('__key__')!r} has no {' or '.join(missing)} member")
         record = _load_json(raw["json"])
+        _check_record(record)
         key = str(record.get("key") or raw["__key__"])
         record.setdefault("augment", [])
         landmarks = None
         if "pts.npy" in raw:
-            landmarks = _load_npy(raw["pts.npy"]).astype(np.float32, copy=False)
+            landmarks = _load_npy(raw["pts.npy"])
+            if landmarks.dtype.kind not in "iuf" or landmarks.ndim != 2 or landmarks.shape[1] != 2:
+                raise ValueError(f"landmarks (pts.npy) are {landmarks.dtype} of shape {landmarks.shape}, not "
+                                 "points as rows of (x, y)")
+            landmarks = landmarks.astype(np.float32, copy=False)
         entropy = [st.seed, st.current, _key_hash(key)]
         if st.resampled:
             entropy += [rank, worker, index]
         if self.image_format == "jpeg":  # left to the device: only the window is decided here
-            image, (w, h) = None, (int(v) for v in record["crop_size"])
+            stored = codec.header_size(raw["jpg"]) if codec.is_jpeg(raw["jpg"]) else None
+            if stored is None:  # the device's decoder would fail on it later, naming no sample
+                raise ValueError("the stored image is not a JPEG whose header reads (damaged?)")
+            image, (w, h) = None, stored  # the picture's own size: a record may say another
             taken, size = self._window(record, w, h, entropy)
         else:
             image, taken, size, (w, h) = self._decode_and_cut(raw["jpg"], record, entropy)

@@ -63,7 +63,7 @@ def unreadable_shard(url: str, err: BaseException) -> UnreadableShard:
                            f"it or run `dataprep verify {folder or '.'}`")
 
 
-def shard_error_line(exc: UnreadableShard | NoSamples) -> str:
+def shard_error_line(exc: UnreadableShard | NoSamples | BadSample) -> str:
     """The one-line message of ``exc``, also when a DataLoader worker raised it (torch then raises a
     new one holding the worker's whole traceback, which ends with the original message)."""
     text = str(exc).strip()
@@ -224,8 +224,12 @@ def _tar_files(stream, select: Callable[[str], bool]):
         if not regular or not _wanted_file(name, select):
             _skip(stream, padded, seekable)
             continue
-        data = _read_exact(stream, size)
-        _skip(stream, padded - size, False)
+        try:
+            data = _read_exact(stream, size)
+            _skip(stream, padded - size, False)
+        except Exception as exn:
+            exn.tar_member = name  # whose data was cut short: _tar_samples tells whole samples by it
+            raise
         yield name, data
 
 
@@ -275,10 +279,13 @@ def _tar_samples(stream, url: str, handler: Callable[[Exception], bool]):
                 if handler(exn):
                     continue
                 raise
-    except Exception:
-        # a shard damaged further on: the sample read whole before the damage still counts (as in
-        # webdataset); the error goes on to the caller's handler
-        if current is not None and len(current) > 2:
+    except Exception as exn:
+        # A shard damaged further on: the error goes on to the caller's handler. The sample read
+        # before it still counts when the damage is in another sample's member (as in webdataset);
+        # when it is in one of its own, or in a header (which member, nobody knows), it is dropped:
+        # its members may be cut short or missing (it was read as a sample with no record).
+        cut = getattr(exn, "tar_member", None)
+        if current is not None and len(current) > 2 and cut is not None and _split_key(cut)[0] != current["__key__"]:
             yield current
         raise
     if current is not None and len(current) > 2:
