@@ -883,6 +883,8 @@ def _shard_of(tmp_path, name: str, samples: list[dict]) -> str:
     ("crop", [0, 0, 64], "record crop is [0, 0, 64], not a window [x1, y1, x2, y2]"),
     ("crop", None, "record crop is None, not a window"),
     ("crop_size", [100.5, 100], "record crop_size is [100.5, 100], not [width, height] in pixels"),
+    # the record's key was taken over the member's: two samples could share a key in one batch
+    ("key", "300w_lp_SYN_00000", "the record's key '300w_lp_SYN_00000' is not its member name's '300w_lp_SYN_00001'"),
 ])
 @pytest.mark.parametrize("image_format", ["float", "jpeg"])
 def test_a_record_the_loader_cannot_use_is_a_bad_sample_naming_the_field(tmp_path, field, value, says, image_format):

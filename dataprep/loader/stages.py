@@ -267,7 +267,10 @@ class _Decode(PipelineStage):
             raise ValueError(f"sample {raw.get('__key__')!r} has no {' or '.join(missing)} member")
         record = _load_json(raw["json"])
         _check_record(record)
-        key = str(record.get("key") or raw["__key__"])
+        key = raw["__key__"]
+        if record.get("key", key) != key:  # two samples could then share a key in a batch
+            raise ValueError(f"the record's key {record['key']!r} is not its member name's {key!r} (an edited or "
+                             "merged shard?)")
         record.setdefault("augment", [])
         landmarks = None
         if "pts.npy" in raw:
