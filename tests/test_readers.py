@@ -56,6 +56,19 @@ def test_list_samples_wrong_root(tmp_path, name):
         get_reader(name).list_samples(tmp_path)
 
 
+def test_a_300wlp_subset_folder_named_in_another_case_stops_the_listing(sample_tree, tmp_path):
+    """``afw_flip`` was passed over without a word (its samples never read, under protocol none not
+    even counted short); read under its own name it would lose the _Flip that re-indexes its landmarks."""
+    root, _ = _copy_sample(sample_tree, tmp_path, "300w_lp", W300_SOURCE)
+    (root / "afw_flip").mkdir()
+    shutil.copyfile(root / W300_SOURCE, root / "afw_flip" / "AFW_1000207_1_0.jpg")
+    with pytest.raises(FileNotFoundError, match=r"300W-LP subset folder\(s\) named in another case under .*: "
+                                                r"afw_flip \(rename it AFW_Flip\); the reader takes the dataset's own names"):
+        w300lp.list_samples(root)
+    (root / "afw_flip").rename(root / "AFW_Flip")
+    assert {r.group for r in w300lp.list_samples(root)} == {"AFW", "AFW_Flip"}
+
+
 # --------------------------------------------------------------------------------------------
 # Round trips on the generated tree
 # --------------------------------------------------------------------------------------------

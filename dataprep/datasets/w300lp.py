@@ -29,6 +29,16 @@ SUBSETS = ("AFW", "HELEN", "IBUG", "LFPW", "AFW_Flip", "HELEN_Flip", "IBUG_Flip"
 def list_samples(root: Path) -> list[SampleRef]:
     """Every ``<SUBSET>/*.jpg``, and every ``.mat`` there without its image (sorted by path)."""
     root = common.require_root(root, "300W-LP", DEFAULT_ROOT_NAME)
+    # a subset folder in another case (afw_flip) would be passed over without a word, and read as
+    # its own name it would lose what the name says (_Flip: landmarks to re-index)
+    canonical = {s.lower(): s for s in SUBSETS}
+    miscased = sorted(p.name for p in root.iterdir()  # (a case-blind file system finds them by either name)
+                      if p.name.lower() in canonical and p.name not in SUBSETS and p.is_dir()
+                      and not (root / canonical[p.name.lower()]).is_dir())
+    if miscased:
+        shown = ", ".join(f"{name} (rename it {canonical[name.lower()]})" for name in miscased)
+        raise FileNotFoundError(f"300W-LP subset folder(s) named in another case under {root}: {shown}; the "
+                                "reader takes the dataset's own names, in which _Flip marks the mirrored images")
     found = [s for s in SUBSETS if (root / s).is_dir()]
     if not found:
         raise FileNotFoundError(
