@@ -605,9 +605,10 @@ def make_manifest(opts, settings: Settings, proto, root: Path, refs, results: li
     rejected = [entry for r in results for entry in r["rejected"]]
     # every split of the assignment, read or not: a split none of whose samples are under --root
     # shows as zeros, not missing
-    per_split: dict[str, Counter] = {split: Counter(read=0, written=0, rejected=0, samples=0) for split in assignment or {}}
+    zeros = dict.fromkeys(("read", "written", "rejected", "samples"), 0)
+    per_split: dict[str, Counter] = {split: Counter(zeros) for split in assignment or {}}
     for r in results:
-        c = per_split.setdefault(r["split"], Counter(read=0, written=0, rejected=0, samples=0))
+        c = per_split.setdefault(r["split"], Counter(zeros))
         c["read"] += r["read"]
         c["written"] += r["written"]
         c["rejected"] += len(r["rejected"])

@@ -152,10 +152,8 @@ def decode_rgb_checked(data: bytes) -> tuple[np.ndarray | None, str | None]:
     (landmarks, boxes, the pose's image axes) were made in the stored grid, as MATLAB's and PIL's
     ``open`` read it, and a picture turned by its tag would no longer match them. Otherwise the same
     pixels as :func:`decode_rgb`."""
-    image, refusal = _turbo_or_refusal(data, "RGB")
-    if image is not None:
-        return image, None
-    if refusal is None and len(data) > 2 and is_jpeg(data):  # Exif: TurboJPEG applies no orientation
+    refusal = None
+    if len(data) > 2 and is_jpeg(data):  # TurboJPEG applies no Exif orientation, with or without a tag
         try:
             return simplejpeg.decode_jpeg(data, "RGB"), None
         except ValueError as exc:
@@ -182,9 +180,14 @@ def _opencv_quiet():
 
 def decode_cv2(data: bytes, reduction: int = 1) -> np.ndarray | None:
     """``cv2.imdecode`` (the reference) -> H x W x 3 uint8 BGR, or None when the bytes do not decode."""
+    return _imdecode(data, _CV2_FLAGS[reduction])
+
+
+def _imdecode(data: bytes, flags: int) -> np.ndarray | None:
+    """``cv2.imdecode(data, flags)``; None for no bytes, or bytes that do not decode."""
     if not data:
         return None
-    return cv2.imdecode(np.frombuffer(data, dtype=np.uint8), _CV2_FLAGS[reduction])
+    return cv2.imdecode(np.frombuffer(data, dtype=np.uint8), flags)
 
 
 def decode_bgr(data: bytes, reduction: int = 1) -> np.ndarray | None:
@@ -203,9 +206,7 @@ def decode_rgb(data: bytes) -> np.ndarray | None:
 
 def _decode_cv2_rgb(data: bytes, flags: int = cv2.IMREAD_COLOR) -> np.ndarray | None:
     """``cv2.imdecode``'s pixels (:func:`decode_cv2`'s with the default ``flags``) as RGB, or None."""
-    if not data:
-        return None
-    image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), flags)
+    image = _imdecode(data, flags)
     return None if image is None else cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 

@@ -46,6 +46,23 @@ MIRROR_X = np.diag([-1.0, 1.0, 1.0])
 MAX_ANGLE = 180.0
 
 
+def finite_number(value) -> bool:
+    """Whether a value read from a label record (JSON) is a finite number (a bool is not one)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def angle_problem(record: dict, angle: str, limit: float | None = None) -> str | None:
+    """Why ``record[angle]`` (``yaw``, ``pitch`` or ``roll``) is no usable label, or None: not a
+    finite number of degrees, or (with ``limit``) past ±``limit``. ``verify`` and the loader say it
+    in these words."""
+    value = record.get(angle)
+    if not finite_number(value):
+        return f"record {angle} is {value!r}, not a finite number of degrees"
+    if limit is not None and abs(value) > limit:
+        return f"record {angle} is {value!r}, past ±{limit:g} degrees"
+    return None
+
+
 def pose_para_to_euler(pose_para) -> tuple[float, float, float]:
     """``Pose_Para`` (any shape holding >= 3 values, radians) -> ``(yaw, pitch, roll)`` degrees."""
     p = np.asarray(pose_para, dtype=np.float64).reshape(-1)

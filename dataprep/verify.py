@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import math
 import posixpath
 import tarfile
 from collections import Counter
@@ -14,8 +13,7 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
-from . import codec
-from .labels import MAX_ANGLE
+from . import codec, labels
 from .pipeline import PROGRESS_DIR
 from .shards import INFO_FILE as INFO
 from .shards import (MANIFEST, TMP_SUFFIX, folder_filesystem, info_splits, is_shard_file, manifest_shape_problems, split_member,
@@ -46,11 +44,9 @@ def _decode_member(ext: str, data: bytes, key: str) -> None:
         if record["key"] != key:
             raise ValueError("record key differs from the member name")
         for angle in ("yaw", "pitch", "roll"):  # what every reader takes from a record
-            value = record[angle]
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"record {angle} is {value!r}, not a finite number of degrees")
-            if abs(value) > MAX_ANGLE:
-                raise ValueError(f"record {angle} is {value!r}, past ±{MAX_ANGLE:g} degrees")
+            problem = labels.angle_problem(record, angle, limit=labels.MAX_ANGLE)
+            if problem:
+                raise ValueError(problem)
     elif ext == "jpg":
         image, damage = codec.decode_rgb_checked(data)
         if damage is not None:

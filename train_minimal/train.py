@@ -48,6 +48,7 @@ import torch
 from torch import nn
 
 from dataprep import devices
+from dataprep.argtypes import int_at_least
 from dataprep.devices import DEVICE_FORMS, parse_device
 from dataprep.errors import first_line
 from dataprep.loader import BadSample, NoSamples, UnreadableShard, shard_error_line
@@ -60,22 +61,9 @@ from .outputs import check_run_folder, load_checkpoint, save_epoch
 # --------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------
-def _int_at_least(low: int, advice: str):
-    """An argparse type: an integer of ``low`` or more; ``advice`` says what to give instead."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"{value}: {advice}")
-        return value
-    return parse
-
-
 #: 0 steps, 0 epochs or batches of 0 are mistakes; 0 DataLoader workers read in the main process.
-_positive_int = _int_at_least(1, "give 1 or more")
-_non_negative_int = _int_at_least(0, "give 0 (read in the main process) or more")
+_positive_int = int_at_least(1, "give 1 or more")
+_non_negative_int = int_at_least(0, "give 0 (read in the main process) or more")
 
 
 def _device(text: str) -> str:

@@ -14,11 +14,11 @@ label records) and writes into ``DIR``:
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 from .. import boxes as box_rules
+from ..argtypes import int_at_least, number_at_least, share
 from .compare import COMPARE_COLUMNS, CompareTolerances, compare_builds, compare_summary, settings_differences
 from .table import (FLAG_HELP, FLAGS, RULES, AuditError, Build, Row, Thresholds, audit_rows, columns, flag_counts, load_build,
                     rule_summary, variant_summary, write_csv)
@@ -312,6 +312,10 @@ def _compare_sheet_row(pics, a: Build, b: Build, row, raw_root):
 
 
 # ------------------------------------------------------------------------------------------- CLI
+#: ``--per-flag``: 0 gives the counts alone.
+_PER_FLAG = int_at_least(0, "give 0 (counts only) or more")
+
+
 def add_parser(subparsers) -> None:
     d = Thresholds()
     p = subparsers.add_parser(
@@ -327,54 +331,23 @@ def add_parser(subparsers) -> None:
                    help="the raw dataset folder for the pictures (default: the build's input root; without it the "
                         "pictures are drawn on the stored crops)")
     t = CompareTolerances()
-    p.add_argument("--squash-threshold", type=_number_at_least(0.0), default=d.squash,
+    p.add_argument("--squash-threshold", type=number_at_least(0.0), default=d.squash,
                    help=f"flag 'squashed' when the stored crop's square distortion exceeds this ({d.squash})")
-    p.add_argument("--padding-threshold", type=_share, default=d.padding,
+    p.add_argument("--padding-threshold", type=share, default=d.padding,
                    help=f"flag 'padded' when more of the stored crop than this share lies outside the image, 0-1 ({d.padding:g})")
-    p.add_argument("--detector-iou", type=_share, default=d.detector_iou,
+    p.add_argument("--detector-iou", type=share, default=d.detector_iou,
                    help=f"flag 'detector_disagrees' when IoU(gt, detector box) is below this, 0-1 ({d.detector_iou})")
-    p.add_argument("--placeholder-iou", type=_share, default=d.placeholder_iou,
+    p.add_argument("--placeholder-iou", type=share, default=d.placeholder_iou,
                    help=f"flag 'placeholder_box' when IoU(gt, pt2d) is below this, 0-1 ({d.placeholder_iou})")
-    p.add_argument("--outside-tolerance", type=_number_at_least(0.0), default=d.outside_tolerance,
+    p.add_argument("--outside-tolerance", type=number_at_least(0.0), default=d.outside_tolerance,
                    help=f"pixels a box may extend past the image before 'outside_image' ({d.outside_tolerance:g})")
-    p.add_argument("--per-flag", type=_count, default=6,
+    p.add_argument("--per-flag", type=_PER_FLAG, default=6,
                    help="worst cases listed and drawn per flag (6; 0: counts only, no tables or contact sheets)")
-    p.add_argument("--label-tolerance", type=_number_at_least(0.0), default=t.label,
+    p.add_argument("--label-tolerance", type=number_at_least(0.0), default=t.label,
                    help=f"--compare: angle difference in degrees that counts as a label change ({t.label:g})")
-    p.add_argument("--box-tolerance", type=_number_at_least(0.0), default=t.box,
+    p.add_argument("--box-tolerance", type=number_at_least(0.0), default=t.box,
                    help=f"--compare: box corner difference in pixels that counts as a box change ({t.box:g})")
     p.set_defaults(handler=cmd_audit)
-
-
-def _number_at_least(low: float):
-    """An argparse type: a number of ``low`` or more."""
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        if not value >= low:  # NaN too
-            raise argparse.ArgumentTypeError(f"{text}: give {low:g} or more")
-        return value
-    return parse
-
-
-def _share(text: str) -> float:
-    """An argparse type: a share or an IoU, 0 to 1."""
-    value = _number_at_least(0.0)(text)
-    if value > 1.0:
-        raise argparse.ArgumentTypeError(f"{text}: give a value from 0 to 1")
-    return value
-
-
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value}: give 0 (counts only) or more")
-    return value
 
 
 def cmd_audit(args) -> int:

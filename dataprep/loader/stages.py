@@ -19,7 +19,7 @@ from webdataset.shardlists import ResampledShards, SimpleShardList
 from webdataset.utils import PipelineStage, pytorch_worker_info
 
 from .. import boxes as box_rules
-from .. import codec
+from .. import codec, labels
 from .. import crop as crop_ops
 from ..errors import first_line
 from .batches import _BufferPool, _Item
@@ -145,10 +145,6 @@ def _cropped_record(record: dict, taken: list[int], stored_size, rule: str, size
 BAD_SAMPLES_IN_A_ROW = 1000
 
 
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def _check_record(record) -> None:
     """ValueError naming the field when a label record lacks what the loader reads, or has it in
     another form: finite yaw, pitch and roll, the ``crop`` window (four numbers), ``crop_size`` (two
@@ -157,10 +153,11 @@ def _check_record(record) -> None:
     if not isinstance(record, dict):
         raise ValueError(f"the label record is a JSON {type(record).__name__}, not an object")
     for angle in ("yaw", "pitch", "roll"):
-        if not _is_number(record.get(angle)):
-            raise ValueError(f"record {angle} is {record.get(angle)!r}, not a finite number of degrees")
+        problem = labels.angle_problem(record, angle)
+        if problem:
+            raise ValueError(problem)
     crop = record.get("crop")
-    if not (isinstance(crop, list) and len(crop) == 4 and all(map(_is_number, crop))):
+    if not (isinstance(crop, list) and len(crop) == 4 and all(map(labels.finite_number, crop))):
         raise ValueError(f"record crop is {crop!r}, not a window [x1, y1, x2, y2]")
     size = record.get("crop_size")
     if size is not None and not (isinstance(size, list) and len(size) == 2

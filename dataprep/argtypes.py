@@ -1,0 +1,40 @@
+"""argparse types the command lines share (``dataprep audit``, ``python -m train_minimal``): a number
+or a whole number with a lower bound, a share from 0 to 1; each refuses with one line saying what
+to give."""
+from __future__ import annotations
+
+import argparse
+
+
+def int_at_least(low: int, advice: str):
+    """A whole number of ``low`` or more; ``advice`` says what to give instead."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value}: {advice}")
+        return value
+    return parse
+
+
+def number_at_least(low: float):
+    """A number of ``low`` or more (NaN refused)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not value >= low:  # NaN too
+            raise argparse.ArgumentTypeError(f"{text}: give {low:g} or more")
+        return value
+    return parse
+
+
+def share(text: str) -> float:
+    """A share or an IoU, 0 to 1."""
+    value = number_at_least(0.0)(text)
+    if value > 1.0:
+        raise argparse.ArgumentTypeError(f"{text}: give a value from 0 to 1")
+    return value
