@@ -18,7 +18,7 @@ from fsspec.implementations.local import LocalFileSystem
 from joblib import Parallel, delayed, parallel_config
 from tqdm.auto import tqdm
 
-from . import __version__, protocols
+from . import __version__, protocols, rejections
 from . import boxes as box_rules
 from .datasets import get_reader
 from .devices import parse_device
@@ -677,6 +677,9 @@ def summary_table(manifest: dict) -> str:
         for reason, n in counts["rejected_by_reason"].items():
             example = next(e for e in manifest["rejected"] if e["reason"] == reason)
             out.append(f"  {reason:<22} {n:>7}   e.g. {example['message']}")
+            action = rejections.advice(reason)
+            if action:
+                out.append(f"  {'':<22} {'':>7}   what to do: {action}")
     if counts["read"] and not counts["written"]:
         out.append("")
         out.append(f"warning: all {counts['read']} samples read were rejected (reasons above): the shards are empty. "

@@ -398,6 +398,21 @@ def test_summary_warns_when_a_full_download_misses_the_papers_count(aflw_build):
     assert "warning" not in table and "note: the full aflw2000 download has" in table
 
 
+def test_the_summary_says_what_to_do_once_per_reason(aflw_build):
+    from dataprep.rejections import REASONS, advice
+
+    manifest = aflw_build[1]
+    table = summary_table(manifest)
+    reasons = manifest["counts"]["rejected_by_reason"]
+    assert reasons  # protocol 1's angle filter rejects some of the sample tree's faces
+    for code in reasons:
+        assert table.count(f"what to do: {REASONS[code].action}") == 1
+    assert advice("a_code_from_a_newer_version") is None
+    manifest = dict(manifest, counts=dict(manifest["counts"], rejected_by_reason={"a_code_from_a_newer_version": 1}),
+                    rejected=[{"reason": "a_code_from_a_newer_version", "message": "m"}])
+    assert "what to do" not in summary_table(manifest)
+
+
 def test_a_damaged_manifest_is_refused_with_advice_and_never_left_half_written(aflw_build, tmp_path, sample_tree):
     out = tmp_path / "o"
     build(opts(sample_tree / "AFLW2000", out, "aflw2000"))
