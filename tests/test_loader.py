@@ -673,6 +673,27 @@ def test_a_shard_folder_is_answered_with_its_brace_patterns(tmp_path):
         make_dataset(f"{built}/*.tar")
 
 
+def test_an_empty_shard_url_is_named_with_what_to_give(tmp_path):
+    """An empty URL (a blank --train, a list with an empty item, a stray '::') is refused up front
+    saying where it is and what to give; it was "1 of 1 shard(s) not found: " naming nothing, and
+    with a handler no error at all."""
+    pattern, _ = write_synthetic_shards(tmp_path, n_shards=1, per_shard=2)
+    give = re.escape("; give a shard path or URL, a brace pattern (e.g. out/train-{000000..000003}.tar), URLs "
+                     "joined by '::', or a list of those")
+    refused = [
+        ("", r"^shard URLs '': it is an empty string" + give + "$"),
+        ("  ", r"^shard URLs '  ': it is a blank string"),
+        ([pattern, ""], r"^shard URLs \[.*, ''\]: item 1 is an empty string" + give),
+        (pattern + "::", r"it has an empty part between '::' separators"),
+    ]
+    for urls, says in refused:
+        for handler in (None, wds.warn_and_continue):  # a handler skips unreadable shards, not this
+            with pytest.raises(FileNotFoundError, match=says):
+                make_dataset(urls, handler=handler)
+        with pytest.raises(FileNotFoundError, match=says):
+            make_loader(urls, batch_size=2)
+
+
 @pytest.mark.parametrize("image_format,normalize", [("float", None), ("float", "imagenet"), ("float", "raw_bgr"),
                                                     ("float", "bgr_128"), ("uint8", None)])
 @pytest.mark.parametrize("workers", [0, 2])

@@ -570,6 +570,18 @@ def test_convert_fsanet_errors_are_one_line(tmp_path):
     assert not out.exists()
 
 
+def test_an_empty_shard_url_is_one_error_line(tmp_path):
+    """``--train ''`` (an unset shell variable, say): one error line saying what was given."""
+    for command in (["train", "--model", "ssrnet_md", "--train", "", "--steps", "1", "--out", str(tmp_path / "o")],
+                    ["eval", "--model", "ssrnet_md", "--ckpt", str(tmp_path / "nope.pt"), "--data", ""]):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(train_mod, "load_checkpoint", lambda *a, **k: {"model": "ssrnet_md", "state_dict": {}})
+            mp.setattr(train_mod, "model_from_checkpoint", lambda *a, **k: (registry.get("ssrnet_md"), None, 64))
+            with pytest.raises(SystemExit, match=r"^python -m train_minimal [a-z]+: error: shard URLs '': it is an "
+                                                 r"empty string; give a shard path or URL"):
+                main(command + ["--workers", "0", "--device", "cpu"])
+
+
 def test_a_shard_folder_gets_its_brace_patterns(shards, tmp_path):
     """A dataprep build folder given as --train: the error gives the brace pattern of each split its
     _info.json lists, instead of a bare "not found"."""

@@ -77,7 +77,8 @@ def _device(text: str) -> str:
 
 def _warn_crop_room(urls, spec, command: str) -> None:
     """Print :func:`data.crop_room_warning` for these shards, if any, tagged with the command."""
-    warning = crop_room_warning(urls, spec)
+    with _shards_found():  # the first to read the URLs: an empty one is an error line here
+        warning = crop_room_warning(urls, spec)
     if warning:
         print(f"[{command}] warning: {warning}", file=sys.stderr, flush=True)
 

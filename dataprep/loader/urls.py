@@ -17,15 +17,35 @@ _NUMBERED = re.compile(r"^(.*?)([0-9]+)([^0-9]*)$")
 
 def expand_shard_urls(urls) -> list[str]:
     """A string (brace patterns, ``::``-separated lists), a path, or a list of those -> URLs
-    (``~`` expanded for local paths)."""
+    (``~`` expanded for local paths). An empty URL among them is a ``FileNotFoundError`` saying
+    where it is and what to give."""
     items = [urls] if isinstance(urls, (str, os.PathLike)) else list(urls)
     out: list[str] = []
-    for item in items:
-        for url in expand_urls(os.fspath(item)):
+    for index, item in enumerate(items):
+        expanded = expand_urls(os.fspath(item))
+        if not all(url.strip() for url in expanded):
+            # as require_local_shards answers a folder or a wildcard: what was given names no shard (an
+            # empty path was "1 of 1 shard(s) not found: " naming nothing, and passed over by a handler)
+            raise FileNotFoundError(_empty_url_problem(urls, os.fspath(item), None if item is urls else index))
+        for url in expanded:
             out.append(os.path.expanduser(url) if _is_local(url) else url)
     if not out:
         raise ValueError(f"no shard URLs in {urls!r}")
     return out
+
+
+def _empty_url_problem(urls, item: str, index: int | None) -> str:
+    """What is wrong with ``urls`` whose ``item`` (``index`` in a list of them) is or gives an empty
+    shard URL, and what to give instead."""
+    name = "it" if index is None else f"item {index}"
+    if not item.strip():
+        problem = f"{name} is {'a blank' if item else 'an empty'} string"
+    elif not all(part.strip() for part in item.split("::")):
+        problem = f"{name} has an empty part between '::' separators (one at its start or end, or two in a row?)"
+    else:
+        problem = f"{name} expands to an empty URL"
+    return (f"shard URLs {urls!r}: {problem}; give a shard path or URL, a brace pattern (e.g. "
+            "out/train-{000000..000003}.tar), URLs joined by '::', or a list of those")
 
 
 def _is_local(url: str) -> bool:
