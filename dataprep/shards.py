@@ -383,3 +383,12 @@ def read_info_splits(folder: str) -> dict:
     except (OSError, ValueError, KeyError, TypeError):
         return {}
     return splits if isinstance(splits, dict) else {}
+
+
+def read_info_shard_lengths(folder: str) -> dict[str, int]:
+    """Shard name -> samples, from a local build folder's ``_info.json`` ({} without a readable one)."""
+    try:
+        return {name: int(n) for s in read_info_splits(folder).values()
+                for name, n in zip(s["filenames"], s["shard_lengths"])}
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return {}

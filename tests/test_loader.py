@@ -992,3 +992,46 @@ def test_a_batch_of_two_crop_sizes_names_a_sample_of_each(tmp_path):
     with pytest.raises(ValueError, match=re.escape(f"images of different sizes in one batch: (3, 64, 64) (e.g. {small['key']}), "
                                                    f"(3, 128, 128) (e.g. {big['key']}): shards of builds with different --crop-size")):
         list(make_loader(url, 2, workers=0, shuffle=0))
+
+
+def _write_info(folder, shards: dict[str, int]) -> None:
+    """The build's ``_info.json`` for shards of split train: name -> samples."""
+    import fsspec
+
+    from dataprep.shards import write_info
+
+    write_info(fsspec.filesystem("file"), str(folder), "synthetic",
+               [{"split": "train", "name": name, "samples": n} for name, n in shards.items()])
+
+
+def test_a_shard_cut_at_a_member_boundary_is_short_of_its_recorded_samples(tmp_path):
+    """A tar cut where a member ends (or missing its last samples) reads as a valid shorter tar:
+    where the folder's _info.json records the shard's samples, ending with fewer is an
+    UnreadableShard naming the shard, both counts and dataprep verify, as a cut inside a member is;
+    a shard whose stream stops early (samples_per_epoch, resampled draws, workers) is no alarm."""
+    from dataprep.loader import UnreadableShard, shard_error_line
+
+    pattern, samples = write_synthetic_shards(tmp_path, n_shards=2, per_shard=3)
+    _write_info(tmp_path, {"train-000000.tar": 3, "train-000001.tar": 3})
+    for kwargs in (dict(), dict(samples_per_epoch=2), dict(resampled=True, samples_per_epoch=20, shuffle=4)):
+        assert len(keys_of(make_dataset(pattern, **kwargs))) == kwargs.get("samples_per_epoch", 6)  # intact: no alarm
+    assert sorted(keys_of(make_loader(pattern, 2, workers=2, shuffle=0))) == sorted(samples)
+    path = tmp_path / "train-000001.tar"
+    with tarfile.open(path) as tar:
+        members = tar.getmembers()
+    last = sorted(samples)[-1]
+    first_of_last = min(m.offset for m in members if m.name.startswith(last + "."))
+    path.write_bytes(path.read_bytes()[:first_of_last])  # `head -c`: its last sample's members gone
+    assert len(list(wds.WebDataset(str(path), shardshuffle=False))) == 2  # a tar, for tar and webdataset
+    want = (f"{path} is not a readable tar shard (truncated or not a tar file? it holds 2 samples, the folder's "
+            f"_info.json says 3); rebuild it or run `dataprep verify {tmp_path}`")
+    with pytest.raises(UnreadableShard) as exc:
+        list(make_dataset(pattern, shuffle=0))
+    assert str(exc.value) == want
+    with pytest.warns(UserWarning, match=re.escape(want)):
+        assert keys_of(make_dataset(pattern, shuffle=0, handler=wds.warn_and_continue)) == sorted(samples)[:-1]
+    with pytest.raises(UnreadableShard) as exc:  # from the worker that read it
+        list(make_loader(pattern, 2, workers=2, shuffle=0))
+    assert shard_error_line(exc.value) == want
+    with pytest.raises(UnreadableShard, match=re.escape(want)):
+        keys_of(make_dataset(pattern, resampled=True, samples_per_epoch=20))

@@ -39,7 +39,7 @@ from dataprep.errors import first_line
 from dataprep.loader import (BadSample, HeadPoseLoader, NoSamples, expand_shard_urls, local_path, normalize_images,
                              require_local_shards)
 from dataprep.loader.tar_reader import SHARD_READ_ERRORS, unreadable_shard
-from dataprep.shards import read_info_splits, split_member
+from dataprep.shards import read_info_shard_lengths, split_member
 
 SHUFFLE_BUFFER = 1000
 #: Why shards can hold no sample, and where to look (a build writes an empty shard where every
@@ -81,21 +81,12 @@ def shard_samples(urls) -> list[int] | None:
             n = sum(1 for _ in _records(tar))
         folder = os.path.dirname(os.path.abspath(path))
         if folder not in listed:
-            listed[folder] = _info_lengths(folder)
+            listed[folder] = read_info_shard_lengths(folder)
         want = listed[folder].get(os.path.basename(path))
         if want is not None and n != want:  # a tar cut between two members still reads: only the count tells
             raise unreadable_shard(url, ValueError(f"it holds {n} samples, the folder's _info.json says {want}"))
         counts.append(n)
     return counts
-
-
-def _info_lengths(folder: str) -> dict[str, int]:
-    """Shard name -> samples, from a build folder's ``_info.json`` ({} without a readable one)."""
-    try:
-        return {name: int(n) for s in read_info_splits(folder).values()
-                for name, n in zip(s["filenames"], s["shard_lengths"])}
-    except (KeyError, TypeError, ValueError, AttributeError):
-        return {}
 
 
 def crop_coverage(urls, rule: str, samples: int = 64) -> tuple[float, str] | None:

@@ -14,7 +14,7 @@ from ..augment import Compose
 from .images import IMAGE_FORMATS, NORMALIZATIONS
 from .stages import _Decode, _ResampledShards, _ShardList, _Shuffle, _State
 from .tar_reader import _TarSamples
-from .urls import expand_shard_urls, require_local_shards
+from .urls import expand_shard_urls, recorded_shard_lengths, require_local_shards
 
 
 class HeadPoseDataset(wds.DataPipeline):
@@ -195,7 +195,7 @@ def make_dataset(
     else:
         source = [_ShardList(url_list, state), wds.split_by_node if distributed else None, wds.split_by_worker]
     stages = source + [
-        _TarSamples(handler),
+        _TarSamples(handler, recorded_shard_lengths(url_list)),
         _Shuffle(state),
         _Decode(state, transforms, crop_rule, size, float(crop_margin), normalize,
                 image_format, bool(random_crop), handler, interpolation, bool(exact_cut)),

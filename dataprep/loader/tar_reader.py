@@ -298,10 +298,13 @@ def _wanted_member(fname: str) -> bool:
 
 class _TarSamples(PipelineStage):
     """``{"url"}`` -> raw samples ``{"__key__", "__url__", "jpg", "json", "pts.npy"}``
-    (:func:`open_url`, then the tar members grouped by key as webdataset's ``tariterators`` do)."""
+    (:func:`open_url`, then the tar members grouped by key as webdataset's ``tariterators`` do).
+    ``recorded``: URL -> the samples its build recorded (:func:`urls.recorded_shard_lengths`); a
+    shard read to its end with fewer is an :class:`UnreadableShard` for the handler."""
 
-    def __init__(self, handler: Callable[[Exception], bool]):
+    def __init__(self, handler: Callable[[Exception], bool], recorded: dict[str, int] | None = None):
         self.handler = handler
+        self.recorded = recorded or {}
 
     def run(self, src):
         # shards in a row that gave no sample (empty, or unreadable and passed over by the handler):
@@ -309,10 +312,7 @@ class _TarSamples(PipelineStage):
         empty = 0
         for item in src:
             url = item["url"]
-            got = 0
-            for sample in self._shard_samples(url):
-                got += 1
-                yield sample
+            got = yield from self._shard_samples(url)
             empty = 0 if got else empty + 1
             if empty >= EMPTY_SHARDS_IN_A_ROW:
                 raise NoSamples(f"{empty} shards in a row gave no sample (the last: {url}): are the shards empty "
@@ -320,24 +320,34 @@ class _TarSamples(PipelineStage):
                                 "unreadable (the handler's warnings say why; dataprep verify checks them)?")
 
     def _shard_samples(self, url: str):
-        """One shard's samples; an error opening or reading it goes to the handler."""
+        """One shard's samples; returns how many. An error opening or reading it goes to the handler."""
+        got = 0
         try:
             stream = open_url(url)
         except Exception as exn:  # noqa: BLE001 - the handler decides
             exn.args = exn.args + (url,)
             if self.handler(exn):
-                return
+                return got
             raise
         try:
-            yield from _tar_samples(stream, url, self.handler)
+            for sample in _tar_samples(stream, url, self.handler):
+                got += 1
+                yield sample
+            # reached only when the whole shard was read (not when the stream stops early): a tar cut
+            # at a member boundary reads as a shorter valid tar, only its build's count tells
+            recorded = self.recorded.get(url)
+            if recorded is not None and got < recorded:
+                raise unreadable_shard(url, ValueError(f"it holds {got} samples, the folder's _info.json says "
+                                                       f"{recorded}"))
         except Exception as exn:  # noqa: BLE001 - a broken shard: the handler decides
             if isinstance(exn, SHARD_READ_ERRORS) and not isinstance(exn, UnreadableShard):
                 err = unreadable_shard(url, exn)  # one line naming the shard, whatever reports it
                 err.__cause__ = exn
                 exn = err
-            else:
+            elif not isinstance(exn, UnreadableShard):  # which names its shard already
                 exn.args = exn.args + (url,)
             if not self.handler(exn):
                 raise exn
         finally:
             stream.close()
+        return got

@@ -8,9 +8,10 @@ from urllib.parse import urlparse
 import webdataset as wds
 from webdataset.shardlists import expand_urls
 
-from ..shards import read_info_splits
+from ..shards import read_info_shard_lengths, read_info_splits
 
-__all__ = ["brace_pattern", "expand_shard_urls", "local_path", "open_url", "require_local_shards"]
+__all__ = ["brace_pattern", "expand_shard_urls", "local_path", "open_url", "recorded_shard_lengths",
+           "require_local_shards"]
 
 _NUMBERED = re.compile(r"^(.*?)([0-9]+)([^0-9]*)$")
 
@@ -72,6 +73,24 @@ def open_url(url: str):
     import fsspec
 
     return fsspec.open(url, "rb").open()
+
+
+def recorded_shard_lengths(urls: list[str]) -> dict[str, int]:
+    """URL -> the samples its folder's ``_info.json`` records for it, for the local shards among
+    ``urls`` a build folder lists (one read per folder; remote shards are not looked up)."""
+    by_folder: dict[str, dict[str, int]] = {}
+    out = {}
+    for url in urls:
+        path = local_path(url)
+        if path is None:
+            continue
+        folder = os.path.dirname(os.path.abspath(path))
+        if folder not in by_folder:
+            by_folder[folder] = read_info_shard_lengths(folder)
+        recorded = by_folder[folder].get(os.path.basename(path))
+        if recorded is not None:
+            out[url] = recorded
+    return out
 
 
 def require_local_shards(urls: list[str]) -> None:
