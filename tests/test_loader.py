@@ -1035,3 +1035,32 @@ def test_a_shard_cut_at_a_member_boundary_is_short_of_its_recorded_samples(tmp_p
     assert shard_error_line(exc.value) == want
     with pytest.raises(UnreadableShard, match=re.escape(want)):
         keys_of(make_dataset(pattern, resampled=True, samples_per_epoch=20))
+
+
+def test_what_a_handler_skips_is_counted_per_epoch_across_workers(tmp_path):
+    """With a handler that skips (warn_and_continue, ignore_and_continue) the loader says what an
+    epoch lost, all workers together: samples skipped as unusable, shards passed over and the
+    samples those lacked against _info.json; counted afresh each epoch, also by persistent workers."""
+    rng = np.random.default_rng(0)
+    made = [synthetic_sample(i, 32, rng) for i in range(9)]
+    keys = [s["key"] for s in made]
+    urls = [_shard_of(tmp_path, f"train-{i:06d}.tar", [sample_members(s) for s in made[3 * i:3 * i + 3]])
+            for i in range(3)]
+    _write_info(tmp_path, {f"train-{i:06d}.tar": 3 for i in range(4)})  # train-000003.tar is not there
+    _shard_of(tmp_path, "train-000001.tar", [sample_members(made[3], {"jpg": b"not a jpeg"})]
+              + [sample_members(s) for s in made[4:6]])
+    cut = Path(urls[2])
+    with tarfile.open(cut) as tar:
+        last = min(m.offset for m in tar.getmembers() if m.name.startswith(keys[8] + "."))
+    cut.write_bytes(cut.read_bytes()[:last])  # short of its last sample
+    urls.append(str(tmp_path / "train-000003.tar"))
+    lost = {"samples": 1, "shards": 2, "missing": 1 + 3}
+    ds = make_dataset(urls, shuffle=0, handler=wds.ignore_and_continue)
+    assert ds.skipped == {"samples": 0, "shards": 0, "missing": 0}
+    assert keys_of(ds) == keys[:3] + keys[4:8] and ds.skipped == lost
+    for workers, persistent in ((0, False), (2, True), (2, False)):
+        loader = make_loader(urls, 2, workers=workers, persistent_workers=persistent, handler=wds.ignore_and_continue)
+        for _ in range(2):  # each epoch's own counts, not added up
+            assert sorted(keys_of(loader)) == keys[:3] + keys[4:8] and loader.skipped == lost, (workers, persistent)
+    loader = make_loader(urls[:1], 2, workers=2, handler=wds.ignore_and_continue)
+    assert sorted(keys_of(loader)) == keys[:3] and loader.skipped == {"samples": 0, "shards": 0, "missing": 0}

@@ -9,6 +9,7 @@ import multiprocessing
 import os
 import weakref
 
+import torch
 from torch.utils.data import DataLoader
 
 from .batches import _collate_items, _FinishedBatches, _forget_buffers
@@ -71,7 +72,8 @@ class HeadPoseLoader(DataLoader):
     comes next anyway). Each worker yields whole batches of its share of ``samples_per_epoch``.
 
     ``batches_per_epoch``: batches per epoch on this rank when the length is fixed (resampled with
-    ``samples_per_epoch``), else None; ``samples``: free for the caller (None)."""
+    ``samples_per_epoch``), else None; ``samples``: free for the caller (None); ``skipped``: what the
+    handler passed over this epoch (or the last), all workers together (:attr:`HeadPoseDataset.skipped`)."""
 
     def __init__(self, dataset: HeadPoseDataset, *args, **kwargs):
         super().__init__(dataset, *args, **kwargs)
@@ -83,6 +85,9 @@ class HeadPoseLoader(DataLoader):
         # batches a worker can have out at once: prefetched, being made, held by the main process
         dataset.state.buffers = int(self.prefetch_factor or 2) + 4 if self.num_workers else 3
         dataset.state.loader_id = self._loader_id = next(_LOADER_IDS)
+        # a row of skip counts per worker, shared with them (see skipped)
+        skipped = torch.zeros((max(1, self.num_workers), dataset.state.skipped.shape[1]), dtype=torch.int64)
+        dataset.state.skipped = skipped.share_memory_() if self.num_workers else skipped
         if self.collate_fn is _collate_items:
             self.collate_fn = functools.partial(_collate_items, loader_id=self._loader_id)
         weakref.finalize(self, _forget_buffers, self._loader_id, True)
@@ -135,11 +140,18 @@ class HeadPoseLoader(DataLoader):
                                f"set_epoch({epoch}) cannot reach them (call it before the first pass)")
         self._next_epoch = int(epoch)
 
+    @property
+    def skipped(self) -> dict[str, int]:
+        """:attr:`HeadPoseDataset.skipped` of this epoch (or the last finished), all workers together."""
+        return self.dataset.skipped
+
     def __iter__(self):
         if not self._workers_follow_themselves():
             self.dataset.set_epoch(self._next_epoch)  # the copies made for this pass start there
             _forget_buffers(self._loader_id)  # the buffers of workers of earlier passes
         self._next_epoch += 1
+        # the last epoch's counts go before any worker starts this one (each zeroes its row as it does)
+        self.dataset.state.skipped.zero_()
         return _FinishedBatches(super().__iter__())
 
 

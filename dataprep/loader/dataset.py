@@ -12,7 +12,7 @@ from webdataset.utils import pytorch_worker_info
 from .. import boxes as box_rules
 from ..augment import Compose
 from .images import IMAGE_FORMATS, NORMALIZATIONS
-from .stages import _Decode, _ResampledShards, _ShardList, _Shuffle, _State
+from .stages import SKIPPED_FIELDS, _Decode, _ResampledShards, _ShardList, _Shuffle, _State
 from .tar_reader import _TarSamples
 from .urls import expand_shard_urls, recorded_shard_lengths, require_local_shards
 
@@ -40,6 +40,16 @@ class HeadPoseDataset(wds.DataPipeline):
         """The epoch the next pass of this copy will use."""
         st = self.state
         return st.epoch + (st.passes if st.auto_epoch else 0)
+
+    @property
+    def skipped(self) -> dict[str, int]:
+        """What the handler (e.g. ``webdataset.warn_and_continue``) passed over in the pass under way
+        or the last one: ``samples`` (unusable samples skipped), ``shards`` (shards skipped wholly or
+        from a damage on: unopenable, unreadable, short of their recorded samples) and ``missing``
+        (the samples those shards lacked against the counts their folder's ``_info.json`` records,
+        where it records them). All zero with the default handler, which raises instead. Counted in
+        this process, and under a :class:`HeadPoseLoader` in all its workers too."""
+        return dict(zip(SKIPPED_FIELDS, (int(n) for n in self.state.skipped.sum(0))))
 
 
 def _distributed_world() -> int:
@@ -195,7 +205,7 @@ def make_dataset(
     else:
         source = [_ShardList(url_list, state), wds.split_by_node if distributed else None, wds.split_by_worker]
     stages = source + [
-        _TarSamples(handler, recorded_shard_lengths(url_list)),
+        _TarSamples(handler, recorded_shard_lengths(url_list), state),
         _Shuffle(state),
         _Decode(state, transforms, crop_rule, size, float(crop_margin), normalize,
                 image_format, bool(random_crop), handler, interpolation, bool(exact_cut)),

@@ -15,6 +15,7 @@ import numpy as np
 import orjson
 import torch
 import webdataset as wds
+from torch.utils.data import get_worker_info
 from webdataset.shardlists import ResampledShards, SimpleShardList
 from webdataset.utils import PipelineStage, pytorch_worker_info
 
@@ -25,6 +26,11 @@ from ..errors import first_line
 from .batches import _BufferPool, _Item
 from .images import _decode_bgr, _reduction, _warp_reduced, _write_image
 from .tar_reader import BadSample, NoSamples
+
+
+#: What :attr:`HeadPoseDataset.skipped` counts: unusable samples a handler skipped, shards it passed
+#: over (wholly or from a damage on), and the samples those shards lacked against their recorded counts.
+SKIPPED_FIELDS = ("samples", "shards", "missing")
 
 
 class _State:
@@ -48,10 +54,23 @@ class _State:
         self.epoch = 0
         self.passes = 0
         self.current = 0
+        # per process iterating this pipeline (HeadPoseLoader: a row per worker, in shared memory),
+        # what its handler passed over this pass: SKIPPED_FIELDS. Each row is written by its own
+        # process only, so no lock; the main process adds them up (HeadPoseDataset.skipped)
+        self.skipped = torch.zeros((1, len(SKIPPED_FIELDS)), dtype=torch.int64)
 
     def begin_pass(self) -> None:
         self.current = self.epoch + (self.passes if self.auto_epoch else 0)
         self.passes += 1
+        self.skip_counts()[:] = 0
+
+    def skip_counts(self) -> np.ndarray:
+        """This process's row of ``skipped`` (a DataLoader worker's by its id), to add to; a row of
+        its own, counted but never seen, for a worker of a DataLoader that made no row for it."""
+        info = get_worker_info()
+        row = 0 if info is None else info.id
+        counts = self.skipped.numpy()
+        return counts[row] if row < len(counts) else np.zeros(len(SKIPPED_FIELDS), np.int64)
 
     def units_per_rank(self) -> int | None:
         """Batches (of ``granule`` samples) each rank yields per epoch; None: no fixed length."""
@@ -234,6 +253,7 @@ class _Decode(PipelineStage):
 
     def _decode_all(self, src, rank, worker):
         bad_in_a_row = 0
+        skipped = self.state.skip_counts()
         for index, raw in enumerate(src):
             try:
                 item = self.prepare(raw, rank, worker, index)
@@ -246,6 +266,7 @@ class _Decode(PipelineStage):
                 err.__cause__ = exn
                 if not self.handler(err):
                     raise err from exn
+                skipped[0] += 1
                 bad_in_a_row += 1
                 if bad_in_a_row >= BAD_SAMPLES_IN_A_ROW:  # a resampled stream of nothing usable: no end
                     raise NoSamples(f"{bad_in_a_row} samples in a row were skipped as unusable (the last: "

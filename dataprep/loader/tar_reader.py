@@ -300,33 +300,38 @@ class _TarSamples(PipelineStage):
     """``{"url"}`` -> raw samples ``{"__key__", "__url__", "jpg", "json", "pts.npy"}``
     (:func:`open_url`, then the tar members grouped by key as webdataset's ``tariterators`` do).
     ``recorded``: URL -> the samples its build recorded (:func:`urls.recorded_shard_lengths`); a
-    shard read to its end with fewer is an :class:`UnreadableShard` for the handler."""
+    shard read to its end with fewer is an :class:`UnreadableShard` for the handler. Shards the
+    handler passes over are counted in ``state``'s ``skipped`` (with the samples they lacked)."""
 
-    def __init__(self, handler: Callable[[Exception], bool], recorded: dict[str, int] | None = None):
+    def __init__(self, handler: Callable[[Exception], bool], recorded: dict[str, int], state):
         self.handler = handler
-        self.recorded = recorded or {}
+        self.recorded = recorded
+        self.state = state
 
     def run(self, src):
         # shards in a row that gave no sample (empty, or unreadable and passed over by the handler):
         # a resampled stream over such shards would never end
         empty = 0
+        skipped = self.state.skip_counts()
         for item in src:
             url = item["url"]
-            got = yield from self._shard_samples(url)
+            got = yield from self._shard_samples(url, skipped)
             empty = 0 if got else empty + 1
             if empty >= EMPTY_SHARDS_IN_A_ROW:
                 raise NoSamples(f"{empty} shards in a row gave no sample (the last: {url}): are the shards empty "
                                 "(every sample rejected when they were built: see the build's manifest.json), or "
                                 "unreadable (the handler's warnings say why; dataprep verify checks them)?")
 
-    def _shard_samples(self, url: str):
-        """One shard's samples; returns how many. An error opening or reading it goes to the handler."""
+    def _shard_samples(self, url: str, skipped):
+        """One shard's samples; returns how many. An error opening or reading it goes to the handler;
+        a shard it passes over is counted in ``skipped`` (shards, samples missing)."""
         got = 0
         try:
             stream = open_url(url)
         except Exception as exn:  # noqa: BLE001 - the handler decides
             exn.args = exn.args + (url,)
             if self.handler(exn):
+                self._passed_over(url, got, skipped)
                 return got
             raise
         try:
@@ -348,6 +353,13 @@ class _TarSamples(PipelineStage):
                 exn.args = exn.args + (url,)
             if not self.handler(exn):
                 raise exn
+            self._passed_over(url, got, skipped)
         finally:
             stream.close()
         return got
+
+    def _passed_over(self, url: str, got: int, skipped) -> None:
+        """Count a shard the handler passed over after ``got`` samples, and what it lacked where its
+        build recorded how many it holds."""
+        skipped[1] += 1
+        skipped[2] += max(0, self.recorded.get(url, 0) - got)
