@@ -21,7 +21,7 @@ from . import labels
 from .augment import key_rng
 from .crop import crop_and_resize
 from .datasets import get_reader
-from .datasets.common import display_path
+from .datasets.common import display_path, non_utf8_name_problem, printable
 from .detectors.tracking import MATCH_IOU
 from .records import RawSample, SampleError, SampleRef
 from .shards import ShardWriter, dumps_json, write_json
@@ -246,6 +246,9 @@ def _named_as_readers_do(message: str, root: Path, source: str) -> str:
 
 def process_ref(reader, root: Path, ref: SampleRef, split: str, settings: Settings, decision: dict | None) -> list[dict[str, bytes]]:
     """All stages for one raw sample. Raises SampleError when it cannot be written."""
+    name_problem = non_utf8_name_problem(root, ref.source)
+    if name_problem:  # never read: its record's source would be a lone surrogate escape, not UTF-8
+        raise SampleError("non_utf8_name", name_problem)
     if decision and decision.get("rejected"):
         raise SampleError(decision["rejected"], f"{ref.source}: {decision.get('message') or decision['rejected']}")
     sample = reader.read_sample(root, ref)
@@ -295,15 +298,16 @@ def run_shard(task: ShardTask, settings: Settings, root: str, out: str) -> dict:
             try:
                 members = process_ref(reader, root_path, ref, task.split, settings, decisions.get(ref.key))
             except SampleError as err:
-                rejected.append({"key": ref.key, "source": ref.source, "split": task.split, "reason": err.reason,
-                                 "message": _named_as_readers_do(err.message, root_path, ref.source)})
+                rejected.append({"key": ref.key, "source": printable(ref.source), "split": task.split,
+                                 "reason": err.reason,
+                                 "message": printable(_named_as_readers_do(err.message, root_path, ref.source))})
                 continue
             except Exception as err:  # a bug or an input we did not foresee: keep going, say what happened
                 last = traceback.extract_tb(err.__traceback__)[-1]
                 rejected.append({
-                    "key": ref.key, "source": ref.source, "split": task.split, "reason": "unexpected_error",
-                    "message": f"{display_path(root_path, ref.source)}: {type(err).__name__}: {err} "
-                               f"(at {Path(last.filename).name}:{last.lineno}; please report)",
+                    "key": ref.key, "source": printable(ref.source), "split": task.split, "reason": "unexpected_error",
+                    "message": printable(f"{display_path(root_path, ref.source)}: {type(err).__name__}: {err} "
+                                         f"(at {Path(last.filename).name}:{last.lineno}; please report)"),
                 })
                 continue
             for sample in members:

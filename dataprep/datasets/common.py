@@ -68,6 +68,33 @@ def display_path(root: Path, relative: str) -> str:
     return f"{name}/{relative}" if name else relative
 
 
+def _name_bytes(text: str) -> bytes:
+    """A path's bytes on disk: what Python decoded, the bytes it kept as lone surrogates restored."""
+    try:
+        return text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a surrogate no file name decodes to (not from the file system)
+        return text.encode("utf-8", "backslashreplace")
+
+
+def printable(text: str) -> str:
+    """``text`` as valid UTF-8: the bytes of a file name that is not UTF-8 (Python keeps them as lone
+    surrogates, ``\\udcff``) written as ``\\xff``, as in a Python bytes literal. For what the build
+    writes (messages, the manifest): strict JSON readers (orjson, for one) refuse lone surrogates."""
+    return _name_bytes(text).decode("utf-8", "backslashreplace")
+
+
+def non_utf8_name_problem(root: Path, source: str) -> str | None:
+    """Why the sample ``source`` cannot be written when its path is not valid UTF-8, else None: its
+    key, record and manifest entry are UTF-8 text, and its name has no UTF-8 spelling to put there."""
+    try:
+        source.encode("utf-8")
+    except UnicodeEncodeError:
+        return (f"{printable(display_path(root, source))}: the file name is not valid UTF-8 "
+                f"({_name_bytes(Path(source).name)!r}); rename the file (and its label file) in UTF-8: sample "
+                "keys, label records and the manifest are UTF-8 text")
+    return None
+
+
 class NotARegularFile(OSError):
     """A raw input path that is a named pipe, device, socket or folder: reading it could block the
     build forever (a pipe) or never end (a device)."""
