@@ -69,6 +69,40 @@ def test_a_300wlp_subset_folder_named_in_another_case_stops_the_listing(sample_t
     assert {r.group for r in w300lp.list_samples(root)} == {"AFW", "AFW_Flip"}
 
 
+def test_a_file_or_a_dangling_link_where_a_dataset_has_a_folder_stops_the_listing(sample_tree, tmp_path, capsys):
+    """A file named like a 300W-LP subset, or a dangling link where a BIWI sequence folder would be,
+    was passed over without a word: its samples never read, under protocol none not even counted short."""
+    from dataprep.cli import main as cli_main
+
+    root, _ = _copy_sample(sample_tree, tmp_path, "300w_lp", W300_SOURCE)
+    (root / "HELEN").write_text("not a folder")
+    with pytest.raises(NotADirectoryError, match=r"^300W-LP subset\(s\) under .*300W_LP that are not folders: HELEN "
+                                                 r"\(a file\); their samples cannot be read: put the dataset's folder"):
+        w300lp.list_samples(root)
+    (root / "HELEN").unlink()
+    (root / "HELEN").symlink_to(tmp_path / "gone")
+    with pytest.raises(NotADirectoryError, match=r"HELEN \(a symbolic link to .*gone, which does not exist\)"):
+        w300lp.list_samples(root)
+    (root / "HELEN").unlink()
+    assert {r.group for r in w300lp.list_samples(root)} == {"AFW"}
+
+    root, _ = _copy_sample(sample_tree, tmp_path, "biwi", BIWI_SOURCE)
+    (root / "01").symlink_to(tmp_path / "unmounted" / "01")
+    (root / "02").write_text("")
+    with pytest.raises(NotADirectoryError, match=r"^BIWI sequence\(s\) under .*hpdb that are not folders: 01 \(a symbolic "
+                                                 r"link to .*unmounted/01, which does not exist\), 02 \(a file\); their "
+                                                 r"frames cannot be read: put the sequence's folder there"):
+        biwi.list_samples(root)
+    capsys.readouterr()
+    assert cli_main(["build", "--dataset", "biwi", "--protocol", "none", "--root", str(root), "--out",
+                     str(tmp_path / "out"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dataprep build: error: BIWI sequence(s) under ") and len(err.strip().splitlines()) == 1, err
+    (root / "01").unlink()
+    (root / "02").unlink()
+    assert {r.group for r in biwi.list_samples(root)} == {"03"}
+
+
 # --------------------------------------------------------------------------------------------
 # Round trips on the generated tree
 # --------------------------------------------------------------------------------------------

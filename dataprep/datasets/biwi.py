@@ -283,7 +283,15 @@ def list_samples(root: Path) -> list[SampleRef]:
     """Every ``NN/frame_XXXXX_rgb.png``, and every ``frame_XXXXX_pose.txt`` without its image (sorted);
     the files are not opened here."""
     root = common.require_root(root, "BIWI", DEFAULT_ROOT_NAME)
-    sequences = sorted(p.name for p in root.iterdir() if p.is_dir() and _SEQUENCE_DIR.match(p.name))
+    named = [p for p in root.iterdir() if _SEQUENCE_DIR.match(p.name)]
+    # a sequence's name that is a file or a dangling link would be passed over without a word: its
+    # frames unread, not even counted
+    not_folders = sorted(f"{p.name} ({kind})" for p in named if (kind := common.non_folder_kind(p)))
+    if not_folders:
+        raise NotADirectoryError(f"BIWI sequence(s) under {root} that are not folders: {', '.join(not_folders)}; their "
+                                 "frames cannot be read: put the sequence's folder there, or move it away to build "
+                                 "without that sequence")
+    sequences = sorted(p.name for p in named if p.is_dir())
     if not sequences:
         raise FileNotFoundError(
             f"no BIWI sequence folders (01..24) in {root}; pass the {DEFAULT_ROOT_NAME} folder"

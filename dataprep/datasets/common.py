@@ -104,12 +104,34 @@ _FILE_KINDS = ((stat.S_ISFIFO, "a named pipe"), (stat.S_ISDIR, "a folder"), (sta
                (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
 
 
+def _dangling_link(path) -> str | None:
+    """``a symbolic link to TARGET, which does not exist`` when ``path`` is one, else None."""
+    if os.path.islink(path) and not os.path.exists(path):
+        return f"a symbolic link to {os.readlink(path)}, which does not exist"
+    return None
+
+
 def broken_link_note(path) -> str:
     """`` (a symbolic link to TARGET, which does not exist)`` when ``path`` is one, else ``""``: the
     readers' "file not found" messages say why a file that is listed cannot be found."""
-    if os.path.islink(path) and not os.path.exists(path):
-        return f" (a symbolic link to {os.readlink(path)}, which does not exist)"
-    return ""
+    link = _dangling_link(path)
+    return f" ({link})" if link else ""
+
+
+def non_folder_kind(path: Path) -> str | None:
+    """What is at ``path`` where a dataset has a folder (a 300W-LP subset, a BIWI sequence) when it
+    is not one: ``a file``, a dangling link (named as :func:`broken_link_note` names it), ``a named
+    pipe`` ...; None for a folder, or when nothing is there. The listing would pass it over."""
+    if path.is_dir() or not (path.exists() or path.is_symlink()):
+        return None
+    link = _dangling_link(path)
+    if link:
+        return link
+    try:
+        mode = path.stat().st_mode
+    except OSError as err:  # a link loop, no permission
+        return f"unreadable ({err.strerror})"
+    return "a file" if stat.S_ISREG(mode) else next((name for test, name in _FILE_KINDS if test(mode)), "a special file")
 
 
 def read_file_bytes(path) -> bytes:
