@@ -100,6 +100,19 @@ def check_run(out: Path, metrics: dict, capsys, data: str, model: str, *, falls:
 # --------------------------------------------------------------------------------------------
 # data
 # --------------------------------------------------------------------------------------------
+def test_the_crop_room_warning_is_printed_once_per_set_of_shards(shards, tmp_path, capsys):
+    """``--val`` naming the training shards (as the same text or another spelling of the same files)
+    printed the same warning once for each."""
+    four = Path(shards.four)
+    capsys.readouterr()
+    train(tmp_path / "run", "fsanet_1x1", "--train", shards.four, "--val", f"same={shards.four}",
+          "--val", f"again={four.parent}/./{four.name}", "--val", f"aflw={shards.val}", "--steps", "1")
+    err = capsys.readouterr().err
+    warnings = [line for line in err.splitlines() if line.startswith("[train] warning: the stored crops")]
+    assert len(warnings) == 2, err  # the training shards' and aflw's
+    assert f"the stored crops of {four} hold" in warnings[0] and "aflw/test-000000.tar hold" in warnings[1], err
+
+
 def test_loader_recrops_and_maps_landmarks(shards):
     spec = registry.get("mnn")
     assert sum(shard_samples(shards.train)) == 20

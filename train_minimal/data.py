@@ -105,6 +105,13 @@ def crop_coverage(urls, rule: str, samples: int = 64) -> tuple[float, str] | Non
     return (sum(values) / len(values), url) if values else None
 
 
+def shard_set(urls) -> frozenset[str]:
+    """The shards ``urls`` name, local ones by their real path: two spellings of the same shards (a
+    brace pattern and a ``::`` list, ``./a.tar`` and ``a.tar``) give the same set."""
+    return frozenset(os.path.realpath(path) if (path := local_path(url)) is not None else url
+                     for url in expand_shard_urls(urls))
+
+
 def crop_room_warning(urls, spec, min_coverage: float = 0.95) -> str | None:
     """A warning when the shards' stored crops hold too little of ``spec``'s crop window (the
     model would train on black borders its paper never had), saying how to build them; else None."""

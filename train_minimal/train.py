@@ -54,7 +54,7 @@ from dataprep.errors import first_line
 from dataprep.loader import BadSample, NoSamples, UnreadableShard, shard_error_line
 
 from . import registry
-from .data import EMPTY_SHARDS_HINT, crop_room_warning, epoch_steps, make_loader, prepare_batch
+from .data import EMPTY_SHARDS_HINT, crop_room_warning, epoch_steps, make_loader, prepare_batch, shard_set
 from .engine import AMP_CHOICES, EmptyEvaluation, TrainStep, accepts, amp_dtype_for, evaluate, learning_rates
 from .outputs import check_run_folder, load_checkpoint, save_epoch
 
@@ -277,8 +277,12 @@ def _open_loaders(args, spec, batch_size: int, input_size: int, ranks: _Ranks, g
     shard path fails here, before any weights are fetched."""
     val_sets = parse_val(args.val)
     if ranks.is_main:
+        warned: set[frozenset[str]] = set()
         for url in [args.train, *val_sets.values()]:
-            _warn_crop_room(url, spec, "train")
+            shards = shard_set(url)
+            if shards not in warned:  # --val may name the training shards: one warning per set of shards
+                warned.add(shards)
+                _warn_crop_room(url, spec, "train")
     with _shards_found():
         train_loader = make_loader(args.train, spec, batch_size, train=True, workers=args.workers, seed=args.seed,
                                    epoch_length=args.epoch_length, distributed=ranks.distributed, input_size=input_size,
