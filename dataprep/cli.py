@@ -1,4 +1,7 @@
-"""The ``dataprep`` command: ``build``, ``verify``, ``sample``, ``audit``, ``protocols``."""
+"""The ``dataprep`` command: ``build``, ``verify``, ``sample``, ``audit``, ``protocols``.
+
+Exit status, as ``python -m train_minimal``'s (README, "Exit status"): 0 done; 1 done, and problems
+found (``verify``, ``build --strict``); 2 not done: a usage error (argparse's) or one error line."""
 from __future__ import annotations
 
 import argparse
@@ -63,7 +66,7 @@ def _add_build(sub) -> None:
                         "cache (TORCH_HOME/hub/checkpoints)")
     p.add_argument("--cache-dir", default=None, help="detection cache folder (default ~/.cache/headpose-dataprep/detections)")
     p.add_argument("--overwrite", action="store_true", help="replace a build made with other options in --out")
-    p.add_argument("--strict", action="store_true", help="exit with status 3 when any sample is rejected")
+    p.add_argument("--strict", action="store_true", help="exit with status 1 when any sample is rejected")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (logs, CI); the summary table still prints")
 
 
@@ -115,9 +118,9 @@ def cmd_build(args) -> int:
     print(f"\n{args.dataset}, protocol {manifest['protocol']}, boxes: {manifest['settings']['detector']}, "
           f"crop: {args.crop_rule} {args.crop_size}px -> {args.out}  ({elapsed:.1f} s)")
     print(summary_table(manifest))
-    if args.strict and manifest["counts"]["rejected"]:
+    if args.strict and manifest["counts"]["rejected"]:  # the build ran and found problems, as a failed verify
         print(f"--strict: {manifest['counts']['rejected']} sample(s) rejected", file=sys.stderr)
-        return 3
+        return 1
     return 0
 
 
@@ -131,7 +134,7 @@ def cmd_verify(args) -> int:
 
     try:
         report = verify(args.out, decode=not args.hash_only)
-    except FolderURLError as err:  # a URL that cannot be opened or reached
+    except FolderURLError as err:  # no folder there, or a URL that cannot be opened or reached
         print(f"dataprep verify: error: {err}", file=sys.stderr)
         return 2
     if report.ok:

@@ -16,8 +16,8 @@ import numpy as np
 from . import codec, labels
 from .pipeline import PROGRESS_DIR
 from .shards import INFO_FILE as INFO
-from .shards import (MANIFEST, TMP_SUFFIX, folder_filesystem, info_splits, is_shard_file, manifest_shape_problems, split_member,
-                     unreachable)
+from .shards import (MANIFEST, TMP_SUFFIX, FolderURLError, folder_filesystem, info_splits, is_shard_file,
+                     manifest_shape_problems, split_member, unreachable)
 
 
 @dataclass
@@ -222,7 +222,8 @@ def _difference(got, want) -> str:
 
 def verify(out: str, decode: bool = True) -> VerifyReport:
     """Check a build folder; ``decode=False`` (``--hash-only``) compares hashes and metadata and
-    lists each shard's sample keys, but decodes no record."""
+    lists each shard's sample keys, but decodes no record. ``FolderURLError`` when ``out`` is no
+    folder at all (missing, a file, a store that does not answer): nothing to check, not a finding."""
     fs, base = folder_filesystem(out, "verify")
     report = VerifyReport()
     problems = report.problems
@@ -232,13 +233,11 @@ def verify(out: str, decode: bool = True) -> VerifyReport:
     except Exception as err:  # noqa: BLE001 - remote stores raise their own types (botocore, aiohttp, ...)
         raise unreachable(out, err, "verify") from None
     if not there:
-        problems.append(f"{base}: no such folder; give the --out folder of a dataprep build")
-        return report
+        raise FolderURLError(f"{base}: no such folder; give the --out folder of a dataprep build")
     if fs.isfile(base):  # a shard, or the manifest, given instead of its folder
         parent = posixpath.dirname(base.rstrip("/")) or "."
         hint = (f" (the build's folder is {parent})" if fs.exists(posixpath.join(parent, MANIFEST)) else "")
-        problems.append(f"{base}: a file, not a folder; give the --out folder of a dataprep build{hint}")
-        return report
+        raise FolderURLError(f"{base}: a file, not a folder; give the --out folder of a dataprep build{hint}")
     if not fs.exists(manifest_path):
         if fs.exists(posixpath.join(base, PROGRESS_DIR)):  # a build made it before its first shard
             problems.append(f"{manifest_path}: no manifest yet: a build is running here or was interrupted; let it "

@@ -769,9 +769,9 @@ def test_verify_detects_tampering(aflw_build, tmp_path, capsys):
     # a shard or the manifest given instead of the folder: said so, and where the folder is
     for given in (copy / first, copy / "manifest.json"):
         capsys.readouterr()
-        assert cli_main(["verify", str(given)]) == 1
+        assert cli_main(["verify", str(given)]) == 2  # nothing to check: an error, not a problem found
         err = capsys.readouterr().err
-        assert f"{given}: a file, not a folder; give the --out folder of a dataprep build (the build's folder is {copy})" in err
+        assert f"dataprep verify: error: {given}: a file, not a folder; give the --out folder of a dataprep build (the build's folder is {copy})" in err
         assert "no manifest" not in err
 
 
@@ -1016,7 +1016,7 @@ def test_cli_build_prints_summary(sample_tree, tmp_path, capsys):
     rc = cli_main(["build", "--dataset", "AFLW2000-3D", "--root", str(sample_tree / "AFLW2000"), "--out", str(tmp_path),
                    "--no-progress", "--strict"])
     text = capsys.readouterr().out
-    assert rc == 3  # --strict: the protocol filter rejected samples
+    assert rc == 1  # --strict: the protocol filter rejected samples (problems found, as verify's FAIL lines)
     assert "angle_out_of_range" in text and "read" in text and "written" in text
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert manifest["dataset"] == "aflw2000" and text.lstrip().startswith("aflw2000, protocol 1")
@@ -1196,8 +1196,9 @@ def test_cli_says_what_to_do_instead_of_a_traceback(sample_tree, tmp_path, capsy
     assert "--out " + str(a_file) + " is a file; give a folder" in capsys.readouterr().err
     assert cli_main(["build", "--dataset", "aflw2000", "--root", root, "--out", str(a_file / "sub"), "--no-progress"]) == 2
     assert "cannot use it (NotADirectoryError" in capsys.readouterr().err  # not "check the URL, the endpoint"
-    assert cli_main(["verify", str(tmp_path / "nowhere")]) == 1
-    assert "nowhere: no such folder; give the --out folder of a dataprep build" in capsys.readouterr().err
+    assert cli_main(["verify", str(tmp_path / "nowhere")]) == 2  # as audit's and build's missing folders
+    assert "dataprep verify: error: " + str(tmp_path / "nowhere") + ": no such folder; give the --out folder of a " \
+           "dataprep build" in capsys.readouterr().err
     # URLs fsspec cannot open: a scheme whose package is not installed, one it does not know
     import importlib.util
 

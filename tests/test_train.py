@@ -470,6 +470,19 @@ def test_python_m_train_minimal_params():
     assert "mnn: trainable 4,842,382" in res.stdout and "pose-only" in res.stdout and "2,036,486" in res.stdout
 
 
+def test_python_m_train_minimal_exit_status(tmp_path):
+    """As dataprep's (README, "Exit status"): an error that stops the command exits 2 with its one
+    line, as a usage error does (it exited 1, dataprep's status for problems found)."""
+    python_m = [sys.executable, "-m", "train_minimal"]
+    res = subprocess.run([*python_m, "eval", "--ckpt", str(tmp_path / "nope.pt"), "--data", str(tmp_path / "x.tar"),
+                          "--device", "cpu"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and len(lines) == 1, res.stderr
+    assert lines[0].startswith(f"python -m train_minimal eval: error: checkpoint {tmp_path / 'nope.pt'} not found"), lines
+    res = subprocess.run([*python_m, "params", "--model", "nope"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "invalid choice: 'nope'" in res.stderr, res.stderr
+
+
 def test_broken_shards_are_one_error_line(shards, tmp_path, capsys):
     """A truncated shard or a file that is not a tar, as --train, --val or eval's --data: one error
     line naming it (found up front, before any step), also when a DataLoader worker meets it."""
@@ -517,7 +530,8 @@ def test_broken_shards_are_one_error_line(shards, tmp_path, capsys):
         mp.setattr(data_mod, "shard_samples", lambda urls: None)
         with pytest.raises(SystemExit) as exc:
             main(["eval", "--ckpt", str(ckpt), "--data", str(empty), "--device", "cpu"])
-    message = str(exc.value.code)
+    message = str(exc.value)
+    assert exc.value.code == 2
     assert message.startswith("python -m train_minimal eval: error: ") and str(empty) in message, message
     assert "empty shards: every sample rejected when they were built?" in message and "\n" not in message
     with pytest.raises(SystemExit, match=r"^python -m train_minimal [a-z-]+: error: 1000 shards in a row gave no sample \(the last: .*test-000000\.tar\)"):
@@ -614,7 +628,8 @@ def test_a_shard_folder_gets_its_brace_patterns(shards, tmp_path):
     with pytest.raises(SystemExit) as exc:
         main(["train", "--model", "ehpnet", "--train", str(folder), "--steps", "1", "--out", str(tmp_path / "o"),
               "--pretrained", "none", "--workers", "0", "--device", "cpu"])
-    msg = str(exc.value.code)
+    msg = str(exc.value)
+    assert exc.value.code == 2
     assert msg.startswith(f"python -m train_minimal train: error: {folder} is a shard folder, not a shard: ") and "\n" not in msg, msg
     assert test_pattern in msg and train_pattern in msg, msg
     assert sum(shard_samples(train_pattern.split(" ")[0])) == 8  # the pattern it gives reads the split

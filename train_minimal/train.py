@@ -554,16 +554,34 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class CommandFailed(SystemExit):
+    """A command stopped by an error, its one line already printed: exit status 2, as argparse's
+    usage errors and ``dataprep``'s errors (README, "Exit status"; a ``SystemExit`` with a message
+    would exit 1, ``dataprep verify``'s status for problems found). ``str()`` gives the line."""
+
+    def __init__(self, line: str):
+        super().__init__(2)
+        self.line = line
+
+    def __str__(self) -> str:
+        return self.line
+
+
+def _failed(line: str) -> CommandFailed:
+    print(line, file=sys.stderr, flush=True)
+    return CommandFailed(line)
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except (UnreadableShard, NoSamples, BadSample) as exc:  # a broken or empty shard, or a bad sample, up front or while streaming: one line
-        raise SystemExit(f"{parser.prog} {args.command}: error: {shard_error_line(exc)}") from None
+        raise _failed(f"{parser.prog} {args.command}: error: {shard_error_line(exc)}") from None
     except SystemExit as exc:  # our one-line errors ("error: ..."), named as argparse names its own
         if isinstance(exc.code, str) and exc.code.startswith("error: "):
-            raise SystemExit(f"{parser.prog} {args.command}: {exc.code}") from None
+            raise _failed(f"{parser.prog} {args.command}: {exc.code}") from None
         raise
 
 
