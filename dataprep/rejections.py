@@ -21,6 +21,8 @@ _REFETCH = "re-download or re-extract the file"
 #: reason code -> what it means, what to do; in pipeline order (read raw -> box -> crop -> write).
 REASONS: dict[str, Reason] = {
     # reading the raw files
+    "non_utf8_name": Reason("a file name that is not valid UTF-8 (keys, records and the manifest are UTF-8 text)",
+                            "rename the file and its label files in UTF-8"),
     "missing_image": Reason("a label file whose image is not there (an incomplete download)",
                             "restore the image, or delete the label file too"),
     "unreadable_image": Reason("the image file cannot be read (permissions, not a regular file) or decoded at all",
