@@ -276,14 +276,14 @@ def _open_loaders(args, spec, batch_size: int, input_size: int, ranks: _Ranks, g
     """The training loader and (on the main rank) the ``--val`` loaders by name. Data first: a wrong
     shard path fails here, before any weights are fetched."""
     val_sets = parse_val(args.val)
-    if ranks.is_main:
-        warned: set[frozenset[str]] = set()
-        for url in [args.train, *val_sets.values()]:
-            shards = shard_set(url)
-            if shards not in warned:  # --val may name the training shards: one warning per set of shards
-                warned.add(shards)
-                _warn_crop_room(url, spec, "train")
-    with _shards_found():
+    with _shards_found():  # the first to read --train / --val: a path naming no shard is one error line
+        if ranks.is_main:
+            warned: set[frozenset[str]] = set()
+            for url in [args.train, *val_sets.values()]:
+                shards = shard_set(url)
+                if shards not in warned:  # --val may name the training shards: one warning per set of shards
+                    warned.add(shards)
+                    _warn_crop_room(url, spec, "train")
         train_loader = make_loader(args.train, spec, batch_size, train=True, workers=args.workers, seed=args.seed,
                                    epoch_length=args.epoch_length, distributed=ranks.distributed, input_size=input_size,
                                    gpu_decode=gpu_decode)
