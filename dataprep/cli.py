@@ -16,7 +16,7 @@ from pathlib import Path
 from . import __version__
 from .augment import SPEC_NAMES
 from .boxes import CROP_RULES
-from .errors import first_line
+from .errors import first_line, report_crash
 from .records import DATASETS
 
 
@@ -245,6 +245,8 @@ def main(argv=None) -> int:
     except BrokenPipeError:  # `dataprep ... | head`: the reader left; not an error of ours
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
         return 141
+    except Exception as err:  # noqa: BLE001 - a crash: traceback, advice, and exit 2, never "problems found"
+        return report_crash(f"dataprep {args.command}", err)
 
 
 if __name__ == "__main__":

@@ -1498,3 +1498,20 @@ def test_verify_names_where_info_json_lists_differ(aflw_build, tmp_path):
     assert problem.endswith(f"the entries agree as far as both go ({n + 1} entries against {n})")
     info_path.write_text(want)
     assert verify(str(copy), decode=False).problems == []
+
+
+def test_a_crash_of_a_dataprep_command_exits_2_with_its_traceback(monkeypatch, capsys):
+    """An error no command foresaw: its traceback, one line asking for a report, and exit 2 (not 1,
+    which says "done, and problems found" as a failed verify or build --strict does)."""
+    from dataprep import cli
+
+    def crash(args):
+        raise KeyError("boom")
+
+    monkeypatch.setattr(cli, "cmd_protocols", crash)
+    assert cli.main(["protocols"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err
+    assert err.rstrip().splitlines()[-1] == ("dataprep protocols: error: unexpected KeyError: 'boom' (a bug of "
+                                             "headpose-dataprep, or an input it does not foresee: please report it "
+                                             "with the traceback above)")

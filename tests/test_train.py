@@ -483,6 +483,22 @@ def test_python_m_train_minimal_exit_status(tmp_path):
     assert res.returncode == 2 and "invalid choice: 'nope'" in res.stderr, res.stderr
 
 
+
+def test_a_crash_exits_2_with_its_traceback_and_what_to_do(monkeypatch, capsys):
+    """An error nothing foresaw (a bug, an out-of-memory) is not "done, problems found" (1, Python's
+    status for an uncaught exception): its traceback, one line asking for a report, exit 2."""
+    def crash(args):
+        raise RuntimeError("boom\nsecond line")
+
+    monkeypatch.setattr(train_mod, "cmd_params", crash)
+    with pytest.raises(SystemExit) as exc:
+        main(["params", "--model", "ssrnet_md"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and 'raise RuntimeError("boom' in err
+    assert err.rstrip().splitlines()[-1].startswith("python -m train_minimal params: error: unexpected RuntimeError: "
+                                                    "boom (a bug of headpose-dataprep")
+
 def test_broken_shards_are_one_error_line(shards, tmp_path, capsys):
     """A truncated shard or a file that is not a tar, as --train, --val or eval's --data: one error
     line naming it (found up front, before any step), also when a DataLoader worker meets it."""

@@ -50,7 +50,7 @@ from torch import nn
 from dataprep import devices
 from dataprep.argtypes import int_at_least
 from dataprep.devices import DEVICE_FORMS, parse_device
-from dataprep.errors import first_line
+from dataprep.errors import NOT_DONE, first_line, report_crash
 from dataprep.loader import BadSample, NoSamples, UnreadableShard, shard_error_line
 
 from . import registry
@@ -560,7 +560,7 @@ class CommandFailed(SystemExit):
     would exit 1, ``dataprep verify``'s status for problems found). ``str()`` gives the line."""
 
     def __init__(self, line: str):
-        super().__init__(2)
+        super().__init__(NOT_DONE)
         self.line = line
 
     def __str__(self) -> str:
@@ -583,6 +583,10 @@ def main(argv=None) -> int:
         if isinstance(exc.code, str) and exc.code.startswith("error: "):
             raise _failed(f"{parser.prog} {args.command}: {exc.code}") from None
         raise
+    except Exception as exc:  # noqa: BLE001 - a crash: traceback, advice, and exit 2, as every error here
+        where = f"{parser.prog} {args.command}"
+        report_crash(where, exc)
+        raise CommandFailed(f"{where}: error: unexpected {type(exc).__name__}: {first_line(exc)}") from None
 
 
 if __name__ == "__main__":
