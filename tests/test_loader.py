@@ -692,6 +692,15 @@ def test_an_empty_shard_url_is_named_with_what_to_give(tmp_path):
                 make_dataset(urls, handler=handler)
         with pytest.raises(FileNotFoundError, match=says):
             make_loader(urls, batch_size=2)
+    # what is no path at all (an unset option, a number) is named as well, not "'NoneType' object is not
+    # iterable"; any iterable of paths is fine (Path.glob's generator)
+    for urls, says in [(None, r"^shard URLs None: not a path or URL" + give + "$"),
+                       (3, r"^shard URLs 3: not a path or URL"),
+                       ([pattern, None], r"None in the list is not a path or URL")]:
+        with pytest.raises(TypeError, match=says):
+            make_dataset(urls)
+    shard_paths = sorted(Path(tmp_path).glob("*.tar"))
+    assert len(list(make_dataset(p for p in shard_paths))) == 2
 
 
 @pytest.mark.parametrize("image_format,normalize", [("float", None), ("float", "imagenet"), ("float", "raw_bgr"),

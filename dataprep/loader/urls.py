@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterable, Mapping
 from urllib.parse import urlparse
 
 import webdataset as wds
@@ -14,13 +15,24 @@ __all__ = ["brace_pattern", "expand_shard_urls", "local_path", "open_url", "reco
            "require_local_shards"]
 
 _NUMBERED = re.compile(r"^(.*?)([0-9]+)([^0-9]*)$")
+_WHAT_TO_GIVE = ("give a shard path or URL, a brace pattern (e.g. out/train-{000000..000003}.tar), URLs joined by "
+                 "'::', or a list of those")
 
 
 def expand_shard_urls(urls) -> list[str]:
     """A string (brace patterns, ``::``-separated lists), a path, or a list of those -> URLs
     (``~`` expanded for local paths). An empty URL among them is a ``FileNotFoundError`` saying
     where it is and what to give."""
-    items = [urls] if isinstance(urls, (str, os.PathLike)) else list(urls)
+    if isinstance(urls, (str, os.PathLike)):
+        items = [urls]
+    elif isinstance(urls, Iterable) and not isinstance(urls, (bytes, Mapping)):
+        items = list(urls)  # a list, a tuple, a generator (Path.glob)
+    else:
+        items = None
+    bad = [item for item in items or [] if not isinstance(item, (str, os.PathLike))]
+    if items is None or bad:  # None (an unset option), a number, a dict...: os.fspath's error named nothing
+        raise TypeError(f"shard URLs {urls!r}: {'not' if items is None else f'{bad[0]!r} in the list is not'} a "
+                        f"path or URL; {_WHAT_TO_GIVE}")
     out: list[str] = []
     for index, item in enumerate(items):
         expanded = expand_urls(os.fspath(item))
@@ -45,8 +57,7 @@ def _empty_url_problem(urls, item: str, index: int | None) -> str:
         problem = f"{name} has an empty part between '::' separators (one at its start or end, or two in a row?)"
     else:
         problem = f"{name} expands to an empty URL"
-    return (f"shard URLs {urls!r}: {problem}; give a shard path or URL, a brace pattern (e.g. "
-            "out/train-{000000..000003}.tar), URLs joined by '::', or a list of those")
+    return f"shard URLs {urls!r}: {problem}; {_WHAT_TO_GIVE}"
 
 
 def _is_local(url: str) -> bool:
