@@ -14,8 +14,8 @@ actually drew, so a sample says exactly what was done to it.
 
 All geometry in a record is in source-image pixels (``image_size = [W, H]``). A horizontal flip of
 the stored crop is the crop of the mirrored source image at the mirrored window, so it maps the crop
-window ``x -> W - x``, and boxes and landmarks ``x -> W + c - x`` with ``c`` their coordinates' pixel
-origin (1 for 300W-LP / AFLW2000 MATLAB coordinates: :func:`labels.mirror_offset`), and re-indexes
+window ``x -> W - x``, and boxes and landmarks ``x -> W + c - x`` with ``c`` twice the coordinate of
+pixel column 0's centre, less 1 (1 for 300W-LP / AFLW2000 MATLAB coordinates: :func:`labels.mirror_offset`), and re-indexes
 the landmarks so point ``i`` is still the same facial point. Label math comes from
 :mod:`dataprep.labels` only.
 """

@@ -302,8 +302,8 @@ def points_to_input_pixels(points, crops, sizes, origins) -> np.ndarray:
     """Landmarks ``(B, N, 2)`` in their records' source coordinates -> model-input pixel
     coordinates with pixel ``j``'s centre at ``j`` (as array indices, OpenCV's drawing and heatmap
     grids take them), through each sample's ``crop`` window resized to its ``size``. ``origins``
-    ``(B,)``: where each record's coordinates put source pixel 0's centre, less 0.5 (that is
-    ``labels.mirror_offset``: 1 for 300W-LP / AFLW2000's MATLAB coordinates). Mapping MATLAB points
+    ``(B,)``: each record's ``labels.mirror_offset``, twice the coordinate of source pixel 0's
+    centre less 1 (1 for 300W-LP / AFLW2000's MATLAB coordinates, 0 for continuous ones). Mapping MATLAB points
     as continuous ones instead puts them ``0.5 x scale + 0.5`` output pixels off."""
     p = np.asarray(points, dtype=np.float64) - 0.5 * np.asarray(origins, dtype=np.float64).reshape(-1, 1, 1)
     return stacked_to_crop_coords(p, crops, sizes) - 0.5

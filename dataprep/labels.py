@@ -15,8 +15,11 @@ Angles are in **degrees**, named ``yaw, pitch, roll``.
   This is the Z-Y-X decomposition ``R = Rz(-roll) @ Ry(-yaw) @ Rx(pitch)``.
 
 The ``rotation`` stored in every record is ``rotation_from_euler(yaw, pitch, roll)``, the matrix in
-that same convention (for BIWI it is ``M.T`` itself), and ``rotation_to_euler(record["rotation"])``
-gives back the record's angles (below: for every head pose). The formulas above return |yaw| <= 90; a rotation
+that same convention (for BIWI ``M.T`` made exactly orthonormal through its angles: ``pose.txt``'s
+six printed digits leave ``M`` a rotation to ~1e-6 only, and the two differ by as little), and
+``rotation_to_euler(record["rotation"])`` gives back the record's angles (below: for every head pose;
+a matrix from elsewhere, a network's output, loses precision near |yaw| = 90, where this convention
+has its gimbal lock). The formulas above return |yaw| <= 90; a rotation
 with |yaw| > 90 (AFLW2000 and 300W-LP hold a few; protocol 1 keeps yaw up to 99) comes out of them
 as the other angle triple of the same rotation, ``(±180 - yaw, pitch ∓ 180, roll ∓ 180)``, pitch
 and roll both past 90. ``rotation_to_euler`` returns the triple whose largest angle is smaller
@@ -24,7 +27,8 @@ instead: the label's, for every head pose (BIWI's angles are the formulas' exact
 
 A horizontal image flip negates yaw and roll and keeps pitch; on the matrix it is the conjugation
 ``S @ R @ S`` with ``S = diag(-1, 1, 1)``. Points and boxes mirror as ``x -> W + c - x`` where ``c``
-is where their coordinates put the centre of pixel column 0, minus 0.5 (:func:`mirror_offset`), and
+is twice the coordinate of pixel column 0's centre, less 1 (:func:`mirror_offset`: 1 for MATLAB
+coordinates, centre at 1; 0 for continuous ones, centre at 0.5), and
 68 landmarks are re-indexed (:data:`MIRROR_68`) so that index i is the same facial point after it.
 """
 from __future__ import annotations
@@ -62,6 +66,28 @@ def angle_problem(record: dict, angle: str, limit: float | None = None) -> str |
         return f"record {angle} is {value!r}, past ±{limit:g} degrees"
     return None
 
+
+
+#: How far a record's ``rotation`` may be from :func:`rotation_from_euler` of its angles (both are
+#: written from the same float64 angles and read back exactly, so any difference is an edit).
+ROTATION_TOLERANCE = 1e-6
+
+
+def rotation_problem(record: dict) -> str | None:
+    """Why ``record["rotation"]`` is not the rotation of the record's (finite) angles, or None: not
+    a 3x3 matrix of finite numbers, or off :func:`rotation_from_euler` by more than
+    :data:`ROTATION_TOLERANCE` (a record edited, or written with another angle convention)."""
+    try:
+        m = np.asarray(record.get("rotation"), dtype=np.float64)
+    except (TypeError, ValueError):
+        m = None
+    if m is None or m.shape != (3, 3) or not np.all(np.isfinite(m)):
+        return f"record rotation is {record.get('rotation')!r:.80}, not a 3x3 matrix of finite numbers"
+    off = float(np.abs(m - rotation_from_euler(record["yaw"], record["pitch"], record["roll"])).max())
+    if off > ROTATION_TOLERANCE:
+        return (f"record rotation is not the rotation of its yaw, pitch and roll (off by up to {off:.3g}; "
+                "README, Label conventions): an edited record, or one written with another convention")
+    return None
 
 def pose_para_to_euler(pose_para) -> tuple[float, float, float]:
     """``Pose_Para`` (any shape holding >= 3 values, radians) -> ``(yaw, pitch, roll)`` degrees."""
@@ -134,7 +160,8 @@ def _rz(a: float) -> np.ndarray:
 
 def rotation_from_euler(yaw, pitch, roll):
     """``(yaw, pitch, roll)`` degrees -> rotation matrix ``Rz(-roll) @ Ry(-yaw) @ Rx(pitch)``. Torch
-    tensors of angles ``(...)`` give a tensor of matrices ``(..., 3, 3)`` (the trainer's MNN loss)."""
+    tensors of angles ``(...)`` give a float32 tensor of matrices ``(..., 3, 3)`` (the trainer's MNN
+    loss; computed in float32 whatever the angles' dtype: ~2e-7 off the NumPy path)."""
     if _is_tensor(yaw):
         return _rotation_from_euler_tensor(yaw, pitch, roll)
     return _rz(-roll * DEG2RAD) @ _ry(-yaw * DEG2RAD) @ _rx(pitch * DEG2RAD)

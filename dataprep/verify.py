@@ -47,6 +47,9 @@ def _decode_member(ext: str, data: bytes, key: str) -> None:
             problem = labels.angle_problem(record, angle, limit=labels.MAX_ANGLE)
             if problem:
                 raise ValueError(problem)
+        problem = labels.rotation_problem(record)  # the matrix a 6D / matrix model trains on
+        if problem:
+            raise ValueError(problem)
     elif ext == "jpg":
         image, damage = codec.decode_rgb_checked(data)
         if damage is not None:

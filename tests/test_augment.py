@@ -160,10 +160,10 @@ def test_flip_labels_and_geometry(sample):
 def test_flipped_rotation_matches_flipped_angles(sample):
     _, record, _ = sample
     _, out, _ = A.HorizontalFlip()(*sample)
-    got = labels.rotation_to_euler(out["rotation"])
     want = (out["yaw"], out["pitch"], out["roll"])
-    diff = [(g - w_ + 180.0) % 360.0 - 180.0 for g, w_ in zip(got, want)]
-    np.testing.assert_allclose(diff, 0.0, atol=1e-6)
+    # the matrix itself: comparing angles read back from it failed on the few triples whose Euler
+    # angles are ambiguous (all three past 180 minus the largest, e.g. 82, 82, 98: README)
+    np.testing.assert_allclose(out["rotation"], labels.rotation_from_euler(*want), atol=1e-9)
     assert want == labels.flip_euler(record["yaw"], record["pitch"], record["roll"])
 
 

@@ -1478,6 +1478,34 @@ def test_verify_checks_every_sample_has_its_image_and_a_sound_record(aflw_build,
     assert len(problems) == 5, problems
 
 
+
+def test_verify_checks_each_record_rotation_against_its_angles(aflw_build, tmp_path):
+    """The stored rotation (what a matrix or 6D model trains on) is the rotation of the record's
+    angles: a record whose yaw and roll were negated by hand, as a flip that forgets the matrix
+    would, or whose rotation is no 3x3 matrix, is named."""
+    copy, manifest = _copy_build(aflw_build, tmp_path)
+    name = manifest["shards"][0]["name"]
+    first, second = sorted(read_tar(copy / name))[:2]
+
+    def change(member, data):
+        if member in (f"{first}.json", f"{second}.json"):
+            record = json.loads(data)
+            if member.startswith(first):
+                record["yaw"], record["roll"] = -record["yaw"], -record["roll"]
+            else:
+                record["rotation"] = [[1, 0], [0, 1]]
+            return json.dumps(record).encode()
+        return data
+
+    assert verify(str(copy)).ok
+    _rewrite_shard(copy, name, change)
+    problems = verify(str(copy)).problems
+    assert len(problems) == 2, problems
+    assert problems[0].startswith(f"{name}: sample {first!r} ({first}.json): record rotation is not the rotation of "
+                                  "its yaw, pitch and roll (off by up to ")
+    assert problems[1] == (f"{name}: sample {second!r} ({second}.json): record rotation is [[1, 0], [0, 1]], not a "
+                           "3x3 matrix of finite numbers")
+
 def test_verify_names_where_info_json_lists_differ(aflw_build, tmp_path):
     copy, manifest = _copy_build(aflw_build, tmp_path)
     info_path = copy / "_info.json"
@@ -1515,3 +1543,24 @@ def test_a_crash_of_a_dataprep_command_exits_2_with_its_traceback(monkeypatch, c
     assert err.rstrip().splitlines()[-1] == ("dataprep protocols: error: unexpected KeyError: 'boom' (a bug of "
                                              "headpose-dataprep, or an input it does not foresee: please report it "
                                              "with the traceback above)")
+
+
+def test_the_readme_reading_recipes_run_as_printed(sample_tree, tmp_path):
+    """The Python blocks of the README's "Shard format" (reading shards without dataprep) run as they
+    are printed, from a folder holding `make demo`'s builds, and give samples."""
+    import subprocess
+    import sys
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = text[text.index("## Shard format"):text.index("## Label conventions")]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert len(blocks) == 2 and all("dataprep" not in re.sub(r"#.*", "", b) for b in blocks)  # no import of ours
+    shards = tmp_path / "demo" / "shards"
+    build(opts(sample_tree / "AFLW2000", shards / "aflw2000-p1", "aflw2000", protocol="1", shard_size=1000))
+    build(opts(sample_tree / "hpdb", shards / "biwi-p2", "biwi", protocol="2", detector="gt", shard_size=1000))
+    checks = ["assert isinstance(yaw, float) and image.shape[2] == 3",
+              "image, depth, record = next(iter(ds)); assert depth.dtype.name == 'uint16' and depth.max() > 255"]
+    for block, check in zip(blocks, checks):
+        run = subprocess.run([sys.executable, "-c", block + "\n" + check], cwd=tmp_path, capture_output=True, text=True,
+                             timeout=300)
+        assert run.returncode == 0, run.stderr

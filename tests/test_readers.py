@@ -862,3 +862,23 @@ def test_a_picture_of_the_wrong_size_is_refused_before_it_is_decoded(sample_tree
     assert "image is 20000x20000, expected 450x450" in err.message
     (root / W300_SOURCE).write_bytes(jpeg)
     assert "image is 700x900, expected 450x450" in _expect_error("300w_lp", root, ref, "wrong_image_size", W300_SOURCE).message
+
+
+def test_biwi_depth_centre_and_box_go_through_the_same_depth_calibration(sample_tree, tmp_path):
+    """``head_center_depth_px`` is the centre of ``depth_box``: both project the head centre through
+    ``depth.cal``'s rotation and translation (the centre skipped them; with BIWI's identity
+    ``depth.cal`` the two agree, with any other they drifted apart)."""
+    seq = tmp_path / "hpdb" / "01"
+    shutil.copytree(sample_tree / "hpdb" / "01", seq)
+    lines = (seq / "depth.cal").read_text().splitlines()
+    lines[-3] = "12 -8 0 "  # T, mm: a depth camera shifted from the reference frame
+    (seq / "depth.cal").write_text("\n".join(lines) + "\n")
+    root = tmp_path / "hpdb"
+    ref = biwi.list_samples(root)[0]
+    s = biwi.read_sample(root, ref)
+    x1, y1, x2, y2 = s.extra["depth_box"]
+    assert s.extra["head_center_depth_px"] == pytest.approx([(x1 + x2) / 2, (y1 + y2) / 2], abs=1e-9)
+    t = np.asarray(s.extra["head_center_mm"])
+    fx = float(lines[0].split()[0])
+    shifted = (t[0] + 12) / t[2] * fx  # u - cx of the centre after T
+    assert s.extra["head_center_depth_px"][0] - 320 == pytest.approx(shifted, abs=1e-6)

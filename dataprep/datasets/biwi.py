@@ -360,7 +360,7 @@ def read_sample(root: Path, ref: SampleRef) -> RawSample:
     if z <= 0:
         raise SampleError("bad_calibration", f"{shown['pose']}: head centre {t.tolist()} lands behind the RGB camera "
                                               f"of {shown['rgb_cal']}; one of the two files is wrong")
-    depth_box = head_box(t, depth_cal)[0]
+    depth_box, depth_centre, _ = head_box(t, depth_cal)  # through depth.cal's R and T, as the RGB box
     problem = box_problem(depth_box, (depth_cal.width, depth_cal.height))
     if problem:  # the RGB box passed: the depth camera's numbers are off (a black or huge depth crop)
         shown_box = ", ".join(f"{v:.6g}" for v in depth_box)
@@ -374,7 +374,7 @@ def read_sample(root: Path, ref: SampleRef) -> RawSample:
         depth=depth,
         extra={
             "head_center_mm": [float(v) for v in t],
-            "head_center_depth_px": [float(v) for v in depth_cal.project(t)],
+            "head_center_depth_px": [float(v) for v in depth_centre],
             # The same physical head box in the depth image (the pipeline crops depth with it).
             "depth_box": depth_box,
             "head_center_rgb_px": [float(v) for v in centre],
