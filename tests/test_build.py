@@ -905,8 +905,9 @@ def test_verify_names_a_shard_that_is_not_a_regular_file(aflw_build, tmp_path):
 
 
 def _record(key: str) -> bytes:
-    """The least label record verify accepts: the fields every reader takes, angles finite."""
-    return json.dumps({"key": key, "yaw": 1.0, "pitch": 2.0, "roll": 3.0, "rotation": [[1, 0, 0], [0, 1, 0], [0, 0, 1]],
+    """The least label record verify accepts: the fields every reader takes, angles finite and the
+    rotation theirs."""
+    return json.dumps({"key": key, "yaw": 0.0, "pitch": 0.0, "roll": 0.0, "rotation": [[1, 0, 0], [0, 1, 0], [0, 0, 1]],
                        "box": [0, 0, 8, 8], "crop": [0, 0, 8, 8], "source": f"{key}.jpg"}).encode()
 
 
@@ -940,7 +941,7 @@ def test_check_shard_reads_member_names_as_webdataset_does(tmp_path):
     from dataprep.verify import check_shard
 
     jpg = cv2.imencode(".jpg", np.full((8, 8, 3), 128, np.uint8))[1].tobytes()
-    record = {"key": "a", "yaw": 1.0, "pitch": 2.0, "roll": 3.0, "rotation": [[1, 0, 0], [0, 1, 0], [0, 0, 1]],
+    record = {"key": "a", "yaw": 0.0, "pitch": 0.0, "roll": 0.0, "rotation": [[1, 0, 0], [0, 1, 0], [0, 0, 1]],
               "box": [0, 0, 8, 8], "crop": [0, 0, 8, 8], "source": "a.jpg"}
     members = [("a.jpg", jpg), ("a.json", json.dumps(record).encode()), ("a.meta.json", b'{"note": "mine"}'),
                ("README", b"notes")]
