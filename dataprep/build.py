@@ -2,10 +2,12 @@
 workers, resume where an earlier run stopped, and write ``manifest.json`` and ``_info.json``."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import posixpath
+import re
 import secrets
 import socket
 import sys
@@ -153,9 +155,21 @@ def _read_progress(fs, base: str) -> dict[str, dict]:
             entry = json.loads(fs.cat_file(path))
         except (ValueError, OSError):
             continue
-        if isinstance(entry, dict):
+        if _progress_entry_sound(entry):
             entries[posixpath.basename(path)[:-len(RESULT_SUFFIX)]] = entry
     return entries
+
+
+def _progress_entry_sound(entry) -> bool:
+    """Whether a progress entry has the shape a build writes and counts that add up (an edited or
+    damaged one is skipped as an unreadable one is: its shard is written again)."""
+    result = entry.get("result") if isinstance(entry, dict) else None
+    if not isinstance(result, dict) or not isinstance(result.get("rejected"), list):
+        return False
+    counts = [result.get(k) for k in ("read", "written", "bytes")]
+    if not all(isinstance(n, int) and n >= 0 for n in counts) or not isinstance(result.get("sha256"), str):
+        return False
+    return result["read"] == result["written"] + len(result["rejected"])
 
 
 def _load_progress(fs, base: str, tasks: list[ShardTask], fingerprint: str, progress: dict[str, dict]) -> dict[str, dict]:
@@ -176,7 +190,7 @@ def _load_progress(fs, base: str, tasks: list[ShardTask], fingerprint: str, prog
 
 
 #: Settings whose values are digests: named for what they stand for.
-_DIGEST_SETTINGS = {"split_assignment": "the split lists", "detector_fingerprint": "the detector's weights or thresholds"}
+_DIGEST_SETTINGS = {"split_assignment": "the split lists (samples added to or removed from --root, or another split)", "detector_fingerprint": "the detector's weights or thresholds"}
 
 
 def _settings_differences(old, settings: Settings | None, ignore: tuple[str, ...] = ()) -> str:
@@ -248,15 +262,24 @@ def _check_out_dir(fs, base: str, fingerprint: str, overwrite: bool, progress: d
             old = json.loads(fs.cat_file(manifest_path))
         except ValueError:
             old = None
-        if not isinstance(old, dict) and not overwrite:
-            raise BuildError(f"{manifest_path} is not a readable build manifest (damaged, or not dataprep's); pass "
-                             "--overwrite to replace the build in that folder, or choose another --out")
-        if isinstance(old, dict) and old.get("settings_fingerprint") != fingerprint and not overwrite:
+        damaged = not isinstance(old, dict) or not isinstance(old.get("settings_fingerprint"), str)
+        # every shard's own record says it is this build's: the manifest is written again at the end
+        ours = bool(progress) and all(entry.get("settings") == fingerprint for entry in progress.values())
+        if damaged and ours and not overwrite:
+            print(f"note: {manifest_path} is damaged; the shards' records in {PROGRESS_DIR}/ are this build's, so "
+                  "it resumes and writes the manifest again", file=sys.stderr)
+            old = None
+        elif damaged and not overwrite:
+            raise BuildError(f"{manifest_path} is not a readable build manifest (damaged, or not dataprep's), and no "
+                             "record of this build's shards is there to rebuild it from; pass --overwrite to replace "
+                             "the build in that folder, or choose another --out")
+        elif isinstance(old, dict) and old.get("settings_fingerprint") != fingerprint and not overwrite:
             raise _other_build(base, _settings_differences(old.get("settings"), settings))
     elif not overwrite and any(entry.get("settings") != fingerprint for entry in progress.values()):
         raise BuildError(f"{base} holds shards of an interrupted build made with other options, inputs or dataprep "
-                         "version; run that command again to finish it, or pass --overwrite to replace it, or choose "
-                         "another --out")
+                         "version; run that command again to finish it (if this is that command, samples were added "
+                         "to or removed from --root since: a build's shards follow its sample list), or pass "
+                         "--overwrite to replace it, or choose another --out")
     old_shards = old.get("shards") if isinstance(old, dict) else None
     old_shards = old_shards if isinstance(old_shards, list) else []
     recorded = {s.get("name") for s in old_shards if isinstance(s, dict)} | set(progress)
@@ -274,10 +297,13 @@ def _check_out_dir(fs, base: str, fingerprint: str, overwrite: bool, progress: d
     if overwrite:
         splits = set(splits) | {s.get("split") for s in old_shards if isinstance(s, dict)}
         splits |= {e.get("result", {}).get("split") for e in progress.values() if isinstance(e.get("result"), dict)}
-        for name in names:
-            shard = is_shard_file(name)
-            if (shard and shard_split(name) in splits) or (not shard and _is_build_output(name)):
-                fs.rm(posixpath.join(base, name), recursive=True)
+        doomed = [n for n in names if (is_shard_file(n) and shard_split(n) in splits)
+                  or (not is_shard_file(n) and _is_build_output(n))]
+        # shards first and the manifest last: stopped part way, the folder still holds the record of
+        # the old build's splits, so running --overwrite again finds its remaining shards (removed the
+        # other way round, the ones left were known to no build, and stayed for good)
+        for name in sorted(doomed, key=lambda n: (n == MANIFEST, not is_shard_file(n))):
+            fs.rm(posixpath.join(base, name), recursive=True)
 
 
 @contextmanager
@@ -449,8 +475,10 @@ def _run_shards(opts: BuildOptions, settings: Settings, root: Path, tasks: list[
 
 def _remove_leftovers(fs, base: str) -> None:
     """Temporary files of a run killed mid-write: the build's own beside the shards (not a user's
-    ``*.tmp``), and any in the progress folder."""
+    ``*.tmp``), a lock token staged by a build killed as it took the lock, and any in the progress
+    folder."""
     leftovers = [p for p in fs.glob(posixpath.join(base, "*" + TMP_SUFFIX)) if _is_build_output(posixpath.basename(p))]
+    leftovers += fs.glob(posixpath.join(base, LOCK_FILE + ".*" + TMP_SUFFIX))  # a lock's staged token (_create_lock)
     for leftover in leftovers + fs.glob(posixpath.join(base, PROGRESS_DIR, "*" + TMP_SUFFIX)):
         fs.rm(leftover)
 
@@ -548,6 +576,10 @@ def _out_lock(fs, base: str):
     path = posixpath.join(base, LOCK_FILE)
     host = socket.gethostname()
     holder = lock_holder(fs, base)
+    if holder is not None and not _LOCK_TOKEN.fullmatch(holder):  # empty (an older version's), or not ours
+        raise BuildError(f"{path} holds no dataprep build's token ({holder[:40]!r}): a build stopped as it took the "
+                         "lock, or the file is not dataprep's; if no build is writing to this folder, delete it and "
+                         "run this command again")
     if holder:
         their_host, pid, start = (holder.split(":") + ["", "", ""])[:3]
         if their_host != host:
@@ -568,16 +600,35 @@ def _out_lock(fs, base: str):
             fs.rm(path)
 
 
+#: A lock's token: ``host:pid:start:random`` (``start`` may be empty where the system does not say;
+#: older versions wrote ``host:pid:random``).
+_LOCK_TOKEN = re.compile(r"[^:\s]+:[0-9]+(:[^:]*)?:[0-9a-f]+")
+
+
 def _create_lock(fs, base: str, token: str) -> bool:
     """Write ``token`` as ``base``'s lock unless another build's is there; whether it is ours."""
     path = posixpath.join(base, LOCK_FILE)
     if isinstance(fs, LocalFileSystem):
+        # written in full under another name, then linked into place: a build killed (or a disk full)
+        # between creating the lock and writing its token left an empty lock that no build could tell
+        # from a live one's
+        staged = f"{path}.{token.rsplit(':', 1)[-1]}.tmp"
+        with open(staged, "wb") as f:
+            f.write(token.encode())
         try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            os.link(staged, path)
         except FileExistsError:
             return False
-        with os.fdopen(fd, "wb") as f:
-            f.write(token.encode())
+        except OSError:  # a file system without hard links: created exclusively, then written
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "wb") as f:
+                f.write(token.encode())
+        finally:
+            with contextlib.suppress(FileNotFoundError):  # a finishing build may have cleared it up
+                os.unlink(staged)
         return True
     fs.pipe_file(path, token.encode())
     return lock_holder(fs, base) == token

@@ -104,8 +104,9 @@ def cmd_build(args) -> int:
         print(f"dataprep build: error: {_os_error_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("\ndataprep build: interrupted. The shards finished so far are kept: run the same command again to "
-              "resume", file=sys.stderr)
+        again = "the same command again without --overwrite" if args.overwrite else "the same command again"
+        print(f"\ndataprep build: interrupted. The shards finished so far are kept: run {again} to resume",
+              file=sys.stderr)
         return 130
     except BrokenProcessPool as err:  # a worker process died (out of memory, killed): joblib's TerminatedWorkerError
         print(f"dataprep build: error: a worker process died ({first_line(err)}); the shards finished so "

@@ -302,7 +302,8 @@ def _count(value) -> bool:
 def manifest_shape_problems(manifest) -> list[str]:
     """What keeps a ``manifest.json`` from being read as a build's (one phrase each; [] for a
     well-formed one): an object with a ``shards`` list of ``{"name": "<split>-NNNNNN.tar", "split",
-    "samples", "sha256"}``, ``counts`` an object and ``rejected`` a list of objects when present.
+    "samples", "sha256"}``, ``counts`` an object and ``rejected`` a list of objects when present,
+    ``settings_fingerprint`` a string.
     ``verify`` and ``audit`` check this before trusting any field (an edited or foreign file)."""
     if not isinstance(manifest, dict):
         return [f"is a JSON {type(manifest).__name__}, not an object"]
@@ -333,6 +334,9 @@ def manifest_shape_problems(manifest) -> list[str]:
     rejected = manifest.get("rejected", [])
     if not isinstance(rejected, list) or not all(isinstance(e, dict) for e in rejected):
         problems.append("rejected is not a list of objects")
+    if not isinstance(manifest.get("settings_fingerprint"), str):  # what a rerun resumes by
+        problems.append(f"settings_fingerprint is {manifest.get('settings_fingerprint')!r}, not the digest a rerun "
+                        "of the build resumes by")
     return problems
 
 

@@ -413,12 +413,26 @@ def test_the_summary_says_what_to_do_once_per_reason(aflw_build):
     assert "what to do" not in summary_table(manifest)
 
 
-def test_a_damaged_manifest_is_refused_with_advice_and_never_left_half_written(aflw_build, tmp_path, sample_tree):
+def test_a_damaged_manifest_is_written_again_or_refused_with_advice_and_never_left_half_written(
+        aflw_build, tmp_path, sample_tree, capsys):
+    """A damaged manifest beside the shards' own records of this build: the rerun keeps every shard
+    and writes the manifest again (verify advises that rerun; it used to be refused, and --overwrite
+    wrote every shard again). With no such records, it is refused, saying --overwrite."""
     out = tmp_path / "o"
     build(opts(sample_tree / "AFLW2000", out, "aflw2000"))
     text = (out / "manifest.json").read_text()
-    (out / "manifest.json").write_text(text[:len(text) // 2])  # killed mid-write by an older version
-    with pytest.raises(BuildError, match=r"manifest.json is not a readable build manifest .* --overwrite"):
+    shards = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")}
+    for damage in (text[:len(text) // 2], "[]", text.replace('"settings_fingerprint"', '"settings_print"')):
+        (out / "manifest.json").write_text(damage)  # killed mid-write by an older version, or edited
+        assert not verify(str(out)).ok
+        manifest = build(opts(sample_tree / "AFLW2000", out, "aflw2000"))
+        assert "is damaged; the shards' records" in capsys.readouterr().err
+        assert (out / "manifest.json").read_text() == text and verify(str(out)).ok
+        assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")} == shards  # none written again
+    (out / "manifest.json").write_text(text[:len(text) // 2])
+    shutil.rmtree(out / ".dataprep-progress")
+    with pytest.raises(BuildError, match=r"manifest.json is not a readable build manifest .* no record of this "
+                                         r"build's shards .* --overwrite"):
         build(opts(sample_tree / "AFLW2000", out, "aflw2000"))
     (out / "manifest.json.tmp").write_text("{")  # a run killed between writing and renaming
     manifest = build(opts(sample_tree / "AFLW2000", out, "aflw2000", overwrite=True))
@@ -1565,3 +1579,77 @@ def test_the_readme_reading_recipes_run_as_printed(sample_tree, tmp_path):
         run = subprocess.run([sys.executable, "-c", block + "\n" + check], cwd=tmp_path, capture_output=True, text=True,
                              timeout=300)
         assert run.returncode == 0, run.stderr
+
+
+def test_an_overwrite_stopped_while_removing_the_old_build_leaves_none_of_it(sample_tree, tmp_path, monkeypatch):
+    """--overwrite removes the old build's shards before its manifest: stopped part way, running it
+    again still finds and removes the rest (they were removed manifest first, and the shards left
+    were known to no build: they stayed, and verify failed on them)."""
+    out = tmp_path / "o"
+    build(opts(sample_tree / "AFLW2000", out, "aflw2000", protocol="none", shard_size=1))  # all-*.tar
+    old = sorted(p.name for p in out.glob("all-*.tar"))
+    real_rm, removed = fsspec.implementations.local.LocalFileSystem.rm, []
+
+    def rm_then_stop(self, path, *a, **k):
+        if len(removed) == 3:
+            raise KeyboardInterrupt  # Ctrl-C, SIGTERM
+        removed.append(Path(path).name)
+        return real_rm(self, path, *a, **k)
+
+    monkeypatch.setattr(fsspec.implementations.local.LocalFileSystem, "rm", rm_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        build(opts(sample_tree / "AFLW2000", out, "aflw2000", overwrite=True))
+    monkeypatch.undo()
+    assert set(removed) < set(old) and (out / "manifest.json").exists()  # shards first; the record of them stays
+    build(opts(sample_tree / "AFLW2000", out, "aflw2000", overwrite=True))
+    assert not list(out.glob("all-*")) and verify(str(out)).ok
+    # the order itself, whatever order the folder lists its files in: the manifest goes last
+    build(opts(sample_tree / "AFLW2000", out, "aflw2000", protocol="none", shard_size=1, overwrite=True))
+    order = []
+    monkeypatch.setattr(fsspec.implementations.local.LocalFileSystem, "rm",
+                        lambda self, path, *a, **k: order.append(Path(path).name) or real_rm(self, path, *a, **k))
+    build(opts(sample_tree / "AFLW2000", out, "aflw2000", overwrite=True))
+    gone = order[:order.index("manifest.json") + 1]
+    assert gone[-1] == "manifest.json" and set(old) <= set(gone)
+    assert max(gone.index(name) for name in old) < min(gone.index(n) for n in gone if not n.startswith("all-"))
+
+
+def test_a_lock_that_holds_no_build_token_is_named_and_a_lock_is_never_seen_empty(sample_tree, tmp_path, monkeypatch):
+    """A lock file is written whole under another name and linked into place, so no build sees it
+    empty; one that holds no build's token (an older version's killed as it took the lock, a full
+    disk) is named with what to do, not taken for a build "started just now" for good."""
+    from dataprep.pipeline import LOCK_FILE
+
+    out = tmp_path / "o"
+    out.mkdir()
+    seen = []
+    real_link = build_mod.os.link
+
+    def link(src, dst, *a, **k):
+        seen.append(Path(src).read_text())  # what the lock holds the moment it appears
+        return real_link(src, dst, *a, **k)
+
+    monkeypatch.setattr(build_mod.os, "link", link)
+    build(opts(sample_tree / "AFLW2000", out, "aflw2000"))
+    assert len(seen) == 1 and build_mod._LOCK_TOKEN.fullmatch(seen[0])
+    assert not (out / LOCK_FILE).exists() and not list(out.glob(".dataprep.lock*"))
+    for garbage in ("", "garbage"):
+        (out / LOCK_FILE).write_text(garbage)
+        with pytest.raises(BuildError, match=rf"\.dataprep\.lock holds no dataprep build's token \({garbage!r}\): .* "
+                                             "delete it and run this command again"):
+            build(opts(sample_tree / "AFLW2000", out, "aflw2000"))
+
+
+def test_a_progress_record_of_the_wrong_shape_is_written_again_not_trusted(sample_tree, tmp_path):
+    """An edited or damaged progress record (no result, counts that do not add up) is skipped as an
+    unreadable one is: its shard is written again (it crashed the rerun, or its counts went into the
+    manifest)."""
+    out = tmp_path / "o"
+    first = build(opts(sample_tree / "AFLW2000", out, "aflw2000"))
+    records = sorted((out / ".dataprep-progress").glob("*.tar.json"))
+    assert len(records) >= 2
+    for record, edit in zip(records, (lambda e: dict(e, result="x"),
+                                      lambda e: dict(e, result=dict(e["result"], read=e["result"]["read"] + 180)))):
+        record.write_text(json.dumps(edit(json.loads(record.read_text()))))
+    again = build(opts(sample_tree / "AFLW2000", out, "aflw2000"))
+    assert again["counts"] == first["counts"] and again["shards"] == first["shards"] and verify(str(out)).ok
