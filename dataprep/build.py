@@ -561,7 +561,23 @@ def build(opts: BuildOptions) -> dict:
                                  assignment)
         write_json(fs, posixpath.join(base, MANIFEST), manifest, indent=1)
         write_info(fs, base, f"{opts.dataset}-protocol{proto.protocol}", manifest["shards"])
+        _warn_unlisted_shards(fs, base, manifest["shards"])
         return manifest
+
+
+def _warn_unlisted_shards(fs, base: str, shards: list[dict]) -> None:
+    """Say which shard files of this build's splits are in ``base`` though the build did not write
+    them (copied in while it was interrupted, or numbered past its last shard): a reader globbing
+    ``*.tar`` would take them in, and ``verify`` fails on them."""
+    listed = {s["name"] for s in shards}
+    splits = {s["split"] for s in shards}
+    names = sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(base, detail=False))
+    stray = [n for n in names if is_shard_file(n) and final_name(n) == n and n not in listed and shard_split(n) in splits]
+    if stray:
+        shown = ", ".join(stray[:3]) + (f" and {len(stray) - 3} more" if len(stray) > 3 else "")
+        print(f"warning: {base} holds shard files of this build's splits that it did not write ({shown}); a reader "
+              "globbing *.tar would take them in, and dataprep verify fails on them: move them out of the folder",
+              file=sys.stderr)
 
 
 @contextmanager

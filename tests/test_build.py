@@ -1653,3 +1653,19 @@ def test_a_progress_record_of_the_wrong_shape_is_written_again_not_trusted(sampl
         record.write_text(json.dumps(edit(json.loads(record.read_text()))))
     again = build(opts(sample_tree / "AFLW2000", out, "aflw2000"))
     assert again["counts"] == first["counts"] and again["shards"] == first["shards"] and verify(str(out)).ok
+
+
+
+def test_a_rerun_names_shard_files_of_its_splits_it_did_not_write(sample_tree, tmp_path, capsys):
+    """A shard file numbered past the build's last one (copied in) is named when the build ends: it
+    finished with exit 0 while verify failed on the file."""
+    out = tmp_path / "o"
+    manifest = build(opts(sample_tree / "AFLW2000", out, "aflw2000"))
+    last = manifest["shards"][-1]["name"]
+    stray = out / f"test-{int(last[5:11]) + 5:06d}.tar"
+    shutil.copy(out / last, stray)
+    capsys.readouterr()
+    build(opts(sample_tree / "AFLW2000", out, "aflw2000"))
+    err = capsys.readouterr().err
+    assert f"holds shard files of this build's splits that it did not write ({stray.name})" in err
+    assert any(p.startswith(stray.name) for p in verify(str(out)).problems)
