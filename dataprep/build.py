@@ -248,6 +248,17 @@ def _other_build(base: str, differ: str) -> BuildError:
                       "it, or choose another --out")
 
 
+def _unrecorded_shards(names, recorded: set[str], splits: set[str]) -> list[str]:
+    """The finished shard files among ``names`` (a folder's listing) of ``splits`` that are not in
+    ``recorded`` (sorted): copied in, or left by another build."""
+    return sorted(n for n in names if is_shard_file(n) and final_name(n) == n and n not in recorded
+                  and shard_split(n) in splits)
+
+
+def _some(names: list[str]) -> str:
+    """The first three ``names`` and how many more, for a message."""
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
 def _check_out_dir(fs, base: str, fingerprint: str, overwrite: bool, progress: dict[str, dict],
                    splits: set[str], settings: Settings | None = None) -> None:
     """Refuse a folder holding another build (finished: its manifest; interrupted before it wrote
@@ -287,16 +298,14 @@ def _check_out_dir(fs, base: str, fingerprint: str, overwrite: bool, progress: d
     # a build was here (its progress folder is made before any shard): an unrecorded shard may be its
     # own, renamed into place just before it was killed, and is written again
     if not overwrite and not progress and not fs.exists(posixpath.join(base, PROGRESS_DIR)):
-        foreign = sorted(n for n in names if is_shard_file(n) and final_name(n) == n and n not in recorded
-                         and shard_split(n) in splits)
+        foreign = _unrecorded_shards(names, recorded, splits)
         if foreign:
-            shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
-            raise BuildError(f"{base} holds shard files no dataprep build recorded there ({shown}); a build would mix "
-                             "with them or overwrite one: move them away, choose another --out, or pass --overwrite "
-                             "to replace them")
+            raise BuildError(f"{base} holds shard files no dataprep build recorded there ({_some(foreign)}); a build "
+                             "would mix with them or overwrite one: move them away, choose another --out, or pass "
+                             "--overwrite to replace them")
     if overwrite:
         splits = set(splits) | {s.get("split") for s in old_shards if isinstance(s, dict)}
-        splits |= {e.get("result", {}).get("split") for e in progress.values() if isinstance(e.get("result"), dict)}
+        splits |= {e["result"].get("split") for e in progress.values()}  # each checked as read (_read_progress)
         doomed = [n for n in names if (is_shard_file(n) and shard_split(n) in splits)
                   or (not is_shard_file(n) and _is_build_output(n))]
         # shards first and the manifest last: stopped part way, the folder still holds the record of
@@ -569,13 +578,10 @@ def _warn_unlisted_shards(fs, base: str, shards: list[dict]) -> None:
     """Say which shard files of this build's splits are in ``base`` though the build did not write
     them (copied in while it was interrupted, or numbered past its last shard): a reader globbing
     ``*.tar`` would take them in, and ``verify`` fails on them."""
-    listed = {s["name"] for s in shards}
-    splits = {s["split"] for s in shards}
-    names = sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(base, detail=False))
-    stray = [n for n in names if is_shard_file(n) and final_name(n) == n and n not in listed and shard_split(n) in splits]
+    names = [posixpath.basename(p.rstrip("/")) for p in fs.ls(base, detail=False)]
+    stray = _unrecorded_shards(names, {s["name"] for s in shards}, {s["split"] for s in shards})
     if stray:
-        shown = ", ".join(stray[:3]) + (f" and {len(stray) - 3} more" if len(stray) > 3 else "")
-        print(f"warning: {base} holds shard files of this build's splits that it did not write ({shown}); a reader "
+        print(f"warning: {base} holds shard files of this build's splits that it did not write ({_some(stray)}); a reader "
               "globbing *.tar would take them in, and dataprep verify fails on them: move them out of the folder",
               file=sys.stderr)
 

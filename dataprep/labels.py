@@ -67,7 +67,6 @@ def angle_problem(record: dict, angle: str, limit: float | None = None) -> str |
     return None
 
 
-
 #: How far a record's ``rotation`` may be from :func:`rotation_from_euler` of its angles (both are
 #: written from the same float64 angles and read back exactly, so any difference is an edit).
 ROTATION_TOLERANCE = 1e-6
@@ -88,6 +87,7 @@ def rotation_problem(record: dict) -> str | None:
         return (f"record rotation is not the rotation of its yaw, pitch and roll (off by up to {off:.3g}; "
                 "README, Label conventions): an edited record, or one written with another convention")
     return None
+
 
 def pose_para_to_euler(pose_para) -> tuple[float, float, float]:
     """``Pose_Para`` (any shape holding >= 3 values, radians) -> ``(yaw, pitch, roll)`` degrees."""

@@ -38,8 +38,9 @@ from dataprep import loader as loaders
 from dataprep.errors import first_line
 from dataprep.loader import (BadSample, HeadPoseLoader, NoSamples, expand_shard_urls, local_path, normalize_images,
                              require_local_shards)
-from dataprep.loader.tar_reader import SHARD_READ_ERRORS, unreadable_shard
-from dataprep.shards import read_info_shard_lengths, split_member
+from dataprep.loader.tar_reader import SHARD_READ_ERRORS, miscounted_shard, unreadable_shard
+from dataprep.loader.urls import recorded_shard_lengths
+from dataprep.shards import split_member
 
 SHUFFLE_BUFFER = 1000
 #: Why shards can hold no sample, and where to look (a build writes an empty shard where every
@@ -72,19 +73,15 @@ def shard_samples(urls) -> list[int] | None:
     counts = []
     url_list = expand_shard_urls(urls)
     require_local_shards(url_list)
-    listed: dict[str, dict[str, int]] = {}
+    recorded = recorded_shard_lengths(url_list)
     for url in url_list:
         path = local_path(url)
         if path is None:
             return None
         with _open_shard(path, url) as tar:
             n = sum(1 for _ in _records(tar))
-        folder = os.path.dirname(os.path.abspath(path))
-        if folder not in listed:
-            listed[folder] = read_info_shard_lengths(folder)
-        want = listed[folder].get(os.path.basename(path))
-        if want is not None and n != want:  # a tar cut between two members still reads: only the count tells
-            raise unreadable_shard(url, ValueError(f"it holds {n} samples, the folder's _info.json says {want}"))
+        if recorded.get(url, n) != n:  # a tar cut between two members still reads: only the count tells
+            raise miscounted_shard(url, n, recorded[url])
         counts.append(n)
     return counts
 

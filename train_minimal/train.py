@@ -76,9 +76,10 @@ def _device(text: str) -> str:
 
 
 def _warn_crop_room(urls, spec, command: str) -> None:
-    """Print :func:`data.crop_room_warning` for these shards, if any, tagged with the command."""
-    with _shards_found():  # the first to read the URLs: an empty one is an error line here
-        warning = crop_room_warning(urls, spec)
+    """Print :func:`data.crop_room_warning` for these shards, if any, tagged with the command. The
+    first to read the URLs: callers call it under :func:`_shards_found` (a path naming no shard is
+    one error line)."""
+    warning = crop_room_warning(urls, spec)
     if warning:
         print(f"[{command}] warning: {warning}", file=sys.stderr, flush=True)
 
@@ -445,8 +446,8 @@ def cmd_eval(args) -> int:
     batch_size = int(args.batch_size or (ckpt.get("args") or {}).get("batch_size") or 64)
     if args.gpu_decode and not cuda:
         print("[eval] --gpu-decode needs a CUDA device; decoding on the CPU", file=sys.stderr)
-    _warn_crop_room(args.data, spec, "eval")
     with _shards_found():
+        _warn_crop_room(args.data, spec, "eval")
         loader = make_loader(args.data, spec, batch_size, train=False, workers=args.workers, seed=0,
                              input_size=input_size, gpu_decode=bool(args.gpu_decode and cuda))
     with _samples_found(args.data):

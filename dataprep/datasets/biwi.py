@@ -284,13 +284,7 @@ def list_samples(root: Path) -> list[SampleRef]:
     the files are not opened here."""
     root = common.require_root(root, "BIWI", DEFAULT_ROOT_NAME)
     named = [p for p in root.iterdir() if _SEQUENCE_DIR.match(p.name)]
-    # a sequence's name that is a file or a dangling link would be passed over without a word: its
-    # frames unread, not even counted
-    not_folders = sorted(f"{p.name} ({kind})" for p in named if (kind := common.non_folder_kind(p)))
-    if not_folders:
-        raise NotADirectoryError(f"BIWI sequence(s) under {root} that are not folders: {', '.join(not_folders)}; their "
-                                 "frames cannot be read: put the sequence's folder there, or move it away to build "
-                                 "without that sequence")
+    common.require_folders(root, sorted(named), "BIWI sequence", "frames", "the sequence's folder")
     sequences = sorted(p.name for p in named if p.is_dir())
     if not sequences:
         raise FileNotFoundError(

@@ -134,6 +134,18 @@ def non_folder_kind(path: Path) -> str | None:
     return "a file" if stat.S_ISREG(mode) else next((name for test, name in _FILE_KINDS if test(mode)), "a special file")
 
 
+def require_folders(root: Path, paths, what: str, contents: str, folder: str) -> None:
+    """``NotADirectoryError`` naming each of ``paths`` under ``root`` (where a dataset has a folder:
+    ``what``, e.g. ``"sequence"``) that is something else (:func:`non_folder_kind`), in their order:
+    a listing would pass it over without a word, its ``contents`` unread, not even counted.
+    ``folder``: whose folder to put there."""
+    not_folders = [f"{p.name} ({kind})" for p in paths if (kind := non_folder_kind(p))]
+    if not_folders:
+        raise NotADirectoryError(f"{what}(s) under {root} that are not folders: {', '.join(not_folders)}; their "
+                                 f"{contents} cannot be read: put {folder} there, or move it away to build without "
+                                 f"that {what.split()[-1]}")
+
+
 def read_file_bytes(path) -> bytes:
     """``path``'s bytes, for every raw input file the readers and the box stage read.
     :class:`NotARegularFile` (an ``OSError``) for anything but a regular file, saying what it is;

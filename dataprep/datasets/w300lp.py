@@ -39,12 +39,7 @@ def list_samples(root: Path) -> list[SampleRef]:
         shown = ", ".join(f"{name} (rename it {canonical[name.lower()]})" for name in miscased)
         raise FileNotFoundError(f"300W-LP subset folder(s) named in another case under {root}: {shown}; the "
                                 "reader takes the dataset's own names, in which _Flip marks the mirrored images")
-    # so would a subset's name that is a file or a dangling link: its samples unread, not even counted
-    not_folders = [f"{s} ({kind})" for s in SUBSETS if (kind := common.non_folder_kind(root / s))]
-    if not_folders:
-        raise NotADirectoryError(f"300W-LP subset(s) under {root} that are not folders: {', '.join(not_folders)}; their "
-                                 "samples cannot be read: put the dataset's folder there, or move it away to build "
-                                 "without that subset")
+    common.require_folders(root, [root / s for s in SUBSETS], "300W-LP subset", "samples", "the dataset's folder")
     found = [s for s in SUBSETS if (root / s).is_dir()]
     if not found:
         raise FileNotFoundError(

@@ -63,6 +63,13 @@ def unreadable_shard(url: str, err: BaseException) -> UnreadableShard:
                            f"it or run `dataprep verify {folder or '.'}`")
 
 
+def miscounted_shard(url: str, got: int, recorded: int) -> UnreadableShard:
+    """The :class:`UnreadableShard` for ``url`` holding ``got`` samples where its folder's
+    ``_info.json`` records ``recorded`` (a tar cut where a member ends still reads as a tar: only the
+    count tells)."""
+    return unreadable_shard(url, ValueError(f"it holds {got} samples, the folder's _info.json says {recorded}"))
+
+
 def shard_error_line(exc: UnreadableShard | NoSamples | BadSample) -> str:
     """The one-line message of ``exc``, also when a DataLoader worker raised it (torch then raises a
     new one holding the worker's whole traceback, which ends with the original message)."""
@@ -342,8 +349,7 @@ class _TarSamples(PipelineStage):
             # at a member boundary reads as a shorter valid tar, only its build's count tells
             recorded = self.recorded.get(url)
             if recorded is not None and got < recorded:
-                raise unreadable_shard(url, ValueError(f"it holds {got} samples, the folder's _info.json says "
-                                                       f"{recorded}"))
+                raise miscounted_shard(url, got, recorded)
         except Exception as exn:  # noqa: BLE001 - a broken shard: the handler decides
             if isinstance(exn, SHARD_READ_ERRORS) and not isinstance(exn, UnreadableShard):
                 err = unreadable_shard(url, exn)  # one line naming the shard, whatever reports it
