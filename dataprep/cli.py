@@ -16,7 +16,7 @@ from pathlib import Path
 from . import __version__
 from .augment import SPEC_NAMES
 from .boxes import CROP_RULES
-from .errors import first_line, report_crash
+from .errors import INTERRUPTED, first_line, report_crash
 from .records import DATASETS
 
 
@@ -107,7 +107,7 @@ def cmd_build(args) -> int:
         again = "the same command again without --overwrite" if args.overwrite else "the same command again"
         print(f"\ndataprep build: interrupted. The shards finished so far are kept: run {again} to resume",
               file=sys.stderr)
-        return 130
+        return INTERRUPTED
     except BrokenProcessPool as err:  # a worker process died (out of memory, killed): joblib's TerminatedWorkerError
         print(f"dataprep build: error: a worker process died ({first_line(err)}); the shards finished so "
               "far are kept: run the same command again to resume (with fewer --jobs if memory ran out)", file=sys.stderr)
@@ -243,6 +243,9 @@ def main(argv=None) -> int:
         rc = handler(args)
         sys.stdout.flush()  # inside the try: a closed pipe shows here, not at interpreter exit
         return rc
+    except KeyboardInterrupt:  # Ctrl-C in verify, audit, sample ... (build says more itself): one line, no traceback
+        print(f"\ndataprep {args.command}: interrupted", file=sys.stderr)
+        return INTERRUPTED
     except BrokenPipeError:  # `dataprep ... | head`: the reader left; not an error of ours
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
         return 141

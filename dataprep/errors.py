@@ -9,6 +9,9 @@ import traceback
 #: 1 is kept for "done, and problems found" (``verify``, ``build --strict``), so a crash must not give it.
 NOT_DONE = 2
 
+#: Exit status of a command stopped by Ctrl-C or SIGTERM: 128 + SIGINT, as shells report it.
+INTERRUPTED = 130
+
 
 def first_line(err: BaseException) -> str:
     """An exception's first message line (its type's name when it has no message)."""

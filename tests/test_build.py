@@ -1325,6 +1325,24 @@ def test_cli_says_what_to_do_instead_of_a_traceback(sample_tree, tmp_path, capsy
     assert "run the same command again to resume" in capsys.readouterr().err
 
 
+def test_ctrl_c_in_any_command_is_one_line_and_exit_130(sample_tree, tmp_path, monkeypatch, capsys):
+    """Ctrl-C in verify (or audit, sample: main catches it for every command) ends with one line and
+    130, as an interrupted build does, not a KeyboardInterrupt traceback."""
+    import dataprep.verify as verify_mod
+
+    out = tmp_path / "o"
+    assert cli_main(["build", "--dataset", "aflw2000", "--root", str(sample_tree / "AFLW2000"), "--out", str(out),
+                     "--no-progress"]) == 0
+    capsys.readouterr()
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(verify_mod, "verify", interrupted)
+    assert cli_main(["verify", str(out)]) == 130
+    assert capsys.readouterr().err == "\ndataprep verify: interrupted\n"
+
+
 def test_python_m_dataprep_runs_the_command():
     import subprocess
 

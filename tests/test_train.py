@@ -499,6 +499,30 @@ def test_a_crash_exits_2_with_its_traceback_and_what_to_do(monkeypatch, capsys):
     assert err.rstrip().splitlines()[-1].startswith("python -m train_minimal params: error: unexpected RuntimeError: "
                                                     "boom (a bug of headpose-dataprep")
 
+def test_ctrl_c_while_training_is_one_line_and_exit_130(shards, tmp_path):
+    """Ctrl-C in the middle of training (a real SIGINT, to the trainer and its DataLoader workers as a
+    terminal sends it) ends with one line saying what is kept, not the traceback of every process."""
+    import signal
+
+    proc = subprocess.Popen([sys.executable, "-m", "train_minimal", "train", "--model", "ssrnet_md", "--train", shards.train,
+                             "--epochs", "100000", "--out", str(tmp_path / "run"), "--device", "cpu", "--workers", "1"],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        for line in proc.stdout:  # interrupt once the first epoch has run
+            if line.startswith("[train] epoch 1 "):
+                break
+        os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert err.rstrip().splitlines()[-1] == (f"python -m train_minimal train: interrupted ({tmp_path / 'run' / 'checkpoint.pt'} "
+                                             "is written after each epoch that finishes)")
+    assert (tmp_path / "run" / "checkpoint.pt").is_file()
+
+
 def test_broken_shards_are_one_error_line(shards, tmp_path, capsys):
     """A truncated shard or a file that is not a tar, as --train, --val or eval's --data: one error
     line naming it (found up front, before any step), also when a DataLoader worker meets it."""

@@ -50,7 +50,7 @@ from torch import nn
 from dataprep import devices
 from dataprep.argtypes import int_at_least
 from dataprep.devices import DEVICE_FORMS, parse_device
-from dataprep.errors import NOT_DONE, first_line, report_crash
+from dataprep.errors import INTERRUPTED, NOT_DONE, first_line, report_crash
 from dataprep.loader import BadSample, NoSamples, UnreadableShard, shard_error_line
 
 from . import registry
@@ -580,6 +580,10 @@ def main(argv=None) -> int:
         return int(args.func(args) or 0)
     except (UnreadableShard, NoSamples, BadSample) as exc:  # a broken or empty shard, or a bad sample, up front or while streaming: one line
         raise _failed(f"{parser.prog} {args.command}: error: {shard_error_line(exc)}") from None
+    except KeyboardInterrupt:  # Ctrl-C: one line, not the traceback of every DataLoader worker
+        saved = f" ({Path(args.out) / 'checkpoint.pt'} is written after each epoch that finishes)" if args.command == "train" else ""
+        print(f"\n{parser.prog} {args.command}: interrupted{saved}", file=sys.stderr)
+        return INTERRUPTED
     except SystemExit as exc:  # our one-line errors ("error: ..."), named as argparse names its own
         if isinstance(exc.code, str) and exc.code.startswith("error: "):
             raise _failed(f"{parser.prog} {args.command}: {exc.code}") from None
