@@ -22,6 +22,7 @@ from .augment import key_rng
 from .crop import crop_and_resize
 from .datasets import get_reader
 from .datasets.common import display_path, non_utf8_name_problem, printable
+from .processes import end_with_build
 from .detectors.tracking import MATCH_IOU
 from .records import RawSample, SampleError, SampleRef
 from .shards import ShardWriter, dumps_json, write_json
@@ -290,6 +291,8 @@ def run_shard(task: ShardTask, settings: Settings, root: str, out: str) -> dict:
                            "(it was stopped, and another build took --out over): not written")
 
     check_owner()
+    if task.owner is not None:  # a loky worker process ends with its build (the token's pid)
+        end_with_build(int(task.owner.split(":")[1]))
     fingerprint = settings.fingerprint()
     decisions = load_decisions(fs, task, fingerprint)
     path = posixpath.join(base, task.name)

@@ -56,6 +56,47 @@ def test_sigkill_mid_build_then_rerun_is_byte_identical(sample_tree, tmp_path, r
     assert verify(str(out)).ok
 
 
+_LOKY_BUILD = """
+import os, sys, time
+from joblib import Parallel, delayed
+from dataprep.processes import end_with_build
+
+def shard_task(build_pid):  # what run_shard does first in a worker
+    end_with_build(build_pid, poll_s=0.05)
+    return os.getpid()
+
+print(*Parallel(n_jobs=2)(delayed(shard_task)(os.getpid()) for _ in range(4)), flush=True)
+time.sleep(600)
+"""
+
+
+def test_loky_workers_end_with_a_build_killed_by_sigkill():
+    """A build killed with kill -9 (or by the OOM killer) takes its loky worker processes with it
+    (they waited ~300 s for work, holding their memory); a worker that gets a task after its build
+    died ends at once."""
+    from dataprep.processes import end_with_build, pid_alive
+
+    proc = subprocess.Popen([sys.executable, "-c", _LOKY_BUILD], stdout=subprocess.PIPE, text=True)
+    workers: set[int] = set()
+    try:
+        workers = {int(pid) for pid in proc.stdout.readline().split()}
+        assert workers and all(pid_alive(pid) for pid in workers)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        deadline = time.monotonic() + 60  # they poll every 0.05 s here; the wait allows for a loaded machine
+        while time.monotonic() < deadline and any(pid_alive(pid) for pid in workers):
+            time.sleep(0.05)
+        assert not any(pid_alive(pid) for pid in workers), "loky workers outlived their build"
+    finally:
+        proc.kill()
+        for pid in workers:
+            if pid_alive(pid):
+                os.kill(pid, signal.SIGKILL)
+    end_with_build(os.getppid())  # not a loky worker (the build's own process, threading backend): nothing happens
+    end_with_build(os.getpid())
+    assert pid_alive(os.getpid())
+
+
 _REF1: dict[str, bytes] = {}
 
 
