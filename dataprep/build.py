@@ -27,7 +27,7 @@ from .devices import parse_device
 from .errors import first_line
 from .pipeline import (DECISIONS_SUFFIX, LOCK_FILE, PROGRESS_DIR, RESULT_SUFFIX, Settings, ShardTask, TRAINING_SPLITS, is_eval_split,
                        lock_holder, progress_file, run_shard)
-from .processes import pid_alive, process_start
+from .processes import children_without_ctrl_c, pid_alive, process_start
 from .records import SampleRef, keys_apart_from_variants
 from .shards import (INFO_FILE, MANIFEST, TMP_SUFFIX, dumps_json, final_name, folder_filesystem, is_shard_file,
                      shard_name, shard_split, unreachable, write_info, write_json)
@@ -333,13 +333,18 @@ def _parallel(opts: BuildOptions):
                 raise BuildError(f"--scheduler {opts.scheduler}: cannot reach a dask scheduler there ({first_line(err)}); "
                                  "check the address and that `dask scheduler` runs and is reachable, or drop "
                                  "--scheduler for a local cluster of --jobs workers") from None
+            cluster = None
         else:
-            client = Client(LocalCluster(n_workers=jobs, threads_per_worker=1, processes=True, dashboard_address=None))
+            with children_without_ctrl_c():  # the build stops them on Ctrl-C
+                cluster = LocalCluster(n_workers=jobs, threads_per_worker=1, processes=True, dashboard_address=None)
+            client = Client(cluster)
         try:
             with parallel_config(backend="dask"):
                 yield Parallel(n_jobs=jobs, return_as="generator")
         finally:
             client.close()
+            if cluster is not None:  # a client does not close a cluster it was given (left to exit, it logged errors)
+                cluster.close()
         return
     if opts.backend == "ray":
         try:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 import threading
 import time
+from contextlib import contextmanager
 
 
 def pid_alive(pid: int) -> bool:
@@ -64,3 +66,22 @@ def end_with_build(build_pid: int, poll_s: float = 1.0) -> None:
         os._exit(1)  # what this worker was writing is a temporary file, which the rerun removes
 
     threading.Thread(target=watch, name="dataprep-end-with-build", daemon=True).start()
+
+
+
+@contextmanager
+def children_without_ctrl_c():
+    """Processes started in this block ignore Ctrl-C, and so do theirs: SIGINT is ignored while it
+    runs, which a child keeps through exec (Python then installs no KeyboardInterrupt handler). A
+    terminal sends Ctrl-C to the whole process group, and each of dask's worker processes printed
+    KeyboardInterrupt tracebacks while the build stopped them anyway (loky's ignore it
+    themselves). Blocking the signal instead would not reach them: dask starts them from a thread
+    of its own. A Ctrl-C during the block itself is lost (a few seconds, as a cluster starts)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)

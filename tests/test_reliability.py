@@ -97,6 +97,20 @@ def test_loky_workers_end_with_a_build_killed_by_sigkill():
     assert pid_alive(os.getpid())
 
 
+def test_processes_a_build_starts_for_a_local_dask_cluster_ignore_ctrl_c():
+    """A terminal's Ctrl-C goes to the whole process group: the local dask cluster's processes
+    (started in this block) leave it to the build, which stops them (each printed a traceback)."""
+    from dataprep.processes import children_without_ctrl_c
+
+    before = signal.getsignal(signal.SIGINT)
+    probe = [sys.executable, "-c", "import signal; print(signal.getsignal(signal.SIGINT) == signal.SIG_IGN)"]
+    with children_without_ctrl_c():
+        inside = subprocess.run(probe, capture_output=True, text=True, check=True).stdout.strip()
+    outside = subprocess.run(probe, capture_output=True, text=True, check=True).stdout.strip()
+    assert (inside, outside) == ("True", "False")
+    assert signal.getsignal(signal.SIGINT) is before
+
+
 _REF1: dict[str, bytes] = {}
 
 
