@@ -193,7 +193,10 @@ def assign_splits(
                              f"{proto.dataset} as {spec}: use it with --dataset biwi --protocol 2, or give your own "
                              "split with --split-file")
         groups = sorted({r.group for r in refs})
-        test_count = len(spec["test"])
+        # the protocol's share of test sequences (8 of 24), of the sequences under --root: its fixed
+        # count would put every sequence of a partial download in test, none in train
+        listed = sum(len(members) for split, members in spec.items() if split != "by") or 1
+        test_count = round(len(groups) * len(spec.get("test", [])) / listed)
         spec = {"by": "group", **random_group_split(groups, proto.same_person, split_seed, test_count)}
 
     by = spec.pop("by", None)

@@ -641,6 +641,22 @@ def test_split_seed_keeps_people_together(sample_tree, tmp_path):
         assert (a in test) == (b in test)
 
 
+def test_split_seed_on_a_partial_download_keeps_the_protocols_share_in_test(sample_tree, tmp_path):
+    """Protocol 2 tests on 8 of the 24 sequences: on a root holding 6 of them a seeded split puts 2
+    in test (it put all 6 there, leaving train empty), still keeping each person on one side."""
+    root = tmp_path / "hpdb"
+    root.mkdir()
+    for seq in ("01", "02", "03", "04", "15", "21"):
+        shutil.copytree(sample_tree / "hpdb" / seq, root / seq)
+    for seed in range(4):
+        manifest = build(opts(root, tmp_path / f"o{seed}", "biwi", protocol="2", detector="gt", split_seed=seed))
+        groups = manifest["split_groups"]
+        assert len(groups["test"]) == 2 and len(groups["train"]) == 4, groups
+        for a, b in (("02", "21"), ("03", "15")):
+            assert (a in groups["test"]) == (b in groups["test"])
+        assert manifest["counts"]["per_split"]["train"]["written"] > 0
+
+
 def test_split_file(sample_tree, tmp_path):
     split = tmp_path / "split.json"
     split.write_text(json.dumps({"by": "group", "train": ["01", "02"], "test": ["03"]}))
