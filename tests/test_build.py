@@ -514,6 +514,13 @@ def test_a_partial_biwi_download_is_named_in_the_summary(sample_tree, tmp_path):
     text = summary_table(manifest)
     assert "note: protocol 2's test split is 8 sequences of the full biwi download; this root has 1 of them" in text
     assert "note: protocol 2's train split is 16 sequences of the full biwi download; this root has 2 of them" in text
+    # protocol 1 tests on all 24 sequences: a partial root said nothing there
+    manifest = build(opts(root, tmp_path / "out1", "biwi", protocol="1", detector="gt"))
+    assert manifest["counts"]["per_split"]["test"]["groups"] == 3
+    assert ("note: protocol 1's test split is 24 sequences of the full biwi download; this root has 3 of them"
+            in summary_table(manifest))
+    full = build(opts(sample_tree / "hpdb", tmp_path / "full1", "biwi", protocol="1", detector="gt"))
+    assert full["counts"]["per_split"]["test"]["groups"] == 24 and "sequences of the full" not in summary_table(full)
 
 
 def test_file_names_that_are_not_utf8_print(sample_tree, tmp_path):
