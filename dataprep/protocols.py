@@ -15,6 +15,8 @@ from .shards import NAME_CHARS
 
 #: A usable split name: it becomes the start of shard file names (``<split>-NNNNNN.tar``).
 SPLIT_NAME = re.compile(f"[{NAME_CHARS}]+")
+#: The sample field a split by names matches (``"by"`` of a manifest's or a --split-file's splits).
+SPLIT_BY = ("group", "source", "key")
 MANIFESTS_DIR = Path(os.environ.get("DATAPREP_MANIFESTS", Path(__file__).resolve().parent / "manifests"))
 #: Where a broken or missing manifest comes back from.
 RESTORE = "restore it from the project (dataprep/manifests/) or reinstall headpose-dataprep"
@@ -59,7 +61,30 @@ def read_manifest(path: Path) -> dict:
     for dataset, entry in data["datasets"].items():
         if not isinstance(entry, dict) or not isinstance(entry.get("splits"), dict):
             raise ValueError(f"{path}: dataset {dataset!r} needs an object with \"splits\"; {RESTORE}, or fix it")
+        problem = _splits_problem(entry["splits"])
+        if problem:
+            raise ValueError(f"{path}: dataset {dataset!r}: {problem}; {RESTORE}, or fix it")
     return data
+
+
+def _splits_problem(splits: dict) -> str | None:
+    """What makes a manifest's ``splits`` unusable (a split "all" beside another, a string for a
+    list of names: a traceback, or a split matching nothing), or None."""
+    names = [k for k in splits if k != "by"]
+    bad = [k for k in names if not SPLIT_NAME.fullmatch(k)]
+    if bad:
+        return (f"split names {', '.join(map(repr, bad))} are not usable in shard file names; use letters, digits, "
+                "'_' and '-' only")
+    if "by" not in splits:
+        if len(names) != 1 or splits[names[0]] != "all":
+            return ('"splits" is one split of every sample ({"test": "all"}) or "by" (group, source or key) with '
+                    f"a list of names per split, not {splits}")
+        return None
+    if splits["by"] not in SPLIT_BY:
+        return f"\"by\" must be {', '.join(SPLIT_BY)}, not {splits['by']!r}"
+    if not names or not all(isinstance(splits[k], list) and all(isinstance(m, str) for m in splits[k]) for k in names):
+        return f"each split needs a list of names (strings), not {splits}"
+    return None
 
 
 def manifests() -> list[dict]:
@@ -185,7 +210,7 @@ def assign_splits(
             raise ValueError(f"--split-file {split_file}: split names {', '.join(map(repr, bad))} are not usable in "
                              "shard file names; use letters, digits, '_' and '-' only (e.g. train, test, val_2)")
         spec.setdefault("by", "group")
-        if spec["by"] not in ("group", "source", "key"):
+        if spec["by"] not in SPLIT_BY:
             raise ValueError(f"{split_file}: 'by' must be group, source or key, not {spec['by']!r}")
     elif split_seed is not None:
         if spec.get("by") != "group":

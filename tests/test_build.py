@@ -1405,6 +1405,17 @@ def test_a_damaged_protocol_manifest_is_named(sample_tree, tmp_path, monkeypatch
     assert cli_main(["build", "--dataset", "aflw2000", "--root", str(sample_tree / "AFLW2000"),
                      "--out", str(tmp_path / "o"), "--no-progress"]) == 2
     assert "protocol1.json: dataset 'aflw2000' needs an object with \"splits\"" in capsys.readouterr().err
+    # splits a build cannot use: two "all" splits (was "error: too many values to unpack"), a string
+    # where the names' list belongs (its characters were taken as names: an empty split), another "by"
+    for splits, says in (({"train": "all", "test": "all"}, '"splits" is one split of every sample'),
+                         ({"by": "group", "train": "01", "test": ["02"]}, "each split needs a list of names"),
+                         ({"by": "person", "test": ["02"]}, "\"by\" must be group, source, key, not 'person'"),
+                         ({"../x": "all"}, "split names '../x' are not usable in shard file names")):
+        (folder / "protocol1.json").write_text(json.dumps({"name": "1", "datasets": {"aflw2000": {"splits": splits}}}))
+        assert cli_main(["build", "--dataset", "aflw2000", "--root", str(sample_tree / "AFLW2000"),
+                         "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+        assert f"protocol1.json: dataset 'aflw2000': {says}" in capsys.readouterr().err
+        assert not (tmp_path / "o").exists()
 
 
 def test_protocol_manifests_ship_inside_the_package(sample_tree, tmp_path, monkeypatch, capsys):
