@@ -3,6 +3,7 @@ wheel has them; ``manifests/`` at the project's root links there) read here, spl
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -58,6 +59,12 @@ def read_manifest(path: Path) -> dict:
     if not isinstance(data, dict) or not isinstance(data.get("datasets"), dict) or "name" not in data:
         raise ValueError(f"{path}: not a protocol manifest (it needs \"name\" and \"datasets\"); {RESTORE}, "
                          "or fix the file")
+    limit = data.get("angle_limit")
+    if limit is not None and not (isinstance(limit, (int, float)) and not isinstance(limit, bool)
+                                  and 0 < limit < math.inf):
+        # a string here made every sample an unexpected_error ("please report")
+        raise ValueError(f"{path}: \"angle_limit\" is the filter's bound in degrees (99) or null, not {limit!r}; "
+                         f"{RESTORE}, or fix it")
     for dataset, entry in data["datasets"].items():
         if not isinstance(entry, dict) or not isinstance(entry.get("splits"), dict):
             raise ValueError(f"{path}: dataset {dataset!r} needs an object with \"splits\"; {RESTORE}, or fix it")

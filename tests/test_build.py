@@ -1416,6 +1416,12 @@ def test_a_damaged_protocol_manifest_is_named(sample_tree, tmp_path, monkeypatch
                          "--out", str(tmp_path / "o"), "--no-progress"]) == 2
         assert f"protocol1.json: dataset 'aflw2000': {says}" in capsys.readouterr().err
         assert not (tmp_path / "o").exists()
+    # an angle_limit that is not a number: every sample was rejected as unexpected_error ("please report")
+    (folder / "protocol1.json").write_text(json.dumps({"name": "1", "angle_limit": "99",
+                                                       "datasets": {"aflw2000": {"splits": {"test": "all"}}}}))
+    assert cli_main(["build", "--dataset", "aflw2000", "--root", str(sample_tree / "AFLW2000"),
+                     "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    assert "protocol1.json: \"angle_limit\" is the filter's bound in degrees (99) or null, not '99'" in capsys.readouterr().err
 
 
 def test_protocol_manifests_ship_inside_the_package(sample_tree, tmp_path, monkeypatch, capsys):
