@@ -251,6 +251,32 @@ def test_compare_names_the_settings_no_record_shows(audited, sample_tree, tmp_pa
     assert "setting (differs)" in page and "jpeg_quality" in page
 
 
+def test_compare_finds_offline_variants_drawn_with_another_seed(sample_tree, tmp_path, capsys):
+    """Two --augment builds that differ only in --seed: the same samples and ops, but each blur
+    variant drew another sigma (other pixels); compare names them and the seed (it said "same")."""
+    outs = {}
+    for seed in (0, 1):
+        outs[seed] = tmp_path / f"seed{seed}"
+        build(BuildOptions(dataset="aflw2000", root=str(sample_tree / "AFLW2000"), out=str(outs[seed]), protocol="none",
+                           augment=("blur",), seed=seed, progress=False))
+    report = tmp_path / "report"
+    capsys.readouterr()
+    assert cli_main(["audit", str(outs[0]), "--report", str(report), "--compare", str(outs[1]), "--per-flag", "0"]) == 0
+    assert "compare: settings differ (A vs B): seed 0 vs 1" in capsys.readouterr().out
+    with open(report / "compare.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    originals = [r for r in rows if not r["augment"]]
+    variants = [r for r in rows if r["augment"] == "blur"]
+    assert originals and len(variants) == len(originals)
+    assert all(r["status"] == "same" for r in originals)
+    sigmas = {seed: {k: r["augment"][-1]["sigma"] for k, r in label_records(out).items() if r["augment"]}
+              for seed, out in outs.items()}
+    for r in variants:
+        differs = sigmas[0][r["key_a"]] != sigmas[1][r["key_b"]]
+        assert differs, r["key_a"]  # the seeds draw other sigmas for every sample here
+        assert (r["status"], r["changes"]) == ("changed", "augment"), r
+
+
 def test_pictures_fall_back_to_stored_crops(audited, tmp_path):
     # the raw tree the build read has moved away (a --raw-root given by hand must exist: tested above)
     import shutil

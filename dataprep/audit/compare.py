@@ -23,11 +23,13 @@ COMPARE_COLUMNS = [
 #: ``added`` / ``dropped``: written only by the other / this build; ``rejected_in_a`` / ``_b``:
 #: rejected by one build and not in the other at all (a different raw tree or split).
 STATUSES = ("same", "changed", "added", "dropped", "rejected_in_both", "rejected_in_a", "rejected_in_b")
-CHANGE_KINDS = ("label", "split", "box_source", "box", "crop_rule", "crop", "crop_size", "box_variants")
-#: Build settings that change the stored images or boxes of every sample (manifest ``settings``):
-#: the audit names those that differ between the two builds, since no per-sample field shows
-#: a JPEG quality.
-IMAGE_SETTINGS = ("crop_rule", "margin", "crop_size", "jpeg_quality", "detector", "biwi_tracking", "augment")
+#: ``augment``: an offline variant's drawn parameters (blur's sigma, the down-sampling factor ...)
+#: differ, so its pixels do, with the same ops.
+CHANGE_KINDS = ("label", "split", "box_source", "box", "crop_rule", "crop", "crop_size", "box_variants", "augment")
+#: Build settings that change stored images or boxes (manifest ``settings``): the audit names those
+#: that differ between the two builds, since no per-sample field shows a JPEG quality, and the
+#: seed shows only in what it drew (Hopenet's training crops, the offline variants).
+IMAGE_SETTINGS = ("crop_rule", "margin", "crop_size", "jpeg_quality", "detector", "biwi_tracking", "augment", "seed")
 
 
 @dataclass(frozen=True)
@@ -119,6 +121,8 @@ def compare_builds(a: Build, b: Build, tol: CompareTolerances = CompareTolerance
                 changes.append("crop_size")
             if changed_variants:
                 changes.append("box_variants")
+            if (A.get("augment") or []) != (B.get("augment") or []):
+                changes.append("augment")
             if changes:
                 status = "changed"
         elif sa is not None:
