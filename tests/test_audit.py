@@ -293,6 +293,43 @@ def test_pictures_fall_back_to_stored_crops(audited, tmp_path):
     assert summary["flags"]["placeholder_box"] > 0
 
 
+def test_raw_pictures_past_the_size_limit_are_not_decoded(sample_tree, tmp_path, monkeypatch):
+    """Raw files the build rejected by their header's size unread (wrong_image_size): a picture of
+    10000 x 10000 px in a few KB is not decoded for the rejected sheet (a 2 MB one of 12000 x 12000
+    took 8 GB and a minute); a merely large one is drawn, shrunk to the sheet's panel."""
+    import shutil
+
+    import cv2
+
+    from dataprep import codec
+    from dataprep.audit import pictures as pics
+    from dataprep.box_stage import MAX_DETECT_PIXELS
+
+    root = tmp_path / "AFLW2000"
+    shutil.copytree(sample_tree / "AFLW2000", root)
+    jpgs = sorted(root.glob("*.jpg"))
+    ok, small = cv2.imencode(".jpg", np.full((64, 64, 3), 90, np.uint8))
+    huge = bytearray(small.tobytes())
+    sof = huge.index(b"\xff\xc0")  # baseline frame header: length (2), precision (1), height, width
+    huge[sof + 5:sof + 9] = (10000).to_bytes(2, "big") * 2
+    jpgs[0].write_bytes(bytes(huge))
+    cv2.imwrite(str(jpgs[1]), np.full((800, 1000, 3), 90, np.uint8))
+    out = tmp_path / "build"
+    build(BuildOptions(dataset="aflw2000", root=str(root), out=str(out), protocol="none", progress=False))
+    assert {e["reason"] for e in json.loads((out / "manifest.json").read_text())["rejected"]} == {"wrong_image_size"}
+
+    decoded = []
+    decode = codec.decode_rgb_checked
+    monkeypatch.setattr(codec, "decode_rgb_checked", lambda data: decoded.append(codec.header_size(data)) or decode(data))
+    run_audit(out, tmp_path / "report", per_flag=6)
+    assert (10000, 10000) not in decoded and decoded
+    assert all(w * h <= MAX_DETECT_PIXELS for w, h in decoded)
+    assert (tmp_path / "report" / "sheets" / "rejected.png").is_file()
+    shown = pics.rejected_sheet_row(pics.Row({"key": "k", "source": jpgs[1].name}, [], {}), root)
+    assert max(shown.view.image.shape[:2]) == 3 * pics.THUMB
+    assert pics.rejected_sheet_row(pics.Row({"key": "k", "source": jpgs[0].name}, [], {}), root) is None
+
+
 def test_pose_axes_are_hopenets_draw_axis():
     """The documented projection draws exactly Hopenet's utils.draw_axis lines."""
     rng = np.random.default_rng(0)

@@ -115,21 +115,34 @@ def thumbnail(image: np.ndarray | None, size: int = THUMB) -> np.ndarray | None:
     return None if image is None else cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
 
 
-def raw_image(raw_root: Path | None, source: str) -> np.ndarray | None:
+def raw_image(raw_root: Path | None, source: str, size=None) -> np.ndarray | None:
+    """The raw image as the build read it, or None. Its header's size is checked before decoding,
+    as the build checks it: a file of another size than ``size`` (the record's ``(w, h)``; None for
+    a rejected sample), or one past ``MAX_DETECT_PIXELS``, is not decoded (a huge picture in a
+    small file, rejected by the build unread, would take GBs here)."""
+    from ..box_stage import MAX_DETECT_PIXELS
+
     if raw_root is None or not source:
         return None
     try:
-        return codec.decode_rgb_checked(read_file_bytes(Path(raw_root) / source))[0]  # as the build read it
+        data = read_file_bytes(Path(raw_root) / source)
     except OSError:  # missing, unreadable, not a regular file: the stored crop is shown instead
         return None
+    header = codec.header_size(data)
+    if header is not None and (header[0] * header[1] > MAX_DETECT_PIXELS or size is not None and header != tuple(size)):
+        return None
+    image = codec.decode_rgb_checked(data)[0]
+    if image is not None and size is not None and [image.shape[1], image.shape[0]] != list(size):
+        return None
+    return image
 
 
 def sample_view(build: Build, row: Row, raw_root: Path | None) -> View | None:
     """The raw source image when it is there and matches the record, else the stored crop."""
     rec = row.sample.record
     if not augment_ops(rec):  # augmented variants (flips ...) no longer match the raw image
-        image = raw_image(raw_root, rec.get("source", ""))
-        if image is not None and [image.shape[1], image.shape[0]] == list(rec["image_size"]):
+        image = raw_image(raw_root, rec.get("source", ""), rec["image_size"])
+        if image is not None:
             return View(image, [0.0, 0.0, float(image.shape[1]), float(image.shape[0])], "source")
     stored = decode_rgb(build.read_member(row.sample, "jpg"))
     if stored is None:
@@ -284,6 +297,10 @@ def rejected_sheet_row(row: Row, raw_root: Path | None) -> SheetRow | None:
     image = raw_image(raw_root, row.values.get("source", ""))
     if image is None:
         return None
+    scale = 3 * THUMB / max(image.shape[:2])  # the panel's size: matplotlib would hold a large picture many times over
+    if scale < 1:
+        image = cv2.resize(image, (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale))),
+                           interpolation=cv2.INTER_AREA)
     view = View(image, [0.0, 0.0, float(image.shape[1]), float(image.shape[0])], "source")
     return SheetRow(view, f"{row.key}  [{row.values.get('reason', '')}]")
 
