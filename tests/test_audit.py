@@ -406,6 +406,8 @@ def test_audit_mistakes_are_one_line_and_reports_do_not_mix(audited, tmp_path, c
     # the report written into the shards' folder, or a --raw-root that exists but is another folder
     cases.append((["audit", str(square), "--report", str(square)], r"is the build's folder; give a folder of its own"))
     cases.append((["audit", str(hopenet), "--report", str(square), "--compare", str(square)], r"is --compare's folder"))
+    cases.append((["audit", str(hopenet), "--report", str(audited["outs"]["fsanet"])],
+                  r"holds another build \(manifest.json\); give a folder of its own"))
     cases.append((["audit", str(square), "--report", str(tmp_path / "r7"), "--raw-root", str(tmp_path)],
                   r"holds none of the build's raw files \(no .*\.jpg\); give the dataset folder the build read \(its --root was .*AFLW2000\)"))
     for argv, message in cases:
@@ -414,7 +416,8 @@ def test_audit_mistakes_are_one_line_and_reports_do_not_mix(audited, tmp_path, c
         err = capsys.readouterr().err
         assert re.search(message, err) and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "r1").exists() and not (tmp_path / "r7").exists()  # nothing written for a wrong --raw-root
-    assert not (square / "report.html").exists() and not (square / "boxes.csv").exists()
+    for folder in (square, audited["outs"]["fsanet"]):
+        assert not (folder / "report.html").exists() and not (folder / "boxes.csv").exists()
 
     # A report folder reused for a build without --compare keeps nothing of the earlier compare.
     report = tmp_path / "reused"

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from .. import boxes as box_rules
 from ..argtypes import int_at_least, number_at_least, share
+from ..shards import MANIFEST
 from .compare import COMPARE_COLUMNS, CompareTolerances, compare_builds, compare_summary, settings_differences
 from .table import (FLAG_HELP, FLAGS, RULES, AuditError, Build, Row, Thresholds, audit_rows, columns, flag_counts, load_build,
                     rule_summary, variant_summary, write_csv)
@@ -105,6 +106,9 @@ def run_audit(out, report, *, compare=None, raw_root=None, thresholds: Threshold
         if folder is not None and "://" not in str(folder) and report.resolve() == Path(folder).resolve():
             raise AuditError(f"--report {report} is {name}'s folder; give a folder of its own "
                              "(the report's files would mix with the shards)")
+    if (report / MANIFEST).is_file():
+        raise AuditError(f"--report {report} holds another build ({MANIFEST}); give a folder of its own "
+                         "(the report's files would mix with its shards)")
     if "://" in str(out) or (compare and "://" in str(compare)):
         raise AuditError("the audit reads local build folders; copy the build here first")
     build = load_build(out)
