@@ -49,6 +49,7 @@ __all__ = [
     "Compose",
     "RandomApply",
     "SPEC_NAMES",
+    "augment_names",
     "parse_augment_spec",
     "offline_variants",
     "variant_suffixes",
@@ -554,7 +555,9 @@ SPEC_NAMES: dict[str, Callable[[], Transform]] = {
 _OFFLINE_FACTORIES = dict(SPEC_NAMES, downsample=lambda: DownUpSample((6, 11, 16, 21)))
 
 
-def _split_names(spec) -> list[str]:
+def augment_names(spec) -> list[str]:
+    """``"flip, Blur"`` (or a list of names) -> ``["flip", "blur"]``: the ops as a build records them
+    (trimmed, lower case, empty items dropped); unknown or repeated names are refused."""
     if spec is None:
         return []
     items = spec.split(",") if isinstance(spec, str) else list(spec)
@@ -575,13 +578,13 @@ def parse_augment_spec(spec: str | Sequence[str] | None) -> list[Transform]:
     (DownUpSample with Hopenet's factor set), ``brightness``, ``contrast``, ``cropscale``
     (RandomCropScale). Empty / None -> ``[]``.
     """
-    return [SPEC_NAMES[n]() for n in _split_names(spec)]
+    return [SPEC_NAMES[n]() for n in augment_names(spec)]
 
 
 def variant_suffixes(spec_names) -> list[str]:
     """The key suffixes of the variants ``--augment`` writes, in order: ``"_" + name``
     (``flip`` -> ``KEY_flip``)."""
-    return ["_" + name for name in _split_names(spec_names)]
+    return ["_" + name for name in augment_names(spec_names)]
 
 
 def offline_variants(image, record, landmarks, spec_names, rng) -> list[tuple[str, np.ndarray, dict, np.ndarray | None]]:
@@ -596,7 +599,7 @@ def offline_variants(image, record, landmarks, spec_names, rng) -> list[tuple[st
     sample's depth to a geometric variant (``flip``, ``cropscale``).
     """
     out = []
-    for name, suffix in zip(_split_names(spec_names), variant_suffixes(spec_names)):
+    for name, suffix in zip(augment_names(spec_names), variant_suffixes(spec_names)):
         t = _OFFLINE_FACTORIES[name]()
         img, rec, lm = t(image, record, landmarks, rng)
         rec["key"] = f"{record['key']}{suffix}"

@@ -361,6 +361,8 @@ def _parallel(opts: BuildOptions):
 
 
 def resolve_settings(opts: BuildOptions, proto: protocols.DatasetProtocol, assignment: dict) -> Settings:
+    from .augment import augment_names
+
     detector = opts.detector or proto.detector
     tracking = None
     if opts.dataset == "biwi" and detector != "gt":
@@ -377,7 +379,7 @@ def resolve_settings(opts: BuildOptions, proto: protocols.DatasetProtocol, assig
         crop_size=opts.crop_size,
         jpeg_quality=opts.jpeg_quality,
         seed=opts.seed,
-        augment=tuple(opts.augment),
+        augment=tuple(augment_names(opts.augment)),
         shard_size=opts.shard_size,
         split_assignment=hashlib.sha256(dumps_json(split_lists)).hexdigest(),
     )

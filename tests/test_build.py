@@ -1196,6 +1196,24 @@ def test_augment_variants_are_written_in_the_train_split_only(sample_tree, tmp_p
     assert manifest["counts"]["per_split"]["all"]["samples"] == 2 * manifest["counts"]["per_split"]["all"]["written"]
 
 
+def test_augment_names_are_recorded_as_the_ops_they_name(sample_tree, tmp_path, capsys):
+    """``--augment "flip, Blur"`` writes the flip and blur variants, so it is the build of
+    ``flip,blur``: recorded as such (its rerun with the plain spelling was refused as made with
+    other options), and ``--augment " "`` names no op (it was refused on evaluation data)."""
+    root = str(sample_tree / "AFLW2000")
+    out = tmp_path / "o"
+    argv = ["build", "--dataset", "aflw2000", "--protocol", "none", "--root", root, "--out", str(out), "--no-progress"]
+    assert cli_main([*argv, "--augment", "flip, Blur"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["settings"]["augment"] == ["flip", "blur"]
+    capsys.readouterr()
+    assert cli_main([*argv, "--augment", "flip,blur"]) == 0  # the same build: resumed, nothing redone
+    assert "other options" not in capsys.readouterr().err
+    eval_only = ["build", "--dataset", "aflw2000", "--root", root, "--out", str(tmp_path / "t"), "--no-progress"]
+    assert cli_main([*eval_only, "--augment", " "]) == 0
+    assert json.loads((tmp_path / "t" / "manifest.json").read_text())["settings"]["augment"] == []
+
+
 def test_hopenet_crops_are_drawn_in_the_train_split_and_fixed_in_the_test_split(sample_tree, tmp_path):
     from dataprep.crop import rule_window
 
