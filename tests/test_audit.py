@@ -263,6 +263,9 @@ def test_compare_finds_offline_variants_drawn_with_another_seed(sample_tree, tmp
     capsys.readouterr()
     assert cli_main(["audit", str(outs[0]), "--report", str(report), "--compare", str(outs[1]), "--per-flag", "0"]) == 0
     assert "compare: settings differ (A vs B): seed 0 vs 1" in capsys.readouterr().out
+    assert cli_main(["audit", str(outs[0]), "--report", str(tmp_path / "self"), "--compare", str(outs[0]),
+                     "--per-flag", "0"]) == 0
+    assert "; changes: none; max angle difference 0 deg" in capsys.readouterr().out  # it said "changes: ;"
     with open(report / "compare.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     originals = [r for r in rows if not r["augment"]]

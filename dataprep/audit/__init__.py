@@ -371,7 +371,7 @@ def cmd_audit(args) -> int:
     if "compare" in summary:
         c = summary["compare"]
         print("compare: " + ", ".join(f"{k} {v}" for k, v in c["status"].items())
-              + "; changes: " + ", ".join(f"{k} {v}" for k, v in c["changes"].items() if v)
+              + "; changes: " + (", ".join(f"{k} {v}" for k, v in c["changes"].items() if v) or "none")
               + f"; max angle difference {c['max_angle_diff']:.3g} deg")
         if c.get("settings_differ"):
             print("compare: settings differ (A vs B): " + _settings_line(c["settings_differ"]))
