@@ -157,7 +157,6 @@ def label_record(sample: RawSample, split: str, variants: dict, scores: dict, so
         "rotation": np.asarray(sample.rotation, dtype=np.float64).tolist(),
         "image_size": [int(w), int(h)],
         "boxes": variants,
-        "box_scores": scores,
         "box_source": source,
         "box": variants[source],
         "crop_rule": settings.crop_rule,
@@ -167,6 +166,8 @@ def label_record(sample: RawSample, split: str, variants: dict, scores: dict, so
         "augment": [],
         "extra": sample.extra,
     }
+    if scores:  # detector builds only: an empty object has no column type (Parquet, Arrow refuse it)
+        record["box_scores"] = scores
     return record
 
 

@@ -84,6 +84,24 @@ def test_shard_records_hold_labels_boxes_and_crop(aflw_build, sample_tree):
         assert rec["boxes"]["gt"][0] != -1 and rec["boxes"]["gt"][3] != 452
 
 
+def test_records_hold_no_empty_object_so_columnar_tools_can_type_them(aflw_build, sample_tree, tmp_path):
+    """Hugging Face datasets' to_parquet (Arrow) refuses a struct with no field: a record never holds
+    `{}`. A ground-truth box has no score, so a gt build's records have no `box_scores`."""
+    def empty_objects(value, path="record"):
+        if isinstance(value, dict):
+            return [path] if not value else [p for k, v in value.items() for p in empty_objects(v, f"{path}.{k}")]
+        return [p for i, v in enumerate(value) for p in empty_objects(v, f"{path}[{i}]")] if isinstance(value, list) else []
+
+    augmented = tmp_path / "aug"
+    build(opts(sample_tree / "AFLW2000", augmented, "aflw2000", protocol="none", augment=("flip", "blur", "downsample")))
+    for out in (aflw_build[0], augmented):
+        records = label_records(out)
+        assert records
+        for rec in records.values():
+            assert empty_objects(rec) == []
+            assert "box_scores" not in rec and rec["box_source"] == "gt"
+
+
 def test_gt_box_is_the_landmark_box(aflw_build):
     out, manifest = aflw_build
     for shard in manifest["shards"]:
