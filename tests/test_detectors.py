@@ -126,6 +126,17 @@ def test_mtcnn_batch_of_shifted_copies(mtcnn):
         assert abs(cx - (225 + s)) < 15 and abs(cy - 117) < 15
 
 
+def test_mtcnn_finds_no_face_in_an_image_smaller_than_its_least_face(mtcnn):
+    """facenet-pytorch fails (an empty torch.cat) on a picture under min_face_size (20 px) a side,
+    which stopped the whole build; such a picture holds no face it can find."""
+    from skimage.data import astronaut
+
+    tiny = [np.full((8, 8, 3), 128, np.uint8), np.zeros((19, 300, 3), np.uint8)]
+    assert mtcnn.detect(tiny) == [[], []]
+    out = mtcnn.detect([astronaut(), tiny[0]])  # the picture beside it is still detected
+    assert [f for f in out[0] if f.score > 0.95] and out[1] == []
+
+
 def test_mtcnn_fingerprint_tracks_options(mtcnn):
     other = create_detector("mtcnn", device="cpu", min_score=0.9)
     same = create_detector("mtcnn", device="cpu", batch_size=1)

@@ -71,6 +71,10 @@ class MTCNNDetector(Detector):
         )
 
     def _detect_batch(self, batch: np.ndarray) -> list[list[Detection]]:
+        # facenet-pytorch's pyramid has no level for an image whose shorter side is under
+        # min_face_size (its own test, below), and it then fails on an empty torch.cat
+        if min(batch.shape[1:3]) * (12.0 / self.min_face_size) < 12:
+            return [[] for _ in batch]
         with torch.inference_mode():
             boxes, probs, points = self._mtcnn.detect(np.ascontiguousarray(batch), landmarks=True)
         out: list[list[Detection]] = []
