@@ -269,6 +269,40 @@ def test_retinaface_missing_weights_error(empty_hub, tmp_path):
         create_detector("dlib")
 
 
+def test_retinaface_weights_of_another_model_are_named_in_one_line(retina_files, empty_hub, tmp_path):
+    """Another network's file is summed up in one line with a few keys of each kind (torch's own
+    message listed every key, ~15,000 characters for a ResNet-18), naming the file by its path."""
+    import torchvision
+
+    def detail(weights=None) -> str:
+        with pytest.raises(DetectorWeightsError) as info:
+            create_detector("retinaface", device="cpu", retinaface_weights=weights)
+        first, advice = str(info.value).split("\n")
+        assert "--retinaface-weights" in advice
+        return first
+
+    resnet18 = tmp_path / "resnet18.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), resnet18)
+    line = detail(resnet18)
+    assert line.startswith(f"{resnet18} does not fit the RetinaFace-ResNet50 network: it lacks ")
+    assert "(body.conv1.weight, body.bn1.weight, body.bn1.bias, ...)" in line
+    assert "the network does not have (conv1.weight, bn1.weight, bn1.bias, ...)" in line and len(line) < 400
+
+    state = torch.load(retina_files["pth"], weights_only=True)
+    state["ClassHead.0.conv1x1.weight"] = torch.zeros(6, 256, 1, 1)  # a head of 3 anchors, not 2
+    reshaped = tmp_path / "reshaped.pth"
+    torch.save(state, reshaped)
+    assert detail(reshaped) == (f"{reshaped} does not fit the RetinaFace-ResNet50 network: 1 of another shape "
+                                "(ClassHead.0.conv1x1.weight (6, 256, 1, 1) instead of (4, 256, 1, 1))")
+
+    # a damaged file found in the hub cache is named where it lies, not only by its name
+    checkpoints = empty_hub / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    damaged = checkpoints / "retinaface_resnet50_2020-07-20-f168fae3c.zip"
+    damaged.write_bytes(retina_files["zip"].read_bytes()[:1000])
+    assert detail().startswith(f"Cannot read RetinaFace weights {damaged}: damaged")
+
+
 # --------------------------------------------------------------------------------------------- cache
 def test_cache_skips_detector_on_hits(tmp_path):
     """The box stage's ``detect_all``: misses batched into one detector call, hits answered from the

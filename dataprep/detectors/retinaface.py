@@ -118,11 +118,11 @@ def _read_weights_payload(path: Path) -> tuple[bytes, str]:
     """
     data = path.read_bytes()
     if not zipfile.is_zipfile(io.BytesIO(data)):
-        return data, path.name
+        return data, str(path)
     with zipfile.ZipFile(io.BytesIO(data)) as zf:
         names = [n for n in zf.namelist() if not n.endswith("/")]
         if any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):
-            return data, path.name  # a torch.save file, not a wrapper zip
+            return data, str(path)  # a torch.save file, not a wrapper zip
         members = [n for n in names if n.lower().endswith((".pth", ".pt", ".ckpt", ".bin"))]
         if len(members) != 1:
             raise DetectorWeightsError(
@@ -131,7 +131,7 @@ def _read_weights_payload(path: Path) -> tuple[bytes, str]:
                     "expected exactly one .pth."
                 )
             )
-        return zf.read(members[0]), f"{path.name}:{members[0]}"
+        return zf.read(members[0]), f"{path}:{members[0]}"
 
 
 def normalize_state_dict(obj: Any) -> dict[str, torch.Tensor]:
@@ -161,13 +161,30 @@ def load_weights(net: nn.Module, path: Path) -> str:
     for key in own:
         if key.endswith(".num_batches_tracked") and key not in state:
             state[key] = own[key]
-    try:
-        net.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
+    misfit = _misfit(own, state)
+    if misfit:
         raise DetectorWeightsError(
-            _missing_weights_message(f"{label} does not fit the RetinaFace-ResNet50 network: {exc}")
-        ) from exc
+            _missing_weights_message(f"{label} does not fit the RetinaFace-ResNet50 network: {misfit}")
+        )
+    net.load_state_dict(state, strict=True)
     return hashlib.sha256(payload).hexdigest()
+
+
+def _misfit(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> str:
+    """What keeps ``state`` from loading into a network whose state dict is ``own``, in one line
+    with a few keys of each kind (torch's own message lists every key: thousands of characters
+    for another model's file); "" when it fits."""
+    def some(keys: list[str]) -> str:
+        return ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else "")
+
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    reshaped = [f"{k} {tuple(v.shape)} instead of {tuple(own[k].shape)}"
+                for k, v in state.items() if k in own and v.shape != own[k].shape]
+    parts = [what.format(len(keys)) + f" ({some(keys)})" for what, keys in (
+        ("it lacks {} of the network's tensors", missing), ("it holds {} the network does not have", unexpected),
+        ("{} of another shape", reshaped)) if keys]
+    return "; ".join(parts)
 
 
 class RetinaFaceDetector(Detector):
