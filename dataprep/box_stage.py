@@ -17,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import sys
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
@@ -144,12 +145,26 @@ def detect_all(refs: list[SampleRef], root: Path, detector, cache: DetectionCach
                 for (key, same), faces in zip(todo.items(), detector.detect(todo_images)):
                     for ref in same:
                         out[ref.key] = list(faces)
-                    if cache:
-                        cache.put(key, fingerprint, faces)
+                    if cache and cache.write_error is None:
+                        _store(cache, key, fingerprint, faces)
             bar.update(len(chunk_refs))
     if own_bar:
         bar.close()
     return out
+
+
+def _store(cache: DetectionCache, key: str, fingerprint: str, faces: list) -> None:
+    """Cache one image's detections. A cache that cannot be written (a read-only shared folder, a
+    full disk, a file where a folder belongs) is used read-only from then on, said once: the
+    detections are in the build's shards, only a rebuild detects again."""
+    try:
+        cache.put(key, fingerprint, faces)
+    except OSError as exc:
+        cache.write_error = exc
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"warning: the detection cache {cache.directory} cannot be written: {exc.strerror or exc}{where}; "
+              "the build goes on without storing detections there (--cache-dir chooses another folder)",
+              file=sys.stderr)
 
 
 def biwi_decisions(refs: list[SampleRef], detections: dict[str, list], mode: str, image_size=(640, 480)) -> dict[str, dict]:

@@ -351,6 +351,41 @@ def test_cache_skips_detector_on_hits(tmp_path):
     assert not list((tmp_path / "cache").rglob("*.tmp"))
 
 
+def test_a_cache_that_cannot_be_written_is_read_and_said_once(tmp_path, capsys):
+    """A cache that cannot be written (read-only, full, or here a file where an entry's folder
+    belongs, which refuses root too) stopped the build at its first detection, with advice about
+    --out and --root; now its entries are still read, the rest detected, and the build told once."""
+    import cv2
+
+    from dataprep.box_stage import detect_all
+    from dataprep.detectors import image_key_from_bytes
+    from dataprep.records import SampleRef
+
+    root = tmp_path / "images"
+    root.mkdir()
+    refs = []
+    for v in (1, 2, 3):
+        cv2.imwrite(str(root / f"{v}.png"), np.full((4, 4, 3), v, np.uint8))
+        refs.append(SampleRef("d", f"k{v}", f"{v}.png", "g"))
+    fake = FakeDetector()
+    cache = DetectionCache(tmp_path / "cache")
+    cached = detect_all(refs[:1], root, fake, cache, progress=False)  # an entry someone stored earlier
+    folders = [cache.path_for(image_key_from_bytes((root / r.source).read_bytes()), fake.fingerprint).parent
+               for r in refs[1:]]
+    for folder in folders:
+        assert not folder.exists()  # another folder than the stored entry's
+        folder.write_text("")
+    fake.batches.clear()
+
+    first = detect_all(refs, root, fake, cache, progress=False)
+    second = detect_all(refs, root, fake, cache, progress=False)
+    assert first == second and len(first) == 3 and first[refs[0].key] == cached[refs[0].key]
+    assert fake.batches == [(2, 4, 4, 3), (2, 4, 4, 3)]  # the stored entry read, the others detected
+    err = capsys.readouterr().err
+    assert err.count("warning:") == 1 and f"the detection cache {cache.directory} cannot be written" in err
+    assert f"({folders[0]})" in err and "--cache-dir" in err
+
+
 def test_cache_empty_result_and_corrupt_file(tmp_path):
     cache = DetectionCache(tmp_path)
     path = cache.put("ab" * 32, "fp", [])

@@ -33,6 +33,9 @@ class DetectionCache:
 
     def __init__(self, directory) -> None:
         self.directory = Path(directory)
+        #: the first error of a ``put`` the box stage met (a read-only or full disk); it then
+        #: only reads the cache
+        self.write_error: OSError | None = None
 
     def path_for(self, image_key: str, detector_fingerprint: str) -> Path:
         if not image_key or not detector_fingerprint:
