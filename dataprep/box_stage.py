@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from itertools import groupby
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -32,8 +32,9 @@ from . import codec
 from .detectors import DetectionCache, create_detector, image_key_from_bytes, track_sequence
 from .detectors.tracking import DEFAULT_MAX_JUMP
 from .pipeline import DECISIONS_SUFFIX, ShardTask, progress_file
+from .datasets import biwi
 from .datasets.common import read_file_bytes
-from .records import SampleRef
+from .records import SampleError, SampleRef
 
 
 def default_cache_dir() -> Path:
@@ -85,8 +86,13 @@ _MALLOC_TRIM = None
 
 def detect_all(refs: list[SampleRef], root: Path, detector, cache: DetectionCache | None, *, chunk: int = 64,
                threads: int = 2, progress: bool = True, bar=None,
-               pool: ThreadPoolExecutor | None = None) -> dict[str, list]:
+               pool: ThreadPoolExecutor | None = None,
+               expected_size: Callable[[SampleRef], tuple[int, int] | None] | None = None) -> dict[str, list]:
     """key -> list of Detection for every readable image (cache hits skip the detector).
+
+    ``expected_size``: ref -> the (width, height) its labels are in, or None; an image whose
+    header says another size is left out as an unreadable one is (the shard worker rejects it as
+    ``wrong_image_size``).
 
     A thread pool prepares the next chunk while the detector works on this one (never more: two
     chunks of decoded images are all that is held in memory): it reads each file, looks its key
@@ -105,6 +111,9 @@ def detect_all(refs: list[SampleRef], root: Path, detector, cache: DetectionCach
     def prepare(ref):
         key, data = _read(root / ref.source)
         if data is None:
+            return None, None, None
+        want = expected_size(ref) if expected_size else None
+        if want is not None and codec.header_size(data) not in (None, tuple(want)):
             return None, None, None
         hit = cache.get(key, fingerprint) if cache else None
         return (key, hit, None) if hit is not None else (key, None, _decode(data))
@@ -131,7 +140,7 @@ def detect_all(refs: list[SampleRef], root: Path, detector, cache: DetectionCach
             todo_images, todo = [], {}  # image key -> the refs showing that image (detected once)
             for ref, (key, hit, image) in zip(chunk_refs, prepared):
                 if hit is None:
-                    if image is None:  # unreadable or undecodable: the shard worker reports it
+                    if image is None:  # unreadable, undecodable or resized: the shard worker reports it
                         continue
                     hit = cache.get(key, fingerprint) if cache else None
                 if hit is not None:
@@ -167,11 +176,27 @@ def _store(cache: DetectionCache, key: str, fingerprint: str, faces: list) -> No
               file=sys.stderr)
 
 
+def biwi_frame_sizes(root: Path, refs: list[SampleRef]) -> dict[str, tuple[int, int] | None]:
+    """Each BIWI sequence's frame size (width, height) as its ``rgb.cal`` says, as the reader
+    checks it; None when the .cal cannot be read (the reader rejects the sequence's frames)."""
+    sizes: dict[str, tuple[int, int] | None] = {}
+    for ref in refs:
+        if ref.group not in sizes:
+            try:
+                cal = biwi.read_cal(root / biwi.companion_paths(ref.source)["rgb_cal"])
+            except SampleError:
+                sizes[ref.group] = None
+            else:
+                sizes[ref.group] = (cal.width, cal.height)
+    return sizes
+
+
 def biwi_decisions(refs: list[SampleRef], detections: dict[str, list], mode: str, image_size=(640, 480)) -> dict[str, dict]:
     """Apply FSA-Net's BIWI rules sequence by sequence (refs are in frame order). A frame without
-    detections (its image could not be read or decoded) gets no decision and is no frame to the
-    tracking: the shard worker reads it and rejects it for what it is (``unreadable_image``, ``corrupt_image``), not as
-    a frame without a face."""
+    detections (its image could not be read or decoded, or is not the size of its sequence's
+    frames) gets no decision and is no frame to the tracking: the shard worker reads it and rejects
+    it for what it is (``unreadable_image``, ``corrupt_image``, ``wrong_image_size``), not as a
+    frame without a face, and its box (in another pixel grid) is never reused for the next frames."""
     decisions = {}
     for group, frames in groupby(refs, key=lambda r: r.group):
         frames = [r for r in frames if r.key in detections]
@@ -200,9 +225,9 @@ class BoxStage:
         self.cache = DetectionCache(opts.cache_dir or default_cache_dir())
         self.fingerprint: str = self.detector.fingerprint
 
-    def _detect(self, refs: list[SampleRef], bar, pool) -> dict[str, list]:
+    def _detect(self, refs: list[SampleRef], bar, pool, expected_size=None) -> dict[str, list]:
         return detect_all(refs, Path(self.opts.root), self.detector, self.cache,
-                          chunk=max(self.opts.batch_size * 4, 16), bar=bar, pool=pool)
+                          chunk=max(self.opts.batch_size * 4, 16), bar=bar, pool=pool, expected_size=expected_size)
 
     @contextmanager
     def _detecting(self, total: int):
@@ -217,8 +242,9 @@ class BoxStage:
         if self.settings.dataset == "biwi":
             # the sequence rules see every frame, also those of shards an earlier run wrote
             refs = sorted((r for t in tasks for r in t.refs), key=lambda r: (r.group, r.source))
+            sizes = biwi_frame_sizes(Path(self.opts.root), refs)
             with self._detecting(len(refs)) as (bar, pool):
-                detections = self._detect(refs, bar, pool)
+                detections = self._detect(refs, bar, pool, expected_size=lambda ref: sizes[ref.group])
             decisions = biwi_decisions(refs, detections, self.settings.biwi_tracking or "previous")
             del detections
             for task in pending:

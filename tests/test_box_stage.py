@@ -128,6 +128,34 @@ def test_biwi_unreadable_frame_is_rejected_as_unreadable_not_as_no_face(sample_t
     assert empty["reason"] == "unreadable_image" and frames[2].name in empty["message"]
 
 
+def test_biwi_frame_of_another_size_is_no_frame_to_the_tracking(sample_tree, tmp_path, monkeypatch):
+    """A resized first frame (rejected as wrong_image_size) was accepted by the tracking, and its
+    box, in the small picture's pixels, was reused for every later frame of its sequence: crops
+    of the wrong place, marked reused, with nothing said. It is left out of the tracking now."""
+    import shutil
+
+    import cv2
+
+    root = tmp_path / "hpdb"
+    shutil.copytree(sample_tree / "hpdb", root)
+    frames = sorted((root / "01").glob("*_rgb.png"))
+    small = cv2.resize(cv2.imread(str(frames[0])), (320, 240))
+    frames[0].write_bytes(cv2.imencode(".png", small)[1].tobytes())
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps({"by": "group", "test": ["01"]}))
+    detector = CentreFaceDetector()  # a face in the middle of each picture: 160 px apart in the two sizes
+    monkeypatch.setattr(box_stage, "create_detector", lambda *a, **k: detector)
+    m = build(_opts(root, tmp_path / "o", "biwi", tmp_path / "c", protocol="1", split_file=str(split),
+                    biwi_tracking="previous"))
+    assert [(r["reason"], r["source"]) for r in m["rejected"]] == [("wrong_image_size", "01/" + frames[0].name)]
+    recs = label_records(tmp_path / "o")
+    assert len(recs) == len(frames) - 1
+    for rec in recs.values():
+        assert rec["box"] == [160.0, 96.0, 480.0, 384.0]  # the frame's own face, in its own pixels
+        assert rec["tracking"] == {"mode": "previous", "reused": False}
+    assert sum(detector.calls) == len(frames) - 1  # the resized frame is not detected
+
+
 def test_the_box_stage_does_not_decode_a_picture_bigger_than_any_dataset_frame(monkeypatch):
     """A PNG whose header says 20000 x 20000 (a few hundred KB on disk) is not decoded for
     detection: that took GBs per image in each process; the shard worker rejects it by its size."""
