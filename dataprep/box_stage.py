@@ -34,6 +34,7 @@ from .detectors.tracking import DEFAULT_MAX_JUMP
 from .pipeline import DECISIONS_SUFFIX, ShardTask, progress_file
 from .datasets import biwi
 from .datasets.common import read_file_bytes
+from .datasets.matfile import MAT_IMAGE_SIZE
 from .records import SampleError, SampleRef
 
 
@@ -250,10 +251,11 @@ class BoxStage:
             for task in pending:
                 yield task, {r.key: decisions.pop(r.key) for r in task.refs if r.key in decisions}
             return
-        # one shard's detections at a time
+        # one shard's detections at a time; a picture of another size than 300W-LP's and AFLW2000's
+        # (which the reader rejects) is not detected: 16 upscaled ones in a batch would take GBs
         with self._detecting(sum(len(t.refs) for t in pending)) as (bar, pool):
             for task in pending:
-                detections = self._detect(task.refs, bar, pool)
+                detections = self._detect(task.refs, bar, pool, expected_size=lambda ref: MAT_IMAGE_SIZE)
                 yield task, {key: {"detections": [d.to_json() for d in faces]} for key, faces in detections.items()}
 
     def spool(self, fs, base: str, tasks: list[ShardTask], pending: list[ShardTask], settings_fingerprint: str) -> None:

@@ -264,6 +264,25 @@ class CentreFaceDetector:
                 for im in images]
 
 
+def test_a_picture_the_reader_rejects_for_its_size_is_not_detected(sample_tree, tmp_path, monkeypatch):
+    """An upscaled AFLW2000 picture went through the detector before the reader rejected it as
+    wrong_image_size: a 6000 px one cost MTCNN 1.6 GB and 11 s, a batch of them more memory than a
+    machine has."""
+    import shutil
+
+    import cv2
+
+    root = tmp_path / "AFLW2000"
+    shutil.copytree(sample_tree / "AFLW2000", root)
+    big = sorted(root.glob("*.jpg"))[0]
+    cv2.imwrite(str(big), cv2.resize(cv2.imread(str(big)), (900, 900)))
+    detector = CentreFaceDetector()
+    monkeypatch.setattr(box_stage, "create_detector", lambda *a, **k: detector)
+    m = build(_opts(root, tmp_path / "o", "aflw2000", tmp_path / "c", protocol="none", detector="mtcnn"))
+    assert ("wrong_image_size", big.name) in [(r["reason"], r["source"]) for r in m["rejected"]]
+    assert sum(detector.calls) == m["counts"]["read"] - 1  # every picture but that one
+
+
 def test_detector_build_decides_shard_by_shard_and_resumes_without_detecting_finished_shards(
         sample_tree, tmp_path, monkeypatch):
     from dataprep.pipeline import PROGRESS_DIR
