@@ -261,6 +261,10 @@ def test_retinaface_missing_weights_error(empty_hub, tmp_path):
     assert isinstance(info.value, RuntimeError)
     with pytest.raises(DetectorWeightsError, match="--retinaface-weights"):
         create_detector("retinaface", device="cpu", retinaface_weights=tmp_path / "nope.pth")
+    unpacked = tmp_path / "retinaface_resnet50_2020-07-20-f168fae3c"  # the zip unpacked, passed as it is
+    unpacked.mkdir()
+    with pytest.raises(DetectorWeightsError, match=f"^{unpacked} is a folder, not a RetinaFace weights file\n"):
+        create_detector("retinaface", device="cpu", retinaface_weights=unpacked)
     bad = tmp_path / "bad.pth"
     torch.save({"foo": torch.zeros(1)}, bad)
     with pytest.raises(DetectorWeightsError, match="does not fit"):

@@ -101,7 +101,9 @@ def find_weights(path: str | Path | None = None) -> Path:
     if path is not None:
         p = Path(path).expanduser()
         if not p.is_file():
-            raise DetectorWeightsError(_missing_weights_message(f"RetinaFace weights file not found: {p}"))
+            detail = (f"{p} is a folder, not a RetinaFace weights file" if p.is_dir()
+                      else f"RetinaFace weights file not found: {p}")
+            raise DetectorWeightsError(_missing_weights_message(detail))
         return p
     hub = Path(torch.hub.get_dir()) / "checkpoints"
     found = sorted(p for p in hub.glob(WEIGHTS_GLOB) if p.is_file()) if hub.is_dir() else []
