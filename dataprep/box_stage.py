@@ -32,10 +32,9 @@ from . import codec
 from .detectors import DetectionCache, create_detector, image_key_from_bytes, track_sequence
 from .detectors.tracking import DEFAULT_MAX_JUMP
 from .pipeline import DECISIONS_SUFFIX, ShardTask, progress_file
-from .datasets import biwi
+from .datasets import get_reader
 from .datasets.common import read_file_bytes
-from .datasets.matfile import MAT_IMAGE_SIZE
-from .records import SampleError, SampleRef
+from .records import SampleRef
 
 
 def default_cache_dir() -> Path:
@@ -177,21 +176,6 @@ def _store(cache: DetectionCache, key: str, fingerprint: str, faces: list) -> No
               file=sys.stderr)
 
 
-def biwi_frame_sizes(root: Path, refs: list[SampleRef]) -> dict[str, tuple[int, int] | None]:
-    """Each BIWI sequence's frame size (width, height) as its ``rgb.cal`` says, as the reader
-    checks it; None when the .cal cannot be read (the reader rejects the sequence's frames)."""
-    sizes: dict[str, tuple[int, int] | None] = {}
-    for ref in refs:
-        if ref.group not in sizes:
-            try:
-                cal = biwi.read_cal(root / biwi.companion_paths(ref.source)["rgb_cal"])
-            except SampleError:
-                sizes[ref.group] = None
-            else:
-                sizes[ref.group] = (cal.width, cal.height)
-    return sizes
-
-
 def biwi_decisions(refs: list[SampleRef], detections: dict[str, list], mode: str, image_size=(640, 480)) -> dict[str, dict]:
     """Apply FSA-Net's BIWI rules sequence by sequence (refs are in frame order). A frame without
     detections (its image could not be read or decoded, or is not the size of its sequence's
@@ -226,9 +210,13 @@ class BoxStage:
         self.cache = DetectionCache(opts.cache_dir or default_cache_dir())
         self.fingerprint: str = self.detector.fingerprint
 
-    def _detect(self, refs: list[SampleRef], bar, pool, expected_size=None) -> dict[str, list]:
-        return detect_all(refs, Path(self.opts.root), self.detector, self.cache,
-                          chunk=max(self.opts.batch_size * 4, 16), bar=bar, pool=pool, expected_size=expected_size)
+    def _detect(self, refs: list[SampleRef], bar, pool) -> dict[str, list]:
+        # a picture of another size than the reader requires (which it rejects) is not detected:
+        # 16 upscaled ones in a batch took GBs, and a resized BIWI frame's box, in its own pixel
+        # grid, was reused for the next frames of its sequence
+        root, image_size = Path(self.opts.root), get_reader(self.settings.dataset).image_size
+        return detect_all(refs, root, self.detector, self.cache, chunk=max(self.opts.batch_size * 4, 16), bar=bar,
+                          pool=pool, expected_size=lambda ref: image_size(root, ref))
 
     @contextmanager
     def _detecting(self, total: int):
@@ -243,19 +231,17 @@ class BoxStage:
         if self.settings.dataset == "biwi":
             # the sequence rules see every frame, also those of shards an earlier run wrote
             refs = sorted((r for t in tasks for r in t.refs), key=lambda r: (r.group, r.source))
-            sizes = biwi_frame_sizes(Path(self.opts.root), refs)
             with self._detecting(len(refs)) as (bar, pool):
-                detections = self._detect(refs, bar, pool, expected_size=lambda ref: sizes[ref.group])
+                detections = self._detect(refs, bar, pool)
             decisions = biwi_decisions(refs, detections, self.settings.biwi_tracking or "previous")
             del detections
             for task in pending:
                 yield task, {r.key: decisions.pop(r.key) for r in task.refs if r.key in decisions}
             return
-        # one shard's detections at a time; a picture of another size than 300W-LP's and AFLW2000's
-        # (which the reader rejects) is not detected: 16 upscaled ones in a batch would take GBs
+        # one shard's detections at a time
         with self._detecting(sum(len(t.refs) for t in pending)) as (bar, pool):
             for task in pending:
-                detections = self._detect(task.refs, bar, pool, expected_size=lambda ref: MAT_IMAGE_SIZE)
+                detections = self._detect(task.refs, bar, pool)
                 yield task, {key: {"detections": [d.to_json() for d in faces]} for key, faces in detections.items()}
 
     def spool(self, fs, base: str, tasks: list[ShardTask], pending: list[ShardTask], settings_fingerprint: str) -> None:

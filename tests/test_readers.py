@@ -41,7 +41,7 @@ def test_registry():
     for name, module in DATASET_READERS.items():
         assert module.NAME == name
         assert module.DEFAULT_ROOT_NAME == ROOTS[name]
-        assert callable(module.list_samples) and callable(module.read_sample)
+        assert all(callable(f) for f in (module.list_samples, module.read_sample, module.input_files, module.image_size))
         assert get_reader(name) is module
     assert get_reader("300W_LP") is w300lp and get_reader("hpdb") is biwi and get_reader("AFLW2000") is aflw2000
     with pytest.raises(ValueError, match="unknown dataset"):
@@ -141,6 +141,7 @@ def test_round_trip(sample_tree, expected, name):
         np.testing.assert_allclose(s.rotation, labels.rotation_from_euler(s.yaw, s.pitch, s.roll), atol=1e-12)
         assert s.boxes["gt"] == pytest.approx(exp["gt_box"], abs=1e-6)
         assert s.image.dtype == np.uint8 and s.image.ndim == 3 and s.image.shape[2] == 3
+        assert reader.image_size(root, ref) == (s.image.shape[1], s.image.shape[0])  # what the box stage detects
         if name == "biwi":
             assert s.image.shape == (480, 640, 3)
             assert s.depth.shape == (480, 640) and s.depth.dtype == np.uint16

@@ -2,7 +2,8 @@
 ``list_samples(root) -> list[SampleRef]`` (cheap, sorted, no file parsing) and
 ``read_sample(root, ref) -> RawSample`` (raises ``SampleError`` for any bad input) and
 ``input_files(root, ref) -> list[str]`` (the files ``read_sample`` reads, relative to the root:
-what a resumed build checks for changes)."""
+what a resumed build checks for changes) and ``image_size(root, ref) -> (w, h) | None`` (the size
+``read_sample`` requires of the image: the box stage detects no picture of another size)."""
 from __future__ import annotations
 
 from types import ModuleType

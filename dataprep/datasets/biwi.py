@@ -327,6 +327,16 @@ def head_box(t, rgb_cal: Calibration, head_size_mm: float = HEAD_SIZE_MM) -> tup
     return box, centre, z
 
 
+def image_size(root: Path, ref: SampleRef) -> tuple[int, int] | None:
+    """The (width, height) ``read_sample`` requires of the frame: its sequence's ``rgb.cal``'s;
+    None when that cannot be read (``read_sample`` rejects the frame for it)."""
+    try:
+        cal = read_cal(root / companion_paths(ref.source)["rgb_cal"])
+    except SampleError:
+        return None
+    return cal.width, cal.height
+
+
 @common.reader_errors
 def read_sample(root: Path, ref: SampleRef) -> RawSample:
     files = companion_paths(ref.source)

@@ -179,6 +179,12 @@ def _listing(folder: str, mtime_ns: int) -> tuple[str, ...]:
     return tuple(os.listdir(folder))
 
 
+def image_size(root: Path, ref) -> tuple[int, int]:
+    """The (width, height) ``read_sample`` requires of a sample's image: 450 x 450 for every
+    300W-LP and AFLW2000 picture (the readers' ``image_size``)."""
+    return MAT_IMAGE_SIZE
+
+
 def image_and_mat(root: Path, source: str) -> tuple[np.ndarray, dict[str, Any], str]:
     """The common first step of both MAT readers: image (450x450 RGB) and its parsed ``.mat``.
     Returns ``(image, mat, mat_display_name)``. The .mat is checked first: a missing label is the

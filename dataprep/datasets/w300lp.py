@@ -49,6 +49,7 @@ def list_samples(root: Path) -> list[SampleRef]:
 
 
 input_files = matfile.image_and_mat_files
+image_size = matfile.image_size
 
 
 @common.reader_errors
