@@ -292,8 +292,9 @@ def run_shard(task: ShardTask, settings: Settings, root: str, out: str) -> dict:
                            "(it was stopped, and another build took --out over): not written")
 
     check_owner()
-    if task.owner is not None:  # a loky worker process ends with its build (the token's pid)
-        end_with_build(int(task.owner.split(":")[1]))
+    build_pid = (task.owner or "").split(":")[1:2]  # the lock token's host:PID:...
+    if build_pid and build_pid[0].isdigit():  # a loky worker process ends with its build
+        end_with_build(int(build_pid[0]))
     fingerprint = settings.fingerprint()
     decisions = load_decisions(fs, task, fingerprint)
     path = posixpath.join(base, task.name)
