@@ -185,8 +185,9 @@ class RandomCropScale(Transform):
     """FSA-Net-style random re-crop: a window of the crop's size times ``s ~ U(scale)``, its centre
     moved by ``U(-shift, shift)`` times the crop's width/height, cut from the stored crop.
 
-    The new window is rounded to whole source pixels and recorded as ``crop``; the output keeps the
-    input's size. Parts of the window the stored crop does not cover come out black. Landmarks and
+    The new window is rounded to whole source pixels and recorded as ``crop`` (and as the entry's
+    ``window``, with the window it was cut from as ``from``); the output keeps the input's size.
+    Parts of the window the stored crop does not cover come out black. Landmarks and
     boxes are in source pixels and do not change.
     """
 
@@ -209,7 +210,9 @@ class RandomCropScale(Transform):
         window = box_rules.integer_window([cx - s * cw / 2, cy - s * ch / 2, cx + s * cw / 2, cy + s * ch / 2])
         h, w = image.shape[:2]
         out_img = _resample_window(image, cur, window, (w, h))
-        out = _new_record(record, {"op": self.name, "scale": s, "shift": [dx, dy], "window": window})
+        # "from": the window the input showed; the new window's part outside it is black
+        out = _new_record(record, {"op": self.name, "scale": s, "shift": [dx, dy], "window": window,
+                                   "from": list(record["crop"])})
         out["crop"] = window
         return out_img, out, None if landmarks is None else np.array(landmarks, copy=True)
 

@@ -251,6 +251,30 @@ def test_compare_names_the_settings_no_record_shows(audited, sample_tree, tmp_pa
     assert "setting (differs)" in page and "jpeg_quality" in page
 
 
+def test_cropscale_variants_count_their_window_outside_the_crop_they_were_cut_from(sample_tree, tmp_path):
+    """A cropscale variant is cut from the stored crop: where its window leaves that crop the JPEG
+    is black, though the source image goes on there. crop_padding counts it (it said 0 for variants
+    up to 27% black, so `padded` missed them)."""
+    out = tmp_path / "cs"
+    build(BuildOptions(dataset="aflw2000", root=str(sample_tree / "AFLW2000"), out=str(out), protocol="none",
+                       augment=("cropscale",), progress=False))
+    records = label_records(out)
+    report = tmp_path / "report"
+    assert cli_main(["audit", str(out), "--report", str(report), "--per-flag", "0"]) == 0
+    rows = read_csv(report / "boxes.csv")
+    variants = [k for k in records if k.endswith("_cropscale")]
+    assert variants
+    shares = {}
+    for key in variants:
+        x1, y1, x2, y2 = records[key]["crop"]
+        bx1, by1, bx2, by2 = records[key[:-len("_cropscale")]]["crop"]  # the sample it was cut from
+        w, h = records[key]["image_size"]
+        real = max(0, min(x2, bx2, w) - max(x1, bx1, 0)) * max(0, min(y2, by2, h) - max(y1, by1, 0))
+        shares[key] = 1.0 - real / ((x2 - x1) * (y2 - y1))
+        assert float(rows[key]["crop_padding"]) == pytest.approx(shares[key], abs=1e-6), key
+    assert max(shares.values()) > 0.05  # windows that reach past their crop: the case this is about
+
+
 def test_compare_finds_offline_variants_drawn_with_another_seed(sample_tree, tmp_path, capsys):
     """Two --augment builds that differ only in --seed: the same samples and ops, but each blur
     variant drew another sigma (other pixels); compare names them and the seed (it said "same")."""

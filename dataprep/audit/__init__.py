@@ -40,7 +40,7 @@ def _metric(row: Row, flag: str) -> str:
     if flag == "squashed":
         return f"crop {v['crop_x2'] - v['crop_x1']}x{v['crop_y2'] - v['crop_y1']}, distortion {v['crop_distortion']:.2f}"
     if flag == "padded":
-        return f"crop {v['crop_x2'] - v['crop_x1']}x{v['crop_y2'] - v['crop_y1']}, {v['crop_padding']:.0%} outside the image"
+        return f"crop {v['crop_x2'] - v['crop_x1']}x{v['crop_y2'] - v['crop_y1']}, {v['crop_padding']:.0%} black (outside the image, or a cropscale variant's crop)"
     if flag == "detector_disagrees":
         ious = [f"IoU(gt,{d}) {v[f'iou_gt_{d}']:.2f}" for d in ("mtcnn", "retinaface") if v.get(f"iou_gt_{d}") is not None]
         return ", ".join(ious)

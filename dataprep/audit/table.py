@@ -30,8 +30,9 @@ FLAG_HELP = {
                        "extra.pt2d_missing > 0 or IoU(gt, pt2d) below --placeholder-iou",
     "squashed": "the stored crop window is not square and resizing it to the square crop distorts it by "
                 "more than --squash-threshold (max(w,h)/min(w,h) - 1)",
-    "padded": "more of the stored crop than --padding-threshold lies outside the source image, so it is black in "
-              "the JPEG (a --margin, a loose rule or a face near the border)",
+    "padded": "more of the stored crop than --padding-threshold lies outside the source image (or, for a cropscale "
+              "variant, outside the crop it was cut from), so it is black in the JPEG (a --margin, a loose rule or a "
+              "face near the border)",
     "detector_disagrees": "a detector box (mtcnn, retinaface) has IoU with the gt box below --detector-iou",
     "outside_image": "a face box extends past the image by more than --outside-tolerance px "
                      "(placeholder-polluted pt2d boxes are left to placeholder_box)",
@@ -157,6 +158,18 @@ def outside_fraction(box, image_size) -> float:
     return 1.0 - box_rules.inside_fraction(box, image_size)
 
 
+def black_fraction(rec: dict) -> float:
+    """The share of a record's stored crop that shows no source pixels (black in its JPEG): its
+    window outside the image and, for a ``cropscale`` variant, outside the window it was cut from
+    (its entry's ``from``)."""
+    crop, total = rec["crop"], box_rules.area(rec["crop"])
+    real = box_rules.clip_to_image(crop, rec["image_size"])
+    for entry in rec.get("augment") or []:
+        if isinstance(entry, dict) and entry.get("op") == "cropscale" and "from" in entry:
+            real = box_rules.intersection(real, entry["from"])
+    return 1.0 - box_rules.area(real) / total if total > 0 else 0.0
+
+
 def augment_ops(record: dict) -> list[str]:
     return [str(a.get("op", a)) if isinstance(a, dict) else str(a) for a in record.get("augment") or []]
 
@@ -231,7 +244,7 @@ def _measurements(rec: dict, variants: list[str]) -> dict:
     crop = rec["crop"]
     v.update({"crop_x1": crop[0], "crop_y1": crop[1], "crop_x2": crop[2], "crop_y2": crop[3],
               "crop_aspect": box_rules.aspect_ratio(crop), "crop_distortion": box_rules.square_distortion(crop),
-              "crop_padding": outside_fraction(crop, size)})
+              "crop_padding": black_fraction(rec)})
     windows = {}
     for r in RULES:
         w = windows[r] = rule_window(rec, r)
