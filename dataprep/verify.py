@@ -262,6 +262,7 @@ def verify(out: str, decode: bool = True) -> VerifyReport:
     shards = manifest["shards"]
     problems += _manifest_problems(manifest)
     problems += _info_problems(fs, base, shards)
+    metadata_problems = bool(problems)
     problems += _folder_problems(fs, base, {s["name"] for s in shards}, manifest.get("command"))
 
     first_shard: dict[str, str] = {}  # sample key -> the shard it was first seen in
@@ -291,10 +292,12 @@ def verify(out: str, decode: bool = True) -> VerifyReport:
         for key in dict.fromkeys(keys):
             if first_shard.setdefault(key, name) != name:
                 problems.append(f"{name}: sample key {key!r} is also in {first_shard[key]}")
+    command = manifest.get("command")
+    # the recorded command names the folder it was run with, which may have moved since
+    again = f" (`{command}`, with --out {base})" if isinstance(command, str) and command else f" with --out {base}"
     if len(problems) > before:
-        command = manifest.get("command")
-        # the recorded command names the folder it was run with, which may have moved since
-        again = f" (`{command}`, with --out {base})" if isinstance(command, str) and command else f" with --out {base}"
         report.repair = (f"to rewrite missing or damaged shards, run the build again{again}: it keeps the intact "
                          "ones (checked by size and sha256 on a local folder, by size alone on a remote store)")
+    elif metadata_problems:  # the shards are sound: a rerun keeps them all and writes both files again
+        report.repair = f"to write {MANIFEST} and {INFO} again from the shards' records, run the build again{again}"
     return report

@@ -889,6 +889,27 @@ def test_verify_checks_manifest_counts_and_unique_keys(aflw_build, tmp_path):
     assert len(dupes) == shard["samples"] and all(p.endswith(f"is also in {shard['name']}") for p in dupes)
 
 
+def test_verify_says_how_to_repair_an_edited_manifest_or_info_json(aflw_build, sample_tree, tmp_path, capsys):
+    """Counts or _info.json edited while every shard is sound: verify used to print the FAIL lines
+    with no advice; the advised rerun writes both files again and keeps every shard."""
+    copy, manifest = _copy_build(aflw_build, tmp_path)
+    edited = json.loads((copy / "manifest.json").read_text())
+    edited["counts"]["read"] += 1
+    (copy / "manifest.json").write_text(json.dumps(edited))
+    info = json.loads((copy / "_info.json").read_text())
+    info["splits"]["test"]["num_samples"] += 1
+    (copy / "_info.json").write_text(json.dumps(info))
+    assert cli_main(["verify", str(copy), "--hash-only"]) == 1
+    err = capsys.readouterr().err
+    assert "FAIL: manifest.json: counts do not add up" in err and "FAIL: _info.json: split 'test' num_samples" in err
+    assert re.search(r"to write manifest.json and _info.json again from the shards' records, run the build again "
+                     rf"\(`.*`, with --out {re.escape(str(copy))}\)", err), err
+    assert "damaged shards" not in err
+    build(opts(sample_tree / "AFLW2000", copy, "aflw2000"))
+    assert f"resuming: {len(manifest['shards'])} of {len(manifest['shards'])} shard(s)" in capsys.readouterr().err
+    assert verify(str(copy)).ok
+
+
 def test_verify_checks_the_rejected_list_against_the_counts(aflw_build, tmp_path):
     copy, manifest = _copy_build(aflw_build, tmp_path)
     assert manifest["counts"]["rejected"] >= 2
