@@ -195,9 +195,12 @@ def _info_problems(fs, base: str, shards: list[dict]) -> list[str]:
     if not fs.exists(path):
         return [f"{INFO}: missing; rerun the same build command to write it"]
     try:
-        splits = json.loads(fs.cat_file(path))["splits"]
-    except (ValueError, KeyError, TypeError) as err:
+        info = json.loads(fs.cat_file(path))
+    except ValueError as err:
         return [f"{INFO}: unreadable ({err})"]
+    splits = info.get("splits") if isinstance(info, dict) else None
+    if not isinstance(splits, dict) or not all(isinstance(s, dict) for s in splits.values()):
+        return [f"{INFO}: has no \"splits\" object of one object per split (edited, or not dataprep's)"]
     problems = []
     want = info_splits(shards)
     for split in sorted(set(want) | set(splits)):

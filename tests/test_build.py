@@ -857,6 +857,16 @@ def test_verify_checks_info_json_against_the_manifest(aflw_build, tmp_path):
     assert verify(str(copy), decode=False).problems == ["_info.json: missing; rerun the same build command to write it"]
 
 
+@pytest.mark.parametrize("info", ['{"splits": []}', '{"splits": {"test": 5}}', '{"splits": null}', "[]", "{}"])
+def test_verify_names_an_info_json_of_the_wrong_shape(aflw_build, tmp_path, capsys, info):
+    """An edited _info.json whose splits are not objects was a traceback (exit 2): now a FAIL line."""
+    copy, _ = _copy_build(aflw_build, tmp_path)
+    (copy / "_info.json").write_text(info)
+    assert cli_main(["verify", str(copy), "--hash-only"]) == 1
+    err = capsys.readouterr().err
+    assert "FAIL: _info.json: has no \"splits\" object of one object per split" in err and "Traceback" not in err, err
+
+
 def test_verify_flags_unlisted_shards_and_tmp_leftovers(aflw_build, tmp_path):
     copy, manifest = _copy_build(aflw_build, tmp_path)
     first = copy / manifest["shards"][0]["name"]
