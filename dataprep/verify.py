@@ -298,9 +298,13 @@ def verify(out: str, decode: bool = True) -> VerifyReport:
     command = manifest.get("command")
     # the recorded command names the folder it was run with, which may have moved since
     again = f" (`{command}`, with --out {base})" if isinstance(command, str) and command else f" with --out {base}"
+    # the shards' records are what a rerun keeps shards by; without them it writes every shard again
+    kept = fs.exists(posixpath.join(base, PROGRESS_DIR))
     if len(problems) > before:
-        report.repair = (f"to rewrite missing or damaged shards, run the build again{again}: it keeps the intact "
-                         "ones (checked by size and sha256 on a local folder, by size alone on a remote store)")
+        report.repair = f"to rewrite missing or damaged shards, run the build again{again}: " + (
+            "it keeps the intact ones (checked by size and sha256 on a local folder, by size alone on a remote store)"
+            if kept else f"it writes every shard again ({PROGRESS_DIR}/, its record of the shards, was deleted)")
     elif metadata_problems:  # the shards are sound: a rerun keeps them all and writes both files again
-        report.repair = f"to write {MANIFEST} and {INFO} again from the shards' records, run the build again{again}"
+        report.repair = (f"to write {MANIFEST} and {INFO} again, run the build again{again}"
+                         + ("" if kept else f": it writes every shard again ({PROGRESS_DIR}/ was deleted)"))
     return report

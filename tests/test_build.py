@@ -912,11 +912,21 @@ def test_verify_says_how_to_repair_an_edited_manifest_or_info_json(aflw_build, s
     assert cli_main(["verify", str(copy), "--hash-only"]) == 1
     err = capsys.readouterr().err
     assert "FAIL: manifest.json: counts do not add up" in err and "FAIL: _info.json: split 'test' num_samples" in err
-    assert re.search(r"to write manifest.json and _info.json again from the shards' records, run the build again "
-                     rf"\(`.*`, with --out {re.escape(str(copy))}\)", err), err
+    assert re.search(rf"to write manifest.json and _info.json again, run the build again \(`.*`, with --out "
+                     rf"{re.escape(str(copy))}\)\n", err), err
     assert "damaged shards" not in err
     build(opts(sample_tree / "AFLW2000", copy, "aflw2000"))
     assert f"resuming: {len(manifest['shards'])} of {len(manifest['shards'])} shard(s)" in capsys.readouterr().err
+    assert verify(str(copy)).ok
+    # the shards' records deleted (as the README allows once a build is finished): the rerun the
+    # advice names writes every shard again, and the advice says so instead of "keeps the intact ones"
+    shutil.rmtree(copy / ".dataprep-progress")
+    (copy / manifest["shards"][0]["name"]).unlink()
+    assert cli_main(["verify", str(copy), "--hash-only"]) == 1
+    assert "it writes every shard again (.dataprep-progress/, its record of the shards, was deleted)" in \
+        capsys.readouterr().err
+    build(opts(sample_tree / "AFLW2000", copy, "aflw2000"))
+    assert "resuming" not in capsys.readouterr().err
     assert verify(str(copy)).ok
 
 
