@@ -107,6 +107,13 @@ def cmd_build(args) -> int:
         again = "the same command again without --overwrite" if args.overwrite else "the same command again"
         print(f"\ndataprep build: interrupted. The shards finished so far are kept: run {again} to resume",
               file=sys.stderr)
+        if opts.backend == "threading":
+            # the pool's threads cannot be stopped: still in OpenCV as the interpreter exits, they
+            # made it abort (C++ "terminate called ...", status 134) most times. End now, as a killed
+            # build does: the lock is released, and the rerun removes their temporary shards
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(INTERRUPTED)
         return INTERRUPTED
     except BrokenProcessPool as err:  # a worker process died (out of memory, killed): joblib's TerminatedWorkerError
         print(f"dataprep build: error: a worker process died ({first_line(err)}); the shards finished so "

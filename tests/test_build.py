@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import shutil
 import sys
@@ -897,6 +898,30 @@ def test_verify_checks_manifest_counts_and_unique_keys(aflw_build, tmp_path):
     assert "manifest.json: counts.samples_in_shards" in "\n".join(problems)
     dupes = [p for p in problems if p.startswith("test-000099.tar: sample key")]
     assert len(dupes) == shard["samples"] and all(p.endswith(f"is also in {shard['name']}") for p in dupes)
+
+
+@pytest.mark.parametrize("backend", ["threading", "loky"])
+def test_an_interrupted_threading_build_ends_at_once(sample_tree, tmp_path, monkeypatch, capsys, backend):
+    """SIGTERM of a --backend threading build made the interpreter abort most times (the pool's
+    threads cannot be stopped, and were still in OpenCV at exit: C++ "terminate called without an
+    active exception", exit status 134 instead of 130): it now ends at once with 130, as a killed
+    build does; process backends return 130 as before (their workers are stopped)."""
+    def interrupted(opts):
+        raise KeyboardInterrupt
+
+    def ended(status):
+        raise SystemExit(f"os._exit({status})")
+
+    monkeypatch.setattr(build_mod, "build", interrupted)
+    monkeypatch.setattr(os, "_exit", ended)
+    args = ["build", "--dataset", "aflw2000", "--root", str(sample_tree / "AFLW2000"), "--out", str(tmp_path / "o"),
+            "--backend", backend, "--no-progress"]
+    if backend == "threading":
+        with pytest.raises(SystemExit, match=r"os\._exit\(130\)"):
+            cli_main(args)
+    else:
+        assert cli_main(args) == 130
+    assert "dataprep build: interrupted. The shards finished so far are kept" in capsys.readouterr().err
 
 
 def test_verify_says_how_to_repair_an_edited_manifest_or_info_json(aflw_build, sample_tree, tmp_path, capsys):
