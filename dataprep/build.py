@@ -325,7 +325,8 @@ def _parallel(opts: BuildOptions):
         try:
             from dask.distributed import Client, LocalCluster
         except ImportError as err:
-            raise BuildError("--backend dask needs the dask extra: pip install 'headpose-dataprep[dask]'") from err
+            raise BuildError("--backend dask needs the dask extra: uv sync --extra dask in the project's folder "
+                             "(installed with pip: pip install 'headpose-dataprep[dask]')") from err
         if opts.scheduler:
             try:
                 client = Client(opts.scheduler)
@@ -351,7 +352,8 @@ def _parallel(opts: BuildOptions):
             import ray
             from ray.util.joblib import register_ray
         except ImportError as err:
-            raise BuildError("--backend ray needs the ray extra: pip install 'headpose-dataprep[ray]'") from err
+            raise BuildError("--backend ray needs the ray extra: uv sync --extra ray in the project's folder "
+                             "(installed with pip: pip install 'headpose-dataprep[ray]')") from err
         ray.init(address=opts.scheduler, ignore_reinit_error=True)
         register_ray()
         with parallel_config(backend="ray"):

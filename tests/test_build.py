@@ -775,6 +775,16 @@ def test_unusable_options_stop_the_build_before_it_reads(sample_tree, tmp_path, 
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("backend, module", [("dask", "dask.distributed"), ("ray", "ray")])
+def test_a_backend_whose_extra_is_missing_says_how_to_install_it(sample_tree, tmp_path, monkeypatch, backend, module):
+    """In a clone (the README's setup: uv, no pip in .venv) the extra comes with `uv sync --extra`;
+    the message named only `pip install 'headpose-dataprep[...]'`."""
+    monkeypatch.setitem(sys.modules, module, None)  # import fails as if not installed
+    with pytest.raises(BuildError, match=re.escape(f"--backend {backend} needs the {backend} extra: "
+                                                   f"uv sync --extra {backend} in the project's folder")):
+        build(opts(sample_tree / "AFLW2000", tmp_path / "o", "aflw2000", backend=backend))
+
+
 def test_bad_inputs_are_rejected_and_the_build_goes_on(sample_tree, tmp_path):
     root = tmp_path / "AFLW2000"
     shutil.copytree(sample_tree / "AFLW2000", root)
