@@ -781,7 +781,8 @@ def summary_table(manifest: dict) -> str:
     expected = manifest.get("expected", {})
     if expected.get("read") and expected["read"] != counts["read"]:
         out.append("")
-        out.append(f"note: the full {manifest['dataset']} download has {expected['read']} samples; this root has {counts['read']}.")
+        out.append(f"note: the full {manifest['dataset']} download has {expected['read']} samples; this root has {counts['read']}, "
+                   "so the published numbers are not comparable to a model trained or tested on this build.")
     elif expected.get("read"):  # the full download: the papers' counts must come out
         for split, want, got in _short_of_expected(expected, counts, "written"):
             out.append("")

@@ -415,6 +415,9 @@ def test_summary_warns_when_a_full_download_misses_the_papers_count(aflw_build):
     manifest["expected"]["read"] += 1  # not the full download: only the note about its size
     table = summary_table(manifest)
     assert "warning" not in table and "note: the full aflw2000 download has" in table
+    # as the README says and the BIWI sequences' note does: a partial root's numbers are not the papers'
+    assert (f"this root has {manifest['counts']['read']}, so the published numbers are not comparable to a model "
+            "trained or tested on this build.") in table
 
 
 def test_the_summary_says_what_to_do_once_per_reason(aflw_build):
