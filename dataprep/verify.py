@@ -142,7 +142,18 @@ def check_shard(fileobj, decode: bool = True) -> tuple[list[str], list[str]]:
     return keys, problems
 
 
-def _folder_problems(fs, base: str, listed: set[str] | None, command: str | None) -> list[str]:
+def _rerun_paths(manifest: dict, base: str) -> str:
+    """The folders to rerun the recorded build command with: ``--out`` the folder verified, and
+    ``--root`` the absolute input root when it was typed relative (from another working directory
+    the command as recorded names another folder, or none)."""
+    root = manifest.get("input", {}).get("root") if isinstance(manifest.get("input"), dict) else None
+    typed = manifest.get("options", {}).get("root") if isinstance(manifest.get("options"), dict) else None
+    if isinstance(root, str) and isinstance(typed, str) and not posixpath.isabs(typed) and "://" not in typed:
+        return f"--root {root} --out {base}"
+    return f"--out {base}"
+
+
+def _folder_problems(fs, base: str, listed: set[str] | None, command: str | None, paths: str) -> list[str]:
     """``.tmp`` shards an interrupted build left, and (``listed``: the manifest's shard names) shard
     files the manifest does not list, which a reader globbing ``*.tar`` would take in. The user's
     own files are left alone."""
@@ -156,7 +167,7 @@ def _folder_problems(fs, base: str, listed: set[str] | None, command: str | None
     for name in filter(is_shard_file, names):
         if name.endswith(TMP_SUFFIX):
             problems.append(f"{name}: left by an interrupted build; rerun the same build command{rerun} "
-                            f"with --out {base} to finish it")
+                            f"with {paths} to finish it")
         elif listed is not None and name not in listed:
             problems.append(f"{name}: a shard file the manifest does not list (from another build, or your own?); a "
                             "reader globbing *.tar would take it in: move it out of the folder")
@@ -250,7 +261,7 @@ def verify(out: str, decode: bool = True) -> VerifyReport:
                             "finish, or run its command again to finish it (it resumes), then verify")
         else:
             problems.append(f"{manifest_path}: no manifest; is this a dataprep build folder?")
-        problems += _folder_problems(fs, base, None, None)
+        problems += _folder_problems(fs, base, None, None, f"--out {base}")
         return report
     try:
         manifest = json.loads(fs.cat_file(manifest_path))
@@ -266,7 +277,8 @@ def verify(out: str, decode: bool = True) -> VerifyReport:
     problems += _manifest_problems(manifest)
     problems += _info_problems(fs, base, shards)
     metadata_problems = bool(problems)
-    problems += _folder_problems(fs, base, {s["name"] for s in shards}, manifest.get("command"))
+    paths = _rerun_paths(manifest, base)
+    problems += _folder_problems(fs, base, {s["name"] for s in shards}, manifest.get("command"), paths)
 
     first_shard: dict[str, str] = {}  # sample key -> the shard it was first seen in
     before = len(problems)
@@ -297,7 +309,7 @@ def verify(out: str, decode: bool = True) -> VerifyReport:
                 problems.append(f"{name}: sample key {key!r} is also in {first_shard[key]}")
     command = manifest.get("command")
     # the recorded command names the folder it was run with, which may have moved since
-    again = f" (`{command}`, with --out {base})" if isinstance(command, str) and command else f" with --out {base}"
+    again = f" (`{command}`, with {paths})" if isinstance(command, str) and command else f" with {paths}"
     # the shards' records are what a rerun keeps shards by; without them it writes every shard again
     kept = fs.exists(posixpath.join(base, PROGRESS_DIR))
     if len(problems) > before:

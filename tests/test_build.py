@@ -844,6 +844,24 @@ def test_verify_detects_tampering(aflw_build, tmp_path, capsys):
         assert "no manifest" not in err
 
 
+def test_verify_names_the_absolute_root_of_a_build_typed_with_a_relative_one(sample_tree, tmp_path, monkeypatch,
+                                                                              capsys):
+    """The rerun verify suggests works from any folder: a --root typed relative (`--root AFLW2000`, as
+    recorded in the manifest's command) names another folder, or none, from another working directory."""
+    monkeypatch.chdir(sample_tree)
+    out = tmp_path / "out"
+    assert cli_main(["build", "--dataset", "aflw2000", "--root", "AFLW2000", "--out", str(out), "--no-progress"]) == 0
+    monkeypatch.chdir(tmp_path)
+    shard = out / json.loads((out / "manifest.json").read_text())["shards"][0]["name"]
+    data = bytearray(shard.read_bytes())
+    data[700] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert cli_main(["verify", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert f"with --root {(sample_tree / 'AFLW2000').resolve()} --out {out}):" in err
+
+
 def test_verify_clean_build_has_no_problems(aflw_build, capsys):
     out, manifest = aflw_build
     for decode in (True, False):
