@@ -123,7 +123,9 @@ def cmd_build(args) -> int:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
     elapsed = time.perf_counter() - start
-    print(f"\n{args.dataset}, protocol {manifest['protocol']}, boxes: {manifest['settings']['detector']}, "
+    settings = manifest["settings"]
+    tracking = f", tracking {settings['biwi_tracking']}" if settings.get("biwi_tracking") else ""  # as `protocols` says
+    print(f"\n{args.dataset}, protocol {manifest['protocol']}, boxes: {settings['detector']}{tracking}, "
           f"crop: {args.crop_rule} {args.crop_size}px -> {args.out}  ({elapsed:.1f} s)")
     print(summary_table(manifest))
     if args.strict and manifest["counts"]["rejected"]:  # the build ran and found problems, as a failed verify

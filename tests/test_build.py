@@ -862,6 +862,21 @@ def test_verify_names_the_absolute_root_of_a_build_typed_with_a_relative_one(sam
     assert f"with --root {(sample_tree / 'AFLW2000').resolve()} --out {out}):" in err
 
 
+def test_the_build_line_names_the_biwi_tracking_it_used(sample_tree, tmp_path, capsys):
+    """BIWI detector builds track by protocol 1's rule (none) or protocol 2's and none's (previous): the
+    line heading the summary says which, as `dataprep protocols` does (it said only "boxes: mtcnn")."""
+    root = tmp_path / "hpdb"
+    shutil.copytree(sample_tree / "hpdb" / "01", root / "01")
+    for protocol, tracking in (("1", "none"), ("none", "previous")):
+        assert cli_main(["build", "--dataset", "biwi", "--protocol", protocol, "--root", str(root), "--out",
+                         str(tmp_path / protocol), "--detector", "mtcnn", "--device", "cpu",
+                         "--cache-dir", str(tmp_path / "cache"), "--no-progress"]) == 0
+        assert f"biwi, protocol {protocol}, boxes: mtcnn, tracking {tracking}, crop: square" in capsys.readouterr().out
+    assert cli_main(["build", "--dataset", "biwi", "--protocol", "none", "--root", str(root), "--out",
+                     str(tmp_path / "gt"), "--no-progress"]) == 0
+    assert "biwi, protocol none, boxes: gt, crop: square" in capsys.readouterr().out  # no tracking of gt boxes
+
+
 def test_verify_clean_build_has_no_problems(aflw_build, capsys):
     out, manifest = aflw_build
     for decode in (True, False):
