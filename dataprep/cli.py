@@ -42,7 +42,7 @@ def _add_build(sub) -> None:
                    help="face boxes: gt (from the labels) or a detector; default: the protocol's (mtcnn for BIWI in "
                         "protocols 1 and 2, gt otherwise)")
     p.add_argument("--biwi-tracking", choices=("none", "previous"), default=None,
-                   help="BIWI detector box rules of FSA-Net; default: protocol 1 none, protocol 2 and none previous")
+                   help="BIWI detector box rules of FSA-Net; default: none under protocol 1, previous under protocols 2 and none")
     p.add_argument("--crop-rule", choices=sorted(CROP_RULES), default="square", help="crop window rule (default square)")
     p.add_argument("--margin", type=float, default=0.0,
                    help="extra context around a square crop, fraction of its side per side (default 0)")
