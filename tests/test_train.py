@@ -367,6 +367,15 @@ def test_cli_errors_are_clear(shards, tmp_path, capsys):
         with pytest.raises(SystemExit) as exc:
             main(["train", "--model", "ehpnet", "--train", shards.four, *zero, "--out", str(ckpt)])
         assert exc.value.code == 2 and "give 1 or more" in capsys.readouterr().err
+    # a learning rate or loss weight torch would take as a traceback ("Invalid learning rate") or
+    # silently (0, inf: weights that never move or turn NaN): refused by argparse, naming the option
+    for option, value, says in (("--lr", "-1", "give 0 or more"), ("--lr", "nan", "give 0 or more"),
+                                ("--lr", "0", "give a finite number above 0"), ("--lr", "inf", "give a finite number above 0"),
+                                ("--alpha", "-2", "give 0 or more"), ("--kd-weight", "nan", "give 0 or more"),
+                                ("--kd-weight", "inf", "give a finite number, 0 or more")):
+        with pytest.raises(SystemExit) as exc:
+            main(["train", "--model", "ehpnet", "--train", shards.four, "--steps", "1", option, value, "--out", str(ckpt)])
+        assert exc.value.code == 2 and f"argument {option}: {value}: {says}" in capsys.readouterr().err
     for command in (["train", "--model", "ehpnet", "--train", shards.four, "--steps", "1", "--out", str(ckpt)],
                     ["eval", "--ckpt", str(ckpt), "--data", shards.val]):
         with pytest.raises(SystemExit) as exc:

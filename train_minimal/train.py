@@ -48,7 +48,7 @@ import torch
 from torch import nn
 
 from dataprep import devices
-from dataprep.argtypes import int_at_least
+from dataprep.argtypes import finite_number_at_least, int_at_least, positive_number
 from dataprep.devices import DEVICE_FORMS, parse_device
 from dataprep.errors import INTERRUPTED, NOT_DONE, first_line, report_crash
 from dataprep.loader import BadSample, NoSamples, UnreadableShard, shard_error_line
@@ -64,6 +64,8 @@ from .outputs import check_run_folder, load_checkpoint, save_epoch
 #: 0 steps, 0 epochs or batches of 0 are mistakes; 0 DataLoader workers read in the main process.
 _positive_int = int_at_least(1, "give 1 or more")
 _non_negative_int = int_at_least(0, "give 0 (read in the main process) or more")
+#: Loss weights: 0 switches a term off; a negative, NaN or infinite one is a mistake.
+_loss_weight = finite_number_at_least(0.0)
 
 
 def _device(text: str) -> str:
@@ -517,10 +519,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=_positive_int, help="per process (default: the model's)")
     t.add_argument("--device", type=_device, default="auto", help="auto (a GPU when torch sees one, else cpu) | cpu | cuda | cuda:N | mps (default auto)")
     t.add_argument("--out", required=True, help="output folder")
-    t.add_argument("--lr", type=float, help="learning rate (default: the paper's)")
-    t.add_argument("--alpha", type=float, help="regression weight of bin-classification losses (Hopenet: 1 or 2)")
+    t.add_argument("--lr", type=positive_number, help="learning rate (default: the paper's)")
+    t.add_argument("--alpha", type=_loss_weight, help="regression weight of bin-classification losses (Hopenet: 1 or 2)")
     t.add_argument("--teachers", help="comma-separated teacher checkpoints (knowledge distillation)")
-    t.add_argument("--kd-weight", type=float, help="distillation weight (default: the model's)")
+    t.add_argument("--kd-weight", type=_loss_weight, help="distillation weight (default: the model's)")
     t.add_argument("--pretrained", default="auto", help="none | auto (ImageNet backbone weights via torchvision/timm, for the models with such a backbone) | PATH (default auto)")
     t.add_argument("--workers", type=_non_negative_int, default=min(4, os.cpu_count() or 1),
                    help="DataLoader workers (default: min(4, cores); 0: read in the main process)")
