@@ -389,6 +389,17 @@ def test_cli_errors_are_clear(shards, tmp_path, capsys):
     not_a_checkpoint.write_bytes(Path(shards.four).read_bytes()[:4096])
     with pytest.raises(SystemExit, match=r"^python -m train_minimal [a-z-]+: error: .*not_a_checkpoint\.pt is not a checkpoint torch can read"):
         main(["eval", "--ckpt", str(not_a_checkpoint), "--data", shards.val, "--device", "cpu"])
+    # a bare state dict of another model than --model: one line, not torch's key list as a crash;
+    # as a teacher (--model names the student) it is refused for naming no model
+    bare = tmp_path / "bare_fsanet_var.pt"
+    torch.save(registry.get("fsanet_var").build(None).state_dict(), bare)
+    with pytest.raises(SystemExit, match=r"^python -m train_minimal eval: error: checkpoint .*bare_fsanet_var\.pt does "
+                                         r"not hold ssrnet_md's weights \(.*; pass the --model it was trained as$"):
+        main(["eval", "--ckpt", str(bare), "--model", "ssrnet_md", "--data", shards.val, "--device", "cpu"])
+    with pytest.raises(SystemExit, match=r"^python -m train_minimal train: error: teacher .*bare_fsanet_var\.pt is a bare "
+                                         r"state dict, which does not name its model"):
+        main(["train", "--model", "ehpnet", "--train", shards.four, "--steps", "1", "--out", str(ckpt),
+              "--workers", "0", "--device", "cpu", "--teachers", str(bare)])
     with pytest.raises(SystemExit, match=r"is a folder; give its checkpoint\.pt"):
         main(["eval", "--ckpt", str(tmp_path), "--data", shards.val, "--device", "cpu"])
     # --pretrained files that cannot be used: one line naming the file, for every way models load them

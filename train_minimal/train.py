@@ -127,7 +127,10 @@ def parse_val(items: list[str] | None) -> dict[str, str]:
     return out
 
 
-def model_from_checkpoint(ckpt: dict, name: str | None = None, device=torch.device("cpu")):
+def model_from_checkpoint(ckpt: dict, name: str | None = None, device=torch.device("cpu"), *,
+                          where: str = "the checkpoint"):
+    """The spec, model and input size of a checkpoint (``name``: ``--model``, needed for a bare state
+    dict); weights of another model are one error line calling the file ``where``."""
     ck_name = ckpt.get("model")
     if name and ck_name and name != ck_name:
         raise SystemExit(f"error: checkpoint holds model {ck_name!r}, not {name!r}: drop --model (the checkpoint "
@@ -138,7 +141,16 @@ def model_from_checkpoint(ckpt: dict, name: str | None = None, device=torch.devi
     spec = registry.get(name)
     input_size = int((ckpt.get("args") or {}).get("input_size") or spec.input_size)
     model = build_model(spec, None, input_size)
-    model.load_state_dict(ckpt["state_dict"])
+    state, own = ckpt["state_dict"], model.state_dict()
+    missing = [k for k in own if k not in state]
+    extra = [k for k in state if k not in own]
+    reshaped = [k for k in state if k in own and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or extra or reshaped:  # torch's RuntimeError lists every key, as a crash
+        example = (reshaped or missing or extra)[0]
+        raise SystemExit(f"error: {where} does not hold {name}'s weights ({len(missing)} of its tensors missing, "
+                         f"{len(extra)} extra, {len(reshaped)} of another shape, e.g. {example})"
+                         + ("" if ck_name else "; pass the --model it was trained as"))
+    model.load_state_dict(state)
     return spec, model.to(device), input_size
 
 
@@ -171,9 +183,12 @@ def _load_teachers(paths: list[str], spec, input_size: int, device: torch.device
     teachers = []
     for path in paths:
         ckpt = load_checkpoint(path, "--teachers checkpoint")
+        if not ckpt.get("model"):  # --model names the student: a teacher must name its own model
+            raise SystemExit(f"error: teacher {path} is a bare state dict, which does not name its model; give the "
+                             "checkpoint.pt of a train run of the teacher")
         # building a teacher draws initial weights; the student's own must not depend on them
         with torch.random.fork_rng(devices=[]):
-            tspec, teacher, t_size = model_from_checkpoint(ckpt, device=device)
+            tspec, teacher, t_size = model_from_checkpoint(ckpt, device=device, where=f"teacher {path}")
         if tspec.normalize != spec.normalize or t_size != input_size:
             raise SystemExit(f"error: teacher {path} ({tspec.name}, {t_size}px, {tspec.normalize}) does not take "
                              f"the student's input ({input_size}px, {spec.normalize})")
@@ -440,7 +455,7 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     device = resolve_device(args.device)
     ckpt = load_checkpoint(args.ckpt)
-    spec, model, input_size = model_from_checkpoint(ckpt, args.model, device)
+    spec, model, input_size = model_from_checkpoint(ckpt, args.model, device, where=f"checkpoint {args.ckpt}")
     cuda = device.type == "cuda"
     if cuda:
         model = model.to(memory_format=torch.channels_last)
