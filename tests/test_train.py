@@ -483,6 +483,21 @@ def test_a_run_folder_of_another_model_is_not_overwritten(shards, tmp_path, caps
         main(["eval", "--model", "hopenet", "--ckpt", str(out / "checkpoint.pt"), "--data", shards.val, "--device", "cpu"])
 
 
+def test_a_diverging_run_stops_before_saving_nan_weights(shards, tmp_path):
+    # it saved NaN weights over the last checkpoint and exited 0 (only 'MAE nan' in the log, if a --val)
+    args = ["--model", "ssrnet_md", "--train", shards.four, "--batch-size", "2", "--pretrained", "none",
+            "--workers", "0", "--device", "cpu"]
+    with pytest.raises(SystemExit, match=r"^python -m train_minimal train: error: training diverged in epoch 1: the "
+                                         r"training loss became nan at step \d \(a lower --lr\?\)$"):
+        main(["train", *args, "--epochs", "2", "--lr", "1e30", "--out", str(tmp_path / "fresh")])
+    assert not (tmp_path / "fresh").exists()
+    out = tmp_path / "run"
+    main(["train", *args, "--steps", "1", "--out", str(out)])
+    before = (out / "checkpoint.pt").read_bytes(), (out / "metrics.json").read_bytes()
+    with pytest.raises(SystemExit, match="training diverged in epoch 1"):
+        main(["train", *args, "--epochs", "2", "--lr", "1e30", "--out", str(out)])
+    assert ((out / "checkpoint.pt").read_bytes(), (out / "metrics.json").read_bytes()) == before
+
 def test_python_m_train_minimal_params():
     res = subprocess.run([sys.executable, "-m", "train_minimal", "params", "--model", "mnn"], cwd=REPO,
                          capture_output=True, text=True, timeout=120)

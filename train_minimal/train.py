@@ -27,7 +27,8 @@ Training
   with ``torch.load(weights_only=True)``), ``metrics.json`` (the run's settings, the learning rates
   used among them: ``lr`` the base rate, ``param_group_lrs`` each parameter group's; per epoch: train
   loss, the learning rates as scheduled, per validation set MAE yaw/pitch/roll/mean; per step: the
-  loss), ``curves.png``.
+  loss), ``curves.png``. An epoch ending with a NaN or infinite loss or weights (diverged) stops the
+  run with an error line before they are saved.
 * ``--input-size`` overrides the model's input size (smoke tests on small CPUs; the papers' sizes
   are the defaults). It is stored in the checkpoint and ``eval`` uses it.
 """
@@ -423,13 +424,25 @@ def cmd_train(args) -> int:
         epoch += 1
         t_epoch = time.time()
         losses, step, done = _train_epoch(model, train_loader, train_step, step, args.steps)
-        if not losses:
+        def stop(line: str) -> SystemExit:
             if made_out and not any(out_dir.iterdir()):
                 out_dir.rmdir()  # made by this run, nothing written: leave no empty folder
-            raise SystemExit(f"error: epoch {epoch} gave no training batch (fewer samples than --batch-size "
-                             f"{batch_size} per loader worker?)")
+            return SystemExit(line)
+
+        if not losses:
+            raise stop(f"error: epoch {epoch} gave no training batch (fewer samples than --batch-size "
+                       f"{batch_size} per loader worker?)")
         step_losses = torch.stack(losses).float()
         epoch_loss = ranks.mean(step_losses.mean())
+        # diverged: stop before NaN weights replace the last checkpoint. The loss is every rank's mean
+        # and the weights are the same on every rank, so all ranks stop together.
+        if not torch.isfinite(epoch_loss) or not all(bool(t.isfinite().all()) for t in module.state_dict().values()
+                                                     if t.is_floating_point()):
+            bad = (~torch.isfinite(step_losses)).nonzero()
+            what = (f"the training loss became {float(step_losses[bad[0]])} at step {step - len(losses) + 1 + int(bad[0])}"
+                    if len(bad) else "the weights became NaN or infinite")
+            kept = f"; {out_dir / 'checkpoint.pt'} holds epoch {epoch - 1}'s weights" if epoch > 1 else ""
+            raise stop(f"error: training diverged in epoch {epoch}: {what} (a lower --lr?){kept}")
         if args.epochs is not None and epoch >= args.epochs:
             done = True
         if ranks.is_main:
