@@ -662,6 +662,10 @@ def test_convert_fsanet_errors_are_one_line(tmp_path):
     fake.write_text("not an HDF5 file\n")
     with pytest.raises(SystemExit, match=r"^python -m train_minimal [a-z-]+: error: .*fake\.h5 is not an HDF5 file h5py can read \([^\n]*\)" + what):
         main(["convert-fsanet", str(fake), str(out)])
+    # an output that is a folder: torch.save's 'Is a directory' was reported as 'cannot convert fake.h5'
+    with pytest.raises(SystemExit, match=r"^python -m train_minimal [a-z-]+: error: .* is a folder; give the checkpoint "
+                                         r"file to write, e.g. .*fsanet\.pt$"):
+        main(["convert-fsanet", str(fake), str(tmp_path)])
     other = tmp_path / "other.h5"
     with h5py.File(other, "w") as f:
         f.create_dataset("group/layer/weight:0", data=[1.0, 2.0])

@@ -513,6 +513,9 @@ def cmd_convert_fsanet(args) -> int:
             "files (1x1, var, w/o: converts to fsanet_fusion)")
     if not src.exists():
         raise SystemExit(f"error: {src} not found; {what}")
+    if Path(args.out).is_dir():  # torch.save's error would blame the .h5 ("cannot convert")
+        raise SystemExit(f"error: {args.out} is a folder; give the checkpoint file to write, e.g. "
+                         f"{Path(args.out) / 'fsanet.pt'}")
     try:
         summary = convert(src, args.out)
     except ImportError as err:
