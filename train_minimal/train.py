@@ -27,8 +27,8 @@ Training
   with ``torch.load(weights_only=True)``), ``metrics.json`` (the run's settings, the learning rates
   used among them: ``lr`` the base rate, ``param_group_lrs`` each parameter group's; per epoch: train
   loss, the learning rates as scheduled, per validation set MAE yaw/pitch/roll/mean; per step: the
-  loss), ``curves.png``. An epoch ending with a NaN or infinite loss or weights (diverged) stops the
-  run with an error line before they are saved.
+  loss), ``curves.png``. An epoch ending with NaN or infinite weights (diverged) stops the run with
+  an error line before they are saved.
 * ``--input-size`` overrides the model's input size (smoke tests on small CPUs; the papers' sizes
   are the defaults). It is stored in the checkpoint and ``eval`` uses it.
 """
@@ -434,10 +434,10 @@ def cmd_train(args) -> int:
                        f"{batch_size} per loader worker?)")
         step_losses = torch.stack(losses).float()
         epoch_loss = ranks.mean(step_losses.mean())
-        # diverged: stop before NaN weights replace the last checkpoint. The loss is every rank's mean
-        # and the weights are the same on every rank, so all ranks stop together.
-        if not torch.isfinite(epoch_loss) or not all(bool(t.isfinite().all()) for t in module.state_dict().values()
-                                                     if t.is_floating_point()):
+        # diverged: stop before NaN weights replace the last checkpoint. The weights, the same on every
+        # rank, decide (all ranks stop together): a float16 step with a non-finite loss that the
+        # GradScaler skipped leaves them finite, and the run goes on.
+        if not all(bool(t.isfinite().all()) for t in module.state_dict().values() if t.is_floating_point()):
             bad = (~torch.isfinite(step_losses)).nonzero()
             what = (f"the training loss became {float(step_losses[bad[0]])} at step {step - len(losses) + 1 + int(bad[0])}"
                     if len(bad) else "the weights became NaN or infinite")
