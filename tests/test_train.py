@@ -376,6 +376,13 @@ def test_cli_errors_are_clear(shards, tmp_path, capsys):
         with pytest.raises(SystemExit) as exc:
             main(["train", "--model", "ehpnet", "--train", shards.four, "--steps", "1", option, value, "--out", str(ckpt)])
         assert exc.value.code == 2 and f"argument {option}: {value}: {says}" in capsys.readouterr().err
+    # settings the run would drop without a word (metrics.json then said alpha/kd_weight null)
+    with pytest.raises(SystemExit, match=r"^python -m train_minimal train: error: --alpha: fsanet_var's loss has no "
+                                         r"regression weight \(it is for ehpnet, .*hopenet, whenet\)$"):
+        main(["train", "--model", "fsanet_var", "--train", shards.four, "--steps", "1", "--alpha", "2", "--out", str(ckpt)])
+    with pytest.raises(SystemExit, match=r"^python -m train_minimal train: error: --kd-weight weights the distillation "
+                                         r"from --teachers: give --teachers too$"):
+        main(["train", "--model", "ehpnet", "--train", shards.four, "--steps", "1", "--kd-weight", "5", "--out", str(ckpt)])
     for command in (["train", "--model", "ehpnet", "--train", shards.four, "--steps", "1", "--out", str(ckpt)],
                     ["eval", "--ckpt", str(ckpt), "--data", shards.val]):
         with pytest.raises(SystemExit) as exc:

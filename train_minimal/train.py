@@ -355,6 +355,13 @@ def cmd_train(args) -> int:
         raise SystemExit("error: give exactly one of --epochs N or --steps N")
 
     spec = registry.get(args.model)
+    teacher_paths = [t.strip() for t in (args.teachers or "").split(",") if t.strip()]
+    # options this run would ignore (and metrics.json record as unset): refused, not dropped
+    if args.alpha is not None and not accepts(spec.loss, "alpha"):
+        takers = ", ".join(n for n in registry.names() if accepts(registry.get(n).loss, "alpha"))
+        raise SystemExit(f"error: --alpha: {spec.name}'s loss has no regression weight (it is for {takers})")
+    if args.kd_weight is not None and not teacher_paths:
+        raise SystemExit("error: --kd-weight weights the distillation from --teachers: give --teachers too")
     if ranks.is_main:
         check_run_folder(out_dir, spec.name)
     input_size = int(args.input_size or spec.input_size)
@@ -373,7 +380,6 @@ def cmd_train(args) -> int:
 
     # Teachers (knowledge distillation), read before the student is built: a wrong teacher path fails
     # before any weights are fetched
-    teacher_paths = [t.strip() for t in (args.teachers or "").split(",") if t.strip()]
     teachers = _load_teachers(teacher_paths, spec, input_size, device, channels_last)
     kd_kwargs = {}
     if teachers and "kd_weight" in spec.defaults and accepts(spec.distill, "weight"):
