@@ -488,6 +488,16 @@ def test_a_run_folder_of_another_model_is_not_overwritten(shards, tmp_path, caps
     with pytest.raises(SystemExit, match=r"checkpoint holds model 'ssrnet_md', not 'hopenet': drop --model .*or "
                                          r"pass --model ssrnet_md"):
         main(["eval", "--model", "hopenet", "--ckpt", str(out / "checkpoint.pt"), "--data", shards.val, "--device", "cpu"])
+    # a checkpoint.pt no run's metrics.json describes (convert-fsanet's, say) was replaced without a word
+    converted = tmp_path / "converted"
+    converted.mkdir()
+    torch.save({"format": "fsanet-keras", "model": "fsanet_var", "state_dict": {}}, converted / "checkpoint.pt")
+    before = (converted / "checkpoint.pt").read_bytes()
+    with pytest.raises(SystemExit, match=r"^python -m train_minimal train: error: --out .*converted holds a checkpoint\.pt "
+                                         r"that no run's metrics\.json there describes; training ssrnet_md there"):
+        main(["train", "--model", "ssrnet_md", "--train", shards.four, "--steps", "1", "--batch-size", "2", "--out", str(converted),
+              "--pretrained", "none", "--workers", "0", "--device", "cpu"])
+    assert (converted / "checkpoint.pt").read_bytes() == before
 
 
 def test_a_diverging_run_stops_before_saving_nan_weights(shards, tmp_path):

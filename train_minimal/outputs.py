@@ -35,7 +35,8 @@ def load_checkpoint(path: str, what: str = "checkpoint") -> dict:
 def check_run_folder(out: Path, model_name: str) -> None:
     """Refuse an ``--out`` a training run cannot use, before any data is read: a file (or a path
     under one), or a folder holding another model's run (its ``metrics.json``), which this run's
-    files would replace. A run of the same model there is replaced, as a rerun expects (said so)."""
+    files would replace, or a ``checkpoint.pt`` without a run's ``metrics.json`` (converted weights). A
+    run of the same model there is replaced, as a rerun expects (said so)."""
     for path in (out, *out.parents):
         if path.exists():
             if not path.is_dir():
@@ -46,7 +47,10 @@ def check_run_folder(out: Path, model_name: str) -> None:
     try:
         held = json.loads((out / "metrics.json").read_text()).get("model")
     except (OSError, ValueError, AttributeError):
-        return
+        held = None
+    if not held and (out / "checkpoint.pt").exists():  # converted weights, say, or a run's without its metrics
+        raise SystemExit(f"error: --out {out} holds a checkpoint.pt that no run's metrics.json there describes; "
+                         f"training {model_name} there would replace it: give another --out, or move it away first")
     if held and held != model_name:
         raise SystemExit(f"error: --out {out} holds a {held} run (checkpoint.pt, metrics.json); training {model_name} "
                          "there would replace it: give another --out, or move those files away first")
