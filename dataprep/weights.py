@@ -1,5 +1,6 @@
 """Saved PyTorch weights, as training scripts leave them: one place that reads such a file
-(:func:`load_torch_file`) and finds the state dict in it (:func:`unwrap_state_dict`), for
+(:func:`load_torch_file`), finds the state dict in it (:func:`unwrap_state_dict`) and says what
+keeps it from fitting a network (:func:`state_dict_misfit`), for
 RetinaFace's detector weights and ``train_minimal``'s ``--pretrained`` files and checkpoints."""
 from __future__ import annotations
 
@@ -71,3 +72,21 @@ def unwrap_state_dict(obj: Any, prefixes: tuple[str, ...] = ("module.",)) -> dic
                 state = {k[len(prefix):]: v for k, v in state.items()}
                 stripped = True
     return state
+
+
+def state_dict_misfit(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> str:
+    """What keeps ``state`` from loading into a network whose state dict is ``own``, in one line
+    with a few keys of each kind (torch's own message lists every key: thousands of characters
+    for another model's file); "" when it fits. RetinaFace's weights and ``train_minimal``'s
+    checkpoints and teachers are checked with it."""
+    def some(keys: list[str]) -> str:
+        return ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else "")
+
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    reshaped = [f"{k} {tuple(v.shape)} instead of {tuple(own[k].shape)}"
+                for k, v in state.items() if k in own and v.shape != own[k].shape]
+    parts = [what.format(len(keys)) + f" ({some(keys)})" for what, keys in (
+        ("it lacks {} of the network's tensors", missing), ("it holds {} the network does not have", unexpected),
+        ("{} of another shape", reshaped)) if keys]
+    return "; ".join(parts)

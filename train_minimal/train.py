@@ -53,6 +53,7 @@ from dataprep.argtypes import finite_number_at_least, int_at_least, positive_num
 from dataprep.devices import DEVICE_FORMS, parse_device
 from dataprep.errors import INTERRUPTED, NOT_DONE, first_line, report_crash
 from dataprep.loader import BadSample, NoSamples, UnreadableShard, shard_error_line
+from dataprep.weights import state_dict_misfit
 
 from . import registry
 from .data import EMPTY_SHARDS_HINT, crop_room_warning, epoch_steps, make_loader, prepare_batch, shard_set
@@ -142,14 +143,10 @@ def model_from_checkpoint(ckpt: dict, name: str | None = None, device=torch.devi
     spec = registry.get(name)
     input_size = int((ckpt.get("args") or {}).get("input_size") or spec.input_size)
     model = build_model(spec, None, input_size)
-    state, own = ckpt["state_dict"], model.state_dict()
-    missing = [k for k in own if k not in state]
-    extra = [k for k in state if k not in own]
-    reshaped = [k for k in state if k in own and tuple(state[k].shape) != tuple(own[k].shape)]
-    if missing or extra or reshaped:  # torch's RuntimeError lists every key, as a crash
-        example = (reshaped or missing or extra)[0]
-        raise SystemExit(f"error: {where} does not hold {name}'s weights ({len(missing)} of its tensors missing, "
-                         f"{len(extra)} extra, {len(reshaped)} of another shape, e.g. {example})"
+    state = ckpt["state_dict"]
+    misfit = state_dict_misfit(model.state_dict(), state)
+    if misfit:  # torch's RuntimeError lists every key, as a crash
+        raise SystemExit(f"error: {where} does not hold {name}'s weights ({misfit})"
                          + ("" if ck_name else "; pass the --model it was trained as"))
     model.load_state_dict(state)
     return spec, model.to(device), input_size

@@ -42,7 +42,7 @@ from retinaface.network import RetinaFace
 from retinaface.prior_box import priorbox
 
 from ..devices import resolve_device
-from ..weights import TorchFileError, load_torch_file, unwrap_state_dict
+from ..weights import TorchFileError, load_torch_file, state_dict_misfit, unwrap_state_dict
 from .base import Detection, Detector, DetectorWeightsError, make_fingerprint
 
 #: From retinaface/pre_trained_models.py (that module imports albumentations, so it is not imported).
@@ -163,30 +163,13 @@ def load_weights(net: nn.Module, path: Path) -> str:
     for key in own:
         if key.endswith(".num_batches_tracked") and key not in state:
             state[key] = own[key]
-    misfit = _misfit(own, state)
+    misfit = state_dict_misfit(own, state)
     if misfit:
         raise DetectorWeightsError(
             _missing_weights_message(f"{label} does not fit the RetinaFace-ResNet50 network: {misfit}")
         )
     net.load_state_dict(state, strict=True)
     return hashlib.sha256(payload).hexdigest()
-
-
-def _misfit(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> str:
-    """What keeps ``state`` from loading into a network whose state dict is ``own``, in one line
-    with a few keys of each kind (torch's own message lists every key: thousands of characters
-    for another model's file); "" when it fits."""
-    def some(keys: list[str]) -> str:
-        return ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else "")
-
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    reshaped = [f"{k} {tuple(v.shape)} instead of {tuple(own[k].shape)}"
-                for k, v in state.items() if k in own and v.shape != own[k].shape]
-    parts = [what.format(len(keys)) + f" ({some(keys)})" for what, keys in (
-        ("it lacks {} of the network's tensors", missing), ("it holds {} the network does not have", unexpected),
-        ("{} of another shape", reshaped)) if keys]
-    return "; ".join(parts)
 
 
 class RetinaFaceDetector(Detector):
