@@ -25,7 +25,6 @@ from itertools import groupby
 from pathlib import Path
 from typing import Callable, Iterator
 
-import numpy as np
 from tqdm.auto import tqdm
 
 from . import codec
@@ -49,21 +48,6 @@ def _read(path: Path) -> tuple[str | None, bytes | None]:
     except OSError:
         return None, None
     return image_key_from_bytes(data), data
-
-
-#: Pictures past this many pixels are not decoded for detection (the datasets' are 640 x 480 at
-#: most): a huge picture in a small file would take GBs; the shard worker rejects it by its size.
-MAX_DETECT_PIXELS = 64_000_000
-
-
-def _decode(data: bytes) -> np.ndarray | None:
-    """RGB image, or None when the bytes do not decode, are a damaged JPEG or PNG, or say they hold
-    more than :data:`MAX_DETECT_PIXELS` (the shard worker reads such files and rejects them for
-    what they are)."""
-    size = codec.header_size(data)
-    if size is not None and size[0] * size[1] > MAX_DETECT_PIXELS:
-        return None
-    return codec.decode_rgb_checked(data)[0]
 
 
 def _return_freed_memory() -> None:
@@ -116,7 +100,7 @@ def detect_all(refs: list[SampleRef], root: Path, detector, cache: DetectionCach
         if want is not None and codec.header_size(data) not in (None, tuple(want)):
             return None, None, None
         hit = cache.get(key, fingerprint) if cache else None
-        return (key, hit, None) if hit is not None else (key, None, _decode(data))
+        return (key, hit, None) if hit is not None else (key, None, codec.decode_rgb_capped(data))
 
     own_bar = bar is None
     if own_bar:

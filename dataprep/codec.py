@@ -29,7 +29,8 @@ import numpy as np
 import simplejpeg
 
 __all__ = ["decode_bgr", "decode_rgb", "decode_rgb_checked", "decode_cv2", "encode_jpeg_rgb", "encode_png", "is_jpeg",
-           "damaged_png", "png_damage", "header_size"]
+           "damaged_png", "png_damage", "header_size",
+           "decode_rgb_capped", "MAX_DECODE_PIXELS"]
 
 _SOI = b"\xff\xd8"
 _CV2_FLAGS = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
@@ -165,6 +166,21 @@ def decode_rgb_checked(data: bytes) -> tuple[np.ndarray | None, str | None]:
         return None, damage
     with _opencv_quiet():  # its complaints (a truncated BMP or TIFF) name no file; the reader's message will
         return _decode_cv2_rgb(data, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION), None
+
+
+#: Pictures past this many pixels are not decoded by :func:`decode_rgb_capped` (the datasets' are
+#: 640 x 480 at most): a huge picture in a small file would take GBs; the readers reject it by its size.
+MAX_DECODE_PIXELS = 64_000_000
+
+
+def decode_rgb_capped(data: bytes) -> np.ndarray | None:
+    """:func:`decode_rgb_checked`'s image, or None when the bytes do not decode, are damaged, or
+    their header says more than :data:`MAX_DECODE_PIXELS` (then they are not decoded at all): how
+    the box stage and the audit read raw pictures that the readers check again."""
+    size = header_size(data)
+    if size is not None and size[0] * size[1] > MAX_DECODE_PIXELS:
+        return None
+    return decode_rgb_checked(data)[0]
 
 
 @contextlib.contextmanager

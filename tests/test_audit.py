@@ -330,7 +330,7 @@ def test_raw_pictures_past_the_size_limit_are_not_decoded(sample_tree, tmp_path,
 
     from dataprep import codec
     from dataprep.audit import pictures as pics
-    from dataprep.box_stage import MAX_DETECT_PIXELS
+    from dataprep.codec import MAX_DECODE_PIXELS
 
     root = tmp_path / "AFLW2000"
     shutil.copytree(sample_tree / "AFLW2000", root)
@@ -350,7 +350,7 @@ def test_raw_pictures_past_the_size_limit_are_not_decoded(sample_tree, tmp_path,
     monkeypatch.setattr(codec, "decode_rgb_checked", lambda data: decoded.append(codec.header_size(data)) or decode(data))
     run_audit(out, tmp_path / "report", per_flag=6)
     assert (10000, 10000) not in decoded and decoded
-    assert all(w * h <= MAX_DETECT_PIXELS for w, h in decoded)
+    assert all(w * h <= MAX_DECODE_PIXELS for w, h in decoded)
     assert (tmp_path / "report" / "sheets" / "rejected.png").is_file()
     shown = pics.rejected_sheet_row(pics.Row({"key": "k", "source": jpgs[1].name}, [], {}), root)
     assert max(shown.view.image.shape[:2]) == 3 * pics.THUMB

@@ -168,7 +168,7 @@ def test_the_box_stage_does_not_decode_a_picture_bigger_than_any_dataset_frame(m
     from dataprep import codec
 
     png = bytearray(cv2.imencode(".png", np.zeros((480, 640, 3), np.uint8))[1].tobytes())
-    assert box_stage._decode(bytes(png)).shape == (480, 640, 3)
+    assert codec.decode_rgb_capped(bytes(png)).shape == (480, 640, 3)
     png[16:24] = struct.pack(">II", 20000, 20000)
     png[29:33] = struct.pack(">I", zlib.crc32(bytes(png[12:29])))
 
@@ -176,7 +176,7 @@ def test_the_box_stage_does_not_decode_a_picture_bigger_than_any_dataset_frame(m
         raise AssertionError("decoded")
 
     monkeypatch.setattr(codec, "decode_rgb_checked", no_decoding)
-    assert box_stage._decode(bytes(png)) is None
+    assert codec.decode_rgb_capped(bytes(png)) is None
 
 
 def test_resumed_tracking_build_follows_a_fixed_frame_through_its_sequence(sample_tree, tmp_path):

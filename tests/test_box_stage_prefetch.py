@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dataprep import box_stage
+from dataprep import box_stage, codec
 from dataprep.datasets import get_reader
 from dataprep.detectors import Detection, DetectionCache
 
@@ -28,13 +28,13 @@ class FakeDetector:
 
 def _counting_decode(monkeypatch) -> list:
     decoded: list = []
-    real = box_stage._decode
+    real = codec.decode_rgb_capped
 
     def decode(data):
         decoded.append(1)
         return real(data)
 
-    monkeypatch.setattr(box_stage, "_decode", decode)
+    monkeypatch.setattr(codec, "decode_rgb_capped", decode)
     return decoded
 
 

@@ -118,10 +118,8 @@ def thumbnail(image: np.ndarray | None, size: int = THUMB) -> np.ndarray | None:
 def raw_image(raw_root: Path | None, source: str, size=None) -> np.ndarray | None:
     """The raw image as the build read it, or None. Its header's size is checked before decoding,
     as the build checks it: a file of another size than ``size`` (the record's ``(w, h)``; None for
-    a rejected sample), or one past ``MAX_DETECT_PIXELS``, is not decoded (a huge picture in a
+    a rejected sample), or one past ``codec.MAX_DECODE_PIXELS``, is not decoded (a huge picture in a
     small file, rejected by the build unread, would take GBs here)."""
-    from ..box_stage import MAX_DETECT_PIXELS
-
     if raw_root is None or not source:
         return None
     try:
@@ -129,9 +127,9 @@ def raw_image(raw_root: Path | None, source: str, size=None) -> np.ndarray | Non
     except OSError:  # missing, unreadable, not a regular file: the stored crop is shown instead
         return None
     header = codec.header_size(data)
-    if header is not None and (header[0] * header[1] > MAX_DETECT_PIXELS or size is not None and header != tuple(size)):
+    if size is not None and header is not None and header != tuple(size):
         return None
-    image = codec.decode_rgb_checked(data)[0]
+    image = codec.decode_rgb_capped(data)
     if image is not None and size is not None and [image.shape[1], image.shape[0]] != list(size):
         return None
     return image
