@@ -26,7 +26,7 @@ from .datasets import get_reader
 from .devices import parse_device
 from .errors import first_line
 from .pipeline import (DECISIONS_SUFFIX, LOCK_FILE, PROGRESS_DIR, RESULT_SUFFIX, Settings, ShardTask, TRAINING_SPLITS, is_eval_split,
-                       lock_holder, progress_file, run_shard)
+                       lock_holder, lock_token_fields, progress_file, run_shard)
 from .processes import children_without_ctrl_c, pid_alive, process_start
 from .records import SampleRef, keys_apart_from_variants
 from .shards import (INFO_FILE, MANIFEST, TMP_SUFFIX, dumps_json, final_name, folder_filesystem, is_shard_file,
@@ -612,7 +612,7 @@ def _out_lock(fs, base: str):
                          "lock, or the file is not dataprep's; if no build is writing to this folder, delete it and "
                          "run this command again")
     if holder:
-        their_host, pid, start = (holder.split(":") + ["", "", ""])[:3]
+        their_host, pid, start = lock_token_fields(holder)
         if their_host != host:
             raise BuildError(f"a dataprep build on {their_host} (pid {pid}) is writing to {base}; if it is no longer "
                              f"running, delete {path} and run this command again")

@@ -22,8 +22,8 @@ from .augment import key_rng
 from .crop import crop_and_resize
 from .datasets import get_reader
 from .datasets.common import display_path, non_utf8_name_problem, printable
-from .processes import end_with_build
 from .detectors.tracking import MATCH_IOU
+from .processes import end_with_build
 from .records import RawSample, SampleError, SampleRef
 from .shards import ShardWriter, dumps_json, write_json
 
@@ -86,6 +86,12 @@ LOCK_FILE = ".dataprep.lock"
 class LockLost(RuntimeError):
     """A shard worker whose build no longer holds ``--out`` (stopped, and another build took the
     folder over): it writes nothing more."""
+
+
+def lock_token_fields(token: str) -> tuple[str, str, str]:
+    """``(host, pid, start)`` of a build lock's token ``host:pid:start:random`` ("" for a field
+    the token lacks: older versions wrote ``host:pid:random``, tests write a plain word)."""
+    return tuple((token.split(":") + ["", "", ""])[:3])
 
 
 def lock_holder(fs, base: str) -> str | None:
@@ -292,9 +298,9 @@ def run_shard(task: ShardTask, settings: Settings, root: str, out: str) -> dict:
                            "(it was stopped, and another build took --out over): not written")
 
     check_owner()
-    build_pid = (task.owner or "").split(":")[1:2]  # the lock token's host:PID:...
-    if build_pid and build_pid[0].isdigit():  # a loky worker process ends with its build
-        end_with_build(int(build_pid[0]))
+    build_pid = lock_token_fields(task.owner or "")[1]
+    if build_pid.isdigit():  # a loky worker process ends with its build
+        end_with_build(int(build_pid))
     fingerprint = settings.fingerprint()
     decisions = load_decisions(fs, task, fingerprint)
     path = posixpath.join(base, task.name)

@@ -68,7 +68,6 @@ def end_with_build(build_pid: int, poll_s: float = 1.0) -> None:
     threading.Thread(target=watch, name="dataprep-end-with-build", daemon=True).start()
 
 
-
 @contextmanager
 def children_without_ctrl_c():
     """Processes started in this block ignore Ctrl-C, and so do theirs: SIGINT is ignored while it
