@@ -74,21 +74,36 @@ def read_manifest(path: Path) -> dict:
     return data
 
 
+def _split_names_problem(names) -> str | None:
+    """Split names that cannot start shard file names (nothing that leaves --out or makes a
+    folder), said in a phrase; None when all can. Manifests and --split-file alike."""
+    bad = [k for k in names if not SPLIT_NAME.fullmatch(k)]
+    if bad:
+        return (f"split names {', '.join(map(repr, bad))} are not usable in shard file names; use letters, digits, "
+                "'_' and '-' only (e.g. train, test, val_2)")
+    return None
+
+
+def _split_by_problem(by) -> str | None:
+    """A ``"by"`` that names no sample field, said in a phrase; None for one of :data:`SPLIT_BY`."""
+    return None if by in SPLIT_BY else f"\"by\" must be {', '.join(SPLIT_BY)}, not {by!r}"
+
+
 def _splits_problem(splits: dict) -> str | None:
     """What makes a manifest's ``splits`` unusable (a split "all" beside another, a string for a
     list of names: a traceback, or a split matching nothing), or None."""
     names = [k for k in splits if k != "by"]
-    bad = [k for k in names if not SPLIT_NAME.fullmatch(k)]
-    if bad:
-        return (f"split names {', '.join(map(repr, bad))} are not usable in shard file names; use letters, digits, "
-                "'_' and '-' only")
+    problem = _split_names_problem(names)
+    if problem:
+        return problem
     if "by" not in splits:
         if len(names) != 1 or splits[names[0]] != "all":
             return ('"splits" is one split of every sample ({"test": "all"}) or "by" (group, source or key) with '
                     f"a list of names per split, not {splits}")
         return None
-    if splits["by"] not in SPLIT_BY:
-        return f"\"by\" must be {', '.join(SPLIT_BY)}, not {splits['by']!r}"
+    problem = _split_by_problem(splits["by"])
+    if problem:
+        return problem
     if not names or not all(isinstance(splits[k], list) and all(isinstance(m, str) for m in splits[k]) for k in names):
         return f"each split needs a list of names (strings), not {splits}"
     return None
@@ -212,13 +227,10 @@ def assign_splits(
                                                  for k, v in spec.items() if k != "by"):
             raise ValueError(f'--split-file {split_file}: expected {{"by": "group", "train": [...], "test": [...]}}, '
                              "each split a list of names (strings)")
-        bad = [k for k in spec if k != "by" and not SPLIT_NAME.fullmatch(k)]
-        if bad:  # split names become shard file names: nothing that leaves --out or makes a folder
-            raise ValueError(f"--split-file {split_file}: split names {', '.join(map(repr, bad))} are not usable in "
-                             "shard file names; use letters, digits, '_' and '-' only (e.g. train, test, val_2)")
         spec.setdefault("by", "group")
-        if spec["by"] not in SPLIT_BY:
-            raise ValueError(f"{split_file}: 'by' must be group, source or key, not {spec['by']!r}")
+        problem = _split_names_problem(k for k in spec if k != "by") or _split_by_problem(spec["by"])
+        if problem:
+            raise ValueError(f"--split-file {split_file}: {problem}")
     elif split_seed is not None:
         if spec.get("by") != "group":
             raise ValueError(f"--split-seed needs a protocol split by group; protocol {proto.protocol} splits "
