@@ -420,6 +420,11 @@ def cmd_train(args) -> int:
               f"{f' x {ranks.world} ranks' if ranks.distributed else ''}, {total_steps} steps on {device}"
               + (f" ({run_args['amp']} autocast)" if amp_dtype else ""), flush=True)
 
+    def stop(line: str) -> SystemExit:
+        if made_out and not any(out_dir.iterdir()):
+            out_dir.rmdir()  # made by this run, nothing written: leave no empty folder
+        return SystemExit(line)
+
     step = epoch = 0
     done = False
     t_start = time.time()
@@ -427,11 +432,6 @@ def cmd_train(args) -> int:
         epoch += 1
         t_epoch = time.time()
         losses, step, done = _train_epoch(model, train_loader, train_step, step, args.steps)
-        def stop(line: str) -> SystemExit:
-            if made_out and not any(out_dir.iterdir()):
-                out_dir.rmdir()  # made by this run, nothing written: leave no empty folder
-            return SystemExit(line)
-
         if not losses:
             raise stop(f"error: epoch {epoch} gave no training batch (fewer samples than --batch-size "
                        f"{batch_size} per loader worker?)")
