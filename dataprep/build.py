@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from . import __version__, protocols, rejections
 from . import boxes as box_rules
+from .augment import augment_names
 from .datasets import get_reader
 from .devices import parse_device
 from .errors import first_line
@@ -363,8 +364,6 @@ def _parallel(opts: BuildOptions):
 
 
 def resolve_settings(opts: BuildOptions, proto: protocols.DatasetProtocol, assignment: dict) -> Settings:
-    from .augment import augment_names
-
     detector = opts.detector or proto.detector
     tracking = None
     if opts.dataset == "biwi" and detector != "gt":
