@@ -515,6 +515,30 @@ def test_a_diverging_run_stops_before_saving_nan_weights(shards, tmp_path):
         main(["train", *args, "--epochs", "2", "--lr", "1e30", "--out", str(out)])
     assert ((out / "checkpoint.pt").read_bytes(), (out / "metrics.json").read_bytes()) == before
 
+def test_eval_of_nan_predictions_warns_and_writes_strict_json(shards, tmp_path, capsys):
+    # it printed 'NaN' in the JSON line (no JSON reader but Python's takes it) and said nothing of why
+    out = tmp_path / "run"
+    train(out, "ssrnet_md", "--train", shards.four, "--steps", "1")
+    ckpt = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
+    for tensor in ckpt["state_dict"].values():
+        if tensor.is_floating_point():
+            tensor.fill_(float("nan"))
+    torch.save(ckpt, out / "nan.pt")
+    capsys.readouterr()
+    assert main(["eval", "--ckpt", str(out / "nan.pt"), "--data", shards.val, "--device", "cpu"]) == 0
+    stdout, err = capsys.readouterr()
+
+    def refuse(constant):
+        raise AssertionError(f"not strict JSON: {constant}")
+
+    got = json.loads(stdout.strip().splitlines()[-1], parse_constant=refuse)
+    assert got["samples"] == got["nonfinite"] == 10 and got["mean"] is None and got["yaw"] is None
+    assert f"[eval] warning: 10 of 10 samples of {shards.val} gave NaN or infinite angles" in err, err
+    # a sound checkpoint: no warning, nonfinite 0
+    got, err = run_eval(capsys, out / "checkpoint.pt", shards.val)
+    assert got["nonfinite"] == 0 and math.isfinite(got["mean"]) and "NaN or infinite" not in err
+
+
 def test_python_m_train_minimal_params():
     res = subprocess.run([sys.executable, "-m", "train_minimal", "params", "--model", "mnn"], cwd=REPO,
                          capture_output=True, text=True, timeout=120)

@@ -126,11 +126,13 @@ class EmptyEvaluation(RuntimeError):
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, spec, device: torch.device, *, amp_dtype=None, channels_last=False,
              input_size: int | None = None) -> dict:
-    """MAE in degrees per angle and their mean over every sample of ``loader``."""
+    """MAE in degrees per angle and their mean over every sample of ``loader``; ``nonfinite``: the
+    samples whose predicted angles are NaN or infinite (they make the MAE NaN, as they should)."""
     was_training = model.training
     model.eval()
     wrap_yaw = bool(spec.defaults.get("wrap_yaw", False))
     total = torch.zeros(3, dtype=torch.float64, device=device)
+    nonfinite = torch.zeros((), dtype=torch.int64, device=device)  # summed on the device: no sync per batch
     n = 0
     for batch in loader:
         x, targets = prepare_batch(batch, spec.normalize, device, size=input_size or spec.input_size,
@@ -142,12 +144,14 @@ def evaluate(model: nn.Module, loader, spec, device: torch.device, *, amp_dtype=
         if wrap_yaw:
             err[:, 0] = wrapped_angle_difference(pred[:, 0], targets["angles"][:, 0].double())
         total += err.sum(0)
+        nonfinite += (~torch.isfinite(pred).all(1)).sum()
         n += x.shape[0]
     model.train(was_training)
     if n == 0:
         raise EmptyEvaluation("evaluation data gave no samples")
     yaw, pitch, roll = (total / n).tolist()
-    return {"samples": n, "yaw": yaw, "pitch": pitch, "roll": roll, "mean": (yaw + pitch + roll) / 3.0}
+    return {"samples": n, "yaw": yaw, "pitch": pitch, "roll": roll, "mean": (yaw + pitch + roll) / 3.0,
+            "nonfinite": int(nonfinite)}
 
 
 def learning_rates(opt, scheduled: bool = False) -> dict:

@@ -3,6 +3,7 @@ with ``torch.load(weights_only=True)``), ``metrics.json`` (written atomically) a
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -58,9 +59,21 @@ def check_run_folder(out: Path, model_name: str) -> None:
         print(f"[train] --out {out} holds an earlier {held} run: this run replaces it", file=sys.stderr)
 
 
+def json_safe(obj):
+    """``obj`` with NaN and infinite floats as None: ``json.dumps`` would write them as ``NaN`` /
+    ``Infinity``, which strict JSON readers (``jq``, JavaScript, most languages) refuse."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
 def atomic_json(obj, path: Path) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
+    tmp.write_text(json.dumps(json_safe(obj), indent=1, allow_nan=False))
     os.replace(tmp, path)
 
 

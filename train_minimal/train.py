@@ -58,7 +58,7 @@ from dataprep.weights import state_dict_misfit
 from . import registry
 from .data import EMPTY_SHARDS_HINT, crop_room_warning, epoch_steps, make_loader, prepare_batch, shard_set
 from .engine import AMP_CHOICES, EmptyEvaluation, TrainStep, accepts, amp_dtype_for, evaluate, learning_rates
-from .outputs import check_run_folder, load_checkpoint, save_epoch
+from .outputs import check_run_folder, json_safe, load_checkpoint, save_epoch
 
 # --------------------------------------------------------------------------------------------
 # helpers
@@ -333,7 +333,17 @@ def _validate(model: _Model, loaders: dict, urls: dict) -> dict:
     for name, loader in loaders.items():
         with _samples_found(urls[name]):
             results[name] = model.evaluate(loader)
+        _warn_nonfinite("train", urls[name], results[name])
     return results
+
+
+def _warn_nonfinite(command: str, data, res: dict) -> None:
+    """A line on stderr when some predictions were NaN or infinite (the MAE is then NaN, written as
+    null in the JSON): an overflow in float16 is the usual cause."""
+    if res["nonfinite"]:
+        print(f"[{command}] warning: {res['nonfinite']} of {res['samples']} samples of {data} gave NaN or infinite "
+              "angles, so the MAE is NaN (null in the JSON): an overflow in float16 (try --amp bf16 or --amp off), "
+              "or weights that are not finite", file=sys.stderr, flush=True)
 
 
 def _print_epoch(entry: dict, total_steps: int) -> None:
@@ -488,8 +498,9 @@ def cmd_eval(args) -> int:
     print(f"{spec.name} on {args.data}: {res['samples']} samples")
     for k in ("yaw", "pitch", "roll", "mean"):
         print(f"  MAE {k:<5} {res[k]:.4f}")
-    print(json.dumps({"model": spec.name, "samples": res["samples"], "yaw": res["yaw"], "pitch": res["pitch"],
-                      "roll": res["roll"], "mean": res["mean"]}), flush=True)
+    _warn_nonfinite("eval", args.data, res)
+    shown = {"model": spec.name, **{k: res[k] for k in ("samples", "yaw", "pitch", "roll", "mean", "nonfinite")}}
+    print(json.dumps(json_safe(shown), allow_nan=False), flush=True)
     return 0
 
 
