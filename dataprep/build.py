@@ -540,6 +540,11 @@ def build(opts: BuildOptions) -> dict:
     if opts.retinaface_weights and settings.detector != "retinaface":
         raise BuildError(f"--retinaface-weights applies to --detector retinaface; this build's boxes are "
                          f"{settings.detector}: add --detector retinaface, or drop --retinaface-weights")
+    unused = [f"--{name.replace('_', '-')} {value}" for name, value in (("device", opts.device), ("batch_size", opts.batch_size))
+              if settings.detector == "gt" and value != getattr(BuildOptions, name)]
+    if unused:  # a note, not an error: scripts pass one --device to the builds of every dataset
+        print(f"note: {' and '.join(unused)} apply to detectors; this build's boxes come from the labels (gt), so "
+              f"{'they are' if len(unused) > 1 else 'it is'} not used", file=sys.stderr)
     stats = input_stats(reader, root, refs)
     tasks = [replace(t, inputs=shard_inputs(stats, t.refs)) for t in plan_shards(assignment, opts.shard_size)]
     if settings.biwi_tracking:

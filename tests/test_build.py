@@ -778,6 +778,15 @@ def test_unusable_options_stop_the_build_before_it_reads(sample_tree, tmp_path, 
     assert not (tmp_path / "o").exists()
 
 
+def test_detector_options_on_a_gt_build_are_named_as_unused(sample_tree, tmp_path, capsys):
+    # `--device cuda` on a gt build said nothing: a user thinks the build ran on the GPU
+    build(opts(sample_tree / "AFLW2000", tmp_path / "o", "aflw2000", device="cpu", batch_size=4))
+    assert ("note: --device cpu and --batch-size 4 apply to detectors; this build's boxes come from the labels (gt), "
+            "so they are not used") in capsys.readouterr().err
+    build(opts(sample_tree / "AFLW2000", tmp_path / "o2", "aflw2000"))
+    assert "apply to detectors" not in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("backend, module", [("dask", "dask.distributed"), ("ray", "ray")])
 def test_a_backend_whose_extra_is_missing_says_how_to_install_it(sample_tree, tmp_path, monkeypatch, backend, module):
     """In a clone (the README's setup: uv, no pip in .venv) the extra comes with `uv sync --extra`;
