@@ -27,8 +27,8 @@ from .datasets import get_reader
 from .devices import parse_device
 from .errors import first_line
 from .pipeline import (DECISIONS_SUFFIX, LOCK_FILE, PROGRESS_DIR, RESULT_SUFFIX, Settings, ShardTask, TRAINING_SPLITS, is_eval_split,
-                       lock_holder, lock_token_fields, progress_file, run_shard)
-from .processes import children_without_ctrl_c, pid_alive, process_start
+                       build_alive, lock_holder, lock_token_fields, progress_file, run_shard)
+from .processes import children_without_ctrl_c, process_start
 from .records import SampleRef, keys_apart_from_variants
 from .shards import (INFO_FILE, MANIFEST, TMP_SUFFIX, dumps_json, final_name, folder_filesystem, is_shard_file,
                      shard_name, shard_split, unreachable, write_info, write_json)
@@ -620,7 +620,7 @@ def _out_lock(fs, base: str):
         if their_host != host:
             raise BuildError(f"a dataprep build on {their_host} (pid {pid}) is writing to {base}; if it is no longer "
                              f"running, delete {path} and run this command again")
-        if pid.isdigit() and _build_alive(int(pid), start):
+        if pid.isdigit() and build_alive(int(pid), start):
             raise BuildError(f"another dataprep build (pid {pid}) is writing to {base}; wait for it to finish (or stop "
                              f"it), then run this command again (no build running? delete {path})")
         fs.rm(path)  # its build is gone
@@ -667,14 +667,6 @@ def _create_lock(fs, base: str, token: str) -> bool:
         return True
     fs.pipe_file(path, token.encode())
     return lock_holder(fs, base) == token
-
-
-def _build_alive(pid: int, start: str) -> bool:
-    """Whether the build process ``pid`` (started at ``start``, if recorded) still runs here. This
-    process is not it (a restarted container can get the pid of the build it replaces)."""
-    if pid == os.getpid() or not pid_alive(pid):
-        return False
-    return not start or process_start(pid) in ("", start)
 
 
 def _split_groups(assignment: dict) -> dict[str, list[str]]:

@@ -7,7 +7,9 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import posixpath
+import socket
 import traceback
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,7 +25,7 @@ from .crop import crop_and_resize
 from .datasets import get_reader
 from .datasets.common import display_path, non_utf8_name_problem, printable
 from .detectors.tracking import MATCH_IOU
-from .processes import end_with_build
+from .processes import end_with_build, pid_alive, process_start
 from .records import RawSample, SampleError, SampleRef
 from .shards import ShardWriter, dumps_json, write_json
 
@@ -100,6 +102,24 @@ def lock_holder(fs, base: str) -> str | None:
         return fs.cat_file(posixpath.join(base, LOCK_FILE)).decode("utf-8", "replace").strip()
     except OSError:
         return None
+
+
+def build_alive(pid: int, start: str) -> bool:
+    """Whether the build process ``pid`` (started at ``start``, if recorded) still runs here. This
+    process is not it (a restarted container can get the pid of the build it replaces)."""
+    if pid == os.getpid() or not pid_alive(pid):
+        return False
+    return not start or process_start(pid) in ("", start)
+
+
+def running_build_pid(fs, base: str) -> int | None:
+    """The pid of the build on this machine that holds ``base``'s lock and still runs, or None (no
+    lock, a lock its build left behind, or another machine's, which cannot be checked from here)."""
+    holder = lock_holder(fs, base)
+    if not holder:
+        return None
+    host, pid, start = lock_token_fields(holder)
+    return int(pid) if host == socket.gethostname() and pid.isdigit() and build_alive(int(pid), start) else None
 
 
 def load_decisions(fs, task: ShardTask, settings_fingerprint: str) -> dict[str, dict]:

@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 
 from . import codec, labels
-from .pipeline import PROGRESS_DIR
+from .pipeline import LOCK_FILE, PROGRESS_DIR, running_build_pid
 from .shards import INFO_FILE as INFO
 from .shards import (MANIFEST, TMP_SUFFIX, FolderURLError, folder_filesystem, info_splits, is_shard_file,
                      manifest_shape_problems, split_member, unreachable)
@@ -237,10 +237,15 @@ def _difference(got, want) -> str:
     return f"is {got!r}, the manifest's shards give {want!r}"
 
 
+class BuildRunning(FolderURLError):
+    """A build on this machine is writing to the folder: nothing to check yet, not a finding."""
+
+
 def verify(out: str, decode: bool = True) -> VerifyReport:
     """Check a build folder; ``decode=False`` (``--hash-only``) compares hashes and metadata and
     lists each shard's sample keys, but decodes no record. ``FolderURLError`` when ``out`` is no
-    folder at all (missing, a file, a store that does not answer): nothing to check, not a finding."""
+    folder at all (missing, a file, a store that does not answer), :class:`BuildRunning` when a build
+    is writing to it: nothing to check, not a finding."""
     fs, base = folder_filesystem(out, "verify")
     report = VerifyReport()
     problems = report.problems
@@ -255,6 +260,10 @@ def verify(out: str, decode: bool = True) -> VerifyReport:
         parent = posixpath.dirname(base.rstrip("/")) or "."
         hint = (f" (the build's folder is {parent})" if fs.exists(posixpath.join(parent, MANIFEST)) else "")
         raise FolderURLError(f"{base}: a file, not a folder; give the --out folder of a dataprep build{hint}")
+    pid = running_build_pid(fs, base)
+    if pid is not None:  # its .tmp shards and the manifest it has not written yet are no findings
+        raise BuildRunning(f"{base}: a dataprep build (pid {pid}) is writing to it now; verify it after that build "
+                           f"finishes (no build running? delete {posixpath.join(base, LOCK_FILE)})")
     if not fs.exists(manifest_path):
         if fs.exists(posixpath.join(base, PROGRESS_DIR)):  # a build made it before its first shard
             problems.append(f"{manifest_path}: no manifest yet: a build is running here or was interrupted; let it "

@@ -22,7 +22,7 @@ from dataprep import boxes as box_rules
 from dataprep import labels
 from dataprep.build import BuildError, BuildOptions, build, summary_table
 from dataprep.cli import main as cli_main
-from dataprep.processes import process_start
+from dataprep.processes import pid_alive, process_start
 from dataprep.verify import verify
 from build_runs import assert_same_shards, build_killed_at_shard
 from shard_reading import label_records, read_tar
@@ -219,7 +219,7 @@ def test_resume_refuses_other_options_and_rewrites_a_damaged_shard(sample_tree, 
     assert_same_shards(reference, out)
 
 
-def test_one_build_at_a_time_per_out_folder(sample_tree, tmp_path, monkeypatch):
+def test_one_build_at_a_time_per_out_folder(sample_tree, tmp_path, monkeypatch, capsys):
     import socket
     import subprocess
 
@@ -233,6 +233,12 @@ def test_one_build_at_a_time_per_out_folder(sample_tree, tmp_path, monkeypatch):
         (out / LOCK_FILE).write_text(f"{socket.gethostname()}:{sleeper.pid}:{start}:abcd")
         with pytest.raises(BuildError, match=rf"another dataprep build \(pid {sleeper.pid}\) is writing to .* wait"):
             build(opts(root, out, "aflw2000"))
+        # verify of the folder meanwhile: it called the running build's .tmp shards an interrupted build's
+        (out / "test-000000.tar.tmp").write_bytes(b"")
+        assert cli_main(["verify", str(out)]) == 2
+        assert (f"dataprep verify: error: {out}: a dataprep build (pid {sleeper.pid}) is writing to it now; verify it "
+                "after that build finishes") in capsys.readouterr().err
+        (out / "test-000000.tar.tmp").unlink()
     finally:
         sleeper.kill()
         sleeper.wait()
@@ -255,7 +261,7 @@ def test_one_build_at_a_time_per_out_folder(sample_tree, tmp_path, monkeypatch):
         start = process_start(killed.pid)
         killed.kill()
         deadline = time.monotonic() + 10
-        while build_mod.pid_alive(killed.pid) and time.monotonic() < deadline:
+        while pid_alive(killed.pid) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert process_start(killed.pid) == start  # not reaped: still in the process table
         (out / LOCK_FILE).write_text(f"{socket.gethostname()}:{killed.pid}:{start}:abcd")
