@@ -28,7 +28,7 @@ from .devices import parse_device
 from .errors import first_line
 from .pipeline import (DECISIONS_SUFFIX, LOCK_FILE, PROGRESS_DIR, RESULT_SUFFIX, Settings, ShardTask, TRAINING_SPLITS, is_eval_split,
                        build_alive, lock_holder, lock_token_fields, progress_file, run_shard)
-from .processes import children_without_ctrl_c, process_start
+from .processes import children_without_ctrl_c, end_with_build, process_start
 from .records import SampleRef, keys_apart_from_variants
 from .shards import (INFO_FILE, MANIFEST, TMP_SUFFIX, dumps_json, final_name, folder_filesystem, is_shard_file,
                      shard_name, shard_split, unreachable, write_info, write_json)
@@ -358,6 +358,10 @@ def _parallel(opts: BuildOptions):
         ray.init(address=opts.scheduler, ignore_reinit_error=True)
         register_ray()
         with parallel_config(backend="ray"):
+            yield Parallel(n_jobs=jobs, return_as="generator")
+        return
+    if opts.backend == "loky":  # each worker, from its start, ends with a build killed outright (kill -9)
+        with parallel_config(backend="loky", initializer=end_with_build, initargs=(os.getpid(),)):
             yield Parallel(n_jobs=jobs, return_as="generator")
         return
     yield Parallel(n_jobs=jobs, backend=opts.backend, return_as="generator")

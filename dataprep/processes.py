@@ -51,7 +51,9 @@ def end_with_build(build_pid: int, poll_s: float = 1.0) -> None:
     otherwise wait ~300 s for work that never comes, holding their memory (a detector's weights,
     say). A worker whose build died before this call ends at once (nothing would take its shard's
     result; the rerun writes the shard). No other process is touched: the build's own (threading
-    backend), dask and ray workers (their parent is not the build). One watch thread per process."""
+    backend), dask and ray workers (their parent is not the build). One watch thread per process.
+    Called as each worker starts (the build's loky executor runs it first), and again as
+    ``run_shard`` starts: a worker of an executor someone else started is watched too."""
     if not multiprocessing.current_process().name.startswith("LokyProcess") or build_pid == os.getpid():
         return
     if os.getppid() != build_pid:  # reparented: the build is gone

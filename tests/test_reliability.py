@@ -58,32 +58,52 @@ def test_sigkill_mid_build_then_rerun_is_byte_identical(sample_tree, tmp_path, r
 
 _LOKY_BUILD = """
 import os, sys, time
-from joblib import Parallel, delayed
-from dataprep.processes import end_with_build
+from joblib import delayed
+from dataprep.build import BuildOptions, _parallel
 
-def shard_task(build_pid):  # what run_shard does first in a worker
-    end_with_build(build_pid, poll_s=0.05)
+def shard_task():
+    time.sleep(0.5)
     return os.getpid()
 
-print(*Parallel(n_jobs=2)(delayed(shard_task)(os.getpid()) for _ in range(4)), flush=True)
-time.sleep(600)
+# the build's own pool: 2 workers, 1 shard (the other worker never gets one)
+with _parallel(BuildOptions(dataset="aflw2000", root="raw", out="out", jobs=2)) as parallel:
+    print(*parallel(delayed(shard_task)() for _ in range(1)), flush=True)
+    time.sleep(600)
 """
 
 
+def _children(pid: int) -> set[int]:
+    """The pids whose parent is ``pid`` (Linux /proc)."""
+    found = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            data = stat.read_bytes()
+        except OSError:
+            continue
+        if int(data[data.rindex(b")") + 2:].split()[1]) == pid:
+            found.add(int(stat.parent.name))
+    return found
+
+
 def test_loky_workers_end_with_a_build_killed_by_sigkill():
-    """A build killed with kill -9 (or by the OOM killer) takes its loky worker processes with it
-    (they waited ~300 s for work, holding their memory); a worker that gets a task after its build
-    died ends at once."""
+    """A build killed with kill -9 (or by the OOM killer) takes its loky worker processes with it,
+    a worker that never got a shard too (they waited ~300 s for work, holding their memory); a
+    worker that gets a task after its build died ends at once."""
     from dataprep.processes import end_with_build, pid_alive
 
     proc = subprocess.Popen([sys.executable, "-c", _LOKY_BUILD], stdout=subprocess.PIPE, text=True)
     workers: set[int] = set()
     try:
-        workers = {int(pid) for pid in proc.stdout.readline().split()}
-        assert workers and all(pid_alive(pid) for pid in workers)
+        busy = int(proc.stdout.readline())
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and len(workers) < 2:
+            workers = {pid for pid in _children(proc.pid)
+                       if b"LokyProcess" in Path(f"/proc/{pid}/cmdline").read_bytes()}
+            time.sleep(0.05)
+        assert len(workers) == 2 and busy in workers and all(pid_alive(pid) for pid in workers), workers
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-        deadline = time.monotonic() + 60  # they poll every 0.05 s here; the wait allows for a loaded machine
+        deadline = time.monotonic() + 60  # they poll every second; the wait allows for a loaded machine
         while time.monotonic() < deadline and any(pid_alive(pid) for pid in workers):
             time.sleep(0.05)
         assert not any(pid_alive(pid) for pid in workers), "loky workers outlived their build"
