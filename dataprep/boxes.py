@@ -80,8 +80,15 @@ def fsanet_points_mask(points) -> np.ndarray:
 
 def pt2d_boxes(points) -> dict[str, Box]:
     """The boxes the papers' code derives from a ``.mat``'s ``pt2d`` points, kept for comparison:
-    ``pt2d`` (Hopenet: min/max of all points, placeholders included) and ``pt2d_valid`` (FSA-Net)."""
-    return {"pt2d": bbox_of_points(points), "pt2d_valid": bbox_of_points(points, fsanet_points_mask(points))}
+    ``pt2d`` (Hopenet: min/max of all points, placeholders included) and ``pt2d_valid`` (FSA-Net).
+    ``pt2d_valid`` is left out where FSA-Net's filter keeps no point (all placeholders, or all off
+    the image's left or top edge: its code fails there); a rule that reads it takes ``gt``
+    (:func:`rule_box_name`), whose own checks then judge the sample."""
+    keep = fsanet_points_mask(points)
+    found = {"pt2d": bbox_of_points(points)}
+    if keep.any():
+        found["pt2d_valid"] = bbox_of_points(points, keep)
+    return found
 
 
 def width_height(box) -> tuple[float, float]:

@@ -76,6 +76,10 @@ def test_fsanet_points_drop_placeholders_but_hopenet_keeps_them():
     b = boxes.pt2d_boxes(pts)
     assert b["pt2d"] == [-1, 120, 200, 452]
     assert b["pt2d_valid"] == [100, 120, 200, 220]
+    # no point left to FSA-Net's filter (all placeholders): no pt2d_valid box, and its rule reads gt
+    only_placeholders = boxes.pt2d_boxes(np.tile([-1.0, 452.0], (21, 1)))
+    assert only_placeholders == {"pt2d": [-1, 452, -1, 452]}
+    assert boxes.rule_box_name({"gt": [0, 0, 9, 9], **only_placeholders}, "gt", "fsanet") == "gt"
 
 
 def test_iou_aspect_distortion():

@@ -529,6 +529,49 @@ def test_impossible_ground_truth_boxes_are_rejected_not_cropped(sample_tree, tmp
     assert "not finite" in box_problem([0, 0, float("nan"), 5], (450, 450))
 
 
+def test_pt2d_that_fsanets_filter_empties_is_judged_by_its_gt_box_not_a_read_error(sample_tree, tmp_path):
+    """FSA-Net's filter keeps pt2d points with x > 0 (or y > 0): 300W-LP landmarks moved off the
+    image's left or top edge, like those moved off its right, are bad_box (its gt box), not a
+    read_error calling itself a dataprep bug; an AFLW2000 file whose 21 pt2d points are all the
+    placeholder still has its pt3d_68 gt box: written without pt2d_valid, FSA-Net's rule reading gt,
+    and Hopenet's rule (the placeholders' one-point box) rejected as bad_box."""
+    import scipy.io
+
+    from dataprep.datasets.matfile import PT2D_MISSING_XY, mat_bytes
+
+    lp = tmp_path / "300W_LP" / "AFW"
+    lp.mkdir(parents=True)
+    name = "AFW_1000207_1_0"
+    arrays = {k: v for k, v in scipy.io.loadmat(str(sample_tree / "300W_LP" / "AFW" / f"{name}.mat")).items()
+              if not k.startswith("__")}
+    moved = {"AFW_1_left": np.array([[-1000.0], [0.0]]), "AFW_2_up": np.array([[0.0], [-1000.0]]),
+             "AFW_3_right": np.array([[1000.0], [0.0]])}
+    for stem, shift in moved.items():
+        shutil.copy(sample_tree / "300W_LP" / "AFW" / f"{name}.jpg", lp / f"{stem}.jpg")
+        (lp / f"{stem}.mat").write_bytes(mat_bytes({**arrays, "pt2d": (arrays["pt2d"] + shift).astype(arrays["pt2d"].dtype)}))
+    manifest = build(opts(lp.parent, tmp_path / "lp", "300w_lp", protocol="none"))
+    assert manifest["counts"]["rejected_by_reason"] == {"bad_box": 3}
+    assert all("lies mostly outside the 450 x 450 image" in e["message"] for e in manifest["rejected"])
+
+    root = tmp_path / "AFLW2000"
+    root.mkdir()
+    arrays = {k: v for k, v in scipy.io.loadmat(str(sample_tree / "AFLW2000" / "image00111.mat")).items()
+              if not k.startswith("__")}
+    placeholders = np.tile(np.array([PT2D_MISSING_XY]).T, (1, 21)).astype(arrays["pt2d"].dtype)
+    shutil.copy(sample_tree / "AFLW2000" / "image00111.jpg", root / "image00111.jpg")
+    (root / "image00111.mat").write_bytes(mat_bytes({**arrays, "pt2d": placeholders}))
+    for rule in ("square", "fsanet"):
+        out = tmp_path / rule
+        manifest = build(opts(root, out, "aflw2000", protocol="none", crop_rule=rule))
+        assert manifest["counts"]["written"] == 1, manifest["rejected"]
+        [record] = label_records(out).values()
+        assert "pt2d_valid" not in record["boxes"] and record["box_source"] == "gt"
+        assert record["boxes"]["pt2d"] == [-1.0, 452.0, -1.0, 452.0] and record["extra"]["pt2d_missing"] == 21
+    manifest = build(opts(root, tmp_path / "hopenet", "aflw2000", protocol="none", crop_rule="hopenet"))
+    [rejected] = manifest["rejected"]
+    assert rejected["reason"] == "bad_box" and "the 'pt2d' box" in rejected["message"]
+
+
 def test_a_partial_biwi_download_is_named_in_the_summary(sample_tree, tmp_path):
     """Protocol 2 is 16 train and 8 test sequences: a root with fewer says so (its numbers are not
     the papers'), as a partial AFLW2000 download does."""
