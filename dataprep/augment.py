@@ -353,12 +353,14 @@ class EhpnetAugment(Transform):
 # Blur and resolution
 # --------------------------------------------------------------------------------------------
 class GaussianBlur(Transform):
-    """Gaussian blur with ``sigma ~ U(sigma)`` pixels (of the stored crop)."""
+    """Gaussian blur with ``sigma ~ U(sigma)`` pixels (of the stored crop; 0 is the identity)."""
 
     name = "blur"
 
     def __init__(self, sigma=(0.5, 2.0)):
         self.sigma = _range(sigma, "sigma")
+        if self.sigma[0] < 0:  # it would blur nothing and record a negative sigma as done
+            raise ValueError(f"sigma must be >= 0, got {sigma}")
 
     def __call__(self, image, record, landmarks=None, rng=None):
         _check_image(image)

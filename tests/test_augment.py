@@ -270,6 +270,15 @@ def test_photometric_clips():
     assert A.Contrast(0.0)(two, {}, None)[0][:, 0, 0].tolist() == [100, 100]
 
 
+def test_blur_refuses_a_negative_sigma_it_would_record_without_blurring():
+    img = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    for sigma in (-1.0, (-1.0, 1.0)):
+        with pytest.raises(ValueError, match="sigma must be >= 0"):
+            A.GaussianBlur(sigma)
+    out, rec, _ = A.GaussianBlur(0.0)(img, {}, None)
+    assert np.array_equal(out, img) and rec["augment"] == [{"op": "blur", "sigma": 0.0}]
+
+
 def test_random_apply_probability():
     img = np.zeros((4, 4, 3), np.uint8)
     rec = {"augment": [], "image_size": [4, 4], "yaw": 1.0, "pitch": 0.0, "roll": 0.0}
