@@ -38,7 +38,7 @@ REASONS: dict[str, Reason] = {
     "bad_shape": Reason("a .mat variable has the wrong size or is not numbers", _REFETCH),
     "nan_label": Reason("NaN or infinite values in the labels", _REFETCH),
     "bad_pose": Reason("the pose cannot be a head pose: angles past ±180 degrees, a BIWI pose.txt that does not "
-                       "parse or puts the head behind the camera", _REFETCH),
+                       "parse or puts the head behind the camera or off both cameras' pictures", _REFETCH),
     "missing_pose": Reason("a BIWI frame without its frame_XXXXX_pose.txt", "restore the pose file"),
     "not_rotation": Reason("a BIWI pose matrix that is not a rotation", _REFETCH),
     "bad_calibration": Reason("a BIWI rgb.cal / depth.cal that does not parse or puts the head off the camera's "

@@ -625,6 +625,19 @@ def test_biwi_depth_calibration_that_puts_the_head_off_the_depth_map(sample_tree
     assert "the head's box in the depth map [" in err.message and says in err.message
 
 
+@pytest.mark.parametrize("centre", ["3000 0 900", "0 0 40"])  # far to the side; 4 cm from the lens
+def test_a_biwi_head_centre_off_both_cameras_pictures_blames_the_pose_file_not_depth_cal(sample_tree, tmp_path,
+                                                                                       centre):
+    """Was ``bad_calibration`` naming the sound ``depth.cal``: the user was told to restore the .cal files."""
+    root, ref = _copy_sample(sample_tree, tmp_path, "biwi", BIWI_SOURCE)
+    pose = root / "03" / "frame_00004_pose.txt"
+    lines = pose.read_text().split("\n")
+    lines[4] = centre + " "
+    pose.write_text("\n".join(lines))
+    err = _expect_error("biwi", root, ref, "bad_pose", "hpdb/03/frame_00004_pose.txt")
+    assert "puts the head off both cameras' pictures" in err.message and "depth.cal" not in err.message
+
+
 def _rejected_within(seconds, read, *args):
     """``read(*args)``'s SampleError, failing (not hanging) if the read blocks."""
     import threading

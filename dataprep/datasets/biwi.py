@@ -366,8 +366,12 @@ def read_sample(root: Path, ref: SampleRef) -> RawSample:
                                               f"of {shown['rgb_cal']}; one of the two files is wrong")
     depth_box, depth_centre, _ = head_box(t, depth_cal)  # through depth.cal's R and T, as the RGB box
     problem = box_problem(depth_box, (depth_cal.width, depth_cal.height))
-    if problem:  # the RGB box passed: the depth camera's numbers are off (a black or huge depth crop)
+    if problem:  # a black or huge depth crop
         shown_box = ", ".join(f"{v:.6g}" for v in depth_box)
+        if box_problem(box, (rgb_cal.width, rgb_cal.height)):  # both cameras put it off: the head centre is
+            raise SampleError("bad_pose", f"{shown['pose']}: head centre {t.tolist()} mm puts the head off both "
+                                          f"cameras' pictures (its box in the depth map [{shown_box}] {problem}); "
+                                          "re-download or re-extract the file")
         raise SampleError("bad_calibration", f"{shown['depth_cal']}: the head's box in the depth map [{shown_box}] "
                                               f"{problem}; the file's intrinsics or its rotation and translation are off")
     yaw, pitch, roll = labels.biwi_matrix_to_euler(M)
