@@ -56,6 +56,25 @@ def test_list_samples_wrong_root(tmp_path, name):
         get_reader(name).list_samples(tmp_path)
 
 
+@pytest.mark.parametrize("name", sorted(ROOTS))
+def test_a_root_one_level_off_the_dataset_says_which_folder_to_pass(sample_tree, tmp_path, name):
+    """The message said "pass the 300W_LP folder" to a user who had passed one (a zip unpacked into
+    ``300W_LP/300W_LP``), and named no folder for a root one level below the dataset's."""
+    folder = ROOTS[name]
+    nested = tmp_path / folder
+    shutil.copytree(sample_tree / folder, nested / folder)
+    for too_high in (nested, sample_tree):  # the archive's own folder; the folder of all three datasets
+        with pytest.raises(FileNotFoundError) as err:
+            get_reader(name).list_samples(too_high)
+        assert str(err.value).endswith(f"; it holds the dataset's folder: pass {too_high / folder}")
+    inner = {"300w_lp": "AFW_Flip", "biwi": "01"}.get(name)  # AFLW2000 has no folders of its own
+    if inner:
+        with pytest.raises(FileNotFoundError) as err:
+            get_reader(name).list_samples(sample_tree / folder / inner)
+        assert str(err.value).endswith(f"; {inner} is one of the dataset's own folders: pass the {folder} folder "
+                                       f"above it, {sample_tree / folder}")
+
+
 def test_a_300wlp_subset_folder_named_in_another_case_stops_the_listing(sample_tree, tmp_path):
     """``afw_flip`` was passed over without a word (its samples never read, under protocol none not
     even counted short); read under its own name it would lose the _Flip that re-indexes its landmarks."""

@@ -26,7 +26,8 @@ def list_samples(root: Path) -> list[SampleRef]:
     root = common.require_root(root, "AFLW2000", DEFAULT_ROOT_NAME)
     refs = matfile.list_mat_refs(NAME, root, [""], group=GROUP)
     if not refs:
-        raise FileNotFoundError(f"no .jpg images or .mat labels in {root}; pass the {DEFAULT_ROOT_NAME} folder")
+        raise FileNotFoundError(f"no .jpg images or .mat labels in {root}; "
+                                + common.where_to_point(root, DEFAULT_ROOT_NAME))
     return refs
 
 

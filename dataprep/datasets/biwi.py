@@ -287,9 +287,8 @@ def list_samples(root: Path) -> list[SampleRef]:
     common.require_folders(root, sorted(named), "BIWI sequence", "frames", "the sequence's folder")
     sequences = sorted(p.name for p in named if p.is_dir())
     if not sequences:
-        raise FileNotFoundError(
-            f"no BIWI sequence folders (01..24) in {root}; pass the {DEFAULT_ROOT_NAME} folder"
-        )
+        raise FileNotFoundError(f"no BIWI sequence folders (01..24) in {root}; "
+                                + common.where_to_point(root, DEFAULT_ROOT_NAME, _SEQUENCE_DIR.match))
     return common.list_refs(NAME, root, sequences, _frame_of(_RGB_NAME), _frame_of(_POSE_NAME),
                              lambda frame: f"frame_{frame}_rgb.png")
 

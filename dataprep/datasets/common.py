@@ -25,6 +25,22 @@ def require_root(root, dataset: str, folder: str) -> Path:
     return root
 
 
+def where_to_point(root: Path, folder: str, is_inner_folder: Callable[[str], bool] = lambda name: False) -> str:
+    """What to pass when ``root`` holds nothing of the dataset, for the listing's error: ``root``'s
+    parent when ``root`` is one of the dataset's own folders (``is_inner_folder(name)``: a 300W-LP
+    subset, a BIWI sequence), the folder below it named ``folder`` in any case (an archive unpacked
+    into a folder of its own name, ``300W_LP/300W_LP``), else the dataset's folder by name."""
+    if is_inner_folder(root.name):
+        return f"{root.name} is one of the dataset's own folders: pass the {folder} folder above it, {root.parent}"
+    try:
+        below = sorted(p for p in root.iterdir() if p.name.lower() == folder.lower() and p.is_dir())
+    except OSError:
+        below = []
+    if below:
+        return f"it holds the dataset's folder: pass {below[0]}"
+    return f"pass the {folder} folder"
+
+
 def list_refs(dataset: str, root: Path, folders: Sequence[str], image_stem: Callable[[Path], str | None],
               label_stem: Callable[[Path], str | None], image_name: Callable[[str], str],
               group: str | None = None) -> list[SampleRef]:

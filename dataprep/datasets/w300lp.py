@@ -42,9 +42,8 @@ def list_samples(root: Path) -> list[SampleRef]:
     common.require_folders(root, [root / s for s in SUBSETS], "300W-LP subset", "samples", "the dataset's folder")
     found = [s for s in SUBSETS if (root / s).is_dir()]
     if not found:
-        raise FileNotFoundError(
-            f"no 300W-LP subset folders ({', '.join(SUBSETS)}) in {root}; pass the {DEFAULT_ROOT_NAME} folder"
-        )
+        raise FileNotFoundError(f"no 300W-LP subset folders ({', '.join(SUBSETS)}) in {root}; "
+                                + common.where_to_point(root, DEFAULT_ROOT_NAME, lambda name: name in SUBSETS))
     return matfile.list_mat_refs(NAME, root, found)
 
 
