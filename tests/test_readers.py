@@ -416,10 +416,12 @@ def aflw_source(expected) -> str:
 def test_corrupt_mat(sample_tree, tmp_path):
     root, ref = _copy_sample(sample_tree, tmp_path, "300w_lp", W300_SOURCE)
     mat = root / "AFW" / "AFW_1000207_1_0.mat"
-    for content in (b"", b"not a mat file at all" * 20, mat.read_bytes()[:400]):
+    whole = mat.read_bytes()
+    for content, says in ((b"", "not a MAT file (0 bytes; "), (b"not a mat file at all" * 20, "not a MAT file (420 bytes; "),
+                          (whole[:400], "damaged or truncated MAT file (400 bytes; ")):  # was "not a MAT file"
         mat.write_bytes(content)
         err = _expect_error("300w_lp", root, ref, "corrupt_mat", "300W_LP/AFW/AFW_1000207_1_0.mat")
-        assert "re-download" in err.message
+        assert says in err.message and "re-download" in err.message
 
 
 

@@ -93,8 +93,10 @@ def load_mat(path: Path, display: str) -> dict[str, Any]:
         raise
     except Exception as exc:  # noqa: BLE001 - scipy raises many types for a bad file
         detail = f"{type(exc).__name__}: {exc}".strip()
+        # a MAT v5 header (endian mark at byte 126) on bytes scipy cannot read: an incomplete download, most often
+        what = "damaged or truncated MAT file" if data[126:128] in (b"IM", b"MI") else "not a MAT file"
         raise SampleError(
-            "corrupt_mat", f"{display}: not a MAT file (scipy: {detail}); re-download the file"
+            "corrupt_mat", f"{display}: {what} ({len(data)} bytes; scipy: {detail}); re-download the file"
         ) from exc
 
 
