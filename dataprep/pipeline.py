@@ -277,9 +277,9 @@ def process_ref(reader, root: Path, ref: SampleRef, split: str, settings: Settin
     name_problem = non_utf8_name_problem(root, ref.source)
     if name_problem:  # never read: its record's source would be a lone surrogate escape, not UTF-8
         raise SampleError("non_utf8_name", name_problem)
+    sample = reader.read_sample(root, ref)  # first: a damaged or missing file is named, whatever BIWI's tracking decided
     if decision and decision.get("rejected"):
         raise SampleError(decision["rejected"], f"{ref.source}: {decision.get('message') or decision['rejected']}")
-    sample = reader.read_sample(root, ref)
     limit = settings.angle_limit
     if limit is not None and not labels.angles_in_range(sample.yaw, sample.pitch, sample.roll, limit):
         raise SampleError(

@@ -128,6 +128,30 @@ def test_biwi_unreadable_frame_is_rejected_as_unreadable_not_as_no_face(sample_t
     assert empty["reason"] == "unreadable_image" and frames[2].name in empty["message"]
 
 
+def test_a_biwi_frame_the_tracking_rejects_is_rejected_for_its_damaged_files_first(sample_tree, tmp_path, monkeypatch):
+    """A frame without a face (or whose box jumped) was rejected as ``no_face`` / ``box_jump``
+    without being read: its missing pose file or truncated depth map went unnamed, as they are not
+    for the frames the tracking accepts (and for AFLW2000 and 300W-LP, read before the box)."""
+    import shutil
+
+    root = tmp_path / "hpdb"
+    shutil.copytree(sample_tree / "hpdb", root)
+    frames = sorted((root / "01").glob("*_rgb.png"))
+    depth = root / "01" / frames[1].name.replace("_rgb.png", "_depth.bin")
+    depth.write_bytes(depth.read_bytes()[:1000])
+    pose = root / "01" / frames[2].name.replace("_rgb.png", "_pose.txt")
+    pose.unlink()
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps({"by": "group", "test": ["01"]}))
+    a = Detection((400, 300, 480, 400), 0.99)
+    far = Detection((100, 100, 180, 200), 0.99)
+    monkeypatch.setattr(box_stage, "create_detector", lambda *a_, **k: ScriptedDetector([[a], [far], []]))
+    m = build(_opts(root, tmp_path / "o", "biwi", tmp_path / "c", protocol="1", split_file=str(split),
+                    biwi_tracking="none"))
+    got = sorted((r["reason"], r["message"].split(":")[0]) for r in m["rejected"])
+    assert got == [("corrupt_depth", f"hpdb/01/{depth.name}"), ("missing_pose", f"hpdb/01/{pose.name}")]
+
+
 def test_biwi_frame_of_another_size_is_no_frame_to_the_tracking(sample_tree, tmp_path, monkeypatch):
     """A resized first frame (rejected as wrong_image_size) was accepted by the tracking, and its
     box, in the small picture's pixels, was reused for every later frame of its sequence: crops
