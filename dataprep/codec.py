@@ -15,7 +15,8 @@ read with ``cv2.IMREAD_UNCHANGED`` where they are used).
   dataset images, read with :func:`decode_rgb_checked`, keep their stored grid, where their labels are),
   CMYK JPEGs, and any JPEG the TurboJPEG API refuses, such as one with corrupt data that OpenCV
   still decodes with a warning (or not at all: None, as OpenCV says). The dataset readers decode
-  with :func:`decode_rgb_checked`, which names such damage instead, so they can reject the file.
+  with :func:`decode_rgb_checked`, which names such damage instead, so they can reject the file
+  (and the loader its stored crops with :func:`decode_bgr_checked`).
 * ``reduction`` 2, 4 or 8 decodes a JPEG at that fraction of its size in the DCT domain
   (``cv2.IMREAD_REDUCED_COLOR_*``: SIMD there; the TurboJPEG API's scaled IDCTs are slower).
 """
@@ -28,7 +29,7 @@ import cv2
 import numpy as np
 import simplejpeg
 
-__all__ = ["decode_bgr", "decode_rgb", "decode_rgb_checked", "decode_cv2", "encode_jpeg_rgb", "encode_png", "is_jpeg",
+__all__ = ["decode_bgr", "decode_bgr_checked", "decode_rgb", "decode_rgb_checked", "decode_cv2", "encode_jpeg_rgb", "encode_png", "is_jpeg",
            "damaged_png", "png_damage", "header_size",
            "decode_rgb_capped", "MAX_DECODE_PIXELS"]
 
@@ -141,6 +142,14 @@ _NOT_DAMAGE = ("tjDecompressHeader3(): Could not determine subsampling", "Unsupp
                "Unknown Adobe color transform code")
 
 
+def _jpeg_damage(refusal: str | None) -> str | None:
+    """``"damaged JPEG data (libjpeg: ...)"`` for a refusal of the TurboJPEG API that says the picture
+    data is damaged (any but those in ``_NOT_DAMAGE``); None for none, or one that is not damage."""
+    if refusal is None or refusal.startswith(_NOT_DAMAGE):
+        return None
+    return f"damaged JPEG data (libjpeg: {refusal})"
+
+
 def decode_rgb_checked(data: bytes) -> tuple[np.ndarray | None, str | None]:
     """A raw dataset image: ``(H x W x 3 uint8 RGB, None)`` in the file's stored pixel grid, or
     ``(None, what is damaged)`` for an image whose data is damaged: a JPEG the TurboJPEG API
@@ -159,8 +168,9 @@ def decode_rgb_checked(data: bytes) -> tuple[np.ndarray | None, str | None]:
             return simplejpeg.decode_jpeg(data, "RGB"), None
         except ValueError as exc:
             refusal = str(exc)
-    if refusal is not None and not refusal.startswith(_NOT_DAMAGE):
-        return None, f"damaged JPEG data (libjpeg: {refusal})"
+    damage = _jpeg_damage(refusal)
+    if damage is not None:
+        return None, damage
     damage = damaged_png(data)
     if damage is not None:
         return None, damage
@@ -212,6 +222,19 @@ def decode_bgr(data: bytes, reduction: int = 1) -> np.ndarray | None:
     ``IMREAD_REDUCED_COLOR_<reduction>`` does), or None when the bytes do not decode."""
     image = _turbo(data, "BGR") if reduction == 1 else None
     return decode_cv2(data, reduction) if image is None else image
+
+
+def decode_bgr_checked(data: bytes, reduction: int = 1) -> tuple[np.ndarray | None, str | None]:
+    """:func:`decode_bgr`'s image and None, or ``(None, what is damaged)`` for a JPEG whose picture
+    data the TurboJPEG API finds damaged (:func:`decode_rgb_checked`'s words), which OpenCV would
+    decode gray or garbled, printing libjpeg's warning with no name. Checked at full scale only: a
+    reduced decode is OpenCV's, which says nothing of damage. How the loader reads stored crops."""
+    if reduction == 1:
+        image, refusal = _turbo_or_refusal(data, "BGR")
+        damage = _jpeg_damage(refusal)
+        if image is not None or damage is not None:
+            return image, damage
+    return decode_cv2(data, reduction), None
 
 
 def decode_rgb(data: bytes) -> np.ndarray | None:

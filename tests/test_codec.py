@@ -148,6 +148,7 @@ def test_damaged_jpeg_data_is_named_while_opencv_decodes_it_anyway():
     assert _cv2(stray) is not None and not np.array_equal(_cv2(stray), _cv2(data))
     image, damage = codec.decode_rgb_checked(stray)
     assert image is None and damage.startswith("damaged JPEG data (libjpeg: Unsupported marker type")
+    assert codec.decode_bgr_checked(stray) == (None, damage)
     # a warning about metadata only (a JFIF version libjpeg does not know): the picture is intact,
     # and is decoded as OpenCV decodes it
     at = data.index(b"JFIF\x00") + 5
@@ -162,6 +163,8 @@ def test_damaged_jpeg_data_is_named_while_opencv_decodes_it_anyway():
         intact = _jpeg(make(), *params)
         image, damage = codec.decode_rgb_checked(intact)
         assert damage is None and np.array_equal(image, codec.decode_rgb(intact)), kind
+        image, damage = codec.decode_bgr_checked(intact)  # the loader's: decode_bgr's pixels
+        assert damage is None and np.array_equal(image, codec.decode_bgr(intact)), kind
     assert codec.decode_rgb_checked(_with_exif_orientation(data, 6))[1] is None
     assert codec.decode_rgb_checked(cv2.imencode(".png", img)[1].tobytes())[1] is None
     assert codec.decode_rgb_checked(b"not a picture") == (None, None)

@@ -1073,3 +1073,25 @@ def test_what_a_handler_skips_is_counted_per_epoch_across_workers(tmp_path):
             assert sorted(keys_of(loader)) == keys[:3] + keys[4:8] and loader.skipped == lost, (workers, persistent)
     loader = make_loader(urls[:1], 2, workers=2, handler=wds.ignore_and_continue)
     assert sorted(keys_of(loader)) == keys[:3] and loader.skipped == {"samples": 0, "shards": 0, "missing": 0}
+
+
+@pytest.mark.parametrize("image_format", ["float", "uint8"])
+def test_a_stored_jpeg_with_damaged_picture_data_is_a_bad_sample(tmp_path, image_format):
+    """A shard whose JPEG member is damaged inside its picture data (a bad copy): OpenCV decoded it
+    anyway, its lower part gray, printing libjpeg's warning with no name, and the model trained on
+    it; now it is a BadSample naming the sample and libjpeg's words, as the build's readers do."""
+    from dataprep.loader import BadSample
+
+    rng = np.random.default_rng(0)
+    good, bad = synthetic_sample(0, CROP, rng), synthetic_sample(1, CROP, rng)
+    members = sample_members(bad)
+    data = members["jpg"]
+    middle = (data.index(b"\xff\xda") + len(data)) // 2
+    stray = data[:middle] + b"\xff\x3c" + data[middle + 2:]  # a stray marker where picture data was
+    assert cv2.imdecode(np.frombuffer(stray, np.uint8), cv2.IMREAD_COLOR) is not None  # what was read
+    url = _shard_of(tmp_path, "damaged-000000.tar", [sample_members(good), dict(members, jpg=stray)])
+    with pytest.raises(BadSample, match=re.escape(f"sample {bad['key']!r} in {url}: ValueError: damaged JPEG data "
+                                                  "(libjpeg: Unsupported marker type")):
+        list(make_loader(url, 2, workers=0, shuffle=0, image_format=image_format))
+    kept = make_loader(url, 1, workers=0, shuffle=0, image_format=image_format, handler=wds.ignore_and_continue)
+    assert keys_of(kept) == [good["key"]] and kept.skipped["samples"] == 1

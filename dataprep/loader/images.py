@@ -62,8 +62,12 @@ def _reduction(window, size: int, interpolation) -> int:
 
 
 def _decode_bgr(data: bytes, reduction: int = 1) -> np.ndarray:
-    """JPEG/PNG bytes -> H x W x 3 uint8 BGR (a JPEG at 1/``reduction`` scale, in the DCT domain)."""
-    img = codec.decode_bgr(data, reduction)
+    """JPEG/PNG bytes -> H x W x 3 uint8 BGR (a JPEG at 1/``reduction`` scale, in the DCT domain);
+    ValueError for bytes that do not decode, or a JPEG whose picture data is damaged (checked at
+    full scale: :func:`codec.decode_bgr_checked`), which would train on gray or garbled pixels."""
+    img, damage = codec.decode_bgr_checked(data, reduction)
+    if damage is not None:
+        raise ValueError(damage)
     if img is None:
         raise ValueError("cannot decode image bytes")
     return img
