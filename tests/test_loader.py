@@ -1095,3 +1095,35 @@ def test_a_stored_jpeg_with_damaged_picture_data_is_a_bad_sample(tmp_path, image
         list(make_loader(url, 2, workers=0, shuffle=0, image_format=image_format))
     kept = make_loader(url, 1, workers=0, shuffle=0, image_format=image_format, handler=wds.ignore_and_continue)
     assert keys_of(kept) == [good["key"]] and kept.skipped["samples"] == 1
+
+
+def test_an_epoch_over_shards_without_a_sample_says_so(tmp_path):
+    """Shards holding no sample (a build writes an empty shard where every sample was rejected: an
+    empty split) gave an epoch of no batch without a word, so a training or evaluation loop over
+    them did nothing; now NoSamples names them, from every worker count and epoch. With drop_last,
+    where fewer samples than a batch give no batch too, only where _info.json records none."""
+    import fsspec
+
+    from dataprep.loader import NoSamples, shard_error_line
+    from dataprep.shards import write_shard
+
+    empty = tmp_path / "empty" / "train-000000.tar"
+    empty.parent.mkdir()
+    write_shard(fsspec.filesystem("file"), str(empty), [])
+    says = (f"epoch {{}} gave no sample from {empty} (empty shards: every sample rejected when they were built? "
+            "see the build's manifest.json)")
+    for workers, persistent in ((0, False), (2, False), (2, True)):
+        loader = make_loader(str(empty), 2, workers=workers, persistent_workers=persistent)
+        for epoch in range(2):
+            with pytest.raises(NoSamples) as exc:
+                keys_of(loader)
+            assert shard_error_line(exc.value) == says.format(epoch), (workers, persistent)
+    assert keys_of(make_loader(str(empty), 2, drop_last=True)) == []  # too few for a batch? it cannot tell
+    _write_info(empty.parent, {"train-000000.tar": 0})
+    with pytest.raises(NoSamples, match=re.escape(says.format(0))):
+        keys_of(make_loader(str(empty), 2, drop_last=True))
+    # beside shards with samples, an empty one is no alarm; nor are samples too few for a full batch
+    pattern, samples = write_synthetic_shards(tmp_path / "full", n_shards=1, per_shard=3)
+    assert sorted(keys_of(make_loader([str(empty), pattern], 2))) == sorted(samples)
+    _write_info(tmp_path / "full", {"train-000000.tar": 3})
+    assert keys_of(make_loader(pattern, 4, drop_last=True)) == []

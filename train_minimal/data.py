@@ -38,14 +38,11 @@ from dataprep import loader as loaders
 from dataprep.errors import first_line
 from dataprep.loader import (BadSample, HeadPoseLoader, NoSamples, expand_shard_urls, local_path, normalize_images,
                              require_local_shards)
-from dataprep.loader.tar_reader import SHARD_READ_ERRORS, miscounted_shard, unreadable_shard
+from dataprep.loader.tar_reader import EMPTY_SHARDS_HINT, SHARD_READ_ERRORS, miscounted_shard, unreadable_shard
 from dataprep.loader.urls import recorded_shard_lengths
 from dataprep.shards import split_member
 
 SHUFFLE_BUFFER = 1000
-#: Why shards can hold no sample, and where to look (a build writes an empty shard where every
-#: sample was rejected).
-EMPTY_SHARDS_HINT = "empty shards: every sample rejected when they were built? see the build's manifest.json"
 
 
 @contextmanager

@@ -295,10 +295,13 @@ def _pinned(x: torch.Tensor) -> torch.Tensor:
 
 
 class _FinishedBatches:
-    """The iterator of a :class:`HeadPoseLoader`: the DataLoader's batches, finished."""
+    """The iterator of a :class:`HeadPoseLoader`: the DataLoader's batches, finished. ``no_batch``:
+    called when the pass ends without a single batch, the exception to raise then (or None)."""
 
-    def __init__(self, inner):
+    def __init__(self, inner, no_batch=None):
         self.inner = inner
+        self.no_batch = no_batch
+        self.batches = 0
 
     def __iter__(self):
         return self
@@ -307,7 +310,14 @@ class _FinishedBatches:
         return len(self.inner)
 
     def __next__(self):
-        batch = next(self.inner)
+        try:
+            batch = next(self.inner)
+        except StopIteration:
+            error = self.no_batch() if self.batches == 0 and self.no_batch is not None else None
+            if error is not None:
+                raise error from None
+            raise
+        self.batches += 1
         return batch.finish() if isinstance(batch, _Batch) else batch
 
     def __getattr__(self, name):

@@ -15,6 +15,8 @@ from torch.utils.data import DataLoader
 from .batches import _collate_items, _FinishedBatches, _forget_buffers
 from .dataset import HeadPoseDataset, make_dataset, whole_number
 from .stages import _ShardList
+from .tar_reader import EMPTY_SHARDS_HINT, NoSamples
+from .urls import recorded_shard_lengths
 
 
 class _WorkerEnv:
@@ -73,7 +75,8 @@ class HeadPoseLoader(DataLoader):
 
     ``batches_per_epoch``: batches per epoch on this rank when the length is fixed (resampled with
     ``samples_per_epoch``), else None; ``samples``: free for the caller (None); ``skipped``: what the
-    handler passed over this epoch (or the last), all workers together (:attr:`HeadPoseDataset.skipped`)."""
+    handler passed over this epoch (or the last), all workers together (:attr:`HeadPoseDataset.skipped`).
+    An epoch that ends without a sample raises :class:`NoSamples` (see :meth:`_no_batch`)."""
 
     def __init__(self, dataset: HeadPoseDataset, *args, **kwargs):
         super().__init__(dataset, *args, **kwargs)
@@ -152,7 +155,24 @@ class HeadPoseLoader(DataLoader):
         self._next_epoch += 1
         # the last epoch's counts go before any worker starts this one (each zeroes its row as it does)
         self.dataset.state.skipped.zero_()
-        return _FinishedBatches(super().__iter__())
+        return _FinishedBatches(super().__iter__(), functools.partial(self._no_batch, self._next_epoch - 1))
+
+    def _no_batch(self, epoch: int) -> NoSamples | None:
+        """What a pass that ended without a batch says, where its shards held no sample: a training
+        or evaluation loop over it would do nothing, without a word. With ``drop_last`` only where
+        their ``_info.json`` says so (else the samples may have been too few for a batch, as asked)."""
+        urls = self.dataset.urls
+        if self.drop_last:
+            recorded = recorded_shard_lengths(urls)
+            if len(recorded) < len(urls) or sum(recorded.values()):
+                return None
+        where = f"{urls[0]}" if len(urls) == 1 else f"{len(urls)} shards ({urls[0]}, ...)"
+        rank, world = self.dataset.state.rank_info
+        if self.dataset.state.world > 1:
+            where += f" on rank {rank} of {world}"
+        skipped = self.skipped
+        passed = f"; the handler skipped {skipped} (loader.skipped)" if any(skipped.values()) else ""
+        return NoSamples(f"epoch {epoch} gave no sample from {where} ({EMPTY_SHARDS_HINT}){passed}")
 
 
 def make_loader(

@@ -49,6 +49,10 @@ class NoSamples(ValueError):
     rejected). One line naming them, as :class:`UnreadableShard`'s."""
 
 
+#: Why shards can hold no sample, and where to look (a build writes an empty shard where every
+#: sample was rejected).
+EMPTY_SHARDS_HINT = "empty shards: every sample rejected when they were built? see the build's manifest.json"
+
 #: Shards in a row without a sample after which a stream stops with :class:`NoSamples` (a resampled
 #: stream over nothing but empty shards would draw them forever).
 EMPTY_SHARDS_IN_A_ROW = 1000
