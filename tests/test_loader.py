@@ -1127,3 +1127,40 @@ def test_an_epoch_over_shards_without_a_sample_says_so(tmp_path):
     assert sorted(keys_of(make_loader([str(empty), pattern], 2))) == sorted(samples)
     _write_info(tmp_path / "full", {"train-000000.tar": 3})
     assert keys_of(make_loader(pattern, 4, drop_last=True)) == []
+
+
+class _Raises:
+    def __call__(self, image, record, landmarks, rng):
+        raise KeyError("box")
+
+
+class _Gray:
+    def __call__(self, image, record, landmarks, rng):
+        return cv2.cvtColor(image, cv2.COLOR_RGB2GRAY), record, landmarks
+
+
+class _Shrinks:
+    def __call__(self, image, record, landmarks, rng):
+        side = CROP - 1 - int(record["key"][-1])  # 63, 62: another size per sample
+        return np.ascontiguousarray(image[:side, :side]), record, landmarks
+
+
+def test_a_failing_transform_is_named_as_the_transforms_not_the_shards(tmp_path):
+    """An error in the caller's transforms was reported as the shard's ("check the shards with
+    `dataprep verify`"), and an image of the wrong kind they returned failed while the batch was
+    made, naming no sample; both now name the sample and put the fault in the transforms."""
+    from dataprep.loader import BadSample
+
+    pattern, samples = write_synthetic_shards(tmp_path, n_shards=1, per_shard=2)
+    url = pattern.replace("{000000..000000}", "000000")
+    first = sorted(samples)[0]
+    for transform, says in ((_Raises(), "KeyError: 'box'"),
+                            (_Gray(), f"ValueError: they returned an image of uint8 ({CROP}, {CROP}), not H x W x 3 uint8")):
+        with pytest.raises(BadSample) as exc:
+            list(make_loader(url, 2, workers=0, shuffle=0, transforms=transform))
+        assert str(exc.value) == (f"sample {first!r} in {url}: the transforms failed: {says}; the error is in the "
+                                  "transforms given to the loader, not in the shard")
+    # images of another size each: the batch's error names the transforms too (size= was given)
+    with pytest.raises(ValueError, match=r"images of different sizes in one batch: .*or transforms that change an "
+                                         r"image's size"):
+        list(make_loader(url, 2, workers=0, shuffle=0, size=CROP, transforms=_Shrinks()))

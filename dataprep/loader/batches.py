@@ -182,7 +182,8 @@ def _collate_items(items: Sequence, loader_id: int = 0) -> dict:
         if len(sizes) > 1:
             shown = ", ".join(f"{(3,) + s} (e.g. {k})" for s, k in sorted(sizes.items()))
             raise ValueError(f"images of different sizes in one batch: {shown}: shards of builds with different "
-                             "--crop-size; pass size= (or crop_rule= and size=)")
+                             "--crop-size (pass size=, or crop_rule= and size=), or transforms that change an "
+                             "image's size (make them keep it)")
         raise RuntimeError("batch buffers out of step with the DataLoader's batches")  # pragma: no cover
     if items[0].jpeg is not None:
         data = [it.jpeg for it in items]

@@ -260,9 +260,14 @@ class _Decode(PipelineStage):
             except MemoryError:
                 raise
             except Exception as exn:  # noqa: BLE001 - the handler decides
-                err = BadSample(f"sample {raw.get('__key__')!r} in {raw.get('__url__')}: {type(exn).__name__}: "
-                                f"{first_line(exn)}; check the shards with `dataprep verify` on their folder, or "
-                                "pass handler=webdataset.warn_and_continue to skip such samples")
+                where = f"sample {raw.get('__key__')!r} in {raw.get('__url__')}"
+                if getattr(exn, "in_transforms", False):  # the caller's code failed, not the shard
+                    err = BadSample(f"{where}: the transforms failed: {type(exn).__name__}: {first_line(exn)}; "
+                                    "the error is in the transforms given to the loader, not in the shard")
+                else:
+                    err = BadSample(f"{where}: {type(exn).__name__}: {first_line(exn)}; check the shards with "
+                                    "`dataprep verify` on their folder, or pass handler=webdataset.warn_and_continue "
+                                    "to skip such samples")
                 err.__cause__ = exn
                 if not self.handler(err):
                     raise err from exn
@@ -314,7 +319,15 @@ class _Decode(PipelineStage):
             image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
             bgr = False
             aug_rng = np.random.default_rng(_seed(*entropy, 1))
-            image, record, landmarks = self.transforms(image, record, landmarks, aug_rng)
+            try:
+                image, record, landmarks = self.transforms(image, record, landmarks, aug_rng)
+                if not (isinstance(image, np.ndarray) and image.ndim == 3 and image.shape[2] == 3
+                        and image.dtype == np.uint8):
+                    got = f"{image.dtype} {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
+                    raise ValueError(f"they returned an image of {got}, not H x W x 3 uint8")
+            except Exception as exn:
+                exn.in_transforms = True  # named as the transforms' error (_decode_all), as tar_reader tags its own
+                raise
         out_w, out_h = (size, size) if image is None else (image.shape[1], image.shape[0])
         return _Item(
             image=image, bgr=bgr, jpeg=raw["jpg"] if image is None else None, window=taken, key=key,
