@@ -660,8 +660,21 @@ def test_a_shard_folder_is_answered_with_its_brace_patterns(tmp_path):
     assert str(exc.value) == (f"{built} is a shard folder, not a shard: give the shards of a split, as its "
                               f"_info.json lists them: {built}/test-000000.tar (test, 4 samples) or "
                               f"{built}/train-{{000000..000001}}.tar (train, 8 samples)")
+    # the build's own JSON files given for its shards were "not a readable tar shard ...; rebuild it"
+    (built / "manifest.json").write_text("{}")
+    for name in ("_info.json", "manifest.json"):
+        with pytest.raises(FileNotFoundError) as exc:
+            make_loader(str(built / name), 2)
+        assert str(exc.value) == (f"{built}/{name} is a build's {name}, not a shard: give the shards of a split, as "
+                                  f"the folder's _info.json lists them: {built}/test-000000.tar (test, 4 samples) or "
+                                  f"{built}/train-{{000000..000001}}.tar (train, 8 samples)")
     bare = tmp_path / "bare"
     bare.mkdir()
+    (bare / "manifest.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match=re.escape(f"{bare}/manifest.json is a build's manifest.json, not a "
+                                                          f"shard: give the shards of its folder as a path or brace "
+                                                          f"pattern, e.g. {bare}/train-{{000000..000003}}.tar")):
+        require_local_shards([str(bare / "manifest.json")])
     with pytest.raises(FileNotFoundError, match=re.escape(f"{bare} is a folder, not a shard: give its shards as a "
                                                           f"path or brace pattern, e.g. {bare}/train-{{000000..000003}}.tar")):
         require_local_shards([str(bare)])

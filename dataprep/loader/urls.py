@@ -9,7 +9,7 @@ from urllib.parse import urlparse
 import webdataset as wds
 from webdataset.shardlists import expand_urls
 
-from ..shards import read_info_shard_lengths, read_info_splits
+from ..shards import INFO_FILE, MANIFEST, read_info_shard_lengths, read_info_splits
 
 __all__ = ["brace_pattern", "expand_shard_urls", "local_path", "open_url", "recorded_shard_lengths",
            "require_local_shards"]
@@ -109,8 +109,11 @@ def require_local_shards(urls: list[str]) -> None:
     ones are not checked): almost always a wrong folder or brace pattern, which would otherwise
     surface as one worker's traceback mid-epoch. A shard folder given for its shards gets the brace
     patterns of its splits (from its ``_info.json``) to give instead."""
+    # a build's own JSON files given for its shards: "not a readable tar shard ...; rebuild it" misled
+    build_files = [u for u in urls if (path := local_path(u)) is not None and os.path.isfile(path)
+                   and os.path.basename(path) in (INFO_FILE, MANIFEST)]
     missing = [u for u in urls if (path := local_path(u)) is not None and not os.path.isfile(path)]
-    if not missing:
+    if not missing and not build_files:
         return
     folders = [u for u in missing if os.path.isdir(local_path(u))]
     globs = [u for u in missing if u not in folders and any(c in u for c in "*?[")]
@@ -122,21 +125,40 @@ def require_local_shards(urls: list[str]) -> None:
         parts.append(f"{len(files)} of {len(urls)} shard(s) not found: {shown}; check the folder and the brace "
                      "pattern (e.g. train-{000000..000003}.tar), or list the shards in the folder's _info.json")
     parts.extend(_folder_hint(u) for u in folders[:3])
+    parts.extend(_build_file_hint(u) for u in build_files[:3])
     raise FileNotFoundError("; ".join(parts))
+
+
+def _split_patterns(folder: str) -> list[str]:
+    """A brace pattern per split of the build folder's ``_info.json``, with its name and samples
+    ([] without a readable one)."""
+    try:
+        return [f"{brace_pattern(folder, s['filenames'])} ({name}, {s.get('num_samples', '?')} samples)"
+                for name, s in read_info_splits(folder).items() if s.get("filenames")]
+    except (KeyError, TypeError, AttributeError):
+        return []
 
 
 def _folder_hint(url: str) -> str:
     """What to give instead of the shard folder ``url``: a brace pattern per split of its ``_info.json``."""
-    try:
-        patterns = [f"{brace_pattern(url, s['filenames'])} ({name}, {s.get('num_samples', '?')} samples)"
-                    for name, s in read_info_splits(local_path(url)).items() if s.get("filenames")]
-    except (KeyError, TypeError, AttributeError):
-        patterns = []
+    patterns = _split_patterns(local_path(url))
     if not patterns:  # no (readable) _info.json: the form to give
         return (f"{url} is a folder, not a shard: give its shards as a path or brace pattern, "
                 f"e.g. {brace_pattern(url, [f'train-{i:06d}.tar' for i in range(4)])}")
     return (f"{url} is a shard folder, not a shard: give the shards of a split, as its _info.json lists them: "
             + " or ".join(patterns))
+
+
+def _build_file_hint(url: str) -> str:
+    """What to give instead of a build's ``_info.json`` or ``manifest.json``: its folder's splits."""
+    path = local_path(url)
+    folder = os.path.dirname(path) or "."
+    patterns = _split_patterns(folder)
+    if not patterns:
+        return (f"{url} is a build's {os.path.basename(path)}, not a shard: give the shards of its folder as a "
+                f"path or brace pattern, e.g. {brace_pattern(folder, [f'train-{i:06d}.tar' for i in range(4)])}")
+    return (f"{url} is a build's {os.path.basename(path)}, not a shard: give the shards of a split, as the "
+            f"folder's _info.json lists them: " + " or ".join(patterns))
 
 
 def brace_pattern(folder: str, names: list[str]) -> str:
