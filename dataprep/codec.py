@@ -29,8 +29,8 @@ import cv2
 import numpy as np
 import simplejpeg
 
-__all__ = ["decode_bgr", "decode_bgr_checked", "decode_rgb", "decode_rgb_checked", "decode_cv2", "encode_jpeg_rgb", "encode_png", "is_jpeg",
-           "damaged_png", "png_damage", "header_size",
+__all__ = ["decode_bgr", "decode_rgb", "decode_rgb_checked", "decode_cv2", "encode_jpeg_rgb", "encode_png", "is_jpeg",
+           "decode_bgr_checked", "damaged_png", "png_damage", "header_size",
            "decode_rgb_capped", "MAX_DECODE_PIXELS"]
 
 _SOI = b"\xff\xd8"
