@@ -420,9 +420,19 @@ def test_cli_errors_are_clear(shards, tmp_path, capsys):
                       "--pretrained", str(path), "--workers", "0", "--device", "cpu"])
     other = tmp_path / "other.pth"
     torch.save({"fc.weight": torch.zeros(2, 2)}, other)
-    with pytest.raises(SystemExit, match=r"^python -m train_minimal [a-z-]+: error: --pretrained .*other\.pth: not ssrnet_md's weights \(Error"):
+    with pytest.raises(SystemExit, match=r"^python -m train_minimal [a-z-]+: error: --pretrained .*other\.pth: not ssrnet_md's "
+                                         r"weights \(it lacks \d+ of the network's tensors \(backbone\..*\); it holds 1 the "
+                                         r"network does not have \(fc\.weight\)\)$"):
         main(["train", "--model", "ssrnet_md", "--train", shards.four, "--steps", "1", "--out", str(ckpt),
               "--pretrained", str(other), "--workers", "0", "--device", "cpu"])
+    # another model's checkpoint for an FSA-Net: named as such (it was a KeyError's bare "'ssrnet_md'")
+    ssrnet_run = tmp_path / "ssrnet_checkpoint.pt"
+    torch.save({"model": "ssrnet_md", "state_dict": registry.get("ssrnet_md").build(None).state_dict()}, ssrnet_run)
+    with pytest.raises(SystemExit, match=r"^python -m train_minimal train: error: --pretrained .*ssrnet_checkpoint\.pt: "
+                                         r"cannot load fsanet_var's weights from it \(.*ssrnet_checkpoint\.pt holds "
+                                         r"ssrnet_md, not an FSA-Net\)$"):
+        main(["train", "--model", "fsanet_var", "--train", shards.four, "--steps", "1", "--out", str(ckpt),
+              "--pretrained", str(ssrnet_run), "--workers", "0", "--device", "cpu"])
     for length in (["--epochs", "1"], ["--steps", "1"]):
         with pytest.raises(SystemExit, match="no full batch|gave no training batch"):
             main(["train", "--model", "ehpnet", "--train", shards.four, "--batch-size", "8", *length,

@@ -344,6 +344,8 @@ def _read_pt(path) -> tuple[str, dict, dict]:
     if isinstance(blob, dict) and "state_dict" in blob:
         state = blob["state_dict"]
         name = blob.get("model") or _name_from_state(state)
+        if name not in NAME_TO_VARIANT and name != "fsanet_fusion":  # another model's train_minimal checkpoint
+            raise ValueError(f"{path} holds {name}, not an FSA-Net")
         return name, blob.get("config") or {}, state
     if isinstance(blob, dict) and all(isinstance(v, torch.Tensor) for v in blob.values()):
         return _name_from_state(blob), {}, blob

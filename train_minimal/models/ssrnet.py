@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dataprep.errors import first_line
+from dataprep.weights import state_dict_misfit
 
 from ..registry import ModelSpec, register
 from ._pretrained import PretrainedFileError, normalize_pretrained, read_weights
@@ -90,10 +90,11 @@ def build(pretrained=None, **_):
     if pretrained == "auto":
         log.warning("ssrnet_md: no downloadable pretrained weights; pass a .pt state dict. Building from scratch.")
         return model
-    try:
-        model.load_state_dict(read_weights(pretrained, "ssrnet_md state dict"))
-    except RuntimeError as exc:  # keys or shapes of another model
-        raise PretrainedFileError(f"--pretrained {pretrained}: not ssrnet_md's weights ({first_line(exc)})") from None
+    state = read_weights(pretrained, "ssrnet_md state dict")
+    misfit = state_dict_misfit(model.state_dict(), state)  # torch's own first line names no key
+    if misfit:  # keys or shapes of another model
+        raise PretrainedFileError(f"--pretrained {pretrained}: not ssrnet_md's weights ({misfit})")
+    model.load_state_dict(state)
     return model
 
 
