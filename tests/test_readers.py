@@ -646,6 +646,20 @@ def test_biwi_depth_calibration_that_puts_the_head_off_the_depth_map(sample_tree
     assert "the head's box in the depth map [" in err.message and says in err.message
 
 
+@pytest.mark.parametrize("translation", ["0 0 -860.598", "0 0 -2000"])  # the head centre at z 0; behind
+def test_a_biwi_depth_calibration_that_puts_the_head_behind_the_depth_camera(sample_tree, tmp_path, translation):
+    """At exactly z 0 the box's size divided by zero: a read_error calling itself a dataprep bug."""
+    root, ref = _copy_sample(sample_tree, tmp_path, "biwi", BIWI_SOURCE)
+    assert (root / "03" / "frame_00004_pose.txt").read_text().split("\n")[4].split()[2] == "860.598"
+    cal = root / "03" / "depth.cal"
+    lines = cal.read_text().split("\n")
+    assert lines[10] == "0 0 0 "  # T
+    lines[10] = translation
+    cal.write_text("\n".join(lines))
+    err = _expect_error("biwi", root, ref, "bad_calibration", "hpdb/03/depth.cal")
+    assert "behind the depth camera" in err.message
+
+
 @pytest.mark.parametrize("centre", ["3000 0 900", "0 0 40"])  # far to the side; 4 cm from the lens
 def test_a_biwi_head_centre_off_both_cameras_pictures_blames_the_pose_file_not_depth_cal(sample_tree, tmp_path,
                                                                                        centre):

@@ -19,6 +19,7 @@ followed by one space.
 from __future__ import annotations
 
 import functools
+import math
 import re
 import struct
 from dataclasses import dataclass
@@ -320,6 +321,8 @@ def head_box(t, rgb_cal: Calibration, head_size_mm: float = HEAD_SIZE_MM) -> tup
     Returns ``(box, centre_px, z_mm)``."""
     p = rgb_cal.from_depth_frame(t)
     z = float(p[2])
+    if z <= 0:  # not in front of this camera: no picture of it (the caller names the file)
+        return [math.nan] * 4, np.full(2, math.nan), z
     centre = rgb_cal.project(p)
     half = 0.5 * rgb_cal.focal * head_size_mm / z
     box = [float(centre[0] - half), float(centre[1] - half), float(centre[0] + half), float(centre[1] + half)]
@@ -363,7 +366,10 @@ def read_sample(root: Path, ref: SampleRef) -> RawSample:
     if z <= 0:
         raise SampleError("bad_calibration", f"{shown['pose']}: head centre {t.tolist()} lands behind the RGB camera "
                                               f"of {shown['rgb_cal']}; one of the two files is wrong")
-    depth_box, depth_centre, _ = head_box(t, depth_cal)  # through depth.cal's R and T, as the RGB box
+    depth_box, depth_centre, depth_z = head_box(t, depth_cal)  # through depth.cal's R and T, as the RGB box
+    if depth_z <= 0:  # pose.txt's centre is in front of the depth camera (checked above): its .cal moved it
+        raise SampleError("bad_calibration", f"{shown['depth_cal']}: its rotation and translation put the head "
+                                              f"centre {t.tolist()} mm behind the depth camera; restore the file")
     problem = box_problem(depth_box, (depth_cal.width, depth_cal.height))
     if problem:  # a black or huge depth crop
         shown_box = ", ".join(f"{v:.6g}" for v in depth_box)
