@@ -122,13 +122,18 @@ def test_processes_a_build_starts_for_a_local_dask_cluster_ignore_ctrl_c():
     (started in this block) leave it to the build, which stops them (each printed a traceback)."""
     from dataprep.processes import children_without_ctrl_c
 
-    before = signal.getsignal(signal.SIGINT)
-    probe = [sys.executable, "-c", "import signal; print(signal.getsignal(signal.SIGINT) == signal.SIG_IGN)"]
-    with children_without_ctrl_c():
-        inside = subprocess.run(probe, capture_output=True, text=True, check=True).stdout.strip()
-    outside = subprocess.run(probe, capture_output=True, text=True, check=True).stdout.strip()
-    assert (inside, outside) == ("True", "False")
-    assert signal.getsignal(signal.SIGINT) is before
+    # a test run started in the background by a shell without job control inherits Ctrl-C ignored
+    started_with = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        before = signal.getsignal(signal.SIGINT)
+        probe = [sys.executable, "-c", "import signal; print(signal.getsignal(signal.SIGINT) == signal.SIG_IGN)"]
+        with children_without_ctrl_c():
+            inside = subprocess.run(probe, capture_output=True, text=True, check=True).stdout.strip()
+        outside = subprocess.run(probe, capture_output=True, text=True, check=True).stdout.strip()
+        assert (inside, outside) == ("True", "False")
+        assert signal.getsignal(signal.SIGINT) is before
+    finally:
+        signal.signal(signal.SIGINT, started_with)
 
 
 _REF1: dict[str, bytes] = {}

@@ -592,7 +592,10 @@ def test_ctrl_c_while_training_is_one_line_and_exit_130(shards, tmp_path):
 
     proc = subprocess.Popen([sys.executable, "-m", "train_minimal", "train", "--model", "ssrnet_md", "--train", shards.train,
                              "--epochs", "100000", "--out", str(tmp_path / "run"), "--device", "cpu", "--workers", "1"],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            # as from a terminal: a test run started in the background by a shell without
+                            # job control passes Ctrl-C on ignored
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         for line in proc.stdout:  # interrupt once the first epoch has run
             if line.startswith("[train] epoch 1 "):
