@@ -25,7 +25,7 @@ from .crop import crop_and_resize
 from .datasets import get_reader
 from .datasets.common import display_path, non_utf8_name_problem, printable
 from .detectors.tracking import MATCH_IOU
-from .processes import end_with_build, pid_alive, process_start
+from .processes import pid_alive, process_start
 from .records import RawSample, SampleError, SampleRef
 from .shards import ShardWriter, dumps_json, write_json
 
@@ -318,9 +318,6 @@ def run_shard(task: ShardTask, settings: Settings, root: str, out: str) -> dict:
                            "(it was stopped, and another build took --out over): not written")
 
     check_owner()
-    build_pid = lock_token_fields(task.owner or "")[1]
-    if build_pid.isdigit():  # a loky worker process ends with its build
-        end_with_build(int(build_pid))
     fingerprint = settings.fingerprint()
     decisions = load_decisions(fs, task, fingerprint)
     path = posixpath.join(base, task.name)

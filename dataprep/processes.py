@@ -42,30 +42,23 @@ def _stat_field(pid: int, index: int) -> str:
         return ""
 
 
-_WATCHED: set[int] = set()
-
-
 def end_with_build(build_pid: int, poll_s: float = 1.0) -> None:
     """In a loky worker process of the build ``build_pid`` (its parent): end this process when the
     build is gone. Idle loky workers of a build killed with ``kill -9`` (or by the OOM killer)
     otherwise wait ~300 s for work that never comes, holding their memory (a detector's weights,
-    say). A worker whose build died before this call ends at once (nothing would take its shard's
-    result; the rerun writes the shard). No other process is touched: the build's own (threading
-    backend), dask and ray workers (their parent is not the build). One watch thread per process.
-    Called as each worker starts (the build's loky executor runs it first), and again as
-    ``run_shard`` starts: a worker of an executor someone else started is watched too."""
+    say). The build's loky executor runs it as each worker starts (its initializer): a worker whose
+    build is already gone ends at once, the others within ``poll_s`` of it (what one was writing is
+    a temporary file, which the rerun removes). No other process is touched: the build's own
+    (threading backend), dask and ray workers (their parent is not the build)."""
     if not multiprocessing.current_process().name.startswith("LokyProcess") or build_pid == os.getpid():
         return
     if os.getppid() != build_pid:  # reparented: the build is gone
         os._exit(1)
-    if build_pid in _WATCHED:
-        return
-    _WATCHED.add(build_pid)
 
     def watch() -> None:
         while os.getppid() == build_pid:
             time.sleep(poll_s)
-        os._exit(1)  # what this worker was writing is a temporary file, which the rerun removes
+        os._exit(1)
 
     threading.Thread(target=watch, name="dataprep-end-with-build", daemon=True).start()
 

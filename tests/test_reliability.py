@@ -87,8 +87,7 @@ def _children(pid: int) -> set[int]:
 
 def test_loky_workers_end_with_a_build_killed_by_sigkill():
     """A build killed with kill -9 (or by the OOM killer) takes its loky worker processes with it,
-    a worker that never got a shard too (they waited ~300 s for work, holding their memory); a
-    worker that gets a task after its build died ends at once."""
+    a worker that never got a shard too (they waited ~300 s for work, holding their memory)."""
     from dataprep.processes import end_with_build, pid_alive
 
     proc = subprocess.Popen([sys.executable, "-c", _LOKY_BUILD], stdout=subprocess.PIPE, text=True)
