@@ -28,11 +28,11 @@ from typing import Callable, Iterator
 from tqdm.auto import tqdm
 
 from . import codec
+from .datasets import get_reader
+from .datasets.common import read_file_bytes
 from .detectors import DetectionCache, create_detector, image_key_from_bytes, track_sequence
 from .detectors.tracking import DEFAULT_MAX_JUMP
 from .pipeline import DECISIONS_SUFFIX, ShardTask, progress_file
-from .datasets import get_reader
-from .datasets.common import read_file_bytes
 from .records import SampleRef
 
 
